@@ -1,0 +1,272 @@
+"""Symmetry-compatible update maps Phi on logical matrices [..., m, n].
+
+Rows are output neurons / vocabulary tokens / experts (PyTorch ``Linear`` layout
+[out, in]). A map is *compatible* with a block when it is equivariant under that block's
+symmetry group: Phi(g . X) = g . Phi(X) (design note §1-2). The group actions used below:
+
+* Perm(m) / O(m) acting on rows:      X -> P X,  X -> Q X
+* Perm(n) / O(n) acting on columns:   X -> X P,  X -> X Q
+* shift (translation along rows):     X -> X + 1 c^T. A shift-symmetric block's gradient
+  always has zero column sums (1^T G = 0); a compatible map is *invariant* under the shift
+  and keeps 1^T Phi(X) = 0 (it never moves along the orbit).
+
+All maps are pure: they never modify their input in place, are batched over leading
+dimensions (no Python loops over the batch; stacked MoE experts [E, m, n] are just a
+batch), and return the input dtype. ``MAPS[name](x, **options)`` is how the optimizer calls
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .polar import POLAR_METHODS, gram_polar, nuclear_norm, polar
+
+__all__ = [
+    "EPS",
+    "DEFAULT_POLAR_METHOD",
+    "HYBRID_ORDERS",
+    "row_norm",
+    "col_norm",
+    "center_rows",
+    "centered_row_norm",
+    "scaled_polar",
+    "right_spectral",
+    "left_spectral",
+    "hybrid",
+    "column_aware",
+    "identity",
+    "polar",
+    "nuclear_norm",
+    "POLAR_METHODS",
+    "MAPS",
+    "get_map",
+]
+
+#: Denominator epsilon of the row/column normalizations (design note §3: eps = 1e-8).
+EPS: float = 1e-8
+
+#: Polar-factor method used by the maps unless told otherwise (the reference code's).
+DEFAULT_POLAR_METHOD: str = "polar_express"
+
+#: Orders accepted by :func:`hybrid`.
+HYBRID_ORDERS: tuple[str, ...] = ("row_then_polar", "polar_then_row")
+
+
+def _check(x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions [..., m, n], got shape {tuple(x.shape)}")
+
+
+def _scale_by_nuclear(p: Tensor, nuc: Tensor, alpha: float) -> Tensor:
+    """p * nuc^alpha per matrix; a zero nuclear norm gives scale 0 (p is zero there anyway),
+    so negative alpha cannot produce inf * 0 = NaN."""
+    nuc = nuc.to(p.dtype)
+    safe = torch.where(nuc > 0, nuc, torch.ones_like(nuc))
+    scale = torch.where(nuc > 0, safe.pow(alpha), torch.zeros_like(nuc))
+    return p * scale[..., None, None]
+
+
+# ----------------------------------------------------------------------------------------
+# row / column normalizations and centering
+# ----------------------------------------------------------------------------------------
+
+
+def row_norm(x: Tensor, eps: float = EPS) -> Tensor:
+    """rn(X): each row divided by (its l2 norm + eps).
+
+    Formula: rn(X)_i = X_i / (||X_i||_2 + eps). Zero rows stay zero.
+    Group: Perm(m) x O(n): rn(P X Q) = P rn(X) Q (row norms are invariant under right
+    rotations, and rows are treated independently).
+    Blocks: embeddings and LM heads [vocab, d] (also tied), SwiGLU gate/up [hidden, d]
+    ("row-aware").
+    """
+    _check(x)
+    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+
+
+def col_norm(x: Tensor, eps: float = EPS) -> Tensor:
+    """cn(X) = rn(X^T)^T: each column divided by (its l2 norm + eps).
+
+    Group: O(m) x Perm(n). Blocks: SwiGLU down [d, hidden] (column-aware row-norm).
+    """
+    _check(x)
+    return row_norm(x.mT, eps).mT
+
+
+def center_rows(x: Tensor) -> Tensor:
+    """C(X) = X - 1 mean_rows(X)^T: subtract the column-mean vector from every row.
+
+    Output satisfies 1^T C(X) = 0 and C(X + 1 c^T) = C(X).
+    Group: commutes with row permutations (in fact with every orthogonal Q with Q 1 = 1) and
+    with right rotations: C(P X Q) = P C(X) Q; invariant under the shift X -> X + 1 c^T.
+    Building block of the centered maps (untied LM heads, MoE routers).
+    """
+    _check(x)
+    if x.shape[-2] == 0:
+        return x.clone()
+    return x - x.mean(dim=-2, keepdim=True)
+
+
+def centered_row_norm(x: Tensor, eps: float = EPS) -> Tensor:
+    """C(rn(C(X))): center, row-normalize, re-center.
+
+    The outer centering makes 1^T Phi(X) = 0; the inner one makes Phi(X + 1 c^T) = Phi(X).
+    Group: Perm(m) x O(n) x shift.
+    Blocks: untied LM heads [vocab, d] (*ref* centering) and MoE routers [experts, d].
+    """
+    return center_rows(row_norm(center_rows(x), eps))
+
+
+# ----------------------------------------------------------------------------------------
+# spectral maps
+# ----------------------------------------------------------------------------------------
+
+
+def scaled_polar(
+    x: Tensor,
+    alpha: float = 1.0,
+    method: str = DEFAULT_POLAR_METHOD,
+    steps: Optional[int] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """||X||_*^alpha polar(X).
+
+    alpha = 1: PolarGrad / steepest descent in the spectral norm; alpha = 0: the pure Muon
+    direction (no nuclear norm is computed then). For alpha != 0 the nuclear norm is exact:
+    the by-product of :func:`~equiopt.polar.gram_polar` when method == "gram_eigh", else
+    :func:`~equiopt.polar.nuclear_norm` (eigh of the smaller Gram). ``method``, ``steps``,
+    ``compute_dtype``: see :func:`~equiopt.polar.polar`.
+    Group: O(m) x O(n): Phi(Q1 X Q2) = Q1 Phi(X) Q2 (the nuclear norm is invariant).
+    Blocks: general matrices, attention projections (per head), MoE expert matrices.
+    """
+    _check(x)
+    alpha = float(alpha)
+    if method == "gram_eigh":
+        p, nuc = gram_polar(x)
+        return p if alpha == 0.0 else _scale_by_nuclear(p, nuc, alpha)
+    p = polar(x, method=method, steps=steps, compute_dtype=compute_dtype)
+    if alpha == 0.0:
+        return p
+    return _scale_by_nuclear(p, nuclear_norm(x), alpha)
+
+
+def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None) -> Tensor:
+    """One-sided (right) spectral map ||X||_*^alpha X (X^T X)^{+1/2}, via the n x n Gram.
+
+    X (X^T X)^{+1/2} = U_r V_r^T (pseudo-polar: rank-deficient directions dropped, see
+    :func:`~equiopt.polar.inv_sqrt_psd`, ``rcond``); the nuclear norm comes from the same
+    eigendecomposition. Cheap for [vocab, d] with d << vocab: one d x d eigh plus one
+    [vocab, d] x [d, d] product. float64 in -> float64 arithmetic; otherwise float32.
+    Group: Perm(m) x O(n), in fact O(m) x O(n).
+    Blocks: embeddings and LM heads [vocab, d] (tied or untied).
+    """
+    _check(x)
+    p, nuc = gram_polar(x, rcond=rcond, side="right")
+    return p if float(alpha) == 0.0 else _scale_by_nuclear(p, nuc, float(alpha))
+
+
+def left_spectral(
+    x: Tensor, alpha: float = 1.0, center: bool = True, rcond: Optional[float] = None
+) -> Tensor:
+    """Left spectral map ||C||_*^alpha (C C^T)^{+1/2} C, via the m x m Gram, re-centered.
+
+    C = C(X) (rows centered) when ``center`` else X. After centering, C C^T is EXACTLY
+    singular (1 is in its null space), so the inverse square root is the pseudo-inverse
+    (:func:`~equiopt.polar.inv_sqrt_psd` cutoff, ``rcond``): the null direction is dropped,
+    not amplified by ~eps^{-1/2}. The result equals ||C||_*^alpha U_r V_r^T (thin SVD of C,
+    zero singular directions dropped); with center=True it is re-centered, so 1^T Phi = 0
+    holds to rounding. float64 in -> float64 arithmetic; otherwise float32.
+    Group: center=True: Perm(m) x O(n) x shift (in fact every Q in O(m) with Q 1 = 1);
+    center=False: O(m) x O(n).
+    Blocks: MoE routers [experts, d] (experts small: the E x E eigh is cheap and exact).
+    """
+    _check(x)
+    c = center_rows(x) if center else x
+    p, nuc = gram_polar(c, rcond=rcond, side="left")
+    out = p if float(alpha) == 0.0 else _scale_by_nuclear(p, nuc, float(alpha))
+    return center_rows(out) if center else out
+
+
+def hybrid(
+    x: Tensor,
+    order: str = "row_then_polar",
+    alpha: float = 1.0,
+    eps: float = EPS,
+    method: str = DEFAULT_POLAR_METHOD,
+    steps: Optional[int] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Hybrid of row normalization and polar factor.
+
+    order="row_then_polar" (*ref* default): R = rn(X); ||R||_*^alpha polar(R).
+    order="polar_then_row": rn(polar(X)). ``alpha`` has no effect there: rn is scale
+    invariant (rn(s Y) = rn(Y) for s > 0, up to eps), so any nuclear-norm factor would be
+    normalized away.
+    Group: Perm(m) x O(n) for both orders (rn needs the row permutation, polar commutes with
+    both sides).
+    Blocks: embeddings / LM heads (hybrid), SwiGLU gate and up (row-aware hybrid); with
+    :func:`column_aware`, SwiGLU down.
+    """
+    _check(x)
+    if order == "row_then_polar":
+        return scaled_polar(row_norm(x, eps), alpha=alpha, method=method, steps=steps, compute_dtype=compute_dtype)
+    if order == "polar_then_row":
+        return row_norm(polar(x, method=method, steps=steps, compute_dtype=compute_dtype), eps)
+    raise ValueError(f"unknown order={order!r} for hybrid(); allowed values: {', '.join(HYBRID_ORDERS)}")
+
+
+def column_aware(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Turn a row-aware map into a column-aware one: x -> fn(x^T, **kw)^T.
+
+    Keyword arguments are passed through to ``fn``. If fn is equivariant under
+    Perm(m) x O(n), the result is equivariant under O(m) x Perm(n).
+    Blocks: SwiGLU down [d, hidden], whose hidden (neuron) axis is the column axis:
+    ``column_aware(row_norm)`` (== :func:`col_norm`) or ``column_aware(hybrid)``.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(x: Tensor, **kw) -> Tensor:
+        _check(x)
+        return fn(x.mT, **kw).mT
+
+    wrapped.__name__ = f"column_aware_{getattr(fn, '__name__', 'fn')}"
+    wrapped.__qualname__ = wrapped.__name__
+    wrapped.__doc__ = f"Column-aware version of {getattr(fn, '__name__', 'fn')}: x -> fn(x^T, **kw)^T.\n\n" + (
+        fn.__doc__ or ""
+    )
+    return wrapped
+
+
+def identity(x: Tensor) -> Tensor:
+    """Phi(X) = X (returns its argument itself, no copy). Equivariant under every group; the
+    plain-momentum baseline."""
+    return x
+
+
+#: Registry used by the optimizer: ``MAPS[name](x, **options)``.
+MAPS: dict[str, Callable[..., Tensor]] = {
+    "row_norm": row_norm,
+    "col_norm": col_norm,
+    "centered_row_norm": centered_row_norm,
+    "polar": polar,
+    "scaled_polar": scaled_polar,
+    "right_spectral": right_spectral,
+    "left_spectral": left_spectral,
+    "hybrid": hybrid,
+    "identity": identity,
+}
+
+
+def get_map(name: str) -> Callable[..., Tensor]:
+    """``MAPS[name]``; raises ValueError naming the bad name and the valid ones."""
+    try:
+        return MAPS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown map name {name!r}; valid names: {', '.join(MAPS)}") from None
