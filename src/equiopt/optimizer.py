@@ -1,0 +1,254 @@
+"""The optimizer: one ``torch.optim.Optimizer`` for every role.
+
+One step, per matrix parameter (the per-role differences live in the param_group's
+hyperparameters, see :mod:`equiopt.presets`, and in the map functions of
+:mod:`equiopt.maps`)::
+
+    M <- beta M + (1 - beta) G                     # EMA momentum, compute dtype
+    X <- G.lerp(M, beta) if nesterov else M
+    U <- from_logical(map(to_logical(X)))          # per logical matrix: head, expert, fused part
+    U <- U * sqrt(max(1, rows/cols))               # scale == "muon" only
+    W <- W (1 - lr wd) - lr U                      # decoupled weight decay
+
+Vectors (and any role set to ``"adamw"``) take torch's own AdamW step (the functional
+``torch.optim.adam.adam`` with decoupled weight decay), so the ``adamw`` preset equals
+``torch.optim.AdamW`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch.optim.adam import adam as _torch_adam
+
+from . import maps
+from .layouts import MATRIX, Layout
+from .presets import DEFAULTS, MAP_OPTIONS
+
+__all__ = ["EquiOptimizer", "NonFiniteGradientError"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf (``on_nonfinite="raise"``, the default)."""
+
+
+def _dtype(name: str | None, where: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"{where}: unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def compute_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype:
+    """Dtype of the momentum and the maps: float64 for float64 parameters, else float32
+    (bf16 matmuls are ~100x slower on CPU, and fp32 state avoids bf16 drift on GPU)."""
+    chosen = _dtype(group["compute_dtype"], "compute_dtype")
+    if chosen is not None:
+        return chosen
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def polar_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype | None:
+    """Dtype of the polar iterations: bf16 on CUDA (tensor cores), the compute dtype on CPU."""
+    chosen = _dtype(group["polar_dtype"], "polar_dtype")
+    if chosen is not None:
+        return chosen
+    return torch.bfloat16 if p.is_cuda else None
+
+
+def map_kwargs(group: Mapping, p: torch.Tensor) -> dict:
+    """Keyword arguments of the group's map function, from the group's hyperparameters."""
+    kwargs = {}
+    for key, kw in MAP_OPTIONS[group["map"]].items():
+        value = polar_dtype(p, group) if key == "polar_dtype" else group[key]
+        if value is not None:
+            kwargs[kw] = value
+    return kwargs
+
+
+def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The group's map on logical matrices ``x`` ``[B, m, n]`` (column-aware: on ``x^T``)."""
+    fn = maps.get_map(group["map"])
+    kwargs = map_kwargs(group, p)
+    if group["column_aware"]:
+        return fn(x.mT, **kwargs).mT
+    u = fn(x, **kwargs)
+    return u
+
+
+def muon_scale(rows: int, cols: int) -> float:
+    """Muon's shape factor sqrt(max(1, rows/cols)) (torch.optim.Muon ``adjust_lr_fn="original"``)."""
+    return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
+
+
+class EquiOptimizer(torch.optim.Optimizer):
+    """Symmetry-compatible optimizer: each param_group applies its role's update map.
+
+    Build it with :func:`equiopt.build` (which plans roles, layouts and hyperparameters
+    from a model), or directly from param_groups whose keys are those of
+    :data:`equiopt.presets.DEFAULTS`.
+
+    Args:
+        params: parameters or param_groups (dicts with ``params`` and hyperparameters).
+        layouts: ``{parameter: Layout}`` for parameters that are not plain 2-D matrices
+            (stacked experts, fused, per-head). A >2-D matrix parameter without one is an error.
+        names: ``{parameter: name}`` used in error messages and :meth:`describe`.
+        **defaults: hyperparameters for groups that do not set them (see ``DEFAULTS``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        layouts: Mapping[torch.Tensor, Layout] | None = None,
+        names: Mapping[torch.Tensor, str] | None = None,
+        **defaults,
+    ):
+        unknown = set(defaults) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"EquiOptimizer: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        super().__init__(params, {**DEFAULTS, **defaults})
+        self._layouts = dict(layouts or {})
+        self._names = dict(names or {})
+        for gi, group in enumerate(self.param_groups):
+            unknown = set(group) - set(DEFAULTS) - {"params", "role"}
+            if unknown:
+                raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}")
+            if group["map"] != "adamw":
+                maps.get_map(group["map"])  # raises on an unknown map name
+            for pi, p in enumerate(group["params"]):
+                self._names.setdefault(p, f"param_groups[{gi}].params[{pi}]")
+                if torch.is_complex(p):
+                    raise ValueError(f"{self._names[p]}: complex parameters are not supported")
+                if group["map"] == "adamw":
+                    continue
+                layout = self._layouts.setdefault(p, MATRIX)
+                layout.check(p.shape, self._names[p])
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in DEFAULTS.items():
+                group.setdefault(key, value)
+
+    # -- public helpers -----------------------------------------------------------------
+    @property
+    def nonfinite_skips(self) -> int:
+        """Number of parameter steps skipped for non-finite gradients (``on_nonfinite="skip"``)."""
+        return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
+
+    def name_of(self, p: torch.Tensor) -> str:
+        return self._names.get(p, "<unnamed parameter>")
+
+    def layout_of(self, p: torch.Tensor) -> Layout:
+        return self._layouts.get(p, MATRIX)
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = self._params_with_finite_grads(group)
+            if not params:
+                continue
+            if group["map"] == "adamw":
+                self._adamw_step(group, params)
+            else:
+                for p in params:
+                    self._matrix_step(group, p)
+        return loss
+
+    def _params_with_finite_grads(self, group) -> list[torch.Tensor]:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{self.name_of(p)}: sparse gradients are not supported (use a dense embedding)")
+        if not params:
+            return params
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()  # one sync
+        if all(finite):
+            return params
+        bad = [p for p, ok in zip(params, finite) if not ok]
+        if group["on_nonfinite"] == "raise":
+            names = ", ".join(self.name_of(p) for p in bad)
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
+            )
+        for p in bad:
+            state = self.state[p]
+            state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+        return [p for p, ok in zip(params, finite) if ok]
+
+    def _matrix_step(self, group, p: torch.Tensor) -> None:
+        state = self.state[p]
+        cdt = compute_dtype(p, group)
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        grad = p.grad.to(cdt)
+        beta = group["momentum"]
+        buf.lerp_(grad, 1 - beta)
+        x = grad.lerp(buf, beta) if group["nesterov"] else buf
+
+        layout = self.layout_of(p)
+        if not group["per_head"]:
+            layout = layout.without_heads()
+        u = apply_map(group, layout.to_logical(x), p)
+        if group["scale"] == "muon":
+            u = u * muon_scale(u.shape[-2], u.shape[-1])
+        update = layout.from_logical(u, p.shape)
+
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(update.to(p.dtype), alpha=-lr)
+
+    def _adamw_step(self, group, params: list[torch.Tensor]) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_dtype[compute_dtype(p, group)].append(p)
+        beta1, beta2 = group["betas"]
+        for cdt, ps in by_dtype.items():
+            for p in ps:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
+            # params in another dtype than their state (bf16/fp16) step on fp32 copies
+            work = [p if p.dtype == cdt else p.to(cdt) for p in ps]
+            _torch_adam(
+                work,
+                [p.grad if p.grad.dtype == cdt else p.grad.to(cdt) for p in ps],
+                [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps],
+                [],
+                [self.state[p]["step"] for p in ps],
+                foreach=group["foreach"],
+                amsgrad=False,
+                has_complex=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["adam_eps"],
+                maximize=False,
+                capturable=False,
+                differentiable=False,
+                fused=None,
+                grad_scale=None,
+                found_inf=None,
+                decoupled_weight_decay=True,
+            )
+            for p, w in zip(ps, work):
+                if w is not p:
+                    p.copy_(w)

@@ -1,0 +1,517 @@
+"""Model -> Plan: a role and a storage layout for every trainable parameter.
+
+Roles are found from the model's structure, not from parameter names alone:
+
+* ``embedding``: weights of ``nn.Embedding`` modules (and ``get_input_embeddings()``);
+* ``lm_head``: ``get_output_embeddings()`` when the model has it, else the one ``nn.Linear``
+  whose weight has the embedding's ``[vocab, d]`` shape; ``tied_embedding`` when the head
+  and the embedding are one tensor (same Parameter or same storage);
+* ``router`` / ``expert_in`` / ``expert_out``: a module owning 3-D parameters ``[E, a, b]``
+  (stacked experts) next to a 2-D ``[E, d]`` weight (the router); the expert layout
+  (transposed or not, fused gate/up) is read from the shapes, with ``d`` the router's input
+  size; a ``ModuleList`` of E identical MLPs next to such a router gives per-expert weights;
+* ``attention``: a module that declares a head count (``num_heads``/``n_head``/...,
+  or ``config.num_attention_heads``) and whose Linear children fit it: the output projection
+  reads ``Hq*hd`` features (the last registered such Linear when q and o are both square),
+  the others are q/k/v (or fused qkv) with ``out_features / hd`` heads;
+* ``mlp_in`` / ``mlp_out``: a module whose Linear children are in-projections ``[h, d]`` and
+  one out-projection ``[d, h]`` (SwiGLU/GeGLU gate+up+down, or fc1+fc2);
+* ``matrix``: any other 2-D weight; ``vector``: every parameter with fewer than 2 dims.
+
+Anything else (an unrecognised >2-D parameter, an ambiguous layout) is an error that names
+the parameter and shows the override (``roles={"regex": "role"}``,
+``layouts={"regex": "stacked+fused2:concat"}``). Frozen parameters are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layouts import MATRIX, Layout, parse_layout
+from .presets import ROLES, resolve
+
+__all__ = ["Plan", "PlanEntry", "PlanError", "plan", "detect_roles"]
+
+# Fused gate/up order of stacked-expert classes whose shapes cannot tell it (the forward
+# decides it: ``chunk(2)`` = concat, ``[..., ::2]`` = interleaved).
+FUSED_ORDER_BY_CLASS = {
+    "GptOssExperts": "interleaved",
+    "OlmoeExperts": "concat",
+    "Qwen3MoeExperts": "concat",
+    "Qwen2MoeExperts": "concat",
+    "MixtralExperts": "concat",
+}
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_head", "n_kv_heads")
+OVERRIDE_HINT = 'pass roles={"<regex>": "<role>"} (roles: %s)' % ", ".join(ROLES)
+
+
+class PlanError(ValueError):
+    """The planner could not decide a role or layout; the message says how to override."""
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One trainable parameter: its role, its storage layout and why."""
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    layout: Layout
+    module_name: str
+    reason: str
+    aliases: tuple[str, ...] = ()
+    param: nn.Parameter | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class _Decision:
+    role: str | None
+    layout: Layout = MATRIX
+    reason: str = ""
+
+
+def _attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    config = getattr(module, "config", None)
+    for source in (module, config):
+        for n in names:
+            value = getattr(source, n, None) if source is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in module.named_children() if isinstance(m, nn.Linear)]
+
+
+class _Detector:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        names: dict[int, list[str]] = {}
+        self.params: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+            self.params[id(p)] = p
+        self.names = names
+        self._check_storage_ties()
+        self.decisions: dict[int, _Decision] = {}
+        self.errors: dict[int, str] = {}
+        self.d_model: int | None = None
+
+    def _check_storage_ties(self) -> None:
+        by_storage: dict[tuple, int] = {}
+        for pid, p in self.params.items():
+            if p.device.type == "meta" or p.numel() == 0:
+                continue
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
+            other = by_storage.setdefault(key, pid)
+            if other != pid:
+                raise PlanError(
+                    f"{self.names[pid][0]} and {self.names[other][0]} are distinct Parameters sharing one "
+                    "storage; tie them by assigning the same nn.Parameter to both modules so that one "
+                    "gradient (the sum) is optimized once"
+                )
+
+    def name(self, p: torch.Tensor) -> str:
+        return self.names[id(p)][0]
+
+    def decide(self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX) -> None:
+        if id(p) not in self.decisions:
+            self.decisions[id(p)] = _Decision(role, layout, reason)
+
+    def undecided(self, p: torch.Tensor, why: str) -> None:
+        self.errors.setdefault(id(p), why)
+
+    # -- passes -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.embeddings_and_head()
+        self.mixtures_of_experts()
+        self.attention()
+        self.mlps()
+        self.remaining()
+
+    def embeddings_and_head(self) -> None:
+        embeddings = [m for m in self.modules.values() if isinstance(m, nn.Embedding)]
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        if callable(get_in):
+            emb = get_in()
+            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb not in embeddings:
+                embeddings.append(emb)
+        head = None
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        if callable(get_out):
+            out = get_out()
+            if isinstance(getattr(out, "weight", None), torch.Tensor) and out.weight.ndim == 2:
+                head, head_reason = out.weight, "get_output_embeddings()"
+        if head is None and embeddings:
+            shapes = {tuple(e.weight.shape) for e in embeddings}
+            cands = [
+                m.weight
+                for m in self.modules.values()
+                if isinstance(m, nn.Linear) and tuple(m.weight.shape) in shapes and m.weight.shape[0] != m.weight.shape[1]
+            ]
+            if len(cands) == 1:
+                head, head_reason = cands[0], "nn.Linear with the embedding's [vocab, d] shape"
+            elif len(cands) > 1:
+                for c in cands:
+                    self.undecided(c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?")
+        for emb in embeddings:
+            w = emb.weight
+            self.d_model = self.d_model or w.shape[-1]
+            if head is not None and head is w:
+                self.decide(w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})")
+            else:
+                self.decide(w, "embedding", type(emb).__name__)
+        if head is not None and id(head) in self.params:
+            self.decide(head, "lm_head", head_reason)
+
+    def _stacked(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
+
+    def _find_router(self, block: nn.Module, skip: nn.Module, experts: int) -> list[nn.Parameter]:
+        found = []
+        for m in block.modules():
+            if m is skip or any(m is s for s in skip.modules()):
+                continue
+            for p in m.parameters(recurse=False):
+                if p.ndim == 2 and p.shape[0] == experts and id(p) not in self.decisions:
+                    found.append(p)
+        return found
+
+    def mixtures_of_experts(self) -> None:
+        for mname, module in self.modules.items():
+            stacked = self._stacked(module)
+            if not stacked:
+                continue
+            parent = self.modules.get(mname.rpartition(".")[0] if "." in mname else "", self.model)
+            experts = {p.shape[0] for _, p in stacked}
+            if len(experts) != 1:
+                for _, p in stacked:
+                    self.undecided(p, f"stacked parameters of {mname} disagree on the expert count {sorted(experts)}")
+                continue
+            (E,) = experts
+            routers = self._find_router(parent, module, E)
+            if len(routers) != 1:
+                why = "no [E, d] router next to it" if not routers else "several [E, d] router candidates"
+                for _, p in stacked:
+                    self.undecided(p, f"3-D parameter of {mname}: {why}; cannot tell stacked experts apart")
+                continue
+            router = routers[0]
+            self.decide(router, "router", f"[E={E}, d] weight beside stacked experts {mname}")
+            for n, p in module.named_parameters(recurse=False):
+                if p.ndim == 2 and p.shape[0] == E:  # gpt-oss gate_up_proj_bias [E, 2h]
+                    self.decide(p, "vector", f"stacked per-expert bias of {mname}")
+            d = router.shape[1]
+            self._expert_layouts(mname, module, stacked, d)
+        # experts as a ModuleList of E identical MLPs beside a router
+        for mname, module in self.modules.items():
+            if not isinstance(module, nn.ModuleList) or len(module) < 2:
+                continue
+            kinds = {(type(m), tuple(tuple(p.shape) for p in m.parameters())) for m in module}
+            if len(kinds) != 1 or not _linears(module[0]):
+                continue
+            parent = self.modules.get(mname.rpartition(".")[0], self.model)
+            routers = self._find_router(parent, module, len(module))
+            if len(routers) == 1:
+                self.decide(routers[0], "router", f"[E={len(module)}, d] weight beside expert list {mname}")
+                self._expert_list = getattr(self, "_expert_list", set()) | {id(m) for m in module}
+
+    def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> None:
+        info = []  # (attr, param, other_dim, d_last)
+        for attr, p in stacked:
+            a, b = p.shape[1:]
+            if (a == d) == (b == d):
+                self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
+                return
+            info.append((attr, p, a if b == d else b, b == d))
+        # in-projections share one orientation, the out-projection has the other
+        by_orient: dict[bool, list] = {True: [], False: []}
+        for item in info:
+            by_orient[item[3]].append(item)
+        if not by_orient[True] or not by_orient[False]:
+            for _, p, _, _ in info:
+                self.undecided(p, f"all stacked weights of {mname} have d on the same axis; cannot tell in from out")
+            return
+        if len(by_orient[True]) == len(by_orient[False]) == 1:
+            (_, p1, k1, _), (_, p0, k0, _) = by_orient[True][0], by_orient[False][0]
+            if k1 == 2 * k0:  # [E, 2h, d] fused in, standard storage
+                d_last_is_in = True
+            elif k0 == 2 * k1:  # [E, d, 2h] fused in, transposed storage
+                d_last_is_in = False
+            else:
+                for p in (p1, p0):
+                    self.undecided(p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}")
+                return
+        else:
+            d_last_is_in = len(by_orient[True]) > len(by_orient[False])
+        ins, outs = by_orient[d_last_is_in], by_orient[not d_last_is_in]
+        if len(outs) != 1:
+            for _, p, _, _ in info:
+                self.undecided(p, f"expected one out-projection among the stacked weights of {mname}")
+            return
+        h = outs[0][2]
+        transposed = not d_last_is_in
+        for attr, p, k, _ in ins:
+            if k == h:
+                layout = Layout(stacked=True, transposed=transposed)
+            elif k % h == 0:
+                order = FUSED_ORDER_BY_CLASS.get(type(module).__name__)
+                if order is None:
+                    self.undecided(
+                        p,
+                        f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
+                        f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
+                        f'+fused{k // h}:concat"}} (or :interleaved)',
+                    )
+                    continue
+                layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
+            else:
+                self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
+                continue
+            self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout)
+        attr, p, _, _ = outs[0]
+        self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed))
+
+    def attention(self) -> None:
+        for mname, module in self.modules.items():
+            if isinstance(module, nn.MultiheadAttention):
+                self._torch_mha(mname, module)
+                continue
+            hq = _attr(module, HEAD_COUNT_ATTRS)
+            lin = _linears(module)
+            if hq is None or len(lin) < 2 or not (hasattr(module, "head_dim") or hasattr(module, "config") or _attr(module, ("n_head", "n_heads"))):
+                continue
+            hkv = _attr(module, KV_HEAD_COUNT_ATTRS) or hq
+            hd = getattr(module, "head_dim", None)
+            widths = [m.out_features for _, m in lin] + [m.in_features for _, m in lin]
+            if not isinstance(hd, int):
+                d = self.d_model or max(widths)
+                hd = d // hq
+            if hd <= 0:
+                continue
+            out_cands = [(n, m) for n, m in lin if m.in_features == hq * hd]
+            if not out_cands:
+                continue
+            oname, out = out_cands[-1]  # o is registered after q/k/v in every implementation we know
+            d = out.out_features
+            qkv_widths = {hq * hd, hkv * hd, (hq + 2 * hkv) * hd}
+            ins = [(n, m) for n, m in lin if m is not out and m.in_features == d and m.out_features in qkv_widths]
+            if len(ins) + 1 != len(lin):
+                continue  # not an attention block we understand; later passes decide
+            why = f"attention {type(module).__name__} (Hq={hq}, Hkv={hkv}, head_dim={hd})"
+            for n, m in ins:
+                self.decide(m.weight, "attention", f"{why}: {n}", Layout(heads=m.out_features // hd, head_axis="out"))
+            self.decide(out.weight, "attention", f"{why}: {oname} (output)", Layout(heads=hq, head_axis="in"))
+
+    def _torch_mha(self, mname: str, mha: nn.MultiheadAttention) -> None:
+        why = f"nn.MultiheadAttention (H={mha.num_heads})"
+        if mha.in_proj_weight is not None:
+            self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"))
+        for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight):
+            if w is not None:
+                self.decide(w, "attention", why, Layout(heads=mha.num_heads, head_axis="out"))
+        self.decide(mha.out_proj.weight, "attention", why, Layout(heads=mha.num_heads, head_axis="in"))
+
+    def mlps(self) -> None:
+        expert_list = getattr(self, "_expert_list", set())
+        for mname, module in self.modules.items():
+            lin = [(n, m) for n, m in _linears(module) if id(m.weight) not in self.decisions]
+            if len(lin) < 2 or len(lin) != len(_linears(module)):
+                continue
+            out_name, out = lin[-1]
+            d, h = out.out_features, out.in_features
+            ins = [(n, m) for n, m in lin[:-1]]
+            if h == d:
+                # square: the out-projection is the last registered Linear (as for attention)
+                pass
+            if not all(m.in_features == d and m.out_features == h for _, m in ins):
+                # try the other registration orders: out-projection is the odd shape
+                shapes = [(m.out_features, m.in_features) for _, m in lin]
+                odd = [i for i, s in enumerate(shapes) if shapes.count(s) == 1]
+                if len(odd) != 1:
+                    continue
+                out_name, out = lin[odd[0]]
+                d, h = out.out_features, out.in_features
+                ins = [(n, m) for i, (n, m) in enumerate(lin) if i != odd[0]]
+                if not all(m.in_features == d and m.out_features == h for _, m in ins):
+                    continue
+            expert = id(module) in expert_list
+            rin, rout = ("expert_in", "expert_out") if expert else ("mlp_in", "mlp_out")
+            kind = "gated MLP" if len(ins) >= 2 else "MLP"
+            for n, m in ins:
+                self.decide(m.weight, rin, f"{kind} {type(module).__name__}: {n} [h={h}, d={d}]")
+            self.decide(out.weight, rout, f"{kind} {type(module).__name__}: {out_name} [d={d}, h={h}]")
+
+    def remaining(self) -> None:
+        for pid, p in self.params.items():
+            if pid in self.decisions or pid in self.errors:
+                continue
+            if p.ndim < 2:
+                self.decide(p, "vector", f"{p.ndim}-D parameter")
+            elif p.ndim == 2:
+                self.decide(p, "matrix", "2-D weight outside the recognised blocks")
+            else:
+                self.undecided(p, f"{p.ndim}-D parameter that is not a stacked-expert weight")
+
+
+def detect_roles(
+    model: nn.Module,
+    roles: Mapping[str, str] | None = None,
+    layouts: Mapping[str, str | Layout] | None = None,
+) -> list[PlanEntry]:
+    """Role and layout of every trainable parameter of ``model``, in registration order.
+
+    ``roles`` / ``layouts`` map regular expressions (``re.search`` on every name of a
+    parameter, tied aliases included) to a role / a layout; they take precedence over what
+    the structure says. An override that matches no trainable parameter is an error.
+    """
+    det = _Detector(model)
+    det.run()
+    overrides = []
+    for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
+        for pattern, value in table.items():
+            if kind == "roles" and value not in ROLES:
+                raise PlanError(f"roles[{pattern!r}]: unknown role {value!r}; valid roles: {list(ROLES)}")
+            if kind == "layouts" and isinstance(value, str):
+                value = parse_layout(value)
+            overrides.append((kind, pattern, re.compile(pattern), value))
+
+    entries, problems, used = [], [], set()
+    for pid, p in det.params.items():
+        if not p.requires_grad:
+            continue
+        names = det.names[pid]
+        decision = det.decisions.get(pid, _Decision(None))
+        for kind, pattern, rx, value in overrides:
+            if any(rx.search(n) for n in names):
+                used.add((kind, pattern))
+                if kind == "roles":
+                    decision = _Decision(value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]")
+                else:
+                    decision = _Decision(decision.role, value, f"{decision.reason}; override layouts[{pattern!r}]")
+        if decision.role is None:
+            problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
+            continue
+        if decision.role != "vector":
+            try:
+                decision.layout.check(p.shape, names[0])
+            except ValueError as err:
+                problems.append(f"  {err}")
+                continue
+        module_name = names[0].rpartition(".")[0]
+        entries.append(PlanEntry(names[0], decision.role, tuple(p.shape), decision.layout, module_name, decision.reason, tuple(names[1:]), p))
+    unused = [f"{kind}[{pattern!r}]" for kind, pattern, _, _ in overrides if (kind, pattern) not in used]
+    if unused:
+        raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
+    if problems:
+        raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
+    return entries
+
+
+class Plan:
+    """Roles, layouts and per-role hyperparameters of a model: what :func:`equiopt.build` uses."""
+
+    def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str):
+        self.entries = entries
+        self.specs = specs
+        self.preset = preset
+        self._by_name = {}
+        for e in entries:
+            for n in (e.name, *e.aliases):
+                self._by_name[n] = e
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def entry(self, name: str) -> PlanEntry:
+        if name not in self._by_name:
+            close = [n for n in self._by_name if name.split(".")[-1] in n][:5]
+            raise KeyError(f"{name!r} is not a trainable parameter of the planned model; similar: {close}")
+        return self._by_name[name]
+
+    def role(self, name: str) -> str:
+        return self.entry(name).role
+
+    def by_role(self) -> dict[str, list[PlanEntry]]:
+        out: dict[str, list[PlanEntry]] = {}
+        for e in self.entries:
+            out.setdefault(e.role, []).append(e)
+        return out
+
+    def param_groups(self) -> list[dict]:
+        """One param_group per role present, carrying the role's full spec."""
+        return [
+            {"params": [e.param for e in es], "role": role, **self.specs[role]}
+            for role, es in self.by_role().items()
+        ]
+
+    def layouts(self) -> dict[torch.Tensor, Layout]:
+        return {e.param: e.layout for e in self.entries if e.role != "vector"}
+
+    def names(self) -> dict[torch.Tensor, str]:
+        return {e.param: e.name for e in self.entries}
+
+    def map_label(self, role: str) -> str:
+        s = self.specs[role]
+        label = s["map"]
+        if label == "hybrid":
+            label += f"[{s['order']}]"
+        if label in ("polar", "scaled_polar", "hybrid"):
+            label += f"/{s['polar_method']}"
+        if s["column_aware"] and s["map"] not in ("adamw", "identity", "polar", "scaled_polar"):
+            label = f"column_aware({label})"
+        if s["per_head"] and role == "attention":
+            label += " per-head"
+        if s["nesterov"] and label != "adamw":
+            label += " +nesterov"
+        return label
+
+    def table(self) -> str:
+        rows = [("name", "shape", "role", "layout", "map", "lr", "wd")]
+        for e in self.entries:
+            s = self.specs[e.role]
+            layout = "" if e.role == "vector" else e.layout.describe()
+            rows.append((e.name, "x".join(map(str, e.shape)), e.role, layout, self.map_label(e.role), f"{s['lr']:g}", f"{s['weight_decay']:g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n = sum(e.param.numel() for e in self.entries)
+        lines.append(f"{len(self.entries)} trainable tensors, {n:,} parameters, preset {self.preset!r}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        counts = {r: len(es) for r, es in self.by_role().items()}
+        return f"Plan(preset={self.preset!r}, roles={counts})"
+
+
+def plan(
+    model: nn.Module,
+    preset: str = "paper",
+    *,
+    rules: Mapping | None = None,
+    lr: Mapping[str, float] | float | None = None,
+    lr_scale: Mapping[str, float] | float | None = None,
+    roles: Mapping[str, str] | None = None,
+    layouts: Mapping[str, str | Layout] | None = None,
+    **overrides,
+) -> Plan:
+    """Plan the optimizer of ``model``: role + layout per parameter, hyperparameters per role.
+
+    See :func:`equiopt.presets.resolve` for ``preset``/``rules``/``lr``/``lr_scale``/
+    ``overrides`` and :func:`detect_roles` for ``roles``/``layouts``.
+    """
+    specs = resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides)
+    return Plan(detect_roles(model, roles=roles, layouts=layouts), specs, preset)

@@ -1,0 +1,203 @@
+"""Preset tables: role -> update map + hyperparameters. The only home of defaults.
+
+A *spec* is the flat dict of hyperparameters one param_group carries (see ``DEFAULTS``
+for every key). A preset gives a spec per role; :func:`resolve` applies a user's rules
+and learning-rate changes on top.
+
+Learning rates of the matrix maps are step lengths (per row for the row-wise maps, per
+matrix for the polar maps), not AdamW-like rates: each role has its own. The values here
+were tuned on the CPU-scale models of the harness (``equiopt sweep``); re-tune them at
+other scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "ROLES",
+    "MATRIX_ROLES",
+    "DEFAULTS",
+    "PRESETS",
+    "MAP_OPTIONS",
+    "resolve",
+]
+
+ROLES = (
+    "embedding",
+    "lm_head",
+    "tied_embedding",
+    "attention",
+    "mlp_in",
+    "mlp_out",
+    "router",
+    "expert_in",
+    "expert_out",
+    "matrix",
+    "vector",
+)
+MATRIX_ROLES = tuple(r for r in ROLES if r != "vector")
+# roles whose map sees the neuron axis as columns: the map is applied to M^T
+COLUMN_AWARE_ROLES = ("mlp_out", "expert_out")
+
+# Every hyperparameter a param_group carries, with its default (reference conventions of
+# the design note, section 3).
+DEFAULTS: dict = {
+    "map": "adamw",  # "adamw" or a name in equiopt.maps.MAPS
+    "lr": 1e-3,
+    "weight_decay": 0.0,  # decoupled: p <- p (1 - lr wd) before the update
+    "momentum": 0.95,  # EMA: M <- beta M + (1 - beta) G
+    "nesterov": False,  # use G.lerp(M, beta) instead of M (Muon-style)
+    "column_aware": False,  # apply the map to M^T (neuron axis = columns)
+    "per_head": False,  # attention: one logical matrix per head
+    "scale": "none",  # "none" | "muon": times sqrt(max(1, rows/cols)) per logical matrix
+    "alpha": 1.0,  # nuclear-norm exponent of the spectral / hybrid maps
+    "order": "row_then_polar",  # hybrid: "row_then_polar" | "polar_then_row"
+    "center": True,  # left_spectral: center the rows first (shift symmetry)
+    "eps": 1e-8,  # row/column-norm epsilon
+    "polar_method": "polar_express",  # "newton_schulz" | "polar_express" | "svd" | "gram_eigh"
+    "polar_steps": None,  # None = the method's default
+    "polar_dtype": None,  # None = float32 on CPU (float64 for float64 params), bfloat16 on CUDA
+    "compute_dtype": None,  # momentum/map dtype; None = float32, float64 for float64 params
+    "betas": (0.9, 0.95),  # AdamW
+    "adam_eps": 1e-8,  # AdamW
+    "foreach": None,  # AdamW: torch's foreach (multi-tensor) kernels; None = torch's default
+    "on_nonfinite": "raise",  # "raise" | "skip" (skip the parameter's step and count it)
+}
+
+# group key -> keyword of the map function, per map (the maps' signatures)
+_POLAR_KW = {"polar_method": "method", "polar_steps": "steps", "polar_dtype": "compute_dtype"}
+MAP_OPTIONS: dict[str, dict[str, str]] = {
+    "identity": {},
+    "row_norm": {"eps": "eps"},
+    "col_norm": {"eps": "eps"},
+    "centered_row_norm": {"eps": "eps"},
+    "polar": dict(_POLAR_KW),
+    "scaled_polar": {"alpha": "alpha", **_POLAR_KW},
+    "right_spectral": {"alpha": "alpha"},
+    "left_spectral": {"alpha": "alpha", "center": "center"},
+    "hybrid": {"order": "order", "alpha": "alpha", "eps": "eps", **_POLAR_KW},
+}
+MAP_NAMES = ("adamw", *MAP_OPTIONS)
+
+# -- building blocks of the presets ---------------------------------------------------
+ADAMW_LR = 3e-3
+MUON_LR = 2e-2
+MATRIX_WD = 1e-3  # design note: 1e-3 for matrices, 0 for embedding, head, router
+ADAMW_MATRIX_WD = 0.1  # common AdamW practice on 2-D weights
+
+ADAMW_VECTOR = {"map": "adamw", "lr": ADAMW_LR, "weight_decay": 0.0}
+ADAMW_MATRIX = {"map": "adamw", "lr": ADAMW_LR, "weight_decay": ADAMW_MATRIX_WD}
+MUON = {  # torch.optim.Muon conventions: Nesterov, Newton-Schulz, sqrt(max(1, A/B))
+    "map": "polar",
+    "lr": MUON_LR,
+    "weight_decay": MATRIX_WD,
+    "nesterov": True,
+    "polar_method": "newton_schulz",
+    "scale": "muon",
+}
+
+_ADAMW = {r: dict(ADAMW_VECTOR if r == "vector" else ADAMW_MATRIX) for r in ROLES}
+
+_MUON = {
+    **_ADAMW,
+    **{r: dict(MUON) for r in ("attention", "mlp_in", "mlp_out", "expert_in", "expert_out", "matrix")},
+}
+
+_PAPER_MLP = {"map": "hybrid", "order": "row_then_polar", "lr": 2e-3, "weight_decay": MATRIX_WD}
+_PAPER = {
+    "embedding": {"map": "row_norm", "lr": 5e-2, "weight_decay": 0.0},
+    "lm_head": {"map": "centered_row_norm", "lr": 5e-3, "weight_decay": 0.0},
+    "tied_embedding": {"map": "row_norm", "lr": 2e-2, "weight_decay": 0.0},
+    "attention": {**MUON, "polar_method": "polar_express", "per_head": True},
+    "mlp_in": dict(_PAPER_MLP),
+    "mlp_out": dict(_PAPER_MLP),
+    "router": {"map": "centered_row_norm", "lr": 5e-3, "weight_decay": 0.0},
+    "expert_in": dict(_PAPER_MLP),
+    "expert_out": dict(_PAPER_MLP),
+    "matrix": {**MUON, "polar_method": "polar_express"},
+    "vector": dict(ADAMW_VECTOR),
+}
+
+PRESETS: dict[str, dict[str, dict]] = {"adamw": _ADAMW, "muon": _MUON, "paper": _PAPER}
+
+
+def _check_keys(where: str, spec: Mapping) -> None:
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{where}: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    if "map" in spec and spec["map"] not in MAP_NAMES:
+        raise ValueError(f"{where}: unknown map {spec['map']!r}; valid: {list(MAP_NAMES)}")
+
+
+def _check_role(where: str, role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r}; valid roles: {list(ROLES)}")
+
+
+def resolve(
+    preset: str = "paper",
+    rules: Mapping[str, str | Mapping] | None = None,
+    lr: Mapping[str, float] | float | None = None,
+    lr_scale: Mapping[str, float] | float | None = None,
+    **overrides,
+) -> dict[str, dict]:
+    """Full spec (every key of ``DEFAULTS``) for every role.
+
+    Args:
+        preset: ``"paper"``, ``"muon"`` or ``"adamw"``.
+        rules: ``{role: map_name}`` or ``{role: {hyperparameter: value}}``. Choosing
+            ``"adamw"`` for a matrix role takes that role's AdamW spec from the ``adamw``
+            preset (AdamW needs AdamW learning rates); choosing another map keeps the role's
+            other hyperparameters.
+        lr: absolute learning rate per role (``{role: lr}``) or one for every role.
+        lr_scale: multiplier of the preset learning rates, per role or global.
+        overrides: hyperparameters applied to every role (e.g. ``on_nonfinite="skip"``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+    _check_keys("overrides", overrides)
+    specs = {role: {**DEFAULTS, **PRESETS[preset][role]} for role in ROLES}
+    if "column_aware" not in overrides:
+        for role in COLUMN_AWARE_ROLES:
+            specs[role]["column_aware"] = True
+    for role, rule in (rules or {}).items():
+        _check_role("rules", role)
+        if isinstance(rule, str):
+            rule = {"map": rule}
+        _check_keys(f"rules[{role!r}]", rule)
+        if rule.get("map") == "adamw" and specs[role]["map"] != "adamw":
+            specs[role] = {**DEFAULTS, **PRESETS["adamw"][role], "column_aware": specs[role]["column_aware"]}
+        specs[role].update(rule)
+    for role in ROLES:
+        specs[role].update(overrides)
+    for name, table in (("lr", lr), ("lr_scale", lr_scale)):
+        if table is None:
+            continue
+        if not isinstance(table, Mapping):
+            table = {role: table for role in ROLES}
+        for role, value in table.items():
+            _check_role(name, role)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}[{role!r}]: expected a non-negative number, got {value!r}")
+            specs[role]["lr"] = float(value) if name == "lr" else specs[role]["lr"] * float(value)
+    for role, spec in specs.items():
+        _validate(role, spec)
+    return specs
+
+
+def _validate(role: str, spec: Mapping) -> None:
+    where = f"role {role!r}"
+    if spec["scale"] not in ("none", "muon"):
+        raise ValueError(f"{where}: scale must be 'none' or 'muon', got {spec['scale']!r}")
+    if spec["order"] not in ("row_then_polar", "polar_then_row"):
+        raise ValueError(f"{where}: order must be 'row_then_polar' or 'polar_then_row', got {spec['order']!r}")
+    if spec["on_nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
+    if not 0.0 <= spec["momentum"] < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {spec['momentum']}")
+    b1, b2 = spec["betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"{where}: betas must be in [0, 1), got {spec['betas']}")
+    if spec["weight_decay"] < 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {spec['weight_decay']}")
