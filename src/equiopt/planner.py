@@ -103,6 +103,7 @@ class _Detector:
         self._check_storage_ties()
         self.decisions: dict[int, _Decision] = {}
         self.errors: dict[int, str] = {}
+        self.role_hints: dict[int, str] = {}
         self.d_model: int | None = None
 
     def _check_storage_ties(self) -> None:
@@ -126,8 +127,11 @@ class _Detector:
         if id(p) not in self.decisions:
             self.decisions[id(p)] = _Decision(role, layout, reason)
 
-    def undecided(self, p: torch.Tensor, why: str) -> None:
+    def undecided(self, p: torch.Tensor, why: str, role: str | None = None) -> None:
+        """No decision for ``p``; ``role`` is known when only the layout is in doubt."""
         self.errors.setdefault(id(p), why)
+        if role is not None:
+            self.role_hints[id(p)] = role
 
     # -- passes -------------------------------------------------------------------------
     def run(self) -> None:
@@ -269,6 +273,7 @@ class _Detector:
                         f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
                         f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
                         f'+fused{k // h}:concat"}} (or :interleaved)',
+                        role="expert_in",
                     )
                     continue
                 layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
@@ -395,7 +400,8 @@ def detect_roles(
                 if kind == "roles":
                     decision = _Decision(value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]")
                 else:
-                    decision = _Decision(decision.role, value, f"{decision.reason}; override layouts[{pattern!r}]")
+                    role = decision.role or det.role_hints.get(pid)
+                    decision = _Decision(role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]")
         if decision.role is None:
             problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
             continue
