@@ -233,7 +233,8 @@ def svd_polar(x: Tensor) -> Tensor:
 
     Singular directions with sigma <= sigma_max * max(m, n) * finfo(float64).eps are
     dropped, so a rank-deficient input gives the partial isometry U_r V_r^T onto its range
-    and a zero matrix gives zero. The result is cast back to the input dtype. This is the
+    and a zero matrix gives zero; exactly zero rows/columns of x give exactly zero
+    rows/columns (not SVD rounding noise). The result is cast back to the input dtype. This is the
     reference used by the tests; it is slow (LAPACK SVD) and not meant for training.
     """
     _check_matrix(x)
@@ -244,7 +245,19 @@ def svd_polar(x: Tensor) -> Tensor:
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     cutoff = S[..., :1] * (max(m, n) * torch.finfo(torch.float64).eps)
     keep = (S > cutoff).to(torch.float64)
-    return ((U * keep.unsqueeze(-2)) @ Vh).to(x.dtype)
+    return _keep_zero_lines_zero((U * keep.unsqueeze(-2)) @ Vh, X).to(x.dtype)
+
+
+def _keep_zero_lines_zero(p: Tensor, x: Tensor) -> Tensor:
+    """Zero the rows/columns of p where x has an exactly zero row/column.
+
+    Mathematically the pseudo-polar factor has exact zeros there; SVD/eigh leave rounding
+    noise (~1e-17), which a following row normalization (hybrid "polar_then_row") would
+    blow up to ~noise/eps. One O(mn) pass, negligible next to the factorization.
+    """
+    rows = (x != 0).any(dim=-1, keepdim=True)
+    cols = (x != 0).any(dim=-2, keepdim=True)
+    return p * (rows & cols).to(p.dtype)
 
 
 def _eigh_kept(gram: Tensor, rcond: Optional[float]):
@@ -298,7 +311,8 @@ def gram_polar(x: Tensor, rcond: Optional[float] = None, side: str = "auto") -> 
     (x x^T)^{+1/2} x. side="right" forces the n x n Gram x (x^T x)^{+1/2}, side="left" the
     m x m Gram (x x^T)^{+1/2} x (both give the same pseudo-polar factor mathematically).
     The pseudo-inverse square root (:func:`inv_sqrt_psd` cutoff, ``rcond``) makes a
-    rank-deficient input give U_r V_r^T and a zero matrix give zero. The nuclear norm
+    rank-deficient input give U_r V_r^T and a zero matrix give zero; exactly zero
+    rows/columns of x stay exactly zero. The nuclear norm
     sum(sqrt(kept eigenvalues)) has shape [...] and comes for free from the same eigh.
 
     Precision: computed in float64 when x is float64, else in float32; outputs are cast to
@@ -318,7 +332,7 @@ def gram_polar(x: Tensor, rcond: Optional[float] = None, side: str = "auto") -> 
     gram = X.mT @ X if right else X @ X.mT
     lam, V, keep = _eigh_kept(gram, rcond)
     inv = _inv_sqrt_from_eig(lam, V, keep)
-    P = X @ inv if right else inv @ X
+    P = _keep_zero_lines_zero(X @ inv if right else inv @ X, X)
     nuc = torch.where(keep, lam.sqrt(), torch.zeros_like(lam)).sum(-1)
     return P.to(x.dtype), nuc.to(x.dtype)
 
