@@ -44,6 +44,8 @@ __all__ = [
     "gram_polar",
     "polar",
     "nuclear_norm",
+    "gram_nuclear_norm",
+    "NUCLEAR_NORM_METHODS",
 ]
 
 #: Muon's quintic Newton-Schulz coefficients (a, b, c): X <- a X + b (X X^T) X + c (X X^T)^2 X.
