@@ -78,8 +78,7 @@ def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     kwargs = map_kwargs(group, p)
     if group["column_aware"]:
         return fn(x.mT, **kwargs).mT
-    u = fn(x, **kwargs)
-    return u
+    return fn(x, **kwargs)
 
 
 def muon_scale(rows: int, cols: int) -> float:
@@ -162,9 +161,14 @@ class EquiOptimizer(torch.optim.Optimizer):
                 continue
             if group["map"] == "adamw":
                 self._adamw_step(group, params)
-            else:
-                for p in params:
-                    self._matrix_step(group, p)
+                continue
+            momenta = [self._momentum(group, p) for p in params]
+            updates = self._updates(group, params, momenta)
+            lr, wd = group["lr"], group["weight_decay"]
+            for p, u in zip(params, updates):
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.add_(u.to(p.dtype), alpha=-lr)
         return loss
 
     def _params_with_finite_grads(self, group) -> list[torch.Tensor]:
@@ -188,7 +192,8 @@ class EquiOptimizer(torch.optim.Optimizer):
             state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
         return [p for p, ok in zip(params, finite) if ok]
 
-    def _matrix_step(self, group, p: torch.Tensor) -> None:
+    def _momentum(self, group, p: torch.Tensor) -> torch.Tensor:
+        """EMA momentum in the compute dtype; returns the map's input (Nesterov or not)."""
         state = self.state[p]
         cdt = compute_dtype(p, group)
         if "momentum_buffer" not in state:
@@ -197,20 +202,23 @@ class EquiOptimizer(torch.optim.Optimizer):
         grad = p.grad.to(cdt)
         beta = group["momentum"]
         buf.lerp_(grad, 1 - beta)
-        x = grad.lerp(buf, beta) if group["nesterov"] else buf
+        return grad.lerp(buf, beta) if group["nesterov"] else buf
 
+    def _layout(self, group, p: torch.Tensor) -> Layout:
         layout = self.layout_of(p)
-        if not group["per_head"]:
-            layout = layout.without_heads()
+        return layout if group["per_head"] else layout.without_heads()
+
+    def _updates(self, group, params: list[torch.Tensor], momenta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Update direction of each parameter, in its stored shape (before -lr)."""
+        return [self._reference_update(group, p, x) for p, x in zip(params, momenta)]
+
+    def _reference_update(self, group, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The simple path every fast path is tested against: view -> map -> scale -> inverse view."""
+        layout = self._layout(group, p)
         u = apply_map(group, layout.to_logical(x), p)
         if group["scale"] == "muon":
             u = u * muon_scale(u.shape[-2], u.shape[-1])
-        update = layout.from_logical(u, p.shape)
-
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(update.to(p.dtype), alpha=-lr)
+        return layout.from_logical(u, p.shape)
 
     def _adamw_step(self, group, params: list[torch.Tensor]) -> None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
