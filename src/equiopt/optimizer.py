@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import maps
@@ -210,6 +211,10 @@ class EquiOptimizer(torch.optim.Optimizer):
 
     def _updates(self, group, params: list[torch.Tensor], momenta: list[torch.Tensor]) -> list[torch.Tensor]:
         """Update direction of each parameter, in its stored shape (before -lr)."""
+        if any(isinstance(p, DTensor) for p in params):
+            from .distributed import sharded_updates  # FSDP2 / DTensor parameters
+
+            return sharded_updates(self, group, params, momenta)
         return [self._reference_update(group, p, x) for p, x in zip(params, momenta)]
 
     def _reference_update(self, group, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
