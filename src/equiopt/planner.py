@@ -472,7 +472,7 @@ class Plan:
         label = s["map"]
         if label == "hybrid":
             label += f"[{s['order']}]"
-        if label in ("polar", "scaled_polar", "hybrid"):
+        if s["map"] in ("polar", "scaled_polar", "hybrid"):
             label += f"/{s['polar_method']}"
         if s["column_aware"] and s["map"] not in ("adamw", "identity", "polar", "scaled_polar"):
             label = f"column_aware({label})"
