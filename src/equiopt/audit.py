@@ -648,14 +648,18 @@ class _Auditor:
         self.generic_scale = generic_scale
         self.keep_precision = keep_precision
         self.work = copy.deepcopy(model).to(dtype).eval()
-        self.device = next(self.work.parameters()).device
+        first = next(self.work.parameters(), None)
+        if first is None:
+            raise AuditError(f"{self.model_name}: the model has no parameters")
+        self.device = first.device
         self.ids = ids.to(self.device, torch.long)
         self.labels = (labels if labels is not None else ids).to(self.device, torch.long)
         self.params = dict(self.work.named_parameters(remove_duplicate=False))
         self.buffers = dict(self.work.named_buffers(remove_duplicate=False))
         for e in self.plan.entries:
-            if e.name not in self.params:
-                raise AuditError(f"{e.name}: planned parameter not found in the model (was the plan made for another model?)")
+            if e.name not in self.params or tuple(self.params[e.name].shape) != tuple(e.shape):
+                got = tuple(self.params[e.name].shape) if e.name in self.params else "missing"
+                raise AuditError(f"{e.name}: planned as {tuple(e.shape)} but the model has {got} (was the plan made for another model?)")
         self.vectors = [e.name for e in self.plan.entries if e.role == "vector"]
         self.entries = {e.name: e for e in self.plan.entries}
         self.config = getattr(self.work, "config", None)
@@ -1136,10 +1140,16 @@ class _Auditor:
     def _moe_specs(self, blk: MoEBlock) -> list[_Spec]:
         E = blk.experts
         router_mod = _parent(blk.router.name)  # module owning the router weight
-        pre_r, pre_x = router_mod + ".", blk.expert_module + "."
-        tensors = [n for n, t in {**self.params, **self.buffers}.items()
-                   if (n.startswith(pre_r) and n.count(".") == pre_r.count(".") or n.startswith(pre_x) and n.count(".") == pre_x.count("."))
-                   and t.ndim >= 1 and t.shape[0] == E]
+
+        def direct(n: str, module: str) -> bool:
+            return n.startswith(module + ".") and "." not in n[len(module) + 1 :]
+
+        # every tensor indexed by expert: owned by the router module, the stacked-experts
+        # module or the MoE block itself (e.g. a per-expert scale), with leading dim E
+        tensors = [
+            n for n, t in {**self.params, **self.buffers}.items()
+            if any(direct(n, mod) for mod in (router_mod, blk.expert_module, blk.scope)) and t.ndim >= 1 and t.shape[0] == E
+        ]
         grads = [n for n in tensors if n in self.params]
 
         def perm_build(model, gen):
@@ -1148,10 +1158,12 @@ class _Auditor:
             buf = [n for n in tensors if n not in self.params]
             return _Action(edits, notes=[f"buffers permuted too: {buf}"] if buf else [])
 
-        acted_shift = {blk.router.name}
         return [
             _Spec("expert_perm", blk.scope, perm_build, tuple(grads), lambda m: self._scope_vectors(blk.scope, set(tensors))),
-            self._shift_spec(blk.router, "router_shift", suspects=lambda m: self._scope_vectors(router_mod, acted_shift)),
+            self._shift_spec(
+                blk.router, "router_shift", suspects=lambda m: self._scope_vectors(blk.scope, {blk.router.name}),
+                hint="a per-expert factor or a non-softmax routing function makes the router logits' common offset matter",
+            ),
         ]
 
     # -- driver ------------------------------------------------------------------------
