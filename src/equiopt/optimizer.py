@@ -22,8 +22,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _torch_adam
+
+try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()  # isinstance(x, ()) is always False
 
 from . import maps
 from .layouts import MATRIX, Layout
