@@ -1,0 +1,418 @@
+"""Dead-direction diagnostics: directions of the weights that stop learning or drift for nothing.
+
+Tracked over training, per block of the plan (:func:`equiopt.plan`):
+
+* **dead hidden neurons** (dense MLPs): the fraction of neurons whose mean ``|activation|``
+  (the input of the out-projection) over the window is below ``act_rel`` x the layer's median
+  (``dead_act``), and the fraction whose update (gate and up rows plus down column) summed
+  over the window is below ``update_rel`` x the median (``dead_update``); for stacked
+  experts, ``dead_update`` over (expert, neuron) pairs;
+* **dead experts**: the fraction of experts receiving less than ``0.1 / E`` of the top-k
+  assignments of the window's training tokens (the paper's definition);
+* **stale embedding rows** (untied token embedding only: a tied one gets the head's
+  gradient for every token): rows of the token embedding that moved in a step in which their
+  token did not occur (momentum or a normalized map keeps moving them): ``stale_rows`` = moved
+  absent rows / absent rows, averaged over the window's steps, and ``stale_update_ratio`` =
+  mean update norm of absent rows / of present rows;
+* **drift along symmetry orbits** (current weights): the LM head's and routers' mean row
+  ``|mean_i W_i|`` relative to the mean row norm (``..._abs``: absolute) (the shift orbit ``W + 1 c^T``, invisible
+  to the loss when the shift is a symmetry), and per neuron ``log(|up_i| / |down_:,i|)``
+  (the rescaling orbit of the linear "up" branch): its spread over neurons (std).
+
+Use (the training loop calls two methods)::
+
+    tracker = equiopt.diagnostics.DiagnosticsTracker(model, plan)   # installs forward hooks
+    for step in range(steps):
+        loss.backward(); opt.step(); opt.zero_grad()
+        tracker.step()                         # after every optimizer step
+        if (step + 1) % eval_every == 0:
+            log(tracker.record(step + 1))      # flat {str: float}, window since the last record
+    tracker.close()                            # removes the hooks
+    equiopt.diagnostics.plot_history(tracker.history, "diagnostics.png")
+
+``step()`` may be called less often than every optimizer step: the update is then the one
+since the previous call and a token counts as present if it occurred in any forward since
+then. Only forwards with gradients enabled count (evaluation under ``torch.no_grad()`` is
+ignored). ``state_dict()``/``load_state_dict()`` carry the history across a resume.
+
+Memory: one copy of every tracked weight (embedding, LM head, routers, MLP and expert weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .audit import MLPBlock, find_mlps
+
+__all__ = ["DiagnosticsTracker", "plot_history", "AGGREGATES"]
+
+#: Keys of the model-level aggregates in every record (per-block keys add ``/<block name>``).
+AGGREGATES = (
+    "dead_act",
+    "dead_update",
+    "dead_experts",
+    "stale_rows",
+    "stale_update_ratio",
+    "head_mean_row",
+    "router_mean_row",
+    "updown_log_ratio_std",
+)
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "num_experts_per_token", "moe_top_k", "k")
+
+
+def _find_top_k(model: nn.Module, router_module: str, explicit: int | None) -> int:
+    if explicit is not None:
+        return explicit
+    names = [router_module, router_module.rpartition(".")[0]]
+    for n in names:
+        mod = model.get_submodule(n) if n else model
+        for src in (mod, getattr(mod, "config", None)):
+            for a in TOP_K_ATTRS:
+                v = getattr(src, a, None) if src is not None else None
+                if isinstance(v, int) and v > 0:
+                    return v
+    cfg = getattr(model, "config", None)
+    for a in TOP_K_ATTRS:
+        v = getattr(cfg, a, None) if cfg is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ValueError(f"router {router_module!r}: cannot find its top-k (no top_k attribute); pass DiagnosticsTracker(top_k=...)")
+
+
+def _router_choice(output, E: int, k: int, where: str) -> Tensor:
+    """Expert indices [N, k] chosen by a router module from its output: an integer
+    ``[..., k]`` tensor in a tuple output (HF routers return the indices), else the top-k of
+    the ``[..., E]`` logits."""
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    for o in outs:
+        if isinstance(o, Tensor) and not o.is_floating_point() and o.shape[-1] == k:
+            return o.reshape(-1, k)
+    for o in outs:
+        if isinstance(o, Tensor) and o.is_floating_point() and o.shape[-1] == E:
+            return o.detach().reshape(-1, E).topk(k, dim=-1).indices
+    raise ValueError(f"router module {where!r}: its output holds neither [..., {k}] indices nor [..., {E}] logits")
+
+
+class DiagnosticsTracker:
+    """Dead-direction diagnostics over training (see the module docstring).
+
+    Args:
+        model: the model being trained (hooks are installed on its modules).
+        plan: its :class:`equiopt.Plan` (default ``equiopt.plan(model)``); roles say which
+            weights are embeddings, heads, routers, MLP blocks.
+        token_embedding: name of the token-embedding weight (default: the weight of
+            ``model.get_input_embeddings()``, else the embedding entry with the most rows).
+        top_k: experts per token (default: read from the router, its MoE block or the config).
+        act_rel / update_rel: "dead" thresholds relative to the layer's median neuron.
+        moved_rel: an absent token's row "moved" when its update exceeds ``moved_rel`` x the
+            median update of the present rows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan=None,
+        *,
+        token_embedding: str | None = None,
+        top_k: int | None = None,
+        act_rel: float = 1e-3,
+        update_rel: float = 1e-2,
+        moved_rel: float = 1e-3,
+    ):
+        from .planner import plan as make_plan
+
+        self.model = model
+        self.plan = plan if plan is not None else make_plan(model)
+        self.act_rel, self.update_rel, self.moved_rel = act_rel, update_rel, moved_rel
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.mlps: list[MLPBlock] = find_mlps(self.plan, model)
+        self.routers = [e for e in self.plan.entries if e.role == "router"]
+        self.heads = [e for e in self.plan.entries if e.role == "lm_head"]
+        # stale rows need an untied embedding: a tied one gets the head's gradient every step
+        emb = self._token_embedding(token_embedding)
+        self.embedding = emb if emb is not None and emb.role == "embedding" else None
+        self.last_stale: Tensor = torch.zeros(0, dtype=torch.long)  # absent rows that moved, last step
+        self._handles = []
+        self.history: list[dict] = []
+        # tracked weights: snapshot at the last step()
+        names = [e.name for b in self.mlps for e in (*b.ins, b.out)] + [e.name for e in self.routers]
+        if self.embedding is not None:
+            names.append(self.embedding.name)
+        self._tracked = list(dict.fromkeys(names))
+        self._snap = {n: self.params[n].detach().clone() for n in self._tracked}
+        # forward hooks: hidden activations of dense MLPs, router choices, tokens seen
+        self._act: dict[str, Tensor] = {}
+        self._act_count: dict[str, int] = {}
+        for b in self.mlps:
+            if b.experts == 1 and b.out.layout.stacked is False:
+                mod = model.get_submodule(b.out.module_name)
+                self._handles.append(mod.register_forward_pre_hook(self._act_hook(b.scope)))
+        self._load: dict[str, Tensor] = {}
+        for r in self.routers:
+            E, k = r.shape[0], _find_top_k(model, r.module_name, top_k)
+            mod = model.get_submodule(r.module_name)
+            self._handles.append(mod.register_forward_hook(self._router_hook(r.module_name, E, k)))
+        self._seen: Tensor | None = None
+        if self.embedding is not None:
+            mod = model.get_submodule(self.embedding.module_name)
+            self._handles.append(mod.register_forward_pre_hook(self._ids_hook))
+        self._reset_window()
+
+    # -- set-up ------------------------------------------------------------------------
+    def _token_embedding(self, name: str | None):
+        embs = [e for e in self.plan.entries if e.role in ("embedding", "tied_embedding")]
+        if name is not None:
+            found = [e for e in embs if name in (e.name, *e.aliases)]
+            if not found:
+                raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
+            return found[0]
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        if callable(get_in):
+            w = getattr(get_in(), "weight", None)
+            for e in embs:
+                if e.param is w:
+                    return e
+        return max(embs, key=lambda e: e.shape[0]) if embs else None
+
+    def _act_hook(self, scope: str):
+        def hook(module, args):
+            if not torch.is_grad_enabled():
+                return
+            a = args[0].detach()
+            s = a.abs().reshape(-1, a.shape[-1]).sum(0).float()
+            self._act[scope] = self._act.get(scope, 0) + s
+            self._act_count[scope] = self._act_count.get(scope, 0) + a.numel() // a.shape[-1]
+
+        return hook
+
+    def _router_hook(self, name: str, E: int, k: int):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return
+            idx = _router_choice(output, E, k, name)
+            counts = torch.bincount(idx.reshape(-1).long(), minlength=E).float().cpu()
+            self._load[name] = self._load.get(name, torch.zeros(E)) + counts
+
+        return hook
+
+    def _ids_hook(self, module, args):
+        if not torch.is_grad_enabled():
+            return
+        ids = args[0]
+        if self._seen is None:
+            self._seen = torch.zeros(self.embedding.shape[0], dtype=torch.bool, device=ids.device)
+        self._seen[ids.reshape(-1)] = True
+
+    def _reset_window(self) -> None:
+        self._steps = 0
+        self._upd: dict[str, Tensor] = {}  # block scope -> summed per-neuron update norm [B, h]
+        self._stale: list[tuple[float, float]] = []  # per step: (moved absent / absent, absent/present update ratio)
+        self._act, self._act_count, self._load = {}, {}, {}
+
+    # -- per step ----------------------------------------------------------------------
+    def _rows(self, entry, t: Tensor) -> Tensor:
+        """Per-neuron norms of an in-projection ``[B, h]`` (all fused parts together)."""
+        x = entry.layout.to_logical(t).float()  # [B * k, h, n]
+        k = entry.layout.fused
+        return x.pow(2).sum(-1).reshape(-1, k, x.shape[1]).sum(1)  # squared, [B, h]
+
+    def _cols(self, entry, t: Tensor) -> Tensor:
+        return entry.layout.to_logical(t).float().pow(2).sum(1)  # squared column norms [B, h]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Record the update since the previous call (call it after ``optimizer.step()``)."""
+        delta = {n: self.params[n].detach() - self._snap[n] for n in self._tracked}
+        for b in self.mlps:
+            sq = self._cols(b.out, delta[b.out.name])
+            for e in b.ins:
+                sq = sq + self._rows(e, delta[e.name])
+            self._upd[b.scope] = self._upd.get(b.scope, 0) + sq.sqrt()
+        if self.embedding is not None and self._seen is not None:
+            d = delta[self.embedding.name].float().norm(dim=-1)
+            present = self._seen.to(d.device)
+            absent = ~present
+            if present.any() and absent.any():
+                ref = d[present].median()
+                moved_mask = absent & (d > self.moved_rel * ref)
+                self.last_stale = moved_mask.nonzero().reshape(-1).cpu()
+                moved = moved_mask.sum().float() / absent.sum()
+                ratio = d[absent].mean() / d[present].mean().clamp_min(1e-30)
+                self._stale.append((float(moved), float(ratio)))
+            self._seen.zero_()
+        for n in self._tracked:
+            self._snap[n].copy_(self.params[n].detach())
+        self._steps += 1
+
+    # -- per evaluation ----------------------------------------------------------------
+    @staticmethod
+    def _below(x: Tensor, rel: float) -> float:
+        x = x.reshape(-1)
+        med = x.median()
+        return float((x <= rel * med).float().mean()) if med > 0 else float("nan")
+
+    @torch.no_grad()
+    def orbit_drift(self) -> dict[str, float]:
+        """Current position along the symmetry orbits (no window): per head/router the mean
+        row relative to the mean row norm, per MLP the std over neurons of log(|up|/|down|)."""
+        out: dict[str, float] = {}
+        for kind, entries in (("head_mean_row", self.heads), ("router_mean_row", self.routers)):
+            vals = []
+            for e in entries:
+                w = self.params[e.name].detach().float()
+                v = float(w.mean(0).norm() / w.norm(dim=1).mean().clamp_min(1e-30))
+                out[f"{kind}/{e.name}"] = v
+                out[f"{kind}_abs/{e.name}"] = float(w.mean(0).norm())
+                vals.append(v)
+            if vals:
+                out[kind] = sum(vals) / len(vals)
+        stds = []
+        for b in self.mlps:
+            e, part = b.up_part()
+            up = e.layout.to_logical(self.params[e.name].detach()).float()  # [B * k, h, n]
+            up = up[part :: e.layout.fused].norm(dim=-1)  # [B, h]
+            down = b.out.layout.to_logical(self.params[b.out.name].detach()).float().norm(dim=1)  # [B, h]
+            r = torch.log(up.clamp_min(1e-30) / down.clamp_min(1e-30))
+            out[f"updown_log_ratio_std/{b.scope}"] = float(r.std())
+            out[f"updown_log_ratio_mean/{b.scope}"] = float(r.mean())
+            stds.append(float(r.std()))
+        if stds:
+            out["updown_log_ratio_std"] = sum(stds) / len(stds)
+        return out
+
+    def record(self, step: int | None = None) -> dict[str, float]:
+        """Summary of the window since the previous record (flat ``{key: float}``, also
+        appended to :attr:`history`); starts a new window."""
+        rec: dict[str, float] = {"step": step if step is not None else len(self.history)}
+        act, upd = [], []
+        for b in self.mlps:
+            if b.scope in self._act and self._act_count.get(b.scope):
+                v = self._below(self._act[b.scope] / self._act_count[b.scope], self.act_rel)
+                rec[f"dead_act/{b.scope}"] = v
+                act.append(v)
+            if b.scope in self._upd:
+                v = self._below(self._upd[b.scope], self.update_rel)
+                rec[f"dead_update/{b.scope}"] = v
+                upd.append(v)
+        dead_e = []
+        for r in self.routers:
+            load = self._load.get(r.module_name)
+            if load is not None and load.sum() > 0:
+                f = load / load.sum()
+                v = float((f < 0.1 / f.numel()).float().mean())
+                rec[f"dead_experts/{r.module_name}"] = v
+                rec[f"max_load/{r.module_name}"] = float(f.max())
+                dead_e.append(v)
+        for key, vals in (("dead_act", act), ("dead_update", upd), ("dead_experts", dead_e)):
+            if vals:
+                rec[key] = sum(vals) / len(vals)
+        if self._stale:
+            rec["stale_rows"] = sum(s for s, _ in self._stale) / len(self._stale)
+            rec["stale_update_ratio"] = sum(r for _, r in self._stale) / len(self._stale)
+        rec.update(self.orbit_drift())
+        rec["window_steps"] = self._steps
+        self.history.append(rec)
+        self._reset_window()
+        return rec
+
+    def dead_neurons(self, scope: str, by: str = "update") -> Tensor:
+        """Indices ``[n, 2]`` (expert/batch, neuron) of the neurons of block ``scope`` dead in
+        the current window, by ``"update"`` or ``"act"`` (call before :meth:`record`)."""
+        if by == "update":
+            if scope not in self._upd:
+                raise KeyError(f"no update recorded for block {scope!r} (call step() first); blocks: {[b.scope for b in self.mlps]}")
+            x = self._upd[scope]
+            rel = self.update_rel
+        elif by == "act":
+            if scope not in self._act:
+                raise KeyError(f"no activation recorded for block {scope!r} (dense MLPs only, training forwards); blocks: {list(self._act)}")
+            x = (self._act[scope] / self._act_count[scope]).reshape(1, -1)
+            rel = self.act_rel
+        else:
+            raise ValueError(f"by must be 'update' or 'act', got {by!r}")
+        return (x <= rel * x.reshape(-1).median()).nonzero()
+
+    def stale_rows(self) -> list[tuple[float, float]]:
+        """Per step of the current window: (moved absent rows / absent rows, update ratio)."""
+        return list(self._stale)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def state_dict(self) -> dict:
+        """History only: on resume the window restarts at the loaded weights."""
+        return {"history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.history = [dict(r) for r in state["history"]]
+        with torch.no_grad():
+            for n in self._tracked:
+                self._snap[n].copy_(self.params[n].detach())
+        self._reset_window()
+
+
+# ---------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------
+PANELS = (
+    ("dead_act", "dead neurons (activation ~ 0)"),
+    ("dead_update", "dead neurons (update ~ 0)"),
+    ("dead_experts", "dead experts (load < 0.1/E)"),
+    ("stale_rows", "absent-token embedding rows that moved"),
+    ("head_mean_row", "LM head |mean row| / mean |row|"),
+    ("router_mean_row", "router |mean row| / mean |row|"),
+    ("updown_log_ratio_std", "std over neurons of log(|up_i| / |down_i|)"),
+    ("stale_update_ratio", "absent / present embedding-row update"),
+)
+
+
+def plot_history(histories: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path, title: str | None = None) -> list[str]:
+    """Plot diagnostics histories to a PNG at ``path``; returns the keys plotted.
+
+    ``histories``: one history (a list of :meth:`DiagnosticsTracker.record` dicts) or
+    ``{label: history}`` to overlay runs (e.g. one per optimizer). Panels without data in
+    any run are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = dict(histories) if isinstance(histories, Mapping) else {"": list(histories)}
+    keys = [(k, t) for k, t in PANELS if any(k in r for h in runs.values() for r in h)]
+    if not keys:
+        raise ValueError("plot_history: no diagnostics in the histories (record() was never called?)")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (k, t) in zip(axes.flat, keys):
+        for label, h in runs.items():
+            pts = [(r["step"], r[k]) for r in h if k in r and r[k] == r[k]]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label or None)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if any(label for label in runs):
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [k for k, _ in keys]
