@@ -186,7 +186,12 @@ class EquiOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self.name_of(p)}: sparse gradients are not supported (use a dense embedding)")
         if not params:
             return params
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()  # one sync
+        if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: every rank skips the same
+            from .distributed import finite_flags
+
+            finite = finite_flags(params)
+        else:
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()  # one sync
         if all(finite):
             return params
         bad = [p for p, ok in zip(params, finite) if not ok]

@@ -1,0 +1,885 @@
+"""equiopt under torch.distributed: DDP, FSDP2 (DTensor parameters), and the harness pieces.
+
+Two halves:
+
+**How each update map runs on shards** (:func:`sharded_updates`, called by
+``EquiOptimizer._updates`` whenever a param_group holds DTensor parameters, as FSDP2's
+``fully_shard`` makes them). FSDP2 shards storage dim 0 (``Shard(0)``, ``torch.chunk``
+sizes: uneven, trailing ranks may hold an empty shard). Per parameter, decided from the
+*global* shape, the layout, the world size and the group's map only, so that every rank
+takes the same decisions and issues the same collectives in the same order:
+
+* ``local``: the shard holds whole logical matrices: stacked experts sharded along E,
+  per-head q/k/v or fused gate/up whose head/part boundaries fall on shard boundaries
+  (``ceil(rows / world) % rows_per_block == 0``), a matrix one rank holds entirely (a
+  ``[1, d]`` matrix on 2 ranks: the other rank holds nothing). The map runs on the local
+  logical matrices; no communication, any map.
+* ``reduce``: row/column normalizations and centering (``row_norm``, ``col_norm``,
+  ``centered_row_norm``, ``identity``, and their column-aware / per-head forms) on a shard
+  that cuts logical matrices. Row statistics of rows that are local need nothing; a
+  statistic that sums over the sharded axis (column sums for centering, per-column squared
+  norms for the column-wise maps) is all-reduced: ``[parts, cols]`` numbers per map stage,
+  never the matrix. The mean of centering divides by the *global* row count.
+* ``gram``: ``right_spectral`` on a row-sharded ``[m, n]`` matrix: the ``n x n`` Gram
+  ``X^T X`` is a sum over rows, so it is all-reduced (plus one row of per-column nonzero
+  counts) and each rank applies ``(X^T X)^{+1/2}`` to its own rows. ``n^2`` numbers instead
+  of the matrix.
+* ``gather``: every other map on a cut matrix (polar, scaled polar, hybrid, left spectral,
+  per-head maps whose heads straddle a shard boundary, maps registered later): the full
+  logical matrix is needed. Matrices get an owner rank (greedy longest-processing-time on
+  the cost ``B m n min(m, n)``, deterministic, so no rank orthogonalizes everything); one
+  ``all_to_all`` sends every shard to its matrix's owner, owners compute the update with the
+  reference view -> map -> scale -> inverse view, and a second ``all_to_all`` sends each rank
+  its rows of the result. Per rank and step that is ``2 (W-1)/W^2`` of the gathered
+  matrices' bytes on average, against ``(W-1)/W`` for all-gathering them on every rank.
+* ``replicated``: a ``Replicate()`` DTensor (every rank holds the whole tensor): the
+  reference update on the local copy.
+* ``fallback``: any other placement (``Shard(1)``, two sharded mesh dims, ``Partial``):
+  ``full_tensor()`` -> reference update -> the local slice. Correct, never fast.
+
+AdamW (vectors, and the ``adamw`` preset) runs elementwise on the local shards through
+torch's functional ``adam`` (DTensor lists work with foreach on and off), no communication.
+The finite-gradient check all-reduces one flag per parameter (:func:`finite_flags`) so that
+every rank skips the same parameters.
+
+DDP needs nothing: gradients are averaged before ``step()``, every rank computes the same
+full update. :func:`spread_spectral` optionally splits the spectral maps over ranks (owners
+as above) and all-to-alls the results; see ``results/comm.md`` for when that pays.
+
+**Harness pieces** (torchrun, one process per device): :func:`init_from_env`,
+:func:`wrap_model` (``"ddp"`` or ``"fsdp2"``), :func:`plan` / :func:`build` (plan a DDP or
+FSDP2 model), :func:`print0` / :func:`is_rank0`, :func:`mean_over_ranks`,
+:func:`save_checkpoint` / :func:`load_checkpoint` (torch.distributed.checkpoint, resume on
+the same or another world size), :func:`cleanup`.
+
+Communication accounting: every collective issued here goes through one of three
+wrappers that add the bytes *this rank sends* to the active :func:`count_comm` record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .layouts import Layout
+
+__all__ = [
+    "sharded_updates",
+    "finite_flags",
+    "spread_spectral",
+    "count_comm",
+    "CommStats",
+    "DistInfo",
+    "init_from_env",
+    "cleanup",
+    "wrap_model",
+    "unwrap",
+    "plan",
+    "build",
+    "is_rank0",
+    "print0",
+    "mean_over_ranks",
+    "barrier",
+    "save_checkpoint",
+    "load_checkpoint",
+    "has_checkpoint",
+    "REDUCE_MAPS",
+]
+
+#: maps built from row/column statistics only: run on cut shards with all-reduced statistics
+REDUCE_MAPS = ("identity", "row_norm", "col_norm", "centered_row_norm")
+#: maps whose cost is dominated by a polar factor / Gram eigendecomposition
+SPECTRAL_MAPS = ("polar", "scaled_polar", "right_spectral", "left_spectral", "hybrid")
+
+
+# =========================================================================================
+# communication accounting
+# =========================================================================================
+@dataclass
+class CommStats:
+    """Bytes this rank sent, by kind of collective, while the record was active.
+
+    Conventions (per rank): ``all_to_all``: the bytes of the chunks addressed to other ranks;
+    ``all_reduce`` of N bytes: ``2 (W-1)/W N`` (ring reduce-scatter + all-gather, the
+    bandwidth-optimal algorithm NCCL and gloo use for large buffers); ``all_gather`` of a
+    local N-byte chunk: ``(W-1) N``. ``calls`` counts collectives.
+    """
+
+    bytes: dict = dataclasses.field(default_factory=lambda: defaultdict(int))
+    calls: dict = dataclasses.field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.bytes.values()))
+
+    def add(self, kind: str, nbytes: float) -> None:
+        self.bytes[kind] += int(round(nbytes))
+        self.calls[kind] += 1
+
+
+_RECORDS: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def count_comm():
+    """``with count_comm() as stats:`` -- collectives issued by equiopt inside the block are
+    added to ``stats`` (a :class:`CommStats`). Nested records all receive the counts."""
+    stats = CommStats()
+    _RECORDS.append(stats)
+    try:
+        yield stats
+    finally:
+        _RECORDS.remove(stats)
+
+
+def _record(kind: str, nbytes: float) -> None:
+    for r in _RECORDS:
+        r.add(kind, nbytes)
+
+
+def _all_reduce(t: torch.Tensor, group, kind: str = "all_reduce", op=dist.ReduceOp.SUM) -> torch.Tensor:
+    W = dist.get_world_size(group)
+    if W == 1:
+        return t
+    _record(kind, 2 * (W - 1) / W * t.numel() * t.element_size())
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, kind: str) -> torch.Tensor:
+    """``all_to_all_single`` of 1-D buffers with per-rank split sizes (elements)."""
+    W = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    recv = send.new_empty(sum(recv_splits))
+    if W == 1:
+        recv.copy_(send)
+        return recv
+    _record(kind, sum(s for d, s in enumerate(send_splits) if d != me) * send.element_size())
+    dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=group)
+    return recv
+
+
+# =========================================================================================
+# shard geometry
+# =========================================================================================
+@dataclass(frozen=True)
+class _Shard:
+    """Row shard of a dim-0-sharded DTensor: ``torch.chunk`` semantics over ``world`` ranks."""
+
+    group: Any  # ProcessGroup of the sharded mesh dimension
+    world: int
+    index: int  # this rank's coordinate on that mesh dimension
+    rows: int  # global size of dim 0
+
+    @property
+    def chunk(self) -> int:
+        return -(-self.rows // self.world) if self.rows else 0
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        c = self.chunk
+        return min(k * c, self.rows), min((k + 1) * c, self.rows)
+
+    def size(self, k: int) -> int:
+        a, b = self.bounds(k)
+        return b - a
+
+    @property
+    def start(self) -> int:
+        return self.bounds(self.index)[0]
+
+    @property
+    def local_rows(self) -> int:
+        return self.size(self.index)
+
+    def boundaries(self) -> list[int]:
+        return sorted({self.bounds(k)[0] for k in range(self.world)} | {self.rows})
+
+
+def _placement_kind(p: DTensor) -> tuple[str, _Shard | None]:
+    """("shard", geometry) | ("replicated", None) | ("fallback", None)."""
+    mesh, placements = p.device_mesh, p.placements
+    shard_dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    others_ok = all(pl.is_shard() or pl.is_replicate() for pl in placements)
+    if not others_ok or len(shard_dims) > 1:
+        return "fallback", None
+    if not shard_dims:
+        return "replicated", None
+    i = shard_dims[0]
+    if placements[i].dim != 0 or p.ndim == 0:
+        return "fallback", None
+    geo = _Shard(mesh.get_group(i), mesh.size(i), mesh.get_local_rank(i), p.shape[0])
+    if p.to_local().shape[0] != geo.local_rows:  # not torch.chunk semantics: be safe
+        return "fallback", None
+    return "shard", geo
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """Where the logical structure of a non-stacked 2-D layout sits in storage."""
+
+    out_axis: int  # storage axis of the logical rows (0, or 1 when transposed)
+    split_axis: int | None  # storage axis along which the logical matrix index varies
+    parts: int  # number of logical matrices B
+    block: int  # contiguous block length along split_axis (non-interleaved)
+    interleaved: bool
+    m: int  # logical matrix rows
+    n: int  # logical matrix cols
+
+    @classmethod
+    def of(cls, layout: Layout, shape) -> "_Axes":
+        out_axis = 1 if layout.transposed else 0
+        in_axis = 1 - out_axis
+        _, m, n = layout.logical_shape(shape)
+        split, parts, block = None, 1, shape[0]
+        if layout.fused > 1:
+            split, parts, block = out_axis, layout.fused, shape[out_axis] // layout.fused
+        elif layout.heads > 1:
+            ax = out_axis if layout.head_axis == "out" else in_axis
+            split, parts, block = ax, layout.heads, shape[ax] // layout.heads
+        return cls(out_axis, split, parts, block, layout.interleaved, m, n)
+
+    def ids(self, index: torch.Tensor) -> torch.Tensor:
+        return index % self.parts if self.interleaved else index // self.block
+
+
+def _aligned(layout: Layout, shape, geo: _Shard) -> bool:
+    """Does every rank's row range hold whole logical matrices?"""
+    if layout.stacked:
+        return True
+    bounds = geo.boundaries()
+    if all(b in (0, geo.rows) for b in bounds):  # one rank holds everything
+        return True
+    ax = _Axes.of(layout, shape)
+    if ax.split_axis != 0 or ax.interleaved:
+        return False
+    return all(b % ax.block == 0 for b in bounds)
+
+
+# =========================================================================================
+# the per-parameter paths
+# =========================================================================================
+def _opt_helpers():
+    from . import optimizer as O  # late import: optimizer imports this module lazily too
+
+    return O
+
+
+def _update_full(group, layout: Layout, x: torch.Tensor, p) -> torch.Tensor:
+    """Reference view -> map -> scale -> inverse view on a tensor holding whole matrices."""
+    O = _opt_helpers()
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    u = O.apply_map(group, layout.to_logical(x), p)
+    if group["scale"] == "muon":
+        u = u * O.muon_scale(u.shape[-2], u.shape[-1])
+    return layout.from_logical(u, x.shape)
+
+
+def _local_layout(layout: Layout, shape, geo: _Shard) -> Layout:
+    """Layout of an aligned local shard (whole blocks of the global layout)."""
+    if layout.stacked or geo.local_rows in (0, geo.rows):
+        return layout
+    ax = _Axes.of(layout, shape)
+    k = geo.local_rows // ax.block
+    if layout.fused > 1:
+        return dataclasses.replace(layout, fused=k, interleaved=False)
+    return dataclasses.replace(layout, heads=k) if k > 1 else layout.without_heads()
+
+
+def _reduce_update(group, layout: Layout, shape, x: torch.Tensor, geo: _Shard) -> torch.Tensor:
+    """Row/column-statistics maps on a row shard of a non-stacked 2-D parameter."""
+    O = _opt_helpers()
+    ax = _Axes.of(layout, shape)
+    in_axis = 1 - ax.out_axis
+    rows_idx = torch.arange(geo.start, geo.start + geo.local_rows, device=x.device)
+    cols_idx = torch.arange(shape[1], device=x.device)
+
+    def reduce(v: torch.Tensor, axis: int) -> torch.Tensor:
+        """Sum of ``v`` over storage ``axis`` within each logical matrix, broadcast back."""
+        if ax.split_axis == axis:
+            ids = ax.ids(rows_idx if axis == 0 else cols_idx)
+            if axis == 0:
+                s = v.new_zeros(ax.parts, v.shape[1]).index_add_(0, ids, v)
+            else:
+                s = v.new_zeros(v.shape[0], ax.parts).index_add_(1, ids, v)
+        else:
+            s = v.sum(axis, keepdim=True)
+            ids = None
+        if axis == 0:
+            _all_reduce(s, geo.group)
+        if ids is None:
+            return s
+        return s[ids] if axis == 0 else s[:, ids]
+
+    col_aware = group["column_aware"]
+    R = in_axis if col_aware else ax.out_axis  # storage axis of the map's rows
+    K = 1 - R
+    count_R = ax.n if col_aware else ax.m
+    eps = group["eps"]
+
+    def norm_over(v, axis):
+        return v / (reduce(v * v, axis).sqrt() + eps)
+
+    def center(v):
+        return v - reduce(v, R) / count_R if count_R else v.clone()
+
+    name = group["map"]
+    if name == "identity":
+        u = x
+    elif name == "row_norm":
+        u = norm_over(x, K)
+    elif name == "col_norm":
+        u = norm_over(x, R)
+    elif name == "centered_row_norm":
+        u = center(norm_over(center(x), K))
+    else:  # pragma: no cover - guarded by _path
+        raise AssertionError(name)
+    if group["scale"] == "muon":
+        u = u * O.muon_scale(ax.m, ax.n)
+    return u
+
+
+def _gram_update(group, layout: Layout, shape, x: torch.Tensor, geo: _Shard) -> torch.Tensor:
+    """right_spectral ``||X||_*^a X (X^T X)^{+1/2}`` on a row shard: all-reduce of the Gram."""
+    from .maps import _scale_by_nuclear
+    from .polar import _eigh_kept, _inv_sqrt_from_eig, _linalg_dtype
+
+    O = _opt_helpers()
+    n = shape[1]
+    X = x.to(_linalg_dtype(x.dtype))
+    stats = torch.cat([X.mT @ X, (X != 0).sum(0, dtype=X.dtype)[None]], 0)  # [n + 1, n]
+    _all_reduce(stats, geo.group)
+    gram, nonzero_cols = stats[:n], stats[n] > 0
+    lam, V, keep = _eigh_kept(gram, None)
+    P = X @ _inv_sqrt_from_eig(lam, V, keep)
+    P = P * ((X != 0).any(-1, keepdim=True) & nonzero_cols[None]).to(P.dtype)
+    nuc = torch.where(keep, lam.sqrt(), torch.zeros_like(lam)).sum(-1)
+    alpha = float(group["alpha"])
+    u = (P if alpha == 0.0 else _scale_by_nuclear(P[None], nuc[None], alpha)[0]).to(x.dtype)
+    if group["scale"] == "muon":
+        u = u * O.muon_scale(*shape)
+    return u
+
+
+def _cost(layout: Layout, shape) -> float:
+    B, m, n = layout.logical_shape(shape)
+    return float(B) * m * n * max(1, min(m, n))
+
+
+def assign_owners(costs: Sequence[float], world: int) -> list[int]:
+    """Greedy longest-processing-time assignment of matrices to ranks (deterministic:
+    ties go to the lower index / lower rank). Returns the owner rank of each matrix."""
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+@dataclass
+class _Item:
+    idx: int  # position in the group's params list
+    p: Any
+    x: torch.Tensor  # local shard (plain tensor)
+    geo: _Shard
+    layout: Layout
+
+
+def _gather_updates(group, items: list[_Item]) -> dict[int, torch.Tensor]:
+    """Owner scheme: shards -> owner (all_to_all), owner maps whole matrices, rows -> ranks."""
+    out: dict[int, torch.Tensor] = {}
+    buckets: dict[tuple, list[_Item]] = defaultdict(list)
+    for it in items:
+        buckets[(id(it.geo.group), it.geo.world, it.x.dtype)].append(it)
+    for bucket in buckets.values():
+        geo0 = bucket[0].geo
+        W, me, pg = geo0.world, geo0.index, geo0.group
+        owners = assign_owners([_cost(it.layout, it.p.shape) for it in bucket], W)
+        row_numel = [math.prod(it.p.shape[1:]) for it in bucket]
+        mine = [j for j, o in enumerate(owners) if o == me]
+        # 1. every shard to its matrix's owner
+        send_parts, send_splits = [], []
+        for d in range(W):
+            parts = [bucket[j].x.reshape(-1) for j in range(len(bucket)) if owners[j] == d]
+            send_parts += parts
+            send_splits.append(sum(t.numel() for t in parts))
+        recv_splits = [sum(bucket[j].geo.size(s) * row_numel[j] for j in mine) for s in range(W)]
+        dtype = bucket[0].x.dtype
+        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype)
+        recv = _all_to_all(send, send_splits, recv_splits, pg, "all_to_all")
+        # 2. owners compute whole matrices
+        segs = list(torch.split(recv, recv_splits))
+        pieces = {j: [] for j in mine}
+        for s in range(W):
+            off = 0
+            for j in mine:
+                n = bucket[j].geo.size(s) * row_numel[j]
+                pieces[j].append(segs[s][off : off + n])
+                off += n
+        back = {s: [] for s in range(W)}
+        for j in mine:
+            it = bucket[j]
+            full = torch.cat(pieces[j]).reshape(it.p.shape)
+            u = _update_full(group, it.layout, full, it.p).to(dtype)
+            for s, rows in enumerate(torch.split(u, [it.geo.size(s) for s in range(W)], dim=0)):
+                back[s].append(rows.reshape(-1))
+        # 3. each rank its rows of every result
+        send2_splits = [sum(t.numel() for t in back[s]) for s in range(W)]
+        send2_parts = [t for s in range(W) for t in back[s]]
+        send2 = torch.cat(send2_parts) if send2_parts else torch.empty(0, dtype=dtype)
+        recv2_splits = [sum(bucket[j].x.numel() for j in range(len(bucket)) if owners[j] == d) for d in range(W)]
+        recv2 = _all_to_all(send2, send2_splits, recv2_splits, pg, "all_to_all")
+        segs2 = list(torch.split(recv2, recv2_splits))
+        offs = [0] * W
+        for j, it in enumerate(bucket):
+            d = owners[j]
+            n = it.x.numel()
+            out[it.idx] = segs2[d][offs[d] : offs[d] + n].reshape(it.x.shape)
+            offs[d] += n
+    return out
+
+
+def _path(group, layout: Layout, p: DTensor, kind: str, geo: _Shard | None) -> str:
+    """Which path a parameter takes; a function of global facts only (same on every rank)."""
+    if kind != "shard":
+        return kind
+    if _aligned(layout, p.shape, geo):
+        return "local"
+    name = group["map"]
+    if name in REDUCE_MAPS and p.ndim == 2:
+        return "reduce"
+    if name == "right_spectral" and p.ndim == 2 and not group["column_aware"] and not layout.transposed \
+            and layout.fused == 1 and layout.heads == 1:
+        return "gram"
+    return "gather"
+
+
+def param_paths(opt, group) -> dict[str, str]:
+    """``{parameter name: path}`` for a param_group of DTensor parameters (diagnostics)."""
+    res = {}
+    for p in group["params"]:
+        if not isinstance(p, DTensor):
+            res[opt.name_of(p)] = "plain"
+            continue
+        kind, geo = _placement_kind(p)
+        res[opt.name_of(p)] = _path(group, opt._layout(group, p), p, kind, geo)
+    return res
+
+
+def sharded_updates(opt, group, params: list, momenta: list) -> list:
+    """Update direction of each parameter (before ``-lr``), for a param_group holding DTensor
+    parameters; returns DTensors placed like their parameters. See the module docstring."""
+    out: list = [None] * len(params)
+    gathers: list[_Item] = []
+    for i, (p, x) in enumerate(zip(params, momenta)):
+        layout = opt._layout(group, p)
+        if not isinstance(p, DTensor):  # a plain parameter next to sharded ones: replicated
+            out[i] = _update_full(group, layout, x, p)
+            continue
+        if not isinstance(x, DTensor) or x.placements != p.placements:
+            x = x.redistribute(p.device_mesh, p.placements) if isinstance(x, DTensor) else \
+                DTensor.from_local(x, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
+                    p.device_mesh, p.placements)
+        kind, geo = _placement_kind(p)
+        path = _path(group, layout, p, kind, geo)
+        if path == "fallback":
+            _record("fallback_all_gather", (p.device_mesh.size() - 1) * x.to_local().numel() * x.element_size())
+            u = _update_full(group, layout, x.full_tensor(), p)
+            out[i] = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
+                p.device_mesh, p.placements)
+            continue
+        xl = x.to_local()
+        if path == "replicated":
+            u = _update_full(group, layout, xl, p)
+        elif path == "local":
+            u = _update_full(group, _local_layout(layout, p.shape, geo), xl, p)
+        elif path == "reduce":
+            u = _reduce_update(group, layout, p.shape, xl, geo)
+        elif path == "gram":
+            u = _gram_update(group, layout, p.shape, xl, geo)
+        else:
+            gathers.append(_Item(i, p, xl, geo, layout))
+            continue
+        out[i] = u
+    if gathers:
+        for idx, u in _gather_updates(group, gathers).items():
+            out[idx] = u
+    for i, p in enumerate(params):
+        if isinstance(p, DTensor) and not isinstance(out[i], DTensor):
+            out[i] = DTensor.from_local(out[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                        run_check=False)
+    return out
+
+
+def finite_flags(params: list) -> list[bool]:
+    """Whether each parameter's gradient is finite on *every* rank (one all-reduce per mesh
+    dimension), so that ``on_nonfinite="skip"`` skips the same parameters everywhere."""
+    if not params:
+        return []
+    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    flags = torch.stack([torch.isfinite(g).all() for g in local]).to(torch.float32)
+    by_mesh: dict[int, list[int]] = defaultdict(list)
+    meshes = {}
+    for i, p in enumerate(params):
+        if isinstance(p.grad, DTensor):
+            by_mesh[id(p.grad.device_mesh)].append(i)
+            meshes[id(p.grad.device_mesh)] = p.grad.device_mesh
+    for key, idx in by_mesh.items():
+        mesh = meshes[key]
+        sub = flags[idx].clone()
+        for d in range(mesh.ndim):
+            _all_reduce(sub, mesh.get_group(d), kind="finite_check", op=dist.ReduceOp.MIN)
+        flags[idx] = sub
+    return [bool(v) for v in flags.tolist()]
+
+
+# =========================================================================================
+# DDP: optional spreading of the spectral maps over ranks
+# =========================================================================================
+def spread_spectral(opt, process_group=None, maps: Iterable[str] = SPECTRAL_MAPS):
+    """Under DDP, let each rank compute the spectral maps of only the matrices it owns
+    (greedy by cost, as for FSDP2) and share the results with one ``all_to_all`` per
+    param_group, instead of every rank computing every map. Returns ``opt``.
+
+    Only worth it when the maps dominate the step and the interconnect is fast; see
+    ``results/comm.md`` for the measurement on 2 CPU processes. Plain (non-DTensor)
+    parameters only; DTensor groups keep :func:`sharded_updates`.
+    """
+    if getattr(opt, "_equiopt_spread", None) is not None:
+        return opt
+    maps = frozenset(maps)
+    original = opt._updates
+
+    def _updates(group, params, momenta):
+        if (
+            group["map"] in maps
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(process_group) > 1
+            and not any(isinstance(p, DTensor) for p in params)
+        ):
+            return _spread_updates(opt, group, params, momenta, process_group)
+        return original(group, params, momenta)
+
+    opt._updates = _updates
+    opt._equiopt_spread = process_group if process_group is not None else dist.group.WORLD
+    return opt
+
+
+def _spread_updates(opt, group, params, momenta, pg) -> list[torch.Tensor]:
+    W, me = dist.get_world_size(pg), dist.get_rank(pg)
+    layouts = [opt._layout(group, p) for p in params]
+    owners = assign_owners([_cost(l, p.shape) for l, p in zip(layouts, params)], W)
+    out: list = [None] * len(params)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, x in enumerate(momenta):
+        by_dtype[x.dtype].append(i)
+    for dtype, idx in by_dtype.items():
+        mine = [i for i in idx if owners[i] == me]
+        for i in mine:
+            out[i] = _update_full(group, layouts[i], momenta[i], params[i]).to(dtype)
+        own = torch.cat([out[i].reshape(-1) for i in mine]) if mine else torch.empty(0, dtype=dtype)
+        sizes = [sum(momenta[i].numel() for i in idx if owners[i] == d) for d in range(W)]
+        send = own.repeat(W)
+        recv = _all_to_all(send, [own.numel()] * W, sizes, pg, "all_to_all")
+        segs = list(torch.split(recv, sizes))
+        offs = [0] * W
+        for i in idx:
+            d = owners[i]
+            n = momenta[i].numel()
+            if d != me:
+                out[i] = segs[d][offs[d] : offs[d] + n].reshape(momenta[i].shape)
+            offs[d] += n
+    return out
+
+
+# =========================================================================================
+# harness pieces
+# =========================================================================================
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits. ``world_size == 1`` and ``initialized == False`` when the
+    program was not started by torchrun (then every helper here is a no-op)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    initialized: bool = False
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0, device: str | None = None) -> DistInfo:
+    """Initialize the default process group from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available and ``device`` is not
+    ``"cpu"``, else ``"gloo"``. On CUDA the process is bound to ``cuda:LOCAL_RANK``. Without
+    torchrun's variables (``WORLD_SIZE`` unset) nothing is initialized and a single-process
+    :class:`DistInfo` is returned. Calling it again returns the current state.
+    """
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if "WORLD_SIZE" not in os.environ or not dist.is_available():
+        dev = torch.device("cuda" if use_cuda else "cpu") if device is None else torch.device(device)
+        return DistInfo(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        kw = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), True)
+
+
+def cleanup() -> None:
+    """Destroy the default process group (end of a torchrun program)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_rank0() -> bool:
+    """True on global rank 0 and in a single process."""
+    return _world()[0] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (flushes)."""
+    if is_rank0():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(value: float | torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (for logging a loss); the value itself in one process."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).clone()
+    rank, world = _world()
+    if world > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t /= world
+    return float(t.item())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _block_modules(model: nn.Module) -> list[nn.Module]:
+    """Children of the outermost ``nn.ModuleList`` s (transformer blocks in HF and nanoGPT-style
+    models): the FSDP2 units under the root."""
+    found, inside = [], set()
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, nn.ModuleList):
+            inside.add(name)
+            found.extend(m)
+    return found
+
+
+def wrap_model(
+    model: nn.Module,
+    mode: str,
+    info: DistInfo | None = None,
+    *,
+    units: Iterable[nn.Module] | None = None,
+    mesh=None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
+    """Wrap ``model`` (already on its device) for data-parallel training.
+
+    * ``"none"``: returned as is.
+    * ``"ddp"``: ``DistributedDataParallel`` (``device_ids=[local_rank]`` on CUDA). Build the
+      optimizer with :func:`build` (it plans the inner module).
+    * ``"fsdp2"``: ``fully_shard`` on each block (``units``; default: the children of the
+      outermost ``nn.ModuleList`` s, i.e. the transformer layers), then on the root. Parameters
+      become ``DTensor`` s sharded on dim 0; build the optimizer *after* this call.
+      ``param_dtype`` / ``reduce_dtype`` set a ``MixedPrecisionPolicy`` (e.g. bf16 / fp32 on GPU).
+    """
+    if mode in (None, "none"):
+        return model
+    info = info or DistInfo(*_world(), initialized=dist.is_available() and dist.is_initialized())
+    if mode == "ddp":
+        dev_ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=dev_ids,
+                                                   find_unused_parameters=find_unused_parameters)
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw: dict = {"reshard_after_forward": reshard_after_forward}
+        if mesh is not None:
+            kw["mesh"] = mesh
+        if param_dtype is not None or reduce_dtype is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        for unit in (list(units) if units is not None else _block_modules(model)):
+            fully_shard(unit, **kw)
+        fully_shard(model, **kw)
+        return model
+    raise ValueError(f"wrap_model: mode must be 'none', 'ddp' or 'fsdp2', got {mode!r}")
+
+
+@contextlib.contextmanager
+def _meta_standins(model: nn.Module):
+    """Temporarily replace DTensor parameters by meta Parameters of the same global shape
+    (the planner reads shapes and structure only; DTensor storage cannot be probed).
+    Yields ``{id(stand-in): original}``."""
+    swapped, back = [], {}
+    memo: dict[int, nn.Parameter] = {}
+    try:
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if isinstance(p, DTensor):
+                    s = memo.get(id(p))
+                    if s is None:
+                        s = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+                        memo[id(p)] = s
+                        back[id(s)] = p
+                    mod._parameters[name] = s
+                    swapped.append((mod, name, p))
+        yield back
+    finally:
+        for mod, name, p in swapped:
+            mod._parameters[name] = p
+
+
+def plan(model: nn.Module, preset: str = "paper", **kwargs):
+    """:func:`equiopt.plan` for a model wrapped with DDP (plans ``.module``) or sharded with
+    ``fully_shard`` (plans on the global shapes; the plan's entries hold the DTensor
+    parameters). Same arguments as :func:`equiopt.plan`."""
+    from .planner import plan as _plan, Plan
+
+    model = unwrap(model)
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return _plan(model, preset, **kwargs)
+    with _meta_standins(model) as back:
+        pl = _plan(model, preset, **kwargs)
+    entries = [dataclasses.replace(e, param=back.get(id(e.param), e.param)) for e in pl.entries]
+    return Plan(entries, pl.specs, pl.preset)
+
+
+def build(model: nn.Module, preset: str | None = None, **kwargs):
+    """:func:`equiopt.build` for DDP / FSDP2 models (see :func:`plan`). With
+    ``spread=True`` (DDP only) the spectral maps are spread over ranks (:func:`spread_spectral`)."""
+    from .optimizer import EquiOptimizer
+
+    spread = kwargs.pop("spread", False)
+    pl = plan(model, preset or "paper", **kwargs)
+    opt = EquiOptimizer(pl.param_groups(), layouts=pl.layouts(), names=pl.names())
+    if spread:
+        spread_spectral(opt)
+    return opt
+
+
+# -- distributed checkpointing ------------------------------------------------------------
+_EXTRA = "extra.pt"
+_RANK_EXTRA = "rank{}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, extra: Mapping | None = None,
+                    rank_extra: Mapping | None = None) -> Path:
+    """Save model and optimizer with ``torch.distributed.checkpoint`` into directory ``path``.
+
+    Works for a plain model (one process), DDP and FSDP2 alike (each rank writes its own
+    shards; tensors are stored under their unwrapped parameter names, so a checkpoint loads
+    into another world size or wrapping). ``extra`` (picklable; step, scheduler and data
+    state, config) is written once by rank 0; ``rank_extra`` (e.g. this rank's RNG state) is
+    written by each rank to ``rank{r}.pt``. Returns ``path``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    rank, world = _world()
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    barrier()
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+    else:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    dcp.save(state, checkpoint_id=str(path))
+    if rank == 0 and extra is not None:
+        torch.save(dict(extra), path / _EXTRA)
+    if rank_extra is not None:
+        torch.save(dict(rank_extra), path / _RANK_EXTRA.format(rank))
+    barrier()
+    return path
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / ".metadata").exists()
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -> tuple[dict, dict]:
+    """Load a :func:`save_checkpoint` directory into ``model`` (and ``optimizer``), which must
+    be wrapped and built exactly as when training (DDP / FSDP2, optimizer built after
+    wrapping). Returns ``(extra, rank_extra)`` (empty dicts when absent)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+    path = Path(path)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank, _ = _world()
+    extra = torch.load(path / _EXTRA, weights_only=False) if (path / _EXTRA).exists() else {}
+    rfile = path / _RANK_EXTRA.format(rank)
+    rank_extra = torch.load(rfile, weights_only=False) if rfile.exists() else {}
+    return extra, rank_extra
