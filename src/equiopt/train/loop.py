@@ -70,7 +70,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
-    warmup: int = 20
+    warmup: int = -1  # linear warm-up steps; -1 = 10% of steps
     schedule: str = "cosine"  # cosine decay to min_lr_ratio; wsd: constant then linear decay (last 20%)
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # 0 = off
@@ -102,8 +102,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if not (self.warmup == -1 or 0 <= self.warmup <= self.steps):
+            raise ValueError(f"warmup must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], got {self.warmup}")
         if self.ckpt_every < 0 or self.grad_clip < 0 or self.threads < 0:
             raise ValueError("ckpt_every, grad_clip and threads must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -122,6 +122,10 @@ class TrainConfig:
             raise ValueError(f"unknown model override(s) {sorted(unknown)}; valid: {', '.join(MODEL_OVERRIDES)}")
         self.model_config(vocab_size=self.model.get("vocab_size", 4096)).validate()
         self.data.validate()
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup == -1 else self.warmup
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         mc = preset(self.arch, self.size)
@@ -151,13 +155,16 @@ def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier at ``step``: linear warm-up, then cosine / constant / warmup-stable-decay."""
+    warm = cfg.warmup_steps
+
     def f(step: int) -> float:
-        if cfg.warmup and step < cfg.warmup:
-            return (step + 1) / cfg.warmup
+        if warm and step < warm:
+            return (step + 1) / warm
         if cfg.schedule == "constant":
             return 1.0
-        rest = max(1, cfg.steps - cfg.warmup)
-        t = min(1.0, (step - cfg.warmup) / rest)
+        rest = max(1, cfg.steps - warm)
+        t = min(1.0, (step - warm) / rest)
         if cfg.schedule == "cosine":
             return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         decay_start = 0.8  # wsd
@@ -441,10 +448,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             if aux is None:
                 raise RuntimeError(f"{cfg.arch}: aux_loss=True but the model returned no aux_loss")
             loss = ce + model.config.router_aux_loss_coef * aux
-        lval = float(ce.detach())
-        if not math.isfinite(float(loss)):
+        lval, total = float(ce.detach()), float(loss.detach())
+        if not math.isfinite(total):
             bar.close()
-            diverged(step, f"non-finite loss {float(loss)}")
+            diverged(step, f"non-finite loss {total}")
         loss.backward()
         gn = M.grad_norm(model.parameters())
         if cfg.grad_clip:

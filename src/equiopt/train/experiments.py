@@ -1,0 +1,185 @@
+"""Grids of runs: ``compare`` (archs x optimizers x seeds, then a report) and ``sweep`` (LR choice).
+
+Both are restartable: a run whose ``final.json`` exists with the same configuration is
+reused, a run with a checkpoint is resumed, anything else starts fresh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import data as D
+from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, train
+from .models import MOE_ARCHS
+from .report import write_report
+
+
+def load_lrs(path: str | Path) -> dict:
+    """``best.json`` written by :func:`sweep`: {arch: {optimizer: {"lr_scale", "role_lr_scale", ...}}}."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--lr-from {p}: no such file (run `equiopt sweep` first)")
+    d = json.loads(p.read_text())
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise ValueError(f"--lr-from {p}: expected {{arch: {{optimizer: {{lr_scale: ...}}}}}}")
+    return d
+
+
+def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[float, dict]:
+    if lrs is None:
+        return base.lr_scale, dict(base.role_lr_scale)
+    try:
+        e = lrs[arch][opt]
+    except KeyError:
+        raise KeyError(f"--lr-from has no learning rate for arch {arch!r}, optimizer {opt!r}; "
+                       f"sweep it (equiopt sweep --archs {arch} --optimizers {opt}) or drop --lr-from") from None
+    return float(e["lr_scale"]), dict(e.get("role_lr_scale", {}))
+
+
+def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared) -> dict:
+    """Train ``cfg`` unless an identical finished run exists; diverged runs are recorded, not raised."""
+    out = Path(cfg.out)
+    final_p = out / "final.json"
+    if final_p.exists() and not overwrite:
+        final = json.loads(final_p.read_text())
+        if final.get("config") == cfg.to_dict():
+            return final
+        raise FileExistsError(f"{out} holds a run with another configuration; pass --overwrite or change --out")
+    try:
+        return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared)
+    except TrainingDiverged as e:
+        log(f"[diverged] {e}")
+        return json.loads(final_p.read_text())
+
+
+def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path,
+                 lrs: dict | None = None, log=print) -> list[TrainConfig]:
+    cfgs = []
+    for arch in archs:
+        for opt in optimizers:
+            if opt in ROUTER_ONLY and arch not in MOE_ARCHS:
+                log(f"[compare] skipping {opt} on {arch}: a dense model has no router")
+                continue
+            lr_scale, role = _lr_for(lrs, arch, opt, base)
+            for seed in seeds:
+                cfgs.append(dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=lr_scale,
+                                                role_lr_scale=role, out=str(out / "runs" / arch / opt / f"seed{seed}")))
+    return cfgs
+
+
+def check_grid(archs: list[str], optimizers: list[str]) -> None:
+    from .models import ARCHS
+
+    for a in archs:
+        if a not in ARCHS:
+            raise ValueError(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
+    for o in optimizers:
+        if o not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    if len(set(archs)) != len(archs) or len(set(optimizers)) != len(optimizers):
+        raise ValueError("--archs and --optimizers must not repeat a name")
+
+
+def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path, *,
+            lrs: dict | None = None, overwrite: bool = False, progress: bool = True, log=print,
+            command: str | None = None, title: str = "equiopt comparison") -> dict:
+    check_grid(archs, optimizers)
+    for a in archs:  # validate every cell before spending time
+        dataclasses.replace(base, arch=a).validate()
+    t0 = time.time()
+    prepared = D.prepare(base.data, log=log)
+    cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
+    from tqdm import tqdm
+
+    for cfg in tqdm(cfgs, desc="compare", disable=not progress, dynamic_ncols=True):
+        _run_one(cfg, overwrite, log=lambda m: None if m.startswith("[data]") else log(m), prepared=prepared)
+    notes = [f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s "
+             f"(reused finished runs cost nothing)",
+             f"model size preset {base.size!r}, {base.steps} steps x {base.batch_size} x {base.seq_len} tokens, "
+             f"schedule {base.schedule} (warmup {base.warmup_steps}), data {base.data.source!r} "
+             f"(BPE vocab {prepared.vocab_size})"]
+    if lrs is not None:
+        notes.append("learning rates from --lr-from (lr_scale column: multiplier of the preset learning rates)")
+    rep = write_report([Path(c.out) for c in cfgs], out, title=title, command=command, notes=notes)
+    return rep
+
+
+def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
+          role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
+          progress: bool = True, log=print, command: str | None = None) -> dict:
+    """Pick each (arch, optimizer)'s best global ``lr_scale`` on validation loss, then (coordinate
+    descent) each role multiplier in ``role_grid`` at that scale. Writes ``best.json``/``sweep.md``."""
+    check_grid(archs, optimizers)
+    if not lr_scales or any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
+        raise ValueError(f"--lr-scales must be positive numbers, got {lr_scales}")
+    import equiopt
+
+    for role, vals in role_grid.items():
+        if role not in equiopt.ROLES:
+            raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(equiopt.ROLES)}")
+        if not vals or any(v <= 0 for v in vals):
+            raise ValueError(f"--role-grid {role}: multipliers must be positive, got {vals}")
+    for a in archs:
+        dataclasses.replace(base, arch=a).validate()
+    prepared = D.prepare(base.data, log=log)
+    best_path = out / "best.json"
+    best = json.loads(best_path.read_text()) if best_path.exists() else {}
+    points = []
+    from tqdm import tqdm
+
+    pairs = [(a, o) for a in archs for o in optimizers if not (o in ROUTER_ONLY and a not in MOE_ARCHS)]
+    total = len(pairs) * (len(lr_scales) + sum(len([v for v in vs if v != 1.0]) for vs in role_grid.values()))
+    bar = tqdm(total=total, desc="sweep", disable=not progress, dynamic_ncols=True)
+    quiet = lambda m: None if m.startswith("[data]") else log(m)  # noqa: E731
+
+    def run(arch, opt, scale, roles) -> float:
+        tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
+        cfg = dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
+                                  keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
+        final = _run_one(cfg, overwrite, quiet, prepared)
+        loss = final["val_loss"] if final["status"] == "done" else math.inf
+        points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles, "val_loss": loss,
+                       "status": final["status"]})
+        bar.update(1)
+        return loss
+
+    for arch, opt in pairs:
+        losses = {s: run(arch, opt, s, {}) for s in lr_scales}
+        scale = min(lr_scales, key=lambda s: losses[s])
+        roles: dict[str, float] = {}
+        best_loss = losses[scale]
+        for role, vals in role_grid.items():
+            cand = {1.0: best_loss}
+            for v in vals:
+                if v != 1.0:
+                    cand[v] = run(arch, opt, scale, {**roles, role: v})
+            v = min(cand, key=lambda k: cand[k])
+            if v != 1.0:
+                roles[role] = v
+            best_loss = cand[v]
+        edge = scale in (min(lr_scales), max(lr_scales)) and len(lr_scales) > 1
+        best.setdefault(arch, {})[opt] = {"lr_scale": scale, "role_lr_scale": roles, "val_loss": best_loss,
+                                          "seed": seed, "steps": base.steps, "at_grid_edge": edge}
+        if edge:
+            log(f"[sweep] {arch}/{opt}: best lr_scale {scale:g} is at the edge of the grid {lr_scales}")
+        D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
+    bar.close()
+    md = ["# equiopt sweep\n"]
+    if command:
+        md.append(f"Command: `{command}`\n")
+    md.append(f"Validation loss after {base.steps} steps (seed {seed}); lr_scale multiplies the preset's "
+              "learning rate of every role; role multipliers apply on top. inf = diverged.\n")
+    md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
+    md.append("|---|---|---|---|---|---|")
+    for p in points:
+        b = best[p["arch"]][p["optimizer"]]
+        chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
+        rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
+        md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
+    (out / "sweep.md").write_text("\n".join(md) + "\n")
+    (out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
+    return {"best": best, "points": points, "table": "\n".join(md)}
