@@ -379,7 +379,7 @@ def _perm(n: int, gen: torch.Generator, fixed: int | None = None) -> Tensor:
 
 def _inverse(p: Tensor) -> Tensor:
     inv = torch.empty_like(p)
-    inv[p] = torch.arange(p.numel())
+    inv[p] = torch.arange(p.numel(), device=p.device)
     return inv
 
 
@@ -444,9 +444,12 @@ def _fmt(x: float) -> str:
     return "-" if x != x else f"{x:.1e}"
 
 
-def _short(names: list[str], scope: str) -> str:
+def _short(names: list[str], scope: str, limit: int = 6) -> str:
     pre = scope + "." if scope else ""
-    return ", ".join(n[len(pre):] if pre and n.startswith(pre) else n for n in names)
+    short = [n[len(pre):] if pre and n.startswith(pre) else n for n in names]
+    if len(short) > limit:
+        return ", ".join(short[:3]) + f", ... ({len(short)} tensors; to_dict() lists them)"
+    return ", ".join(short)
 
 
 @dataclass
@@ -587,8 +590,8 @@ class _KeepPrecision(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in _DOWNCASTS and args and isinstance(args[0], Tensor) and args[0].dtype == self.dtype:
-            return args[0]
+        if func in _DOWNCASTS and args and isinstance(args[0], Tensor):
+            return args[0].to(self.dtype)  # x.float(): float64 in, float64 out; ints become float64
         if kwargs.get("dtype") in _LOW_FLOATS:
             kwargs["dtype"] = self.dtype
         if func is Tensor.to or func is Tensor.type:
@@ -765,7 +768,7 @@ class _Auditor:
         with torch.no_grad():
             for n in self.vectors:
                 p = self.params[n]
-                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
                 scale = self.generic_scale * max(float(p.abs().mean()), 0.1)
                 p.add_(noise * scale)
 
@@ -900,7 +903,7 @@ class _Auditor:
                 kind = "tied_perm" if tied else "vocab_perm"
 
                 def build(model, gen, name=e.name, V=V, pad=pad, tied=tied):
-                    P = _perm(V, gen, pad)
+                    P = _perm(V, gen, pad).to(self.device)
                     inv = _inverse(P)
                     notes = [f"padding_idx={pad} kept fixed (its row gets no gradient)"] if pad is not None else []
                     return _Action(
@@ -917,7 +920,7 @@ class _Auditor:
                     specs.append(self._shift_spec(e, "logit_shift", hint="tied: the shift also moves every input embedding by c (not a symmetry of a tied head)"))
             else:
                 def build(model, gen, name=e.name, V=V):
-                    P = _perm(V, gen)
+                    P = _perm(V, gen).to(self.device)
                     return _Action([_Edit(name, lambda w: w[P], lambda g: g[P])])
 
                 specs.append(_Spec("row_perm", e.module_name, build, (e.name,), hint="rows are not indexed by the input ids (e.g. positions): nothing relabels them"))
@@ -925,7 +928,7 @@ class _Auditor:
             bias = _bias_of(self.work, e)
 
             def build(model, gen, e=e, bias=bias):
-                P = _perm(e.shape[0], gen)
+                P = _perm(e.shape[0], gen).to(self.device)
                 edits = [_Edit(e.name, lambda w: w[P], lambda g: g[P])]
                 if bias is not None:
                     edits.append(_Edit(bias[0], lambda b: b[P], lambda g: g[P]))
@@ -939,7 +942,7 @@ class _Auditor:
         def build(model, gen, name=e.name):
             w = self.params[name]
             # i.i.d. entries 3x the RMS entry of W: the logits move by O(row norm) per position
-            c = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.dtype) * (3 * w.pow(2).mean().sqrt())
+            c = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device, w.dtype) * (3 * w.pow(2).mean().sqrt())
             return _Action([_Edit(name, lambda t: t + c, lambda g: g)], logits="shift" if kind == "logit_shift" else "same")
 
         if suspects is None:
