@@ -118,6 +118,21 @@ def test_stale_momentum_row_is_found():
         tr.close()
 
 
+def test_weight_decay_is_not_stale_momentum():
+    """Decoupled weight decay moves every row; given the optimizer, the tracker removes it."""
+    g = torch.Generator().manual_seed(1)
+    ids1 = torch.cat([torch.tensor([7]), torch.arange(8, V)])[torch.randperm(V - 7, generator=g)].reshape(3, 19)
+    later = (8 + torch.randperm(V - 8, generator=g)).reshape(4, 14)
+    for give, expect in ((True, [7]), (False, list(range(8)))):
+        m = model_with_router_bias()
+        plan = equiopt.plan(m, layouts=PLAIN_LAYOUTS)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)
+        tr = DiagnosticsTracker(m, plan, optimizer=opt if give else None)
+        train(m, opt, tr, [ids1, later])
+        assert tr.last_stale.tolist() == expect
+        tr.close()
+
+
 def test_centered_head_map_never_moves_along_the_shift_orbit():
     """The paper preset's centered LM-head map has zero column sums: the head's mean row is
     constant over training (wd 0 for the head); AdamW moves it."""

@@ -86,7 +86,7 @@ def diagnostics_run(steps: int = 200, every: int = 20, B: int = 8, T: int = 64) 
         model = models.build_model(cfg, seed=0)
         plan = equiopt.plan(model, preset=preset)
         opt = equiopt.build(plan)
-        tracker = DiagnosticsTracker(model, plan)
+        tracker = DiagnosticsTracker(model, plan, optimizer=opt)
         g = torch.Generator().manual_seed(1)
         t = time.time()
         for step in range(steps):
@@ -101,7 +101,7 @@ def diagnostics_run(steps: int = 200, every: int = 20, B: int = 8, T: int = 64) 
             tracker.step()
             if (step + 1) % every == 0:
                 rec = tracker.record(step + 1)
-                rec["train_loss"] = float(loss)
+                rec["train_loss"] = float(loss.detach())
                 print(f"[diag] {preset} step {step + 1} loss {float(loss):.3f} dead_update {rec.get('dead_update', 0):.3f} "
                       f"dead_experts {rec.get('dead_experts', 0):.3f} stale {rec.get('stale_rows', 0):.3f} "
                       f"head_mean_row {rec['head_mean_row']:.3f}", flush=True)

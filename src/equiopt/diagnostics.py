@@ -110,6 +110,10 @@ class DiagnosticsTracker:
         act_rel / update_rel: "dead" thresholds relative to the layer's median neuron.
         moved_rel: an absent token's row "moved" when its update exceeds ``moved_rel`` x the
             median update of the present rows.
+        optimizer: the optimizer; when given, the decoupled weight decay of the embedding's
+            param group (``W <- W (1 - lr wd)``, read at :meth:`step`, so call ``step()``
+            before the lr scheduler steps) is removed from the embedding's update before
+            rows are counted as stale: decay moves every row and is not stale momentum.
     """
 
     def __init__(
@@ -122,12 +126,14 @@ class DiagnosticsTracker:
         act_rel: float = 1e-3,
         update_rel: float = 1e-2,
         moved_rel: float = 1e-3,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         from .planner import plan as make_plan
 
         self.model = model
         self.plan = plan if plan is not None else make_plan(model)
         self.act_rel, self.update_rel, self.moved_rel = act_rel, update_rel, moved_rel
+        self.optimizer = optimizer
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.mlps: list[MLPBlock] = find_mlps(self.plan, model)
         self.routers = [e for e in self.plan.entries if e.role == "router"]
@@ -233,7 +239,11 @@ class DiagnosticsTracker:
                 sq = sq + self._rows(e, delta[e.name])
             self._upd[b.scope] = self._upd.get(b.scope, 0) + sq.sqrt()
         if self.embedding is not None and self._seen is not None:
-            d = delta[self.embedding.name].float().norm(dim=-1)
+            de = delta[self.embedding.name]
+            decay = self._decay(self.embedding.param)
+            if decay:
+                de = de + decay * self._snap[self.embedding.name]  # remove W_prev * (-lr wd)
+            d = de.float().norm(dim=-1)
             present = self._seen.to(d.device)
             absent = ~present
             if present.any() and absent.any():
@@ -247,6 +257,15 @@ class DiagnosticsTracker:
         for n in self._tracked:
             self._snap[n].copy_(self.params[n].detach())
         self._steps += 1
+
+    def _decay(self, p: Tensor) -> float:
+        """``lr * weight_decay`` of the optimizer's param group holding ``p`` (0 without one)."""
+        if self.optimizer is None:
+            return 0.0
+        for g in self.optimizer.param_groups:
+            if any(q is p for q in g["params"]):
+                return float(g.get("lr", 0.0)) * float(g.get("weight_decay", 0.0))
+        raise ValueError(f"{self.embedding.name}: not in any param group of the optimizer given to DiagnosticsTracker")
 
     # -- per evaluation ----------------------------------------------------------------
     @staticmethod
