@@ -854,6 +854,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, e
     return path
 
 
+def _saved_only(osd: dict, path: Path) -> dict:
+    """Drop optimizer-state entries the checkpoint does not hold. ``get_state_dict`` fills a
+    fresh optimizer's state by a zero-gradient step over *every* parameter, while a parameter
+    that never had a gradient (unused in the forward) has no state in the saved run."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    states = osd.get("state", {})
+    for fqn in list(states):
+        entry = states[fqn]
+        for key in list(entry):
+            if f"optim.state.{fqn}.{key}" not in saved:
+                del entry[key]
+        if not entry:
+            del states[fqn]
+    return osd
+
+
 def has_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / ".metadata").exists()
 
@@ -863,21 +881,29 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -
     be wrapped and built exactly as when training (DDP / FSDP2, optimizer built after
     wrapping). Returns ``(extra, rank_extra)`` (empty dicts when absent)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     path = Path(path)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
+        state = {"model": msd, "optim": _saved_only(osd, path)}
     dcp.load(state, checkpoint_id=str(path))
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(model, state["model"])
+        # strict=False: parameters that never had a gradient have no saved state
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
     rank, _ = _world()
     extra = torch.load(path / _EXTRA, weights_only=False) if (path / _EXTRA).exists() else {}
     rfile = path / _RANK_EXTRA.format(rank)
