@@ -466,7 +466,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         opt.zero_grad(set_to_none=True)
         sched.step()
         window.loss_sum += lval
-        window.aux_sum += float(aux) if aux is not None else 0.0
+        window.aux_sum += float(aux.detach()) if aux is not None else 0.0
         window.steps += 1
         window.tokens += y.numel()
         window.gnorm_sum += gn

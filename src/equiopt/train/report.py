@@ -234,7 +234,7 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
           "Validation loss (mean over seeds; band = min..max)")
     moe = [a for a in archs if any("router_load_cv" in c for c in summary[a].values())]
     panel("routing.png", [("router load CV", ("routing", "load_cv"), False),
-                          ("router z-loss", ("routing", "z_loss"), True)], moe,
+                          ("router z-loss", ("routing", "z_loss"), False)], moe,
           "MoE routing, averaged over layers (band = min..max over seeds)")
     panel("max_logit.png", [("max |vocab logit|", ("logits", "max_abs"), False)], archs,
           "Vocabulary logits: max |logit| on validation (band = min..max over seeds)")
