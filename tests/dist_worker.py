@@ -124,6 +124,38 @@ def run_maps(out: Path, mesh) -> None:
         torch.save({"params": results, "paths": paths, "comm": comm}, out / "maps.pt")
 
 
+# (name, shape, layout, group spec, expected bytes sent per rank in one step, by kind)
+# all_reduce of N bytes counts 2 (W-1)/W N = N on 2 ranks; all_to_all counts what leaves
+COMM_CASES = [
+    ("embedding_row_norm", (33, 16), Layout(), {"map": "row_norm"}, {}),
+    ("head_centered_row_norm", (33, 16), Layout(), {"map": "centered_row_norm"}, {"all_reduce": 2 * 16 * 4}),
+    ("down_col_aware_row_norm", (16, 25), Layout(), {"map": "row_norm", "column_aware": True}, {"all_reduce": 25 * 4}),
+    ("embedding_right_spectral", (33, 16), Layout(), {"map": "right_spectral"}, {"all_reduce": 17 * 16 * 4}),
+    # 5 rows: 3 on rank 0 (the owner), 2 on rank 1: rank 1 sends 2 rows, rank 0 returns 2 rows
+    ("router_left_spectral", (5, 16), Layout(), {"map": "left_spectral"}, {"all_to_all": 2 * 16 * 4}),
+    ("experts_hybrid", (3, 10, 7), Layout(stacked=True), {"map": "hybrid"}, {}),
+    ("q_aligned_polar", (32, 16), Layout(heads=4), {"map": "polar", "per_head": True}, {}),
+]
+
+
+def run_comm(out: Path, mesh) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    res = {}
+    for i, (name, shape, layout, spec, _) in enumerate(COMM_CASES):
+        p = nn.Parameter(distribute_tensor(case_tensors(i, shape), mesh, [Shard(0)], src_data_rank=None))
+        opt = EquiOptimizer([{**DEFAULTS, **spec, "params": [p]}], layouts={p: layout})
+        p.grad = distribute_tensor(case_tensors(50 + i, shape), mesh, [Shard(0)], src_data_rank=None)
+        with D.count_comm() as stats:
+            opt.step()
+        mine = {k: v for k, v in stats.bytes.items() if k != "finite_check"}
+        both = [None, None]
+        torch.distributed.all_gather_object(both, mine)
+        res[name] = both
+    if D.is_rank0():
+        torch.save(res, out / "comm.pt")
+
+
 def run_none_and_skip(out: Path, mesh) -> None:
     """A group whose only parameter never gets a gradient, a group with one gradless and one
     gathered parameter, and a NaN gradient on rank 1's shard only (on_nonfinite='skip')."""
@@ -198,26 +230,50 @@ class ExtraGPT(PlainGPT):
         return self.head(self.ln_f(x) * self.gain)
 
 
-def make_model() -> nn.Module:
+def make_model(arch: str = "plain") -> nn.Module:
+    """``plain``: :class:`ExtraGPT`; ``qwen3`` / ``olmoe``: tiny Hugging Face models built
+    from a config (float32, no download) with uneven shards: vocab 37, 3 query heads of 8
+    (q rows 24 = 12 + 12 cut head 1), Qwen3 k/v with one KV head [8, 24], OLMoE 3 experts
+    (2 + 1) of width 8 (CPU grouped_mm wants 16-byte strides) and router [3, 24]."""
     torch.manual_seed(0)
-    return ExtraGPT()
+    if arch == "plain":
+        return ExtraGPT()
+    common = dict(vocab_size=HF_VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, head_dim=8,
+                  max_position_embeddings=32, tie_word_embeddings=False, attn_implementation="eager")
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(intermediate_size=26, num_key_value_heads=1, **common)).float()
+    if arch == "olmoe":
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+
+        cfg = OlmoeConfig(intermediate_size=8, num_key_value_heads=3, num_experts=3, num_experts_per_tok=2,
+                          eos_token_id=None, pad_token_id=None, bos_token_id=None, **common)
+        return OlmoeForCausalLM(cfg).float()
+    raise ValueError(arch)
 
 
-def batch(step: int) -> torch.Tensor:
+HF_VOCAB = 37
+HF_ARCHS = ("qwen3", "olmoe")
+
+
+def batch(step: int, vocab: int = VOCAB) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, VOCAB, (4, 13), generator=g)
+    return torch.randint(0, vocab, (4, 13), generator=g)
 
 
 def loss_fn(model, idx) -> torch.Tensor:
-    logits = model(idx[:, :-1])
+    out = model(idx[:, :-1])
+    logits = out if isinstance(out, torch.Tensor) else out.logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
 
 def build_opt(model, preset):
-    return D.build(model, preset, layouts=FUSED_LAYOUTS)
+    layouts = FUSED_LAYOUTS if isinstance(D.unwrap(model), ExtraGPT) else None
+    return D.build(model, preset, layouts=layouts)
 
 
-def reference_run(preset: str, steps: int = STEPS, halves: bool = True) -> dict[str, torch.Tensor]:
+def reference_run(preset: str, steps: int = STEPS, halves: bool = True, arch: str = "plain") -> dict[str, torch.Tensor]:
     """One process, ``steps`` steps on the global batch.
 
     ``halves=True``: the gradient is the mean of the gradients of the two half batches (what
@@ -226,11 +282,11 @@ def reference_run(preset: str, steps: int = STEPS, halves: bool = True) -> dict[
     but its summation order differs, and AdamW's g / (|g| + eps) turns the rounding of
     gradient entries near 1e-8 (cancellations) into update differences of ~1e-3 lr.
     """
-    model = make_model()
+    model = make_model(arch)
     opt = build_opt(model, preset)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        idx = batch(step)
+        idx = batch(step, vocab(arch))
         if not halves:
             loss_fn(model, idx).backward()
         else:
@@ -254,14 +310,18 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in inner.named_parameters()}
 
 
-def dist_setup(mode: str, preset: str):
-    model = D.wrap_model(make_model(), mode, find_unused_parameters=True)
+def vocab(arch: str) -> int:
+    return VOCAB if arch == "plain" else HF_VOCAB
+
+
+def dist_setup(mode: str, preset: str, arch: str = "plain"):
+    model = D.wrap_model(make_model(arch), mode, find_unused_parameters=arch == "plain")
     return model, build_opt(model, preset)
 
 
-def dist_step(model, opt, step: int) -> None:
+def dist_step(model, opt, step: int, arch: str = "plain") -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    idx = batch(step)
+    idx = batch(step, vocab(arch))
     per = idx.shape[0] // world
     opt.zero_grad(set_to_none=True)
     loss_fn(model, idx[rank * per : (rank + 1) * per]).backward()
@@ -281,6 +341,23 @@ def run_train(out: Path) -> None:
             if D.is_rank0():
                 torch.save({"params": params, "comm": dict(stats.bytes)}, out / f"train_{mode}_{preset}.pt")
             timings[f"{mode}_{preset}"] = time.perf_counter() - t0
+    for arch in HF_ARCHS:
+        for mode in MODES:
+            t0 = time.perf_counter()
+            model, opt = dist_setup(mode, "paper", arch)
+            paths = {}
+            if mode == "fsdp2":
+                for g in opt.param_groups:
+                    if g["map"] != "adamw":
+                        paths.update(D.param_paths(opt, g))
+            with D.count_comm() as stats:
+                for step in range(STEPS):
+                    dist_step(model, opt, step, arch)
+            params = full_params(model)
+            if D.is_rank0():
+                torch.save({"params": params, "comm": dict(stats.bytes), "paths": paths},
+                           out / f"train_{mode}_paper_{arch}.pt")
+            timings[f"{mode}_paper_{arch}"] = time.perf_counter() - t0
     # checkpoint: train CKPT_STEP steps, save, continue RESUME_STEPS steps
     for mode in MODES:
         model, opt = dist_setup(mode, "paper")
@@ -320,6 +397,7 @@ def main(argv) -> None:
 
         mesh = init_device_mesh("cpu", (info.world_size,))
         run_maps(out, mesh)
+        run_comm(out, mesh)
         run_none_and_skip(out, mesh)
     elif cmd == "train":
         run_train(out)
