@@ -48,7 +48,7 @@ def audits() -> None:
         print(f"[audit] {name}: {len(report.checks)} checks in {time.time() - t:.1f}s; rules {rules}", flush=True)
         for r in report.summary():
             rows.append((name, r))
-    out = ["# Symmetry audit of the four families (tiny harness models, 2 layers, vocab 128)", "",
+    out = ["# Symmetry audit of the four families (tiny harness models, 2 layers, vocab 128)", "", *grid(rows), "",
            "Largest relative error per group kind, at the generic point (trainable vectors perturbed) and at the "
            "weights as given (initialisation: unit norm gains, zero biases). exact <= 2.2e-13 (1e3 float64 eps).", "",
            "| model | kind | checks | exact | approx. | broken | max error | max error (as given) |", "|---|---|---|---|---|---|---|---|"]
@@ -56,6 +56,33 @@ def audits() -> None:
         out.append(f"| {name} | {r['kind']} | {r['checks']} | {r['exact']} | {r['approximate']} | {r['broken']} | "
                    f"{r['max_error']:.1e} | {r['max_error_as_given']:.1e} |")
     (HERE / "audit_summary.md").write_text("\n".join(out) + "\n")
+
+
+KINDS = ["vocab_perm", "tied_perm", "head_perm", "logit_shift", "residual_rotation", "vo_rotation", "qk_rotation",
+         "qk_rope_rotation", "neuron_perm", "neuron_rescale", "expert_perm", "router_shift"]
+
+
+def grid(rows) -> list[str]:
+    """One line per group kind, one column per model: verdict and largest error."""
+    by = {}
+    for name, r in rows:
+        by.setdefault(name, {})[r["kind"]] = r
+    lines = ["Verdict (largest relative error at the generic point; 'as given' = at the initial weights):", "",
+             "| group | " + " | ".join(by) + " |", "|---|" + "---|" * len(by)]
+    for k in KINDS:
+        cells = []
+        for r in by.values():
+            x = r.get(k)
+            if x is None:
+                cells.append("n/a")
+            elif x["exact"] == x["checks"]:
+                cells.append(f"exact ({x['max_error']:.0e})")
+            elif x["broken"] == x["checks"]:
+                cells.append(f"broken ({x['max_error']:.0e}; as given {x['max_error_as_given']:.0e})")
+            else:
+                cells.append(f"{x['exact']}/{x['checks']} exact, max {x['max_error']:.0e}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def zipf_bigram_stream(vocab: int, n: int, seed: int) -> torch.Tensor:
