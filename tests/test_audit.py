@@ -317,6 +317,32 @@ def test_layernorm_breaks_the_residual_rotation_even_at_unit_gains():
     assert "LayerNorm" in rot.reason
 
 
+class ListMoE(nn.Module):
+    """Experts as a ModuleList of SwiGLU MLPs (Mixtral-v1 style) beside a router."""
+
+    def __init__(self, d, h, experts=E, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, h) for _ in range(experts))
+
+    def forward(self, x):
+        probs = self.gate(x).softmax(-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        dense = torch.zeros_like(probs).scatter(-1, idx, w)
+        return sum(dense[..., e:e + 1] * ex(x) for e, ex in enumerate(self.experts))
+
+
+def test_expert_list_moe_router_shift_and_per_expert_neurons():
+    torch.manual_seed(0)
+    m = PlainGPT()
+    m.blocks[1].mlp = ListMoE(D, HID)
+    r = A.audit(m, batch())
+    assert verdicts(r, "expert_perm") == ["untested"] and "ModuleList" in only(r, "expert_perm").reason
+    assert verdicts(r, "router_shift") == ["exact"]
+    assert verdicts(r, "neuron_perm") == ["exact"] * (1 + E)  # the dense MLP and each expert
+
+
 def test_wrong_layout_is_caught():
     """Declaring gpt-oss' interleaved gate_up as concatenated permutes gate and up coordinates
     together: the neuron permutation the map would assume is then broken."""

@@ -201,8 +201,9 @@ class MoEBlock:
     scope: str
     router: object  # PlanEntry
     experts: int
-    expert_module: str  # module owning the stacked expert tensors
+    expert_module: str  # module owning the stacked expert tensors ("" when not found)
     expert_entries: list
+    problem: str = ""  # why the expert permutation cannot be built (the router shift still can)
 
 
 @dataclass
@@ -255,15 +256,15 @@ def find_moes(plan, model: nn.Module) -> list[MoEBlock]:
             e for e in plan.entries
             if e.role in ("expert_in", "expert_out") and e.layout.stacked and e.name.startswith(scope + ".") and e.shape[0] == E
         ]
-        if not experts:
-            raise AuditError(
-                f"router {r.name}: no stacked [E={E}, ...] expert weights under {scope!r} "
-                "(experts as a ModuleList are not supported by the audit's expert permutation)"
-            )
         mods = {e.module_name for e in experts}
-        if len(mods) != 1:
-            raise AuditError(f"router {r.name}: stacked experts spread over several modules {sorted(mods)}")
-        blocks.append(MoEBlock(scope, r, E, mods.pop(), experts))
+        if not experts:
+            problem = (f"no stacked [E={E}, ...] expert weights under {scope!r} (experts as a ModuleList "
+                       "are not supported by the audit's expert permutation)")
+        elif len(mods) != 1:
+            problem = f"stacked experts spread over several modules {sorted(mods)}"
+        else:
+            problem = ""
+        blocks.append(MoEBlock(scope, r, E, mods.pop() if len(mods) == 1 else "", experts, problem))
     return blocks
 
 
@@ -1143,6 +1144,12 @@ class _Auditor:
     def _moe_specs(self, blk: MoEBlock) -> list[_Spec]:
         E = blk.experts
         router_mod = _parent(blk.router.name)  # module owning the router weight
+        shift = self._shift_spec(
+            blk.router, "router_shift", suspects=lambda m: self._scope_vectors(blk.scope, {blk.router.name}),
+            hint="a per-expert factor or a non-softmax routing function makes the router logits' common offset matter",
+        )
+        if blk.problem:
+            return [_Spec("expert_perm", blk.scope, None, (blk.router.name,), untested=blk.problem), shift]
 
         def direct(n: str, module: str) -> bool:
             return n.startswith(module + ".") and "." not in n[len(module) + 1 :]
@@ -1163,10 +1170,7 @@ class _Auditor:
 
         return [
             _Spec("expert_perm", blk.scope, perm_build, tuple(grads), lambda m: self._scope_vectors(blk.scope, set(tensors))),
-            self._shift_spec(
-                blk.router, "router_shift", suspects=lambda m: self._scope_vectors(blk.scope, {blk.router.name}),
-                hint="a per-expert factor or a non-softmax routing function makes the router logits' common offset matter",
-            ),
+            shift,
         ]
 
     # -- driver ------------------------------------------------------------------------
