@@ -187,3 +187,14 @@ def test_plan_table_and_lookup():
     assert plan.role("model.embed_tokens.weight") == "embedding"
     with pytest.raises(KeyError, match="not a trainable parameter"):
         plan.role("model.embed.weight")
+
+
+@pytest.mark.parametrize("softcap,head_map", [(None, "centered_row_norm"), (30.0, "row_norm")])
+def test_plan_downgrades_what_the_audit_finds_broken(softcap, head_map):
+    # final-logit soft-capping breaks the LM-head shift symmetry: no centering then
+    cfg = transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 1}, tie_word_embeddings=False,
+                                        final_logit_softcapping=softcap)
+    model = transformers.Gemma3ForCausalLM(cfg)
+    report = equiopt.audit(model, torch.randint(0, V, (2, 8)))
+    assert equiopt.plan(model, audit=report).specs["lm_head"]["map"] == head_map
+    assert equiopt.plan(model, audit=report, rules={"lm_head": "centered_row_norm"}).specs["lm_head"]["map"] == "centered_row_norm"

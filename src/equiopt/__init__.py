@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import audit, diagnostics  # equiopt.audit(model, batch) calls audit.audit
 from .layouts import Layout, parse_layout
 from .optimizer import EquiOptimizer, NonFiniteGradientError
 from .planner import Plan, PlanEntry, PlanError, detect_roles, plan
@@ -27,7 +28,9 @@ __all__ = [
     "Plan",
     "PlanEntry",
     "PlanError",
+    "audit",
     "build",
+    "diagnostics",
     "detect_roles",
     "parse_layout",
     "plan",

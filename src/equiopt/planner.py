@@ -512,12 +512,19 @@ def plan(
     lr_scale: Mapping[str, float] | float | None = None,
     roles: Mapping[str, str] | None = None,
     layouts: Mapping[str, str | Layout] | None = None,
+    audit=None,
     **overrides,
 ) -> Plan:
     """Plan the optimizer of ``model``: role + layout per parameter, hyperparameters per role.
 
     See :func:`equiopt.presets.resolve` for ``preset``/``rules``/``lr``/``lr_scale``/
-    ``overrides`` and :func:`detect_roles` for ``roles``/``layouts``.
+    ``overrides`` and :func:`detect_roles` for ``roles``/``layouts``. ``audit``: an
+    :class:`equiopt.audit.AuditReport` of this model; maps whose symmetry it found broken
+    are downgraded (:func:`equiopt.audit.downgrade_rules`), explicit ``rules`` still win.
     """
+    if audit is not None:
+        from .audit import downgrade_rules
+
+        rules = {**downgrade_rules(audit), **(rules or {})}
     specs = resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides)
     return Plan(detect_roles(model, roles=roles, layouts=layouts), specs, preset)
