@@ -227,6 +227,10 @@ class EquiOptimizer(torch.optim.Optimizer):
             from .distributed import sharded_updates  # FSDP2 / DTensor parameters
 
             return sharded_updates(self, group, params, momenta)
+        from . import fastpath  # local fast path: shape-stacked batches, fused scales, Gram route
+
+        if fastpath.options_of(self, group).batched:
+            return fastpath.fast_updates(self, group, params, momenta)
         return [self._reference_update(group, p, x) for p, x in zip(params, momenta)]
 
     def _reference_update(self, group, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,497 @@
+"""Fast local execution of :class:`~equiopt.optimizer.EquiOptimizer`'s matrix maps.
+
+:meth:`EquiOptimizer._reference_update` is the simple path: per parameter, view ->
+map -> Muon scale -> inverse view. This module computes the same updates faster, and
+every route here is tested equal to that path (``tests/test_fastpath.py``):
+
+* **batched** -- the logical matrices of a param_group (heads, experts, fused parts and
+  whole parameters alike) are grouped by their shape ``[m, n]`` (as the map sees it, i.e.
+  after the column-aware transpose), stacked into one ``[N, m, n]`` batch and mapped by one
+  call per shape: no Python loop over parameters of equal shape, experts, heads or rows.
+* **fused scales** -- the Muon factor sqrt(max(1, rows/cols)) and the nuclear-norm factor
+  ``||X||_*^alpha`` are folded into the small ``m x m`` matrix of the last polynomial step
+  (or into the eigenvalue weights), not applied as extra passes over ``[N, m, n]``; the
+  nuclear norm of the hybrid / scaled polar maps reuses the Gram matrix the first
+  iteration already forms instead of building it a second time.
+* **Gram route** ("spectral evaluation") -- Polar Express and Newton-Schulz apply a fixed
+  odd polynomial ``P`` to the singular values: ``P(X) = U diag(P(s)) V^T``. With the
+  eigendecomposition ``X X^T = W diag(lam) W^T`` of the *smaller* Gram matrix this is
+  ``W diag(P(s)/s) W^T X``, where ``P(s)/s`` is evaluated exactly on ``lam = s^2`` by the
+  same recursion as the iterations (``q = a + b y + c y^2; r <- r q; y <- y q^2``). So one
+  ``m x m`` eigh (float64: fp32 would square the condition number, see the tests) replaces
+  ``steps`` rounds of ``[m, n]`` products and yields the exact nuclear norm for free. It is
+  the SAME map as the iterations (not the exact polar factor), more accurate than the
+  float32 iterations. It is cheaper when the Gram side is small and ``n >> m`` (per-head
+  attention, routers, [vocab, d] blocks with hybrid maps); :func:`choose_polar_route`
+  decides by a cost model measured on this machine (``equiopt bench``).
+* **in place** -- the centered row norm runs on one fresh buffer instead of three.
+* **compile** (opt-in) -- the per-shape kernels can be wrapped in ``torch.compile``.
+
+Options: per param_group keys ``"batched"`` (default True: this module; False: the
+reference path) and ``"compile"`` (default False) when the group has them; otherwise the
+optimizer-level :class:`FastPathOptions` set with :func:`configure`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import maps
+from .polar import NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY, DEFAULT_STEPS
+
+__all__ = [
+    "FastPathOptions",
+    "configure",
+    "options_of",
+    "fast_updates",
+    "polar_coeffs",
+    "choose_polar_route",
+    "spectral_polar",
+    "iterative_polar",
+    "plan_buckets",
+    "Bucket",
+]
+
+_ITER_EPS = 1e-7  # the normalization epsilon of equiopt.polar's iterations
+_ITERATIVE = ("newton_schulz", "polar_express")
+POLAR_ROUTES = ("auto", "iterative", "gram")
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """Optimizer-level fast-path options (a param_group's ``batched``/``compile`` keys win).
+
+    batched: use this module (False: :meth:`EquiOptimizer._reference_update` per parameter).
+    stack: stack equal shapes of several parameters into one batch (False: one call per
+        parameter, each already batched over its heads / experts / parts).
+    polar_route: "auto" (cost model), "iterative" or "gram" for Polar Express / Newton-Schulz.
+    compile: run the per-shape kernels through ``torch.compile`` (opt-in).
+    """
+
+    batched: bool = True
+    stack: bool = True
+    polar_route: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.polar_route not in POLAR_ROUTES:
+            raise ValueError(f"polar_route must be one of {POLAR_ROUTES}, got {self.polar_route!r}")
+
+
+DEFAULT_OPTIONS = FastPathOptions()
+
+
+def configure(opt, **options) -> FastPathOptions:
+    """Set the fast-path options of optimizer ``opt`` (see :class:`FastPathOptions`)."""
+    current = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
+    new = dataclasses.replace(current, **options)
+    opt._fastpath_options = new
+    return new
+
+
+def options_of(opt, group=None) -> FastPathOptions:
+    """Effective options for ``group``: the group's ``batched``/``compile`` keys, when it
+    carries them, override the optimizer-level options."""
+    o = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
+    if group is not None:
+        over = {k: bool(group[k]) for k in ("batched", "compile") if k in group}
+        if over:
+            o = dataclasses.replace(o, **over)
+    return o
+
+
+# ----------------------------------------------------------------------------------------
+# polynomial schedules
+# ----------------------------------------------------------------------------------------
+
+
+def polar_coeffs(method: str, steps: Optional[int]) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) per iteration that :func:`equiopt.polar.polar` uses for ``method``."""
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if method == "newton_schulz":
+        return (NEWTON_SCHULZ_COEFFS,) * steps
+    if method == "polar_express":
+        tab = POLAR_EXPRESS_COEFFS
+        return tab[:steps] + (tab[-1],) * max(0, steps - len(tab))
+    raise ValueError(f"no polynomial schedule for method {method!r}")
+
+
+def _normalizer(method: str, fro: Tensor) -> Tensor:
+    """The divisor of the iterations' input: Newton-Schulz max(||X||_F, eps), Polar
+    Express 1.01 ||X||_F + eps (as in :mod:`equiopt.polar`)."""
+    if method == "newton_schulz":
+        return fro.clamp(min=_ITER_EPS)
+    return fro * POLAR_EXPRESS_SAFETY + _ITER_EPS
+
+
+# ----------------------------------------------------------------------------------------
+# the two routes of a polynomial polar map, on wide batches [N, m, n] with m <= n
+# ----------------------------------------------------------------------------------------
+
+
+def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: Optional[float] = None) -> Tensor:
+    """sum sqrt(lam) over eigenvalues above the cutoff of :func:`equiopt.polar.gram_nuclear_norm`
+    (lam_max * size * finfo(dtype).eps, dtype = the matrices' dtype)."""
+    lam = lam.clamp(min=0)
+    tol = size * torch.finfo(dtype).eps if rcond is None else float(rcond)
+    keep = lam > lam[..., -1:] * tol
+    return torch.where(keep, lam.sqrt(), torch.zeros_like(lam)).sum(-1)
+
+
+def _nuclear_scale(nuc: Tensor, alpha: float) -> Tensor:
+    """nuc^alpha, 0 where nuc == 0 (as :func:`equiopt.maps._scale_by_nuclear`)."""
+    safe = torch.where(nuc > 0, nuc, torch.ones_like(nuc))
+    return torch.where(nuc > 0, safe.pow(alpha), torch.zeros_like(nuc))
+
+
+def iterative_polar(
+    X: Tensor,
+    method: str,
+    steps: Optional[int],
+    *,
+    alpha: Optional[float] = None,
+    scale: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations.
+
+    ``X`` is a wide batch [N, m, n] (m <= n) in its working dtype; it is not modified unless
+    ``X is out`` is allowed by the caller (``out=X`` lets the normalization run in place on a
+    fresh stacked buffer). The nuclear norm comes from the Gram matrix of the first
+    iteration (eigenvalues of X0 X0^T times the normalizer squared) instead of a second
+    Gram product; the scalar factors are folded into the last polynomial's m x m matrix.
+    """
+    coeffs = polar_coeffs(method, steps)
+    out_dtype = X.dtype
+    cdt = out_dtype if compute_dtype is None else compute_dtype
+    N, m, n = X.shape
+    fro = torch.linalg.matrix_norm(X, keepdim=True)
+    nu = _normalizer(method, fro)
+    if cdt != out_dtype:
+        Y = X.to(cdt).div_(nu.to(cdt))
+    elif out is X:
+        Y = X.div_(nu)
+    else:
+        Y = X / nu
+    factor = None  # per-matrix scalar [N, 1, 1]
+    A = None
+    if alpha is not None:
+        A = torch.bmm(Y, Y.mT)
+        lam = torch.linalg.eigvalsh(A.to(_lin_dtype(out_dtype)))
+        nuc = _nuclear_from_eigs(lam, m, out_dtype) * nu.reshape(N).to(lam.dtype)
+        factor = _nuclear_scale(nuc.to(out_dtype), float(alpha)).reshape(N, 1, 1)
+        if scale != 1.0:
+            factor = factor * scale
+    elif scale != 1.0:
+        factor = torch.full((N, 1, 1), scale, dtype=out_dtype, device=X.device)
+    if not coeffs:
+        Y = Y.to(out_dtype)
+        return Y * factor if factor is not None else Y
+    last = len(coeffs) - 1
+    for t, (a, b, c) in enumerate(coeffs):
+        if A is None:
+            A = torch.bmm(Y, Y.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        if t == last and factor is not None:
+            B.diagonal(dim1=-2, dim2=-1).add_(a)  # a I + b A + c A^2
+            B.mul_(factor.to(cdt))
+            Y = torch.bmm(B, Y)
+        else:
+            Y = torch.baddbmm(Y, B, Y, beta=a)  # a X + B X
+        A = None
+    return Y.to(out_dtype)
+
+
+def _lin_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def spectral_polar(
+    X: Tensor,
+    method: str,
+    steps: Optional[int],
+    *,
+    alpha: Optional[float] = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """The same map as :func:`iterative_polar`, evaluated on the eigenvalues of the Gram.
+
+    X0 = X / nu; X0 X0^T = W diag(y) W^T (float64 eigh of the m x m Gram); the iterations
+    give P(X0) = W diag(r(y)) W^T X0 with r = prod_t q_t, q_t = a_t + b_t y_t + c_t y_t^2,
+    y_{t+1} = y_t q_t^2 (exact in exact arithmetic: every iterate is a polynomial in X0 X0^T
+    times X0). Result = W diag(scale * nuc^alpha * r(y) / nu) W^T X, one [m, m] x [m, n]
+    product in X's dtype. Exactly zero rows of X give exactly zero rows (as the iterations
+    do); zero columns are zero by construction.
+    """
+    coeffs = polar_coeffs(method, steps)
+    N, m, n = X.shape
+    X64 = X.to(torch.float64)
+    G = torch.bmm(X64, X64.mT)
+    fro = torch.linalg.matrix_norm(X, keepdim=True).reshape(N, 1)  # in X's dtype, as the iterations
+    nu = _normalizer(method, fro).to(torch.float64)
+    lam, W = torch.linalg.eigh(G)
+    y = lam.clamp(min=0) / (nu * nu)
+    r = torch.ones_like(y)
+    for a, b, c in coeffs:
+        q = a + y * (b + c * y)
+        r = r * q
+        y = y * q * q
+    w = r / nu
+    if alpha is not None:
+        nuc = _nuclear_from_eigs(lam, m, X.dtype)
+        w = w * _nuclear_scale(nuc, float(alpha)).unsqueeze(-1)
+    if scale != 1.0:
+        w = w * scale
+    F = torch.bmm(W * w.unsqueeze(-2), W.mT).to(X.dtype)
+    out = torch.bmm(F, X)
+    rows = (X != 0).any(dim=-1, keepdim=True)
+    if not bool(rows.all()):
+        out = out * rows.to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# route choice: a cost model of this machine
+# ----------------------------------------------------------------------------------------
+
+# Seconds per unit, CPU fp32/fp64 on the 2-core development machine (benchmarks/
+# calibrate_routes.py re-measures them): matmul flops, float64 matmul flops, and
+# eigh(m) ~ EIGH_A * m^3 + EIGH_B per matrix (float64, with vectors).
+COST = {
+    "mm32": 1.0 / 100e9,
+    "mm64": 1.0 / 45e9,
+    "eigh_a": 2.5e-9,
+    "eigh_b": 25e-6,
+    "eigvalsh_a": 0.8e-9,
+    "eigvalsh_b": 10e-6,
+}
+
+
+def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
+    """Analytic operation counts for one wide [m, n] (m <= n) matrix.
+
+    iterative: per step A = X X^T (2 m^2 n), b A + c A^2 (2 m^3), B X (2 m^2 n);
+    plus, with the nuclear factor, one eigvalsh(m) (counted as 4/3 m^3).
+    gram: G = X X^T (2 m^2 n, float64), eigh(m) (counted as 9 m^3, float64), W diag W^T
+    (2 m^3, float64), F X (2 m^2 n).
+    Returns {"mm32", "mm64", "eig"} flop counts.
+    """
+    if route == "iterative":
+        mm = steps * (4 * m * m * n + 2 * m**3)
+        return {"mm32": mm, "mm64": 0, "eig": (4 * m**3) // 3 if nuclear else 0}
+    return {"mm32": 2 * m * m * n, "mm64": 2 * m * m * n + 2 * m**3, "eig": 9 * m**3}
+
+
+def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: int = 1) -> float:
+    """Cost-model time of ``count`` wide [m, n] matrices."""
+    f = polar_flops(route, m, n, steps, nuclear)
+    t = f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]
+    if route == "iterative":
+        if nuclear:
+            t += COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]
+    else:
+        t += COST["eigh_a"] * m**3 + COST["eigh_b"]
+    return t * count
+
+
+def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype,
+                       route: str = "auto") -> str:
+    """"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
+    float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
+    half-precision iterations the iterations are used."""
+    if route == "iterative":
+        return "iterative"
+    gram_ok = cdt in (torch.float32, torch.float64) and m > 0
+    if route == "gram":
+        return "gram" if gram_ok else "iterative"
+    if not gram_ok or device.type != "cpu":
+        return "iterative"
+    it = route_seconds("iterative", m, n, steps, nuclear)
+    gr = route_seconds("gram", m, n, steps, nuclear)
+    return "gram" if gr < it else "iterative"
+
+
+# ----------------------------------------------------------------------------------------
+# maps on a stacked batch [N, m, n] (already in the map's orientation)
+# ----------------------------------------------------------------------------------------
+
+
+def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool) -> Tensor:
+    """scale * [||X||_*^alpha] * polar_method(X) on [N, m, n]; any orientation."""
+    N, m, n = X.shape
+    if X.numel() == 0:
+        return torch.zeros_like(X)
+    if method not in _ITERATIVE:
+        if method == "gram_eigh" or alpha is not None:
+            if method == "gram_eigh":
+                p, nuc = maps.gram_polar(X)
+                out = p if alpha is None or float(alpha) == 0.0 else maps._scale_by_nuclear(p, nuc, float(alpha))
+            else:
+                out = maps.scaled_polar(X, alpha=alpha, method=method, steps=steps, compute_dtype=cdt)
+        else:
+            out = maps.polar(X, method=method, steps=steps, compute_dtype=cdt)
+        return out * scale if scale != 1.0 else out
+    if alpha is not None and float(alpha) == 0.0:
+        alpha = None
+    wide = X.mT if m > n else X
+    mm, nn = wide.shape[-2:]
+    k = len(polar_coeffs(method, steps))
+    work_dt = X.dtype if cdt is None else cdt
+    which = choose_polar_route(mm, nn, k, alpha is not None, device=X.device, cdt=work_dt, route=route)
+    if which == "gram" and cdt in (None, X.dtype):
+        out = spectral_polar(wide, method, steps, alpha=alpha, scale=scale)
+    else:
+        out = iterative_polar(wide, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt,
+                              out=wide if (fresh and m <= n) else None)
+    return out.mT if m > n else out
+
+
+def _row_norm_(Y: Tensor, eps: float) -> Tensor:
+    return Y.div_(torch.linalg.vector_norm(Y, dim=-1, keepdim=True).add_(eps))
+
+
+def _center_(Y: Tensor) -> Tensor:
+    return Y.sub_(Y.mean(dim=-2, keepdim=True)) if Y.shape[-2] else Y
+
+
+def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool) -> Tensor:
+    """The group's map (in its own orientation, column-aware already applied) times ``scale``
+    on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten."""
+    name = group["map"]
+    if name in ("polar", "scaled_polar"):
+        alpha = kwargs.get("alpha", 1.0) if name == "scaled_polar" else None
+        return _polar_batch(X, kwargs.get("method", maps.DEFAULT_POLAR_METHOD), kwargs.get("steps"),
+                            kwargs.get("compute_dtype"), alpha, scale, route, fresh)
+    if name == "hybrid":
+        order = kwargs.get("order", "row_then_polar")
+        eps = kwargs.get("eps", maps.EPS)
+        method = kwargs.get("method", maps.DEFAULT_POLAR_METHOD)
+        if order == "row_then_polar":
+            R = _row_norm_(X if fresh else X.clone(), eps) if X.numel() else X.clone()
+            return _polar_batch(R, method, kwargs.get("steps"), kwargs.get("compute_dtype"),
+                                kwargs.get("alpha", 1.0), scale, route, True)
+        if order == "polar_then_row":
+            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh)
+            P = maps.row_norm(P, eps)
+            return P * scale if scale != 1.0 else P
+        return maps.hybrid(X, **kwargs)  # raises on the unknown order
+    if name == "row_norm" and X.numel():
+        Y = X if fresh else X.clone()
+        Y = _row_norm_(Y, kwargs.get("eps", maps.EPS))
+        return Y.mul_(scale) if scale != 1.0 else Y
+    if name == "centered_row_norm" and X.numel():
+        # C(rn(C(X))) on one buffer: X - mean is the one fresh tensor
+        Y = X - X.mean(dim=-2, keepdim=True)
+        _row_norm_(Y, kwargs.get("eps", maps.EPS))
+        _center_(Y)
+        return Y.mul_(scale) if scale != 1.0 else Y
+    out = maps.get_map(name)(X, **kwargs)
+    return out * scale if scale != 1.0 else out
+
+
+# ----------------------------------------------------------------------------------------
+# buckets: logical matrices of one group grouped by shape
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bucket:
+    """Logical matrices of equal (map-orientation) shape in one param_group."""
+
+    shape: tuple[int, int]  # [m, n] as the map sees it (after the column-aware transpose)
+    dtype: torch.dtype
+    device: torch.device
+    members: list  # (index in params, batch size B)
+    route: str = ""
+
+    @property
+    def count(self) -> int:
+        return sum(b for _, b in self.members)
+
+
+def _logical(opt, group, p: Tensor, x: Tensor) -> Tensor:
+    layout = opt._layout(group, p)
+    y = layout.to_logical(x)
+    return y.mT if group["column_aware"] else y
+
+
+def plan_buckets(opt, group, params, momenta=None) -> list[Bucket]:
+    """Shape buckets of a group (no data touched when ``momenta`` is None)."""
+    from .optimizer import compute_dtype
+
+    buckets: dict[tuple, Bucket] = {}
+    for i, p in enumerate(params):
+        layout = opt._layout(group, p)
+        B, m, n = layout.logical_shape(p.shape)
+        if group["column_aware"]:
+            m, n = n, m
+        dt = momenta[i].dtype if momenta is not None else compute_dtype(p, group)
+        key = (m, n, dt, p.device)
+        if key not in buckets:
+            buckets[key] = Bucket((m, n), dt, p.device, [])
+        buckets[key].members.append((i, B))
+    return list(buckets.values())
+
+
+def _scale_of(group, m: int, n: int) -> float:
+    if group["scale"] != "muon":
+        return 1.0
+    from .optimizer import muon_scale
+
+    rows, cols = (n, m) if group["column_aware"] else (m, n)  # the logical matrix's orientation
+    return muon_scale(rows, cols)
+
+
+def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> list[Tensor]:
+    """Update direction of each parameter (stored shape), equal to the reference path."""
+    from .optimizer import map_kwargs
+
+    o = options_of(opt, group)
+    out: list[Optional[Tensor]] = [None] * len(params)
+    buckets = plan_buckets(opt, group, params, momenta)
+    if not o.stack:
+        buckets = [Bucket(b.shape, b.dtype, b.device, [mem]) for b in buckets for mem in b.members]
+    for bucket in buckets:
+        m, n = bucket.shape
+        idx = [i for i, _ in bucket.members]
+        kwargs = map_kwargs(group, params[idx[0]])
+        scale = _scale_of(group, m, n)
+        views = [_logical(opt, group, params[i], momenta[i]) for i in idx]
+        if len(views) == 1:
+            X, fresh = views[0], False
+        else:
+            X, fresh = torch.cat(views, dim=0), True
+        run = _compiled(group["map"]) if o.compile else map_batch
+        U = run(group, X, kwargs, scale, o.polar_route, fresh)
+        sizes = [v.shape[0] for v in views]
+        for i, u in zip(idx, U.split(sizes, dim=0) if len(views) > 1 else (U,)):
+            if group["column_aware"]:
+                u = u.mT
+            out[i] = opt._layout(group, params[i]).from_logical(u, params[i].shape)
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------
+# opt-in torch.compile
+# ----------------------------------------------------------------------------------------
+
+_COMPILED: dict = {}
+
+
+def _compiled(name: str):
+    """map_batch through torch.compile (one compiled graph per map name and shape)."""
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = torch.compile(map_batch, dynamic=False, fullgraph=False)
+        _COMPILED[name] = fn
+    return fn
