@@ -17,7 +17,7 @@ from typing import Callable
 
 # The project's main job: `equiopt compare` with no arguments. Sized to finish in <= 10 minutes
 # on 2 CPU cores including the corpus fetch and BPE training on a fresh machine.
-MAIN_JOB = dict(archs="qwen3,olmoe", optimizers="adamw,muon,paper", seeds=2, steps=150, batch_size=8,
+MAIN_JOB = dict(archs="qwen3,olmoe", optimizers="adamw,muon,paper", seeds=2, steps=100, batch_size=8,
                 eval_every=25, eval_tokens=8192, warmup=-1, out="runs/compare")
 
 
@@ -183,7 +183,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default {m['optimizers']})")
     p.add_argument("--seeds", type=_positive_int, default=m["seeds"], help="seeds 0..N-1 per cell (default %(default)s)")
     p.add_argument("--out", default=m["out"], help="output directory (default %(default)s)")
-    p.add_argument("--lr-from", default=None, metavar="BEST_JSON", help="per (arch, optimizer) LRs from a sweep's best.json")
+    p.add_argument("--lr-from", default=None, metavar="BEST_JSON", help="per (arch, optimizer) LRs from sweeps' best.json files (comma-separated)")
     add_training_options(p, {k: m[k] for k in ("steps", "batch_size", "eval_every", "eval_tokens", "warmup")})
 
 

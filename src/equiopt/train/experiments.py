@@ -18,15 +18,20 @@ from .models import MOE_ARCHS
 from .report import write_report
 
 
-def load_lrs(path: str | Path) -> dict:
-    """``best.json`` written by :func:`sweep`: {arch: {optimizer: {"lr_scale", "role_lr_scale", ...}}}."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--lr-from {p}: no such file (run `equiopt sweep` first)")
-    d = json.loads(p.read_text())
-    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
-        raise ValueError(f"--lr-from {p}: expected {{arch: {{optimizer: {{lr_scale: ...}}}}}}")
-    return d
+def load_lrs(paths: str | Path) -> dict:
+    """``best.json`` files written by :func:`sweep` (comma-separated; later files win per cell):
+    {arch: {optimizer: {"lr_scale", "role_lr_scale", ...}}}."""
+    merged: dict = {}
+    for part in str(paths).split(","):
+        p = Path(part)
+        if not p.exists():
+            raise FileNotFoundError(f"--lr-from {p}: no such file (run `equiopt sweep` first)")
+        d = json.loads(p.read_text())
+        if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+            raise ValueError(f"--lr-from {p}: expected {{arch: {{optimizer: {{lr_scale: ...}}}}}}")
+        for arch, cells in d.items():
+            merged.setdefault(arch, {}).update(cells)
+    return merged
 
 
 def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[float, dict]:
@@ -40,7 +45,7 @@ def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[f
     return float(e["lr_scale"]), dict(e.get("role_lr_scale", {}))
 
 
-def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared) -> dict:
+def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = True) -> dict:
     """Train ``cfg`` unless an identical finished run exists; diverged runs are recorded, not raised."""
     out = Path(cfg.out)
     final_p = out / "final.json"
@@ -50,7 +55,7 @@ def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared) -> dict:
             return final
         raise FileExistsError(f"{out} holds a run with another configuration; pass --overwrite or change --out")
     try:
-        return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared)
+        return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
         log(f"[diverged] {e}")
         return json.loads(final_p.read_text())
@@ -95,8 +100,13 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
     from tqdm import tqdm
 
-    for cfg in tqdm(cfgs, desc="compare", disable=not progress, dynamic_ncols=True):
-        _run_one(cfg, overwrite, log=lambda m: None if m.startswith("[data]") else log(m), prepared=prepared)
+    for i, cfg in enumerate(tqdm(cfgs, desc="compare", disable=not progress, dynamic_ncols=True)):
+        t1 = time.time()
+        final = _run_one(cfg, overwrite, log=log, prepared=prepared, progress=progress)
+        if not progress:
+            val = f"{final['val_loss']:.4f}" if final["status"] == "done" else final["status"]
+            log(f"[compare {i + 1}/{len(cfgs)}] {cfg.arch}/{cfg.optimizer}/seed{cfg.seed}: val loss {val} "
+                f"({time.time() - t1:.0f} s, {time.time() - t0:.0f} s total)")
     notes = [f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s "
              f"(reused finished runs cost nothing)",
              f"model size preset {base.size!r}, {base.steps} steps x {base.batch_size} x {base.seq_len} tokens, "
@@ -140,8 +150,11 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
         tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
         cfg = dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
                                   keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
-        final = _run_one(cfg, overwrite, quiet, prepared)
+        t1 = time.time()
+        final = _run_one(cfg, overwrite, quiet, prepared, progress)
         loss = final["val_loss"] if final["status"] == "done" else math.inf
+        if not progress:
+            log(f"[sweep] {arch}/{opt} {tag}: val loss {loss:.4f} ({time.time() - t1:.0f} s)")
         points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles, "val_loss": loss,
                        "status": final["status"]})
         bar.update(1)
