@@ -1,0 +1,651 @@
+"""``equiopt bench``: the optimizer step of every preset, side by side, at the hardware limit.
+
+One process, one run. For each architecture family (Qwen3, Gemma3, OLMoE, gpt-oss; built
+from Hugging Face config classes, random weights, no download) and each size preset
+(``tiny`` = the harness's ~1-3M-parameter models; ``medium`` = ~55-80M parameters), it
+times the ``step()`` of
+
+* ``torch_adamw``   torch.optim.AdamW (foreach);
+* ``torch_muon``    torch.optim.Muon on the 2-D hidden matrices + torch AdamW (foreach) on
+  the rest (embedding, head, vectors, router, and the 3-D stacked experts, which
+  torch.optim.Muon rejects: it takes 2-D parameters only);
+* ``adamw``, ``muon``, ``paper``  equiopt presets (fast path, AdamW groups with foreach);
+* ``muon_ref``, ``paper_ref``  the same presets on the simple reference path
+  (``batched=False``), to show what the fast path buys;
+* ``paper_compile`` (``--compile``)  the opt-in torch.compile path.
+
+on fixed synthetic gradients (only the optimizer is timed), interleaved round-robin so that
+the load of a shared machine hits every variant alike; it reports the median and spread, the
+ratio to torch AdamW, optimizer-state bytes per parameter, the analytic FLOPs and bytes of
+every map, the roofline time of those FLOPs and bytes against this machine's own measured
+fp32/fp64 matrix-product rates and copy bandwidth, and the forward+backward time of the same
+model. Results go to ``results/bench.md`` and ``results/bench.json`` (with the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_arguments", "run", "run_bench", "machine_rates", "step_cost", "MEDIUM"]
+
+ARCHS = ("qwen3", "gemma3", "olmoe", "gptoss")
+VARIANTS = ("torch_adamw", "torch_muon", "adamw", "muon", "paper", "muon_ref", "paper_ref")
+
+# ~55-80M-parameter shapes of each family (the "medium" preset of the benchmark).
+MEDIUM = {
+    "qwen3": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                  num_kv_heads=4, head_dim=64),
+    "gemma3": dict(vocab_size=65536, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                   num_kv_heads=4, head_dim=64, tie_embeddings=True, sliding_window=64,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention", "full_attention"]),
+    "olmoe": dict(vocab_size=32768, hidden_size=512, intermediate_size=256, num_layers=6, num_heads=8,
+                  num_kv_heads=8, head_dim=64, num_experts=16, top_k=4),
+    "gptoss": dict(vocab_size=32768, hidden_size=512, intermediate_size=256, num_layers=6, num_heads=8,
+                   num_kv_heads=2, head_dim=64, num_experts=16, top_k=4, sliding_window=64,
+                   layer_types=["sliding_attention", "full_attention"] * 3),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny qwen3 only, 2 timed steps, no torch Muon, no files unless --out-* given")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated families (default: all four)")
+    parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant on tiny models (default 15)")
+    parser.add_argument("--medium-repeats", type=int, default=5, help="timed steps per variant on medium models (default 5)")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds of timed steps per variant and model at most (slow variants get fewer repeats, >= 1)")
+    parser.add_argument("--compile", action="store_true", help="also time the opt-in torch.compile path (paper preset, tiny)")
+    parser.add_argument("--fwd-batch", type=int, default=16, help="batch size of the forward+backward timing (seq 128)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out-md", default=None, help="markdown report (default results/bench.md; none in --quick)")
+    parser.add_argument("--out-json", default=None, help="JSON results (default results/bench.json; none in --quick)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time the optimizer step of every preset side by side; write results/bench.{md,json}."""
+    run_bench(args)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="equiopt bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------
+# machine
+# ----------------------------------------------------------------------------------------
+
+
+def _median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def machine_rates(quick: bool = False) -> dict:
+    """This machine's fp32/fp64 matrix-product rate (FLOP/s), copy bandwidth (B/s) and
+    eigh times, measured now (best of several: the hardware limit, not the load's)."""
+    reps = 3 if quick else 9
+    out = {}
+    for name, dt, n in (("mm32", torch.float32, 512 if quick else 1024), ("mm64", torch.float64, 384 if quick else 768)):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        _, ts = _median_time(lambda: torch.mm(a, b), reps)
+        out[name] = 2 * n**3 / min(ts)
+        out[name + "_median"] = 2 * n**3 / statistics.median(ts)
+    # batched small products as the maps issue them ([48, 32, 128] x [48, 128, 32])
+    x = torch.randn(48, 32, 128)
+    _, ts = _median_time(lambda: torch.bmm(x, x.mT), reps * 4)
+    out["bmm_small32"] = 2 * 48 * 32 * 32 * 128 / min(ts)
+    n = (4 if quick else 32) * 2**20  # floats: 16 / 128 MiB per buffer
+    src, dst = torch.randn(n), torch.empty(n)
+    _, ts = _median_time(lambda: dst.copy_(src), reps)
+    out["copy_bw"] = 2 * 4 * n / min(ts)  # read + write
+    out["copy_bw_median"] = 2 * 4 * n / statistics.median(ts)
+    for m in (32, 128) if quick else (32, 64, 128, 512):
+        g = torch.randn(8, m, 2 * m, dtype=torch.float64)
+        g = g @ g.mT
+        _, ts = _median_time(lambda: torch.linalg.eigh(g), reps)
+        out[f"eigh64_{m}_s"] = min(ts) / 8
+    return out
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    prog = Path(argv[0]).name if argv else "equiopt"
+    if prog.endswith(".py"):
+        head = ["python", os.path.relpath(argv[0])]
+    elif prog in ("equiopt", "__main__.py"):
+        head = ["equiopt"]
+    else:
+        head = [prog]
+    return " ".join(shlex.quote(a) for a in head + argv[1:])
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ----------------------------------------------------------------------------------------
+# models, gradients, optimizers
+# ----------------------------------------------------------------------------------------
+
+
+def _model_config(arch: str, size: str):
+    from .train.models import ModelConfig, preset
+
+    if size == "tiny":
+        return preset(arch, "tiny")
+    if size == "medium":
+        kw = dict(MEDIUM[arch])
+        return ModelConfig(arch=arch, size="tiny", max_seq_len=128, **kw)
+    raise ValueError(f"unknown size {size!r}; valid: tiny, medium")
+
+
+def _build(arch: str, size: str):
+    import transformers
+
+    from .train.models import build_model
+
+    transformers.logging.set_verbosity_error()
+    cfg = _model_config(arch, size)
+    return build_model(cfg, seed=0), cfg
+
+
+def _set_grads(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-2
+
+
+class _Pair:
+    """Two optimizers stepped as one (torch Muon + torch AdamW)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+        self.state = {}
+        for o in opts:
+            self.state.update(o.state)
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def all_state(self):
+        for o in self.opts:
+            yield from o.state.values()
+
+
+def _torch_adamw(model):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
+def _torch_muon(model, plan):
+    """torch.optim.Muon on the roles the equiopt ``muon`` preset orthogonalizes that are 2-D;
+    everything else (and 3-D stacked experts: torch Muon takes 2-D parameters only) on AdamW."""
+    muon, rest = [], []
+    for e in plan.entries:
+        if e.role in ("attention", "mlp_in", "mlp_out", "expert_in", "expert_out", "matrix") and e.param.ndim == 2:
+            muon.append(e.param)
+        else:
+            rest.append(e.param)
+    opts = [torch.optim.Muon(muon, lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True, adjust_lr_fn="original")]
+    if rest:
+        decay = [p for p in rest if p.ndim >= 2]
+        vec = [p for p in rest if p.ndim < 2]
+        opts.append(torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": vec, "weight_decay": 0.0}],
+                                      lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True))
+    return _Pair(*opts), sum(p.numel() for p in muon)
+
+
+def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
+    from . import build, fastpath
+
+    opt = build(model, preset=preset, foreach=True)
+    fastpath.configure(opt, batched=batched, compile=compile)
+    return opt
+
+
+def _state_bytes(opt) -> int:
+    states = opt.all_state() if isinstance(opt, _Pair) else opt.state.values()
+    total = 0
+    for s in states:
+        for v in s.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                total += v.numel() * v.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# analytic cost of one step
+# ----------------------------------------------------------------------------------------
+
+F32 = 4
+
+
+def step_cost(opt) -> dict:
+    """Analytic FLOPs and essential memory traffic of one EquiOptimizer step.
+
+    Bytes (fp32 state, per element): finiteness check 4; AdamW 28 (read p, g, m, v; write
+    p, m, v); matrix groups: momentum EMA 12 (read g, M; write M), Nesterov +12, the map's
+    input read + output write 8 (+4 for a row/column norm pass, +8 per centering), weight
+    decay 8, apply 12. FLOPs per wide [m, n] logical matrix from
+    :func:`equiopt.fastpath.polar_flops` for the route the fast path takes (or would take on
+    the reference path: iterative + a separate Gram for the nuclear norm).
+    Returns totals and one row per (role, shape) for the report.
+    """
+    from . import fastpath
+    from .optimizer import map_kwargs
+
+    rows, tot = [], {"mm32": 0, "mm64": 0, "eig": 0, "bytes": 0}
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        n_el = sum(p.numel() for p in params)
+        if group["map"] == "adamw":
+            b = n_el * F32 * (1 + 7)
+            tot["bytes"] += b
+            rows.append({"role": group.get("role", "?"), "map": "adamw", "shape": "-", "count": len(params),
+                         "route": "-", "flops": 0, "bytes": b})
+            continue
+        per_el = 1 + 3 + (3 if group["nesterov"] else 0) + 2 + (2 if group["weight_decay"] else 0) + 3
+        name = group["map"]
+        if name in ("row_norm", "col_norm"):
+            per_el += 1
+        elif name == "centered_row_norm":
+            per_el += 1 + 4
+        elif name == "hybrid":
+            per_el += 1
+        tot["bytes"] += n_el * F32 * per_el
+        o = fastpath.options_of(opt, group)
+        for bucket in fastpath.plan_buckets(opt, group, params):
+            m, n = bucket.shape
+            kw = map_kwargs(group, params[bucket.members[0][0]])
+            method = kw.get("method", "polar_express")
+            polar_maps = ("polar", "scaled_polar", "hybrid")
+            flops = {"mm32": 0, "mm64": 0, "eig": 0}
+            route = "-"
+            if name in polar_maps and method in ("polar_express", "newton_schulz"):
+                steps = len(fastpath.polar_coeffs(method, kw.get("steps")))
+                nuclear = (name == "scaled_polar" or (name == "hybrid" and kw.get("order") == "row_then_polar")) and \
+                    float(kw.get("alpha", 1.0)) != 0.0
+                wm, wn = min(m, n), max(m, n)
+                if o.batched:
+                    route = fastpath.choose_polar_route(wm, wn, steps, nuclear, device=bucket.device,
+                                                        cdt=bucket.dtype, route=o.polar_route)
+                else:
+                    route = "iterative"
+                flops = fastpath.polar_flops(route, wm, wn, steps, nuclear)
+                if route == "iterative" and nuclear and not o.batched:
+                    flops["mm32"] += 2 * wm * wm * wn  # the reference forms the Gram a second time
+            elif name in ("right_spectral", "left_spectral") or (name in polar_maps and method == "gram_eigh"):
+                wm, wn = min(m, n), max(m, n)
+                route = "gram-exact"
+                flops = {"mm32": 4 * wm * wm * wn + 2 * wm**3, "mm64": 0, "eig": 9 * wm**3}
+            cnt = bucket.count
+            for k in flops:
+                tot[k] += flops[k] * cnt
+            rows.append({"role": group.get("role", "?"), "map": name, "shape": f"{m}x{n}", "count": cnt,
+                         "route": route, "flops": sum(flops.values()) * cnt,
+                         "bytes": sum(params[i].numel() for i, _ in bucket.members) * F32 * per_el})
+    return {"total": tot, "rows": rows}
+
+
+def _adamw_cost(n_params: int) -> dict:
+    return {"total": {"mm32": 0, "mm64": 0, "eig": 0, "bytes": n_params * F32 * 7}, "rows": []}
+
+
+def _torch_muon_cost(model, n_muon: int, muon_params: list) -> dict:
+    tot = {"mm32": 0, "mm64": 0, "eig": 0, "bytes": 0}
+    n_all = sum(p.numel() for p in model.parameters())
+    tot["bytes"] = (n_all - n_muon) * F32 * 7 + n_muon * F32 * (3 + 3 + 2 + 2 + 3)
+    for p in muon_params:
+        m, n = min(p.shape), max(p.shape)
+        tot["mm32"] += 5 * (4 * m * m * n + 2 * m**3)  # bf16 on CPU in fact: far below the fp32 rate
+    return {"total": tot, "rows": []}
+
+
+def roofline_seconds(total: dict, rates: dict) -> float:
+    """FLOPs at the fp32 (fp64) matrix-product rate + bytes at the copy bandwidth (the
+    phases of a step run one after the other, so the times add). eigh counts 9 m^3 flops at
+    the fp64 product rate (LAPACK reaches far less: an optimistic bound)."""
+    return (total["mm32"] / rates["mm32"] + (total["mm64"] + total["eig"]) / rates["mm64"]
+            + total["bytes"] / rates["copy_bw"])
+
+
+_MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::_linalg_eigh",
+               "aten::linalg_eigvalsh", "aten::_linalg_svd", "aten::linalg_eigh")
+
+
+def _profile_split(step) -> tuple[float, float]:
+    """(seconds in matrix products / eigh, seconds in everything else) of one step (profiler
+    self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    mat = other = 0.0
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total / 1e6
+        if ev.key in _MATMUL_OPS:
+            mat += t
+        elif ev.key.startswith("aten::") or ev.key.startswith("Optimizer"):
+            other += t
+    return mat, other
+
+
+# ----------------------------------------------------------------------------------------
+# the benchmark
+# ----------------------------------------------------------------------------------------
+
+
+def _fwd_bwd_seconds(model, batch: int, reps: int) -> float:
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, 128), generator=g)
+
+    def fb():
+        for p in model.parameters():
+            p.grad = None
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+
+    model.train()
+    med, _ = _median_time(fb, reps, warmup=1)
+    return med
+
+
+def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log) -> dict:
+    from . import plan as make_plan
+    from .train.models import count_parameters
+
+    quick = args.quick
+    model, cfg = _build(arch, size)
+    n_params = count_parameters(model)
+    reps = args.repeats if size == "tiny" else args.medium_repeats
+    if quick:
+        reps = 2
+    res = {"arch": arch, "size": size, "params": n_params, "config": cfg.to_dict(), "variants": {}}
+    t0 = time.perf_counter()
+    fwd = _fwd_bwd_seconds(model, 2 if quick else args.fwd_batch, 1 if quick else (3 if size == "tiny" else 2))
+    res["fwd_bwd_s"] = fwd
+    res["fwd_bwd_tokens"] = (2 if quick else args.fwd_batch) * 128
+    log(f"  {arch}/{size}: {n_params / 1e6:.2f}M params, fwd+bwd {fwd * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
+    _set_grads(model)
+    plan = make_plan(model, "muon")
+
+    opts, costs, notes = {}, {}, {}
+    for v in variants:
+        if v == "torch_adamw":
+            opts[v] = _torch_adamw(model)
+            costs[v] = _adamw_cost(n_params)
+        elif v == "torch_muon":
+            opt, n_muon = _torch_muon(model, plan)
+            muon_params = list(opt.opts[0].param_groups[0]["params"])
+            opts[v] = opt
+            costs[v] = _torch_muon_cost(model, n_muon, muon_params)
+            n3 = sum(p.numel() for p in model.parameters() if p.ndim == 3)
+            notes[v] = (f"torch.optim.Muon on {len(muon_params)} 2-D matrices ({n_muon / n_params:.0%} of the parameters), "
+                        "Newton-Schulz in bf16 (hard-coded); AdamW on the rest"
+                        + (f", including the 3-D stacked experts ({n3 / n_params:.0%} of the parameters) "
+                           "that torch.optim.Muon rejects" if n3 else ""))
+        elif v in ("adamw", "muon", "paper"):
+            opts[v] = _equiopt(model, v)
+        elif v in ("muon_ref", "paper_ref"):
+            opts[v] = _equiopt(model, v[:-4], batched=False)
+        elif v == "paper_compile":
+            opts[v] = _equiopt(model, "paper", compile=True)
+        else:
+            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}, paper_compile")
+        if v not in costs:
+            costs[v] = step_cost(opts[v])
+
+    # warm-up (state allocation; compile) and a first timing to size the repeats
+    first = {}
+    for v, opt in opts.items():
+        t = time.perf_counter()
+        opt.step()
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        opt.step()
+        first[v] = time.perf_counter() - t
+        if v == "paper_compile":
+            res.setdefault("compile_warmup_s", warm)
+    n_reps = {v: max(1, min(reps, int(args.budget / max(first[v], 1e-6)))) for v in opts}
+    samples = {v: [first[v]] if n_reps[v] == 1 else [] for v in opts}
+    for r in range(max(n_reps.values())):
+        for v, opt in opts.items():
+            if len(samples[v]) >= n_reps[v]:
+                continue
+            t = time.perf_counter()
+            opt.step()
+            samples[v].append(time.perf_counter() - t)
+
+    base = statistics.median(samples["torch_adamw"]) if "torch_adamw" in samples else None
+    tmuon = statistics.median(samples["torch_muon"]) if "torch_muon" in samples else None
+    for v, opt in opts.items():
+        ts = samples[v]
+        med = statistics.median(ts)
+        roof = roofline_seconds(costs[v]["total"], rates)
+        entry = {
+            "median_s": med,
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "iqr_s": (statistics.quantiles(ts, n=4)[2] - statistics.quantiles(ts, n=4)[0]) if len(ts) >= 4 else None,
+            "repeats": len(ts),
+            "samples_s": ts,
+            "vs_torch_adamw": med / base if base else None,
+            "torch_muon_over_this": tmuon / med if tmuon else None,
+            "frac_fwd_bwd": med / fwd,
+            "state_bytes_per_param": _state_bytes(opt) / n_params,
+            "flops": costs[v]["total"],
+            "roofline_s": roof,
+            "roofline_ratio": med / roof if roof > 0 else None,
+        }
+        if v in notes:
+            entry["note"] = notes[v]
+        if v in ("muon", "paper", "muon_ref", "paper_ref", "paper_compile"):
+            entry["maps"] = costs[v]["rows"]
+        if not quick and v not in ("torch_muon",):
+            mat, other = _profile_split(opt.step)
+            tot = costs[v]["total"]
+            entry["profile_matrix_s"], entry["profile_other_s"] = mat, other
+            flops = tot["mm32"] + tot["mm64"] + tot["eig"]
+            entry["achieved_flops"] = flops / mat if mat > 0 and flops else None
+            entry["achieved_bytes_per_s"] = tot["bytes"] / other if other > 0 else None
+        res["variants"][v] = entry
+        log(f"    {v:14s} median {med * 1e3:9.2f} ms  ({len(ts)} reps, min {min(ts) * 1e3:.2f})  "
+            f"x{entry['vs_torch_adamw'] or float('nan'):.2f} AdamW  roofline x{entry['roofline_ratio'] or float('nan'):.2f}")
+    del opts
+    del model
+    gc.collect()
+    return res
+
+
+def run_bench(args: argparse.Namespace, log=None) -> dict:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); returns the results."""
+    log = log or (lambda s: print(s, flush=True))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    archs = [a for a in args.archs.split(",") if a]
+    sizes = [s for s in args.sizes.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    if args.quick:
+        archs, sizes = archs[:1], ["tiny"]
+        variants = [v for v in variants if v != "torch_muon"]
+    if args.compile and "paper_compile" not in variants:
+        variants.append("paper_compile")
+    for a in archs:
+        if a not in ARCHS:
+            raise ValueError(f"unknown arch {a!r}; valid: {', '.join(ARCHS)}")
+    command = _command_line()
+    t0 = time.perf_counter()
+    load0 = _load()
+    log(f"equiopt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, load {load0}")
+    rates = machine_rates(args.quick)
+    log(f"  machine: fp32 matmul {rates['mm32'] / 1e9:.1f} GFLOP/s, fp64 {rates['mm64'] / 1e9:.1f} GFLOP/s, "
+        f"copy {rates['copy_bw'] / 1e9:.1f} GB/s")
+    results = {
+        "command": command,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": "cpu", "load_before": load0, **rates},
+        "models": [],
+    }
+    for size in sizes:
+        for arch in archs:
+            vs = [v for v in variants if not (size == "medium" and v == "paper_compile")]
+            results["models"].append(_bench_model(arch, size, vs, args, rates, log))
+    results["machine"]["load_after"] = _load()
+    results["wall_s"] = time.perf_counter() - t0
+    from . import fastpath
+
+    results["cost_model"] = dict(fastpath.COST)
+    md = render_markdown(results)
+    out_md = args.out_md if args.out_md is not None else (None if args.quick else "results/bench.md")
+    out_json = args.out_json if args.out_json is not None else (None if args.quick else "results/bench.json")
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(results, indent=1, default=str))
+    if out_md:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(md)
+    log(md)
+    log(f"equiopt bench: {results['wall_s']:.0f} s")
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+
+
+def _ms(x):
+    return "-" if x is None else (f"{x * 1e3:.1f}" if x < 10 else f"{x:.1f} s")
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Optimizer step benchmark",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Run: {results['when']}, {results.get('wall_s', 0):.0f} s; torch {m['torch']}, {m['threads']} threads, "
+        f"{m['cpus']} CPUs ({m['processor']}), device {m['device']}; load average before {m['load_before']}, "
+        f"after {m.get('load_after')}.",
+        "",
+        f"Machine (measured in the same process, best of repeats): fp32 matrix product "
+        f"{m['mm32'] / 1e9:.1f} GFLOP/s (median {m['mm32_median'] / 1e9:.1f}), fp64 {m['mm64'] / 1e9:.1f} GFLOP/s, "
+        f"small batched fp32 bmm [48,32,128] {m['bmm_small32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+        f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write).",
+        "",
+        "Step times: median over interleaved repeats of `step()` on fixed synthetic gradients "
+        "(spread = min-max). `xAdamW` = median / torch AdamW median; `torch Muon / this` = how many "
+        "times faster than torch.optim.Muon + AdamW; `%fwd+bwd` = step / forward+backward of the "
+        "same model (batch of `tokens`); `roofline` = measured / (FLOPs at the measured matmul rate "
+        "+ bytes at the measured copy bandwidth); state = optimizer-state bytes per parameter.",
+        "",
+    ]
+    for size in ("tiny", "medium"):
+        models = [r for r in results["models"] if r["size"] == size]
+        if not models:
+            continue
+        lines += [f"## {size} models", "",
+                  "| model | params | fwd+bwd (tokens) | optimizer | median ms | spread ms | reps | xAdamW | torch Muon / this "
+                  "| %fwd+bwd | roofline x | state B/param | GFLOP | MB moved |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in models:
+            first = True
+            for v, e in r["variants"].items():
+                fl = e["flops"]
+                gfl = (fl["mm32"] + fl["mm64"] + fl["eig"]) / 1e9
+                lines.append(
+                    f"| {r['arch'] if first else ''} | {r['params'] / 1e6:.1f}M | "
+                    f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
+                    f"{v} | {_ms(e['median_s'])} | {_ms(e['min_s'])}-{_ms(e['max_s'])} | {e['repeats']} | "
+                    f"{_f(e['vs_torch_adamw'])} | {_f(e['torch_muon_over_this'], '{:.1f}')} | "
+                    f"{_f(100 * e['frac_fwd_bwd'], '{:.1f}%')} | {_f(e['roofline_ratio'])} | "
+                    f"{e['state_bytes_per_param']:.2f} | {gfl:.3f} | {fl['bytes'] / 1e6:.1f} |")
+                first = False
+        lines.append("")
+    # achieved rates
+    rows = []
+    for r in results["models"]:
+        for v, e in r["variants"].items():
+            if e.get("achieved_flops") or e.get("achieved_bytes_per_s"):
+                rows.append(f"| {r['arch']}/{r['size']} | {v} | {_f(e.get('profile_matrix_s') and e['profile_matrix_s'] * 1e3, '{:.1f}')} | "
+                            f"{_f(e.get('achieved_flops') and e['achieved_flops'] / 1e9, '{:.1f}')} | "
+                            f"{_f(e.get('achieved_flops') and 100 * e['achieved_flops'] / m['mm32'], '{:.0f}%')} | "
+                            f"{_f(e.get('profile_other_s') and e['profile_other_s'] * 1e3, '{:.1f}')} | "
+                            f"{_f(e.get('achieved_bytes_per_s') and e['achieved_bytes_per_s'] / 1e9, '{:.1f}')} | "
+                            f"{_f(e.get('achieved_bytes_per_s') and 100 * e['achieved_bytes_per_s'] / m['copy_bw'], '{:.0f}%')} |")
+    if rows:
+        lines += ["## Achieved rates (one profiled step)", "",
+                  "Matrix work = matrix products and eigh (profiler self time); its FLOPs are the analytic counts. "
+                  "Elementwise work = every other op; its bytes are the essential traffic (see `step_cost`).", "",
+                  "| model | optimizer | matrix ms | GFLOP/s | of fp32 peak | elementwise ms | GB/s | of copy bw |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += rows
+        lines.append("")
+    # maps
+    lines += ["## FLOPs per map (fast path, per step)", "",
+              "Wide [m, n] orientation (m <= n); `route`: iterative = the polynomial iterations on stacked batches; "
+              "gram = the same polynomial evaluated on the eigenvalues of the m x m Gram (float64 eigh).", "",
+              "| model | preset | role | map | logical shape | matrices | route | GFLOP |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        for v in ("muon", "paper"):
+            e = r["variants"].get(v)
+            if not e:
+                continue
+            for row in e.get("maps", []):
+                if row["map"] == "adamw":
+                    continue
+                lines.append(f"| {r['arch']}/{r['size']} | {v} | {row['role']} | {row['map']} | {row['shape']} | "
+                             f"{row['count']} | {row['route']} | {row['flops'] / 1e9:.4f} |")
+    lines.append("")
+    notes = sorted({e["note"] for r in results["models"] for e in r["variants"].values() if e.get("note")})
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
