@@ -206,6 +206,20 @@ def run_none_and_skip(out: Path, mesh) -> None:
     skips = [None, None]
     torch.distributed.all_gather_object(skips, opt.nonfinite_skips)
     res["skips_all"] = skips
+    # AdamW on DTensor shards, foreach on and off, vs plain tensors
+    for foreach in (False, True):
+        shapes = [(9, 6), (7,), (1, 5)]
+        ps = [nn.Parameter(shard(case_tensors(30 + i, s))) for i, s in enumerate(shapes)]
+        qs = [nn.Parameter(case_tensors(30 + i, s)) for i, s in enumerate(shapes)]
+        spec = {**DEFAULTS, "map": "adamw", "lr": 0.01, "weight_decay": 0.1, "foreach": foreach}
+        o1, o2 = EquiOptimizer([{**spec, "params": ps}]), EquiOptimizer([{**spec, "params": qs}])
+        for step in range(3):
+            for i, s in enumerate(shapes):
+                g = case_tensors(40 + 10 * step + i, s)
+                ps[i].grad, qs[i].grad = shard(g), g
+            o1.step()
+            o2.step()
+        res[f"adamw_foreach_{foreach}_diff"] = max((p.full_tensor() - q).abs().max().item() for p, q in zip(ps, qs))
     if D.is_rank0():
         torch.save(res, out / "none_skip.pt")
 
@@ -341,6 +355,15 @@ def run_train(out: Path) -> None:
             if D.is_rank0():
                 torch.save({"params": params, "comm": dict(stats.bytes)}, out / f"train_{mode}_{preset}.pt")
             timings[f"{mode}_{preset}"] = time.perf_counter() - t0
+    for preset in ("muon", "paper"):  # DDP with the spectral maps spread over the ranks
+        model = D.wrap_model(make_model(), "ddp", find_unused_parameters=True)
+        opt = D.build(model, preset, layouts=FUSED_LAYOUTS, spread=True)
+        with D.count_comm() as stats:
+            for step in range(STEPS):
+                dist_step(model, opt, step)
+        params = full_params(model)
+        if D.is_rank0():
+            torch.save({"params": params, "comm": dict(stats.bytes)}, out / f"train_ddp-spread_{preset}.pt")
     for arch in HF_ARCHS:
         for mode in MODES:
             t0 = time.perf_counter()

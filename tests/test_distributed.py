@@ -12,9 +12,11 @@ launch that loads the checkpoint and continues).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,18 +56,23 @@ def launch(cmd: str, out: Path) -> None:
         pytest.fail(f"{cmd}: torchrun exited with {proc.returncode}; output tail:\n{log[-6000:]}")
 
 
+# Own temporary directories, not tmp_path_factory: on a machine where other pytest sessions
+# run at the same time, pytest's rotation of /tmp/pytest-of-<user> may delete a basetemp
+# that is still in use.
 @pytest.fixture(scope="module")
-def maps_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_maps")
+def maps_dir():
+    out = Path(tempfile.mkdtemp(prefix="equiopt-dist-maps-"))
     launch("maps", out)
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def train_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_train")
+def train_dir():
+    out = Path(tempfile.mkdtemp(prefix="equiopt-dist-train-"))
     launch("train", out)
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +200,23 @@ def test_gradless_params_untouched_and_nan_skipped_on_every_rank(maps_dir):
     assert r["skips_all"] == [1, 1]  # NaN on rank 1's shard only: both ranks skipped it
 
 
+@dist_only
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_on_dtensor_shards(maps_dir, foreach):
+    assert torch.load(maps_dir / "none_skip.pt")[f"adamw_foreach_{foreach}_diff"] <= TOL
+
+
+@pytest.mark.parametrize("case", W.COMM_CASES, ids=[c[0] for c in W.COMM_CASES])
+def test_estimate_comm_matches_hand_count(case):
+    name, shape, layout, spec, expected = case
+    p = torch.nn.Parameter(torch.empty(shape, device="meta"))
+    opt = equiopt.EquiOptimizer([{**spec, "params": [p]}], layouts={p: layout})
+    est = D.estimate_comm(opt, 2)
+    got = sum(v[0] for k, v in est["by_path"].items() if k != "finite_check")
+    assert got == sum(expected.values())
+    assert est["by_path"]["finite_check"] == [4, 4]
+
+
 # =========================================================================================
 # DDP and FSDP2 training vs one process
 # =========================================================================================
@@ -211,6 +235,16 @@ def test_training_matches_single_process(train_dir, mode, preset):
     # against a whole-batch backward: equal up to the gradient's summation order (see reference_run)
     d_full, where = max_diff(got, reference(preset, halves=False))
     assert d_full <= 1e-5, f"{mode}/{preset}: {where} differs from the whole-batch run by {d_full:.2e}"
+
+
+@dist_only
+@pytest.mark.parametrize("preset", ["muon", "paper"])
+def test_ddp_spread_spectral_matches_single_process(train_dir, preset):
+    spread = torch.load(train_dir / f"train_ddp-spread_{preset}.pt")
+    plain = torch.load(train_dir / f"train_ddp_{preset}.pt")
+    d, where = max_diff(spread["params"], reference(preset))
+    assert d <= TOL, f"ddp-spread/{preset}: {where} differs by {d:.2e}"
+    assert spread["comm"].get("all_to_all", 0) > 0 and "all_to_all" not in plain["comm"]
 
 
 @dist_only

@@ -13,7 +13,8 @@ takes the same decisions and issues the same collectives in the same order:
   per-head q/k/v or fused gate/up whose head/part boundaries fall on shard boundaries
   (``ceil(rows / world) % rows_per_block == 0``), a matrix one rank holds entirely (a
   ``[1, d]`` matrix on 2 ranks: the other rank holds nothing). The map runs on the local
-  logical matrices; no communication, any map.
+  logical matrices, through the optimizer's own local path (``EquiOptimizer._updates`` on
+  plain tensors: the batched fast path when enabled); no communication, any map.
 * ``reduce``: row/column normalizations and centering (``row_norm``, ``col_norm``,
   ``centered_row_norm``, ``identity``, and their column-aware / per-head forms) on a shard
   that cuts logical matrices. Row statistics of rows that are local need nothing; a
@@ -28,9 +29,9 @@ takes the same decisions and issues the same collectives in the same order:
   per-head maps whose heads straddle a shard boundary, maps registered later): the full
   logical matrix is needed. Matrices get an owner rank (greedy longest-processing-time on
   the cost ``B m n min(m, n)``, deterministic, so no rank orthogonalizes everything); one
-  ``all_to_all`` sends every shard to its matrix's owner, owners compute the update with the
-  reference view -> map -> scale -> inverse view, and a second ``all_to_all`` sends each rank
-  its rows of the result. Per rank and step that is ``2 (W-1)/W^2`` of the gathered
+  ``all_to_all`` sends every shard to its matrix's owner, owners compute the updates of all
+  their matrices with the optimizer's own local path (one batched call, as one process
+  would), and a second ``all_to_all`` sends each rank its rows of the result. Per rank and step that is ``2 (W-1)/W^2`` of the gathered
   matrices' bytes on average, against ``(W-1)/W`` for all-gathering them on every rank.
 * ``replicated``: a ``Replicate()`` DTensor (every rank holds the whole tensor): the
   reference update on the local copy.
@@ -277,15 +278,34 @@ def _opt_helpers():
     return O
 
 
-def _update_full(group, layout: Layout, x: torch.Tensor, p) -> torch.Tensor:
-    """Reference view -> map -> scale -> inverse view on a tensor holding whole matrices."""
-    O = _opt_helpers()
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    u = O.apply_map(group, layout.to_logical(x), p)
-    if group["scale"] == "muon":
-        u = u * O.muon_scale(u.shape[-2], u.shape[-1])
-    return layout.from_logical(u, x.shape)
+def _run_local(opt, group, entries: list[tuple[torch.Tensor, Layout]]) -> list[torch.Tensor]:
+    """Updates of plain tensors that hold whole logical matrices, computed by the very code
+    a single process runs (``EquiOptimizer._updates`` on plain tensors: the batched fast
+    path when enabled, else the reference path), all entries of the group in one call so
+    that equal shapes are batched as in one process. Each tensor stands in for its own
+    parameter; its layout is registered with the optimizer for the duration of the call."""
+    out: list = [None] * len(entries)
+    live = [i for i, (x, _) in enumerate(entries) if x.numel() > 0]
+    for i, (x, _) in enumerate(entries):
+        if x.numel() == 0:
+            out[i] = torch.zeros_like(x)
+    if not live:
+        return out
+    xs = [entries[i][0] for i in live]
+    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
+    registered = []
+    try:
+        for i, x in zip(live, xs):
+            opt._layouts[x] = entries[i][1]
+            registered.append(x)
+        # the class's method: not a spread_spectral wrapper installed on the instance
+        us = type(opt)._updates(opt, group, xs, xs)
+    finally:
+        for x in registered:
+            opt._layouts.pop(x, None)
+    for i, u in zip(live, us):
+        out[i] = u
+    return out
 
 
 def _local_layout(layout: Layout, shape, geo: _Shard) -> Layout:
@@ -400,7 +420,7 @@ class _Item:
     layout: Layout
 
 
-def _gather_updates(group, items: list[_Item]) -> dict[int, torch.Tensor]:
+def _gather_updates(opt, group, items: list[_Item]) -> dict[int, torch.Tensor]:
     """Owner scheme: shards -> owner (all_to_all), owner maps whole matrices, rows -> ranks."""
     out: dict[int, torch.Tensor] = {}
     buckets: dict[tuple, list[_Item]] = defaultdict(list)
@@ -432,11 +452,10 @@ def _gather_updates(group, items: list[_Item]) -> dict[int, torch.Tensor]:
                 pieces[j].append(segs[s][off : off + n])
                 off += n
         back = {s: [] for s in range(W)}
-        for j in mine:
+        fulls = [(torch.cat(pieces[j]).reshape(bucket[j].p.shape), bucket[j].layout) for j in mine]
+        for j, u in zip(mine, _run_local(opt, group, fulls)):
             it = bucket[j]
-            full = torch.cat(pieces[j]).reshape(it.p.shape)
-            u = _update_full(group, it.layout, full, it.p).to(dtype)
-            for s, rows in enumerate(torch.split(u, [it.geo.size(s) for s in range(W)], dim=0)):
+            for s, rows in enumerate(torch.split(u.to(dtype), [it.geo.size(s) for s in range(W)], dim=0)):
                 back[s].append(rows.reshape(-1))
         # 3. each rank its rows of every result
         send2_splits = [sum(t.numel() for t in back[s]) for s in range(W)]
@@ -486,10 +505,11 @@ def sharded_updates(opt, group, params: list, momenta: list) -> list:
     parameters; returns DTensors placed like their parameters. See the module docstring."""
     out: list = [None] * len(params)
     gathers: list[_Item] = []
+    local: list[tuple[int, torch.Tensor, Layout]] = []  # whole matrices at hand: one batched call
     for i, (p, x) in enumerate(zip(params, momenta)):
         layout = opt._layout(group, p)
         if not isinstance(p, DTensor):  # a plain parameter next to sharded ones: replicated
-            out[i] = _update_full(group, layout, x, p)
+            local.append((i, x, layout))
             continue
         if not isinstance(x, DTensor) or x.placements != p.placements:
             x = x.redistribute(p.device_mesh, p.placements) if isinstance(x, DTensor) else \
@@ -499,25 +519,28 @@ def sharded_updates(opt, group, params: list, momenta: list) -> list:
         path = _path(group, layout, p, kind, geo)
         if path == "fallback":
             _record("fallback_all_gather", (p.device_mesh.size() - 1) * x.to_local().numel() * x.element_size())
-            u = _update_full(group, layout, x.full_tensor(), p)
-            out[i] = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
-                p.device_mesh, p.placements)
+            local.append((i, x.full_tensor(), layout))
             continue
         xl = x.to_local()
         if path == "replicated":
-            u = _update_full(group, layout, xl, p)
+            local.append((i, xl, layout))
         elif path == "local":
-            u = _update_full(group, _local_layout(layout, p.shape, geo), xl, p)
+            local.append((i, xl, _local_layout(layout, p.shape, geo)))
         elif path == "reduce":
-            u = _reduce_update(group, layout, p.shape, xl, geo)
+            out[i] = _reduce_update(group, layout, p.shape, xl, geo)
         elif path == "gram":
-            u = _gram_update(group, layout, p.shape, xl, geo)
+            out[i] = _gram_update(group, layout, p.shape, xl, geo)
         else:
             gathers.append(_Item(i, p, xl, geo, layout))
-            continue
-        out[i] = u
+    if local:
+        for (i, _, _), u in zip(local, _run_local(opt, group, [(x, l) for _, x, l in local])):
+            p = params[i]
+            if isinstance(p, DTensor) and _placement_kind(p)[0] == "fallback":
+                u = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
+                    p.device_mesh, p.placements)
+            out[i] = u
     if gathers:
-        for idx, u in _gather_updates(group, gathers).items():
+        for idx, u in _gather_updates(opt, group, gathers).items():
             out[idx] = u
     for i, p in enumerate(params):
         if isinstance(p, DTensor) and not isinstance(out[i], DTensor):
@@ -546,6 +569,90 @@ def finite_flags(params: list) -> list[bool]:
             _all_reduce(sub, mesh.get_group(d), kind="finite_check", op=dist.ReduceOp.MIN)
         flags[idx] = sub
     return [bool(v) for v in flags.tolist()]
+
+
+# =========================================================================================
+# communication model (no process group needed)
+# =========================================================================================
+def _reduce_stats_numel(group, layout: Layout, shape) -> int:
+    """Elements all-reduced by :func:`_reduce_update` for one parameter (all stages)."""
+    ax = _Axes.of(layout, shape)
+    in_axis = 1 - ax.out_axis
+    R = in_axis if group["column_aware"] else ax.out_axis
+    K = 1 - R
+    stages = {"identity": [], "row_norm": [K], "col_norm": [R], "centered_row_norm": [R, K, R]}[group["map"]]
+    width = shape[1]
+    return sum((ax.parts if ax.split_axis == 0 else 1) * width for axis in stages if axis == 0)
+
+
+def estimate_comm(opt, world: int, elem_bytes: int = 4) -> dict:
+    """Bytes each rank sends in one optimizer step if every parameter of ``opt`` were sharded
+    ``Shard(0)`` over ``world`` ranks (as FSDP2 does), by the rules of :func:`sharded_updates`;
+    and the same for the naive scheme (all-gather every optimizer input, update everything
+    everywhere). Needs only global shapes: ``opt`` may hold meta tensors.
+
+    Returns ``{"ours": [bytes per rank], "naive": [...], "naive_matrices": [...],
+    "by_path": {path: [bytes per rank]}, "numel_by_path": {path: elements}}``. Same
+    conventions as :class:`CommStats` (``finite_check`` included in ``ours``).
+    """
+    ours = [0.0] * world
+    by_path: dict[str, list[float]] = defaultdict(lambda: [0.0] * world)
+    numel_by_path: dict[str, int] = defaultdict(int)
+    naive = [0.0] * world
+    naive_mat = [0.0] * world
+    ring = 2 * (world - 1) / world if world > 1 else 0.0
+    for group in opt.param_groups:
+        params = list(group["params"])
+        if not params:
+            continue
+        for p in params:
+            geo = _Shard(None, world, 0, p.shape[0] if p.ndim else 1)
+            row = math.prod(p.shape[1:]) if p.ndim else 1
+            for k in range(world):
+                naive[k] += (world - 1) * geo.size(k) * row * elem_bytes
+                if group["map"] != "adamw":
+                    naive_mat[k] += (world - 1) * geo.size(k) * row * elem_bytes
+        for k in range(world):
+            by_path["finite_check"][k] += ring * len(params) * 4
+        if group["map"] == "adamw":
+            numel_by_path["adamw (local)"] += sum(p.numel() for p in params)
+            continue
+        gathers = []
+        for p in params:
+            layout = opt._layout(group, p)
+            geo = _Shard(None, world, 0, p.shape[0])
+            path = _path(group, layout, p, "shard", geo) if world > 1 else "local"
+            numel_by_path[path] += p.numel()
+            if path == "reduce":
+                n = _reduce_stats_numel(group, layout, p.shape)
+                for k in range(world):
+                    by_path[path][k] += ring * n * elem_bytes
+            elif path == "gram":
+                n = (p.shape[1] + 1) * p.shape[1]
+                for k in range(world):
+                    by_path[path][k] += ring * n * elem_bytes
+            elif path == "gather":
+                gathers.append((p, layout, geo))
+        if gathers:
+            owners = assign_owners([_cost(l, p.shape) for p, l, _ in gathers], world)
+            for (p, _, geo), o in zip(gathers, owners):
+                row = math.prod(p.shape[1:])
+                for k in range(world):
+                    if k != o:
+                        by_path["gather"][k] += geo.size(k) * row * elem_bytes  # to the owner
+                    else:
+                        by_path["gather"][k] += (p.shape[0] - geo.size(k)) * row * elem_bytes  # back
+    for vals in by_path.values():
+        for k in range(world):
+            ours[k] += vals[k]
+    rnd = lambda v: [int(round(x)) for x in v]  # noqa: E731
+    return {
+        "ours": rnd(ours),
+        "naive": rnd(naive),
+        "naive_matrices": rnd(naive_mat),
+        "by_path": {k: rnd(v) for k, v in by_path.items()},
+        "numel_by_path": dict(numel_by_path),
+    }
 
 
 # =========================================================================================
@@ -591,8 +698,10 @@ def _spread_updates(opt, group, params, momenta, pg) -> list[torch.Tensor]:
         by_dtype[x.dtype].append(i)
     for dtype, idx in by_dtype.items():
         mine = [i for i in idx if owners[i] == me]
-        for i in mine:
-            out[i] = _update_full(group, layouts[i], momenta[i], params[i]).to(dtype)
+        if mine:  # the class's own local path (fast path when enabled) on the owned subset
+            us = type(opt)._updates(opt, group, [params[i] for i in mine], [momenta[i] for i in mine])
+            for i, u in zip(mine, us):
+                out[i] = u.to(dtype)
         own = torch.cat([out[i].reshape(-1) for i in mine]) if mine else torch.empty(0, dtype=dtype)
         sizes = [sum(momenta[i].numel() for i in idx if owners[i] == d) for d in range(W)]
         send = own.repeat(W)
