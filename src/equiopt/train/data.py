@@ -28,9 +28,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import os
 import sqlite3
@@ -383,7 +381,6 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         _atomic_write_text(train_txt, "\0".join(tr))
     tdir = cdir / f"bpe{cfg.vocab_size}"
     tok_path = tdir / "tokenizer.json"
-    train_texts = val_texts = None
     if tok_path.exists():
         tok = Tokenizer.load(tok_path)
     else:
@@ -485,7 +482,3 @@ def eval_windows(windows: Windows, max_tokens: int) -> np.ndarray:
     if n == 0:
         raise DataError("the validation split holds no full window; lower --seq-len")
     return np.linspace(0, len(windows) - 1, n).round().astype(np.int64)
-
-
-def describe(cfg: DataConfig) -> dict:
-    return dataclasses.asdict(cfg)

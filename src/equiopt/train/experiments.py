@@ -10,7 +10,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 from . import data as D
 from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, train

@@ -5,7 +5,9 @@ initialised. Each family has two size presets:
 
 * ``tiny``  -- a few million parameters, sized so a training step takes well under a
   second on two CPU cores (the default comparison runs twelve of these in minutes);
-* ``paper`` -- the shapes of the paper's runs (0.6B-3.5B parameters), for GPU users.
+* ``paper`` -- the shapes of the paper's runs, for GPU users: Qwen3-0.6B-style (0.75B with
+  the untied head), Gemma-3-1B-style (1.0B), OLMoE-1B-7B-style (6.9B total, ~1.3B active),
+  downsized gpt-oss (3.4B total).
 
 | family  | HF classes                              | traits kept at every size                          |
 |---------|-----------------------------------------|----------------------------------------------------|
@@ -127,9 +129,9 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
         return ModelConfig(arch=arch, size=size, vocab_size=50304, hidden_size=2048,
                            intermediate_size=1024, num_layers=16, num_heads=16, num_kv_heads=16,
                            head_dim=128, max_seq_len=1024, num_experts=64, top_k=8)
-    # gpt-oss-style, scaled to ~3.5B total: alternating sliding/full, top-4 of 32
-    return ModelConfig(arch=arch, size=size, vocab_size=201088, hidden_size=2048,
-                       intermediate_size=2048, num_layers=12, num_heads=32, num_kv_heads=8,
+    # downsized gpt-oss (~3.4B total): alternating sliding/full, top-4 of 32, o200k-size vocab
+    return ModelConfig(arch=arch, size=size, vocab_size=201088, hidden_size=1536,
+                       intermediate_size=1536, num_layers=12, num_heads=24, num_kv_heads=8,
                        head_dim=64, max_seq_len=1024, num_experts=32, top_k=4,
                        layer_types=_alternating(12, 2), sliding_window=128)
 
@@ -166,7 +168,10 @@ def hf_config(cfg: ModelConfig):
             **common, head_dim=cfg.head_dim, num_local_experts=cfg.num_experts,
             num_experts_per_tok=cfg.top_k, output_router_logits=cfg.aux_loss,
             router_aux_loss_coef=cfg.aux_loss_coef, layer_types=list(cfg.layer_types or []) or None,
-            sliding_window=cfg.sliding_window or cfg.max_seq_len, **cfg.extra,
+            sliding_window=cfg.sliding_window or cfg.max_seq_len,
+            # plain RoPE: gpt-oss's YaRN (factor 32 over 4096) is a long-context extension, not
+            # part of pre-training at these sequence lengths
+            **{"rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}, **cfg.extra},
         )
     return c
 
