@@ -101,6 +101,24 @@ def timed_ddp(arch: str, name: str, spread: bool) -> float:
     return float(t)
 
 
+def timed_fwd_bwd(arch: str, batch: int = 8, seq: int = 128) -> float:
+    """Median forward+backward seconds of the DDP model on [batch, seq] tokens per rank, for scale."""
+    cfg = preset(arch, "tiny")
+    model = D.wrap_model(build_model(cfg), "ddp")
+    g = torch.Generator().manual_seed(dist.get_rank())
+    times = []
+    for _ in range(6):
+        idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        dist.barrier()
+        t0 = time.perf_counter()
+        model(idx, labels=idx).loss.backward()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor(statistics.median(times[1:]))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def main(argv) -> None:
     out = Path(argv[0] if argv else "results/comm.md")
     torch.set_num_threads(1)
@@ -182,13 +200,36 @@ def main(argv) -> None:
     emit(f"## 3. DDP: every rank computes every map vs `spread_spectral` ({W} CPU processes, 1 thread each)\n")
     emit(f"Median optimizer-step time over {TIMED_STEPS - 2} steps (max over ranks), tiny models, random gradients. "
          "The machine's 2 cores are shared with other work: differences under ~10% are noise.\n")
-    emit("| model | preset | all maps on every rank (ms) | spread + all-to-all (ms) | speed-up |")
-    emit("|---|---|---|---|---|")
+    emit("| model | preset | all maps on every rank (ms) | spread + all-to-all (ms) | speed-up | "
+         "forward+backward of 8x128 tokens per rank, for scale (ms) |")
+    emit("|---|---|---|---|---|---|")
+    gains = []
     for arch in ARCHS:
+        fb = timed_fwd_bwd(arch)
         for name in ("muon", "paper"):
             base = timed_ddp(arch, name, spread=False)
             spread = timed_ddp(arch, name, spread=True)
-            emit(f"| {arch} tiny | {name} | {base * 1e3:.1f} | {spread * 1e3:.1f} | {base / spread:.2f}x |")
+            gains.append((base / spread, (base - spread) / (fb + base)))
+            emit(f"| {arch} tiny | {name} | {base * 1e3:.1f} | {spread * 1e3:.1f} | {base / spread:.2f}x | {fb * 1e3:.0f} |")
+    emit("")
+    lo, hi = min(g for g, _ in gains), max(g for g, _ in gains)
+    slo, shi = min(f for _, f in gains), max(f for _, f in gains)
+    emit("## Reading\n")
+    emit("- Row-wise maps on row shards (embedding row-norm) send nothing; centering (LM head, router) "
+         "sends two `[cols]` all-reduces per step, the column-aware maps one `[cols]` all-reduce; "
+         "stacked experts sharded along E and heads that do not straddle a shard boundary send "
+         "nothing. The adamw preset sends only the finite-gradient flags.")
+    emit("- Spectral maps on a cut matrix go to one owner and back: `2 (W-1)/W^2` of their bytes per "
+         "rank on average, against `(W-1)/W` for all-gathering them. At W = 2 the two are equal "
+         "(muon rows: ratio 1.000); the gain there is that each rank orthogonalizes half of the "
+         "matrices, not all. At W = 8 the bytes are 1/4 of the naive scheme's, at W = 64 1/32.")
+    emit("- Next to FSDP2's own traffic (all-gather of the parameters twice, reduce-scatter of the "
+         "gradients) the optimizer's communication is small at every size measured here.")
+    emit(f"- DDP spreading pays off on 2 CPU processes: the optimizer step is {lo:.2f}x-{hi:.2f}x faster "
+         f"(owners compute half the maps; the all-to-all over loopback is cheap), which saves "
+         f"{100 * slo:.0f}-{100 * shi:.0f}% of a whole iteration (forward+backward of 8x128 tokens + step) "
+         "on these tiny models. Results equal the unspread run to rounding (tests). It is opt-in "
+         "(`equiopt.distributed.build(..., spread=True)` or `spread_spectral(opt)`).")
     emit("")
     if D.is_rank0():
         out.parent.mkdir(parents=True, exist_ok=True)
