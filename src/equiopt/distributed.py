@@ -440,7 +440,7 @@ def _gather_updates(opt, group, items: list[_Item]) -> dict[int, torch.Tensor]:
             send_splits.append(sum(t.numel() for t in parts))
         recv_splits = [sum(bucket[j].geo.size(s) * row_numel[j] for j in mine) for s in range(W)]
         dtype = bucket[0].x.dtype
-        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype)
+        send = torch.cat(send_parts) if send_parts else bucket[0].x.new_empty(0)
         recv = _all_to_all(send, send_splits, recv_splits, pg, "all_to_all")
         # 2. owners compute whole matrices
         segs = list(torch.split(recv, recv_splits))
@@ -460,7 +460,7 @@ def _gather_updates(opt, group, items: list[_Item]) -> dict[int, torch.Tensor]:
         # 3. each rank its rows of every result
         send2_splits = [sum(t.numel() for t in back[s]) for s in range(W)]
         send2_parts = [t for s in range(W) for t in back[s]]
-        send2 = torch.cat(send2_parts) if send2_parts else torch.empty(0, dtype=dtype)
+        send2 = torch.cat(send2_parts) if send2_parts else bucket[0].x.new_empty(0)
         recv2_splits = [sum(bucket[j].x.numel() for j in range(len(bucket)) if owners[j] == d) for d in range(W)]
         recv2 = _all_to_all(send2, send2_splits, recv2_splits, pg, "all_to_all")
         segs2 = list(torch.split(recv2, recv2_splits))
@@ -702,7 +702,7 @@ def _spread_updates(opt, group, params, momenta, pg) -> list[torch.Tensor]:
             us = type(opt)._updates(opt, group, [params[i] for i in mine], [momenta[i] for i in mine])
             for i, u in zip(mine, us):
                 out[i] = u.to(dtype)
-        own = torch.cat([out[i].reshape(-1) for i in mine]) if mine else torch.empty(0, dtype=dtype)
+        own = torch.cat([out[i].reshape(-1) for i in mine]) if mine else momenta[idx[0]].new_empty(0)
         sizes = [sum(momenta[i].numel() for i in idx if owners[i] == d) for d in range(W)]
         send = own.repeat(W)
         recv = _all_to_all(send, [own.numel()] * W, sizes, pg, "all_to_all")
