@@ -206,6 +206,15 @@ def run_none_and_skip(out: Path, mesh) -> None:
     skips = [None, None]
     torch.distributed.all_gather_object(skips, opt.nonfinite_skips)
     res["skips_all"] = skips
+    # global gradient norm and clipping over shards (FSDP2) = the full tensors' norm
+    full = {n: case_tensors(60 + i, s) for i, (n, s) in enumerate([("x", (9, 6)), ("y", (1, 4)), ("z", (5,))])}
+    xs = {n: nn.Parameter(shard(torch.zeros_like(t))) for n, t in full.items()}
+    for n, t in full.items():
+        xs[n].grad = shard(t.clone())
+    want = torch.sqrt(sum(t.double().square().sum() for t in full.values())).item()
+    res["grad_norm"] = (D.grad_norm(xs.values()), want)
+    before = D.clip_grad_norm_(xs.values(), want / 2)
+    res["clipped_norm"] = (before, D.grad_norm(xs.values()), want / 2)
     # AdamW on DTensor shards, foreach on and off, vs plain tensors
     for foreach in (False, True):
         shapes = [(9, 6), (7,), (1, 5)]

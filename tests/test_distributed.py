@@ -201,6 +201,15 @@ def test_gradless_params_untouched_and_nan_skipped_on_every_rank(maps_dir):
 
 
 @dist_only
+def test_grad_norm_and_clipping_over_shards(maps_dir):
+    r = torch.load(maps_dir / "none_skip.pt")
+    got, want = r["grad_norm"]
+    assert got == pytest.approx(want, rel=1e-12)
+    before, after, target = r["clipped_norm"]
+    assert before == pytest.approx(want, rel=1e-12) and after == pytest.approx(target, rel=1e-6)
+
+
+@dist_only
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adamw_on_dtensor_shards(maps_dir, foreach):
     assert torch.load(maps_dir / "none_skip.pt")[f"adamw_foreach_{foreach}_diff"] <= TOL

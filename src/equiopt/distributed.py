@@ -49,7 +49,8 @@ as above) and all-to-alls the results; see ``results/comm.md`` for when that pay
 
 **Harness pieces** (torchrun, one process per device): :func:`init_from_env`,
 :func:`wrap_model` (``"ddp"`` or ``"fsdp2"``), :func:`plan` / :func:`build` (plan a DDP or
-FSDP2 model), :func:`print0` / :func:`is_rank0`, :func:`mean_over_ranks`,
+FSDP2 model), :func:`print0` / :func:`is_rank0`, :func:`mean_over_ranks`, :func:`grad_norm` /
+:func:`clip_grad_norm_` (global over shards),
 :func:`save_checkpoint` / :func:`load_checkpoint` (torch.distributed.checkpoint, resume on
 the same or another world size), :func:`cleanup`.
 
@@ -93,6 +94,8 @@ __all__ = [
     "is_rank0",
     "print0",
     "mean_over_ranks",
+    "grad_norm",
+    "clip_grad_norm_",
     "barrier",
     "save_checkpoint",
     "load_checkpoint",
@@ -802,6 +805,53 @@ def mean_over_ranks(value: float | torch.Tensor) -> float:
         dist.all_reduce(t)
         t /= world
     return float(t.item())
+
+
+def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
+    """Global L2 norm of the gradients, the same number on every rank: DTensor gradients
+    (FSDP2) sum their shards' squares over the sharded mesh dimensions (one all-reduce per
+    mesh and placement pattern), plain gradients (one process, DDP: already averaged and
+    identical on every rank) count once. Parameters without a gradient (or repeated) are
+    skipped. Float64 accumulation."""
+    seen: set[int] = set()
+    plain = torch.zeros((), dtype=torch.float64)
+    sharded: dict[tuple, list] = {}
+    for p in parameters:
+        if p.grad is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        g = p.grad.detach()
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            if any(not (pl.is_shard() or pl.is_replicate()) for pl in g.placements):
+                plain = plain + g.full_tensor().double().square().sum().cpu()
+                continue
+            key = (id(g.device_mesh), dims)
+            entry = sharded.setdefault(key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64,
+                                                                                 device=g.to_local().device)])
+            entry[2] = entry[2] + g.to_local().double().square().sum()
+        else:
+            plain = plain + g.double().square().sum().cpu()
+    total = float(plain)
+    for mesh, dims, sq in sharded.values():
+        sq = sq.reshape(1).clone()
+        for d in dims:
+            _all_reduce(sq, mesh.get_group(d), kind="grad_norm")
+        total += float(sq.item())
+    return math.sqrt(total)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale the gradients in place so that their global norm (:func:`grad_norm`) is at most
+    ``max_norm`` (torch's rule: factor ``min(1, max_norm / (norm + eps))``); returns the norm
+    before clipping. Works for plain, DDP and FSDP2 (DTensor) gradients alike."""
+    params = [p for p in parameters if p.grad is not None]
+    total = grad_norm(params)
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        for p in {id(p): p for p in params}.values():
+            p.grad.detach().mul_(coef)
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:
