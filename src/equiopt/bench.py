@@ -65,9 +65,10 @@ MEDIUM = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: tiny qwen3 only, 2 timed steps, no torch Muon, no files unless --out-* given")
+                        help="smoke test (seconds): a 'micro' qwen3 (2 layers, d=64), 2 timed steps, no torch Muon, "
+                             "no profiling, no files unless --out-* given")
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated families (default: all four)")
-    parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium")
+    parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium (micro: smoke tests)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant on tiny models (default 15)")
     parser.add_argument("--medium-repeats", type=int, default=5, help="timed steps per variant on medium models (default 5)")
@@ -113,7 +114,7 @@ def machine_rates(quick: bool = False) -> dict:
     eigh times, measured now (best of several: the hardware limit, not the load's)."""
     reps = 3 if quick else 9
     out = {}
-    for name, dt, n in (("mm32", torch.float32, 512 if quick else 1024), ("mm64", torch.float64, 384 if quick else 768)):
+    for name, dt, n in (("mm32", torch.float32, 256 if quick else 1024), ("mm64", torch.float64, 192 if quick else 768)):
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         _, ts = _median_time(lambda: torch.mm(a, b), reps)
         out[name] = 2 * n**3 / min(ts)
@@ -122,12 +123,12 @@ def machine_rates(quick: bool = False) -> dict:
     x = torch.randn(48, 32, 128)
     _, ts = _median_time(lambda: torch.bmm(x, x.mT), reps * 4)
     out["bmm_small32"] = 2 * 48 * 32 * 32 * 128 / min(ts)
-    n = (4 if quick else 32) * 2**20  # floats: 16 / 128 MiB per buffer
+    n = (1 if quick else 32) * 2**20  # floats: 4 / 128 MiB per buffer
     src, dst = torch.randn(n), torch.empty(n)
     _, ts = _median_time(lambda: dst.copy_(src), reps)
     out["copy_bw"] = 2 * 4 * n / min(ts)  # read + write
     out["copy_bw_median"] = 2 * 4 * n / statistics.median(ts)
-    for m in (32, 128) if quick else (32, 64, 128, 512):
+    for m in (32,) if quick else (32, 64, 128, 512):
         g = torch.randn(8, m, 2 * m, dtype=torch.float64)
         g = g @ g.mT
         _, ts = _median_time(lambda: torch.linalg.eigh(g), reps)
@@ -167,7 +168,12 @@ def _model_config(arch: str, size: str):
     if size == "medium":
         kw = dict(MEDIUM[arch])
         return ModelConfig(arch=arch, size="tiny", max_seq_len=128, **kw)
-    raise ValueError(f"unknown size {size!r}; valid: tiny, medium")
+    if size == "micro":  # smoke tests only
+        cfg = preset(arch, "tiny")
+        return ModelConfig(**{**cfg.to_dict(), "vocab_size": 512, "hidden_size": 64, "num_layers": 2,
+                              "head_dim": 16, "intermediate_size": cfg.intermediate_size // 2,
+                              "layer_types": (cfg.layer_types or [])[-2:] or None})
+    raise ValueError(f"unknown size {size!r}; valid: tiny, medium, micro")
 
 
 def _build(arch: str, size: str):
@@ -504,7 +510,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     sizes = [s for s in args.sizes.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     if args.quick:
-        archs, sizes = archs[:1], ["tiny"]
+        archs, sizes = archs[:1], ["micro"]
         variants = [v for v in variants if v != "torch_muon"]
     if args.compile and "paper_compile" not in variants:
         variants.append("paper_compile")
@@ -584,7 +590,7 @@ def render_markdown(results: dict) -> str:
         "+ bytes at the measured copy bandwidth); state = optimizer-state bytes per parameter.",
         "",
     ]
-    for size in ("tiny", "medium"):
+    for size in ("micro", "tiny", "medium"):
         models = [r for r in results["models"] if r["size"] == size]
         if not models:
             continue

@@ -73,12 +73,15 @@ class FastPathOptions:
         parameter, each already batched over its heads / experts / parts).
     polar_route: "auto" (cost model), "iterative" or "gram" for Polar Express / Newton-Schulz.
     compile: run the per-shape kernels through ``torch.compile`` (opt-in).
+    compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" traces without
+        code generation, used by the tests).
     """
 
     batched: bool = True
     stack: bool = True
     polar_route: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         if self.polar_route not in POLAR_ROUTES:
@@ -162,6 +165,7 @@ def iterative_polar(
     scale: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
     out: Optional[Tensor] = None,
+    compiled: bool = False,
 ) -> Tensor:
     """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations.
 
@@ -179,24 +183,34 @@ def iterative_polar(
     nu = _normalizer(method, fro)
     if cdt != out_dtype:
         Y = X.to(cdt).div_(nu.to(cdt))
-    elif out is X:
+    elif out is X and coeffs:
         Y = X.div_(nu)
     else:
         Y = X / nu
     factor = None  # per-matrix scalar [N, 1, 1]
     A = None
-    if alpha is not None:
+    if alpha is not None and coeffs:
         A = torch.bmm(Y, Y.mT)
         lam = torch.linalg.eigvalsh(A.to(_lin_dtype(out_dtype)))
         nuc = _nuclear_from_eigs(lam, m, out_dtype) * nu.reshape(N).to(lam.dtype)
         factor = _nuclear_scale(nuc.to(out_dtype), float(alpha)).reshape(N, 1, 1)
-        if scale != 1.0:
-            factor = factor * scale
+    elif alpha is not None:
+        nuc = maps.nuclear_norm(X)
+        factor = _nuclear_scale(nuc, float(alpha)).reshape(N, 1, 1)
+    if factor is not None and scale != 1.0:
+        factor = factor * scale
     elif scale != 1.0:
         factor = torch.full((N, 1, 1), scale, dtype=out_dtype, device=X.device)
     if not coeffs:
         Y = Y.to(out_dtype)
         return Y * factor if factor is not None else Y
+    Y = (_compiled_kernel("iterate") if compiled else _iterate)(Y, A, coeffs, None if factor is None else factor.to(cdt))
+    return Y.to(out_dtype)
+
+
+def _iterate(Y: Tensor, A: Optional[Tensor], coeffs, factor: Optional[Tensor]) -> Tensor:
+    """The polynomial steps Y <- a Y + (b A + c A^2) Y, A = Y Y^T (``A`` given: the first
+    step's Gram); ``factor`` [N, 1, 1] folded into the last step's m x m matrix."""
     last = len(coeffs) - 1
     for t, (a, b, c) in enumerate(coeffs):
         if A is None:
@@ -204,12 +218,11 @@ def iterative_polar(
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         if t == last and factor is not None:
             B.diagonal(dim1=-2, dim2=-1).add_(a)  # a I + b A + c A^2
-            B.mul_(factor.to(cdt))
-            Y = torch.bmm(B, Y)
+            Y = torch.bmm(B * factor, Y)
         else:
-            Y = torch.baddbmm(Y, B, Y, beta=a)  # a X + B X
+            Y = torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
         A = None
-    return Y.to(out_dtype)
+    return Y
 
 
 def _lin_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,7 +243,7 @@ def spectral_polar(
     give P(X0) = W diag(r(y)) W^T X0 with r = prod_t q_t, q_t = a_t + b_t y_t + c_t y_t^2,
     y_{t+1} = y_t q_t^2 (exact in exact arithmetic: every iterate is a polynomial in X0 X0^T
     times X0). Result = W diag(scale * nuc^alpha * r(y) / nu) W^T X, one [m, m] x [m, n]
-    product in X's dtype. Exactly zero rows of X give exactly zero rows (as the iterations
+    product, in float64 like the Gram (cast to X's dtype at the end). Exactly zero rows of X give exactly zero rows (as the iterations
     do); zero columns are zero by construction.
     """
     coeffs = polar_coeffs(method, steps)
@@ -252,8 +265,9 @@ def spectral_polar(
         w = w * _nuclear_scale(nuc, float(alpha)).unsqueeze(-1)
     if scale != 1.0:
         w = w * scale
-    F = torch.bmm(W * w.unsqueeze(-2), W.mT).to(X.dtype)
-    out = torch.bmm(F, X)
+    # float64 product: F's entries are dominated by the large weights P(s)/s of the small
+    # singular directions; rounding F to float32 would leak ~prod(a_t) * eps into the rest
+    out = torch.bmm(torch.bmm(W * w.unsqueeze(-2), W.mT), X64).to(X.dtype)
     rows = (X != 0).any(dim=-1, keepdim=True)
     if not bool(rows.all()):
         out = out * rows.to(out.dtype)
@@ -282,14 +296,14 @@ def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
 
     iterative: per step A = X X^T (2 m^2 n), b A + c A^2 (2 m^3), B X (2 m^2 n);
     plus, with the nuclear factor, one eigvalsh(m) (counted as 4/3 m^3).
-    gram: G = X X^T (2 m^2 n, float64), eigh(m) (counted as 9 m^3, float64), W diag W^T
-    (2 m^3, float64), F X (2 m^2 n).
+    gram: G = X X^T (2 m^2 n), eigh(m) (counted as 9 m^3), W diag W^T (2 m^3), F X (2 m^2 n),
+    all float64.
     Returns {"mm32", "mm64", "eig"} flop counts.
     """
     if route == "iterative":
         mm = steps * (4 * m * m * n + 2 * m**3)
         return {"mm32": mm, "mm64": 0, "eig": (4 * m**3) // 3 if nuclear else 0}
-    return {"mm32": 2 * m * m * n, "mm64": 2 * m * m * n + 2 * m**3, "eig": 9 * m**3}
+    return {"mm32": 0, "mm64": 4 * m * m * n + 2 * m**3, "eig": 9 * m**3}
 
 
 def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: int = 1) -> float:
@@ -326,7 +340,8 @@ def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: tor
 # ----------------------------------------------------------------------------------------
 
 
-def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool) -> Tensor:
+def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool,
+                 compiled: bool = False) -> Tensor:
     """scale * [||X||_*^alpha] * polar_method(X) on [N, m, n]; any orientation."""
     N, m, n = X.shape
     if X.numel() == 0:
@@ -352,7 +367,7 @@ def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route:
         out = spectral_polar(wide, method, steps, alpha=alpha, scale=scale)
     else:
         out = iterative_polar(wide, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt,
-                              out=wide if (fresh and m <= n) else None)
+                              out=wide if (fresh and m <= n) else None, compiled=compiled)
     return out.mT if m > n else out
 
 
@@ -360,40 +375,58 @@ def _row_norm_(Y: Tensor, eps: float) -> Tensor:
     return Y.div_(torch.linalg.vector_norm(Y, dim=-1, keepdim=True).add_(eps))
 
 
-def _center_(Y: Tensor) -> Tensor:
-    return Y.sub_(Y.mean(dim=-2, keepdim=True)) if Y.shape[-2] else Y
+def _row_norm(X: Tensor, eps: float) -> Tensor:
+    return X / (torch.linalg.vector_norm(X, dim=-1, keepdim=True) + eps)
 
 
-def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool) -> Tensor:
+def _centered_row_norm(X: Tensor, eps: float) -> Tensor:
+    Y = X - X.mean(dim=-2, keepdim=True)
+    Y = Y / (torch.linalg.vector_norm(Y, dim=-1, keepdim=True) + eps)
+    return Y - Y.mean(dim=-2, keepdim=True)
+
+
+def _centered_row_norm_(X: Tensor, eps: float) -> Tensor:
+    """C(rn(C(X))) on one buffer: X - mean is the one fresh tensor."""
+    Y = X - X.mean(dim=-2, keepdim=True)
+    _row_norm_(Y, eps)
+    return Y.sub_(Y.mean(dim=-2, keepdim=True))
+
+
+def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool, compiled: bool = False) -> Tensor:
     """The group's map (in its own orientation, column-aware already applied) times ``scale``
-    on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten."""
+    on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten.
+    ``compiled``: the row-norm kernels and the polynomial iterations run through torch.compile."""
     name = group["map"]
+    eps = kwargs.get("eps", maps.EPS)
     if name in ("polar", "scaled_polar"):
         alpha = kwargs.get("alpha", 1.0) if name == "scaled_polar" else None
         return _polar_batch(X, kwargs.get("method", maps.DEFAULT_POLAR_METHOD), kwargs.get("steps"),
-                            kwargs.get("compute_dtype"), alpha, scale, route, fresh)
+                            kwargs.get("compute_dtype"), alpha, scale, route, fresh, compiled)
     if name == "hybrid":
         order = kwargs.get("order", "row_then_polar")
-        eps = kwargs.get("eps", maps.EPS)
         method = kwargs.get("method", maps.DEFAULT_POLAR_METHOD)
         if order == "row_then_polar":
-            R = _row_norm_(X if fresh else X.clone(), eps) if X.numel() else X.clone()
+            if not X.numel():
+                R = X.clone()
+            elif compiled:
+                R = _compiled_kernel("row_norm")(X, eps)
+            else:
+                R = _row_norm_(X if fresh else X.clone(), eps)
             return _polar_batch(R, method, kwargs.get("steps"), kwargs.get("compute_dtype"),
-                                kwargs.get("alpha", 1.0), scale, route, True)
+                                kwargs.get("alpha", 1.0), scale, route, True, compiled)
         if order == "polar_then_row":
-            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh)
+            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh,
+                             compiled)
             P = maps.row_norm(P, eps)
             return P * scale if scale != 1.0 else P
         return maps.hybrid(X, **kwargs)  # raises on the unknown order
-    if name == "row_norm" and X.numel():
-        Y = X if fresh else X.clone()
-        Y = _row_norm_(Y, kwargs.get("eps", maps.EPS))
-        return Y.mul_(scale) if scale != 1.0 else Y
-    if name == "centered_row_norm" and X.numel():
-        # C(rn(C(X))) on one buffer: X - mean is the one fresh tensor
-        Y = X - X.mean(dim=-2, keepdim=True)
-        _row_norm_(Y, kwargs.get("eps", maps.EPS))
-        _center_(Y)
+    if name in ("row_norm", "centered_row_norm") and X.numel():
+        if compiled:
+            Y = _compiled_kernel(name)(X, eps)
+        elif name == "row_norm":
+            Y = _row_norm_(X if fresh else X.clone(), eps)
+        else:
+            Y = _centered_row_norm_(X, eps)
         return Y.mul_(scale) if scale != 1.0 else Y
     out = maps.get_map(name)(X, **kwargs)
     return out * scale if scale != 1.0 else out
@@ -471,8 +504,8 @@ def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> lis
             X, fresh = views[0], False
         else:
             X, fresh = torch.cat(views, dim=0), True
-        run = _compiled(group["map"]) if o.compile else map_batch
-        U = run(group, X, kwargs, scale, o.polar_route, fresh)
+        with _backend(o.compile_backend if o.compile else None):
+            U = map_batch(group, X, kwargs, scale, o.polar_route, fresh, o.compile)
         sizes = [v.shape[0] for v in views]
         for i, u in zip(idx, U.split(sizes, dim=0) if len(views) > 1 else (U,)):
             if group["column_aware"]:
@@ -486,12 +519,32 @@ def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> lis
 # ----------------------------------------------------------------------------------------
 
 _COMPILED: dict = {}
+_KERNELS = {"iterate": _iterate, "row_norm": _row_norm, "centered_row_norm": _centered_row_norm}
+_BACKEND = ["inductor"]
 
 
-def _compiled(name: str):
-    """map_batch through torch.compile (one compiled graph per map name and shape)."""
-    fn = _COMPILED.get(name)
+class _backend:
+    """Select the torch.compile backend of the kernels compiled inside the block."""
+
+    def __init__(self, name: Optional[str]):
+        self.name = name
+
+    def __enter__(self):
+        self.prev = _BACKEND[0]
+        if self.name:
+            _BACKEND[0] = self.name
+
+    def __exit__(self, *exc):
+        _BACKEND[0] = self.prev
+
+
+def _compiled_kernel(name: str):
+    """torch.compile of one kernel (matrix products stay library calls; the elementwise work
+    around them is fused). Compiled once per process and backend, specialized per shape
+    (dynamic=False)."""
+    key = (name, _BACKEND[0])
+    fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(map_batch, dynamic=False, fullgraph=False)
-        _COMPILED[name] = fn
+        fn = torch.compile(_KERNELS[name], dynamic=False, backend=_BACKEND[0])
+        _COMPILED[key] = fn
     return fn
