@@ -419,10 +419,50 @@ def run_resume(out: Path) -> None:
             torch.save(params, out / f"resumed_{mode}.pt")
 
 
+def run_wide(out: Path, info) -> None:
+    """Any world size: every layout x every map on a 1-D mesh of all ranks and, with 4 ranks,
+    on an HSDP mesh (2 replicas x 2 shards); compared here with the single-process run."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    meshes = {f"1d-{info.world_size}": init_device_mesh("cpu", (info.world_size,))}
+    if info.world_size == 4:
+        meshes["hsdp-2x2"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    res = {}
+    for mname, mesh in meshes.items():
+        placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+
+        def shard(t):
+            return distribute_tensor(t, mesh, placements, src_data_rank=None)
+
+        for spec_name in MAP_SPECS:
+            params = {n: nn.Parameter(shard(case_tensors(i, s))) for i, (n, s, _) in enumerate(LAYOUT_CASES)}
+            layouts = {params[n]: lay for n, _, lay in LAYOUT_CASES}
+            opt = EquiOptimizer([map_group(spec_name, list(params.values()))], layouts=layouts,
+                                names={p: n for n, p in params.items()})
+            for step in range(MAP_STEPS):
+                for i, (n, s, _) in enumerate(LAYOUT_CASES):
+                    params[n].grad = shard(case_tensors(1000 * (step + 1) + i, s))
+                opt.step()
+            got = {k: v.full_tensor() for k, v in params.items()}
+            ref = map_reference(spec_name)
+            res[(mname, spec_name)] = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    if D.is_rank0():
+        torch.save(res, out / f"wide-{info.world_size}.pt")
+
+
 def main(argv) -> None:
     cmd, out = argv[0], Path(argv[1])
     torch.set_num_threads(1)
     info = D.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 90)))
+    if cmd == "wide":
+        run_wide(out, info)
+        D.barrier()
+        if D.is_rank0():
+            (out / f"done-{cmd}").write_text("ok")
+        D.cleanup()
+        return
     assert info.initialized and info.world_size == 2, info
     if cmd == "maps":
         from torch.distributed.device_mesh import init_device_mesh

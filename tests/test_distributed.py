@@ -36,13 +36,13 @@ import dist_worker as W  # noqa: E402
 dist_only = pytest.mark.dist
 
 
-def launch(cmd: str, out: Path) -> None:
-    """torchrun --standalone --nproc_per_node=2 dist_worker.py CMD OUT, with a timeout."""
+def launch(cmd: str, out: Path, nproc: int = 2) -> None:
+    """torchrun --standalone --nproc_per_node=NPROC dist_worker.py CMD OUT, with a timeout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("EQUIOPT_DIST_TIMEOUT", "90")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(WORKER), cmd, str(out)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -282,3 +282,21 @@ def test_checkpoint_resume_identical(resumed_dir, mode):
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), f"{mode}: {n} differs after resume by {(a[n] - b[n]).abs().max():.2e}"
+
+
+@dist_only
+@pytest.mark.skipif(os.environ.get("EQUIOPT_DIST_WIDE") != "1", reason="set EQUIOPT_DIST_WIDE=1 (3 and 4 processes)")
+@pytest.mark.parametrize("nproc", [3, 4])
+def test_more_ranks_and_hsdp(nproc, tmp_path):
+    """3 ranks (a [2, d] matrix leaves rank 2 empty inside a gather) and 4 ranks, 1-D and HSDP
+    (2 replicas x 2 shards): every layout x every map equals the single-process run. Opt-in:
+    4 processes on 2 cores take ~30 s."""
+    out = Path(tempfile.mkdtemp(prefix="equiopt-dist-wide-"))
+    try:
+        launch("wide", out, nproc=nproc)
+        res = torch.load(out / f"wide-{nproc}.pt")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert len(res) == len(W.MAP_SPECS) * (2 if nproc == 4 else 1)
+    for key, d in res.items():
+        assert d <= TOL, f"{key}: max |diff| {d:.2e}"
