@@ -287,7 +287,7 @@ def test_checkpoint_resume_identical(resumed_dir, mode):
 @dist_only
 @pytest.mark.skipif(os.environ.get("EQUIOPT_DIST_WIDE") != "1", reason="set EQUIOPT_DIST_WIDE=1 (3 and 4 processes)")
 @pytest.mark.parametrize("nproc", [3, 4])
-def test_more_ranks_and_hsdp(nproc, tmp_path):
+def test_more_ranks_and_hsdp(nproc):
     """3 ranks (a [2, d] matrix leaves rank 2 empty inside a gather) and 4 ranks, 1-D and HSDP
     (2 replicas x 2 shards): every layout x every map equals the single-process run. Opt-in:
     4 processes on 2 cores take ~30 s."""
