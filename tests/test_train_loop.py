@@ -46,6 +46,7 @@ def _strip(recs):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_smoke_every_family(arch, corpus, tmp_path):
     cfg = _cfg(corpus, tmp_path, arch=arch, optimizer="paper")
@@ -93,6 +94,7 @@ def test_families_have_their_traits():
         dataclasses.replace(preset("qwen3"), num_experts=4).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,opt", [("olmoe", "paper"), ("qwen3", "muon")])
 def test_resume_after_kill_matches_uninterrupted(arch, opt, corpus, tmp_path):
     kw = dict(arch=arch, optimizer=opt, steps=8, eval_every=2, ckpt_every=3)
@@ -121,6 +123,7 @@ def test_resume_rejects_changed_config(corpus, tmp_path):
         L.train(dataclasses.replace(cfg, lr_scale=2.0), resume=True, progress=False, prepared=corpus[1])
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     real = L.build_model
     calls = {"n": 0}

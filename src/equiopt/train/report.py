@@ -137,7 +137,8 @@ def table_markdown(summary: dict) -> str:
             c = cells[opt]
             n = f"{c['n']}" + (f" (+{c['diverged']} diverged)" if c["diverged"] else "")
             p = c.get("val_loss", {}).get("p_vs_paper")
-            lines.append("| " + " | ".join([opt, f"{c['lr_scale']:g}", n] + [_fmt(c, k) for k in cols]
+            lr = f"{c['lr_scale']:g}" + "".join(f", {r}×{v:g}" for r, v in sorted(c["role_lr_scale"].items()))
+            lines.append("| " + " | ".join([opt, lr, n] + [_fmt(c, k) for k in cols]
                                            + [_fmt_p(p)]) + " |")
         lines.append("")
     return "\n".join(lines)
