@@ -164,29 +164,34 @@ def iterative_polar(
     alpha: Optional[float] = None,
     scale: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
-    out: Optional[Tensor] = None,
+    inplace: bool = False,
     compiled: bool = False,
 ) -> Tensor:
     """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations.
 
-    ``X`` is a wide batch [N, m, n] (m <= n) in its working dtype; it is not modified unless
-    ``X is out`` is allowed by the caller (``out=X`` lets the normalization run in place on a
-    fresh stacked buffer). The nuclear norm comes from the Gram matrix of the first
-    iteration (eigenvalues of X0 X0^T times the normalizer squared) instead of a second
-    Gram product; the scalar factors are folded into the last polynomial's m x m matrix.
+    ``X`` [N, m, n], any orientation (the work is on the wide one, m <= n, as in
+    :mod:`equiopt.polar`); the result has X's shape and dtype and is contiguous. ``X`` is not
+    modified unless ``inplace`` (then a contiguous wide X may serve as the first iterate's
+    buffer). The normalization writes the contiguous wide iterate in one pass (transposing
+    on the fly); the nuclear norm comes from the Gram matrix of the first iteration
+    (eigenvalues of X0 X0^T times the normalizer squared) instead of a second Gram product;
+    the scalar factors are folded into the last polynomial's m x m matrix, and the last step
+    writes the result directly in X's orientation (Y^T C instead of C Y, C symmetric).
     """
     coeffs = polar_coeffs(method, steps)
     out_dtype = X.dtype
     cdt = out_dtype if compute_dtype is None else compute_dtype
-    N, m, n = X.shape
+    N, m0, n0 = X.shape
+    flip = m0 > n0
+    wide = X.mT if flip else X
+    m = wide.shape[-2]
     fro = torch.linalg.matrix_norm(X, keepdim=True)
     nu = _normalizer(method, fro)
-    if cdt != out_dtype:
-        Y = X.to(cdt).div_(nu.to(cdt))
-    elif out is X and coeffs:
-        Y = X.div_(nu)
+    if inplace and not flip and cdt == out_dtype and wide.is_contiguous() and coeffs:
+        Y = wide.div_(nu)
     else:
-        Y = X / nu
+        Y = torch.empty(wide.shape, dtype=cdt, device=X.device)
+        torch.div(wide, nu, out=Y) if cdt == out_dtype else Y.copy_(wide).div_(nu.to(cdt))
     factor = None  # per-matrix scalar [N, 1, 1]
     A = None
     if alpha is not None and coeffs:
@@ -195,32 +200,33 @@ def iterative_polar(
         nuc = _nuclear_from_eigs(lam, m, out_dtype) * nu.reshape(N).to(lam.dtype)
         factor = _nuclear_scale(nuc.to(out_dtype), float(alpha)).reshape(N, 1, 1)
     elif alpha is not None:
-        nuc = maps.nuclear_norm(X)
-        factor = _nuclear_scale(nuc, float(alpha)).reshape(N, 1, 1)
-    if factor is not None and scale != 1.0:
-        factor = factor * scale
-    elif scale != 1.0:
-        factor = torch.full((N, 1, 1), scale, dtype=out_dtype, device=X.device)
+        factor = _nuclear_scale(maps.nuclear_norm(X), float(alpha)).reshape(N, 1, 1)
+    if scale != 1.0:
+        factor = torch.full((N, 1, 1), scale, dtype=out_dtype, device=X.device) if factor is None else factor * scale
     if not coeffs:
         Y = Y.to(out_dtype)
-        return Y * factor if factor is not None else Y
-    Y = (_compiled_kernel("iterate") if compiled else _iterate)(Y, A, coeffs, None if factor is None else factor.to(cdt))
+        Y = Y * factor if factor is not None else Y
+        return Y.mT.contiguous() if flip else Y
+    f = None if factor is None else factor.to(cdt)
+    Y = (_compiled_kernel("iterate") if compiled else _iterate)(Y, A, coeffs, f, flip)
     return Y.to(out_dtype)
 
 
-def _iterate(Y: Tensor, A: Optional[Tensor], coeffs, factor: Optional[Tensor]) -> Tensor:
+def _iterate(Y: Tensor, A: Optional[Tensor], coeffs, factor: Optional[Tensor], flip: bool) -> Tensor:
     """The polynomial steps Y <- a Y + (b A + c A^2) Y, A = Y Y^T (``A`` given: the first
-    step's Gram); ``factor`` [N, 1, 1] folded into the last step's m x m matrix."""
+    step's Gram). The last step forms C = a I + b A + c A^2 (times ``factor`` [N, 1, 1]) and
+    returns C Y, or (C Y)^T = Y^T C when ``flip`` (C is symmetric), contiguous either way."""
     last = len(coeffs) - 1
     for t, (a, b, c) in enumerate(coeffs):
         if A is None:
             A = torch.bmm(Y, Y.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        if t == last and factor is not None:
-            B.diagonal(dim1=-2, dim2=-1).add_(a)  # a I + b A + c A^2
-            Y = torch.bmm(B * factor, Y)
-        else:
-            Y = torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
+        if t == last:
+            B.diagonal(dim1=-2, dim2=-1).add_(a)  # C = a I + b A + c A^2
+            if factor is not None:
+                B = B * factor
+            return torch.bmm(Y.mT, B) if flip else torch.bmm(B, Y)
+        Y = torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
         A = None
     return Y
 
@@ -239,17 +245,23 @@ def spectral_polar(
 ) -> Tensor:
     """The same map as :func:`iterative_polar`, evaluated on the eigenvalues of the Gram.
 
-    X0 = X / nu; X0 X0^T = W diag(y) W^T (float64 eigh of the m x m Gram); the iterations
-    give P(X0) = W diag(r(y)) W^T X0 with r = prod_t q_t, q_t = a_t + b_t y_t + c_t y_t^2,
-    y_{t+1} = y_t q_t^2 (exact in exact arithmetic: every iterate is a polynomial in X0 X0^T
-    times X0). Result = W diag(scale * nuc^alpha * r(y) / nu) W^T X, one [m, m] x [m, n]
-    product, in float64 like the Gram (cast to X's dtype at the end). Exactly zero rows of X give exactly zero rows (as the iterations
-    do); zero columns are zero by construction.
+    On the wide orientation (m <= n): X0 = X / nu; X0 X0^T = W diag(y) W^T (float64 eigh of
+    the m x m Gram); the iterations give P(X0) = W diag(r(y)) W^T X0 with r = prod_t q_t,
+    q_t = a_t + b_t y_t + c_t y_t^2, y_{t+1} = y_t q_t^2 (exact in exact arithmetic: every
+    iterate is a polynomial in X0 X0^T times X0). Result = F X with
+    F = W diag(scale * nuc^alpha * r(y) / nu) W^T, one [m, m] x [m, n] product, in float64
+    like the Gram: F's entries are dominated by the large weights P(s)/s of the small singular
+    directions, and rounding F to float32 would leak ~prod(a_t) * eps into the others. The
+    result (X's shape, dtype, contiguous) is written in X's orientation (X^T F when m > n).
+    Exactly zero rows/columns of X give exactly zero rows/columns, as the iterations do.
     """
     coeffs = polar_coeffs(method, steps)
-    N, m, n = X.shape
+    N, m0, n0 = X.shape
+    flip = m0 > n0
     X64 = X.to(torch.float64)
-    G = torch.bmm(X64, X64.mT)
+    wide = X64.mT if flip else X64
+    m = wide.shape[-2]
+    G = torch.bmm(wide, wide.mT)
     fro = torch.linalg.matrix_norm(X, keepdim=True).reshape(N, 1)  # in X's dtype, as the iterations
     nu = _normalizer(method, fro).to(torch.float64)
     lam, W = torch.linalg.eigh(G)
@@ -265,12 +277,12 @@ def spectral_polar(
         w = w * _nuclear_scale(nuc, float(alpha)).unsqueeze(-1)
     if scale != 1.0:
         w = w * scale
-    # float64 product: F's entries are dominated by the large weights P(s)/s of the small
-    # singular directions; rounding F to float32 would leak ~prod(a_t) * eps into the rest
-    out = torch.bmm(torch.bmm(W * w.unsqueeze(-2), W.mT), X64).to(X.dtype)
-    rows = (X != 0).any(dim=-1, keepdim=True)
-    if not bool(rows.all()):
-        out = out * rows.to(out.dtype)
+    F = torch.bmm(W * w.unsqueeze(-2), W.mT)
+    out = (torch.bmm(X64, F) if flip else torch.bmm(F, X64)).to(X.dtype)
+    # the small side's zero lines: exact zeros (eigenvectors mix rounding noise into them)
+    lines = (X != 0).any(dim=-2 if flip else -1, keepdim=True)
+    if not bool(lines.all()):
+        out = out * lines.to(out.dtype)
     return out
 
 
@@ -358,17 +370,13 @@ def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route:
         return out * scale if scale != 1.0 else out
     if alpha is not None and float(alpha) == 0.0:
         alpha = None
-    wide = X.mT if m > n else X
-    mm, nn = wide.shape[-2:]
     k = len(polar_coeffs(method, steps))
     work_dt = X.dtype if cdt is None else cdt
-    which = choose_polar_route(mm, nn, k, alpha is not None, device=X.device, cdt=work_dt, route=route)
+    which = choose_polar_route(min(m, n), max(m, n), k, alpha is not None, device=X.device, cdt=work_dt, route=route)
     if which == "gram" and cdt in (None, X.dtype):
-        out = spectral_polar(wide, method, steps, alpha=alpha, scale=scale)
-    else:
-        out = iterative_polar(wide, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt,
-                              out=wide if (fresh and m <= n) else None, compiled=compiled)
-    return out.mT if m > n else out
+        return spectral_polar(X, method, steps, alpha=alpha, scale=scale)
+    return iterative_polar(X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh,
+                           compiled=compiled)
 
 
 def _row_norm_(Y: Tensor, eps: float) -> Tensor:
