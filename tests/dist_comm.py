@@ -122,7 +122,7 @@ def timed_fwd_bwd(arch: str, batch: int = 8, seq: int = 128) -> float:
 def main(argv) -> None:
     out = Path(argv[0] if argv else "results/comm.md")
     torch.set_num_threads(1)
-    info = D.init_from_env()
+    info = D.init_from_env(device="cpu")  # a CPU (gloo) benchmark even where CUDA exists
     W = info.world_size
     lines = []
     emit = lines.append

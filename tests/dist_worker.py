@@ -455,7 +455,7 @@ def run_wide(out: Path, info) -> None:
 def main(argv) -> None:
     cmd, out = argv[0], Path(argv[1])
     torch.set_num_threads(1)
-    info = D.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 90)))
+    info = D.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 90)), device="cpu")  # gloo
     if cmd == "wide":
         run_wide(out, info)
         D.barrier()

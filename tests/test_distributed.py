@@ -138,7 +138,7 @@ def test_alignment(shape, layout, aligned):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_single_process_helpers_are_noops(tmp_path):
     if "WORLD_SIZE" not in os.environ:
-        assert D.init_from_env() == D.DistInfo()
+        assert D.init_from_env(device="cpu") == D.DistInfo()
     assert D.is_rank0() and D.mean_over_ranks(2.5) == 2.5
     model = torch.nn.Linear(4, 3)
     assert D.wrap_model(model, "none") is model
