@@ -890,7 +890,8 @@ def wrap_model(
     reshard_after_forward: bool = True,
     find_unused_parameters: bool = False,
 ) -> nn.Module:
-    """Wrap ``model`` (already on its device) for data-parallel training.
+    """Wrap ``model`` (already on its device: the device of its parameters picks the mesh /
+    DDP device) for data-parallel training. ``info`` is accepted for symmetry and unused.
 
     * ``"none"``: returned as is.
     * ``"ddp"``: ``DistributedDataParallel`` (``device_ids=[local_rank]`` on CUDA). Build the
@@ -902,17 +903,19 @@ def wrap_model(
     """
     if mode in (None, "none"):
         return model
-    info = info or DistInfo(*_world(), initialized=dist.is_available() and dist.is_initialized())
+    # the model's own device decides (a CPU model on a CUDA machine stays on CPU / gloo)
+    dev = next(model.parameters()).device
     if mode == "ddp":
-        dev_ids = [info.device.index] if info.device.type == "cuda" else None
+        dev_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=dev_ids,
                                                    find_unused_parameters=find_unused_parameters)
     if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kw: dict = {"reshard_after_forward": reshard_after_forward}
-        if mesh is not None:
-            kw["mesh"] = mesh
+        if mesh is None:  # fully_shard's default mesh would take the accelerator even for a CPU model
+            mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+        kw: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
         if param_dtype is not None or reduce_dtype is not None:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         for unit in (list(units) if units is not None else _block_modules(model)):
