@@ -11,6 +11,16 @@ from equiopt import cli
 
 MODEL = "hidden_size=32,intermediate_size=48,num_layers=2,num_heads=2,num_kv_heads=1,head_dim=16"
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run as fast on one thread, and one thread does not spin when the CPU is shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
@@ -27,6 +37,9 @@ def text_dir(tmp_path_factory):
 def common(text_dir, tmp_path):
     return ["--data", str(text_dir), "--vocab-size", "320", "--cache", str(tmp_path / "cache"),
             "--model", MODEL, "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "128", "--no-progress"]
+
+
+
 
 
 def test_help_everywhere(capsys):
@@ -92,7 +105,7 @@ def test_train_command(common, tmp_path, capsys):
 def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--archs", "qwen3,gemma3,olmoe,gptoss", "--optimizers", "adamw,paper", "--seeds", "2",
-            "--steps", "2", "--eval-every", "1", "--out", str(out), *common]
+            "--steps", "2", "--eval-every", "1", "--out", str(out), "--jobs", "1", *common]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "### gptoss" in printed and "Ordering by mean final validation loss" in printed
@@ -115,7 +128,8 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
 
     sw = tmp_path / "sweep"
     assert cli.main(["sweep", "--archs", "olmoe", "--optimizers", "muon,paper", "--lr-scales", "0.5,2",
-                     "--role-grid", "router=0.5", "--steps", "2", "--eval-every", "2", "--out", str(sw), *common]) == 0
+                     "--role-grid", "router=0.5", "--steps", "2", "--eval-every", "2", "--out", str(sw), "--jobs", "1",
+                     *common]) == 0
     best = json.loads((sw / "best.json").read_text())
     points = json.loads((sw / "sweep.json").read_text())
     assert len(points) == 2 * 3
@@ -128,7 +142,8 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
 
     out2 = tmp_path / "cmp2"
     assert cli.main(["compare", "--archs", "olmoe", "--optimizers", "paper", "--seeds", "1", "--steps", "2",
-                     "--eval-every", "2", "--lr-from", str(sw / "best.json"), "--out", str(out2), *common]) == 0
+                     "--eval-every", "2", "--lr-from", str(sw / "best.json"), "--out", str(out2), "--jobs", "1",
+                     *common]) == 0
     cfg = json.loads((out2 / "runs" / "olmoe" / "paper" / "seed0" / "config.json").read_text())
     assert cfg["lr_scale"] == best["olmoe"]["paper"]["lr_scale"]
     assert cfg["role_lr_scale"] == best["olmoe"]["paper"]["role_lr_scale"]
@@ -136,3 +151,19 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
         cli.main(["compare", "--archs", "qwen3", "--lr-from", str(sw / "best.json"), "--out", str(tmp_path / "x"),
                   *common])
     assert e.value.code == 2 and "no learning rate for arch 'qwen3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_results(common, tmp_path):
+    """--jobs 2 (spawned workers, one thread each) reproduces --jobs 1 exactly."""
+    res = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"j{jobs}"
+        assert cli.main(["compare", "--archs", "gptoss", "--optimizers", "paper", "--seeds", "2", "--steps", "3",
+                         "--eval-every", "3", "--threads", "1", "--jobs", jobs, "--out", str(out), *common]) == 0
+        res[jobs] = [json.loads((out / "runs" / "gptoss" / "paper" / f"seed{s}" / "metrics.jsonl").read_text()
+                                .splitlines()[-1]) for s in (0, 1)]
+    for a, b in zip(res["1"], res["2"]):
+        assert a["val_loss"] == b["val_loss"] and a["routing"] == b["routing"] and a["logits"] == b["logits"]
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--jobs", "2", "--threads", "4", "--out", str(tmp_path / "x"), *common])

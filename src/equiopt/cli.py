@@ -18,7 +18,7 @@ from typing import Callable
 # The project's main job: `equiopt compare` with no arguments. Sized to finish in <= 10 minutes
 # on 2 CPU cores including the corpus fetch and BPE training on a fresh machine.
 MAIN_JOB = dict(archs="qwen3,olmoe", optimizers="adamw,muon,paper", seeds=2, steps=100, batch_size=8,
-                eval_every=25, eval_tokens=8192, warmup=-1, out="runs/compare")
+                eval_every=25, eval_tokens=8192, warmup=-1, out="runs/compare", jobs=2)
 
 
 def _csv(s: str) -> list[str]:
@@ -97,6 +97,8 @@ def add_training_options(p: argparse.ArgumentParser, defaults: dict | None = Non
                    help="validation tokens per evaluation (fixed subset) (default %(default)s)")
     g.add_argument("--ckpt-every", type=int, default=d["ckpt_every"], help="steps between checkpoints, 0 = end only (default %(default)s)")
     g.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads, 0 = torch's default (default %(default)s)")
+    g.add_argument("--device", default=d["device"],
+                   help="cpu (float32) or cuda[:i] (float32 weights, bfloat16 autocast) (default %(default)s)")
     g.add_argument("--overwrite", action="store_true", help="discard existing runs in --out instead of refusing/reusing them")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("data")
@@ -120,10 +122,16 @@ def config_from_args(args, **fields):
                       batch_size=args.batch_size, seq_len=args.seq_len, lr_scale=args.lr_scale,
                       role_lr_scale=args.role_lr, warmup=args.warmup, schedule=args.schedule,
                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                      eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every, threads=args.threads,
+                      eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every, threads=args.threads, device=args.device,
                       data=data, **fields)
     cfg.validate()
     return cfg
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=_positive_int, default=MAIN_JOB["jobs"],
+                   help="runs trained at once, each in its own process on one thread (default %(default)s; "
+                        "1 = in this process, on --threads threads)")
 
 
 def _command_line() -> str:
@@ -184,6 +192,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_positive_int, default=m["seeds"], help="seeds 0..N-1 per cell (default %(default)s)")
     p.add_argument("--out", default=m["out"], help="output directory (default %(default)s)")
     p.add_argument("--lr-from", default=None, metavar="BEST_JSON", help="per (arch, optimizer) LRs from sweeps' best.json files (comma-separated)")
+    _add_jobs(p)
     add_training_options(p, {k: m[k] for k in ("steps", "batch_size", "eval_every", "eval_tokens", "warmup")})
 
 
@@ -194,7 +203,7 @@ def run_compare(args) -> int:
     base = config_from_args(args, out=args.out)
     lrs = load_lrs(args.lr_from) if args.lr_from else None
     rep = compare(base, args.archs, args.optimizers, list(range(args.seeds)), Path(args.out), lrs=lrs,
-                  overwrite=args.overwrite, progress=not args.no_progress, command=_command_line())
+                  overwrite=args.overwrite, progress=not args.no_progress, jobs=args.jobs, command=_command_line())
     print()
     print(rep["table"])
     print("Ordering by mean final validation loss (best first):")
@@ -221,6 +230,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the sweep runs; keep it apart from the comparison's seeds (default %(default)s)")
     p.add_argument("--out", default="runs/sweep", help="output directory; best.json lands here (default %(default)s)")
+    _add_jobs(p)
     add_training_options(p, {"steps": 100, "batch_size": 8, "eval_every": 50, "eval_tokens": 8192})
 
 
@@ -240,7 +250,8 @@ def run_sweep(args) -> int:
 
     base = config_from_args(args, out=args.out)
     res = sweep(base, args.archs, args.optimizers, args.lr_scales, _role_grid(args.role_grid), Path(args.out),
-                seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress, command=_command_line())
+                seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress, jobs=args.jobs,
+                command=_command_line())
     print(res["table"])
     print(f"\nBest learning rates: {Path(args.out) / 'best.json'} (use with --lr-from)")
     return 0

@@ -2,6 +2,11 @@
 
 Both are restartable: a run whose ``final.json`` exists with the same configuration is
 reused, a run with a checkpoint is resumed, anything else starts fresh.
+
+``jobs > 1`` runs that many training runs at once in worker processes, each on one torch
+thread (``threads`` is then forced to 1 and recorded). On small CPU models this beats one
+process on several threads, and it does not collapse when other work shares the cores
+(oversubscribed OpenMP threads spin). Results do not depend on ``jobs``.
 """
 from __future__ import annotations
 
@@ -88,25 +93,76 @@ def check_grid(archs: list[str], optimizers: list[str]) -> None:
         raise ValueError("--archs and --optimizers must not repeat a name")
 
 
+def _worker(cfg_dict: dict, overwrite: bool) -> dict:
+    """One run in a worker process (spawned): data come from the cache the parent filled."""
+    import torch
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    torch.set_num_threads(max(1, cfg.threads))
+    prepared = D.prepare(cfg.data, log=lambda m: None)
+    return _run_one(cfg, overwrite, log=print, prepared=prepared, progress=False)
+
+
+def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False, progress: bool = True, log=print,
+             prepared: D.Prepared | None = None, desc: str = "runs") -> list[dict]:
+    """Run every config (reusing finished identical runs); the final records in ``cfgs`` order."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    results: list[dict | None] = [None] * len(cfgs)
+    bar = tqdm(total=len(cfgs), desc=desc, disable=not progress, dynamic_ncols=True)
+
+    def done(i: int, final: dict, t1: float) -> None:
+        results[i] = final
+        bar.update(1)
+        if not progress:
+            c = cfgs[i]
+            val = f"{final['val_loss']:.4f}" if final["status"] == "done" else final["status"]
+            log(f"[{desc} {sum(r is not None for r in results)}/{len(cfgs)}] {c.arch}/{c.optimizer} seed {c.seed} "
+                f"lr_scale {c.lr_scale:g}: val loss {val} ({time.time() - t1:.0f} s; {time.time() - t0:.0f} s total)")
+
+    if jobs <= 1:
+        for i, cfg in enumerate(cfgs):
+            t1 = time.time()
+            done(i, _run_one(cfg, overwrite, log=log, prepared=prepared, progress=progress), t1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_worker, c.to_dict(), overwrite): (i, time.time()) for i, c in enumerate(cfgs)}
+            try:
+                for f in as_completed(futures):
+                    i, t1 = futures[f]
+                    done(i, f.result(), t1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _for_jobs(base: TrainConfig, jobs: int) -> TrainConfig:
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and base.threads not in (0, 1):
+        raise ValueError(f"--jobs {jobs} runs each run on one thread; --threads {base.threads} contradicts it")
+    return dataclasses.replace(base, threads=1) if jobs > 1 else base
+
+
 def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path, *,
-            lrs: dict | None = None, overwrite: bool = False, progress: bool = True, log=print,
+            lrs: dict | None = None, overwrite: bool = False, progress: bool = True, log=print, jobs: int = 1,
             command: str | None = None, title: str = "equiopt comparison") -> dict:
     check_grid(archs, optimizers)
+    base = _for_jobs(base, jobs)
     for a in archs:  # validate every cell before spending time
         dataclasses.replace(base, arch=a).validate()
     t0 = time.time()
     prepared = D.prepare(base.data, log=log)
     cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
-    from tqdm import tqdm
-
-    for i, cfg in enumerate(tqdm(cfgs, desc="compare", disable=not progress, dynamic_ncols=True)):
-        t1 = time.time()
-        final = _run_one(cfg, overwrite, log=log, prepared=prepared, progress=progress)
-        if not progress:
-            val = f"{final['val_loss']:.4f}" if final["status"] == "done" else final["status"]
-            log(f"[compare {i + 1}/{len(cfgs)}] {cfg.arch}/{cfg.optimizer}/seed{cfg.seed}: val loss {val} "
-                f"({time.time() - t1:.0f} s, {time.time() - t0:.0f} s total)")
-    notes = [f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s "
+    run_many(cfgs, jobs=jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc="compare")
+    notes = [f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s with {jobs} job(s) "
              f"(reused finished runs cost nothing)",
              f"model size preset {base.size!r}, {base.steps} steps x {base.batch_size} x {base.seq_len} tokens, "
              f"schedule {base.schedule} (warmup {base.warmup_steps}), data {base.data.source!r} "
@@ -119,12 +175,15 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
 
 def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
           role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
-          progress: bool = True, log=print, command: str | None = None) -> dict:
+          progress: bool = True, log=print, jobs: int = 1, command: str | None = None) -> dict:
     """Pick each (arch, optimizer)'s best global ``lr_scale`` on validation loss, then (coordinate
     descent) each role multiplier in ``role_grid`` at that scale. Writes ``best.json``/``sweep.md``."""
     check_grid(archs, optimizers)
+    base = _for_jobs(base, jobs)
     if not lr_scales or any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
         raise ValueError(f"--lr-scales must be positive numbers, got {lr_scales}")
+    if len(set(lr_scales)) != len(lr_scales):
+        raise ValueError(f"--lr-scales repeats a value: {lr_scales}")
     import equiopt
 
     for role, vals in role_grid.items():
@@ -135,51 +194,52 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
     for a in archs:
         dataclasses.replace(base, arch=a).validate()
     prepared = D.prepare(base.data, log=log)
+    out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
-    points = []
-    from tqdm import tqdm
-
+    points: list[dict] = []
     pairs = [(a, o) for a in archs for o in optimizers if not (o in ROUTER_ONLY and a not in MOE_ARCHS)]
-    total = len(pairs) * (len(lr_scales) + sum(len([v for v in vs if v != 1.0]) for vs in role_grid.values()))
-    bar = tqdm(total=total, desc="sweep", disable=not progress, dynamic_ncols=True)
-    quiet = lambda m: None if m.startswith("[data]") else log(m)  # noqa: E731
 
-    def run(arch, opt, scale, roles) -> float:
+    def cfg_for(arch, opt, scale, roles) -> TrainConfig:
         tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
-        cfg = dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
-                                  keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
-        t1 = time.time()
-        final = _run_one(cfg, overwrite, quiet, prepared, progress)
-        loss = final["val_loss"] if final["status"] == "done" else math.inf
-        if not progress:
-            log(f"[sweep] {arch}/{opt} {tag}: val loss {loss:.4f} ({time.time() - t1:.0f} s)")
-        points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles, "val_loss": loss,
-                       "status": final["status"]})
-        bar.update(1)
-        return loss
+        return dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
+                                   keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
 
-    for arch, opt in pairs:
-        losses = {s: run(arch, opt, s, {}) for s in lr_scales}
-        scale = min(lr_scales, key=lambda s: losses[s])
-        roles: dict[str, float] = {}
-        best_loss = losses[scale]
-        for role, vals in role_grid.items():
-            cand = {1.0: best_loss}
-            for v in vals:
-                if v != 1.0:
-                    cand[v] = run(arch, opt, scale, {**roles, role: v})
-            v = min(cand, key=lambda k: cand[k])
-            if v != 1.0:
-                roles[role] = v
-            best_loss = cand[v]
-        edge = scale in (min(lr_scales), max(lr_scales)) and len(lr_scales) > 1
-        best.setdefault(arch, {})[opt] = {"lr_scale": scale, "role_lr_scale": roles, "val_loss": best_loss,
-                                          "seed": seed, "steps": base.steps, "at_grid_edge": edge}
+    def run(specs: list[tuple]) -> list[float]:
+        """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
+        finals = run_many([cfg_for(*sp) for sp in specs], jobs=jobs, overwrite=overwrite, progress=progress,
+                          log=log, prepared=prepared, desc="sweep")
+        losses = []
+        for (arch, opt, scale, roles), final in zip(specs, finals):
+            loss = final["val_loss"] if final["status"] == "done" else math.inf
+            points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
+                           "val_loss": loss, "status": final["status"]})
+            losses.append(loss)
+        return losses
+
+    # stage 1: the global scale, every (pair, scale) at once
+    specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
+    losses = dict(zip([(a, o, s) for a, o, s, _ in specs], run(specs)))
+    state = {}
+    for a, o in pairs:
+        scale = min(lr_scales, key=lambda s: losses[(a, o, s)])
+        state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
+    # stage 2..: coordinate descent over the role multipliers, one role at a time, every pair at once
+    for role, vals in role_grid.items():
+        vals = [v for v in vals if v != 1.0]
+        specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v}) for a, o in pairs for v in vals]
+        res = run(specs)
+        for (a, o, _, roles), loss in zip(specs, res):
+            if loss < state[(a, o)]["loss"]:
+                state[(a, o)].update(roles=roles, loss=loss)
+    for a, o in pairs:
+        st = state[(a, o)]
+        edge = st["scale"] in (min(lr_scales), max(lr_scales)) and len(lr_scales) > 1
+        best.setdefault(a, {})[o] = {"lr_scale": st["scale"], "role_lr_scale": st["roles"], "val_loss": st["loss"],
+                                     "seed": seed, "steps": base.steps, "at_grid_edge": edge}
         if edge:
-            log(f"[sweep] {arch}/{opt}: best lr_scale {scale:g} is at the edge of the grid {lr_scales}")
-        D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
-    bar.close()
+            log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is at the edge of the grid {lr_scales}")
+    D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
     md = ["# equiopt sweep\n"]
     if command:
         md.append(f"Command: `{command}`\n")

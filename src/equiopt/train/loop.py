@@ -17,6 +17,7 @@ run logs the same metrics as an uninterrupted one (timing fields aside). A non-f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -81,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     aux_loss: bool = False
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    device: str = "cpu"  # "cpu" (float32) or "cuda[:i]" (float32 weights, bfloat16 autocast)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the size preset
     data: D.DataConfig = field(default_factory=D.DataConfig)
     out: str = "runs/train"
@@ -104,6 +106,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.warmup == -1 or 0 <= self.warmup <= self.steps):
             raise ValueError(f"warmup must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], got {self.warmup}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: torch sees no CUDA device on this machine")
         if self.ckpt_every < 0 or self.grad_clip < 0 or self.threads < 0:
             raise ValueError("ckpt_every, grad_clip and threads must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -264,7 +270,7 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
 
@@ -295,8 +301,15 @@ class _Window:
         self.__dict__.update(d)
 
 
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe: RouterProbe | None) -> dict:
+def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe: RouterProbe | None,
+             device: str = "cpu") -> dict:
     model.eval()
     total, count = 0.0, 0
     lstats = M.LogitStats()
@@ -305,8 +318,9 @@ def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe:
         ctx.__enter__()
     try:
         for a in range(0, len(idx), batch_size):
-            t = windows.get(idx[a: a + batch_size])
-            logits = model(input_ids=t[:, :-1]).logits.float()
+            t = windows.get(idx[a: a + batch_size]).to(device)
+            with _autocast(device):
+                logits = model(input_ids=t[:, :-1]).logits.float()
             y = t[:, 1:]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
             count += y.numel()
@@ -374,7 +388,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     eval_idx = D.eval_windows(val_w, cfg.eval_tokens)
 
     mcfg = cfg.model_config(prep.vocab_size)
-    model = build_model(mcfg, seed=cfg.seed)
+    model = build_model(mcfg, seed=cfg.seed).to(cfg.device)
     opt, plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
@@ -385,7 +399,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     start = 0
     if resuming:
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -431,6 +445,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
     import equiopt
 
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     last = None
     model.train()
     for step in range(start, cfg.steps):
@@ -438,8 +453,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             bar.close()
             return {"status": "stopped", "step": step}
         t0 = time.perf_counter()
-        x, y = sampler.batch(step)
-        outp = model(input_ids=x)
+        x, y = (t.to(cfg.device) for t in sampler.batch(step))
+        with _autocast(cfg.device):
+            outp = model(input_ids=x)
         logits = outp.logits
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss = ce
@@ -456,12 +472,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         gn = M.grad_norm(model.parameters())
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        sync()
         t1 = time.perf_counter()
         try:
             opt.step()
         except equiopt.NonFiniteGradientError as e:
             bar.close()
             diverged(step, f"non-finite gradient ({e})")
+        sync()
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -478,7 +496,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         bar.update(1)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(model, val_w, eval_idx, cfg.batch_size, probe)
+            ev = evaluate(model, val_w, eval_idx, cfg.batch_size, probe, cfg.device)
             rec = {
                 "step": done, "tokens": done * cfg.batch_size * cfg.seq_len,
                 "train_loss": window.loss_sum / window.steps, "val_loss": ev["val_loss"],

@@ -61,8 +61,8 @@ class RoutingStats:
             raise ValueError(f"router logits have {logits.shape[-1]} experts, expected {self.E}")
         _, p, ent = _entropy_rows(logits)
         idx = torch.topk(logits, self.k, dim=-1).indices
-        self.counts += torch.bincount(idx.reshape(-1), minlength=self.E).double()
-        self.prob_sum += p.sum(0)
+        self.counts += torch.bincount(idx.reshape(-1), minlength=self.E).double().cpu()
+        self.prob_sum += p.sum(0).cpu()
         self.tokens += logits.shape[0]
         self.entropy_sum += float(ent.sum())
         self.z_sum += float(torch.logsumexp(logits, -1).square().sum())
@@ -125,7 +125,12 @@ class LogitStats:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor) -> None:
-        z = logits.detach().reshape(-1, logits.shape[-1]).double()
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        rows = max(1, (1 << 22) // flat.shape[-1])  # float64 chunks of ~32 MB, on the logits' device
+        for a in range(0, flat.shape[0], rows):
+            self._update(flat[a: a + rows].double())
+
+    def _update(self, z: torch.Tensor) -> None:
         if z.shape[0] == 0:
             return
         logp, p, ent = _entropy_rows(z)
