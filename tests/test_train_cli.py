@@ -129,7 +129,7 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
     sw = tmp_path / "sweep"
     assert cli.main(["sweep", "--archs", "olmoe", "--optimizers", "muon,paper", "--lr-scales", "0.5,2",
                      "--role-grid", "router=0.5", "--steps", "2", "--eval-every", "2", "--out", str(sw), "--jobs", "1",
-                     *common]) == 0
+                     "--extend-edges", "0", *common]) == 0
     best = json.loads((sw / "best.json").read_text())
     points = json.loads((sw / "sweep.json").read_text())
     assert len(points) == 2 * 3
@@ -167,3 +167,25 @@ def test_parallel_jobs_give_the_same_results(common, tmp_path):
         assert a["val_loss"] == b["val_loss"] and a["routing"] == b["routing"] and a["logits"] == b["logits"]
     with pytest.raises(SystemExit):
         cli.main(["compare", "--jobs", "2", "--threads", "4", "--out", str(tmp_path / "x"), *common])
+
+
+def test_sweep_extends_a_winning_edge_and_descends_roles(tmp_path, monkeypatch):
+    """Synthetic losses (no training): minimum at lr_scale 4, router multiplier 0.5 helps."""
+    import math
+
+    from equiopt.train import experiments as E
+    from equiopt.train.loop import TrainConfig
+
+    def fake_run_many(cfgs, **kw):
+        return [{"status": "done", "val_loss": (math.log(c.lr_scale) - math.log(4)) ** 2
+                 - 0.1 * (c.role_lr_scale.get("router") == 0.5) + 0.2 * (c.role_lr_scale.get("router") == 2)}
+                for c in cfgs]
+
+    monkeypatch.setattr(E, "run_many", fake_run_many)
+    monkeypatch.setattr(E.D, "prepare", lambda *a, **k: None)
+    res = E.sweep(TrainConfig(arch="olmoe"), ["olmoe"], ["paper"], [0.5, 1.0, 2.0], {"router": [0.5, 2.0]},
+                  tmp_path, log=lambda m: None, progress=False)
+    b = res["best"]["olmoe"]["paper"]
+    assert b == {**b, "lr_scale": 4.0, "role_lr_scale": {"router": 0.5}, "at_grid_edge": False}
+    assert sorted(p["lr_scale"] for p in res["points"] if not p["role_lr_scale"]) == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert json.loads((tmp_path / "best.json").read_text())["olmoe"]["paper"]["lr_scale"] == 4.0

@@ -227,6 +227,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role-grid", action="append", default=[], metavar="ROLE=X,Y,...",
                    help="after the global scale, try these multipliers for one role (repeatable; "
                         "coordinate descent in the given order), e.g. --role-grid embedding=0.5,2")
+    p.add_argument("--extend-edges", type=int, default=2, metavar="N",
+                   help="when the best scale is on the grid's edge, extend the grid past it, up to N times "
+                        "(default %(default)s)")
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the sweep runs; keep it apart from the comparison's seeds (default %(default)s)")
     p.add_argument("--out", default="runs/sweep", help="output directory; best.json lands here (default %(default)s)")
@@ -251,7 +254,7 @@ def run_sweep(args) -> int:
     base = config_from_args(args, out=args.out)
     res = sweep(base, args.archs, args.optimizers, args.lr_scales, _role_grid(args.role_grid), Path(args.out),
                 seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress, jobs=args.jobs,
-                command=_command_line())
+                extend_edges=args.extend_edges, command=_command_line())
     print(res["table"])
     print(f"\nBest learning rates: {Path(args.out) / 'best.json'} (use with --lr-from)")
     return 0

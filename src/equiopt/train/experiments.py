@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import data as D
-from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, train
+from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, config_diff, train
 from .models import MOE_ARCHS
 from .report import write_report
 
@@ -55,9 +55,11 @@ def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = 
     final_p = out / "final.json"
     if final_p.exists() and not overwrite:
         final = json.loads(final_p.read_text())
-        if final.get("config") == cfg.to_dict():
+        diff = config_diff(final["config"], cfg.to_dict())
+        if not diff:
             return final
-        raise FileExistsError(f"{out} holds a run with another configuration; pass --overwrite or change --out")
+        raise FileExistsError(f"{out} holds a run with another configuration (differs in {diff}); "
+                              "pass --overwrite or change --out")
     try:
         return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
@@ -143,6 +145,10 @@ def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False,
     return results  # type: ignore[return-value]
 
 
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
 def _for_jobs(base: TrainConfig, jobs: int) -> TrainConfig:
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -175,9 +181,13 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
 
 def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
           role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
-          progress: bool = True, log=print, jobs: int = 1, command: str | None = None) -> dict:
+          progress: bool = True, log=print, jobs: int = 1, extend_edges: int = 2,
+          command: str | None = None) -> dict:
     """Pick each (arch, optimizer)'s best global ``lr_scale`` on validation loss, then (coordinate
-    descent) each role multiplier in ``role_grid`` at that scale. Writes ``best.json``/``sweep.md``."""
+    descent) each role multiplier in ``role_grid`` at that scale. Writes ``best.json``/``sweep.md``.
+
+    When the best scale is the grid's largest (smallest), the grid is extended by its end ratio,
+    up to ``extend_edges`` times, so that a chosen learning rate is an interior optimum."""
     check_grid(archs, optimizers)
     base = _for_jobs(base, jobs)
     if not lr_scales or any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
@@ -220,9 +230,27 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
     # stage 1: the global scale, every (pair, scale) at once
     specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
     losses = dict(zip([(a, o, s) for a, o, s, _ in specs], run(specs)))
+    tried = {pair: sorted(lr_scales) for pair in pairs}
+    # widen the grid past an edge that wins (up to extend_edges times, by the grid's end ratio)
+    for _ in range(extend_edges if len(lr_scales) > 1 else 0):
+        specs = []
+        for a, o in pairs:
+            t = tried[(a, o)]
+            best_s = min(t, key=lambda s: losses[(a, o, s)])
+            if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
+                specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
+            elif best_s == t[0]:
+                specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
+        if not specs:
+            break
+        log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
+            + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
+        for (a, o, sc, _), loss in zip(specs, run(specs)):
+            losses[(a, o, sc)] = loss
+            tried[(a, o)] = sorted(tried[(a, o)] + [sc])
     state = {}
     for a, o in pairs:
-        scale = min(lr_scales, key=lambda s: losses[(a, o, s)])
+        scale = min(tried[(a, o)], key=lambda s: losses[(a, o, s)])
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
     # stage 2..: coordinate descent over the role multipliers, one role at a time, every pair at once
     for role, vals in role_grid.items():
@@ -234,11 +262,12 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
                 state[(a, o)].update(roles=roles, loss=loss)
     for a, o in pairs:
         st = state[(a, o)]
-        edge = st["scale"] in (min(lr_scales), max(lr_scales)) and len(lr_scales) > 1
+        t = tried[(a, o)]
+        edge = st["scale"] in (t[0], t[-1]) and len(t) > 1
         best.setdefault(a, {})[o] = {"lr_scale": st["scale"], "role_lr_scale": st["roles"], "val_loss": st["loss"],
                                      "seed": seed, "steps": base.steps, "at_grid_edge": edge}
         if edge:
-            log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is at the edge of the grid {lr_scales}")
+            log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
     D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
     md = ["# equiopt sweep\n"]
     if command:

@@ -144,6 +144,23 @@ class TrainConfig:
         return mc
 
 
+def config_diff(saved: dict, mine: dict) -> list[str]:
+    """Fields (but ``out``) whose values differ; a field the saved config predates counts as
+    holding its default, so runs recorded by an older harness still match."""
+    defaults = TrainConfig().to_dict()
+    diff = []
+    for k in sorted(set(saved) | set(mine)):
+        if k == "out":
+            continue
+        a, b = saved.get(k, defaults.get(k)), mine.get(k, defaults.get(k))
+        if isinstance(a, dict) and isinstance(b, dict) and k == "data":
+            dd = D.DataConfig().__dict__
+            a, b = {**dd, **a}, {**dd, **b}
+        if a != b:
+            diff.append(k)
+    return diff
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 
@@ -377,7 +394,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resuming:
         saved = json.loads((out / "config.json").read_text())
         mine = cfg.to_dict()
-        diff = sorted(k for k in set(saved) | set(mine) if k != "out" and saved.get(k) != mine.get(k))
+        diff = config_diff(saved, mine)
         if diff:
             raise ValueError(f"--resume: the configuration differs from the checkpointed run in {diff}")
 
