@@ -458,6 +458,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     from tqdm import tqdm
 
+    wall0, cpu0 = time.time(), time.process_time()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, leave=False, dynamic_ncols=True,
                desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
     import equiopt
@@ -537,7 +538,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         last = read_metrics(out)[-1]
     final = {"status": "done", "step": cfg.steps, "val_loss": last["val_loss"], "last": last,
              "loss_spikes": loss_spikes.spikes, "loss_spike_steps": loss_spikes.steps,
-             "config": cfg.to_dict()}
+             # this invocation only (a resumed run counts from its resume)
+             "wall_s": time.time() - wall0, "cpu_s": time.process_time() - cpu0, "config": cfg.to_dict()}
     _write_json(out / "final.json", final)
     if not cfg.keep_checkpoint:
         ckpt_path.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ initialised. Each family has two size presets:
   second on two CPU cores (the default comparison runs twelve of these in minutes);
 * ``paper`` -- the shapes of the paper's runs, for GPU users: Qwen3-0.6B-style (0.75B with
   the untied head), Gemma-3-1B-style (1.0B), OLMoE-1B-7B-style (6.9B total, ~1.3B active),
-  downsized gpt-oss (3.4B total).
+  downsized gpt-oss (3.3B total).
 
 | family  | HF classes                              | traits kept at every size                          |
 |---------|-----------------------------------------|----------------------------------------------------|
@@ -129,11 +129,13 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
         return ModelConfig(arch=arch, size=size, vocab_size=50304, hidden_size=2048,
                            intermediate_size=1024, num_layers=16, num_heads=16, num_kv_heads=16,
                            head_dim=128, max_seq_len=1024, num_experts=64, top_k=8)
-    # downsized gpt-oss (~3.4B total): alternating sliding/full, top-4 of 32, o200k-size vocab
+    # downsized gpt-oss (~3.3B total): alternating sliding/full, top-4 of 32, o200k-size vocab.
+    # The expert width differs from d (gpt-oss-120b has both 2880): with equal square expert
+    # blocks, equiopt's planner cannot tell the neuron axis of down_proj from shapes alone.
     return ModelConfig(arch=arch, size=size, vocab_size=201088, hidden_size=1536,
-                       intermediate_size=1536, num_layers=12, num_heads=24, num_kv_heads=8,
+                       intermediate_size=1280, num_layers=14, num_heads=24, num_kv_heads=8,
                        head_dim=64, max_seq_len=1024, num_experts=32, top_k=4,
-                       layer_types=_alternating(12, 2), sliding_window=128)
+                       layer_types=_alternating(14, 2), sliding_window=128)
 
 
 def hf_config(cfg: ModelConfig):
