@@ -31,12 +31,17 @@ takes the same decisions and issues the same collectives in the same order:
   the cost ``B m n min(m, n)``, deterministic, so no rank orthogonalizes everything); one
   ``all_to_all`` sends every shard to its matrix's owner, owners compute the updates of all
   their matrices with the optimizer's own local path (one batched call, as one process
-  would), and a second ``all_to_all`` sends each rank its rows of the result. Per rank and step that is ``2 (W-1)/W^2`` of the gathered
-  matrices' bytes on average, against ``(W-1)/W`` for all-gathering them on every rank.
-* ``replicated``: a ``Replicate()`` DTensor (every rank holds the whole tensor): the
-  reference update on the local copy.
+  would), and a second ``all_to_all`` sends each rank its rows of the result. Per rank and
+  step that is ``2 (W-1)/W^2`` of the gathered matrices' bytes on average, against
+  ``(W-1)/W`` for all-gathering them on every rank.
+* ``replicated``: a ``Replicate()`` DTensor (every rank holds the whole tensor): the local
+  path on the local copy.
 * ``fallback``: any other placement (``Shard(1)``, two sharded mesh dims, ``Partial``):
-  ``full_tensor()`` -> reference update -> the local slice. Correct, never fast.
+  ``full_tensor()`` -> local path -> the local slice. Correct, never fast.
+
+HSDP meshes (``Replicate`` x ``Shard(0)``) use the shard dimension's process group; replicas
+compute the same numbers. :func:`param_paths` tells which path each parameter takes;
+:func:`estimate_comm` predicts the bytes per rank for any world size from shapes alone.
 
 AdamW (vectors, and the ``adamw`` preset) runs elementwise on the local shards through
 torch's functional ``adam`` (DTensor lists work with foreach on and off), no communication.
@@ -54,8 +59,9 @@ FSDP2 model), :func:`print0` / :func:`is_rank0`, :func:`mean_over_ranks`, :func:
 :func:`save_checkpoint` / :func:`load_checkpoint` (torch.distributed.checkpoint, resume on
 the same or another world size), :func:`cleanup`.
 
-Communication accounting: every collective issued here goes through one of three
-wrappers that add the bytes *this rank sends* to the active :func:`count_comm` record.
+Communication accounting: every collective issued here (all-reduce, all-to-all, and the
+``full_tensor()`` of the fallback) adds the bytes *this rank sends* to the active
+:func:`count_comm` record.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ __all__ = [
     "spread_spectral",
     "count_comm",
     "CommStats",
+    "estimate_comm",
+    "assign_owners",
+    "param_paths",
     "DistInfo",
     "init_from_env",
     "cleanup",
