@@ -152,6 +152,13 @@ def test_single_process_helpers_are_noops(tmp_path):
     extra, _ = D.load_checkpoint(tmp_path / "ck", model2, opt2)
     assert extra == {"step": 1} and torch.equal(model2.weight, w)
     assert torch.equal(opt2.state[model2.weight]["momentum_buffer"], opt.state[model.weight]["momentum_buffer"])
+    # a second save replaces the first atomically (written aside, then swapped in)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    D.save_checkpoint(tmp_path / "ck", model, opt, extra={"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and D.has_checkpoint(tmp_path / "ck")
+    extra, _ = D.load_checkpoint(tmp_path / "ck", model2, opt2)
+    assert extra == {"step": 2} and torch.equal(model2.weight, model.weight)
 
 
 # =========================================================================================

@@ -999,15 +999,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, e
     shards; tensors are stored under their unwrapped parameter names, so a checkpoint loads
     into another world size or wrapping). ``extra`` (picklable; step, scheduler and data
     state, config) is written once by rank 0; ``rank_extra`` (e.g. this rank's RNG state) is
-    written by each rank to ``rank{r}.pt``. Returns ``path``.
+    written by each rank to ``rank{r}.pt``. Every rank must call it.
+
+    Atomic for a reader: everything is written to ``<path>.tmp``; after all ranks finished,
+    rank 0 swaps it in (the previous checkpoint survives a crash during the save). ``path``
+    must be on a filesystem every rank sees (one node, or a shared filesystem). Returns ``path``.
     """
+    import shutil
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
     rank, world = _world()
     if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     barrier()
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -1016,11 +1025,18 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, e
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-    dcp.save(state, checkpoint_id=str(path))
+    dcp.save(state, checkpoint_id=str(tmp))
     if rank == 0 and extra is not None:
-        torch.save(dict(extra), path / _EXTRA)
+        torch.save(dict(extra), tmp / _EXTRA)
     if rank_extra is not None:
-        torch.save(dict(rank_extra), path / _RANK_EXTRA.format(rank))
+        torch.save(dict(rank_extra), tmp / _RANK_EXTRA.format(rank))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path
 
@@ -1044,7 +1060,11 @@ def _saved_only(osd: dict, path: Path) -> dict:
 
 
 def has_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / ".metadata").exists()
+    """Whether ``path`` holds a complete :func:`save_checkpoint` (also after a crash between
+    the two renames of the swap: then the previous one is at ``<path>.old``, see
+    :func:`load_checkpoint`)."""
+    path = Path(path)
+    return (path / ".metadata").exists() or (path.with_name(path.name + ".old") / ".metadata").exists()
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -> tuple[dict, dict]:
@@ -1055,6 +1075,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     path = Path(path)
+    if not (path / ".metadata").exists() and (path.with_name(path.name + ".old") / ".metadata").exists():
+        path = path.with_name(path.name + ".old")  # a crash between the two renames of the swap
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
