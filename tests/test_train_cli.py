@@ -43,7 +43,7 @@ def common(text_dir, tmp_path):
 
 
 def test_help_everywhere(capsys):
-    for argv in (["--help"], ["train", "--help"], ["compare", "--help"], ["sweep", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["compare", "--help"], ["sweep", "--help"], ["report", "--help"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 0
@@ -120,6 +120,9 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
         assert ("router_load_cv" in cells["paper"]) == (arch in ("olmoe", "gptoss"))
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert any(r["metric"] == "router_z_loss" and r["arch"] == "olmoe" for r in rows)
+    # `report` rebuilds the same summary from the run directories alone
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["summary"] == s
     # a second invocation reuses the finished runs
     mtime = (out / "runs" / "qwen3" / "adamw" / "seed0" / "final.json").stat().st_mtime_ns
     assert cli.main(argv) == 0

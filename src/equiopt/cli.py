@@ -260,6 +260,32 @@ def run_sweep(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- report
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", help="a compare --out directory (its runs/ are read) or any folder of run directories")
+    p.add_argument("--out", default=None, help="where the report goes (default: the runs directory itself)")
+    p.add_argument("--title", default="equiopt comparison", help="report title (default %(default)s)")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+
+
+def run_report(args) -> int:
+    """Rebuild summary.md/csv/json and plots from finished runs (e.g. of an interrupted compare)."""
+    from .train.report import write_report
+
+    root = Path(args.runs)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    dirs = sorted(p.parent for p in root.rglob("final.json"))
+    if not dirs:
+        raise FileNotFoundError(f"{root}: holds no finished run (no final.json below it)")
+    rep = write_report(dirs, Path(args.out or root), title=args.title, command=_command_line(), notes=args.note)
+    print(rep["table"])
+    print("\n".join(rep["ordering"]))
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -280,6 +306,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "train": (add_train_arguments, run_train),
     "compare": (add_compare_arguments, run_compare),
     "sweep": (add_sweep_arguments, run_sweep),
+    "report": (add_report_arguments, run_report),
     "audit": (_audit_arguments, _audit_run),
 }
 
