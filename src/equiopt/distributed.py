@@ -83,6 +83,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .layouts import Layout
+from .planner import unwrap  # re-exported: the user's module inside DDP / torch.compile
 
 __all__ = [
     "sharded_updates",
@@ -863,16 +864,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: fl
     return total
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
 
 def _block_modules(model: nn.Module) -> list[nn.Module]:
     """Children of the outermost ``nn.ModuleList`` s (transformer blocks in HF and nanoGPT-style
@@ -934,43 +925,12 @@ def wrap_model(
     raise ValueError(f"wrap_model: mode must be 'none', 'ddp' or 'fsdp2', got {mode!r}")
 
 
-@contextlib.contextmanager
-def _meta_standins(model: nn.Module):
-    """Temporarily replace DTensor parameters by meta Parameters of the same global shape
-    (the planner reads shapes and structure only; DTensor storage cannot be probed).
-    Yields ``{id(stand-in): original}``."""
-    swapped, back = [], {}
-    memo: dict[int, nn.Parameter] = {}
-    try:
-        for mod in model.modules():
-            for name, p in list(mod._parameters.items()):
-                if isinstance(p, DTensor):
-                    s = memo.get(id(p))
-                    if s is None:
-                        s = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
-                        memo[id(p)] = s
-                        back[id(s)] = p
-                    mod._parameters[name] = s
-                    swapped.append((mod, name, p))
-        yield back
-    finally:
-        for mod, name, p in swapped:
-            mod._parameters[name] = p
-
-
 def plan(model: nn.Module, preset: str = "paper", **kwargs):
-    """:func:`equiopt.plan` for a model wrapped with DDP (plans ``.module``) or sharded with
-    ``fully_shard`` (plans on the global shapes; the plan's entries hold the DTensor
-    parameters). Same arguments as :func:`equiopt.plan`."""
-    from .planner import plan as _plan, Plan
+    """:func:`equiopt.plan`, which plans DDP (``.module``) and FSDP2 models (global shapes,
+    entries holding the DTensor parameters) as they are; kept for existing callers."""
+    from .planner import plan as _plan
 
-    model = unwrap(model)
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return _plan(model, preset, **kwargs)
-    with _meta_standins(model) as back:
-        pl = _plan(model, preset, **kwargs)
-    entries = [dataclasses.replace(e, param=back.get(id(e.param), e.param)) for e in pl.entries]
-    return Plan(entries, pl.specs, pl.preset)
+    return _plan(model, preset, **kwargs)
 
 
 def build(model: nn.Module, preset: str | None = None, **kwargs):

@@ -109,7 +109,8 @@ class _Detector:
     def _check_storage_ties(self) -> None:
         by_storage: dict[tuple, int] = {}
         for pid, p in self.params.items():
-            if p.device.type == "meta" or p.numel() == 0:
+            # DTensor shards (FSDP2) have no probe-able storage; ties there are by identity
+            if p.device.type == "meta" or p.numel() == 0 or type(p).__name__ == "DTensor":
                 continue
             key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
             other = by_storage.setdefault(key, pid)
@@ -366,6 +367,18 @@ class _Detector:
                 self.undecided(p, f"{p.ndim}-D parameter that is not a stacked-expert weight")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``), so
+    names and ``get_output_embeddings()`` are the model's own."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def detect_roles(
     model: nn.Module,
     roles: Mapping[str, str] | None = None,
@@ -377,7 +390,7 @@ def detect_roles(
     parameter, tied aliases included) to a role / a layout; they take precedence over what
     the structure says. An override that matches no trainable parameter is an error.
     """
-    det = _Detector(model)
+    det = _Detector(unwrap(model))
     det.run()
     overrides = []
     for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
