@@ -198,3 +198,15 @@ def test_plan_downgrades_what_the_audit_finds_broken(softcap, head_map):
     report = equiopt.audit(model, torch.randint(0, V, (2, 8)))
     assert equiopt.plan(model, audit=report).specs["lm_head"]["map"] == head_map
     assert equiopt.plan(model, audit=report, rules={"lm_head": "centered_row_norm"}).specs["lm_head"]["map"] == "centered_row_norm"
+
+
+def test_square_fused_experts_when_two_h_equals_d():
+    # OLMoE-1B-7B has d = 2048 and h = 1024: gate_up is [E, d, d]; the [d, h] down projection
+    # tells the orientation (d first = standard [E, out, in] storage, d last = transposed)
+    kw = dict(COMMON, intermediate_size=D // 2, num_experts_per_tok=2)
+    olmoe_p = equiopt.plan(transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**kw, num_experts=E)))
+    assert olmoe_p.entry("model.layers.0.mlp.experts.gate_up_proj").layout == Layout(stacked=True, fused=2)
+    oss = equiopt.plan(transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw, num_local_experts=E)))
+    assert oss.entry("model.layers.0.mlp.experts.gate_up_proj").layout == Layout(
+        stacked=True, transposed=True, fused=2, interleaved=True)
+    assert oss.entry("model.layers.0.mlp.experts.down_proj").layout == Layout(stacked=True, transposed=True)

@@ -230,12 +230,25 @@ class _Detector:
 
     def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> None:
         info = []  # (attr, param, other_dim, d_last)
+        square = [(attr, p) for attr, p in stacked if p.shape[1] == p.shape[2] == d]
         for attr, p in stacked:
             a, b = p.shape[1:]
-            if (a == d) == (b == d):
-                self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
+            if a == d and b == d:
+                continue
+            if a != d and b != d:
+                self.undecided(p, f"neither axis of {tuple(p.shape)} is the model dim d={d}")
                 return
             info.append((attr, p, a if b == d else b, b == d))
+        if square:
+            # [E, d, d] is a fused gate/up with 2h == d (OLMoE-1B-7B: d 2048, h 1024) when the
+            # one other stacked weight is the [d, h] out-projection; its d axis gives the orientation
+            if len(square) == 1 and len(info) == 1 and 2 * info[0][2] == d:
+                out_d_last = info[0][3]
+                info.append((*square[0], d, not out_d_last))
+            else:
+                for _, p in square:
+                    self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
+                return
         # in-projections share one orientation, the out-projection has the other
         by_orient: dict[bool, list] = {True: [], False: []}
         for item in info:
