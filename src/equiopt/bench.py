@@ -75,7 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed steps per variant and model at most (slow variants get fewer repeats, >= 1)")
     parser.add_argument("--compile", action="store_true", help="also time the opt-in torch.compile path (paper preset, tiny)")
-    parser.add_argument("--fwd-batch", type=int, default=16, help="batch size of the forward+backward timing (seq 128)")
+    parser.add_argument("--fwd-batch", type=int, default=16,
+                        help="batch size of the forward+backward timing (seq 128) on tiny models (default 16, the harness's)")
+    parser.add_argument("--medium-fwd-batch", type=int, default=8, help="the same on medium models (default 8)")
+    parser.add_argument("--medium-variants", default="torch_adamw,torch_muon,adamw,muon,paper,paper_ref",
+                        help="variants timed on medium models")
+    parser.add_argument("--full-torch-muon", action="store_true",
+                        help="time torch Muon on medium models step by step (minutes per step) instead of estimating it")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out-md", default=None, help="markdown report (default results/bench.md; none in --quick)")
     parser.add_argument("--out-json", default=None, help="JSON results (default results/bench.json; none in --quick)")
@@ -234,6 +240,34 @@ def _torch_muon(model, plan):
         opts.append(torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": vec, "weight_decay": 0.0}],
                                       lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True))
     return _Pair(*opts), sum(p.numel() for p in muon)
+
+
+def _estimate_torch_muon(model, plan, note: str, log) -> tuple[list[float], str]:
+    """torch.optim.Muon + AdamW step time from per-shape timings: one torch Muon instance on
+    one matrix of each distinct shape (2 timed steps after a warm-up), times the number of
+    matrices of that shape, plus the AdamW part timed as a whole. Returns ([estimate], note)."""
+    opt, _ = _torch_muon(model, plan)
+    muon_params = list(opt.opts[0].param_groups[0]["params"])
+    by_shape: dict = {}
+    for p in muon_params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    total = 0.0
+    for shape, ps in by_shape.items():
+        one = torch.optim.Muon([ps[0]], lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True,
+                               adjust_lr_fn="original")
+        one.step()
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            one.step()
+            ts.append(time.perf_counter() - t)
+        total += min(ts) * len(ps)
+        log(f"      torch Muon {shape}: {min(ts) * 1e3:.0f} ms x {len(ps)}")
+    if len(opt.opts) > 1:
+        adamw = opt.opts[1]
+        adamw.step()
+        total += _median_time(adamw.step, 3, warmup=0)[0]
+    return [total], note + "; ESTIMATED on this model: per-shape torch Muon step (best of 2) x matrix count + the AdamW part"
 
 
 def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
@@ -406,14 +440,18 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
         reps = 2
     res = {"arch": arch, "size": size, "params": n_params, "config": cfg.to_dict(), "variants": {}}
     t0 = time.perf_counter()
-    fwd = _fwd_bwd_seconds(model, 2 if quick else args.fwd_batch, 1 if quick else (3 if size == "tiny" else 2))
+    fb = 2 if quick else (args.fwd_batch if size != "medium" else args.medium_fwd_batch)
+    fwd = _fwd_bwd_seconds(model, fb, 1 if quick else (3 if size != "medium" else 2))
     res["fwd_bwd_s"] = fwd
-    res["fwd_bwd_tokens"] = (2 if quick else args.fwd_batch) * 128
+    res["fwd_bwd_tokens"] = fb * 128
     log(f"  {arch}/{size}: {n_params / 1e6:.2f}M params, fwd+bwd {fwd * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
     _set_grads(model)
     plan = make_plan(model, "muon")
 
     opts, costs, notes = {}, {}, {}
+    # torch.optim.Muon runs Newton-Schulz in bf16, ~100x slower than fp32 on a CPU without
+    # bf16 units: on the medium models one step takes minutes, so it is estimated there
+    estimate_muon = size == "medium" and "torch_muon" in variants and not args.full_torch_muon
     for v in variants:
         if v == "torch_adamw":
             opts[v] = _torch_adamw(model)
@@ -441,7 +479,9 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
 
     # warm-up (state allocation; compile) and a first timing to size the repeats
     first = {}
-    for v, opt in opts.items():
+    for v, opt in list(opts.items()):
+        if v == "torch_muon" and estimate_muon:
+            continue
         t = time.perf_counter()
         opt.step()
         warm = time.perf_counter() - t
@@ -449,21 +489,27 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
         opt.step()
         first[v] = time.perf_counter() - t
         if v == "paper_compile":
-            res.setdefault("compile_warmup_s", warm)
-    n_reps = {v: max(1, min(reps, int(args.budget / max(first[v], 1e-6)))) for v in opts}
-    samples = {v: [first[v]] if n_reps[v] == 1 else [] for v in opts}
-    for r in range(max(n_reps.values())):
-        for v, opt in opts.items():
+            res["compile_warmup_s"] = warm
+    # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
+    n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
+    samples = {v: [] for v in first}
+    for r in range(max(n_reps.values(), default=0)):
+        for v in first:
             if len(samples[v]) >= n_reps[v]:
                 continue
             t = time.perf_counter()
-            opt.step()
+            opts[v].step()
             samples[v].append(time.perf_counter() - t)
+    if estimate_muon:
+        samples["torch_muon"], notes["torch_muon"] = _estimate_torch_muon(model, plan, notes["torch_muon"], log)
 
     base = statistics.median(samples["torch_adamw"]) if "torch_adamw" in samples else None
+    base_best = min(samples["torch_adamw"]) if "torch_adamw" in samples else None
     tmuon = statistics.median(samples["torch_muon"]) if "torch_muon" in samples else None
     for v, opt in opts.items():
         ts = samples[v]
+        if not ts:
+            continue
         med = statistics.median(ts)
         roof = roofline_seconds(costs[v]["total"], rates)
         entry = {
@@ -474,6 +520,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             "repeats": len(ts),
             "samples_s": ts,
             "vs_torch_adamw": med / base if base else None,
+            "vs_torch_adamw_best": min(ts) / base_best if base_best else None,
             "torch_muon_over_this": tmuon / med if tmuon else None,
             "frac_fwd_bwd": med / fwd,
             "state_bytes_per_param": _state_bytes(opt) / n_params,
@@ -485,7 +532,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             entry["note"] = notes[v]
         if v in ("muon", "paper", "muon_ref", "paper_ref", "paper_compile"):
             entry["maps"] = costs[v]["rows"]
-        if not quick and v not in ("torch_muon",):
+        if not quick and v not in ("torch_muon",) and size != "medium":
             mat, other = _profile_split(opt.step)
             tot = costs[v]["total"]
             entry["profile_matrix_s"], entry["profile_other_s"] = mat, other
@@ -534,7 +581,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     }
     for size in sizes:
         for arch in archs:
-            vs = [v for v in variants if not (size == "medium" and v == "paper_compile")]
+            vs = variants if size != "medium" else [v for v in args.medium_variants.split(",") if v]
             results["models"].append(_bench_model(arch, size, vs, args, rates, log))
     results["machine"]["load_after"] = _load()
     results["wall_s"] = time.perf_counter() - t0
@@ -584,7 +631,8 @@ def render_markdown(results: dict) -> str:
         f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write).",
         "",
         "Step times: median over interleaved repeats of `step()` on fixed synthetic gradients "
-        "(spread = min-max). `xAdamW` = median / torch AdamW median; `torch Muon / this` = how many "
+        "(best-worst: the spread; on a shared machine the best is the closest to the unloaded cost). "
+        "`xAdamW` = median / torch AdamW median (best / best in parentheses); `torch Muon / this` = how many "
         "times faster than torch.optim.Muon + AdamW; `%fwd+bwd` = step / forward+backward of the "
         "same model (batch of `tokens`); `roofline` = measured / (FLOPs at the measured matmul rate "
         "+ bytes at the measured copy bandwidth); state = optimizer-state bytes per parameter.",
@@ -595,8 +643,8 @@ def render_markdown(results: dict) -> str:
         if not models:
             continue
         lines += [f"## {size} models", "",
-                  "| model | params | fwd+bwd (tokens) | optimizer | median ms | spread ms | reps | xAdamW | torch Muon / this "
-                  "| %fwd+bwd | roofline x | state B/param | GFLOP | MB moved |",
+                  "| model | params | fwd+bwd (tokens) | optimizer | median ms | best-worst ms | reps | xAdamW (best) "
+                  "| torch Muon / this | %fwd+bwd | roofline x (best) | state B/param | GFLOP | MB moved |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in models:
             first = True
@@ -607,8 +655,9 @@ def render_markdown(results: dict) -> str:
                     f"| {r['arch'] if first else ''} | {r['params'] / 1e6:.1f}M | "
                     f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
                     f"{v} | {_ms(e['median_s'])} | {_ms(e['min_s'])}-{_ms(e['max_s'])} | {e['repeats']} | "
-                    f"{_f(e['vs_torch_adamw'])} | {_f(e['torch_muon_over_this'], '{:.1f}')} | "
-                    f"{_f(100 * e['frac_fwd_bwd'], '{:.1f}%')} | {_f(e['roofline_ratio'])} | "
+                    f"{_f(e['vs_torch_adamw'])} ({_f(e.get('vs_torch_adamw_best'))}) | {_f(e['torch_muon_over_this'], '{:.1f}')} | "
+                    f"{_f(100 * e['frac_fwd_bwd'], '{:.1f}%')} | {_f(e['roofline_ratio'])} "
+                    f"({_f(e['min_s'] / e['roofline_s'] if e['roofline_s'] else None)}) | "
                     f"{e['state_bytes_per_param']:.2f} | {gfl:.3f} | {fl['bytes'] / 1e6:.1f} |")
                 first = False
         lines.append("")

@@ -1,0 +1,85 @@
+"""Measure the two routes of the polynomial polar maps (iterations vs Gram eigh) per shape
+and fit the cost model of :mod:`equiopt.fastpath` (``COST``).
+
+    python benchmarks/calibrate_routes.py [--threads N] [--quick]
+
+Prints, per wide shape [m, n] and batch N, the best-of-repeats time of each route (with and
+without the nuclear-norm factor of the hybrid / scaled polar maps), the faster route, the
+route the current cost model picks, and least-squares constants for ``fastpath.COST``.
+Best-of-repeats (not the median) is used: it estimates the unloaded cost on a shared machine.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from equiopt import fastpath  # noqa: E402
+
+
+def best(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=7)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    shapes = []
+    for m in (8, 16, 32, 64, 128, 256, 512):
+        for r in (1, 2, 4, 8, 32):
+            n = m * r
+            if m * n > 512 * 2048 or (a.quick and m > 128):
+                continue
+            N = max(1, min(64, int(2e6 // (m * n))))
+            shapes.append((N, m, n))
+    rows = []
+    print(f"threads {torch.get_num_threads()}")
+    print(f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | best  model | best+nuc model")
+    for N, m, n in shapes:
+        x = torch.randn(N, m, n)
+        t = {}
+        for nuc in (False, True):
+            alpha = 1.0 if nuc else None
+            t["iter", nuc] = best(lambda: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps)
+            t["gram", nuc] = best(lambda: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps)
+        pick = [fastpath.choose_polar_route(m, n, 5, nuc, device=x.device, cdt=x.dtype) for nuc in (False, True)]
+        fast = ["gram" if t["gram", nuc] < t["iter", nuc] else "iterative" for nuc in (False, True)]
+        print(f"{N:4d} {m:4d} {n:5d} | {t['iter', False] * 1e3:8.3f}m {t['gram', False] * 1e3:8.3f}m | "
+              f"{t['iter', True] * 1e3:8.3f}m {t['gram', True] * 1e3:8.3f}m | {fast[0][:4]} {pick[0][:4]} | "
+              f"{fast[1][:4]} {pick[1][:4]}", flush=True)
+        rows.append((N, m, n, t))
+    # least squares: iter = mm32 * F_it + N * (eva * m^3 + evb) [nuc]; gram = mm64 * F_gr + N * (ea m^3 + eb)
+    import numpy as np
+
+    A, y = [], []
+    for N, m, n, t in rows:
+        f_it = fastpath.polar_flops("iterative", m, n, 5, False)["mm32"] * N
+        A.append([f_it, 0, 0, 0, 0, 0]); y.append(t["iter", False])
+        A.append([f_it, 0, 0, 0, N * m**3, N]); y.append(t["iter", True])
+        f_gr = fastpath.polar_flops("gram", m, n, 5, False)["mm64"] * N
+        A.append([0, f_gr, N * m**3, N, 0, 0]); y.append(t["gram", False])
+    A, y = np.array(A, dtype=float), np.array(y)
+    w = 1.0 / y  # relative error
+    sol, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
+    names = ["mm32", "mm64", "eigh_a", "eigh_b", "eigvalsh_a", "eigvalsh_b"]
+    print("fitted COST (s per flop / per m^3 / per matrix):")
+    for k, v in zip(names, sol):
+        print(f"  {k}: {v:.3e}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
+
+
+if __name__ == "__main__":
+    main()
