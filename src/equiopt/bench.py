@@ -84,14 +84,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-torch-muon", action="store_true",
                         help="time torch Muon on medium models step by step (minutes per step) instead of estimating it")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--table", metavar="JSON", default=None,
+                        help="print the README performance table from an existing results JSON and exit (no timing)")
     parser.add_argument("--out-md", default=None, help="markdown report (default results/bench.md; none in --quick)")
     parser.add_argument("--out-json", default=None, help="JSON results (default results/bench.json; none in --quick)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Time the optimizer step of every preset side by side; write results/bench.{md,json}."""
+    if getattr(args, "table", None):
+        print(readme_table(json.loads(Path(args.table).read_text())))
+        return 0
     run_bench(args)
     return 0
+
+
+def readme_table(results: dict) -> str:
+    """The README's performance table: step time per preset and model, ratios, state."""
+    m = results["machine"]
+    lines = [f"Optimizer step on {m['cpus']} CPU cores ({m['threads']} threads, torch {m['torch']}), median of "
+             f"interleaved steps; `equiopt bench` ({results['when']}; load average {m['load_before'][0] if m['load_before'] else '?'}). "
+             "Ratios are to torch.optim.AdamW (foreach) on the same model.", "",
+             "| model | params | torch AdamW | torch Muon+AdamW | equiopt adamw | equiopt muon | equiopt paper | paper / fwd+bwd | state B/param (paper) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        v = r["variants"]
+
+        def cell(k):
+            e = v.get(k)
+            if not e:
+                return "-"
+            ratio = e.get("vs_torch_adamw")
+            return f"{_ms(e['median_s'])} ms (x{ratio:.1f})" if ratio else f"{_ms(e['median_s'])} ms"
+
+        p = v.get("paper")
+        lines.append(f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | {cell('torch_adamw')} | {cell('torch_muon')} | "
+                     f"{cell('adamw')} | {cell('muon')} | {cell('paper')} | "
+                     f"{_f(p and 100 * p['frac_fwd_bwd'], '{:.1f}%')} | {_f(p and p['state_bytes_per_param'])} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -631,7 +661,8 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
 
 
 def _ms(x):
-    return "-" if x is None else (f"{x * 1e3:.1f}" if x < 10 else f"{x:.1f} s")
+    """Seconds -> a number of milliseconds (no unit)."""
+    return "-" if x is None else (f"{x * 1e3:.1f}" if x < 1 else f"{x * 1e3:.0f}")
 
 
 def _f(x, fmt="{:.2f}"):
