@@ -342,10 +342,13 @@ def test_group_key_selects_reference_path(monkeypatch):
     monkeypatch.setattr(fastpath, "fast_updates", lambda *a, **k: calls.append(1) or real(*a, **k))
     opt.step()
     assert calls == [1]
-    opt.param_groups[0]["batched"] = False  # the group key (DEFAULTS) wins over the optimizer option
+    opt.param_groups[0]["batched"] = False  # the group key (DEFAULTS) selects the reference path
     opt.step()
     assert calls == [1]
     assert fastpath.options_of(opt, opt.param_groups[0]).batched is False
+    fastpath.configure(opt, batched=True)  # an explicit configure() wins over the group key
+    opt.step()
+    assert calls == [1, 1]
 
 
 def test_float64_parameters_use_float64():

@@ -28,8 +28,8 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
 * **compile** (opt-in) -- the per-shape kernels can be wrapped in ``torch.compile``.
 
 Options: per param_group keys ``"batched"`` (default True: this module; False: the
-reference path) and ``"compile"`` (default False) when the group has them; otherwise the
-optimizer-level :class:`FastPathOptions` set with :func:`configure`.
+reference path) and ``"compile"`` (default False) when the group has them; the
+optimizer-level :class:`FastPathOptions` set with :func:`configure` (explicit settings win).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ POLAR_ROUTES = ("auto", "iterative", "gram")
 
 @dataclass(frozen=True)
 class FastPathOptions:
-    """Optimizer-level fast-path options (a param_group's ``batched``/``compile`` keys win).
+    """Optimizer-level fast-path options.
 
     batched: use this module (False: :meth:`EquiOptimizer._reference_update` per parameter).
     stack: stack equal shapes of several parameters into one batch (False: one call per
@@ -92,19 +92,23 @@ DEFAULT_OPTIONS = FastPathOptions()
 
 
 def configure(opt, **options) -> FastPathOptions:
-    """Set the fast-path options of optimizer ``opt`` (see :class:`FastPathOptions`)."""
+    """Set fast-path options of optimizer ``opt`` (see :class:`FastPathOptions`). Options set
+    here win over the param_groups' ``batched``/``compile`` keys (a programmatic override,
+    e.g. for benchmarks and tests)."""
     current = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
     new = dataclasses.replace(current, **options)
     opt._fastpath_options = new
+    opt._fastpath_forced = set(getattr(opt, "_fastpath_forced", ())) | set(options)
     return new
 
 
 def options_of(opt, group=None) -> FastPathOptions:
-    """Effective options for ``group``: the group's ``batched``/``compile`` keys, when it
-    carries them, override the optimizer-level options."""
+    """Effective options for ``group``: defaults, then the group's ``batched``/``compile``
+    keys when it carries them, then what :func:`configure` set explicitly."""
     o = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
     if group is not None:
-        over = {k: bool(group[k]) for k in ("batched", "compile") if k in group}
+        forced = getattr(opt, "_fastpath_forced", ())
+        over = {k: bool(group[k]) for k in ("batched", "compile") if k in group and k not in forced}
         if over:
             o = dataclasses.replace(o, **over)
     return o
