@@ -35,9 +35,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--chunks", action="store_true",
+                    help="instead: time one stacked batch vs chunks of it (the stack_bytes cut of fastpath)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.chunks:
+        return chunks(a)
     shapes = []
     for m in (8, 16, 32, 64, 128, 256, 512):
         for r in (1, 2, 4, 8, 32):
@@ -79,6 +83,21 @@ def main():
     print("fitted COST (s per flop / per m^3 / per matrix):")
     for k, v in zip(names, sol):
         print(f"  {k}: {v:.3e}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
+
+
+def chunks(a):
+    """Hybrid map's polar (iterations + nuclear norm) on a stacked batch, whole or in chunks."""
+    print(f"threads {torch.get_num_threads()}; best-of-{a.reps} ms per chunk size c (matrices per call)")
+    for N, m, n in [(48, 32, 128), (64, 96, 128), (12, 128, 384), (16, 128, 512), (8, 512, 1536)]:
+        x = torch.randn(N, m, n)
+        res = []
+        for c in sorted({N, 16, 8, 4, 2, 1}, reverse=True):
+            if c > N:
+                continue
+            t = best(lambda: [fastpath.iterative_polar(x[i:i + c], "polar_express", None, alpha=1.0)
+                              for i in range(0, N, c)], a.reps)
+            res.append(f"c{c}:{t * 1e3:.1f}")
+        print(f"[{N}, {m}, {n}] ({m * n * 4 / 2**10:.0f} KiB each): " + " ".join(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -123,13 +123,13 @@ def test_hf_families_every_role(arch, preset, route):
     assert "attention" in seen
 
 
-@pytest.mark.parametrize("stack", [True, False])
-def test_plain_gpt_fused_layouts_and_unstacked(stack):
+@pytest.mark.parametrize("stack,stack_bytes", [(True, 1 << 20), (True, 1), (False, 1 << 20)])
+def test_plain_gpt_fused_layouts_and_unstacked(stack, stack_bytes):
     torch.manual_seed(0)
     model = PlainGPT(vocab=40, d=16, n_head=4, h=24, layers=2, moe_every=2)
     for preset in ("muon", "paper"):
         opt = equiopt.build(model, preset=preset, layouts=FUSED_LAYOUTS)
-        fastpath.configure(opt, stack=stack)
+        fastpath.configure(opt, stack=stack, stack_bytes=stack_bytes)
         set_grads(model.parameters(), seed=3)
         for group in opt.param_groups:
             if group["map"] != "adamw":
@@ -201,13 +201,19 @@ def test_every_map_every_layout(name, extra, column_aware, scale):
 
 
 def test_stacking_actually_batches():
-    """Equal logical shapes of different parameters and layouts land in one bucket."""
+    """Equal logical shapes of different parameters and layouts land in one bucket; the
+    bucket is cut only at parameter boundaries (never inside one parameter's experts/heads)."""
     opt, params = mixed_optimizer({"map": "polar", "per_head": True})
     buckets = fastpath.plan_buckets(opt, opt.param_groups[0], params)
     by_shape = {b.shape: b for b in buckets}
     assert by_shape[(6, 10)].count == 1 + 1 + 3 + 3 + 4 + 4 + 2 + 2
     assert len(by_shape[(6, 10)].members) == 8
     assert sorted(by_shape) == [(1, 10), (6, 10), (7, 3), (10, 6)]
+    b = by_shape[(6, 10)]
+    assert [c.count for c in fastpath._chunks(b, True, 1 << 20)] == [20]
+    assert [c.count for c in fastpath._chunks(b, True, 6 * 10 * 4 * 5)] == [5, 3, 4, 4, 4]  # cap: 5 matrices
+    assert [c.count for c in fastpath._chunks(b, True, 1)] == [1, 1, 3, 3, 4, 4, 2, 2]
+    assert [c.count for c in fastpath._chunks(b, False, 1 << 20)] == [1, 1, 3, 3, 4, 4, 2, 2]
 
 
 # ----------------------------------------------------------------------------------------

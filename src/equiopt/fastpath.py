@@ -71,6 +71,9 @@ class FastPathOptions:
     batched: use this module (False: :meth:`EquiOptimizer._reference_update` per parameter).
     stack: stack equal shapes of several parameters into one batch (False: one call per
         parameter, each already batched over its heads / experts / parts).
+    stack_bytes: stacked batches are cut at parameter boundaries beyond this many bytes
+        (1 MiB: about the L2 cache of this machine's two cores; measured in
+        ``benchmarks/calibrate_routes.py --chunks``).
     polar_route: "auto" (cost model), "iterative" or "gram" for Polar Express / Newton-Schulz.
     compile: run the per-shape kernels through ``torch.compile`` (opt-in).
     compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" traces without
@@ -79,6 +82,7 @@ class FastPathOptions:
 
     batched: bool = True
     stack: bool = True
+    stack_bytes: int = 1 << 20
     polar_route: str = "auto"
     compile: bool = False
     compile_backend: str = "inductor"
@@ -497,15 +501,41 @@ def _scale_of(group, m: int, n: int) -> float:
     return muon_scale(rows, cols)
 
 
+def _chunks(bucket: Bucket, stack: bool, max_bytes: int) -> list[Bucket]:
+    """Split a shape bucket into the batches that are actually run.
+
+    Parameters are stacked (one ``torch.cat``) while the stacked batch stays within
+    ``max_bytes`` (~ the caches: beyond it, one op streaming a big batch through memory is
+    slower than several ops on cache-sized ones, and the copy of the stacking is pure cost);
+    a parameter whose own logical batch (experts, heads, fused parts) is that large runs
+    alone, as one call on a view (never split: no loop over experts or heads).
+    """
+    if not stack:
+        return [Bucket(bucket.shape, bucket.dtype, bucket.device, [mem]) for mem in bucket.members]
+    m, n = bucket.shape
+    per = max(1, m * n * torch.finfo(bucket.dtype).bits // 8)
+    cap = max(1, max_bytes // per)
+    out, cur, cur_n = [], [], 0
+    for i, B in bucket.members:
+        if cur and cur_n + B > cap:
+            out.append(Bucket(bucket.shape, bucket.dtype, bucket.device, cur))
+            cur, cur_n = [], 0
+        cur.append((i, B))
+        cur_n += B
+    if cur:
+        out.append(Bucket(bucket.shape, bucket.dtype, bucket.device, cur))
+    return out
+
+
 def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> list[Tensor]:
     """Update direction of each parameter (stored shape), equal to the reference path."""
     from .optimizer import map_kwargs
 
     o = options_of(opt, group)
     out: list[Optional[Tensor]] = [None] * len(params)
-    buckets = plan_buckets(opt, group, params, momenta)
-    if not o.stack:
-        buckets = [Bucket(b.shape, b.dtype, b.device, [mem]) for b in buckets for mem in b.members]
+    buckets = []
+    for b in plan_buckets(opt, group, params, momenta):
+        buckets += _chunks(b, o.stack, o.stack_bytes)
     for bucket in buckets:
         m, n = bucket.shape
         idx = [i for i, _ in bucket.members]
