@@ -74,7 +74,8 @@ def add_training_options(p: argparse.ArgumentParser, defaults: dict | None = Non
     d = {**TrainConfig().to_dict(), **DataConfig().__dict__, **(defaults or {})}
     g = p.add_argument_group("model and schedule")
     g.add_argument("--size", choices=("tiny", "paper"), default=d["size"],
-                   help="model size preset: tiny (CPU, a few M params) or paper (0.6B-3.5B) (default %(default)s)")
+                   help="model size preset: tiny (CPU, 1-3M params) or paper (the paper's shapes, 0.75B-6.9B total; "
+                        "the vocabulary always follows the data's tokenizer) (default %(default)s)")
     g.add_argument("--model", type=_model_overrides, default={}, metavar="KEY=INT,...",
                    help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16")
     g.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=d["aux_loss"],
