@@ -426,8 +426,8 @@ def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: b
                 R = X.clone()
             elif compiled:
                 R = _compiled_kernel("row_norm")(X, eps)
-            else:
-                R = _row_norm_(X if fresh else X.clone(), eps)
+            else:  # in place on a private stacked buffer, else one out-of-place pass (no clone)
+                R = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
             return _polar_batch(R, method, kwargs.get("steps"), kwargs.get("compute_dtype"),
                                 kwargs.get("alpha", 1.0), scale, route, True, compiled)
         if order == "polar_then_row":
@@ -440,7 +440,7 @@ def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: b
         if compiled:
             Y = _compiled_kernel(name)(X, eps)
         elif name == "row_norm":
-            Y = _row_norm_(X if fresh else X.clone(), eps)
+            Y = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
         else:
             Y = _centered_row_norm_(X, eps)
         return Y.mul_(scale) if scale != 1.0 else Y
