@@ -21,10 +21,19 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   ``m x m`` eigh (float64: fp32 would square the condition number, see the tests) replaces
   ``steps`` rounds of ``[m, n]`` products and yields the exact nuclear norm for free. It is
   the SAME map as the iterations (not the exact polar factor), more accurate than the
-  float32 iterations. It is cheaper when the Gram side is small and ``n >> m`` (per-head
-  attention, routers, [vocab, d] blocks with hybrid maps); :func:`choose_polar_route`
-  decides by a cost model measured on this machine (``equiopt bench``).
-* **in place** -- the centered row norm runs on one fresh buffer instead of three.
+  float32 iterations, and its cost does not depend on the number of steps (8 steps, a
+  converged U V^T, cost what 5 do). It is cheaper when ``n >> m`` (on this CPU from
+  n ~ 16 m, or ~8 m when the nuclear norm is needed: [vocab, d]-like blocks under the
+  polar/hybrid maps, routers, very wide heads; the presets' per-head [32 or 64, d] blocks
+  and MLPs stay on the iterations); :func:`choose_polar_route` decides by a cost model
+  fitted with ``benchmarks/calibrate_routes.py``.
+* **cache-sized batches** -- a shape bucket is cut at parameter boundaries beyond 1 MiB
+  (stacking large matrices only costs a copy and streams the batch through memory);
+  one parameter's experts / heads / parts are never split.
+* **in place / no copies** -- the centered row norm runs on one fresh buffer instead of
+  three; the row norms read the momentum views directly; the iterate is written contiguous
+  in the wide orientation by the normalization and the last step writes the result in the
+  input's orientation.
 * **compile** (opt-in) -- the per-shape kernels can be wrapped in ``torch.compile``.
 
 Options: per param_group keys ``"batched"`` (default True: this module; False: the
@@ -298,16 +307,18 @@ def spectral_polar(
 # route choice: a cost model of this machine
 # ----------------------------------------------------------------------------------------
 
-# Seconds per unit, CPU fp32/fp64 on the 2-core development machine (benchmarks/
-# calibrate_routes.py re-measures them): matmul flops, float64 matmul flops, and
-# eigh(m) ~ EIGH_A * m^3 + EIGH_B per matrix (float64, with vectors).
+# Cost model of the two routes, seconds per unit: fp32 / fp64 matrix-product flops, and
+# eigh(m) ~ eigh_a * m^3 + eigh_b per matrix (float64, with vectors; eigvalsh_* without).
+# Only the ratios matter for the choice. Fitted by benchmarks/calibrate_routes.py on the
+# 2-core development CPU (best-of timings on a loaded machine, rescaled to mm32 = 100
+# GFLOP/s): the Gram route wins from n >~ 16 m without the nuclear norm, n >~ 8 m with it.
 COST = {
     "mm32": 1.0 / 100e9,
-    "mm64": 1.0 / 45e9,
-    "eigh_a": 2.5e-9,
-    "eigh_b": 25e-6,
-    "eigvalsh_a": 0.8e-9,
-    "eigvalsh_b": 10e-6,
+    "mm64": 1.0 / 37e9,
+    "eigh_a": 1.04e-9,
+    "eigh_b": 4.3e-6,
+    "eigvalsh_a": 3.4e-10,
+    "eigvalsh_b": 3.1e-6,
 }
 
 
