@@ -151,6 +151,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="model init and batch order seed (default %(default)s)")
     p.add_argument("--out", default="runs/train", help="run directory (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dist", choices=("none", "ddp", "fsdp2"), default="none",
+                   help="multi-process data parallelism under torchrun (one process per device; gloo on CPU, "
+                        "nccl on GPUs): torchrun --nproc_per_node=N -m equiopt train --dist ddp|fsdp2 ... "
+                        "(default %(default)s)")
+    p.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)  # tests: a "kill"
     p.add_argument("--lr-from", default=None, metavar="BEST_JSON",
                    help="take lr_scale and role multipliers for (--arch, --optimizer) from a sweep's best.json")
     add_training_options(p)
@@ -161,17 +166,24 @@ def run_train(args) -> int:
     from .train.experiments import _lr_for, load_lrs
     from .train.loop import TrainingDiverged, train
 
-    cfg = config_from_args(args, arch=args.arch, optimizer=args.optimizer, seed=args.seed, out=args.out)
+    cfg = config_from_args(args, arch=args.arch, optimizer=args.optimizer, seed=args.seed, out=args.out,
+                           dist=args.dist)
     if args.lr_from:
         import dataclasses
 
         scale, roles = _lr_for(load_lrs(args.lr_from), args.arch, args.optimizer, cfg)
         cfg = dataclasses.replace(cfg, lr_scale=scale, role_lr_scale={**roles, **cfg.role_lr_scale})
     try:
-        final = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        final = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                      stop_after=args.stop_after)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if cfg.dist != "none" and os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
+    if final["status"] == "stopped":
+        print(f"stopped at step {final['step']} (--stop-after); continue with --resume")
+        return 0
     last = final["last"]
     print(f"{cfg.arch}/{cfg.optimizer} seed {cfg.seed}: final val loss {final['val_loss']:.4f} "
           f"(train {last['train_loss']:.4f}) after {cfg.steps} steps; run in {cfg.out}")

@@ -14,6 +14,14 @@ the end. ``resume=True`` reloads the checkpoint, truncates ``metrics.jsonl`` to 
 checkpointed step and continues; batches are a pure function of (seed, step), so a resumed
 run logs the same metrics as an uninterrupted one (timing fields aside). A non-finite loss
 (or gradient) stops the run with :class:`TrainingDiverged`; the last good checkpoint stays.
+
+Multi-process (``dist="ddp"|"fsdp2"``, started by torchrun, one process per device): every
+rank builds the same model (same seed), wraps it (:func:`equiopt.distributed.wrap_model`) and
+trains on its slice ``[r B/W, (r+1) B/W)`` of the same global batch, so the run matches one
+process with batch ``B``. Logged losses and gradient norms are global (collectives), every
+rank evaluates the full eval set, only rank 0 writes files and logs. The checkpoint is a
+``torch.distributed.checkpoint`` directory ``checkpoint/`` (per-rank RNG state inside);
+resume needs the same world size. Single-process runs keep ``checkpoint.pt``.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as Dd
 from . import data as D
 from . import metrics as M
 from .models import ModelConfig, build_model, preset
@@ -53,6 +62,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, str]]] = {
 }
 ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
 SCHEDULES = ("cosine", "constant", "wsd")
+DIST_MODES = ("none", "ddp", "fsdp2")
 MODEL_OVERRIDES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                    "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size")
 
@@ -83,6 +93,7 @@ class TrainConfig:
     aux_loss: bool = False
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     device: str = "cpu"  # "cpu" (float32) or "cuda[:i]" (float32 weights, bfloat16 autocast)
+    dist: str = "none"  # "ddp" | "fsdp2": multi-process under torchrun (cuda: this rank's local GPU)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the size preset
     data: D.DataConfig = field(default_factory=D.DataConfig)
     out: str = "runs/train"
@@ -99,6 +110,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.dist not in DIST_MODES:
+            raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens"):
@@ -355,6 +368,8 @@ def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe:
 
 
 RUN_FILES = ("config.json", "env.json", "plan.txt", "metrics.jsonl", "checkpoint.pt", "final.json")
+DIST_CKPT = "checkpoint"  # multi-process runs: a torch.distributed.checkpoint directory
+RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old")
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -362,7 +377,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     if out.exists():
-        foreign = [p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")]
+        foreign = [p.name for p in out.iterdir()
+                   if p.name not in RUN_FILES + RUN_DIRS and not p.name.endswith(".tmp")]
         if foreign:
             raise FileExistsError(f"--out {out} holds files that are not an equiopt run ({foreign[:3]}); "
                                   "choose another directory")
@@ -370,6 +386,11 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             if overwrite:
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
+                for name in RUN_DIRS:
+                    if (out / name).is_dir():
+                        import shutil
+
+                        shutil.rmtree(out / name)
             elif not resume:
                 raise FileExistsError(
                     f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
@@ -383,39 +404,123 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     ``stop_after`` ends the process-equivalent of a kill after that many steps (tests):
     nothing is written beyond what a killed run would have written.
+
+    With ``cfg.dist`` "ddp" or "fsdp2" every torchrun process calls this; the process group
+    is initialized from torchrun's environment (and destroyed at the end if it was made here).
     """
     cfg.validate()
+    if cfg.dist == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but dist='none': "
+                             "pass --dist ddp or --dist fsdp2 (otherwise every rank would train the same run)")
+        return _train(cfg, None, resume=resume, overwrite=overwrite, progress=progress, log=log,
+                      prepared=prepared, stop_after=stop_after)
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"dist={cfg.dist!r} needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
+                         f"-m equiopt train --dist {cfg.dist} ...")
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = Dd.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 1800)),
+                            device="cpu" if cfg.device == "cpu" else None)
+    try:
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {info.world_size}: "
+                             "each rank trains on batch_size / world_size sequences of the global batch")
+        if info.rank != 0:
+            log, progress = (lambda m: None), False
+        return _train(cfg, info, resume=resume, overwrite=overwrite, progress=progress, log=log,
+                      prepared=prepared, stop_after=stop_after)
+    finally:
+        if owned:
+            Dd.cleanup()
+
+
+def _rank0_first(info, fn: Callable[[], Any]):
+    """Run ``fn`` on rank 0, then (after a barrier) on the other ranks; an exception on rank 0
+    is raised on every rank (no rank waits for a collective that never comes)."""
+    if info is None:
+        return fn()
+    err, result = None, None
+    if info.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+    flag = [None if err is None else f"{type(err).__name__}: {err}"]
+    torch.distributed.broadcast_object_list(flag, src=0)
+    if err is not None:
+        raise err
+    if flag[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {flag[0]}")
+    if info.rank != 0:
+        result = fn()
+    return result
+
+
+def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: bool,
+           log: Callable[[str], None], prepared: D.Prepared | None, stop_after: int | None) -> dict:
+    """``train`` for one process (``info`` None) or one rank of a torchrun group."""
+    rank0 = info is None or info.rank == 0
+    world = 1 if info is None else info.world_size
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    _prepare_out(out, resume, overwrite)
-    ckpt_path = out / "checkpoint.pt"
-    resuming = resume and ckpt_path.exists()
-    if resuming:
-        saved = json.loads((out / "config.json").read_text())
-        mine = cfg.to_dict()
-        diff = config_diff(saved, mine)
-        if diff:
-            raise ValueError(f"--resume: the configuration differs from the checkpointed run in {diff}")
+    ckpt_path = out / "checkpoint.pt" if info is None else out / DIST_CKPT
+    resuming = False
 
-    prep = prepared or D.prepare(cfg.data, log=log)
+    def setup():
+        nonlocal resuming
+        if rank0:
+            _prepare_out(out, resume, overwrite)
+        resuming = resume and (ckpt_path.exists() if info is None else Dd.has_checkpoint(ckpt_path))
+        if resuming:
+            saved = json.loads((out / "config.json").read_text())
+            mine = cfg.to_dict()
+            diff = config_diff(saved, mine)
+            if diff:
+                raise ValueError(f"--resume: the configuration differs from the checkpointed run in {diff}")
+        return prepared or D.prepare(cfg.data, log=log)
+
+    prep = _rank0_first(info, setup)
+    device = cfg.device if info is None else str(info.device)
     train_w = D.Windows(prep.train, cfg.seq_len)
     val_w = D.Windows(prep.val, cfg.seq_len)
     sampler = D.BatchSampler(train_w, cfg.batch_size, cfg.seed)
     eval_idx = D.eval_windows(val_w, cfg.eval_tokens)
 
     mcfg = cfg.model_config(prep.vocab_size)
-    model = build_model(mcfg, seed=cfg.seed).to(cfg.device)
+    model = build_model(mcfg, seed=cfg.seed).to(device)
+    if info is not None:
+        # MoE: an expert no token of this rank's slice reached has no gradient on this rank
+        model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=mcfg.is_moe)
+    inner = Dd.unwrap(model)  # the model itself (its config, its module names)
     opt, plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
-    probe = RouterProbe(model, plan, top_k)
+    top_k = int(getattr(inner.config, "num_experts_per_tok", 0) or 0)
+    probe = RouterProbe(inner, plan, top_k)
+    eval_model = inner if cfg.dist == "ddp" else model  # FSDP2: forwards through the sharded root
     if mcfg.is_moe and not probe.modules:
         raise RuntimeError(f"{cfg.arch}: the plan found no router parameters in an MoE model")
     window, loss_spikes, gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
 
     start = 0
-    if resuming:
+    if resuming and info is not None:
+        extra, rank_extra = Dd.load_checkpoint(ckpt_path, model, opt)
+        if extra.get("world_size") != world:
+            raise ValueError(f"--resume: {ckpt_path} was written by {extra.get('world_size')} processes, "
+                             f"this run has {world}; resume with --nproc_per_node x nodes = {extra.get('world_size')}")
+        sched.load_state_dict(extra["scheduler"])
+        sampler.check_state(extra["sampler"])
+        _set_rng_state(rank_extra["rng"])
+        window.load_state_dict(extra["window"])
+        loss_spikes.load_state_dict(extra["loss_spikes"])
+        gnorm_spikes.load_state_dict(extra["gnorm_spikes"])
+        start = extra["step"]
+        if rank0:
+            kept = [r for r in read_metrics(out) if r.get("step", 0) <= start and "event" not in r]
+            D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            (out / "final.json").unlink(missing_ok=True)
+        log(f"[train] resumed {out} at step {start} ({world} processes, {cfg.dist})")
+    elif resuming:
         state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -430,14 +535,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         (out / "final.json").unlink(missing_ok=True)
         log(f"[train] resumed {out} at step {start}")
-    else:
+    elif rank0:
         (out / "metrics.jsonl").write_text("")
         _write_json(out / "config.json", cfg.to_dict())
         _write_json(out / "env.json", {**environment(), "model_config": mcfg.to_dict(), "data": prep.info,
-                                       "parameters": sum(e.param.numel() for e in plan.entries)})
+                                       "parameters": sum(e.param.numel() for e in plan.entries),
+                                       "world_size": world, "dist": cfg.dist,
+                                       "backend": None if info is None else info.backend})
         D._atomic_write_text(out / "plan.txt", str(plan) + "\n")
 
     def checkpoint(step: int) -> None:
+        if info is not None:
+            Dd.save_checkpoint(ckpt_path, model, opt, extra={
+                "step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(step),
+                "window": window.state_dict(), "loss_spikes": loss_spikes.state_dict(),
+                "gnorm_spikes": gnorm_spikes.state_dict(), "config": cfg.to_dict(), "world_size": world,
+                "dist": cfg.dist}, rank_extra={"rng": _rng_state()})
+            return
         save_checkpoint(ckpt_path, {
             "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "sampler": sampler.state_dict(step), "rng": _rng_state(),
@@ -446,14 +560,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         })
 
     def diverged(step: int, what: str) -> None:
-        good = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else None
+        if info is not None:  # every rank gets here (global loss / finite flags); rank 0 writes
+            extra = ckpt_path / "extra.pt"
+            good = torch.load(extra, weights_only=False)["step"] if extra.exists() else None
+        else:
+            good = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else None
         msg = (f"run {out} diverged: {what} at step {step} (optimizer {cfg.optimizer}, lr_scale "
                f"{cfg.lr_scale:g}). " + (f"The last good checkpoint (step {good}) is kept in {ckpt_path}."
                                          if good is not None else "No checkpoint had been written yet."))
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"event": "diverged", "step": step, "message": msg}) + "\n")
-        _write_json(out / "final.json", {"status": "diverged", "step": step, "message": msg,
-                                         "val_loss": None, "config": cfg.to_dict()})
+        if rank0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": "diverged", "step": step, "message": msg}) + "\n")
+            _write_json(out / "final.json", {"status": "diverged", "step": step, "message": msg,
+                                             "val_loss": None, "config": cfg.to_dict()})
         raise TrainingDiverged(msg)
 
     from tqdm import tqdm
@@ -463,7 +582,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
     import equiopt
 
-    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    per_rank = cfg.batch_size // world
+    lo, hi = (0, cfg.batch_size) if info is None else (info.rank * per_rank, (info.rank + 1) * per_rank)
     last = None
     model.train()
     for step in range(start, cfg.steps):
@@ -471,8 +592,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             bar.close()
             return {"status": "stopped", "step": step}
         t0 = time.perf_counter()
-        x, y = (t.to(cfg.device) for t in sampler.batch(step))
-        with _autocast(cfg.device):
+        x, y = (t[lo:hi].to(device) for t in sampler.batch(step))
+        with _autocast(device):
             outp = model(input_ids=x)
         logits = outp.logits
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
@@ -481,15 +602,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         if cfg.aux_loss:
             if aux is None:
                 raise RuntimeError(f"{cfg.arch}: aux_loss=True but the model returned no aux_loss")
-            loss = ce + model.config.router_aux_loss_coef * aux
-        lval, total = float(ce.detach()), float(loss.detach())
+            loss = ce + inner.config.router_aux_loss_coef * aux
+        if info is None:
+            lval, total = float(ce.detach()), float(loss.detach())
+        else:  # means over ranks (equal slices: the global batch's mean); every rank decides alike
+            lval = Dd.mean_over_ranks(ce.detach())
+            total = lval if loss is ce else Dd.mean_over_ranks(loss.detach())
         if not math.isfinite(total):
             bar.close()
             diverged(step, f"non-finite loss {total}")
         loss.backward()
-        gn = M.grad_norm(model.parameters())
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if info is None:
+            gn = M.grad_norm(model.parameters())
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        elif cfg.grad_clip:
+            gn = Dd.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            gn = Dd.grad_norm(model.parameters())
         sync()
         t1 = time.perf_counter()
         try:
@@ -502,9 +632,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         opt.zero_grad(set_to_none=True)
         sched.step()
         window.loss_sum += lval
-        window.aux_sum += float(aux.detach()) if aux is not None else 0.0
+        if aux is not None:
+            window.aux_sum += float(aux.detach()) if info is None else Dd.mean_over_ranks(aux.detach())
         window.steps += 1
-        window.tokens += y.numel()
+        window.tokens += y.numel() * world
         window.gnorm_sum += gn
         window.gnorm_max = max(window.gnorm_max, gn)
         window.opt_time += t2 - t1
@@ -514,7 +645,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         bar.update(1)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(model, val_w, eval_idx, cfg.batch_size, probe, cfg.device)
+            ev = evaluate(eval_model, val_w, eval_idx, cfg.batch_size, probe, device)
             rec = {
                 "step": done, "tokens": done * cfg.batch_size * cfg.seq_len,
                 "train_loss": window.loss_sum / window.steps, "val_loss": ev["val_loss"],
@@ -526,8 +657,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 "tokens_per_s": window.tokens / window.train_time,
                 "opt_step_s": window.opt_time / window.steps,
             }
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if rank0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             last = rec
             window = _Window()
             bar.set_postfix(val=f"{ev['val_loss']:.3f}")
@@ -540,7 +672,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
              "loss_spikes": loss_spikes.spikes, "loss_spike_steps": loss_spikes.steps,
              # this invocation only (a resumed run counts from its resume)
              "wall_s": time.time() - wall0, "cpu_s": time.process_time() - cpu0, "config": cfg.to_dict()}
-    _write_json(out / "final.json", final)
-    if not cfg.keep_checkpoint:
-        ckpt_path.unlink(missing_ok=True)
+    if rank0:
+        _write_json(out / "final.json", final)
+        if not cfg.keep_checkpoint:
+            if ckpt_path.is_dir():
+                import shutil
+
+                shutil.rmtree(ckpt_path)
+            else:
+                ckpt_path.unlink(missing_ok=True)
+    if info is not None:
+        Dd.barrier()  # final.json is on disk when any rank returns
     return final
