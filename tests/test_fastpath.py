@@ -32,7 +32,7 @@ from torch import nn
 
 import equiopt
 from equiopt import fastpath, maps
-from equiopt.layouts import Layout, parse_layout
+from equiopt.layouts import parse_layout
 from equiopt.optimizer import EquiOptimizer
 from equiopt.polar import polar_express
 

@@ -44,8 +44,6 @@ optimizer-level :class:`FastPathOptions` set with :func:`configure` (explicit se
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -593,11 +591,12 @@ class _backend:
 
 def _compiled_kernel(name: str):
     """torch.compile of one kernel (matrix products stay library calls; the elementwise work
-    around them is fused). Compiled once per process and backend, specialized per shape
-    (dynamic=False)."""
+    around them is fused). Compiled once per process and backend."""
     key = (name, _BACKEND[0])
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(_KERNELS[name], dynamic=False, backend=_BACKEND[0])
+        # dynamic=None: static first, then dynamic sizes after a recompile (batch sizes vary
+        # with the buckets; dynamic=False would hit the recompile limit and fall back to eager)
+        fn = torch.compile(_KERNELS[name], dynamic=None, backend=_BACKEND[0])
         _COMPILED[key] = fn
     return fn
