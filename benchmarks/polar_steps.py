@@ -108,7 +108,6 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
               "dev_k = max over matrices of ||P_k(X) - U V^T||_2 (k Polar Express steps vs the exact polar factor; 1.0 for rank-deficient inputs such as unrouted experts, whose null directions the SVD maps to 1 and the iterations to 0).", "",
               "| model | role | matrices | shape | x_min (min / median) | dev_3 | dev_4 | dev_5 | dev_6 |", "|---|---|---|---|---|---|---|---|---|"]
     from equiopt import maps
-    from equiopt.optimizer import compute_dtype  # noqa: F401
 
     for arch in archs:
         cfg = preset(arch, "tiny")
