@@ -315,12 +315,26 @@ def _audit_run(args) -> int:
     return audit.run(args)
 
 
+def _bench_arguments(p):
+    from . import bench
+
+    bench.add_arguments(p)
+
+
+def _bench_run(args) -> int:
+    """Time the optimizer step of every preset side by side; write results/bench.{md,json}."""
+    from . import bench
+
+    return bench.run(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": (add_train_arguments, run_train),
     "compare": (add_compare_arguments, run_compare),
     "sweep": (add_sweep_arguments, run_sweep),
     "report": (add_report_arguments, run_report),
     "audit": (_audit_arguments, _audit_run),
+    "bench": (_bench_arguments, _bench_run),
 }
 
 
