@@ -63,6 +63,8 @@ DEFAULTS: dict = {
     "adam_eps": 1e-8,  # AdamW
     "foreach": None,  # AdamW: torch's foreach (multi-tensor) kernels; None = torch's default
     "on_nonfinite": "raise",  # "raise" | "skip" (skip the parameter's step and count it)
+    "batched": True,  # matrix maps: shape-stacked fast path (False: the per-parameter reference path)
+    "compile": False,  # matrix maps: torch.compile the fast path's kernels (opt-in)
 }
 
 # group key -> keyword of the map function, per map (the maps' signatures)
