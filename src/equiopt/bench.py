@@ -490,7 +490,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     res = {"arch": arch, "size": size, "params": n_params, "config": cfg.to_dict(), "variants": {}}
     t0 = time.perf_counter()
     fb = 2 if quick else (args.fwd_batch if size != "medium" else args.medium_fwd_batch)
-    fwd = _fwd_bwd_seconds(model, fb, 1 if quick else (3 if size != "medium" else 2))
+    fwd = _fwd_bwd_seconds(model, fb, 1 if quick else (3 if size != "medium" else 1))
     res["fwd_bwd_s"] = fwd
     res["fwd_bwd_tokens"] = fb * 128
     log(f"  {arch}/{size}: {n_params / 1e6:.2f}M params, fwd+bwd {fwd * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
@@ -510,6 +510,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             muon_params = list(opt.opts[0].param_groups[0]["params"])
             opts[v] = opt
             costs[v] = _torch_muon_cost(model, n_muon, muon_params)
+            costs[v]["state_bytes"] = 4 * n_muon + 8 * (n_params - n_muon)  # momentum; AdamW m, v
             n3 = sum(p.numel() for p in model.parameters() if p.ndim == 3)
             notes[v] = (f"torch.optim.Muon on {len(muon_params)} 2-D matrices ({n_muon / n_params:.0%} of the parameters), "
                         "Newton-Schulz in bf16 (hard-coded); AdamW on the rest"
@@ -554,6 +555,11 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
 
     if "paper_compile" in opts:
         res["compile_max_rel_diff"] = _compiled_vs_eager(opts["paper_compile"])
+    # the machine's rates again, right after this model's steps (a shared machine's load
+    # drifts): the roofline uses the best of the run-start and these measurements
+    now = machine_rates(quick)
+    rates = {k: max(rates[k], now[k]) for k in ("mm32", "mm64", "copy_bw")}
+    res["rates"] = {**rates, "load": _load()}
     base = statistics.median(samples["torch_adamw"]) if "torch_adamw" in samples else None
     base_best = min(samples["torch_adamw"]) if "torch_adamw" in samples else None
     tmuon = statistics.median(samples["torch_muon"]) if "torch_muon" in samples else None
@@ -574,7 +580,8 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             "vs_torch_adamw_best": min(ts) / base_best if base_best else None,
             "torch_muon_over_this": tmuon / med if tmuon else None,
             "frac_fwd_bwd": med / fwd,
-            "state_bytes_per_param": _state_bytes(opt) / n_params,
+            "state_bytes_per_param": (_state_bytes(opt) if not (v == "torch_muon" and estimate_muon)
+                                      else costs[v]["state_bytes"]) / n_params,
             "flops": costs[v]["total"],
             "roofline_s": roof,
             "roofline_ratio": med / roof if roof > 0 else None,
@@ -675,7 +682,8 @@ def _targets(results: dict) -> list[str]:
            "(tiny models); >= 30x faster than torch.optim.Muon + AdamW; state = 1 buffer (4 B) per matrix parameter, "
            "AdamW 2 (8 B). Median (best).", "",
            "| model | paper / roofline | paper / fwd+bwd | torch Muon / paper | torch Muon / muon | paper vs paper_ref "
-           "| state B/param paper, muon, adamw |", "|---|---|---|---|---|---|---|"]
+           "| state B/param paper, muon, adamw | roofline rates: fp32 GFLOP/s, copy GB/s, load after |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in results["models"]:
         v = r["variants"]
         p = v.get("paper")
@@ -694,7 +702,7 @@ def _targets(results: dict) -> list[str]:
             f"{_f(ratio(tm, v.get('muon')), '{:.1f}x')} | "
             f"{_f(ratio(ref, p), '{:.2f}x faster')} | "
             + ", ".join(f"{v[k]['state_bytes_per_param']:.2f}" if k in v else "-" for k in ("paper", "muon", "adamw"))
-            + " |")
+            + f" | {r['rates']['mm32'] / 1e9:.1f}, {r['rates']['copy_bw'] / 1e9:.1f}, {r['rates']['load']} |")
     comp = [(r, r["variants"]["paper_compile"]) for r in results["models"] if "paper_compile" in r["variants"]]
     for r, c in comp:
         p = r["variants"]["paper"]
@@ -716,10 +724,16 @@ def render_markdown(results: dict) -> str:
         f"{m['cpus']} CPUs ({m['processor']}), device {m['device']}; load average before {m['load_before']}, "
         f"after {m.get('load_after')}.",
         "",
+        "On a machine shared with other jobs (load average above the core count), multi-threaded timings "
+        "are dominated by scheduling: every parallel region waits for a descheduled worker thread (measured "
+        "here: one `mul_` on 196k floats 0.026 ms quiet vs 7.9 ms under load with 2 threads). Use "
+        "`--threads 1` there; all variants, the roofline rates and forward+backward then run on one core.",
+        "",
         f"Machine (measured in the same process, best of repeats): fp32 matrix product "
         f"{m['mm32'] / 1e9:.1f} GFLOP/s (median {m['mm32_median'] / 1e9:.1f}), fp64 {m['mm64'] / 1e9:.1f} GFLOP/s, "
         f"small batched fp32 bmm [48,32,128] {m['bmm_small32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
-        f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write).",
+        f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write). Re-measured after each model; each model's roofline uses "
+        "the best of the two (listed under Targets).",
         "",
         "Step times: median over interleaved repeats of `step()` on fixed synthetic gradients "
         "(best-worst: the spread; on a shared machine the best is the closest to the unloaded cost). "
