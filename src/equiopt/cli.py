@@ -17,8 +17,8 @@ from typing import Callable
 
 # The project's main job: `equiopt compare` with no arguments. Sized to finish in <= 10 minutes
 # on 2 CPU cores including the corpus fetch and BPE training on a fresh machine.
-MAIN_JOB = dict(archs="qwen3,olmoe", optimizers="adamw,muon,paper", seeds=2, steps=100, batch_size=8,
-                eval_every=25, eval_tokens=8192, warmup=-1, out="runs/compare", jobs=2)
+MAIN_JOB = dict(archs="qwen3,olmoe", optimizers="adamw,muon,paper", seeds=2, steps=80, batch_size=8,
+                eval_every=20, eval_tokens=8192, warmup=-1, out="runs/compare", jobs=2)
 
 
 def _csv(s: str) -> list[str]:
