@@ -66,23 +66,43 @@ def main():
               f"{t['iter', True] * 1e3:8.3f}m {t['gram', True] * 1e3:8.3f}m | {fast[0][:4]} {pick[0][:4]} | "
               f"{fast[1][:4]} {pick[1][:4]}", flush=True)
         rows.append((N, m, n, t))
-    # least squares: iter = mm32 * F_it + N * (eva * m^3 + evb) [nuc]; gram = mm64 * F_gr + N * (ea m^3 + eb)
-    import numpy as np
+    fit(rows)
 
-    A, y = [], []
+
+def fit(rows):
+    """Non-negative least squares on relative errors for the constants of ``fastpath.COST``:
+    iter = mm32 F_it + steps iter_step [+ eigvalsh_a m^3 + eigvalsh_b];
+    gram = mm64 F_gr + eigh_a m^3 + eigh_q m^2 + eigh_b (per matrix). Prints the constants and
+    how often the fitted model picks the measured faster route."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    names = ["mm32", "iter_step", "eigvalsh_a", "eigvalsh_b", "mm64", "eigh_a", "eigh_q", "eigh_b"]
+    A, cases = [], []
     for N, m, n, t in rows:
-        f_it = fastpath.polar_flops("iterative", m, n, 5, False)["mm32"] * N
-        A.append([f_it, 0, 0, 0, 0, 0]); y.append(t["iter", False])
-        A.append([f_it, 0, 0, 0, N * m**3, N]); y.append(t["iter", True])
-        f_gr = fastpath.polar_flops("gram", m, n, 5, False)["mm64"] * N
-        A.append([0, f_gr, N * m**3, N, 0, 0]); y.append(t["gram", False])
-    A, y = np.array(A, dtype=float), np.array(y)
-    w = 1.0 / y  # relative error
-    sol, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
-    names = ["mm32", "mm64", "eigh_a", "eigh_b", "eigvalsh_a", "eigvalsh_b"]
-    print("fitted COST (s per flop / per m^3 / per matrix):")
+        f_it = fastpath.polar_flops("iterative", m, n, 5, False)["mm32"]
+        f_gr = fastpath.polar_flops("gram", m, n, 5, False)["mm64"]
+        it = [f_it, 5, 0, 0, 0, 0, 0, 0]
+        it_nuc = [f_it, 5, m**3, 1, 0, 0, 0, 0]
+        gr = [0, 0, 0, 0, f_gr, m**3, m**2, 1]
+        for feat, key in ((it, ("iter", False)), (it_nuc, ("iter", True)), (gr, ("gram", False)), (gr, ("gram", True))):
+            A.append(np.array(feat, dtype=float) / (t[key] / N))  # relative error of the per-matrix time
+        cases.append((m, n, t, N, it, it_nuc, gr))
+    A = np.array(A)
+    col = A.max(axis=0)
+    col[col == 0] = 1
+    sol, _ = nnls(A / col, np.ones(len(A)))
+    sol = sol / col
+    print("fitted COST:")
     for k, v in zip(names, sol):
-        print(f"  {k}: {v:.3e}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
+        print(f"  {k}: {v:.4g}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
+    agree = total = 0
+    for m, n, t, N, it, it_nuc, gr in cases:
+        for nuc, feat in ((False, it), (True, it_nuc)):
+            pred_iter, pred_gram = float(np.dot(feat, sol)), float(np.dot(gr, sol))
+            total += 1
+            agree += (pred_iter < pred_gram) == (t["iter", nuc] < t["gram", nuc])
+    print(f"fitted model picks the faster route in {agree} of {total} cases")
 
 
 def chunks(a):

@@ -250,6 +250,35 @@ def test_nonfinite_gradient_raises_with_name_or_skips_and_counts():
     assert not torch.equal(model.blocks[0].mlp.w1.weight, tiny_model().blocks[0].mlp.w1.weight)
 
 
+def test_finite_screen_is_exact_when_squares_overflow():
+    from equiopt.optimizer import _finite_flags
+
+    huge = torch.full((4, 3), 1e30)  # finite, but its float32 2-norm overflows to inf
+    nan, inf = torch.ones(5), torch.ones(2, 2)
+    nan[3], inf[1, 0] = float("nan"), float("-inf")
+    half = torch.ones(3, dtype=torch.bfloat16)
+    half[0] = float("inf")
+    grads = [torch.randn(3, 3), huge, nan, inf, half, torch.zeros(0, 4)]
+    assert _finite_flags(grads) == [bool(torch.isfinite(g).all()) for g in grads] == [True, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("preset", ["muon", "paper"])
+def test_foreach_step_equals_per_parameter_loop_bitwise(preset):
+    """foreach=False runs the per-parameter loop (momentum lerps, decay, update) that the
+    multi-tensor kernels replace: same arithmetic, so the same bits."""
+    runs = []
+    for foreach in (False, True):
+        model = tiny_model()
+        opt = equiopt.build(model, preset=preset, layouts=FUSED_LAYOUTS, foreach=foreach)
+        for s in range(3):
+            opt.zero_grad()
+            lm_loss(model, s).backward()
+            opt.step()
+        runs.append(dict(model.named_parameters()))
+    for n, p in runs[0].items():
+        assert torch.equal(p, runs[1][n]), n
+
+
 def test_sparse_gradient_is_a_clear_error():
     emb = nn.Embedding(10, 4, sparse=True)
     opt = equiopt.build(emb, preset="paper")

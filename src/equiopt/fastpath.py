@@ -305,19 +305,26 @@ def spectral_polar(
 # route choice: a cost model of this machine
 # ----------------------------------------------------------------------------------------
 
-# Cost model of the two routes, seconds per unit: fp32 / fp64 matrix-product flops, and
-# eigh(m) ~ eigh_a * m^3 + eigh_b per matrix (float64, with vectors; eigvalsh_* without).
-# Only the ratios matter for the choice. Fitted by benchmarks/calibrate_routes.py on the
-# 2-core development CPU (best-of timings on a loaded machine, rescaled to mm32 = 100
-# GFLOP/s): the Gram route wins from n >~ 16 m without the nuclear norm, n >~ 8 m with it.
+# Cost model of the two routes on CPU, seconds per unit: fp32 / fp64 matrix-product flops,
+# a per-matrix cost of each polynomial step (small-matrix call overhead), and eigendecompositions
+# of the m x m Gram, eigh(m) ~ eigh_a m^3 + eigh_q m^2 + eigh_b per matrix (float64, with
+# vectors; eigvalsh_* float32, without). Only the ratios matter for the choice.
+# Relative-error non-negative least-squares fit (benchmarks/calibrate_routes.py) on the idle
+# 2-core development CPU, 2 threads, 2026-11-22: the fit picks the faster route on 59 of the 64
+# measured (shape, nuclear) cases, the five misses within 20% of a tie. eigh is ~m^2 over the
+# calibrated sizes (m <= GRAM_MAX_M); beyond them it is not extrapolated: iterations.
 COST = {
-    "mm32": 1.0 / 100e9,
-    "mm64": 1.0 / 37e9,
-    "eigh_a": 1.04e-9,
-    "eigh_b": 4.3e-6,
-    "eigvalsh_a": 3.4e-10,
-    "eigvalsh_b": 3.1e-6,
+    "mm32": 1.992e-11,
+    "iter_step": 1.886e-06,
+    "mm64": 4.644e-11,
+    "eigh_a": 0.0,
+    "eigh_q": 1.360e-07,
+    "eigh_b": 1.389e-05,
+    "eigvalsh_a": 1.925e-10,
+    "eigvalsh_b": 1.185e-05,
 }
+#: Largest small side m of the calibration; the Gram route is not chosen automatically above it.
+GRAM_MAX_M = 512
 
 
 def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
@@ -340,10 +347,11 @@ def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: 
     f = polar_flops(route, m, n, steps, nuclear)
     t = f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]
     if route == "iterative":
+        t += steps * COST["iter_step"]
         if nuclear:
             t += COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]
     else:
-        t += COST["eigh_a"] * m**3 + COST["eigh_b"]
+        t += COST["eigh_a"] * m**3 + COST["eigh_q"] * m**2 + COST["eigh_b"]
     return t * count
 
 
@@ -357,7 +365,7 @@ def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: tor
     gram_ok = cdt in (torch.float32, torch.float64) and m > 0
     if route == "gram":
         return "gram" if gram_ok else "iterative"
-    if not gram_ok or device.type != "cpu":
+    if not gram_ok or device.type != "cpu" or m > GRAM_MAX_M:
         return "iterative"
     it = route_seconds("iterative", m, n, steps, nuclear)
     gr = route_seconds("gram", m, n, steps, nuclear)

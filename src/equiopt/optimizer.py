@@ -89,6 +89,20 @@ def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return fn(x, **kwargs)
 
 
+def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
+    """Exact per-tensor "all finite" flags with one sync: a foreach 2-norm screens every
+    tensor (NaN/Inf propagate into it); a non-finite norm can also come from squares that
+    overflow, so only those tensors are checked elementwise."""
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().tolist()
+    return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(norms, grads)]
+
+
+def _use_foreach(group: Mapping, params: list[torch.Tensor]) -> bool:
+    """Multi-tensor kernels unless the group sets ``foreach=False`` (then the per-parameter
+    loop, the same arithmetic) or a parameter is a DTensor."""
+    return group["foreach"] is not False and not any(isinstance(p, DTensor) for p in params)
+
+
 def muon_scale(rows: int, cols: int) -> float:
     """Muon's shape factor sqrt(max(1, rows/cols)) (torch.optim.Muon ``adjust_lr_fn="original"``)."""
     return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
@@ -163,59 +177,84 @@ class EquiOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = self._params_with_finite_grads(group)
+        stepped = self._params_with_finite_grads()
+        for group, params in zip(self.param_groups, stepped):
             if not params:
                 continue
             if group["map"] == "adamw":
                 self._adamw_step(group, params)
                 continue
-            momenta = [self._momentum(group, p) for p in params]
+            momenta = self._momenta(group, params)
             updates = self._updates(group, params, momenta)
-            lr, wd = group["lr"], group["weight_decay"]
-            for p, u in zip(params, updates):
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                p.add_(u.to(p.dtype), alpha=-lr)
+            self._apply(group, params, updates)
         return loss
 
-    def _params_with_finite_grads(self, group) -> list[torch.Tensor]:
-        params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
+    def _params_with_finite_grads(self) -> list[list[torch.Tensor]]:
+        """Per param_group, the parameters that step: those with a gradient, less those whose
+        gradient is non-finite when ``on_nonfinite="skip"`` (``"raise"``: an error naming them).
+        One device sync for the whole step."""
+        per_group = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        flat = [p for ps in per_group for p in ps]
+        for p in flat:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self.name_of(p)}: sparse gradients are not supported (use a dense embedding)")
-        if not params:
-            return params
-        if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: every rank skips the same
+        if not flat:
+            return per_group
+        if any(isinstance(p.grad, DTensor) for p in flat):  # FSDP2: every rank skips the same
             from .distributed import finite_flags
 
-            finite = finite_flags(params)
+            finite = finite_flags(flat)
         else:
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()  # one sync
+            finite = _finite_flags([p.grad for p in flat])
         if all(finite):
-            return params
-        bad = [p for p, ok in zip(params, finite) if not ok]
-        if group["on_nonfinite"] == "raise":
-            names = ", ".join(self.name_of(p) for p in bad)
-            raise NonFiniteGradientError(
-                f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
-            )
-        for p in bad:
-            state = self.state[p]
-            state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        return [p for p, ok in zip(params, finite) if ok]
+            return per_group
+        ok = {id(p) for p, f in zip(flat, finite) if f}
+        out = []
+        for group, ps in zip(self.param_groups, per_group):
+            bad = [p for p in ps if id(p) not in ok]
+            if bad and group["on_nonfinite"] == "raise":
+                names = ", ".join(self.name_of(p) for p in bad)
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
+                )
+            for p in bad:
+                state = self.state[p]
+                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+            out.append([p for p in ps if id(p) in ok])
+        return out
 
-    def _momentum(self, group, p: torch.Tensor) -> torch.Tensor:
-        """EMA momentum in the compute dtype; returns the map's input (Nesterov or not)."""
-        state = self.state[p]
-        cdt = compute_dtype(p, group)
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
-        grad = p.grad.to(cdt)
+    def _momenta(self, group, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """EMA momentum in the compute dtype, buf <- buf + (1 - beta) (g - buf); returns the
+        maps' inputs: g + beta (buf - g) with Nesterov, else the buffers themselves."""
+        grads, bufs = [], []
+        for p in params:
+            state = self.state[p]
+            cdt = compute_dtype(p, group)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+            grads.append(p.grad.to(cdt))
         beta = group["momentum"]
-        buf.lerp_(grad, 1 - beta)
-        return grad.lerp(buf, beta) if group["nesterov"] else buf
+        if _use_foreach(group, params):
+            torch._foreach_lerp_(bufs, grads, 1 - beta)
+            return list(torch._foreach_lerp(grads, bufs, beta)) if group["nesterov"] else bufs
+        for buf, grad in zip(bufs, grads):
+            buf.lerp_(grad, 1 - beta)
+        return [g.lerp(b, beta) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
+
+    def _apply(self, group, params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
+        """p <- p (1 - lr wd) - lr u (decoupled weight decay)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        updates = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(params, updates)]
+        if _use_foreach(group, params):
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr)
+            return
+        for p, u in zip(params, updates):
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            p.add_(u, alpha=-lr)
 
     def _layout(self, group, p: torch.Tensor) -> Layout:
         layout = self.layout_of(p)
