@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from equiopt import distributed as D
-from equiopt.optimizer import EquiOptimizer
 from equiopt.train.models import build_model, hf_config, preset
 
 ARCHS = ("qwen3", "olmoe")

@@ -25,7 +25,6 @@ sys.path.insert(0, str(HERE))
 
 from plain_gpt import FUSED_LAYOUTS, PlainGPT  # noqa: E402
 
-import equiopt  # noqa: E402
 from equiopt import distributed as D  # noqa: E402
 from equiopt.layouts import Layout  # noqa: E402
 from equiopt.optimizer import EquiOptimizer  # noqa: E402

@@ -26,13 +26,7 @@ transformers = pytest.importorskip("transformers")
 V, D, HID, HQ, HKV, HD, E = 64, 32, 24, 4, 2, 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny float64 matmuls: OpenMP threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,12 +18,7 @@ from equiopt.diagnostics import DiagnosticsTracker, plot_history
 from test_audit import E, HID, PLAIN_LAYOUTS, V, PlainGPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_with_router_bias(seed=0):

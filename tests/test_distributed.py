@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,28 +29,16 @@ LAUNCH_TIMEOUT = float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 240))
 TOL = 1e-6
 
 import dist_worker as W  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 dist_only = pytest.mark.dist
 
 
 def launch(cmd: str, out: Path, nproc: int = 2) -> None:
     """torchrun --standalone --nproc_per_node=NPROC dist_worker.py CMD OUT, with a timeout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("EQUIOPT_DIST_TIMEOUT", "90")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(WORKER), cmd, str(out)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its two workers
-        log, _ = proc.communicate()
-        pytest.fail(f"{cmd}: no result after {LAUNCH_TIMEOUT:.0f}s (hang?); output tail:\n{log[-4000:]}")
-    if proc.returncode != 0 or not (out / f"done-{cmd}").exists():
-        pytest.fail(f"{cmd}: torchrun exited with {proc.returncode}; output tail:\n{log[-6000:]}")
+    torchrun(nproc, [str(WORKER), cmd, str(out)], timeout=LAUNCH_TIMEOUT, label=cmd, pythonpath=(str(HERE),))
+    if not (out / f"done-{cmd}").exists():
+        pytest.fail(f"{cmd}: torchrun finished without writing done-{cmd}")
 
 
 # Own temporary directories, not tmp_path_factory: on a machine where other pytest sessions

@@ -409,3 +409,17 @@ def test_bench_quick_smoke(tmp_path):
     md = (tmp_path / "b.md").read_text()
     assert "Command:" in md and "| qwen3 |" in md
     assert (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("shape", [(9, 96, 96), (3, 16, 16), (5, 130, 130)])
+def test_batched_eigvalsh_equals_one_call_bitwise(shape):
+    """The thread split solves each matrix with the same LAPACK call as the single batched call."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(shape[0], shape[1], 2 * shape[2], generator=g)
+    A = X @ X.mT
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(fastpath.batched_eigvalsh(A), torch.linalg.eigvalsh(A))
+    finally:
+        torch.set_num_threads(threads)

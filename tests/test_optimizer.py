@@ -3,7 +3,6 @@ logical matrices (fused vs separate, per-head vs separate heads, stacked vs per-
 state_dict resume, schedulers, bad gradients, dtypes, and equivariance of whole runs."""
 
 import copy
-import math
 
 import pytest
 import torch

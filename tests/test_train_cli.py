@@ -11,15 +11,7 @@ from equiopt import cli
 
 MODEL = "hidden_size=32,intermediate_size=48,num_layers=2,num_heads=2,num_kv_heads=1,head_dim=16"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and one thread does not spin when the CPU is shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 
 import equiopt
 from equiopt.train import loop as L
+from launch import torchrun
 
 SRC = Path(equiopt.__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 150))
@@ -48,23 +46,7 @@ def _args(root: Path, out: str, *extra: str) -> list[str]:
 
 def launch(root: Path, out: str, *extra: str) -> str:
     """torchrun --standalone --nproc_per_node=2 -m equiopt train ..., with a timeout; the log."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("EQUIOPT_DIST_TIMEOUT", "90")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "equiopt", *_args(root, out, *extra)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its two workers
-        log, _ = proc.communicate()
-        pytest.fail(f"{out}: no result after {LAUNCH_TIMEOUT:.0f}s (hang?); output tail:\n{log[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{out}: torchrun exited with {proc.returncode}; output tail:\n{log[-6000:]}")
-    return log
+    return torchrun(2, ["-m", "equiopt", *_args(root, out, *extra)], timeout=LAUNCH_TIMEOUT, label=str(out))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--table", metavar="JSON", default=None,
                         help="print the README performance table from an existing results JSON and exit (no timing)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="rewrite the markdown report (--out-md, default results/bench.md) from an existing "
+                             "results JSON and exit (no timing)")
     parser.add_argument("--out-md", default=None, help="markdown report (default results/bench.md; none in --quick)")
     parser.add_argument("--out-json", default=None, help="JSON results (default results/bench.json; none in --quick)")
 
@@ -93,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     """Time the optimizer step of every preset side by side; write results/bench.{md,json}."""
     if getattr(args, "table", None):
         print(readme_table(json.loads(Path(args.table).read_text())))
+        return 0
+    if getattr(args, "render", None):
+        out_md = args.out_md or "results/bench.md"
+        Path(out_md).write_text(render_markdown(json.loads(Path(args.render).read_text())))
+        print(f"wrote {out_md}")
         return 0
     run_bench(args)
     return 0
@@ -703,6 +711,21 @@ def _targets(results: dict) -> list[str]:
             f"{_f(ratio(ref, p), '{:.2f}x faster')} | "
             + ", ".join(f"{v[k]['state_bytes_per_param']:.2f}" if k in v else "-" for k in ("paper", "muon", "adamw"))
             + f" | {r['rates']['mm32'] / 1e9:.1f}, {r['rates']['copy_bw'] / 1e9:.1f}, {r['rates']['load']} |")
+    out += ["", "What bounds each target, from the same measurements: `floor` = the paper step at its roofline "
+            "(its own FLOPs at the measured fp32 matmul rate + its bytes at the copy bandwidth), i.e. the best any "
+            "implementation of these maps with these FLOPs could do here.", "",
+            "| model | roofline ms | floor of paper / fwd+bwd | tokens/step for a 5% floor | ceiling of torch Muon / paper "
+            "| matrix work: achieved GFLOP/s (of peak) |", "|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        p, tm = r["variants"].get("paper"), r["variants"].get("torch_muon")
+        if not p or not p.get("roofline_s"):
+            continue
+        floor = p["roofline_s"] / r["fwd_bwd_s"]
+        tokens = r["fwd_bwd_tokens"] * floor / 0.05
+        ach = p.get("achieved_flops")
+        out.append(f"| {r['arch']}/{r['size']} | {_ms(p['roofline_s'])} | {100 * floor:.1f}% | {tokens:,.0f} "
+                   f"({r['fwd_bwd_tokens']} measured) | {_f(tm and tm['median_s'] / p['roofline_s'], '{:.1f}x')} | "
+                   f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / r['rates']['mm32'], ' ({:.0f}%)')} |")
     comp = [(r, r["variants"]["paper_compile"]) for r in results["models"] if "paper_compile" in r["variants"]]
     for r, c in comp:
         p = r["variants"]["paper"]

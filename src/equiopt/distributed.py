@@ -80,7 +80,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 from .layouts import Layout
 from .planner import unwrap  # re-exported: the user's module inside DDP / torch.compile
