@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_gpt import SwiGLU
 from torch import nn
 
 import equiopt
@@ -54,17 +55,6 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(d, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, d))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.w1 = nn.Linear(d, h, bias=False)  # gate
-        self.w3 = nn.Linear(d, h, bias=False)  # up
-        self.w2 = nn.Linear(h, d, bias=False)  # down
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class StackedExperts(nn.Module):

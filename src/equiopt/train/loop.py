@@ -502,38 +502,45 @@ def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: b
         raise RuntimeError(f"{cfg.arch}: the plan found no router parameters in an MoE model")
     window, loss_spikes, gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
 
+    def stateful() -> dict:  # looked up at call time: the window is replaced after every evaluation
+        return {"scheduler": sched, "window": window, "loss_spikes": loss_spikes, "gnorm_spikes": gnorm_spikes}
+
+    def run_state(step: int) -> dict:
+        """What a checkpoint holds besides model, optimizer and RNG (same keys on both paths)."""
+        return {"step": step, "sampler": sampler.state_dict(step), "config": cfg.to_dict(),
+                **{k: obj.state_dict() for k, obj in stateful().items()}}
+
+    def restore(state: dict) -> int:
+        """Load :func:`run_state`'s part of a checkpoint; returns the step to continue from."""
+        for k, obj in stateful().items():
+            obj.load_state_dict(state[k])
+        sampler.check_state(state["sampler"])
+        return state["step"]
+
+    def trim_metrics(start: int) -> None:
+        """Drop the metrics logged after the checkpoint (they are recomputed on resume)."""
+        kept = [r for r in read_metrics(out) if r.get("step", 0) <= start and "event" not in r]
+        D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        (out / "final.json").unlink(missing_ok=True)
+
     start = 0
     if resuming and info is not None:
         extra, rank_extra = Dd.load_checkpoint(ckpt_path, model, opt)
         if extra.get("world_size") != world:
             raise ValueError(f"--resume: {ckpt_path} was written by {extra.get('world_size')} processes, "
                              f"this run has {world}; resume with --nproc_per_node x nodes = {extra.get('world_size')}")
-        sched.load_state_dict(extra["scheduler"])
-        sampler.check_state(extra["sampler"])
         _set_rng_state(rank_extra["rng"])
-        window.load_state_dict(extra["window"])
-        loss_spikes.load_state_dict(extra["loss_spikes"])
-        gnorm_spikes.load_state_dict(extra["gnorm_spikes"])
-        start = extra["step"]
+        start = restore(extra)
         if rank0:
-            kept = [r for r in read_metrics(out) if r.get("step", 0) <= start and "event" not in r]
-            D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-            (out / "final.json").unlink(missing_ok=True)
+            trim_metrics(start)
         log(f"[train] resumed {out} at step {start} ({world} processes, {cfg.dist})")
     elif resuming:
         state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sampler.check_state(state["sampler"])
         _set_rng_state(state["rng"])
-        window.load_state_dict(state["window"])
-        loss_spikes.load_state_dict(state["loss_spikes"])
-        gnorm_spikes.load_state_dict(state["gnorm_spikes"])
-        start = state["step"]
-        kept = [r for r in read_metrics(out) if r.get("step", 0) <= start and "event" not in r]
-        D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        (out / "final.json").unlink(missing_ok=True)
+        start = restore(state)
+        trim_metrics(start)
         log(f"[train] resumed {out} at step {start}")
     elif rank0:
         (out / "metrics.jsonl").write_text("")
@@ -546,18 +553,11 @@ def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: b
 
     def checkpoint(step: int) -> None:
         if info is not None:
-            Dd.save_checkpoint(ckpt_path, model, opt, extra={
-                "step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(step),
-                "window": window.state_dict(), "loss_spikes": loss_spikes.state_dict(),
-                "gnorm_spikes": gnorm_spikes.state_dict(), "config": cfg.to_dict(), "world_size": world,
-                "dist": cfg.dist}, rank_extra={"rng": _rng_state()})
+            Dd.save_checkpoint(ckpt_path, model, opt, extra={**run_state(step), "world_size": world, "dist": cfg.dist},
+                               rank_extra={"rng": _rng_state()})
             return
-        save_checkpoint(ckpt_path, {
-            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "sampler": sampler.state_dict(step), "rng": _rng_state(),
-            "window": window.state_dict(), "loss_spikes": loss_spikes.state_dict(),
-            "gnorm_spikes": gnorm_spikes.state_dict(), "config": cfg.to_dict(),
-        })
+        save_checkpoint(ckpt_path, {**run_state(step), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "rng": _rng_state()})
 
     def diverged(step: int, what: str) -> None:
         if info is not None:  # every rank gets here (global loss / finite flags); rank 0 writes
