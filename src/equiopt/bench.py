@@ -40,6 +40,7 @@ import torch
 __all__ = ["add_arguments", "run", "run_bench", "machine_rates", "step_cost", "MEDIUM"]
 
 ARCHS = ("qwen3", "gemma3", "olmoe", "gptoss")
+CPU = torch.device("cpu")
 VARIANTS = ("torch_adamw", "torch_muon", "adamw", "muon", "paper", "muon_ref", "paper_ref")
 
 # ~55-80M-parameter shapes of each family (the "medium" preset of the benchmark).
@@ -83,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-torch-muon", action="store_true",
                         help="time torch Muon on medium models step by step (minutes per step) instead of estimating it")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda[:i] (default cpu). On CUDA the polar iterations run in bf16 (the presets' "
+                             "default), the roofline counts them at the measured bf16 rate, forward+backward uses bf16 "
+                             "autocast, torch Muon is timed step by step, and the report goes to results/bench_cuda.*")
     parser.add_argument("--table", metavar="JSON", default=None,
                         help="print the README performance table from an existing results JSON and exit (no timing)")
     parser.add_argument("--render", metavar="JSON", default=None,
@@ -142,36 +147,56 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _median_time(fn, reps: int, warmup: int = 1, device: torch.device = CPU) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = [_timed(fn, device) for _ in range(reps)]
     return statistics.median(ts), ts
 
 
-def machine_rates(quick: bool = False) -> dict:
-    """This machine's fp32/fp64 matrix-product rate (FLOP/s), copy bandwidth (B/s) and
-    eigh times, measured now (best of several: the hardware limit, not the load's)."""
+def machine_rates(quick: bool = False, device: torch.device = CPU) -> dict:
+    """The device's fp32/fp64 (CUDA: also bf16, ``mm16``) matrix-product rate (FLOP/s), copy
+    bandwidth (B/s) and (CPU) eigh times, measured now (best of several: the hardware limit,
+    not the load's). ``mm_polar``: the rate of the polar iterations' dtype (fp32 on CPU, bf16
+    on CUDA, the presets' ``polar_dtype`` default)."""
     reps = 3 if quick else 9
     out = {}
-    for name, dt, n in (("mm32", torch.float32, 256 if quick else 1024), ("mm64", torch.float64, 192 if quick else 768)):
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        _, ts = _median_time(lambda: torch.mm(a, b), reps)
+    big = device.type == "cuda"
+    kinds = [("mm32", torch.float32, 256 if quick else (8192 if big else 1024)),
+             ("mm64", torch.float64, 192 if quick else (4096 if big else 768))]
+    if big:
+        kinds.append(("mm16", torch.bfloat16, 256 if quick else 8192))
+    for name, dt, n in kinds:
+        a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
+        _, ts = _median_time(lambda: torch.mm(a, b), reps, device=device)
         out[name] = 2 * n**3 / min(ts)
         out[name + "_median"] = 2 * n**3 / statistics.median(ts)
+    out["mm_polar"] = out["mm16"] if big else out["mm32"]
     # batched small products as the maps issue them ([48, 32, 128] x [48, 128, 32])
-    x = torch.randn(48, 32, 128)
-    _, ts = _median_time(lambda: torch.bmm(x, x.mT), reps * 4)
+    x = torch.randn(48, 32, 128, device=device)
+    _, ts = _median_time(lambda: torch.bmm(x, x.mT), reps * 4, device=device)
     out["bmm_small32"] = 2 * 48 * 32 * 32 * 128 / min(ts)
-    n = (1 if quick else 32) * 2**20  # floats: 4 / 128 MiB per buffer
-    src, dst = torch.randn(n), torch.empty(n)
-    _, ts = _median_time(lambda: dst.copy_(src), reps)
+    n = (1 if quick else (256 if big else 32)) * 2**20  # floats: 4 MiB / 128 MiB (CPU) / 1 GiB (CUDA) per buffer
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    _, ts = _median_time(lambda: dst.copy_(src), reps, device=device)
     out["copy_bw"] = 2 * 4 * n / min(ts)  # read + write
     out["copy_bw_median"] = 2 * 4 * n / statistics.median(ts)
+    if big:
+        return out
     for m in (32,) if quick else (32, 64, 128, 512):
         g = torch.randn(8, m, 2 * m, dtype=torch.float64)
         g = g @ g.mT
@@ -220,21 +245,22 @@ def _model_config(arch: str, size: str):
     raise ValueError(f"unknown size {size!r}; valid: tiny, medium, micro")
 
 
-def _build(arch: str, size: str):
+def _build(arch: str, size: str, device: torch.device = CPU):
     import transformers
 
     from .train.models import build_model
 
     transformers.logging.set_verbosity_error()
     cfg = _model_config(arch, size)
-    return build_model(cfg, seed=0), cfg
+    return build_model(cfg, seed=0).to(device), cfg
 
 
 def _set_grads(model, seed: int = 1) -> None:
+    """Fixed gradients, drawn on the CPU (the same numbers on every device)."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:
-            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-2
+            p.grad = (torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-2).to(p.device)
 
 
 class _Pair:
@@ -280,7 +306,7 @@ def _torch_muon(model, plan):
     return _Pair(*opts), sum(p.numel() for p in muon)
 
 
-def _estimate_torch_muon(model, plan, note: str, log) -> tuple[list[float], str]:
+def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU) -> tuple[list[float], str]:
     """torch.optim.Muon + AdamW step time from per-shape timings: one torch Muon instance on
     one matrix of each distinct shape (2 timed steps after a warm-up), times the number of
     matrices of that shape (one step each: a bf16 step takes seconds), plus the AdamW part
@@ -294,15 +320,13 @@ def _estimate_torch_muon(model, plan, note: str, log) -> tuple[list[float], str]
     for shape, ps in by_shape.items():
         one = torch.optim.Muon([ps[0]], lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True,
                                adjust_lr_fn="original")
-        t = time.perf_counter()
-        one.step()  # one step: bf16 Newton-Schulz dominates; the state allocation is negligible
-        ts = [time.perf_counter() - t]
+        ts = [_timed(one.step, device)]  # one step: bf16 Newton-Schulz dominates; state allocation is negligible
         total += min(ts) * len(ps)
         log(f"      torch Muon {shape}: {min(ts) * 1e3:.0f} ms x {len(ps)}")
     if len(opt.opts) > 1:
         adamw = opt.opts[1]
         adamw.step()
-        total += _median_time(adamw.step, 3, warmup=0)[0]
+        total += _median_time(adamw.step, 3, warmup=0, device=device)[0]
     return [total], note + "; on medium models ESTIMATED: one torch Muon step per distinct matrix shape x the number of matrices of that shape + the AdamW part"
 
 
@@ -436,10 +460,11 @@ def _torch_muon_cost(model, n_muon: int, muon_params: list) -> dict:
 
 
 def roofline_seconds(total: dict, rates: dict) -> float:
-    """FLOPs at the fp32 (fp64) matrix-product rate + bytes at the copy bandwidth (the
-    phases of a step run one after the other, so the times add). eigh counts 9 m^3 flops at
-    the fp64 product rate (LAPACK reaches far less: an optimistic bound)."""
-    return (total["mm32"] / rates["mm32"] + (total["mm64"] + total["eig"]) / rates["mm64"]
+    """FLOPs at the polar iterations' matrix-product rate (fp32 on CPU, bf16 on CUDA) and the
+    fp64 rate + bytes at the copy bandwidth (the phases of a step run one after the other,
+    so the times add). eigh counts 9 m^3 flops at the fp64 product rate (LAPACK reaches far
+    less: an optimistic bound)."""
+    return (total["mm32"] / rates.get("mm_polar", rates["mm32"]) + (total["mm64"] + total["eig"]) / rates["mm64"]
             + total["bytes"] / rates["copy_bw"])
 
 
@@ -477,28 +502,33 @@ def _profile_split(step) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------
 
 
-def _fwd_bwd_seconds(model, batch: int, reps: int) -> float:
+def _fwd_bwd_seconds(model, batch: int, reps: int, device: torch.device = CPU) -> float:
+    """Forward + backward of ``batch`` x 128 tokens as the harness runs it (CUDA: bf16 autocast)."""
+    from .train.loop import _autocast
+
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch, 128), generator=g)
+    x = torch.randint(0, vocab, (batch, 128), generator=g).to(device)
 
     def fb():
         for p in model.parameters():
             p.grad = None
-        out = model(input_ids=x, labels=x)
+        with _autocast(device.type):
+            out = model(input_ids=x, labels=x)
         out.loss.backward()
 
     model.train()
-    med, _ = _median_time(fb, reps, warmup=1)
+    med, _ = _median_time(fb, reps, warmup=1, device=device)
     return med
 
 
-def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log) -> dict:
+def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log,
+                 device: torch.device = CPU) -> dict:
     from . import plan as make_plan
     from .train.models import count_parameters
 
     quick = args.quick
-    model, cfg = _build(arch, size)
+    model, cfg = _build(arch, size, device)
     n_params = count_parameters(model)
     reps = args.repeats if size == "tiny" else args.medium_repeats
     if quick:
@@ -506,7 +536,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     res = {"arch": arch, "size": size, "params": n_params, "config": cfg.to_dict(), "variants": {}}
     t0 = time.perf_counter()
     fb = 2 if quick else (args.fwd_batch if size != "medium" else args.medium_fwd_batch)
-    fwd = _fwd_bwd_seconds(model, fb, 1 if quick else (3 if size != "medium" else 1))
+    fwd = _fwd_bwd_seconds(model, fb, 1 if quick else (3 if size != "medium" else 1), device)
     res["fwd_bwd_s"] = fwd
     res["fwd_bwd_tokens"] = fb * 128
     log(f"  {arch}/{size}: {n_params / 1e6:.2f}M params, fwd+bwd {fwd * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
@@ -516,7 +546,8 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     opts, costs, notes = {}, {}, {}
     # torch.optim.Muon runs Newton-Schulz in bf16, ~100x slower than fp32 on a CPU without
     # bf16 units: on the medium models one step takes minutes, so it is estimated there
-    estimate_muon = size == "medium" and "torch_muon" in variants and not args.full_torch_muon
+    estimate_muon = (size == "medium" and device.type == "cpu" and "torch_muon" in variants
+                     and not args.full_torch_muon)
     for v in variants:
         if v == "torch_adamw":
             opts[v] = _torch_adamw(model)
@@ -548,12 +579,8 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     for v, opt in list(opts.items()):
         if v == "torch_muon" and estimate_muon:
             continue
-        t = time.perf_counter()
-        opt.step()
-        warm = time.perf_counter() - t
-        t = time.perf_counter()
-        opt.step()
-        first[v] = time.perf_counter() - t
+        warm = _timed(opt.step, device)
+        first[v] = _timed(opt.step, device)
         if v == "paper_compile":
             res["compile_warmup_s"] = warm
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
@@ -563,18 +590,16 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
         for v in first:
             if len(samples[v]) >= n_reps[v]:
                 continue
-            t = time.perf_counter()
-            opts[v].step()
-            samples[v].append(time.perf_counter() - t)
+            samples[v].append(_timed(opts[v].step, device))
     if estimate_muon:
-        samples["torch_muon"], notes["torch_muon"] = _estimate_torch_muon(model, plan, notes["torch_muon"], log)
+        samples["torch_muon"], notes["torch_muon"] = _estimate_torch_muon(model, plan, notes["torch_muon"], log, device)
 
     if "paper_compile" in opts:
         res["compile_max_rel_diff"] = _compiled_vs_eager(opts["paper_compile"])
     # the machine's rates again, right after this model's steps (a shared machine's load
     # drifts): the roofline uses the best of the run-start and these measurements
-    now = machine_rates(quick)
-    rates = {k: max(rates[k], now[k]) for k in ("mm32", "mm64", "copy_bw")}
+    now = machine_rates(quick, device)
+    rates = {**rates, **{k: max(rates[k], now[k]) for k in ("mm32", "mm64", "mm_polar", "copy_bw")}}
     res["rates"] = {**rates, "load": _load()}
     base = statistics.median(samples["torch_adamw"]) if "torch_adamw" in samples else None
     base_best = min(samples["torch_adamw"]) if "torch_adamw" in samples else None
@@ -606,7 +631,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             entry["note"] = notes[v]
         if v in ("muon", "paper", "muon_ref", "paper_ref", "paper_compile"):
             entry["maps"] = costs[v]["rows"]
-        if not quick and v not in ("torch_muon",) and size != "medium":
+        if not quick and v not in ("torch_muon",) and size != "medium" and device.type == "cpu":
             mat, other = _profile_split(opt.step)
             tot = costs[v]["total"]
             entry["profile_matrix_s"], entry["profile_other_s"] = mat, other
@@ -637,11 +662,17 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     for a in archs:
         if a not in ARCHS:
             raise ValueError(f"unknown arch {a!r}; valid: {', '.join(ARCHS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available in this torch build / machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: cpu or cuda[:i]")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     command = _command_line()
     t0 = time.perf_counter()
     load0 = _load()
-    log(f"equiopt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, load {load0}")
-    rates = machine_rates(args.quick)
+    log(f"equiopt bench: torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads, load {load0}")
+    rates = machine_rates(args.quick, device)
     log(f"  machine: fp32 matmul {rates['mm32'] / 1e9:.1f} GFLOP/s, fp64 {rates['mm64'] / 1e9:.1f} GFLOP/s, "
         f"copy {rates['copy_bw'] / 1e9:.1f} GB/s")
     results = {
@@ -649,7 +680,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": "cpu", "load_before": load0, **rates},
+                    "device": device_name, "load_before": load0, **rates},
         "models": [],
     }
     for size in sizes:
@@ -657,15 +688,16 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
             vs = variants if size != "medium" else [v for v in args.medium_variants.split(",") if v]
             if compile_first and size != "medium" and arch == archs[0]:
                 vs = vs + ["paper_compile"]  # one model: inductor compiles for ~1 min on 2 cores
-            results["models"].append(_bench_model(arch, size, vs, args, rates, log))
+            results["models"].append(_bench_model(arch, size, vs, args, rates, log, device))
     results["machine"]["load_after"] = _load()
     results["wall_s"] = time.perf_counter() - t0
     from . import fastpath
 
     results["cost_model"] = dict(fastpath.COST)
     md = render_markdown(results)
-    out_md = args.out_md if args.out_md is not None else (None if args.quick else "results/bench.md")
-    out_json = args.out_json if args.out_json is not None else (None if args.quick else "results/bench.json")
+    stem = "results/bench" if device.type == "cpu" else "results/bench_cuda"
+    out_md = args.out_md if args.out_md is not None else (None if args.quick else stem + ".md")
+    out_json = args.out_json if args.out_json is not None else (None if args.quick else stem + ".json")
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=1, default=str))
@@ -731,9 +763,10 @@ def _targets(results: dict) -> list[str]:
         floor = p["roofline_s"] / r["fwd_bwd_s"]
         tokens = r["fwd_bwd_tokens"] * floor / 0.05
         ach = p.get("achieved_flops")
+        peak = r["rates"].get("mm_polar", r["rates"]["mm32"])
         out.append(f"| {r['arch']}/{r['size']} | {_ms(p['roofline_s'])} | {100 * floor:.1f}% | {tokens:,.0f} "
                    f"({r['fwd_bwd_tokens']} measured) | {_f(tm and tm['median_s'] / p['roofline_s'], '{:.1f}x')} | "
-                   f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / r['rates']['mm32'], ' ({:.0f}%)')} |")
+                   f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / peak, ' ({:.0f}%)')} |")
     out += [""] + _verdicts(results)
     comp = [(r, r["variants"]["paper_compile"]) for r in results["models"] if "paper_compile" in r["variants"]]
     for r, c in comp:
@@ -793,6 +826,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Machine (measured in the same process, best of repeats): fp32 matrix product "
         f"{m['mm32'] / 1e9:.1f} GFLOP/s (median {m['mm32_median'] / 1e9:.1f}), fp64 {m['mm64'] / 1e9:.1f} GFLOP/s, "
+        + (f"bf16 {m['mm16'] / 1e9:.1f} GFLOP/s (the polar iterations' dtype here), " if "mm16" in m else "") +
         f"small batched fp32 bmm [48,32,128] {m['bmm_small32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
         f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write). Re-measured after each model; each model's roofline uses "
         "the best of the two (listed under Targets).",
