@@ -455,3 +455,23 @@ def test_batched_eigvalsh_equals_one_call_bitwise(shape):
         assert torch.equal(fastpath.batched_eigvalsh(A), torch.linalg.eigvalsh(A))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_route_cost_model_favours_iterations_with_more_threads():
+    """Products scale with threads, eigh hardly: a shape that takes the iterations at few
+    threads keeps them at more threads, and (128 x 1024, nuclear) switches to them."""
+    cpu = torch.device("cpu")
+    shapes = [(m, r * m) for m in (16, 32, 64, 128, 256, 512) for r in (1, 2, 4, 8, 16)]
+    threads = torch.get_num_threads()
+    try:
+        picks = {}
+        for t in (1, 2, 16):
+            torch.set_num_threads(t)
+            picks[t] = {s: fastpath.choose_polar_route(*s, 5, True, device=cpu, cdt=torch.float32) for s in shapes}
+    finally:
+        torch.set_num_threads(threads)
+    for s in shapes:
+        order = [picks[t][s] for t in (1, 2, 16)]
+        assert order in (["gram"] * 3, ["iterative"] * 3, ["gram", "iterative", "iterative"],
+                         ["gram", "gram", "iterative"]), (s, order)
+    assert picks[2][(128, 1024)] == "gram" and picks[16][(128, 1024)] == "iterative"

@@ -348,6 +348,14 @@ COST = {
 }
 #: Largest small side m of the calibration; the Gram route is not chosen automatically above it.
 GRAM_MAX_M = 512
+#: torch threads of the calibration. Matrix products scale with the thread count, LAPACK's
+#: eigendecompositions much less (eigvalsh(512): x1.3 from 1 to 2 threads, threads^0.38):
+#: the product terms are scaled by (CALIBRATION_THREADS / threads), the eigh terms by that
+#: ratio to the power EIGH_THREAD_EXPONENT, so that on a many-core CPU the iterations win more
+#: often. `polar_route="iterative"|"gram"` forces a route; benchmarks/calibrate_routes.py
+#: refits the constants for another machine.
+CALIBRATION_THREADS = 2
+EIGH_THREAD_EXPONENT = 0.38
 
 
 def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
@@ -366,15 +374,17 @@ def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
 
 
 def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: int = 1) -> float:
-    """Cost-model time of ``count`` wide [m, n] matrices."""
+    """Cost-model time of ``count`` wide [m, n] matrices at the current torch thread count."""
     f = polar_flops(route, m, n, steps, nuclear)
-    t = f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]
+    ratio = CALIBRATION_THREADS / max(1, torch.get_num_threads())
+    eig_ratio = ratio**EIGH_THREAD_EXPONENT
+    t = (f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]) * ratio
     if route == "iterative":
         t += steps * COST["iter_step"]
         if nuclear:
-            t += COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]
+            t += (COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]) * eig_ratio
     else:
-        t += COST["eigh_a"] * m**3 + COST["eigh_q"] * m**2 + COST["eigh_b"]
+        t += (COST["eigh_a"] * m**3 + COST["eigh_q"] * m**2 + COST["eigh_b"]) * eig_ratio
     return t * count
 
 
