@@ -249,6 +249,26 @@ def test_nonfinite_gradient_raises_with_name_or_skips_and_counts():
     assert not torch.equal(model.blocks[0].mlp.w1.weight, tiny_model().blocks[0].mlp.w1.weight)
 
 
+def test_nonfinite_raise_leaves_every_parameter_and_state_untouched():
+    """The check runs before any group steps: a NaN in a later group cannot leave earlier
+    groups half-updated, and skips in "skip" groups are not counted when another raises."""
+    model = tiny_model()
+    opt = equiopt.build(model, preset="paper", layouts=FUSED_LAYOUTS)
+    for g in opt.param_groups:
+        if g["role"] == "embedding":
+            g["on_nonfinite"] = "skip"
+    lm_loss(model).backward()
+    emb = next(p for g in opt.param_groups if g["role"] == "embedding" for p in g["params"])
+    emb.grad[0, 0] = float("inf")
+    last = opt.param_groups[-1]["params"][0]
+    last.grad.view(-1)[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert len(opt.state) == 0 and opt.nonfinite_skips == 0
+
+
 def test_finite_screen_is_exact_when_squares_overflow():
     from equiopt.optimizer import _finite_flags
 

@@ -209,19 +209,17 @@ class EquiOptimizer(torch.optim.Optimizer):
         if all(finite):
             return per_group
         ok = {id(p) for p, f in zip(flat, finite) if f}
-        out = []
-        for group, ps in zip(self.param_groups, per_group):
-            bad = [p for p in ps if id(p) not in ok]
-            if bad and group["on_nonfinite"] == "raise":
-                names = ", ".join(self.name_of(p) for p in bad)
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
-                )
-            for p in bad:
-                state = self.state[p]
-                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-            out.append([p for p in ps if id(p) in ok])
-        return out
+        bad = [[p for p in ps if id(p) not in ok] for ps in per_group]
+        raising = [p for group, b in zip(self.param_groups, bad) if group["on_nonfinite"] == "raise" for p in b]
+        if raising:  # before anything changes: no group steps, no skip is counted
+            names = ", ".join(self.name_of(p) for p in raising)
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
+            )
+        for p in (p for b in bad for p in b):
+            state = self.state[p]
+            state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+        return [[p for p in ps if id(p) in ok] for ps in per_group]
 
     def _momenta(self, group, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """EMA momentum in the compute dtype, buf <- buf + (1 - beta) (g - buf); returns the
