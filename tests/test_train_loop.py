@@ -196,3 +196,12 @@ def test_lr_schedule_and_optimizer_names():
     assert by_role["router"]["map"] == "adamw" and by_role["router"]["lr"] == pytest.approx(2 * adamw["router"]["lr"])
     assert by_role["embedding"]["lr"] == pytest.approx(6 * paper["embedding"]["lr"])
     assert by_role["attention"]["lr"] == pytest.approx(2 * paper["attention"]["lr"])
+    # Muon's maps on the expert matrices, the paper stack everywhere else
+    swap = {g["role"]: g for g in L.make_optimizer(model, "paper-muon-mlp")[0].param_groups}
+    muon = {g["role"]: g for g in L.make_optimizer(model, "muon")[0].param_groups}
+    for role in ("expert_in", "expert_out"):
+        for key in ("map", "lr", "polar_method", "nesterov", "scale", "momentum", "weight_decay"):
+            assert swap[role][key] == muon[role][key], (role, key)
+    for role in ("embedding", "lm_head", "router", "attention", "vector"):
+        assert {k: v for k, v in swap[role].items() if k != "params"} == \
+            {k: v for k, v in paper[role].items() if k != "params"}, role

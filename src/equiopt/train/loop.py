@@ -45,13 +45,18 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as Dd
+from ..presets import PRESETS
 from . import data as D
 from . import metrics as M
 from .models import ModelConfig, build_model, preset
 
-# optimizer name -> (equiopt preset, rules). Ablations are the paper stack with AdamW on one
-# block family (equiopt gives an "adamw" rule the AdamW preset's learning rate for that role).
-OPTIMIZERS: dict[str, tuple[str, dict[str, str]]] = {
+# The muon preset's full spec (map, learning rate, momentum, scale) for the hidden-matrix roles.
+_MUON_HIDDEN = {role: dict(PRESETS["muon"][role]) for role in ("mlp_in", "mlp_out", "expert_in", "expert_out")}
+
+# optimizer name -> (equiopt preset, rules). Ablations are the paper stack with one block
+# family changed: AdamW there (equiopt gives an "adamw" rule the AdamW preset's learning rate
+# for that role), or Muon's map and hyperparameters on the MLP / expert matrices.
+OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
     "adamw": ("adamw", {}),
     "muon": ("muon", {}),
     "paper": ("paper", {}),
@@ -59,6 +64,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, str]]] = {
                                          "tied_embedding": "adamw"}),
     "paper-adamw-router": ("paper", {"router": "adamw"}),
     "paper-left-spectral-router": ("paper", {"router": "left_spectral"}),
+    "paper-muon-mlp": ("paper", _MUON_HIDDEN),
 }
 ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
 SCHEDULES = ("cosine", "constant", "wsd")
