@@ -288,6 +288,16 @@ def _torch_adamw(model):
                              lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 
+def _new_torch_muon(params: list) -> torch.optim.Muon:
+    """torch.optim.Muon with the hyperparameters of equiopt's ``muon`` preset (its
+    sqrt(max(1, rows/cols)) scale is torch's ``adjust_lr_fn="original"``)."""
+    from .presets import DEFAULTS, PRESETS
+
+    spec = {**DEFAULTS, **PRESETS["muon"]["mlp_in"]}
+    return torch.optim.Muon(params, lr=spec["lr"], weight_decay=spec["weight_decay"], momentum=spec["momentum"],
+                            nesterov=spec["nesterov"], adjust_lr_fn="original")
+
+
 def _torch_muon(model, plan):
     """torch.optim.Muon on the roles the equiopt ``muon`` preset orthogonalizes that are 2-D;
     everything else (and 3-D stacked experts: torch Muon takes 2-D parameters only) on AdamW."""
@@ -297,7 +307,7 @@ def _torch_muon(model, plan):
             muon.append(e.param)
         else:
             rest.append(e.param)
-    opts = [torch.optim.Muon(muon, lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True, adjust_lr_fn="original")]
+    opts = [_new_torch_muon(muon)]
     if rest:
         decay = [p for p in rest if p.ndim >= 2]
         vec = [p for p in rest if p.ndim < 2]
@@ -318,8 +328,7 @@ def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU
         by_shape.setdefault(tuple(p.shape), []).append(p)
     total = 0.0
     for shape, ps in by_shape.items():
-        one = torch.optim.Muon([ps[0]], lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True,
-                               adjust_lr_fn="original")
+        one = _new_torch_muon([ps[0]])
         ts = [_timed(one.step, device)]  # one step: bf16 Newton-Schulz dominates; state allocation is negligible
         total += min(ts) * len(ps)
         log(f"      torch Muon {shape}: {min(ts) * 1e3:.0f} ms x {len(ps)}")

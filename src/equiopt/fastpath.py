@@ -22,11 +22,11 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   ``steps`` rounds of ``[m, n]`` products and yields the exact nuclear norm for free. It is
   the SAME map as the iterations (not the exact polar factor), more accurate than the
   float32 iterations, and its cost does not depend on the number of steps (8 steps, a
-  converged U V^T, cost what 5 do). It is cheaper when ``n >> m`` (on this CPU from
-  n ~ 16 m, or ~8 m when the nuclear norm is needed: [vocab, d]-like blocks under the
-  polar/hybrid maps, routers, very wide heads; the presets' per-head [32 or 64, d] blocks
-  and MLPs stay on the iterations); :func:`choose_polar_route` decides by a cost model
-  fitted with ``benchmarks/calibrate_routes.py``.
+  converged U V^T, cost what 5 do). It is cheaper when ``n`` is a few times ``m`` and
+  ``m`` is moderate (on this 2-core CPU at 2 threads, with the nuclear norm: from n ~ 4 m at
+  m = 128, n ~ 2 m at m = 256-512, e.g. the 512 x 1536 hybrid MLP maps; the presets'
+  per-head [32 or 64, d] blocks stay on the iterations); :func:`choose_polar_route` decides
+  by a cost model fitted with ``benchmarks/calibrate_routes.py`` (see ``COST``).
 * **cache-sized batches** -- a shape bucket is cut at parameter boundaries beyond 1 MiB
   (stacking large matrices only costs a copy and streams the batch through memory);
   one parameter's experts / heads / parts are never split.
@@ -162,7 +162,7 @@ def _normalizer(method: str, fro: Tensor) -> Tensor:
 #: 2-core development CPU: [96, 96, 96] float32 34.2 ms as one call vs 17.5 ms split over two
 #: threads; from m = 128 the library threads itself and a split gains nothing (x0.88-0.98).
 EIGVALSH_SPLIT_MAX_M = 127
-_EIG_POOL: list = []
+_EIG_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker count -> pool, created on first use
 
 
 def batched_eigvalsh(A: Tensor) -> Tensor:
@@ -173,10 +173,11 @@ def batched_eigvalsh(A: Tensor) -> Tensor:
     N, m = A.shape[0], A.shape[-1]
     if A.device.type != "cpu" or m > EIGVALSH_SPLIT_MAX_M or k < 2 or N < 2 * k:
         return torch.linalg.eigvalsh(A)
-    if not _EIG_POOL or _EIG_POOL[0]._max_workers < k:
-        _EIG_POOL[:] = [ThreadPoolExecutor(max_workers=k, thread_name_prefix="equiopt-eigvalsh")]
-    parts = A.tensor_split(k)
-    return torch.cat([f.result() for f in [_EIG_POOL[0].submit(torch.linalg.eigvalsh, x) for x in parts]])
+    pool = _EIG_POOLS.get(k)
+    if pool is None:
+        pool = _EIG_POOLS[k] = ThreadPoolExecutor(max_workers=k, thread_name_prefix="equiopt-eigvalsh")
+    futures = [pool.submit(torch.linalg.eigvalsh, x) for x in A.tensor_split(k)]
+    return torch.cat([f.result() for f in futures])
 
 
 def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: Optional[float] = None) -> Tensor:
