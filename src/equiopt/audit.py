@@ -83,6 +83,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .groups import Factor
+
 __all__ = [
     "KINDS",
     "VERDICTS",
@@ -462,6 +464,20 @@ class AuditReport:
     checks: list[CheckResult]
     settings: dict
     specs: dict  # role -> map spec of the plan audited (for downgrade_rules)
+
+    def downgrade_rules(self, include_approximate: bool = False) -> dict[str, dict]:
+        """See :func:`downgrade_rules`."""
+        return downgrade_rules(self, include_approximate)
+
+    def broken_factors(self) -> dict[str, tuple]:
+        """``{role: factors}`` of the role groups this audit found broken (the row shift of an
+        LM head or router whose checks failed); :func:`equiopt.plan` drops them."""
+        out: dict[str, tuple] = {}
+        for c in self.checks:
+            if c.kind in SHIFT_KINDS and c.verdict == "broken":
+                for item in c.assumed_by:
+                    out[item.split(": ", 1)[1].split("/", 1)[0]] = (Factor("shift", "rows"),)
+        return out
 
     def broken(self, assumed_only: bool = False) -> list[CheckResult]:
         return [c for c in self.checks if c.verdict == "broken" and (c.assumed_by or not assumed_only)]
@@ -1300,7 +1316,7 @@ def downgrade_rules(report: AuditReport, include_approximate: bool = False) -> d
             spec = report.specs[role]
             if spec["map"] == "centered_row_norm":
                 rules[role] = {"map": "row_norm"}
-            elif spec["map"] == "left_spectral" and spec.get("center", True):
+            elif spec["map"] == "left_spectral" and spec.get("center") is not False:
                 rules[role] = {"map": "left_spectral", "center": False}
     return rules
 

@@ -460,6 +460,15 @@ def _centered_row_norm_(X: Tensor, eps: float) -> Tensor:
 
 
 def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool, compiled: bool = False) -> Tensor:
+    """The group's map (times ``scale``) on a batch ``X [N, m, n]`` in the map's orientation;
+    centered as ``C(map(C(X)))`` where the group asks for it (:func:`maps.needs_centering`)."""
+    if maps.needs_centering(group["map"], group.get("center")):
+        X = maps.center_rows(X)
+        return maps.center_rows(_map_batch(group, X, kwargs, scale, route, True, compiled))
+    return _map_batch(group, X, kwargs, scale, route, fresh, compiled)
+
+
+def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool, compiled: bool = False) -> Tensor:
     """The group's map (in its own orientation, column-aware already applied) times ``scale``
     on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten.
     ``compiled``: the row-norm kernels and the polynomial iterations run through torch.compile."""

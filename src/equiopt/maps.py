@@ -18,12 +18,16 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .groups import Factor, Group
 from .polar import POLAR_METHODS, gram_polar, nuclear_norm, polar
 
 __all__ = [
@@ -44,7 +48,11 @@ __all__ = [
     "nuclear_norm",
     "POLAR_METHODS",
     "MAPS",
+    "MAP_SPECS",
+    "MapSpec",
     "get_map",
+    "map_spec",
+    "needs_centering",
 ]
 
 #: Denominator epsilon of the row/column normalizations (design note §3: eps = 1e-8).
@@ -250,18 +258,68 @@ def identity(x: Tensor) -> Tensor:
     return x
 
 
-#: Registry used by the optimizer: ``MAPS[name](x, **options)``.
-MAPS: dict[str, Callable[..., Tensor]] = {
-    "row_norm": row_norm,
-    "col_norm": col_norm,
-    "centered_row_norm": centered_row_norm,
-    "polar": polar,
-    "scaled_polar": scaled_polar,
-    "right_spectral": right_spectral,
-    "left_spectral": left_spectral,
-    "hybrid": hybrid,
-    "identity": identity,
+# ----------------------------------------------------------------------------------------
+# the registry: each map with its options and the group it is equivariant under
+# ----------------------------------------------------------------------------------------
+ROW_GROUP = Group.of("perm:rows", "orth:cols")  # Perm(m) x O(n)
+BI_ORTH_GROUP = Group.of("orth:rows", "orth:cols", "shift:rows", "shift:cols")  # O(m) x O(n), zero sums kept
+CENTERED_GROUP = Group.of("perm:rows", "orth:cols", "shift:rows")  # Perm(m) x O(n) x shift
+COORDINATE_GROUP = Group.of("perm:rows", "perm:cols")  # what a per-coordinate rule (AdamW) respects
+SHIFT_ROWS = Factor("shift", "rows")
+
+_POLAR_OPTIONS = {"polar_method": "method", "polar_steps": "steps", "polar_dtype": "compute_dtype"}
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One update map as the optimizer uses it.
+
+    Attributes:
+        name: the ``map`` hyperparameter's value.
+        fn: ``fn(x [..., m, n], **kwargs)``; ``None`` for ``adamw`` (run by the optimizer).
+        options: param_group key -> keyword of ``fn``.
+        group: the group ``fn`` is equivariant under, on the matrix it is applied to. A
+            ``shift:rows`` factor means: inputs with zero column sums give outputs with zero
+            column sums (the map never moves along the shift orbit by itself).
+        projects_out: factors whose orbit direction the map *removes* from every update
+            (the centered maps): only right when the block's loss is invariant along it.
+        baseline: a reference rule that ignores the block's group by design (AdamW): the
+            plan reports it as not equivariant instead of refusing it.
+    """
+
+    name: str
+    fn: Callable[..., Tensor] | None
+    options: Mapping[str, str]
+    group: Group
+    projects_out: tuple[Factor, ...] = ()
+    baseline: bool = False
+
+    def centered(self) -> "MapSpec":
+        """The map as ``C(fn(C(X)))`` (what ``center=True`` runs on a shift-symmetric block):
+        centering commutes with row permutations (not every row rotation), removes the shift."""
+        factors = tuple(Factor("perm", "rows") if f == Factor("orth", "rows") else f for f in self.group.factors)
+        group = Group(tuple(f for f in factors if f != SHIFT_ROWS) + (SHIFT_ROWS,))
+        return dataclasses.replace(self, group=group, projects_out=(SHIFT_ROWS,))
+
+
+MAP_SPECS: dict[str, MapSpec] = {
+    s.name: s
+    for s in (
+        MapSpec("adamw", None, {}, COORDINATE_GROUP, baseline=True),
+        MapSpec("identity", identity, {}, BI_ORTH_GROUP),
+        MapSpec("row_norm", row_norm, {"eps": "eps"}, ROW_GROUP),
+        MapSpec("col_norm", col_norm, {"eps": "eps"}, Group.of("orth:rows", "perm:cols")),
+        MapSpec("centered_row_norm", centered_row_norm, {"eps": "eps"}, CENTERED_GROUP, projects_out=(SHIFT_ROWS,)),
+        MapSpec("polar", polar, dict(_POLAR_OPTIONS), BI_ORTH_GROUP),
+        MapSpec("scaled_polar", scaled_polar, {"alpha": "alpha", **_POLAR_OPTIONS}, BI_ORTH_GROUP),
+        MapSpec("right_spectral", right_spectral, {"alpha": "alpha"}, BI_ORTH_GROUP),
+        MapSpec("left_spectral", left_spectral, {"alpha": "alpha", "center": "center"}, BI_ORTH_GROUP),
+        MapSpec("hybrid", hybrid, {"order": "order", "alpha": "alpha", "eps": "eps", **_POLAR_OPTIONS}, ROW_GROUP),
+    )
 }
+
+#: ``MAPS[name](x, **options)``: the functions of the registry (``adamw`` excluded).
+MAPS: dict[str, Callable[..., Tensor]] = {n: s.fn for n, s in MAP_SPECS.items() if s.fn is not None}
 
 
 def get_map(name: str) -> Callable[..., Tensor]:
@@ -270,3 +328,31 @@ def get_map(name: str) -> Callable[..., Tensor]:
         return MAPS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown map name {name!r}; valid names: {', '.join(MAPS)}") from None
+
+
+def map_spec(name: str, center: bool | None = None, column_aware: bool = False) -> MapSpec:
+    """The spec of map ``name`` as a param_group applies it: ``center`` (True: wrapped in
+    centering unless the map centers by itself; ``left_spectral`` takes it as its own option)
+    and ``column_aware`` (applied to ``X^T``: the group's axes swap)."""
+    if name not in MAP_SPECS:
+        raise ValueError(f"unknown map name {name!r}; valid names: {', '.join(MAP_SPECS)}")
+    spec = MAP_SPECS[name]
+    if name == "left_spectral" and center is not False:
+        spec = spec.centered()
+    elif center and not spec.baseline and SHIFT_ROWS not in spec.projects_out and not spec.group.has("shift"):
+        spec = spec.centered()
+    if column_aware:
+        swap = {"rows": "cols", "cols": "rows"}
+        spec = dataclasses.replace(
+            spec,
+            group=Group(tuple(dataclasses.replace(f, axis=swap[f.axis]) for f in spec.group.factors)),
+            projects_out=tuple(dataclasses.replace(f, axis=swap[f.axis]) for f in spec.projects_out),
+        )
+    return spec
+
+
+def needs_centering(name: str, center: bool | None) -> bool:
+    """Whether the optimizer wraps map ``name`` as ``C(fn(C(X)))`` for this ``center`` value."""
+    spec = MAP_SPECS[name]
+    return bool(center) and name != "left_spectral" and not spec.baseline and not spec.group.has("shift") \
+        and not spec.projects_out

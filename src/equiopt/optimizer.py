@@ -81,12 +81,16 @@ def map_kwargs(group: Mapping, p: torch.Tensor) -> dict:
 
 
 def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The group's map on logical matrices ``x`` ``[B, m, n]`` (column-aware: on ``x^T``)."""
+    """The group's map on logical matrices ``x`` ``[B, m, n]`` (column-aware: on ``x^T``;
+    on a shift-symmetric block (``center``) as ``C(map(C(x)))``, see :func:`maps.map_spec`)."""
     fn = maps.get_map(group["map"])
     kwargs = map_kwargs(group, p)
-    if group["column_aware"]:
-        return fn(x.mT, **kwargs).mT
-    return fn(x, **kwargs)
+    y = x.mT if group["column_aware"] else x
+    if maps.needs_centering(group["map"], group.get("center")):
+        u = maps.center_rows(fn(maps.center_rows(y), **kwargs))
+    else:
+        u = fn(y, **kwargs)
+    return u.mT if group["column_aware"] else u
 
 
 def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:

@@ -32,8 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
+from .groups import Factor, Group
 from .layouts import MATRIX, Layout, parse_layout
-from .presets import ROLES, resolve
+from .maps import map_spec
+from .presets import resolve
+from .roles import ROLES, role_group
 
 __all__ = ["Plan", "PlanEntry", "PlanError", "plan", "detect_roles"]
 
@@ -105,6 +109,14 @@ class _Detector:
         self.errors: dict[int, str] = {}
         self.role_hints: dict[int, str] = {}
         self.d_model: int | None = None
+        self.blocks: list[Block] = []
+
+    def _bias_name(self, module: nn.Module, attr: str = "bias") -> str | None:
+        b = getattr(module, attr, None)
+        return self.name(b) if isinstance(b, nn.Parameter) and id(b) in self.params else None
+
+    def _owner(self, p: torch.Tensor, within: nn.Module) -> nn.Module | None:
+        return next((m for m in within.modules() if any(q is p for q in m.parameters(recurse=False))), None)
 
     def _check_storage_ties(self) -> None:
         by_storage: dict[tuple, int] = {}
@@ -176,6 +188,16 @@ class _Detector:
                 self.decide(w, "embedding", type(emb).__name__)
         if head is not None and id(head) in self.params:
             self.decide(head, "lm_head", head_reason)
+        token = get_in() if callable(get_in) else None
+        token_w = getattr(token, "weight", None) if token is not None else (embeddings[0].weight if len(embeddings) == 1 else None)
+        head_mod = self._owner(head, self.model) if head is not None else None
+        if token_w is not None or head is not None:
+            self.blocks.append(VocabBlock(
+                "",
+                embedding=self.name(token_w) if isinstance(token_w, nn.Parameter) and id(token_w) in self.params else None,
+                head=self.name(head) if head is not None and id(head) in self.params else None,
+                head_bias=self._bias_name(head_mod) if head_mod is not None else None,
+            ))
 
     def _stacked(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
@@ -214,7 +236,12 @@ class _Detector:
                 if p.ndim == 2 and p.shape[0] == E:  # gpt-oss gate_up_proj_bias [E, 2h]
                     self.decide(p, "vector", f"stacked per-expert bias of {mname}")
             d = router.shape[1]
-            self._expert_layouts(mname, module, stacked, d)
+            mlp = self._expert_layouts(mname, module, stacked, d)
+            owner = self._owner(router, parent)
+            self.blocks.append(MoEBlock(
+                mname.rpartition(".")[0], router=self.name(router), experts=E,
+                router_bias=self._bias_name(owner) if owner is not None else None, mlp=mlp,
+            ))
         # experts as a ModuleList of E identical MLPs beside a router
         for mname, module in self.modules.items():
             if not isinstance(module, nn.ModuleList) or len(module) < 2:
@@ -226,9 +253,12 @@ class _Detector:
             routers = self._find_router(parent, module, len(module))
             if len(routers) == 1:
                 self.decide(routers[0], "router", f"[E={len(module)}, d] weight beside expert list {mname}")
+                owner = self._owner(routers[0], parent)
+                self.blocks.append(MoEBlock(mname.rpartition(".")[0], router=self.name(routers[0]), experts=len(module),
+                                            router_bias=self._bias_name(owner) if owner is not None else None))
                 self._expert_list = getattr(self, "_expert_list", set()) | {id(m) for m in module}
 
-    def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> None:
+    def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> MLPBlock | None:
         info = []  # (attr, param, other_dim, d_last)
         square = [(attr, p) for attr, p in stacked if p.shape[1] == p.shape[2] == d]
         for attr, p in stacked:
@@ -297,6 +327,16 @@ class _Detector:
             self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout)
         attr, p, _, _ = outs[0]
         self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed))
+        decided = [q for _, q, _, _ in ins if id(q) in self.decisions]
+        if len(decided) != len(ins):
+            return None
+        return MLPBlock(
+            mname, ins=tuple(self.name(q) for q in decided), out=self.name(p), hidden=h, experts=p.shape[0],
+            fused=tuple(self.decisions[id(q)].layout.fused for q in decided),
+            in_biases=tuple((self.name(q), b) for q, (a, _q, _, _) in zip(decided, ins)
+                            if (b := self._bias_name(module, a + "_bias"))),
+            out_bias=self._bias_name(module, attr + "_bias"),
+        )
 
     def attention(self) -> None:
         for mname, module in self.modules.items():
@@ -328,9 +368,29 @@ class _Detector:
             for n, m in ins:
                 self.decide(m.weight, "attention", f"{why}: {n}", Layout(heads=m.out_features // hd, head_axis="out"))
             self.decide(out.weight, "attention", f"{why}: {oname} (output)", Layout(heads=hq, head_axis="in"))
+            self._attention_block(mname, [m for _, m in ins], out, hq, hkv, hd)
+
+    def _attention_block(self, scope: str, ins: list, out, hq: int, hkv: int, hd: int) -> None:
+        """q, k, v in registration order (every implementation we know registers them so),
+        or one fused qkv of (Hq + 2 Hkv) heads."""
+        slots: dict = {}
+        if len(ins) == 1 and ins[0].weight.shape[0] == (hq + 2 * hkv) * hd:
+            slots["qkv"] = self.name(ins[0].weight)
+        elif len(ins) == 3:
+            slots.update(zip(("q", "k", "v"), (self.name(m.weight) for m in ins)))
+        biases = tuple((self.name(m.weight), b) for m in (*ins, out) if (b := self._bias_name(m)))
+        self.blocks.append(AttentionBlock(scope, o=self.name(out.weight), hq=hq, hkv=hkv, head_dim=hd, biases=biases, **slots))
 
     def _torch_mha(self, mname: str, mha: nn.MultiheadAttention) -> None:
         why = f"nn.MultiheadAttention (H={mha.num_heads})"
+        H, hd = mha.num_heads, mha.head_dim
+        if mha.in_proj_weight is not None:
+            self.blocks.append(AttentionBlock(mname, o=self.name(mha.out_proj.weight), qkv=self.name(mha.in_proj_weight),
+                                              hq=H, hkv=H, head_dim=hd))
+        elif all(w is not None for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)):
+            self.blocks.append(AttentionBlock(
+                mname, o=self.name(mha.out_proj.weight), q=self.name(mha.q_proj_weight), k=self.name(mha.k_proj_weight),
+                v=self.name(mha.v_proj_weight), hq=H, hkv=H, head_dim=hd))
         if mha.in_proj_weight is not None:
             self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"))
         for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight):
@@ -367,6 +427,11 @@ class _Detector:
             for n, m in ins:
                 self.decide(m.weight, rin, f"{kind} {type(module).__name__}: {n} [h={h}, d={d}]")
             self.decide(out.weight, rout, f"{kind} {type(module).__name__}: {out_name} [d={d}, h={h}]")
+            self.blocks.append(MLPBlock(
+                mname, ins=tuple(self.name(m.weight) for _, m in ins), out=self.name(out.weight), hidden=h,
+                fused=(1,) * len(ins), in_biases=tuple((self.name(m.weight), b) for _, m in ins if (b := self._bias_name(m))),
+                out_bias=self._bias_name(out),
+            ))
 
     def remaining(self) -> None:
         for pid, p in self.params.items():
@@ -403,6 +468,11 @@ def detect_roles(
     parameter, tied aliases included) to a role / a layout; they take precedence over what
     the structure says. An override that matches no trainable parameter is an error.
     """
+    return _detect(model, roles, layouts)[0]
+
+
+def _detect(model, roles, layouts) -> tuple[list[PlanEntry], list[Block]]:
+    """Entries (see :func:`detect_roles`) and the blocks whose parameters are all trainable."""
     det = _Detector(unwrap(model))
     det.run()
     overrides = []
@@ -444,16 +514,62 @@ def detect_roles(
         raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
     if problems:
         raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
-    return entries
+    names = {e.name for e in entries}
+    return entries, [b for b in det.blocks if all(p in names for p in b.params())]
+
+
+def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], groups: Mapping[str, Group]) -> None:
+    """Refuse a map that is not equivariant under its block's group, or that projects out an
+    orbit direction the block's loss depends on, naming the parameter, the group and the map.
+    Baseline rules (AdamW) are exempt: they are the comparison, not the method."""
+    problems = []
+    for role in dict.fromkeys(e.role for e in entries):
+        s = specs[role]
+        m = map_spec(s["map"], center=s["center"], column_aware=s["column_aware"])
+        if m.baseline:
+            continue
+        group = groups[role]
+        missing = group.missing_from(m.group)
+        extra = [f for f in m.projects_out if not group.has(f.kind, f.axis)]
+        if not missing and not extra:
+            continue
+        names = ", ".join(e.name for e in entries if e.role == role)
+        why = (f"not equivariant under {', '.join(f.describe() for f in missing)}" if missing else
+               f"projects out {', '.join(f.describe() for f in extra)}, which the block's loss is not invariant under")
+        problems.append(f"  role {role!r} ({names}): block group {group}; map {s['map']!r} "
+                        f"(center={s['center']}, column_aware={s['column_aware']}) has group {m.group}: {why}")
+    if problems:
+        raise PlanError("incompatible update map(s):\n" + "\n".join(problems)
+                        + "\nchoose a map whose group contains the block's (see equiopt.maps.MAP_SPECS), or 'adamw'")
+
+
+def role_groups(broken: Mapping[str, tuple[Factor, ...]] | None = None) -> dict[str, Group]:
+    """Each role's group, less the factors an audit found broken (``{role: factors}``)."""
+    out = {}
+    for role in ROLES:
+        g = role_group(role)
+        for f in (broken or {}).get(role, ()):
+            g = g.without(f.kind, f.axis)
+        out[role] = g
+    return out
+
+
+def resolve_centering(specs: dict[str, dict], groups: Mapping[str, Group]) -> dict[str, dict]:
+    """``center=None`` (the default) becomes True exactly on blocks whose group has the row shift."""
+    return {role: {**s, "center": groups[role].has("shift") if s["center"] is None else s["center"]}
+            for role, s in specs.items()}
 
 
 class Plan:
     """Roles, layouts and per-role hyperparameters of a model: what :func:`equiopt.build` uses."""
 
-    def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str):
+    def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str,
+                 blocks: list[Block] | None = None, groups: Mapping[str, Group] | None = None):
         self.entries = entries
         self.specs = specs
         self.preset = preset
+        self.blocks: list[Block] = list(blocks or [])
+        self.groups: dict[str, Group] = dict(groups or role_groups())
         self._by_name = {}
         for e in entries:
             for n in (e.name, *e.aliases):
@@ -545,12 +661,18 @@ def plan(
 
     See :func:`equiopt.presets.resolve` for ``preset``/``rules``/``lr``/``lr_scale``/
     ``overrides`` and :func:`detect_roles` for ``roles``/``layouts``. ``audit``: an
-    :class:`equiopt.audit.AuditReport` of this model; maps whose symmetry it found broken
-    are downgraded (:func:`equiopt.audit.downgrade_rules`), explicit ``rules`` still win.
+    :class:`equiopt.audit.AuditReport` of this model (anything with ``broken_factors()`` and
+    ``downgrade_rules()``); maps whose symmetry it found broken are downgraded, explicit
+    ``rules`` still win when they are compatible with the reduced group.
+    The plan records the model's blocks (:attr:`Plan.blocks`) and each role's group
+    (:attr:`Plan.groups`, less what ``audit`` found broken), resolves ``center=None`` from
+    the groups and refuses maps incompatible with them (:func:`check_compatible`).
     """
+    broken = audit.broken_factors() if audit is not None else {}
     if audit is not None:
-        from .audit import downgrade_rules
-
-        rules = {**downgrade_rules(audit), **(rules or {})}
-    specs = resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides)
-    return Plan(detect_roles(model, roles=roles, layouts=layouts), specs, preset)
+        rules = {**audit.downgrade_rules(), **(rules or {})}
+    groups = role_groups(broken)
+    specs = resolve_centering(resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides), groups)
+    entries, blocks = _detect(model, roles, layouts)
+    check_compatible(entries, specs, groups)
+    return Plan(entries, specs, preset, blocks, groups)

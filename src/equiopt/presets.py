@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .maps import MAP_SPECS
+from .roles import MATRIX_ROLES, ROLE_TABLE, ROLES
+
 __all__ = [
     "ROLES",
     "MATRIX_ROLES",
@@ -23,22 +26,8 @@ __all__ = [
     "resolve",
 ]
 
-ROLES = (
-    "embedding",
-    "lm_head",
-    "tied_embedding",
-    "attention",
-    "mlp_in",
-    "mlp_out",
-    "router",
-    "expert_in",
-    "expert_out",
-    "matrix",
-    "vector",
-)
-MATRIX_ROLES = tuple(r for r in ROLES if r != "vector")
 # roles whose map sees the neuron axis as columns: the map is applied to M^T
-COLUMN_AWARE_ROLES = ("mlp_out", "expert_out")
+COLUMN_AWARE_ROLES = tuple(r.name for r in ROLE_TABLE.values() if r.column_aware)
 
 # Every hyperparameter a param_group carries, with its default (reference conventions of
 # the design note, section 3).
@@ -53,7 +42,7 @@ DEFAULTS: dict = {
     "scale": "none",  # "none" | "muon": times sqrt(max(1, rows/cols)) per logical matrix
     "alpha": 1.0,  # nuclear-norm exponent of the spectral / hybrid maps
     "order": "row_then_polar",  # hybrid: "row_then_polar" | "polar_then_row"
-    "center": True,  # left_spectral: center the rows first (shift symmetry)
+    "center": None,  # center input and output on the row shift: None = iff the block's group has it
     "eps": 1e-8,  # row/column-norm epsilon
     "polar_method": "polar_express",  # "newton_schulz" | "polar_express" | "svd" | "gram_eigh"
     "polar_steps": None,  # None = the method's default
@@ -67,20 +56,9 @@ DEFAULTS: dict = {
     "compile": False,  # matrix maps: torch.compile the fast path's kernels (opt-in)
 }
 
-# group key -> keyword of the map function, per map (the maps' signatures)
-_POLAR_KW = {"polar_method": "method", "polar_steps": "steps", "polar_dtype": "compute_dtype"}
-MAP_OPTIONS: dict[str, dict[str, str]] = {
-    "identity": {},
-    "row_norm": {"eps": "eps"},
-    "col_norm": {"eps": "eps"},
-    "centered_row_norm": {"eps": "eps"},
-    "polar": dict(_POLAR_KW),
-    "scaled_polar": {"alpha": "alpha", **_POLAR_KW},
-    "right_spectral": {"alpha": "alpha"},
-    "left_spectral": {"alpha": "alpha", "center": "center"},
-    "hybrid": {"order": "order", "alpha": "alpha", "eps": "eps", **_POLAR_KW},
-}
-MAP_NAMES = ("adamw", *MAP_OPTIONS)
+# group key -> keyword of the map function, per map (from the maps' registry)
+MAP_OPTIONS: dict[str, dict[str, str]] = {n: dict(m.options) for n, m in MAP_SPECS.items() if m.fn is not None}
+MAP_NAMES = tuple(MAP_SPECS)
 
 # -- building blocks of the presets ---------------------------------------------------
 ADAMW_LR = 3e-3
@@ -200,6 +178,8 @@ def _validate(role: str, spec: Mapping) -> None:
         raise ValueError(f"{where}: scale must be 'none' or 'muon', got {spec['scale']!r}")
     if spec["order"] not in ("row_then_polar", "polar_then_row"):
         raise ValueError(f"{where}: order must be 'row_then_polar' or 'polar_then_row', got {spec['order']!r}")
+    if spec["center"] not in (None, True, False):
+        raise ValueError(f"{where}: center must be None (follow the block's group), True or False, got {spec['center']!r}")
     if spec["on_nonfinite"] not in ("raise", "skip"):
         raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
     if not 0.0 <= spec["momentum"] < 1.0:

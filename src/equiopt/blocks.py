@@ -1,0 +1,186 @@
+"""Blocks: the structural units the planner finds, with their parameters and symmetries.
+
+A block names its parameters (by their plan names) in *slots* that say what each does, so
+that consumers (the audit's group actions, the diagnostics' orbit coordinates, the
+Dead-Direction Conditioner's gauges) act on the structure the planner read instead of
+re-deriving it from parameter names:
+
+* :class:`VocabBlock`     token embedding and LM head (tied or not) [vocab, d]
+* :class:`AttentionBlock` q/k/v (separate, in registration order, or one fused qkv) and o
+* :class:`MLPBlock`       in-projections (gate/up, fused parts) and one out-projection,
+  dense or stacked over experts
+* :class:`MoEBlock`       a router [E, d] and the expert MLP it routes to
+
+Each block lists its :class:`Symmetry` s: a named transformation acting jointly on several
+parameters' axes with one group element (a hidden-neuron permutation acts on the rows of
+every in-projection part and on the out-projection's columns). ``gauge`` marks the
+continuous symmetries whose orbit the loss is flat along (rescales, shifts, rotations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .groups import Factor
+
+__all__ = ["Act", "Symmetry", "Block", "VocabBlock", "AttentionBlock", "MLPBlock", "MoEBlock"]
+
+
+@dataclass(frozen=True)
+class Act:
+    """One parameter axis a symmetry acts on.
+
+    ``axis``: ``"rows"`` / ``"cols"`` of the parameter's logical matrices (``"vector"`` for
+    a bias, acted on entrywise like the rows it belongs to); ``inverse``: acted on by the
+    inverse element (the compensating side: ``down`` columns divided by ``s`` when ``up``
+    rows are multiplied); ``part``: one fused part (None: every logical matrix)."""
+
+    param: str
+    axis: str
+    inverse: bool = False
+    part: int | None = None
+
+
+@dataclass(frozen=True)
+class Symmetry:
+    """A transformation of the network that leaves its function unchanged (claimed by the
+    structure; the audit measures it)."""
+
+    name: str
+    factor: Factor
+    acts: tuple[Act, ...]
+    gauge: bool = False
+    note: str = ""
+
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a.param for a in self.acts))
+
+
+@dataclass(frozen=True)
+class Block:
+    scope: str  # module name the block lives in ("" = the model)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.removesuffix("Block").lower()
+
+    def params(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def symmetries(self) -> tuple[Symmetry, ...]:
+        return ()
+
+    def describe(self) -> str:
+        syms = ", ".join(s.name for s in self.symmetries())
+        return f"{self.kind} {self.scope or '<model>'}: {', '.join(self.params())}" + (f" [{syms}]" if syms else "")
+
+
+@dataclass(frozen=True)
+class VocabBlock(Block):
+    embedding: str | None = None
+    head: str | None = None  # == embedding when tied
+    head_bias: str | None = None
+
+    @property
+    def tied(self) -> bool:
+        return self.head is not None and self.head == self.embedding
+
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for p in (self.embedding, self.head, self.head_bias) if p))
+
+    def symmetries(self) -> tuple[Symmetry, ...]:
+        out = []
+        if self.head and not self.tied:
+            acts = (Act(self.head, "rows"),) + ((Act(self.head_bias, "vector"),) if self.head_bias else ())
+            out.append(Symmetry("logit_shift", Factor("shift", "rows"), acts[:1], gauge=True,
+                                note="softmax cross-entropy is invariant under W -> W + 1 c^T"))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class AttentionBlock(Block):
+    o: str = ""
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  # fused [ (Hq + 2 Hkv) hd, d ], order q | k | v
+    hq: int = 0
+    hkv: int = 0
+    head_dim: int = 0
+    biases: tuple[tuple[str, str], ...] = ()  # (projection slot, bias name)
+
+    def params(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p)
+
+    def symmetries(self) -> tuple[Symmetry, ...]:
+        if self.qkv is not None:
+            return ()
+        return (
+            Symmetry("vo_rotation", Factor("orth", "rows"), (Act(self.v, "rows"), Act(self.o, "cols")), gauge=True,
+                     note="per kv head R_j: V_j -> R_j V_j, O_i -> O_i R_j^T for the query heads sharing j"),
+            Symmetry("qk_rope_rotation", Factor("rope_rotation", "rows"), (Act(self.q, "rows"), Act(self.k, "rows")),
+                     gauge=True, note="per kv head rotations inside the RoPE planes, on Q_i and K_j rows"),
+        )
+
+
+@dataclass(frozen=True)
+class MLPBlock(Block):
+    ins: tuple[str, ...] = ()  # in-projections in registration order (gate before up in HF)
+    out: str = ""
+    hidden: int = 0
+    experts: int = 1  # logical batch of the out-projection: E for stacked experts
+    fused: tuple[int, ...] = ()  # fused parts per in-projection (1 = plain)
+    in_biases: tuple[tuple[str, str], ...] = ()  # (in-projection, bias)
+    out_bias: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        return sum(self.fused or (1,) * len(self.ins)) >= 2
+
+    def params(self) -> tuple[str, ...]:
+        return (*self.ins, self.out)
+
+    def parts(self) -> tuple[tuple[str, int], ...]:
+        """``(in-projection, part)`` for every logical in-projection (gate and up of a fused one)."""
+        fused = self.fused or (1,) * len(self.ins)
+        return tuple((p, j) for p, k in zip(self.ins, fused) for j in range(k))
+
+    def symmetries(self) -> tuple[Symmetry, ...]:
+        rows = tuple(Act(p, "rows") for p in self.ins) + tuple(Act(b, "vector") for _, b in self.in_biases)
+        return (
+            Symmetry("neuron_perm", Factor("perm", "rows"), rows + (Act(self.out, "cols"),),
+                     note="hidden neurons permuted in every in-projection part and the out-projection columns"),
+        )
+
+
+@dataclass(frozen=True)
+class MoEBlock(Block):
+    router: str = ""
+    experts: int = 0
+    router_bias: str | None = None
+    mlp: MLPBlock | None = None  # the stacked experts (None: experts as a module list)
+    scoring: str = "softmax"
+
+    def params(self) -> tuple[str, ...]:
+        return (self.router, *(self.mlp.params() if self.mlp else ()))
+
+    def symmetries(self) -> tuple[Symmetry, ...]:
+        out = []
+        if self.mlp is not None:
+            out.append(Symmetry("expert_perm", Factor("perm", "rows"),
+                                (Act(self.router, "rows"),) + tuple(Act(p, "experts") for p in self.mlp.params()),
+                                note="experts relabelled in the router rows and the stacked expert tensors"))
+        if self.scoring == "softmax":
+            out.append(Symmetry("router_shift", Factor("shift", "rows"), (Act(self.router, "rows"),), gauge=True,
+                                note="softmax scores are invariant under W -> W + 1 c^T"))
+        return tuple(out)
+
+
+@dataclass
+class BlockRecorder:
+    """Collects blocks as the planner decides; :class:`~equiopt.planner.Plan` keeps them."""
+
+    blocks: list[Block] = field(default_factory=list)
+
+    def add(self, block: Block) -> None:
+        self.blocks.append(block)

@@ -1,0 +1,156 @@
+"""The map registry checked against the groups it declares, and the plan's compatibility
+check and blocks. Tests are generated from ``MAP_SPECS``: a map registered without a true
+group declaration fails here."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import equiopt
+from equiopt.blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
+from equiopt.groups import Factor, Group
+from equiopt.maps import MAP_SPECS, center_rows, map_spec
+from equiopt.optimizer import apply_map
+from equiopt.presets import DEFAULTS
+
+F64 = torch.float64
+TOL = 1e-9  # float64 maps; Polar Express / Newton-Schulz are polynomials: rounding only
+
+
+def run(name, x, center=None, column_aware=False):
+    group = {**DEFAULTS, "map": name, "center": center, "column_aware": column_aware, "polar_method": "svd"}
+    return apply_map(group, x, x)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+SPECS = [(n, c, ca) for n, s in MAP_SPECS.items() if s.fn is not None for c in (None, True) for ca in (False, True)]
+
+
+@pytest.mark.parametrize("name,center,column_aware", SPECS)
+def test_every_registered_map_is_equivariant_under_its_declared_group(name, center, column_aware):
+    spec = map_spec(name, center=center, column_aware=column_aware)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, dtype=F64, generator=gen)
+    for f in spec.group.factors:
+        if f.kind == "shift":  # zero sums along the shift axis are kept
+            dim = -2 if f.axis == "rows" else -1
+            z = x - x.mean(dim, keepdim=True)
+            assert run(name, z, center, column_aware).sum(dim).abs().max() < 1e-10, f
+            continue
+        g = f.sample(x.shape, gen)
+        err = rel(run(name, f.act(x, g), center, column_aware), f.act(run(name, x, center, column_aware), g))
+        assert err < TOL, (f.describe(), err)
+    for f in spec.projects_out:  # invariant under the shift, output on the zero-sum subspace
+        c = f.sample(x.shape, gen)
+        assert rel(run(name, f.act(x, c), center, column_aware), run(name, x, center, column_aware)) < TOL
+        assert run(name, x, center, column_aware).sum(-2 if f.axis == "rows" else -1).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name,factor", [("row_norm", "orth:rows"), ("hybrid", "orth:rows"), ("col_norm", "orth:cols"),
+                                         ("row_norm", "shift:rows")])
+def test_the_check_fails_outside_the_declared_group(name, factor):
+    f = Factor(*factor.split(":"))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 5, dtype=F64, generator=gen)
+    if f.kind == "shift":
+        z = x - x.mean(-2, keepdim=True)
+        assert run(name, z).sum(-2).abs().max() > 1e-3
+        return
+    g = f.sample(x.shape, gen)
+    assert rel(run(name, f.act(x, g)), f.act(run(name, x), g)) > 1e-3
+    assert not Group((f,)) <= MAP_SPECS[name].group
+
+
+def qwen3():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return transformers.Qwen3ForCausalLM(cfg)
+
+
+def olmoe():
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    return transformers.OlmoeForCausalLM(cfg)
+
+
+def test_plan_records_blocks():
+    p = equiopt.plan(qwen3())
+    kinds = {type(b) for b in p.blocks}
+    assert kinds == {VocabBlock, AttentionBlock, MLPBlock}
+    vocab = next(b for b in p.blocks if isinstance(b, VocabBlock))
+    assert (vocab.embedding, vocab.head, vocab.tied) == ("model.embed_tokens.weight", "lm_head.weight", False)
+    attn = next(b for b in p.blocks if isinstance(b, AttentionBlock))
+    assert attn.q.endswith("q_proj.weight") and attn.k.endswith("k_proj.weight") and attn.v.endswith("v_proj.weight")
+    assert (attn.hq, attn.hkv, attn.head_dim) == (4, 2, 8) and attn.o.endswith("o_proj.weight")
+    mlp = next(b for b in p.blocks if isinstance(b, MLPBlock))
+    assert mlp.ins == ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+    assert mlp.out == "model.layers.0.mlp.down_proj.weight" and mlp.hidden == 48 and mlp.gated
+    assert [s.name for s in vocab.symmetries()] == ["logit_shift"]
+    assert set(mlp.symmetries()[0].params()) == set(mlp.params())
+
+
+def test_plan_records_moe_blocks_with_stacked_experts():
+    p = equiopt.plan(olmoe())
+    moe = next(b for b in p.blocks if isinstance(b, MoEBlock))
+    assert moe.router == "model.layers.0.mlp.gate.weight" and moe.experts == 4
+    assert moe.mlp.ins == ("model.layers.0.mlp.experts.gate_up_proj",) and moe.mlp.fused == (2,)
+    assert moe.mlp.out == "model.layers.0.mlp.experts.down_proj" and moe.mlp.hidden == 24
+    assert [s.name for s in moe.symmetries()] == ["expert_perm", "router_shift"]
+    tied = equiopt.plan(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)))
+    vocab = next(b for b in tied.blocks if isinstance(b, VocabBlock))
+    assert vocab.tied and vocab.symmetries() == ()
+
+
+def test_incompatible_rule_is_refused_naming_parameter_group_and_map():
+    with pytest.raises(equiopt.PlanError, match=r"(?s)role 'attention'.*q_proj.weight.*O\(rows\) x O\(cols\).*'row_norm'"):
+        equiopt.plan(qwen3(), rules={"attention": "row_norm"})
+    with pytest.raises(equiopt.PlanError, match=r"mlp_out.*not equivariant under O\(rows\)"):
+        equiopt.plan(qwen3(), rules={"mlp_out": {"map": "row_norm", "column_aware": False}})
+    with pytest.raises(equiopt.PlanError, match=r"embedding.*projects out Shift\(rows\)"):
+        equiopt.plan(qwen3(), rules={"embedding": "centered_row_norm"})
+    # baselines and compatible choices pass
+    equiopt.plan(qwen3(), preset="adamw")
+    equiopt.plan(qwen3(), preset="muon")
+    equiopt.plan(qwen3(), rules={"lm_head": "hybrid", "embedding": "right_spectral"})
+
+
+@pytest.mark.parametrize("role,model", [("lm_head", qwen3), ("router", olmoe)])
+def test_hybrid_on_a_shift_symmetric_block_is_centered(role, model):
+    m = model()
+    p = equiopt.plan(m, rules={role: "hybrid"})
+    assert p.specs[role]["center"] is True
+    opt = equiopt.build(p)
+    (param,) = [e.param for e in p.entries if e.role == role]
+    before = param.detach().clone()
+    param.grad = torch.randn_like(param)
+    opt.step()
+    delta = param.detach() - before
+    # the update never moves along the shift orbit: zero column sums (float32 rounding)
+    assert delta.sum(0).abs().max() < 1e-5 * delta.abs().max()
+    # forced uncentered, the map would move the mean row: refused as incompatible
+    with pytest.raises(equiopt.PlanError, match=r"not equivariant under Shift\(rows\)"):
+        equiopt.plan(model(), rules={role: {"map": "hybrid", "center": False}})
+    # and such an update does move along the orbit (what the check protects against)
+    x = torch.randn(1, *param.shape, dtype=F64)
+    assert run("hybrid", x - x.mean(-2, keepdim=True), center=False).sum(-2).abs().max() > 1e-3
+
+
+def test_centering_wrapper_matches_the_formula():
+    x = torch.randn(2, 6, 4, dtype=F64)
+    got = run("hybrid", x, center=True)
+    want = center_rows(run("hybrid", center_rows(x), center=False))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(run("row_norm", x, center=True), run("centered_row_norm", x), rtol=1e-12, atol=1e-12)
+
+
+def test_plan_without_structure_has_no_blocks_and_matrix_group():
+    p = equiopt.plan(nn.Sequential(nn.Linear(4, 4)))
+    assert p.blocks == [] and p.groups["matrix"] == Group.of("orth:rows", "orth:cols")
