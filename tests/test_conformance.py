@@ -30,8 +30,8 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------
 
 
-def torch_adamw(model: nn.Module, foreach: Optional[bool]) -> torch.optim.Optimizer:
+def torch_adamw(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
     """The ``adamw`` preset as documented (README "Presets"): lr 3e-3, betas (0.9, 0.95),
     eps 1e-8, weight decay 0.1 on 2-D and higher weights, 0 on vectors. Written out here, not
     read from equiopt, so that a drift of the preset fails the parity check."""
@@ -72,7 +72,7 @@ class Config:
     preset: str
     options: dict = field(default_factory=dict)
     #: builds a torch optimizer that must match this row bit for bit (or None)
-    torch_reference: Optional[Callable[[nn.Module, Optional[bool]], torch.optim.Optimizer]] = None
+    torch_reference: Callable[[nn.Module, bool | None], torch.optim.Optimizer] | None = None
 
     @property
     def uses_matrix_maps(self) -> bool:
@@ -95,8 +95,9 @@ ROWS = [pytest.param(c, id=c.id) for c in CONFIGS]
 # issue #12 item 5: deepcopy/pickle drop EquiOptimizer._layouts (torch's __getstate__ keeps
 # only defaults, state and param_groups), so a copied optimizer with matrix maps cannot
 # step. strict=True: when the fix lands these turn into failures; then delete the mark.
-COPY_BUG = pytest.mark.xfail(strict=True, raises=AttributeError,
-                             reason="issue #12 item 5: fixed by the optimizer refactor")
+COPY_BUG = pytest.mark.xfail(
+    strict=True, raises=AttributeError, reason="issue #12 item 5: fixed by the optimizer refactor"
+)
 COPY_ROWS = [pytest.param(c, id=c.id, marks=COPY_BUG if c.uses_matrix_maps else ()) for c in CONFIGS]
 
 
@@ -191,10 +192,8 @@ def first_step(group: dict, layout, p: torch.Tensor, g: torch.Tensor) -> torch.T
     layout = layout if group["per_head"] else layout.without_heads()
     logical = layout.to_logical(x)
     fn = maps.MAPS[group["map"]]
-    if group["column_aware"]:
-        u = fn(logical.mT, **_map_kwargs(group)).mT
-    else:
-        u = fn(logical, **_map_kwargs(group))
+    kwargs = _map_kwargs(group)
+    u = fn(logical.mT, **kwargs).mT if group["column_aware"] else fn(logical, **kwargs)
     if group["scale"] == "muon":
         u = u * math.sqrt(max(1.0, u.shape[-2] / u.shape[-1]))
     return p * (1 - lr * wd) - lr * layout.from_logical(u, p.shape)
@@ -449,8 +448,8 @@ def test_add_param_group_steps_like_a_standalone_optimizer(cfg):
         opt.add_param_group({"params": [w], **spec})
     assert len(opt.param_groups) == len(untouched_opt.param_groups) + 1
     for s in range(3):
-        for m, o in ((model, opt), (untouched, untouched_opt)):
-            set_grads(m, s)
+        set_grads(model, s)
+        set_grads(untouched, s)
         w.grad = torch.randn(w.shape, generator=gen)
         alone.grad = w.grad.clone()
         opt.step()
