@@ -92,13 +92,7 @@ CONFIGS = [
 
 ROWS = [pytest.param(c, id=c.id) for c in CONFIGS]
 
-# issue #12 item 5: deepcopy/pickle drop EquiOptimizer._layouts (torch's __getstate__ keeps
-# only defaults, state and param_groups), so a copied optimizer with matrix maps cannot
-# step. strict=True: when the fix lands these turn into failures; then delete the mark.
-COPY_BUG = pytest.mark.xfail(
-    strict=True, raises=AttributeError, reason="issue #12 item 5: fixed by the optimizer refactor"
-)
-COPY_ROWS = [pytest.param(c, id=c.id, marks=COPY_BUG if c.uses_matrix_maps else ()) for c in CONFIGS]
+COPY_ROWS = ROWS  # issue #12 item 5: copies keep layouts, names and the execution path
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 import equiopt
 from equiopt import distributed as D
+from equiopt import sharding as S
 
 HERE = Path(__file__).resolve().parent
 SRC = Path(equiopt.__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ def max_diff(a: dict, b: dict) -> tuple[float, str]:
 # =========================================================================================
 @pytest.mark.parametrize("rows,world", [(33, 2), (1, 2), (2, 2), (7, 3), (10, 4), (0, 2), (5, 8)])
 def test_shard_bounds_are_torch_chunk(rows, world):
-    geo = D._Shard(None, world, 0, rows)
+    geo = S._Shard(None, world, 0, rows)
     chunks = torch.arange(rows).chunk(world) if rows else ()
     sizes = [c.numel() for c in chunks] + [0] * (world - len(chunks))
     assert [geo.size(k) for k in range(world)] == sizes
@@ -117,7 +118,7 @@ def test_owner_assignment_balances_and_is_deterministic():
     ],
 )
 def test_alignment(shape, layout, aligned):
-    assert D._aligned(layout, shape, D._Shard(None, 2, 0, shape[0])) is aligned
+    assert S._aligned(layout, shape, S._Shard(None, 2, 0, shape[0])) is aligned
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -255,7 +255,7 @@ def test_gram_route_equals_iterations_on_hard_spectra(method, shape, kind):
 def test_gram_route_nuclear_norm_and_scale(alpha):
     x = spectrum_input(4, 16, 64, 1e-3, seed=5).float()
     p = maps.polar(x)
-    ref = p if alpha is None else maps._scale_by_nuclear(p, maps.nuclear_norm(x), alpha)
+    ref = p if alpha is None else maps.scale_by_nuclear(p, maps.nuclear_norm(x), alpha)
     for fn in (fastpath.spectral_polar, fastpath.iterative_polar):
         out = fn(x, "polar_express", None, alpha=alpha, scale=1.5)
         assert _err(out, 1.5 * ref, float(ref.abs().max()) * 1.5) < 2e-5, fn.__name__

@@ -269,8 +269,10 @@ def test_nonfinite_raise_leaves_every_parameter_and_state_untouched():
     assert len(opt.state) == 0 and opt.nonfinite_skips == 0
 
 
-def test_finite_screen_is_exact_when_squares_overflow():
-    from equiopt.optimizer import _finite_flags
+def test_finite_screen_counts_overflowing_gradients():
+    """Issue #12 item 9: a finite gradient whose squares overflow would freeze AdamW
+    (exp_avg_sq = inf) and zero the matrix maps; it is screened like NaN/Inf."""
+    from equiopt.functional import finite_flags
 
     huge = torch.full((4, 3), 1e30)  # finite, but its float32 2-norm overflows to inf
     nan, inf = torch.ones(5), torch.ones(2, 2)
@@ -278,7 +280,27 @@ def test_finite_screen_is_exact_when_squares_overflow():
     half = torch.ones(3, dtype=torch.bfloat16)
     half[0] = float("inf")
     grads = [torch.randn(3, 3), huge, nan, inf, half, torch.zeros(0, 4)]
-    assert _finite_flags(grads) == [bool(torch.isfinite(g).all()) for g in grads] == [True, True, False, False, False, True]
+    assert finite_flags(grads) == [True, False, False, False, False, True]
+    big = torch.full((4, 3), 1e18)  # large but its squares fit: passes
+    assert finite_flags([big]) == [True]
+
+
+def test_huge_gradient_is_refused_or_skipped_not_frozen():
+    model = tiny_model()
+    for mode in ("raise", "skip"):
+        opt = equiopt.build(model, preset="adamw", layouts=FUSED_LAYOUTS, on_nonfinite=mode)
+        lm_loss(model, 0).backward()
+        p = next(model.parameters())
+        p.grad.fill_(1e30)
+        before = p.detach().clone()
+        if mode == "raise":
+            with pytest.raises(NonFiniteGradientError, match="overflows"):
+                opt.step()
+        else:
+            opt.step()
+            assert opt.nonfinite_skips == 1 and torch.equal(p, before)
+            assert "exp_avg_sq" not in opt.state[p] or torch.isfinite(opt.state[p]["exp_avg_sq"]).all()
+        opt.zero_grad()
 
 
 @pytest.mark.parametrize("preset", ["muon", "paper"])

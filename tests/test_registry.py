@@ -154,3 +154,71 @@ def test_centering_wrapper_matches_the_formula():
 def test_plan_without_structure_has_no_blocks_and_matrix_group():
     p = equiopt.plan(nn.Sequential(nn.Linear(4, 4)))
     assert p.blocks == [] and p.groups["matrix"] == Group.of("orth:rows", "orth:cols")
+
+
+@pytest.mark.parametrize("view", ["same", "transpose", "slice"])
+def test_parameters_sharing_memory_are_refused(view):
+    """Issue #12 item 4: a transposed view or a slice of another Parameter's storage would be
+    stepped twice with two momenta."""
+    a = nn.Linear(6, 6, bias=False)
+    b = nn.Linear(6, 6, bias=False)
+    w = a.weight
+    b.weight = nn.Parameter({"same": w.data, "transpose": w.data.t(), "slice": w.data}[view])
+    if view == "slice":
+        b = nn.Linear(6, 3, bias=False)
+        b.weight = nn.Parameter(w.data[:3])
+    with pytest.raises(equiopt.PlanError, match="sharing memory"):
+        equiopt.plan(nn.ModuleDict({"a": a, "b": b}))
+    # disjoint slices of one buffer are fine
+    buf = torch.zeros(12, 6)
+    c, d = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)
+    c.weight, d.weight = nn.Parameter(buf[:6]), nn.Parameter(buf[6:])
+    equiopt.plan(nn.ModuleDict({"c": c, "d": d}))
+
+
+def test_deepcopy_and_pickle_step_like_the_original():
+    """Issue #12 item 5: a copied optimizer keeps its layouts, names and execution path."""
+    import copy
+    import pickle
+
+    model = qwen3()
+    opt = equiopt.build(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for clone in (copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))):
+        m2, o2 = clone
+        for p, q in zip(model.parameters(), m2.parameters()):
+            q.grad = p.grad.clone()
+        o2.step()
+        assert o2.context.layouts and len(o2.context.layouts) == len(opt.context.layouts)
+    opt.step()
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_of_another_preset_is_refused():
+    """Issue #12 item 3: AdamW state into a paper optimizer would silently run AdamW."""
+    model = qwen3()
+    src = equiopt.build(model, preset="adamw")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    src.step()
+    with pytest.raises(ValueError, match=r"saved map 'adamw'.*'row_norm'"):
+        equiopt.build(model, preset="paper").load_state_dict(src.state_dict())
+    other = qwen3()
+    other.lm_head = nn.Linear(32, 80, bias=False)
+    opt = equiopt.build(other, preset="adamw")
+    with pytest.raises(ValueError, match="lm_head.weight: saved exp_avg has shape"):
+        opt.load_state_dict(src.state_dict())
+
+
+def test_add_param_group_refuses_bad_input_at_once():
+    """Issue #12 item 8: unknown hyperparameter, unknown map, 3-D parameter without a layout."""
+    opt = equiopt.EquiOptimizer([nn.Parameter(torch.zeros(3, 3))], map="polar")
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "lrr": 0.1})
+    with pytest.raises(ValueError, match="unknown map name 'polr'"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "map": "polr"})
+    with pytest.raises(ValueError, match="needs a 2-D tensor, got shape"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2, 2))], "map": "polar"})

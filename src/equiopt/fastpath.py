@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from . import maps
+from .functional import compute_dtype, map_kwargs, muon_scale
 from .polar import NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY, DEFAULT_STEPS
 
 __all__ = [
@@ -104,22 +105,23 @@ DEFAULT_OPTIONS = FastPathOptions()
 
 
 def configure(opt, **options) -> FastPathOptions:
-    """Set fast-path options of optimizer ``opt`` (see :class:`FastPathOptions`). Options set
-    here win over the param_groups' ``batched``/``compile`` keys (a programmatic override,
-    e.g. for benchmarks and tests)."""
-    current = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
-    new = dataclasses.replace(current, **options)
-    opt._fastpath_options = new
-    opt._fastpath_forced = set(getattr(opt, "_fastpath_forced", ())) | set(options)
-    return new
+    """Set fast-path options of optimizer ``opt`` (its ``context``, see :class:`FastPathOptions`).
+    Options set here win over the param_groups' ``batched``/``compile`` keys (a programmatic
+    override, e.g. for benchmarks and tests)."""
+    ctx = opt.context
+    ctx.fastpath_options = dataclasses.replace(ctx.fastpath_options, **options)
+    ctx.fastpath_forced = frozenset(ctx.fastpath_forced) | set(options)
+    return ctx.fastpath_options
 
 
 def options_of(opt, group=None) -> FastPathOptions:
     """Effective options for ``group``: defaults, then the group's ``batched``/``compile``
-    keys when it carries them, then what :func:`configure` set explicitly."""
-    o = getattr(opt, "_fastpath_options", DEFAULT_OPTIONS)
+    keys when it carries them, then what :func:`configure` set explicitly. ``opt``: an
+    optimizer or its :class:`~equiopt.execution.UpdateContext`."""
+    ctx = getattr(opt, "context", opt)
+    o = ctx.fastpath_options
     if group is not None:
-        forced = getattr(opt, "_fastpath_forced", ())
+        forced = ctx.fastpath_forced
         over = {k: bool(group[k]) for k in ("batched", "compile") if k in group and k not in forced}
         if over:
             o = dataclasses.replace(o, **over)
@@ -190,7 +192,7 @@ def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: Option
 
 
 def _nuclear_scale(nuc: Tensor, alpha: float) -> Tensor:
-    """nuc^alpha, 0 where nuc == 0 (as :func:`equiopt.maps._scale_by_nuclear`)."""
+    """nuc^alpha, 0 where nuc == 0 (as :func:`equiopt.maps.scale_by_nuclear`)."""
     safe = torch.where(nuc > 0, nuc, torch.ones_like(nuc))
     return torch.where(nuc > 0, safe.pow(alpha), torch.zeros_like(nuc))
 
@@ -421,7 +423,7 @@ def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route:
         if method == "gram_eigh" or alpha is not None:
             if method == "gram_eigh":
                 p, nuc = maps.gram_polar(X)
-                out = p if alpha is None or float(alpha) == 0.0 else maps._scale_by_nuclear(p, nuc, float(alpha))
+                out = p if alpha is None or float(alpha) == 0.0 else maps.scale_by_nuclear(p, nuc, float(alpha))
             else:
                 out = maps.scaled_polar(X, alpha=alpha, method=method, steps=steps, compute_dtype=cdt)
         else:
@@ -528,19 +530,19 @@ class Bucket:
         return sum(b for _, b in self.members)
 
 
-def _logical(opt, group, p: Tensor, x: Tensor) -> Tensor:
-    layout = opt._layout(group, p)
+def _logical(ctx, group, p: Tensor, x: Tensor) -> Tensor:
+    layout = ctx.layout(group, p)
     y = layout.to_logical(x)
     return y.mT if group["column_aware"] else y
 
 
-def plan_buckets(opt, group, params, momenta=None) -> list[Bucket]:
-    """Shape buckets of a group (no data touched when ``momenta`` is None)."""
-    from .optimizer import compute_dtype
-
+def plan_buckets(ctx, group, params, momenta=None) -> list[Bucket]:
+    """Shape buckets of a group (no data touched when ``momenta`` is None). ``ctx``: an
+    :class:`~equiopt.execution.UpdateContext` or an optimizer holding one."""
+    ctx = getattr(ctx, "context", ctx)
     buckets: dict[tuple, Bucket] = {}
     for i, p in enumerate(params):
-        layout = opt._layout(group, p)
+        layout = ctx.layout(group, p)
         B, m, n = layout.logical_shape(p.shape)
         if group["column_aware"]:
             m, n = n, m
@@ -555,8 +557,6 @@ def plan_buckets(opt, group, params, momenta=None) -> list[Bucket]:
 def _scale_of(group, m: int, n: int) -> float:
     if group["scale"] != "muon":
         return 1.0
-    from .optimizer import muon_scale
-
     rows, cols = (n, m) if group["column_aware"] else (m, n)  # the logical matrix's orientation
     return muon_scale(rows, cols)
 
@@ -587,21 +587,21 @@ def _chunks(bucket: Bucket, stack: bool, max_bytes: int) -> list[Bucket]:
     return out
 
 
-def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> list[Tensor]:
-    """Update direction of each parameter (stored shape), equal to the reference path."""
-    from .optimizer import map_kwargs
-
-    o = options_of(opt, group)
+def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> list[Tensor]:
+    """Update direction of each parameter (stored shape), equal to the reference path.
+    ``ctx``: an :class:`~equiopt.execution.UpdateContext` (layouts, options) or an optimizer."""
+    ctx = getattr(ctx, "context", ctx)
+    o = options_of(ctx, group)
     out: list[Optional[Tensor]] = [None] * len(params)
     buckets = []
-    for b in plan_buckets(opt, group, params, momenta):
+    for b in plan_buckets(ctx, group, params, momenta):
         buckets += _chunks(b, o.stack, o.stack_bytes)
     for bucket in buckets:
         m, n = bucket.shape
         idx = [i for i, _ in bucket.members]
         kwargs = map_kwargs(group, params[idx[0]])
         scale = _scale_of(group, m, n)
-        views = [_logical(opt, group, params[i], momenta[i]) for i in idx]
+        views = [_logical(ctx, group, params[i], momenta[i]) for i in idx]
         if len(views) == 1:
             X, fresh = views[0], False
         else:
@@ -612,7 +612,7 @@ def fast_updates(opt, group, params: list[Tensor], momenta: list[Tensor]) -> lis
         for i, u in zip(idx, U.split(sizes, dim=0) if len(views) > 1 else (U,)):
             if group["column_aware"]:
                 u = u.mT
-            out[i] = opt._layout(group, params[i]).from_logical(u, params[i].shape)
+            out[i] = ctx.layout(group, params[i]).from_logical(u, params[i].shape)
     return out  # type: ignore[return-value]
 
 

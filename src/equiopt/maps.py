@@ -72,7 +72,7 @@ def _check(x: Tensor) -> None:
         raise ValueError(f"x must have at least 2 dimensions [..., m, n], got shape {tuple(x.shape)}")
 
 
-def _scale_by_nuclear(p: Tensor, nuc: Tensor, alpha: float) -> Tensor:
+def scale_by_nuclear(p: Tensor, nuc: Tensor, alpha: float) -> Tensor:
     """p * nuc^alpha per matrix; a zero nuclear norm gives scale 0 (p is zero there anyway),
     so negative alpha cannot produce inf * 0 = NaN."""
     nuc = nuc.to(p.dtype)
@@ -158,11 +158,11 @@ def scaled_polar(
     alpha = float(alpha)
     if method == "gram_eigh":
         p, nuc = gram_polar(x)
-        return p if alpha == 0.0 else _scale_by_nuclear(p, nuc, alpha)
+        return p if alpha == 0.0 else scale_by_nuclear(p, nuc, alpha)
     p = polar(x, method=method, steps=steps, compute_dtype=compute_dtype)
     if alpha == 0.0:
         return p
-    return _scale_by_nuclear(p, nuclear_norm(x), alpha)
+    return scale_by_nuclear(p, nuclear_norm(x), alpha)
 
 
 def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None) -> Tensor:
@@ -177,7 +177,7 @@ def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None)
     """
     _check(x)
     p, nuc = gram_polar(x, rcond=rcond, side="right")
-    return p if float(alpha) == 0.0 else _scale_by_nuclear(p, nuc, float(alpha))
+    return p if float(alpha) == 0.0 else scale_by_nuclear(p, nuc, float(alpha))
 
 
 def left_spectral(
@@ -198,7 +198,7 @@ def left_spectral(
     _check(x)
     c = center_rows(x) if center else x
     p, nuc = gram_polar(c, rcond=rcond, side="left")
-    out = p if float(alpha) == 0.0 else _scale_by_nuclear(p, nuc, float(alpha))
+    out = p if float(alpha) == 0.0 else scale_by_nuclear(p, nuc, float(alpha))
     return center_rows(out) if center else out
 
 

@@ -17,99 +17,32 @@ Vectors (and any role set to ``"adamw"``) take torch's own AdamW step (the funct
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
-    from torch.distributed.tensor import DTensor
-except ImportError:
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
-
-from . import maps
+from . import maps, sharding
+from .execution import UpdateContext
+from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-exported for existing callers
+    DTensor,
+    apply_map,
+    compute_dtype,
+    finite_flags,
+    map_kwargs,
+    muon_scale,
+    polar_dtype,
+    reference_update,
+    use_foreach,
+)
 from .layouts import MATRIX, Layout
-from .presets import DEFAULTS, MAP_OPTIONS
+from .presets import DEFAULTS
 
-__all__ = ["EquiOptimizer", "NonFiniteGradientError"]
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
+__all__ = ["EquiOptimizer", "NonFiniteGradientError", "apply_map", "compute_dtype", "map_kwargs", "muon_scale", "polar_dtype"]
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf (``on_nonfinite="raise"``, the default)."""
-
-
-def _dtype(name: str | None, where: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f"{where}: unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def compute_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype:
-    """Dtype of the momentum and the maps: float64 for float64 parameters, else float32
-    (bf16 matmuls are ~100x slower on CPU, and fp32 state avoids bf16 drift on GPU)."""
-    chosen = _dtype(group["compute_dtype"], "compute_dtype")
-    if chosen is not None:
-        return chosen
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def polar_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype | None:
-    """Dtype of the polar iterations: bf16 on CUDA (tensor cores), the compute dtype on CPU."""
-    chosen = _dtype(group["polar_dtype"], "polar_dtype")
-    if chosen is not None:
-        return chosen
-    return torch.bfloat16 if p.is_cuda else None
-
-
-def map_kwargs(group: Mapping, p: torch.Tensor) -> dict:
-    """Keyword arguments of the group's map function, from the group's hyperparameters."""
-    kwargs = {}
-    for key, kw in MAP_OPTIONS[group["map"]].items():
-        value = polar_dtype(p, group) if key == "polar_dtype" else group[key]
-        if value is not None:
-            kwargs[kw] = value
-    return kwargs
-
-
-def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The group's map on logical matrices ``x`` ``[B, m, n]`` (column-aware: on ``x^T``;
-    on a shift-symmetric block (``center``) as ``C(map(C(x)))``, see :func:`maps.map_spec`)."""
-    fn = maps.get_map(group["map"])
-    kwargs = map_kwargs(group, p)
-    y = x.mT if group["column_aware"] else x
-    if maps.needs_centering(group["map"], group.get("center")):
-        u = maps.center_rows(fn(maps.center_rows(y), **kwargs))
-    else:
-        u = fn(y, **kwargs)
-    return u.mT if group["column_aware"] else u
-
-
-def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
-    """Exact per-tensor "all finite" flags with one sync: a foreach 2-norm screens every
-    tensor (NaN/Inf propagate into it); a non-finite norm can also come from squares that
-    overflow, so only those tensors are checked elementwise."""
-    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().tolist()
-    return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(norms, grads)]
-
-
-def _use_foreach(group: Mapping, params: list[torch.Tensor]) -> bool:
-    """Multi-tensor kernels unless the group sets ``foreach=False`` (then the per-parameter
-    loop, the same arithmetic) or a parameter is a DTensor."""
-    return group["foreach"] is not False and not any(isinstance(p, DTensor) for p in params)
-
-
-def muon_scale(rows: int, cols: int) -> float:
-    """Muon's shape factor sqrt(max(1, rows/cols)) (torch.optim.Muon ``adjust_lr_fn="original"``)."""
-    return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
 
 
 class EquiOptimizer(torch.optim.Optimizer):
@@ -133,34 +66,73 @@ class EquiOptimizer(torch.optim.Optimizer):
         *,
         layouts: Mapping[torch.Tensor, Layout] | None = None,
         names: Mapping[torch.Tensor, str] | None = None,
+        executor=None,
         **defaults,
     ):
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"EquiOptimizer: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        # set before super().__init__: it calls add_param_group, which checks against them
+        self.context = UpdateContext(dict(layouts or {}), dict(names or {}))
+        #: the execution path of the matrix updates (:mod:`equiopt.execution`); the default
+        #: runs one process, DDP and FSDP2 (DTensor) groups alike
+        self.executor = executor if executor is not None else sharding.ShardedExecutor()
         super().__init__(params, {**DEFAULTS, **defaults})
-        self._layouts = dict(layouts or {})
-        self._names = dict(names or {})
-        for gi, group in enumerate(self.param_groups):
-            unknown = set(group) - set(DEFAULTS) - {"params", "role"}
-            if unknown:
-                raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, refusing what would only fail at ``step()``: unknown
+        hyperparameters, an unknown map, a parameter whose shape does not fit its layout."""
+        gi = len(self.param_groups)
+        unknown = set(param_group) - set(DEFAULTS) - {"params", "role"}
+        if unknown:
+            raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["map"] != "adamw":
+            maps.get_map(group["map"])  # raises on an unknown map name
+        names = self.context.names
+        for pi, p in enumerate(group["params"]):
+            names.setdefault(p, f"param_groups[{gi}].params[{pi}]")
+            if torch.is_complex(p):
+                raise ValueError(f"{names[p]}: complex parameters are not supported")
             if group["map"] != "adamw":
-                maps.get_map(group["map"])  # raises on an unknown map name
-            for pi, p in enumerate(group["params"]):
-                self._names.setdefault(p, f"param_groups[{gi}].params[{pi}]")
-                if torch.is_complex(p):
-                    raise ValueError(f"{self._names[p]}: complex parameters are not supported")
-                if group["map"] == "adamw":
-                    continue
-                layout = self._layouts.setdefault(p, MATRIX)
-                layout.check(p.shape, self._names[p])
+                self.context.layouts.setdefault(p, MATRIX).check(p.shape, names[p])
+
+    def __getstate__(self):
+        # torch's Optimizer pickles only defaults, state and param_groups; the layouts, names
+        # and the execution path are part of what this optimizer computes
+        return {**super().__getstate__(), "context": self.context, "executor": self.executor}
 
     def __setstate__(self, state):
+        # unpickling brings context and executor; load_state_dict (which also lands here)
+        # brings only state and param_groups: keep this optimizer's own then
+        state = dict(state)
+        self.context = state.pop("context", None) or getattr(self, "context", None) or UpdateContext()
+        self.executor = state.pop("executor", None) or getattr(self, "executor", None) or sharding.ShardedExecutor()
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, refusing a state saved by another configuration: a
+        group whose role or map differs, or a parameter whose state has another shape."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
+                                                        for a, b in zip(saved, self.param_groups)):
+            return super().load_state_dict(state_dict)  # torch's own error for other group sizes
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            where = f"param_groups[{gi}]" + (f" (role {mine['role']!r})" if "role" in mine else "")
+            for key in ("role", "map"):
+                if key in theirs and theirs[key] != mine.get(key, theirs[key]):
+                    raise ValueError(f"load_state_dict: {where}: saved {key} {theirs[key]!r}, this optimizer has "
+                                     f"{mine.get(key)!r}; build the optimizer with the preset/rules that saved it")
+            for idx, p in zip(theirs["params"], mine["params"]):
+                for key, value in state_dict["state"].get(idx, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"load_state_dict: {self.name_of(p)}: saved {key} has shape "
+                                         f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
 
     # -- public helpers -----------------------------------------------------------------
     @property
@@ -168,11 +140,18 @@ class EquiOptimizer(torch.optim.Optimizer):
         """Number of parameter steps skipped for non-finite gradients (``on_nonfinite="skip"``)."""
         return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
 
+    @property
+    def _layouts(self) -> dict:  # read-only view kept for existing callers
+        return self.context.layouts
+
     def name_of(self, p: torch.Tensor) -> str:
-        return self._names.get(p, "<unnamed parameter>")
+        return self.context.name_of(p)
 
     def layout_of(self, p: torch.Tensor) -> Layout:
-        return self._layouts.get(p, MATRIX)
+        return self.context.layouts.get(p, MATRIX)
+
+    def _layout(self, group, p: torch.Tensor) -> Layout:
+        return self.context.layout(group, p)
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -205,11 +184,9 @@ class EquiOptimizer(torch.optim.Optimizer):
         if not flat:
             return per_group
         if any(isinstance(p.grad, DTensor) for p in flat):  # FSDP2: every rank skips the same
-            from .distributed import finite_flags
-
-            finite = finite_flags(flat)
+            finite = sharding.finite_flags(flat)
         else:
-            finite = _finite_flags([p.grad for p in flat])
+            finite = finite_flags([p.grad for p in flat])
         if all(finite):
             return per_group
         ok = {id(p) for p, f in zip(flat, finite) if f}
@@ -218,7 +195,8 @@ class EquiOptimizer(torch.optim.Optimizer):
         if raising:  # before anything changes: no group steps, no skip is counted
             names = ", ".join(self.name_of(p) for p in raising)
             raise NonFiniteGradientError(
-                f"non-finite gradient (NaN or Inf) in {names}; pass on_nonfinite='skip' to skip such steps"
+                f"non-finite gradient (NaN, Inf, or a 2-norm that overflows float32) in {names}; "
+                "pass on_nonfinite='skip' to skip such steps"
             )
         for p in (p for b in bad for p in b):
             state = self.state[p]
@@ -237,7 +215,7 @@ class EquiOptimizer(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
             grads.append(p.grad.to(cdt))
         beta = group["momentum"]
-        if _use_foreach(group, params):
+        if use_foreach(group, params):
             torch._foreach_lerp_(bufs, grads, 1 - beta)
             return list(torch._foreach_lerp(grads, bufs, beta)) if group["nesterov"] else bufs
         for buf, grad in zip(bufs, grads):
@@ -248,7 +226,7 @@ class EquiOptimizer(torch.optim.Optimizer):
         """p <- p (1 - lr wd) - lr u (decoupled weight decay)."""
         lr, wd = group["lr"], group["weight_decay"]
         updates = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(params, updates)]
-        if _use_foreach(group, params):
+        if use_foreach(group, params):
             if wd != 0:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, updates, alpha=-lr)
@@ -258,29 +236,13 @@ class EquiOptimizer(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
             p.add_(u, alpha=-lr)
 
-    def _layout(self, group, p: torch.Tensor) -> Layout:
-        layout = self.layout_of(p)
-        return layout if group["per_head"] else layout.without_heads()
-
     def _updates(self, group, params: list[torch.Tensor], momenta: list[torch.Tensor]) -> list[torch.Tensor]:
         """Update direction of each parameter, in its stored shape (before -lr)."""
-        if any(isinstance(p, DTensor) for p in params):
-            from .distributed import sharded_updates  # FSDP2 / DTensor parameters
-
-            return sharded_updates(self, group, params, momenta)
-        from . import fastpath  # local fast path: shape-stacked batches, fused scales, Gram route
-
-        if fastpath.options_of(self, group).batched:
-            return fastpath.fast_updates(self, group, params, momenta)
-        return [self._reference_update(group, p, x) for p, x in zip(params, momenta)]
+        return self.executor.updates(self.context, group, params, momenta)
 
     def _reference_update(self, group, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The simple path every fast path is tested against: view -> map -> scale -> inverse view."""
-        layout = self._layout(group, p)
-        u = apply_map(group, layout.to_logical(x), p)
-        if group["scale"] == "muon":
-            u = u * muon_scale(u.shape[-2], u.shape[-1])
-        return layout.from_logical(u, p.shape)
+        return reference_update(group, self.context.layout(group, p), p, x)
 
     def _adamw_step(self, group, params: list[torch.Tensor]) -> None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)

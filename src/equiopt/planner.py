@@ -119,18 +119,24 @@ class _Detector:
         return next((m for m in within.modules() if any(q is p for q in m.parameters(recurse=False))), None)
 
     def _check_storage_ties(self) -> None:
-        by_storage: dict[tuple, int] = {}
+        """Distinct Parameters whose memory overlaps (same storage, or a transposed view or
+        slice of it) would be updated twice per step with two momenta: refused."""
+        spans = []  # (storage ptr, first byte, last byte + 1, pid)
         for pid, p in self.params.items():
             # DTensor shards (FSDP2) have no probe-able storage; ties there are by identity
             if p.device.type == "meta" or p.numel() == 0 or type(p).__name__ == "DTensor":
                 continue
-            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
-            other = by_storage.setdefault(key, pid)
-            if other != pid:
+            size = p.element_size()
+            lo = p.storage_offset()
+            hi = lo + sum((n - 1) * st for n, st in zip(p.shape, p.stride())) + 1
+            spans.append((p.untyped_storage().data_ptr(), lo * size, hi * size, pid))
+        spans.sort()
+        for (ptr_a, _, hi_a, pid_a), (ptr_b, lo_b, _, pid_b) in zip(spans, spans[1:]):
+            if ptr_a == ptr_b and lo_b < hi_a:
                 raise PlanError(
-                    f"{self.names[pid][0]} and {self.names[other][0]} are distinct Parameters sharing one "
-                    "storage; tie them by assigning the same nn.Parameter to both modules so that one "
-                    "gradient (the sum) is optimized once"
+                    f"{self.names[pid_b][0]} and {self.names[pid_a][0]} are distinct Parameters sharing memory "
+                    "(one storage, a view, a slice or a transpose); tie them by assigning the same nn.Parameter "
+                    "to both modules so that one gradient (the sum) is optimized once"
                 )
 
     def name(self, p: torch.Tensor) -> str:

@@ -109,7 +109,7 @@ def _check_matrix(x: Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must have at least 2 dimensions [..., m, n], got shape {tuple(x.shape)}")
 
 
-def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -262,7 +262,7 @@ def _keep_zero_lines_zero(p: Tensor, x: Tensor) -> Tensor:
     return p * (rows & cols).to(p.dtype)
 
 
-def _eigh_kept(gram: Tensor, rcond: Optional[float]):
+def eigh_kept(gram: Tensor, rcond: Optional[float]):
     """eigh of a symmetric PSD batch plus the mask of eigenvalues above the relative cutoff.
 
     Cutoff: lambda > lambda_max * size * finfo(dtype).eps, or lambda > rcond * lambda_max.
@@ -277,7 +277,7 @@ def _eigh_kept(gram: Tensor, rcond: Optional[float]):
     return lam, V, keep
 
 
-def _inv_sqrt_from_eig(lam: Tensor, V: Tensor, keep: Tensor) -> Tensor:
+def inv_sqrt_from_eig(lam: Tensor, V: Tensor, keep: Tensor) -> Tensor:
     inv = torch.where(keep, lam.clamp(min=torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam))
     return (V * inv.unsqueeze(-2)) @ V.mT
 
@@ -298,9 +298,9 @@ def inv_sqrt_psd(gram: Tensor, rcond: Optional[float] = None) -> Tensor:
         raise ValueError(f"gram must be square in its last two dims, got shape {tuple(gram.shape)}")
     if gram.numel() == 0:
         return torch.zeros_like(gram)
-    G = gram.to(_linalg_dtype(gram.dtype))
-    lam, V, keep = _eigh_kept(G, rcond)
-    return _inv_sqrt_from_eig(lam, V, keep).to(gram.dtype)
+    G = gram.to(linalg_dtype(gram.dtype))
+    lam, V, keep = eigh_kept(G, rcond)
+    return inv_sqrt_from_eig(lam, V, keep).to(gram.dtype)
 
 
 _GRAM_SIDES = ("auto", "right", "left")
@@ -329,11 +329,11 @@ def gram_polar(x: Tensor, rcond: Optional[float] = None, side: str = "auto") -> 
     *lead, m, n = x.shape
     if x.numel() == 0:
         return torch.zeros_like(x), x.new_zeros(lead)
-    X = x.to(_linalg_dtype(x.dtype))
+    X = x.to(linalg_dtype(x.dtype))
     right = (m >= n) if side == "auto" else (side == "right")
     gram = X.mT @ X if right else X @ X.mT
-    lam, V, keep = _eigh_kept(gram, rcond)
-    inv = _inv_sqrt_from_eig(lam, V, keep)
+    lam, V, keep = eigh_kept(gram, rcond)
+    inv = inv_sqrt_from_eig(lam, V, keep)
     P = _keep_zero_lines_zero(X @ inv if right else inv @ X, X)
     nuc = torch.where(keep, lam.sqrt(), torch.zeros_like(lam)).sum(-1)
     return P.to(x.dtype), nuc.to(x.dtype)
@@ -385,7 +385,7 @@ def nuclear_norm(x: Tensor, method: str = "gram", rcond: Optional[float] = None)
         *lead, m, n = x.shape
         if x.numel() == 0:
             return x.new_zeros(lead)
-        return torch.linalg.svdvals(x.to(_linalg_dtype(x.dtype))).sum(-1).to(x.dtype)
+        return torch.linalg.svdvals(x.to(linalg_dtype(x.dtype))).sum(-1).to(x.dtype)
     raise ValueError(
         f"unknown method={method!r} for nuclear_norm(); allowed values: {', '.join(NUCLEAR_NORM_METHODS)}"
     )
@@ -397,7 +397,7 @@ def gram_nuclear_norm(x: Tensor, rcond: Optional[float] = None) -> Tensor:
     *lead, m, n = x.shape
     if x.numel() == 0:
         return x.new_zeros(lead)
-    X = x.to(_linalg_dtype(x.dtype))
+    X = x.to(linalg_dtype(x.dtype))
     gram = X.mT @ X if m >= n else X @ X.mT
     lam = torch.linalg.eigvalsh(gram).clamp(min=0)
     tol = gram.shape[-1] * torch.finfo(gram.dtype).eps if rcond is None else float(rcond)

@@ -1,0 +1,106 @@
+"""Per-param_group pieces of the step, as pure functions of a group's hyperparameters and
+tensors: compute dtypes, the map call (with centering and the column-aware transpose), the
+Muon shape factor, the finite screen, and the reference update every execution path is
+tested against. The optimizer, the fast path and the sharded paths all use these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from . import maps
+from .presets import MAP_OPTIONS
+
+try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()  # isinstance(x, ()) is always False
+
+__all__ = ["DTensor", "apply_map", "compute_dtype", "finite_flags", "map_kwargs", "muon_scale", "polar_dtype",
+           "reference_update", "use_foreach"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype(name: str | None, where: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"{where}: unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def compute_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype:
+    """Dtype of the momentum and the maps: float64 for float64 parameters, else float32
+    (bf16 matmuls are ~100x slower on CPU, and fp32 state avoids bf16 drift on GPU)."""
+    chosen = _dtype(group["compute_dtype"], "compute_dtype")
+    if chosen is not None:
+        return chosen
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def polar_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype | None:
+    """Dtype of the polar iterations: bf16 on CUDA (tensor cores), the compute dtype on CPU."""
+    chosen = _dtype(group["polar_dtype"], "polar_dtype")
+    if chosen is not None:
+        return chosen
+    return torch.bfloat16 if p.is_cuda else None
+
+
+def map_kwargs(group: Mapping, p: torch.Tensor) -> dict:
+    """Keyword arguments of the group's map function, from the group's hyperparameters."""
+    kwargs = {}
+    for key, kw in MAP_OPTIONS[group["map"]].items():
+        value = polar_dtype(p, group) if key == "polar_dtype" else group[key]
+        if value is not None:
+            kwargs[kw] = value
+    return kwargs
+
+
+def apply_map(group: Mapping, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The group's map on logical matrices ``x`` ``[B, m, n]`` (column-aware: on ``x^T``;
+    on a shift-symmetric block (``center``) as ``C(map(C(x)))``, see :func:`maps.map_spec`)."""
+    fn = maps.get_map(group["map"])
+    kwargs = map_kwargs(group, p)
+    y = x.mT if group["column_aware"] else x
+    if maps.needs_centering(group["map"], group.get("center")):
+        u = maps.center_rows(fn(maps.center_rows(y), **kwargs))
+    else:
+        u = fn(y, **kwargs)
+    return u.mT if group["column_aware"] else u
+
+
+def finite_flags(grads: list[torch.Tensor]) -> list[bool]:
+    """Per-tensor "usable" flags with one sync: a gradient passes when its float32 2-norm is
+    finite. NaN and Inf fail, and so does a finite gradient whose squares overflow (entries
+    beyond ~1.8e19): AdamW's second moment would become inf and freeze the parameter, and
+    the matrix maps would return a silent zero; such steps are non-finite work too."""
+    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().tolist() if grads else []
+
+
+def use_foreach(group: Mapping, params: list[torch.Tensor]) -> bool:
+    """Multi-tensor kernels unless the group sets ``foreach=False`` (then the per-parameter
+    loop, the same arithmetic) or a parameter is a DTensor."""
+    return group["foreach"] is not False and not any(isinstance(p, DTensor) for p in params)
+
+
+def muon_scale(rows: int, cols: int) -> float:
+    """Muon's shape factor sqrt(max(1, rows/cols)) (torch.optim.Muon ``adjust_lr_fn="original"``)."""
+    return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
+
+
+
+
+def reference_update(group: Mapping, layout, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The simple path every fast path is tested against: view -> map -> scale -> inverse view.
+    ``layout``: the parameter's layout as the group sees it (heads dropped unless per_head)."""
+    u = apply_map(group, layout.to_logical(x), p)
+    if group["scale"] == "muon":
+        u = u * muon_scale(u.shape[-2], u.shape[-1])
+    return layout.from_logical(u, p.shape)
