@@ -5,31 +5,24 @@ How the update maps run on shards lives in :mod:`equiopt.sharding` (re-exported 
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
 import math
 import os
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 from .optimizer import EquiOptimizer
 from .planner import plan as _plan
 from .planner import unwrap  # re-exported: the user's module inside DDP / torch.compile
 from .sharding import (  # re-exported for existing callers
     REDUCE_MAPS,
-    SPECTRAL_MAPS,
     CommStats,
-    ShardedExecutor,
-    SpreadExecutor,
     assign_owners,
     count_comm,
     estimate_comm,

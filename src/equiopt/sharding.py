@@ -66,24 +66,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import math
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from .execution import LocalExecutor, UpdateContext
 from .functional import muon_scale
 from .layouts import Layout
-from .maps import center_rows, needs_centering, scale_by_nuclear
+from .maps import needs_centering, scale_by_nuclear
 from .polar import eigh_kept, inv_sqrt_from_eig, linalg_dtype
 
 __all__ = [
