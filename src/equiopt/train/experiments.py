@@ -16,10 +16,17 @@ import math
 import time
 from pathlib import Path
 
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+
 from . import data as D
-from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, config_diff, train
+from .config import ROUTER_ONLY, SweepOptions, TrainConfig, check_grid, config_diff
+from .loop import TrainingDiverged, train
 from .models import MOE_ARCHS
 from .report import write_report
+from .rundir import FINAL, RunDir, write_json, write_text
 
 
 def load_lrs(paths: str | Path) -> dict:
@@ -51,20 +58,19 @@ def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[f
 
 def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = True) -> dict:
     """Train ``cfg`` unless an identical finished run exists; diverged runs are recorded, not raised."""
-    out = Path(cfg.out)
-    final_p = out / "final.json"
-    if final_p.exists() and not overwrite:
-        final = json.loads(final_p.read_text())
+    run = RunDir(cfg.out)
+    final = None if overwrite else run.read_json(FINAL)
+    if final is not None:
         diff = config_diff(final["config"], cfg.to_dict())
         if not diff:
             return final
-        raise FileExistsError(f"{out} holds a run with another configuration (differs in {diff}); "
+        raise FileExistsError(f"{run.path} holds a run with another configuration (differs in {diff}); "
                               "pass --overwrite or change --out")
     try:
         return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
         log(f"[diverged] {e}")
-        return json.loads(final_p.read_text())
+        return run.read_json(FINAL)
 
 
 def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path,
@@ -82,23 +88,8 @@ def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], see
     return cfgs
 
 
-def check_grid(archs: list[str], optimizers: list[str]) -> None:
-    from .models import ARCHS
-
-    for a in archs:
-        if a not in ARCHS:
-            raise ValueError(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
-    for o in optimizers:
-        if o not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
-    if len(set(archs)) != len(archs) or len(set(optimizers)) != len(optimizers):
-        raise ValueError("--archs and --optimizers must not repeat a name")
-
-
 def _worker(cfg_dict: dict, overwrite: bool) -> dict:
     """One run in a worker process (spawned): data come from the cache the parent filled."""
-    import torch
-
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(max(1, cfg.threads))
     prepared = D.prepare(cfg.data, log=lambda m: None)
@@ -108,6 +99,7 @@ def _worker(cfg_dict: dict, overwrite: bool) -> dict:
 def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False, progress: bool = True, log=print,
              prepared: D.Prepared | None = None, desc: str = "runs") -> list[dict]:
     """Run every config (reusing finished identical runs); the final records in ``cfgs`` order."""
+    # tqdm: an optional dependency of the harness extra, imported where the bar is made
     from tqdm import tqdm
 
     t0 = time.time()
@@ -128,9 +120,6 @@ def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False,
             t1 = time.time()
             done(i, _run_one(cfg, overwrite, log=log, prepared=prepared, progress=progress), t1)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_worker, c.to_dict(), overwrite): (i, time.time()) for i, c in enumerate(cfgs)}
             try:
@@ -163,7 +152,7 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     check_grid(archs, optimizers)
     base = _for_jobs(base, jobs)
     for a in archs:  # validate every cell before spending time
-        dataclasses.replace(base, arch=a).validate()
+        dataclasses.replace(base, arch=a)  # validates every cell's config
     t0 = time.time()
     prepared = D.prepare(base.data, log=log)
     cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
@@ -188,21 +177,11 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
 
     When the best scale is the grid's largest (smallest), the grid is extended by its end ratio,
     up to ``extend_edges`` times, so that a chosen learning rate is an interior optimum."""
-    check_grid(archs, optimizers)
+    SweepOptions(archs=archs, optimizers=optimizers, jobs=jobs, lr_scales=lr_scales,
+                 role_grid=list(role_grid.items()), extend_edges=extend_edges)  # validates
     base = _for_jobs(base, jobs)
-    if not lr_scales or any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
-        raise ValueError(f"--lr-scales must be positive numbers, got {lr_scales}")
-    if len(set(lr_scales)) != len(lr_scales):
-        raise ValueError(f"--lr-scales repeats a value: {lr_scales}")
-    import equiopt
-
-    for role, vals in role_grid.items():
-        if role not in equiopt.ROLES:
-            raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(equiopt.ROLES)}")
-        if not vals or any(v <= 0 for v in vals):
-            raise ValueError(f"--role-grid {role}: multipliers must be positive, got {vals}")
     for a in archs:
-        dataclasses.replace(base, arch=a).validate()
+        dataclasses.replace(base, arch=a)  # validates every cell's config
     prepared = D.prepare(base.data, log=log)
     out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
@@ -268,7 +247,7 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
                                      "seed": seed, "steps": base.steps, "at_grid_edge": edge}
         if edge:
             log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
-    D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
+    write_json(best_path, best, "the sweep's best learning rates")
     md = ["# equiopt sweep\n"]
     if command:
         md.append(f"Command: `{command}`\n")
@@ -281,6 +260,6 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
         chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
         rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
         md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
-    (out / "sweep.md").write_text("\n".join(md) + "\n")
-    (out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
+    write_text(out / "sweep.md", "\n".join(md) + "\n", "the sweep's report")
+    write_text(out / "sweep.json", json.dumps(points, indent=1) + "\n", "the sweep's points")
     return {"best": best, "points": points, "table": "\n".join(md)}
