@@ -19,7 +19,16 @@ import torch
 from ..presets import PRESETS, ROLES
 from .data import DataConfig
 from .models import ARCHS, SIZES, ModelConfig, preset
-from .options import csv_list, float_list, int_overrides, option, option_name, positive_int, role_floats, role_grid
+from .options import (
+    csv_list,
+    float_list,
+    int_overrides,
+    option,
+    option_name,
+    positive_int,
+    role_floats,
+    role_grid,
+)
 
 # The muon preset's full spec (map, learning rate, momentum, scale) for the hidden-matrix roles.
 _MUON_HIDDEN = {role: dict(PRESETS["muon"][role]) for role in ("mlp_in", "mlp_out", "expert_in", "expert_out")}
@@ -98,7 +107,7 @@ class TrainConfig:
         self.validate()
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**{**d, "data": DataConfig(**d.get("data", {}))})
 
     def to_dict(self) -> dict:

@@ -178,7 +178,7 @@ def _local_documents(path: Path) -> list[tuple[str, str]]:
 def _hf_documents(spec: str, max_chars: int) -> list[tuple[str, str]]:
     """Stream ``max_chars`` characters of text from a Hugging Face dataset (online only)."""
     name, _, config = spec.partition(":")
-    try:
+    try:  # optional (hf: sources only), heavy: imported when used
         import datasets
     except ImportError as e:
         raise DataError(
@@ -228,8 +228,10 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, texts, vocab_size: int) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    def train(cls, texts, vocab_size: int) -> Tokenizer:
+        # tokenizers: of the [train] extra, imported when a tokenizer is made
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = HFTok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -242,8 +244,8 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTok
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTok  # of the [train] extra
 
         return cls(HFTok.from_file(str(path)))
 
@@ -435,7 +437,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             _atomic_write_bytes(bin_path, np.asarray(ids, dtype=dt).tobytes())
         shards[split] = np.memmap(bin_path, dtype=dt, mode="r")
     info = {"source": src, "kind": "text", "corpus_dir": str(cdir), "tokenizer": str(tok_path),
-            "train_tokens": int(len(shards["train"])), "val_tokens": int(len(shards["val"]))}
+            "train_tokens": len(shards["train"]), "val_tokens": len(shards["val"])}
     return Prepared([shards["train"]], [shards["val"]], tok.vocab_size, tok, info)
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from pathlib import Path
-
 import multiprocessing as mp
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 import torch
 

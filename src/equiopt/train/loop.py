@@ -46,10 +46,29 @@ import equiopt
 from .. import distributed as Dd
 from . import data as D
 from . import metrics as M
-from .config import (DIST_MODES, MODEL_OVERRIDES, OPTIMIZERS, RESUMABLE_CHANGES, ROUTER_ONLY, SCHEDULES,
-                     TrainConfig, config_diff)
+from .config import (
+    DIST_MODES,
+    MODEL_OVERRIDES,
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    ROUTER_ONLY,
+    SCHEDULES,
+    TrainConfig,
+    config_diff,
+)
 from .models import build_model
-from .rundir import CONFIG, DIST_CKPT, FINAL, PLAN, RUN_DIRS, RUN_FILES, RunDir, RunDirError, read_metrics, save_checkpoint
+from .rundir import (
+    CONFIG,
+    DIST_CKPT,
+    FINAL,
+    PLAN,
+    RUN_DIRS,
+    RUN_FILES,
+    RunDir,
+    RunDirError,
+    read_metrics,
+    save_checkpoint,
+)
 
 __all__ = ["DIST_CKPT", "DIST_MODES", "MODEL_OVERRIDES", "OPTIMIZERS", "ROUTER_ONLY", "RUN_DIRS", "RUN_FILES",
            "SCHEDULES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "config_diff", "evaluate",
@@ -272,7 +291,7 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if self.enabled:
             self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
