@@ -297,7 +297,7 @@ class RunDir:
         p = self.path / METRICS
         line = (json.dumps(rec) + "\n").encode()
         try:
-            with open(p, "ab") as f:  # noqa: PTH123 - tests replace rundir.open to simulate a full disk
+            with open(p, "ab") as f:  # (tests replace rundir.open to simulate a full disk)
                 pos = f.seek(0, os.SEEK_END)
                 try:
                     f.write(line)
