@@ -167,6 +167,80 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     return rep
 
 
+class _Sweep:
+    """The runs of one sweep: every point tried, by (arch, optimizer, lr_scale, roles)."""
+
+    def __init__(self, base: TrainConfig, out: Path, seed: int, run_kw: dict):
+        self.base, self.out, self.seed, self.run_kw = base, out, seed, run_kw
+        self.points: list[dict] = []
+
+    def cfg_for(self, arch: str, opt: str, scale: float, roles: dict) -> TrainConfig:
+        tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
+        return dataclasses.replace(self.base, arch=arch, optimizer=opt, seed=self.seed, lr_scale=scale,
+                                   role_lr_scale=roles, keep_checkpoint=False,
+                                   out=str(self.out / "runs" / arch / opt / tag))
+
+    def run(self, specs: list[tuple]) -> list[float]:
+        """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
+        finals = run_many([self.cfg_for(*sp) for sp in specs], desc="sweep", **self.run_kw)
+        losses = []
+        for (arch, opt, scale, roles), final in zip(specs, finals):
+            loss = final["val_loss"] if final["status"] == "done" else math.inf
+            self.points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
+                                "val_loss": loss, "status": final["status"]})
+            losses.append(loss)
+        return losses
+
+    def scales(self, pairs: list[tuple], lr_scales: list[float], extend_edges: int, log) -> tuple[dict, dict]:
+        """Stage 1, the global scale of every (pair, scale) at once, then the grid widened past an
+        edge that wins (up to ``extend_edges`` times, by the grid's end ratio): (losses, tried)."""
+        specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
+        losses = dict(zip([(a, o, s) for a, o, s, _ in specs], self.run(specs)))
+        tried = {pair: sorted(lr_scales) for pair in pairs}
+        for _ in range(extend_edges if len(lr_scales) > 1 else 0):
+            specs = []
+            for a, o in pairs:
+                t = tried[(a, o)]
+                best_s = min(t, key=lambda s, a=a, o=o: losses[(a, o, s)])
+                if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
+                    specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
+                elif best_s == t[0]:
+                    specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
+            if not specs:
+                break
+            log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
+                + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
+            for (a, o, sc, _), loss in zip(specs, self.run(specs)):
+                losses[(a, o, sc)] = loss
+                tried[(a, o)] = sorted(tried[(a, o)] + [sc])
+        return losses, tried
+
+    def roles(self, state: dict, pairs: list[tuple], role_grid: dict[str, list[float]]) -> None:
+        """Stages 2..: coordinate descent over the role multipliers, one role at a time, every pair at once."""
+        for role, vals in role_grid.items():
+            vals = [v for v in vals if v != 1.0]
+            specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v})
+                     for a, o in pairs for v in vals]
+            for (a, o, _, roles), loss in zip(specs, self.run(specs)):
+                if loss < state[(a, o)]["loss"]:
+                    state[(a, o)].update(roles=roles, loss=loss)
+
+    def report(self, best: dict, command: str | None) -> str:
+        md = ["# equiopt sweep\n"]
+        if command:
+            md.append(f"Command: `{command}`\n")
+        md.append(f"Validation loss after {self.base.steps} steps (seed {self.seed}); lr_scale multiplies the "
+                  "preset's learning rate of every role; role multipliers apply on top. inf = diverged.\n")
+        md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
+        md.append("|---|---|---|---|---|---|")
+        for p in self.points:
+            b = best[p["arch"]][p["optimizer"]]
+            chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
+            rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
+            md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
+        return "\n".join(md)
+
+
 def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
           role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
           progress: bool = True, log=print, jobs: int = 1, extend_edges: int = 2,
@@ -185,80 +259,23 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
     out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
-    points: list[dict] = []
     pairs = [(a, o) for a in archs for o in optimizers if not (o in ROUTER_ONLY and a not in MOE_ARCHS)]
-
-    def cfg_for(arch, opt, scale, roles) -> TrainConfig:
-        tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
-        return dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
-                                   keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
-
-    def run(specs: list[tuple]) -> list[float]:
-        """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
-        finals = run_many([cfg_for(*sp) for sp in specs], jobs=jobs, overwrite=overwrite, progress=progress,
-                          log=log, prepared=prepared, desc="sweep")
-        losses = []
-        for (arch, opt, scale, roles), final in zip(specs, finals):
-            loss = final["val_loss"] if final["status"] == "done" else math.inf
-            points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
-                           "val_loss": loss, "status": final["status"]})
-            losses.append(loss)
-        return losses
-
-    # stage 1: the global scale, every (pair, scale) at once
-    specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
-    losses = dict(zip([(a, o, s) for a, o, s, _ in specs], run(specs)))
-    tried = {pair: sorted(lr_scales) for pair in pairs}
-    # widen the grid past an edge that wins (up to extend_edges times, by the grid's end ratio)
-    for _ in range(extend_edges if len(lr_scales) > 1 else 0):
-        specs = []
-        for a, o in pairs:
-            t = tried[(a, o)]
-            best_s = min(t, key=lambda s: losses[(a, o, s)])
-            if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
-                specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
-            elif best_s == t[0]:
-                specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
-        if not specs:
-            break
-        log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
-            + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
-        for (a, o, sc, _), loss in zip(specs, run(specs)):
-            losses[(a, o, sc)] = loss
-            tried[(a, o)] = sorted(tried[(a, o)] + [sc])
+    sw = _Sweep(base, out, seed, dict(jobs=jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared))
+    losses, tried = sw.scales(pairs, lr_scales, extend_edges, log)
     state = {}
     for a, o in pairs:
-        scale = min(tried[(a, o)], key=lambda s: losses[(a, o, s)])
+        scale = min(tried[(a, o)], key=lambda s, a=a, o=o: losses[(a, o, s)])
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
-    # stage 2..: coordinate descent over the role multipliers, one role at a time, every pair at once
-    for role, vals in role_grid.items():
-        vals = [v for v in vals if v != 1.0]
-        specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v}) for a, o in pairs for v in vals]
-        res = run(specs)
-        for (a, o, _, roles), loss in zip(specs, res):
-            if loss < state[(a, o)]["loss"]:
-                state[(a, o)].update(roles=roles, loss=loss)
+    sw.roles(state, pairs, role_grid)
     for a, o in pairs:
-        st = state[(a, o)]
-        t = tried[(a, o)]
+        st, t = state[(a, o)], tried[(a, o)]
         edge = st["scale"] in (t[0], t[-1]) and len(t) > 1
         best.setdefault(a, {})[o] = {"lr_scale": st["scale"], "role_lr_scale": st["roles"], "val_loss": st["loss"],
                                      "seed": seed, "steps": base.steps, "at_grid_edge": edge}
         if edge:
             log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
     write_json(best_path, best, "the sweep's best learning rates")
-    md = ["# equiopt sweep\n"]
-    if command:
-        md.append(f"Command: `{command}`\n")
-    md.append(f"Validation loss after {base.steps} steps (seed {seed}); lr_scale multiplies the preset's "
-              "learning rate of every role; role multipliers apply on top. inf = diverged.\n")
-    md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
-    md.append("|---|---|---|---|---|---|")
-    for p in points:
-        b = best[p["arch"]][p["optimizer"]]
-        chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
-        rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
-        md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
-    write_text(out / "sweep.md", "\n".join(md) + "\n", "the sweep's report")
-    write_text(out / "sweep.json", json.dumps(points, indent=1) + "\n", "the sweep's points")
-    return {"best": best, "points": points, "table": "\n".join(md)}
+    table = sw.report(best, command)
+    write_text(out / "sweep.md", table + "\n", "the sweep's report")
+    write_text(out / "sweep.json", json.dumps(sw.points, indent=1) + "\n", "the sweep's points")
+    return {"best": best, "points": sw.points, "table": table}
