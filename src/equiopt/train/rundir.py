@@ -49,6 +49,8 @@ DIST_CKPT = "checkpoint"  # multi-process runs: a torch.distributed.checkpoint d
 RUN_FILES = (CONFIG, ENV, PLAN, METRICS, CKPT, FINAL, LOCK)
 RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old")
 CKPT_KEYS = ("step", "model", "optimizer", "rng", "config")
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and restored: files get the permissions open() would give them
 
 
 class RunDirError(OSError):
@@ -100,6 +102,7 @@ def atomic_write(path: Path, write: Callable[[str], None], what: str) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
         os.close(fd)
         write(tmp)
         _fsync(Path(tmp))
