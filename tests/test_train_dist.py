@@ -112,7 +112,8 @@ def test_fsdp2_killed_and_resumed_continues_identically(root, runs):
 def test_rank0_writes_the_run_files(root, runs, mode):
     out = root / mode
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint"])
+        [".lock", "config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint"])
+    assert (out / ".lock").read_text() == ""  # rank 0 held it; released
     assert (out / "checkpoint" / ".metadata").exists()
     assert {p.name for p in (out / "checkpoint").glob("*.pt")} == {"extra.pt", "rank0.pt", "rank1.pt"}
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer

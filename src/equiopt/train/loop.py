@@ -1,42 +1,39 @@
 """One training entry for every architecture family: ``train(TrainConfig)``.
 
-A run directory holds::
-
-    config.json     the resolved configuration (every default filled in)
-    env.json        git revision, package versions, threads, platform
-    plan.txt        the optimizer plan (role, map, lr, weight decay per parameter)
-    metrics.jsonl   one JSON record per evaluation (and one "diverged" record if it diverged)
-    checkpoint.pt   model, optimizer, scheduler, sampler, RNG and metric-window state
-    final.json      status ("done" | "diverged") and the last evaluation
-
-Checkpoints are written to a temporary file and renamed, every ``ckpt_every`` steps and at
-the end. ``resume=True`` reloads the checkpoint, truncates ``metrics.jsonl`` to the
-checkpointed step and continues; batches are a pure function of (seed, step), so a resumed
-run logs the same metrics as an uninterrupted one (timing fields aside). A non-finite loss
-(or gradient) stops the run with :class:`TrainingDiverged`; the last good checkpoint stays.
+The run directory's files (config, metrics, checkpoints, lock) are read and written by
+:mod:`equiopt.train.rundir`; the configuration is :class:`~equiopt.train.config.TrainConfig`.
+A run holds its directory's lock from start to end. Checkpoints are written every
+``ckpt_every`` steps, at the end, and when SIGINT/SIGTERM arrives (the step in progress
+completes, a checkpoint is written, :class:`TrainingInterrupted` is raised). ``resume=True``
+reloads the checkpoint (refused when its recorded config differs in anything but ``steps``),
+truncates ``metrics.jsonl`` to the checkpointed step and continues; batches are a pure
+function of (seed, step), so a resumed run logs the same metrics as an uninterrupted one
+(timing fields aside). A non-finite loss (or gradient) stops the run with
+:class:`TrainingDiverged`; the last good checkpoint stays.
 
 Multi-process (``dist="ddp"|"fsdp2"``, started by torchrun, one process per device): every
 rank builds the same model (same seed), wraps it (:func:`equiopt.distributed.wrap_model`) and
 trains on its slice ``[r B/W, (r+1) B/W)`` of the same global batch, so the run matches one
 process with batch ``B``. Logged losses and gradient norms are global (collectives), every
-rank evaluates the full eval set, only rank 0 writes files and logs. The checkpoint is a
-``torch.distributed.checkpoint`` directory ``checkpoint/`` (per-rank RNG state inside);
-resume needs the same world size. Single-process runs keep ``checkpoint.pt``.
+rank evaluates the full eval set, only rank 0 writes files, logs and holds the lock. The
+checkpoint is a ``torch.distributed.checkpoint`` directory ``checkpoint/`` (per-rank RNG
+state inside); resume needs the same world size. Single-process runs keep ``checkpoint.pt``.
+Signals are not intercepted under torchrun (the ranks would stop at different steps); such a
+run keeps its last periodic checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,140 +41,53 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import equiopt
+
 from .. import distributed as Dd
-from ..presets import PRESETS
 from . import data as D
 from . import metrics as M
-from .models import ModelConfig, build_model, preset
+from .config import (
+    DIST_MODES,
+    MODEL_OVERRIDES,
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    ROUTER_ONLY,
+    SCHEDULES,
+    TrainConfig,
+    config_diff,
+)
+from .models import build_model
+from .rundir import (
+    CONFIG,
+    DIST_CKPT,
+    FINAL,
+    PLAN,
+    RUN_DIRS,
+    RUN_FILES,
+    RunDir,
+    RunDirError,
+    read_metrics,
+    save_checkpoint,
+)
 
-# The muon preset's full spec (map, learning rate, momentum, scale) for the hidden-matrix roles.
-_MUON_HIDDEN = {role: dict(PRESETS["muon"][role]) for role in ("mlp_in", "mlp_out", "expert_in", "expert_out")}
-
-# optimizer name -> (equiopt preset, rules). Ablations are the paper stack with one block
-# family changed: AdamW there (equiopt gives an "adamw" rule the AdamW preset's learning rate
-# for that role), or Muon's map and hyperparameters on the MLP / expert matrices.
-OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
-    "adamw": ("adamw", {}),
-    "muon": ("muon", {}),
-    "paper": ("paper", {}),
-    "paper-adamw-embed-head": ("paper", {"embedding": "adamw", "lm_head": "adamw",
-                                         "tied_embedding": "adamw"}),
-    "paper-adamw-router": ("paper", {"router": "adamw"}),
-    "paper-left-spectral-router": ("paper", {"router": "left_spectral"}),
-    "paper-muon-mlp": ("paper", _MUON_HIDDEN),
-}
-ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
-SCHEDULES = ("cosine", "constant", "wsd")
-DIST_MODES = ("none", "ddp", "fsdp2")
-MODEL_OVERRIDES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                   "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size")
+__all__ = ["DIST_CKPT", "DIST_MODES", "MODEL_OVERRIDES", "OPTIMIZERS", "ROUTER_ONLY", "RUN_DIRS", "RUN_FILES",
+           "SCHEDULES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "config_diff", "evaluate",
+           "lr_lambda", "make_optimizer", "read_metrics", "save_checkpoint", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or a gradient) became non-finite; the run's last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    arch: str = "qwen3"
-    size: str = "tiny"
-    optimizer: str = "paper"
-    lr_scale: float = 1.0  # multiplies every role's preset learning rate
-    role_lr_scale: dict[str, float] = field(default_factory=dict)  # per-role extra multipliers
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    warmup: int = -1  # linear warm-up steps; -1 = 10% of steps
-    schedule: str = "cosine"  # cosine decay to min_lr_ratio; wsd: constant then linear decay (last 20%)
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 0.0  # 0 = off
-    eval_every: int = 50
-    eval_tokens: int = 16384
-    ckpt_every: int = 100  # 0 = only at the end
-    keep_checkpoint: bool = True  # False: delete checkpoint.pt after a successful run
-    seed: int = 0
-    aux_loss: bool = False
-    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    device: str = "cpu"  # "cpu" (float32) or "cuda[:i]" (float32 weights, bfloat16 autocast)
-    dist: str = "none"  # "ddp" | "fsdp2": multi-process under torchrun (cuda: this rank's local GPU)
-    model: dict[str, Any] = field(default_factory=dict)  # overrides of the size preset
-    data: D.DataConfig = field(default_factory=D.DataConfig)
-    out: str = "runs/train"
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run after a checkpoint at ``step``; ``--resume`` continues it."""
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["data"] = D.DataConfig(**d.get("data", {}))
-        return cls(**d)
+    def __init__(self, message: str, step: int, signum: int):
+        super().__init__(message, step, signum)
+        self.step, self.signum = step, signum
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.dist not in DIST_MODES:
-            raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.warmup == -1 or 0 <= self.warmup <= self.steps):
-            raise ValueError(f"warmup must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], got {self.warmup}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: torch sees no CUDA device on this machine")
-        if self.ckpt_every < 0 or self.grad_clip < 0 or self.threads < 0:
-            raise ValueError("ckpt_every, grad_clip and threads must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
-            raise ValueError(f"lr_scale must be a positive number, got {self.lr_scale}")
-        import equiopt
-
-        for role, v in self.role_lr_scale.items():
-            if role not in equiopt.ROLES:
-                raise ValueError(f"role_lr_scale: unknown role {role!r}; roles: {', '.join(equiopt.ROLES)}")
-            if not v > 0:
-                raise ValueError(f"role_lr_scale[{role!r}] must be positive, got {v}")
-        unknown = set(self.model) - set(MODEL_OVERRIDES)
-        if unknown:
-            raise ValueError(f"unknown model override(s) {sorted(unknown)}; valid: {', '.join(MODEL_OVERRIDES)}")
-        self.model_config(vocab_size=self.model.get("vocab_size", 4096)).validate()
-        self.data.validate()
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.steps // 10 if self.warmup == -1 else self.warmup
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        mc = preset(self.arch, self.size)
-        mc = dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=self.seq_len, aux_loss=self.aux_loss,
-                                 **{k: v for k, v in self.model.items() if k != "vocab_size"})
-        if mc.layer_types is not None and len(mc.layer_types) != mc.num_layers:
-            pattern = mc.layer_types
-            mc.layer_types = [pattern[i % len(pattern)] for i in range(mc.num_layers)]
-            mc.layer_types[-1] = "full_attention"
-        return mc
-
-
-def config_diff(saved: dict, mine: dict) -> list[str]:
-    """Fields (but ``out``) whose values differ; a field the saved config predates counts as
-    holding its default, so runs recorded by an older harness still match."""
-    defaults = TrainConfig().to_dict()
-    diff = []
-    for k in sorted(set(saved) | set(mine)):
-        if k == "out":
-            continue
-        a, b = saved.get(k, defaults.get(k)), mine.get(k, defaults.get(k))
-        if isinstance(a, dict) and isinstance(b, dict) and k == "data":
-            dd = D.DataConfig().__dict__
-            a, b = {**dd, **a}, {**dd, **b}
-        if a != b:
-            diff.append(k)
-    return diff
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -186,8 +96,6 @@ def config_diff(saved: dict, mine: dict) -> list[str]:
 def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
                    role_lr_scale: dict[str, float] | None = None):
     """(optimizer, plan) for one of ``OPTIMIZERS``; learning rates = preset x lr_scale x role scale."""
-    import equiopt
-
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     preset_name, rules = OPTIMIZERS[name]
@@ -261,6 +169,8 @@ class RouterProbe:
         return per_layer, M.average_layers(per_layer)
 
 
+
+
 # ----------------------------------------------------------------------------- run records
 
 
@@ -278,8 +188,6 @@ def git_revision() -> str:
 
 
 def environment() -> dict:
-    from importlib import metadata
-
     versions = {}
     for pkg in ("equiopt", "torch", "transformers", "tokenizers", "numpy", "scipy", "matplotlib", "tqdm"):
         try:
@@ -288,17 +196,6 @@ def environment() -> dict:
             versions[pkg] = None
     return {"git_revision": git_revision(), "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(), "packages": versions}
-
-
-def _write_json(path: Path, obj) -> None:
-    D._atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def _rng_state() -> dict:
@@ -310,12 +207,6 @@ def _set_rng_state(s: dict) -> None:
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
 
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -329,6 +220,16 @@ class _Window:
         self.steps = self.tokens = 0
         self.train_time = self.opt_time = 0.0
         self.gnorm_sum, self.gnorm_max = 0.0, 0.0
+
+    def add(self, loss: float, aux: float | None, tokens: int, gnorm: float, opt_time: float) -> None:
+        self.loss_sum += loss
+        if aux is not None:
+            self.aux_sum += aux
+        self.steps += 1
+        self.tokens += tokens
+        self.gnorm_sum += gnorm
+        self.gnorm_max = max(self.gnorm_max, gnorm)
+        self.opt_time += opt_time
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -373,71 +274,31 @@ def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe:
     return out
 
 
-RUN_FILES = ("config.json", "env.json", "plan.txt", "metrics.jsonl", "checkpoint.pt", "final.json")
-DIST_CKPT = "checkpoint"  # multi-process runs: a torch.distributed.checkpoint directory
-RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old")
 
+class _StopSignals:
+    """SIGINT/SIGTERM become a flag the loop checks between steps (a second one stops at once).
+    Installed in the main thread of a single-process run only."""
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``out``; refuse to clobber a run unless ``resume`` or ``overwrite`` says what to do."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory")
-    if out.exists():
-        foreign = [p.name for p in out.iterdir()
-                   if p.name not in RUN_FILES + RUN_DIRS and not p.name.endswith(".tmp")]
-        if foreign:
-            raise FileExistsError(f"--out {out} holds files that are not an equiopt run ({foreign[:3]}); "
-                                  "choose another directory")
-        if (out / "config.json").exists():
-            if overwrite:
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-                for name in RUN_DIRS:
-                    if (out / name).is_dir():
-                        import shutil
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-                        shutil.rmtree(out / name)
-            elif not resume:
-                raise FileExistsError(
-                    f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict = {}
 
+    def _handler(self, signum, frame) -> None:
+        if self.received is not None:  # the second signal: stop now (atomic writes keep the files whole)
+            raise KeyboardInterrupt
+        self.received = signum
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, prepared: D.Prepared | None = None,
-          stop_after: int | None = None) -> dict:
-    """Run (or resume) one training run; returns the final record (also in ``final.json``).
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
 
-    ``stop_after`` ends the process-equivalent of a kill after that many steps (tests):
-    nothing is written beyond what a killed run would have written.
-
-    With ``cfg.dist`` "ddp" or "fsdp2" every torchrun process calls this; the process group
-    is initialized from torchrun's environment (and destroyed at the end if it was made here).
-    """
-    cfg.validate()
-    if cfg.dist == "none":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but dist='none': "
-                             "pass --dist ddp or --dist fsdp2 (otherwise every rank would train the same run)")
-        return _train(cfg, None, resume=resume, overwrite=overwrite, progress=progress, log=log,
-                      prepared=prepared, stop_after=stop_after)
-    if "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"dist={cfg.dist!r} needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
-                         f"-m equiopt train --dist {cfg.dist} ...")
-    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    info = Dd.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 1800)),
-                            device="cpu" if cfg.device == "cpu" else None)
-    try:
-        if cfg.batch_size % info.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {info.world_size}: "
-                             "each rank trains on batch_size / world_size sequences of the global batch")
-        if info.rank != 0:
-            log, progress = (lambda m: None), False
-        return _train(cfg, info, resume=resume, overwrite=overwrite, progress=progress, log=log,
-                      prepared=prepared, stop_after=stop_after)
-    finally:
-        if owned:
-            Dd.cleanup()
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
 
 def _rank0_first(info, fn: Callable[[], Any]):
@@ -462,231 +323,385 @@ def _rank0_first(info, fn: Callable[[], Any]):
     return result
 
 
+# ----------------------------------------------------------------------------- opening a run
+
+
+def _check_existing(run: RunDir, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> None:
+    """Refuse to start over a run's records unless that is what was asked (rank 0)."""
+    have = run.holds_records()
+    if not have:
+        return
+    if not resume:
+        raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or --overwrite "
+                              "to start over")
+    if run.has_checkpoint():
+        return
+    how = ("Nothing was changed. Use a new --out, or remove the directory (or pass --overwrite) "
+           "to start a new run there")
+    final = run.read_json(FINAL)
+    if final is not None:
+        raise RunDirError(f"--resume: {run.path} holds a {final.get('status', 'finished')} run (step "
+                          f"{final.get('step')}) and no checkpoint ({run.ckpt.name}) to continue from. {how}")
+    saved = run.read_json(CONFIG)
+    diff = ["config.json is missing"] if saved is None else config_diff(saved, cfg.to_dict())
+    if diff:
+        raise RunDirError(f"--resume: {run.path} holds another run ({', '.join(diff)} differ) and no "
+                          f"checkpoint to continue from. {how}")
+    log(f"[train] {run.path}: the run stopped before its first checkpoint; starting it again from step 0")
+
+
+def _describe_diff(saved: dict, mine: dict, keys: list[str]) -> str:
+    def get(d, k):
+        return d.get("data", {}).get(k[5:]) if k.startswith("data.") else d.get(k)
+    return "; ".join(f"{k}: {get(saved, k)!r} in the checkpoint, {get(mine, k)!r} now" for k in keys)
+
+
+def _check_resume(run: RunDir, state: dict, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """A checkpoint continues only the run it was written by (``steps`` may change)."""
+    saved, mine = state["config"], cfg.to_dict()
+    diff = config_diff(saved, mine, ignore=RESUMABLE_CHANGES)
+    if diff:
+        raise ValueError(f"--resume: {run.ckpt} was written by a run with another configuration ("
+                         f"{_describe_diff(saved, mine, diff)}). Resume with the checkpoint's options, or start "
+                         "a new run (a new --out, or --overwrite)")
+    if state["step"] > cfg.steps:
+        raise ValueError(f"--resume: {run.ckpt} is at step {state['step']}, past --steps {cfg.steps}")
+    if saved.get("steps") != cfg.steps:
+        log(f"[train] steps {saved.get('steps')} -> {cfg.steps}: the LR schedule follows the new length")
+    rev, now = state.get("git_revision"), git_revision()
+    if rev and rev != now:
+        log(f"[train] warning: {run.ckpt} was written by code at {rev}; this is {now}")
+
+
+def _open_run(run: RunDir, cfg: TrainConfig, rank0: bool, resume: bool, overwrite: bool,
+              log: Callable[[str], None]) -> dict | None:
+    """Prepare the directory (rank 0); the checkpoint's state to resume from, or None."""
+    if rank0:
+        run.check_foreign()
+        if overwrite:
+            run.clear()
+        else:
+            _check_existing(run, cfg, resume, log)
+    if not (resume and run.has_checkpoint()):
+        return None
+    if run.dist:
+        state = torch.load(run.ckpt / "extra.pt", weights_only=False, map_location="cpu")
+    else:
+        state = run.load_checkpoint(map_location=cfg.device)
+    _check_resume(run, state, cfg, log)
+    return state
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """The state of one run in this process (or rank) and the steps that advance it."""
+
+    def __init__(self, cfg: TrainConfig, info, run: RunDir, prep: D.Prepared, log: Callable[[str], None]):
+        self.cfg, self.info, self.run, self.log = cfg, info, run, log
+        self.rank0 = info is None or info.rank == 0
+        self.world = 1 if info is None else info.world_size
+        self.device = cfg.device if info is None else str(info.device)
+        self.sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        self.revision = git_revision()
+        self._build_data(prep)
+        self._build_model(prep.vocab_size)
+        self.window, self.loss_spikes, self.gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
+        self.last: dict | None = None
+        self.saved_at: int | None = None  # step of the checkpoint this process wrote last
+
+    def _build_data(self, prep: D.Prepared) -> None:
+        cfg = self.cfg
+        self.prep = prep
+        self.val_w = D.Windows(prep.val, cfg.seq_len)
+        self.sampler = D.BatchSampler(D.Windows(prep.train, cfg.seq_len), cfg.batch_size, cfg.seed)
+        self.eval_idx = D.eval_windows(self.val_w, cfg.eval_tokens)
+        per_rank = cfg.batch_size // self.world
+        rank = 0 if self.info is None else self.info.rank
+        self.rows = (rank * per_rank, (rank + 1) * per_rank)
+
+    def _build_model(self, vocab_size: int) -> None:
+        cfg = self.cfg
+        self.mcfg = cfg.model_config(vocab_size)
+        model = build_model(self.mcfg, seed=cfg.seed).to(self.device)
+        if self.info is not None:
+            # MoE: an expert no token of this rank's slice reached has no gradient on this rank
+            model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=self.mcfg.is_moe)
+        self.model, self.inner = model, Dd.unwrap(model)  # inner: the model itself (config, names)
+        self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
+        self.lr = lr_lambda(cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr)
+        top_k = int(getattr(self.inner.config, "num_experts_per_tok", 0) or 0)
+        self.probe = RouterProbe(self.inner, self.plan, top_k)
+        self.eval_model = self.inner if cfg.dist == "ddp" else model  # FSDP2: forwards through the sharded root
+        if self.mcfg.is_moe and not self.probe.modules:
+            raise RuntimeError(f"{cfg.arch}: the plan found no router parameters in an MoE model")
+
+    # ------------------------------------------------------------------ run records and checkpoints
+
+    def _stateful(self) -> dict:  # looked up at call time: the window is replaced after every evaluation
+        return {"scheduler": self.sched, "window": self.window, "loss_spikes": self.loss_spikes,
+                "gnorm_spikes": self.gnorm_spikes}
+
+    def run_state(self, step: int) -> dict:
+        """What a checkpoint holds besides model, optimizer and RNG (same keys on both paths)."""
+        return {"step": step, "sampler": self.sampler.state_dict(step), "config": self.cfg.to_dict(),
+                "git_revision": self.revision, **{k: obj.state_dict() for k, obj in self._stateful().items()}}
+
+    def start(self) -> None:
+        """A new run: its records (rank 0)."""
+        if not self.rank0:
+            return
+        run, plan = self.run, self.plan
+        run.start_metrics()
+        run.write_json(CONFIG, self.cfg.to_dict())
+        run.write_json("env.json", {**environment(), "model_config": self.mcfg.to_dict(), "data": self.prep.info,
+                                    "parameters": sum(e.param.numel() for e in plan.entries),
+                                    "world_size": self.world, "dist": self.cfg.dist,
+                                    "backend": None if self.info is None else self.info.backend})
+        run.write_text(PLAN, str(plan) + "\n")
+
+    def resume(self, state: dict) -> int:
+        """Load a checkpoint (``state``: the single-process checkpoint, or a multi-process run's
+        extra state); returns the step to continue from."""
+        if self.info is not None:
+            state, rank_extra = Dd.load_checkpoint(self.run.ckpt, self.model, self.opt)
+            if state.get("world_size") != self.world:
+                raise ValueError(f"--resume: {self.run.ckpt} was written by {state.get('world_size')} processes, "
+                                 f"this run has {self.world}; resume with --nproc_per_node x nodes = "
+                                 f"{state.get('world_size')}")
+            _set_rng_state(rank_extra["rng"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+        for k, obj in self._stateful().items():
+            obj.load_state_dict(state[k])
+        self.sampler.check_state(state["sampler"])
+        start = self.saved_at = state["step"]
+        if self.rank0:
+            self.run.trim_metrics(start, self.log)
+            if state["config"].get("steps") != self.cfg.steps:
+                self.run.write_json(CONFIG, self.cfg.to_dict())
+        where = "" if self.info is None else f" ({self.world} processes, {self.cfg.dist})"
+        self.log(f"[train] resumed {self.run.path} at step {start}{where}")
+        return start
+
+    def checkpoint(self, step: int) -> None:
+        if self.info is not None:
+            Dd.save_checkpoint(self.run.ckpt, self.model, self.opt,
+                               extra={**self.run_state(step), "world_size": self.world, "dist": self.cfg.dist},
+                               rank_extra={"rng": _rng_state()})
+        else:
+            self.run.save_checkpoint({**self.run_state(step), "model": self.model.state_dict(),
+                                      "optimizer": self.opt.state_dict(), "rng": _rng_state()})
+        self.saved_at = step
+
+    def diverged(self, step: int, what: str) -> None:
+        """Record the divergence (rank 0) and raise :class:`TrainingDiverged` (every rank gets
+        here: losses and finite flags are global)."""
+        cfg, good = self.cfg, self.run.checkpoint_step()
+        msg = (f"run {self.run.path} diverged: {what} at step {step} (optimizer {cfg.optimizer}, lr_scale "
+               f"{cfg.lr_scale:g}). " + (f"The last good checkpoint (step {good}) is kept in {self.run.ckpt}."
+                                         if good is not None else "No checkpoint had been written yet."))
+        if self.rank0:
+            self.run.append_metrics({"event": "diverged", "step": step, "message": msg})
+            self.run.write_json(FINAL, {"status": "diverged", "step": step, "message": msg, "val_loss": None,
+                                        "config": cfg.to_dict()})
+        raise TrainingDiverged(msg)
+
+    # ------------------------------------------------------------------ one step
+
+    def _global(self, t: torch.Tensor) -> float:
+        """A scalar's value on one process, its mean over ranks (equal slices: the global batch's mean)."""
+        return float(t.detach()) if self.info is None else Dd.mean_over_ranks(t.detach())
+
+    def forward_backward(self, step: int) -> tuple[float, float | None, int]:
+        """(cross-entropy, aux loss, tokens) of step ``step``'s batch; gradients accumulated."""
+        cfg = self.cfg
+        lo, hi = self.rows
+        x, y = (t[lo:hi].to(self.device) for t in self.sampler.batch(step))
+        with _autocast(self.device):
+            outp = self.model(input_ids=x)
+        logits = outp.logits
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss, aux = ce, getattr(outp, "aux_loss", None)
+        if cfg.aux_loss:
+            if aux is None:
+                raise RuntimeError(f"{cfg.arch}: aux_loss=True but the model returned no aux_loss")
+            loss = ce + self.inner.config.router_aux_loss_coef * aux
+        lval = self._global(ce)
+        total = lval if loss is ce else self._global(loss)
+        if not math.isfinite(total):
+            self.diverged(step, f"non-finite loss {total}")
+        loss.backward()
+        return lval, None if aux is None else self._global(aux), y.numel() * self.world
+
+    def grad_norm(self) -> float:
+        """The global gradient norm before clipping (and the clip, if configured)."""
+        params, clip = self.model.parameters(), self.cfg.grad_clip
+        if self.info is not None:
+            return Dd.clip_grad_norm_(params, clip) if clip else Dd.grad_norm(params)
+        gn = M.grad_norm(self.model.parameters())
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return gn
+
+    def train_step(self, step: int) -> None:
+        t0 = time.perf_counter()
+        lval, aux, tokens = self.forward_backward(step)
+        gn = self.grad_norm()
+        self.sync()
+        t1 = time.perf_counter()
+        try:
+            self.opt.step()
+        except equiopt.NonFiniteGradientError as e:
+            self.diverged(step, f"non-finite gradient ({e})")
+        self.sync()
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.window.add(lval, aux, tokens, gn, t2 - t1)
+        self.loss_spikes.update(lval, step + 1)
+        self.gnorm_spikes.update(gn, step + 1)
+        self.window.train_time += time.perf_counter() - t0
+
+    def evaluate_and_log(self, done: int) -> float:
+        cfg, w = self.cfg, self.window
+        ev = evaluate(self.eval_model, self.val_w, self.eval_idx, cfg.batch_size, self.probe, self.device)
+        rec = {
+            "step": done, "tokens": done * cfg.batch_size * cfg.seq_len,
+            "train_loss": w.loss_sum / w.steps, "val_loss": ev["val_loss"],
+            "aux_loss": w.aux_sum / w.steps if self.mcfg.is_moe and cfg.aux_loss else None,
+            "grad_norm_mean": w.gnorm_sum / w.steps, "grad_norm_max": w.gnorm_max,
+            "loss_spikes": self.loss_spikes.spikes, "grad_norm_spikes": self.gnorm_spikes.spikes,
+            "lr_factor": self.lr(done - 1),
+            "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
+            "tokens_per_s": w.tokens / w.train_time,
+            "opt_step_s": w.opt_time / w.steps,
+        }
+        if self.rank0:
+            self.run.append_metrics(rec)
+        self.last, self.window = rec, _Window()
+        return ev["val_loss"]
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, start: int, stop_after: int | None, progress: bool, signals: _StopSignals) -> dict:
+        """Steps ``start .. cfg.steps``; the final record (``{"status": "stopped"}`` after ``stop_after``)."""
+        # tqdm: an optional dependency of the harness extra, imported where the bar is made
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        wall0, cpu0 = time.time(), time.process_time()
+        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, leave=False, dynamic_ncols=True,
+                   desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
+        self.model.train()
+        try:
+            for step in range(start, cfg.steps):
+                if stop_after is not None and step - start >= stop_after:
+                    return {"status": "stopped", "step": step}
+                self.train_step(step)
+                bar.update(1)
+                self.after_step(step + 1, bar)
+                if signals.received is not None:
+                    self.interrupted(step + 1, signals.received)
+        finally:
+            bar.close()
+        return self.finish(wall0, cpu0)
+
+    def after_step(self, done: int, bar) -> None:
+        cfg = self.cfg
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            bar.set_postfix(val=f"{self.evaluate_and_log(done):.3f}")
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
+            self.checkpoint(done)
+
+    def interrupted(self, done: int, signum: int) -> None:
+        if self.saved_at != done:
+            self.checkpoint(done)
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name}: stopped {self.run.path} at step {done} of {self.cfg.steps} after "
+                                  f"writing its checkpoint; continue with --resume", done, signum)
+
+    def finish(self, wall0: float, cpu0: float) -> dict:
+        cfg = self.cfg
+        last = self.last or self.run.read_metrics()[-1]  # resumed at the very end: the logged record
+        final = {"status": "done", "step": cfg.steps, "val_loss": last["val_loss"], "last": last,
+                 "loss_spikes": self.loss_spikes.spikes, "loss_spike_steps": self.loss_spikes.steps,
+                 # this invocation only (a resumed run counts from its resume)
+                 "wall_s": time.time() - wall0, "cpu_s": time.process_time() - cpu0, "config": cfg.to_dict()}
+        if self.rank0:
+            self.run.write_json(FINAL, final)
+            if not cfg.keep_checkpoint:
+                self.run.remove_checkpoint()
+        if self.info is not None:
+            Dd.barrier()  # final.json is on disk when any rank returns
+        return final
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, prepared: D.Prepared | None = None,
+          stop_after: int | None = None) -> dict:
+    """Run (or resume) one training run; returns the final record (also in ``final.json``).
+
+    ``stop_after`` ends the process-equivalent of a kill after that many steps (tests):
+    nothing is written beyond what a killed run would have written. SIGINT/SIGTERM write a
+    checkpoint and raise :class:`TrainingInterrupted`.
+
+    With ``cfg.dist`` "ddp" or "fsdp2" every torchrun process calls this; the process group
+    is initialized from torchrun's environment (and destroyed at the end if it was made here).
+    """
+    cfg.validate()
+    kw = dict(resume=resume, overwrite=overwrite, progress=progress, log=log, prepared=prepared,
+              stop_after=stop_after)
+    if cfg.dist == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but dist='none': "
+                             "pass --dist ddp or --dist fsdp2 (otherwise every rank would train the same run)")
+        return _train(cfg, None, **kw)
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"dist={cfg.dist!r} needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
+                         f"-m equiopt train --dist {cfg.dist} ...")
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = Dd.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 1800)),
+                            device="cpu" if cfg.device == "cpu" else None)
+    try:
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {info.world_size}: "
+                             "each rank trains on batch_size / world_size sequences of the global batch")
+        if info.rank != 0:
+            kw.update(log=lambda m: None, progress=False)
+        return _train(cfg, info, **kw)
+    finally:
+        if owned:
+            Dd.cleanup()
+
+
 def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: bool,
            log: Callable[[str], None], prepared: D.Prepared | None, stop_after: int | None) -> dict:
     """``train`` for one process (``info`` None) or one rank of a torchrun group."""
     rank0 = info is None or info.rank == 0
-    world = 1 if info is None else info.world_size
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt" if info is None else out / DIST_CKPT
-    resuming = False
-
-    def setup():
-        nonlocal resuming
+    run = RunDir(cfg.out, dist=info is not None)
+    with contextlib.ExitStack() as stack:
         if rank0:
-            _prepare_out(out, resume, overwrite)
-        resuming = resume and (ckpt_path.exists() if info is None else Dd.has_checkpoint(ckpt_path))
-        if resuming:
-            saved = json.loads((out / "config.json").read_text())
-            mine = cfg.to_dict()
-            diff = config_diff(saved, mine)
-            if diff:
-                raise ValueError(f"--resume: the configuration differs from the checkpointed run in {diff}")
-        return prepared or D.prepare(cfg.data, log=log)
+            stack.enter_context(run.lock(log))  # held until this function returns or raises
 
-    prep = _rank0_first(info, setup)
-    device = cfg.device if info is None else str(info.device)
-    train_w = D.Windows(prep.train, cfg.seq_len)
-    val_w = D.Windows(prep.val, cfg.seq_len)
-    sampler = D.BatchSampler(train_w, cfg.batch_size, cfg.seed)
-    eval_idx = D.eval_windows(val_w, cfg.eval_tokens)
+        def setup():
+            return _open_run(run, cfg, rank0, resume, overwrite, log), prepared or D.prepare(cfg.data, log=log)
 
-    mcfg = cfg.model_config(prep.vocab_size)
-    model = build_model(mcfg, seed=cfg.seed).to(device)
-    if info is not None:
-        # MoE: an expert no token of this rank's slice reached has no gradient on this rank
-        model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=mcfg.is_moe)
-    inner = Dd.unwrap(model)  # the model itself (its config, its module names)
-    opt, plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    top_k = int(getattr(inner.config, "num_experts_per_tok", 0) or 0)
-    probe = RouterProbe(inner, plan, top_k)
-    eval_model = inner if cfg.dist == "ddp" else model  # FSDP2: forwards through the sharded root
-    if mcfg.is_moe and not probe.modules:
-        raise RuntimeError(f"{cfg.arch}: the plan found no router parameters in an MoE model")
-    window, loss_spikes, gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
-
-    def stateful() -> dict:  # looked up at call time: the window is replaced after every evaluation
-        return {"scheduler": sched, "window": window, "loss_spikes": loss_spikes, "gnorm_spikes": gnorm_spikes}
-
-    def run_state(step: int) -> dict:
-        """What a checkpoint holds besides model, optimizer and RNG (same keys on both paths)."""
-        return {"step": step, "sampler": sampler.state_dict(step), "config": cfg.to_dict(),
-                **{k: obj.state_dict() for k, obj in stateful().items()}}
-
-    def restore(state: dict) -> int:
-        """Load :func:`run_state`'s part of a checkpoint; returns the step to continue from."""
-        for k, obj in stateful().items():
-            obj.load_state_dict(state[k])
-        sampler.check_state(state["sampler"])
-        return state["step"]
-
-    def trim_metrics(start: int) -> None:
-        """Drop the metrics logged after the checkpoint (they are recomputed on resume)."""
-        kept = [r for r in read_metrics(out) if r.get("step", 0) <= start and "event" not in r]
-        D._atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        (out / "final.json").unlink(missing_ok=True)
-
-    start = 0
-    if resuming and info is not None:
-        extra, rank_extra = Dd.load_checkpoint(ckpt_path, model, opt)
-        if extra.get("world_size") != world:
-            raise ValueError(f"--resume: {ckpt_path} was written by {extra.get('world_size')} processes, "
-                             f"this run has {world}; resume with --nproc_per_node x nodes = {extra.get('world_size')}")
-        _set_rng_state(rank_extra["rng"])
-        start = restore(extra)
-        if rank0:
-            trim_metrics(start)
-        log(f"[train] resumed {out} at step {start} ({world} processes, {cfg.dist})")
-    elif resuming:
-        state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        start = restore(state)
-        trim_metrics(start)
-        log(f"[train] resumed {out} at step {start}")
-    elif rank0:
-        (out / "metrics.jsonl").write_text("")
-        _write_json(out / "config.json", cfg.to_dict())
-        _write_json(out / "env.json", {**environment(), "model_config": mcfg.to_dict(), "data": prep.info,
-                                       "parameters": sum(e.param.numel() for e in plan.entries),
-                                       "world_size": world, "dist": cfg.dist,
-                                       "backend": None if info is None else info.backend})
-        D._atomic_write_text(out / "plan.txt", str(plan) + "\n")
-
-    def checkpoint(step: int) -> None:
-        if info is not None:
-            Dd.save_checkpoint(ckpt_path, model, opt, extra={**run_state(step), "world_size": world, "dist": cfg.dist},
-                               rank_extra={"rng": _rng_state()})
-            return
-        save_checkpoint(ckpt_path, {**run_state(step), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "rng": _rng_state()})
-
-    def diverged(step: int, what: str) -> None:
-        if info is not None:  # every rank gets here (global loss / finite flags); rank 0 writes
-            extra = ckpt_path / "extra.pt"
-            good = torch.load(extra, weights_only=False)["step"] if extra.exists() else None
+        state, prep = _rank0_first(info, setup)
+        trainer = Trainer(cfg, info, run, prep, log)
+        if state is not None:
+            start = trainer.resume(state)
         else:
-            good = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else None
-        msg = (f"run {out} diverged: {what} at step {step} (optimizer {cfg.optimizer}, lr_scale "
-               f"{cfg.lr_scale:g}). " + (f"The last good checkpoint (step {good}) is kept in {ckpt_path}."
-                                         if good is not None else "No checkpoint had been written yet."))
-        if rank0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"event": "diverged", "step": step, "message": msg}) + "\n")
-            _write_json(out / "final.json", {"status": "diverged", "step": step, "message": msg,
-                                             "val_loss": None, "config": cfg.to_dict()})
-        raise TrainingDiverged(msg)
-
-    from tqdm import tqdm
-
-    wall0, cpu0 = time.time(), time.process_time()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, leave=False, dynamic_ncols=True,
-               desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
-    import equiopt
-
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    per_rank = cfg.batch_size // world
-    lo, hi = (0, cfg.batch_size) if info is None else (info.rank * per_rank, (info.rank + 1) * per_rank)
-    last = None
-    model.train()
-    for step in range(start, cfg.steps):
-        if stop_after is not None and step - start >= stop_after:
-            bar.close()
-            return {"status": "stopped", "step": step}
-        t0 = time.perf_counter()
-        x, y = (t[lo:hi].to(device) for t in sampler.batch(step))
-        with _autocast(device):
-            outp = model(input_ids=x)
-        logits = outp.logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        loss = ce
-        aux = getattr(outp, "aux_loss", None)
-        if cfg.aux_loss:
-            if aux is None:
-                raise RuntimeError(f"{cfg.arch}: aux_loss=True but the model returned no aux_loss")
-            loss = ce + inner.config.router_aux_loss_coef * aux
-        if info is None:
-            lval, total = float(ce.detach()), float(loss.detach())
-        else:  # means over ranks (equal slices: the global batch's mean); every rank decides alike
-            lval = Dd.mean_over_ranks(ce.detach())
-            total = lval if loss is ce else Dd.mean_over_ranks(loss.detach())
-        if not math.isfinite(total):
-            bar.close()
-            diverged(step, f"non-finite loss {total}")
-        loss.backward()
-        if info is None:
-            gn = M.grad_norm(model.parameters())
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        elif cfg.grad_clip:
-            gn = Dd.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
-            gn = Dd.grad_norm(model.parameters())
-        sync()
-        t1 = time.perf_counter()
-        try:
-            opt.step()
-        except equiopt.NonFiniteGradientError as e:
-            bar.close()
-            diverged(step, f"non-finite gradient ({e})")
-        sync()
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        window.loss_sum += lval
-        if aux is not None:
-            window.aux_sum += float(aux.detach()) if info is None else Dd.mean_over_ranks(aux.detach())
-        window.steps += 1
-        window.tokens += y.numel() * world
-        window.gnorm_sum += gn
-        window.gnorm_max = max(window.gnorm_max, gn)
-        window.opt_time += t2 - t1
-        loss_spikes.update(lval, step + 1)
-        gnorm_spikes.update(gn, step + 1)
-        window.train_time += time.perf_counter() - t0
-        bar.update(1)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(eval_model, val_w, eval_idx, cfg.batch_size, probe, device)
-            rec = {
-                "step": done, "tokens": done * cfg.batch_size * cfg.seq_len,
-                "train_loss": window.loss_sum / window.steps, "val_loss": ev["val_loss"],
-                "aux_loss": window.aux_sum / window.steps if mcfg.is_moe and cfg.aux_loss else None,
-                "grad_norm_mean": window.gnorm_sum / window.steps, "grad_norm_max": window.gnorm_max,
-                "loss_spikes": loss_spikes.spikes, "grad_norm_spikes": gnorm_spikes.spikes,
-                "lr_factor": lr_lambda(cfg)(done - 1),
-                "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
-                "tokens_per_s": window.tokens / window.train_time,
-                "opt_step_s": window.opt_time / window.steps,
-            }
-            if rank0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            last = rec
-            window = _Window()
-            bar.set_postfix(val=f"{ev['val_loss']:.3f}")
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
-            checkpoint(done)
-    bar.close()
-    if last is None:  # resumed at the very end
-        last = read_metrics(out)[-1]
-    final = {"status": "done", "step": cfg.steps, "val_loss": last["val_loss"], "last": last,
-             "loss_spikes": loss_spikes.spikes, "loss_spike_steps": loss_spikes.steps,
-             # this invocation only (a resumed run counts from its resume)
-             "wall_s": time.time() - wall0, "cpu_s": time.process_time() - cpu0, "config": cfg.to_dict()}
-    if rank0:
-        _write_json(out / "final.json", final)
-        if not cfg.keep_checkpoint:
-            if ckpt_path.is_dir():
-                import shutil
-
-                shutil.rmtree(ckpt_path)
-            else:
-                ckpt_path.unlink(missing_ok=True)
-    if info is not None:
-        Dd.barrier()  # final.json is on disk when any rank returns
-    return final
+            trainer.start()
+            start = 0
+        with _StopSignals(enabled=info is None) as signals:
+            return trainer.fit(start, stop_after, progress, signals)

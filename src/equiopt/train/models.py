@@ -141,7 +141,7 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
 def hf_config(cfg: ModelConfig):
     """The Hugging Face config object for ``cfg`` (float32, no cache, eager attention)."""
     cfg.validate()
-    import transformers as tf
+    import transformers as tf  # of the [train] extra; slow to import: only when a model is built
 
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -180,7 +180,7 @@ def hf_config(cfg: ModelConfig):
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised float32 model; deterministic given ``seed``."""
-    import transformers as tf
+    import transformers as tf  # of the [train] extra; slow to import: only when a model is built
 
     c = hf_config(cfg)
     cls = {

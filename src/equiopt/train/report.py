@@ -71,7 +71,7 @@ def collect(run_dirs: list[Path]) -> list[dict]:
 def _welch(a: list[float], b: list[float]) -> float | None:
     if len(a) < 2 or len(b) < 2:
         return None
-    from scipy import stats
+    from scipy import stats  # of the [train] extra; heavy: only for the Welch test
 
     if np.std(a) == 0 and np.std(b) == 0:
         return 1.0 if np.mean(a) == np.mean(b) else 0.0
@@ -192,7 +192,7 @@ def _curves(runs, arch, opt, path):
 
 
 def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # of the [train] extra; heavy: only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

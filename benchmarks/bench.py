@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a clone: python benchmarks/bench.py
+
 __all__ = ["add_arguments", "run", "run_bench", "machine_rates", "step_cost", "MEDIUM"]
 
 ARCHS = ("qwen3", "gemma3", "olmoe", "gptoss")
@@ -230,7 +232,7 @@ def _load() -> list[float]:
 
 
 def _model_config(arch: str, size: str):
-    from .train.models import ModelConfig, preset
+    from equiopt.train.models import ModelConfig, preset
 
     if size == "tiny":
         return preset(arch, "tiny")
@@ -248,7 +250,7 @@ def _model_config(arch: str, size: str):
 def _build(arch: str, size: str, device: torch.device = CPU):
     import transformers
 
-    from .train.models import build_model
+    from equiopt.train.models import build_model
 
     transformers.logging.set_verbosity_error()
     cfg = _model_config(arch, size)
@@ -291,7 +293,7 @@ def _torch_adamw(model):
 def _new_torch_muon(params: list) -> torch.optim.Muon:
     """torch.optim.Muon with the hyperparameters of equiopt's ``muon`` preset (its
     sqrt(max(1, rows/cols)) scale is torch's ``adjust_lr_fn="original"``)."""
-    from .presets import DEFAULTS, PRESETS
+    from equiopt.presets import DEFAULTS, PRESETS
 
     spec = {**DEFAULTS, **PRESETS["muon"]["mlp_in"]}
     return torch.optim.Muon(params, lr=spec["lr"], weight_decay=spec["weight_decay"], momentum=spec["momentum"],
@@ -340,7 +342,7 @@ def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU
 
 
 def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
-    from . import build, fastpath
+    from equiopt import build, fastpath
 
     opt = build(model, preset=preset, foreach=True)
     fastpath.configure(opt, batched=batched, compile=compile)
@@ -349,7 +351,7 @@ def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
 
 def _compiled_vs_eager(opt) -> float:
     """max |compiled - eager| / max |eager| over the matrix groups' updates (current grads)."""
-    from . import fastpath
+    from equiopt import fastpath
 
     worst = 0.0
     o = fastpath.options_of(opt)
@@ -396,8 +398,8 @@ def step_cost(opt) -> dict:
     the reference path: iterative + a separate Gram for the nuclear norm).
     Returns totals and one row per (role, shape) for the report.
     """
-    from . import fastpath
-    from .optimizer import map_kwargs
+    from equiopt import fastpath
+    from equiopt.optimizer import map_kwargs
 
     rows, tot = [], {"mm32": 0, "mm64": 0, "eig": 0, "bytes": 0}
     for group in opt.param_groups:
@@ -487,7 +489,7 @@ def _profile_split(step) -> tuple[float, float]:
     :func:`equiopt.fastpath.batched_eigvalsh`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from . import fastpath
+    from equiopt import fastpath
 
     # the profiler sees only this thread: eigvalsh batches run here for the profiled step
     split, fastpath.EIGVALSH_SPLIT_MAX_M = fastpath.EIGVALSH_SPLIT_MAX_M, 0
@@ -513,7 +515,7 @@ def _profile_split(step) -> tuple[float, float]:
 
 def _fwd_bwd_seconds(model, batch: int, reps: int, device: torch.device = CPU) -> float:
     """Forward + backward of ``batch`` x 128 tokens as the harness runs it (CUDA: bf16 autocast)."""
-    from .train.loop import _autocast
+    from equiopt.train.loop import _autocast
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -533,8 +535,8 @@ def _fwd_bwd_seconds(model, batch: int, reps: int, device: torch.device = CPU) -
 
 def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log,
                  device: torch.device = CPU) -> dict:
-    from . import plan as make_plan
-    from .train.models import count_parameters
+    from equiopt import plan as make_plan
+    from equiopt.train.models import count_parameters
 
     quick = args.quick
     model, cfg = _build(arch, size, device)
@@ -700,7 +702,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
             results["models"].append(_bench_model(arch, size, vs, args, rates, log, device))
     results["machine"]["load_after"] = _load()
     results["wall_s"] = time.perf_counter() - t0
-    from . import fastpath
+    from equiopt import fastpath
 
     results["cost_model"] = dict(fastpath.COST)
     md = render_markdown(results)

@@ -1,0 +1,283 @@
+"""The run configurations: one dataclass field per option, validated on construction.
+
+:class:`TrainConfig` (one training run; its ``data`` is a :class:`~equiopt.train.data.DataConfig`)
+is what a run directory records in ``config.json`` and in every checkpoint.
+:class:`RunOptions` says how to treat the run directory (resume, overwrite, progress) and is
+not recorded. :class:`CompareOptions` and :class:`SweepOptions` are the grids of
+``equiopt compare`` / ``equiopt sweep``. The command line is generated from these fields
+(:mod:`equiopt.train.options`); validation errors name the field and its flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..presets import PRESETS, ROLES
+from .data import DataConfig
+from .models import ARCHS, SIZES, ModelConfig, preset
+from .options import (
+    csv_list,
+    float_list,
+    int_overrides,
+    option,
+    option_name,
+    positive_int,
+    role_floats,
+    role_grid,
+)
+
+# The muon preset's full spec (map, learning rate, momentum, scale) for the hidden-matrix roles.
+_MUON_HIDDEN = {role: dict(PRESETS["muon"][role]) for role in ("mlp_in", "mlp_out", "expert_in", "expert_out")}
+
+# optimizer name -> (equiopt preset, rules). Ablations are the paper stack with one block
+# family changed: AdamW there (equiopt gives an "adamw" rule the AdamW preset's learning rate
+# for that role), or Muon's map and hyperparameters on the MLP / expert matrices.
+OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
+    "adamw": ("adamw", {}),
+    "muon": ("muon", {}),
+    "paper": ("paper", {}),
+    "paper-adamw-embed-head": ("paper", {"embedding": "adamw", "lm_head": "adamw",
+                                         "tied_embedding": "adamw"}),
+    "paper-adamw-router": ("paper", {"router": "adamw"}),
+    "paper-left-spectral-router": ("paper", {"router": "left_spectral"}),
+    "paper-muon-mlp": ("paper", _MUON_HIDDEN),
+}
+ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
+SCHEDULES = ("cosine", "constant", "wsd")
+DIST_MODES = ("none", "ddp", "fsdp2")
+MODEL_OVERRIDES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                   "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size")
+
+_MODEL, _EVAL, _DATA = "model and schedule", "evaluation, checkpoints, machine", "data"
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass
+class TrainConfig:
+    """One training run (everything that determines its result)."""
+
+    arch: str = option("qwen3", choices=ARCHS, help="architecture family")
+    size: str = option("tiny", choices=SIZES, group=_MODEL,
+                       help="model size preset: tiny (CPU, 1-3M params) or paper (the paper's shapes, 0.75B-6.9B "
+                            "total; the vocabulary always follows the data's tokenizer)")
+    optimizer: str = option("paper", choices=lambda: list(OPTIMIZERS), help="optimizer")
+    lr_scale: float = option(1.0, group=_MODEL, help="multiplier of every role's preset learning rate")
+    role_lr_scale: dict[str, float] = option(default_factory=dict, flag="--role-lr", parse=role_floats,
+                                             metavar="ROLE=X,...", group=_MODEL,
+                                             help="extra per-role learning-rate multipliers, e.g. embedding=2,router=0.5")
+    steps: int = option(200, parse=positive_int, group=_MODEL, help="training steps")
+    batch_size: int = option(16, parse=positive_int, group=_MODEL, help="sequences per step")
+    seq_len: int = option(128, parse=positive_int, group=_MODEL, help="tokens per sequence")
+    warmup: int = option(-1, group=_MODEL, help="linear warm-up steps, -1 = 10% of --steps")
+    schedule: str = option("cosine", choices=SCHEDULES, group=_MODEL,
+                           help="LR schedule after warm-up: cosine decay to --min-lr-ratio, constant, or wsd "
+                                "(constant, then linear decay over the last 20%)")
+    min_lr_ratio: float = option(0.1, group=_MODEL, help="final LR / peak LR")
+    grad_clip: float = option(0.0, group=_MODEL, help="global grad-norm clip, 0 = off")
+    eval_every: int = option(50, parse=positive_int, group=_EVAL, help="steps between evaluations")
+    eval_tokens: int = option(16384, parse=positive_int, group=_EVAL,
+                              help="validation tokens per evaluation (fixed subset)")
+    ckpt_every: int = option(100, group=_EVAL, help="steps between checkpoints, 0 = end only")
+    keep_checkpoint: bool = option(True, cli=False, help="False: delete checkpoint.pt after a successful run")
+    seed: int = option(0, help="model init and batch order seed")
+    aux_loss: bool = option(False, group=_MODEL,
+                            help="add the MoE load-balancing auxiliary loss to the training loss (routing metrics "
+                                 "are logged either way)")
+    threads: int = option(0, group=_EVAL, help="torch CPU threads, 0 = torch's default")
+    device: str = option("cpu", group=_EVAL,
+                         help="cpu (float32) or cuda[:i] (float32 weights, bfloat16 autocast)")
+    dist: str = option("none", choices=DIST_MODES,
+                       help="multi-process data parallelism under torchrun (one process per device; gloo on CPU, "
+                            "nccl on GPUs): torchrun --nproc_per_node=N -m equiopt train --dist ddp|fsdp2 ...")
+    model: dict[str, Any] = option(default_factory=dict, parse=int_overrides, metavar="KEY=INT,...", group=_MODEL,
+                                   help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16")
+    data: DataConfig = option(default_factory=DataConfig, help="the data (DataConfig)")
+    out: str = option("runs/train", help="run directory (compare, sweep: the output directory)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{**d, "data": DataConfig(**d.get("data", {}))})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _err(self, name: str, msg: str) -> ValueError:
+        return ValueError(f"{option_name(TrainConfig, name)} {msg}")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option (called on construction)."""
+        self._validate_names()
+        self._validate_numbers()
+        self._validate_roles_and_model()
+        self.data.validate()
+
+    def _validate_names(self) -> None:
+        if self.arch not in ARCHS:
+            raise self._err("arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.dist not in DIST_MODES:
+            raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise self._err("device", f"must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise self._err("device", f"{self.device!r}: torch sees no CUDA device on this machine")
+
+    def _validate_numbers(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens"):
+            if not getattr(self, name) >= 1:
+                raise self._err(name, f"must be >= 1, got {getattr(self, name)}")
+        if not (self.warmup == -1 or 0 <= self.warmup <= self.steps):
+            raise self._err("warmup", f"must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], "
+                                      f"got {self.warmup}")
+        for name in ("ckpt_every", "threads"):
+            if not getattr(self, name) >= 0:
+                raise self._err(name, f"must be >= 0, got {getattr(self, name)}")
+        if not (_finite(self.grad_clip) and self.grad_clip >= 0):
+            raise self._err("grad_clip", f"must be a finite number >= 0 (0 = off), got {self.grad_clip}")
+        if not (_finite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise self._err("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not (_finite(self.lr_scale) and self.lr_scale > 0):
+            raise self._err("lr_scale", f"must be a positive number, got {self.lr_scale}")
+
+    def _validate_roles_and_model(self) -> None:
+        for role, v in self.role_lr_scale.items():
+            if role not in ROLES:
+                raise ValueError(f"role_lr_scale: unknown role {role!r}; roles: {', '.join(ROLES)}")
+            if not (_finite(v) and v > 0):
+                raise self._err("role_lr_scale", f"[{role!r}] must be a positive number, got {v}")
+        unknown = set(self.model) - set(MODEL_OVERRIDES)
+        if unknown:
+            raise ValueError(f"unknown model override(s) {sorted(unknown)}; valid: {', '.join(MODEL_OVERRIDES)}")
+        self.model_config(vocab_size=self.model.get("vocab_size", 4096)).validate()
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup == -1 else self.warmup
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        mc = preset(self.arch, self.size)
+        mc = dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=self.seq_len, aux_loss=self.aux_loss,
+                                 **{k: v for k, v in self.model.items() if k != "vocab_size"})
+        if mc.layer_types is not None and len(mc.layer_types) != mc.num_layers:
+            pattern = mc.layer_types
+            mc.layer_types = [pattern[i % len(pattern)] for i in range(mc.num_layers)]
+            mc.layer_types[-1] = "full_attention"
+        return mc
+
+
+# Fields whose change does not make a checkpoint another run: "out" (where it lives) and
+# "steps" (a run may be extended or shortened; the schedule follows the new length).
+RESUMABLE_CHANGES = ("out", "steps")
+
+
+def config_diff(saved: dict, mine: dict, ignore: tuple[str, ...] = ("out",)) -> list[str]:
+    """Keys (``data.*`` spelled out) whose values differ, ``ignore`` aside; a field the saved
+    config predates counts as holding its default, so runs recorded by an older harness match."""
+    defaults = {**TrainConfig().to_dict(), "data": dataclasses.asdict(DataConfig())}
+    diff = []
+    for k in sorted(set(saved) | set(mine)):
+        if k in ignore:
+            continue
+        a, b = saved.get(k, defaults.get(k)), mine.get(k, defaults.get(k))
+        if k == "data" and isinstance(a, dict) and isinstance(b, dict):
+            dd = defaults["data"]
+            a, b = {**dd, **a}, {**dd, **b}
+            diff += [f"data.{x}" for x in sorted(set(a) | set(b)) if a.get(x) != b.get(x)]
+        elif a != b:
+            diff.append(k)
+    return diff
+
+
+@dataclass
+class RunOptions:
+    """How ``equiopt train`` treats its run directory (not part of the recorded config)."""
+
+    resume: bool = option(False, help="continue the run in --out from its checkpoint")
+    overwrite: bool = option(False, help="discard existing runs in --out instead of refusing/reusing them")
+    progress: bool = option(True, help="progress bars")
+    lr_from: str | None = option(None, metavar="BEST_JSON",
+                                 help="per (arch, optimizer) lr_scale and role multipliers from sweeps' best.json "
+                                      "files (comma-separated; later files win)")
+    stop_after: int | None = option(None, parse=positive_int, hidden=True,
+                                    help="stop after N steps as a kill would (tests)")
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ValueError("resume (--resume) and overwrite (--overwrite) contradict each other; pass one")
+
+
+def check_grid(archs: list[str], optimizers: list[str]) -> None:
+    """The archs and optimizers of a grid: non-empty, known, no repeats."""
+    if not archs:
+        raise ValueError(f"archs (--archs) names no architecture; give a comma-separated list from {','.join(ARCHS)}")
+    if not optimizers:
+        raise ValueError(f"optimizers (--optimizers) names no optimizer; give a comma-separated list from "
+                         f"{','.join(OPTIMIZERS)}")
+    for a in archs:
+        if a not in ARCHS:
+            raise ValueError(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
+    for o in optimizers:
+        if o not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    if len(set(archs)) != len(archs) or len(set(optimizers)) != len(optimizers):
+        raise ValueError("--archs and --optimizers must not repeat a name")
+
+
+@dataclass
+class GridOptions:
+    archs: list[str] = option(default_factory=lambda: ["qwen3"], parse=csv_list,
+                              help=f"comma-separated, from {','.join(ARCHS)}")
+    optimizers: list[str] = option(default_factory=lambda: ["adamw", "muon", "paper"], parse=csv_list,
+                                   help=f"comma-separated, from {','.join(OPTIMIZERS)}")
+    jobs: int = option(1, parse=positive_int,
+                       help="runs trained at once, each in its own process on one thread (1 = in this process, "
+                            "on --threads threads)")
+
+    def __post_init__(self) -> None:
+        check_grid(self.archs, self.optimizers)
+
+
+@dataclass
+class CompareOptions(GridOptions):
+    seeds: int = option(2, parse=positive_int, help="seeds 0..N-1 per cell")
+
+
+@dataclass
+class SweepOptions(GridOptions):
+    lr_scales: list[float] = option(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], parse=float_list,
+                                    help="global multipliers of the preset learning rates to try")
+    role_grid: list[tuple[str, list[float]]] = option(
+        default_factory=list, parse=role_grid, repeat=True, metavar="ROLE=X,Y,...",
+        help="after the global scale, try these multipliers for one role (coordinate descent in the given "
+             "order), e.g. --role-grid embedding=0.5,2")
+    extend_edges: int = option(2, metavar="N", help="when the best scale is on the grid's edge, extend the grid "
+                                                     "past it, up to N times")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lr_scales or any(not (_finite(s) and s > 0) for s in self.lr_scales):
+            raise ValueError(f"lr_scales (--lr-scales) must be positive numbers, got {self.lr_scales}")
+        if len(set(self.lr_scales)) != len(self.lr_scales):
+            raise ValueError(f"lr_scales (--lr-scales) repeats a value: {self.lr_scales}")
+        for role, vals in self.role_grid:
+            if role not in ROLES:
+                raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(ROLES)}")
+            if not vals or any(not (_finite(v) and v > 0) for v in vals):
+                raise ValueError(f"--role-grid {role}: multipliers must be positive, got {vals}")
+        if self.extend_edges < 0:
+            raise ValueError(f"extend_edges (--extend-edges) must be >= 0, got {self.extend_edges}")
