@@ -77,6 +77,19 @@ def qwen3(seed=0):
     return m
 
 
+def llama(seed=0):
+    """RoPE attention without q/k norm gains: the RoPE-plane rotations are a gauge here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                      attn_implementation="eager")
+    m = LlamaForCausalLM(cfg).double()
+    m.loss = lambda ids: qwen_loss(m, ids)
+    return m
+
+
 def qwen_loss(m, ids):
     """next-token CE in float64 (HF's loss_function upcasts logits to float32, which would
     put 1e-7 rounding into the shift-gauge comparison)."""
@@ -124,6 +137,7 @@ def qwen_elements(model, seed=2):
         "rescale": [Factor("scale").sample((1, h, 1), g)[0] for _ in range(L)],
         "shift": Factor("shift", "rows").sample((1, cfg.vocab_size, cfg.hidden_size), g)[0],
         "rotation": [Factor("orth").sample((hkv, hd, 1), g) for _ in range(L)],
+        "qk": [Factor("rope_rotation").sample((hkv, hd, 1), g) for _ in range(L)],
     }
 
 
@@ -147,6 +161,17 @@ def qwen_transform(params, el, which, cfg):
                 o[:, q * hd:(q + 1) * hd] = o[:, q * hd:(q + 1) * hd] @ R[j].T
             out[p + "self_attn.v_proj.weight"] = v
             out[p + "self_attn.o_proj.weight"] = o
+        if "qk" in which:  # same RoPE-plane rotation on every query head of kv group j and on K_j
+            R = el["qk"][i]
+            q = params[p + "self_attn.q_proj.weight"].clone()
+            k = params[p + "self_attn.k_proj.weight"].clone()
+            for j in range(hkv):
+                k[j * hd:(j + 1) * hd] = R[j] @ k[j * hd:(j + 1) * hd]
+            for h in range(hq):
+                j = h // (hq // hkv)
+                q[h * hd:(h + 1) * hd] = R[j] @ q[h * hd:(h + 1) * hd]
+            out[p + "self_attn.q_proj.weight"] = q
+            out[p + "self_attn.k_proj.weight"] = k
     if "shift" in which:
         out["lm_head.weight"] = params["lm_head.weight"] + el["shift"][None, :]
     return out
@@ -187,7 +212,7 @@ def equivariance_error(kind, make_opt, which, seed=0):
         T = lambda ps: relu_transform(ps, el, which)  # noqa: E731
         V = a.lm_head.weight.shape[0]
     else:
-        a = qwen3(seed)
+        a = qwen3(seed) if kind == "qwen3" else llama(seed)
         el = qwen_elements(a)
         T = lambda ps: qwen_transform(ps, el, which, a.config)  # noqa: E731
         V = a.config.vocab_size
@@ -269,6 +294,13 @@ def test_ddc_adam_qwen3_equivariant():
 
 def test_ddc_muon_qwen3_equivariant_with_rotations():
     assert equivariance_error("qwen3", OPTS["ddc_muon"], ("rescale", "shift", "rotation")) < TOL
+
+
+def test_ddc_muon_llama_equivariant_with_rope_rotations():
+    names = {g.name for g in ddc_optimizer(llama(), "muon").gauges}
+    assert "qk_rope_rotation:model.layers.0.self_attn" in names
+    assert equivariance_error("llama", OPTS["ddc_muon"], ("rescale", "shift", "rotation", "qk")) < TOL
+    assert equivariance_error("llama", OPTS["ddc_adam"], ("qk",)) > FAIL  # Adam is not rotation-equivariant
 
 
 def test_baselines_fail_qwen3():
