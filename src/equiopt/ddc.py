@@ -1,0 +1,516 @@
+"""Dead-Direction Conditioners (DDC): a base optimizer (Adam or Muon) lifted to one whose
+trajectory is equivariant under the *gauges* of a model, the continuous symmetries along
+whose orbits the loss is flat. See ``docs/ddc.md`` for the derivation and proofs and
+``shared/design/ddc.md`` for what is known about the paper ([A]/[L]) and what is our
+reconstruction ([R]).
+
+Gauges found from an :func:`equiopt.plan` (``plan.blocks``):
+
+* **neuron rescale** (:class:`RescaleGauge`): for every dense :class:`~equiopt.blocks.MLPBlock`,
+  the in-projection whose rows (with their bias) can be multiplied by ``s_i > 0`` while the
+  out-projection's columns are divided by ``s_i`` without changing the block's output. It is
+  *found by a float64 probe* of the block's module (ReLU / LeakyReLU MLPs: the in-projection;
+  SwiGLU: the up projection, never the gate), so an activation that is not positively
+  homogeneous gives no gauge. Needs the model (not only the plan).
+* **translation** (:class:`ShiftGauge`): ``W -> W + 1 c^T`` on an untied LM head (softmax
+  cross-entropy) and on a softmax MoE router (with its bias, if any: ``b -> b + c0 1``).
+* **rotation** (:class:`RotationGauge`, Muon base only): per kv head ``V_j -> R_j V_j``,
+  ``O_i -> O_i R_j^T``. The whole-matrix polar map is equivariant under these block-diagonal
+  orthogonal actions, so they need no extra state; they are recorded (and tested). Q/K
+  rotations inside the RoPE planes are recorded only where no per-channel q/k norm gain
+  breaks them (Qwen3's ``q_norm``/``k_norm`` do).
+
+One step (Lean numbering of ``design/ddc.md``), on a rescale gauge with sides
+``A_i = [W_in[i, :], b_in[i]]`` and ``B_i = W_out[:, i]``:
+
+1. decoupled weight decay ``W <- (1 - lr wd) W`` on every member (both sides alike);
+2. per side ``rho = ||A_i||`` (resp. ``||B_i||``), ``gh = <g, W>``,
+   ``g_tan = g - gh / rho^2 W``, invariant input ``x = rho g_tan``;
+4. radial mode ``gU_i = (ghA_i + ghB_i) / sqrt(2)`` to a scalar Adam state per neuron,
+   ``dlogrho = -lr adam(gU) / sqrt(2)`` on both sides;
+5. gauge mode ``gV = (ghA - ghB) / sqrt(2)``: no motion;
+6. base update ``u`` on ``x`` (Adam per coordinate, or the polar map of the whole
+   ``diag(rho) G_tan`` matrix for Muon), re-projected ``u <- u - <u, W>/rho^2 W``;
+7. ``W <- exp(dlogrho) W - lr rho u``.
+
+Translation gauges: the base AdamW step without weight decay, with the orbit component of
+the update (its mean over the vocabulary / expert rows) removed. Every other parameter gets
+the base rule unchanged: AdamW (bit-identical to ``torch.optim.AdamW(foreach=False)``), or
+for ``base="muon"`` Muon (Nesterov, Newton-Schulz, ``sqrt(max(1, rows/cols))``) on matrices
+and AdamW on vectors, embeddings, heads and routers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
+from .planner import Plan, plan as make_plan
+from .polar import newton_schulz
+
+__all__ = [
+    "DDCOptimizer",
+    "RescaleGauge",
+    "RotationGauge",
+    "ShiftGauge",
+    "derive_gauges",
+    "ddc_optimizer",
+    "probe_rescale",
+]
+
+ADAM_LR = 3e-3
+MUON_LR = 2e-2
+ADAM_MATRIX_WD = 0.1
+MUON_MATRIX_WD = 1e-3
+PROBE_TOL = 1e-9
+_SQRT2 = math.sqrt(2.0)
+# roles that Muon conventions leave to AdamW
+_ADAM_ROLES_UNDER_MUON = ("embedding", "tied_embedding", "lm_head", "router", "vector")
+
+
+# ----------------------------------------------------------------------------------------
+# gauges
+# ----------------------------------------------------------------------------------------
+@dataclass
+class RescaleGauge:
+    """Neuron rescale: rows of ``in_weight`` [h, d] (and ``in_bias`` [h]) times ``s``, columns
+    of ``out_weight`` [d_out, h] divided by ``s``; one gauge mode per neuron."""
+
+    name: str
+    in_weight: Tensor
+    out_weight: Tensor
+    in_bias: Tensor | None = None
+    names: tuple[str, ...] = ()
+
+    kind = "rescale"
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return tuple(p for p in (self.in_weight, self.in_bias, self.out_weight) if p is not None)
+
+    @property
+    def modes(self) -> int:
+        return self.in_weight.shape[0]
+
+
+@dataclass
+class ShiftGauge:
+    """Translation ``W -> W + 1 c^T`` of the rows of ``weight`` (and ``bias -> bias + c0``)."""
+
+    name: str
+    weight: Tensor
+    bias: Tensor | None = None
+    names: tuple[str, ...] = ()
+
+    kind = "shift"
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+    @property
+    def modes(self) -> int:
+        return self.weight.shape[-1] + (self.bias is not None)
+
+
+@dataclass
+class RotationGauge:
+    """Per-head rotation (Muon base): handled by the polar map's two-sided orthogonal
+    equivariance; ``axis`` says how each parameter is acted on."""
+
+    name: str
+    symmetry: str  # "vo_rotation" | "qk_rope_rotation"
+    params: tuple[Tensor, ...] = ()
+    names: tuple[str, ...] = ()
+    heads: int = 0
+    head_dim: int = 0
+
+    kind = "rotation"
+
+    @property
+    def modes(self) -> int:
+        return 0
+
+
+def _module_param(module: nn.Module, rel: str) -> Tensor:
+    return dict(module.named_parameters())[rel]
+
+
+@torch.no_grad()
+def probe_rescale(module: nn.Module, in_name: str, out_name: str, bias_name: str | None = None,
+                  d_in: int | None = None, tol: float = PROBE_TOL, seed: int = 0) -> float:
+    """Relative change of ``module``'s output (float64 copy, eval mode) when the rows of
+    parameter ``in_name`` (and ``bias_name``) are multiplied by random ``s_i`` in [0.5, 2]
+    and the columns of ``out_name`` divided by them. ``~1e-16`` for an exact rescale gauge.
+    Names are relative to ``module``."""
+    m = copy.deepcopy(module).to(torch.float64).eval()
+    w_in, w_out = _module_param(m, in_name), _module_param(m, out_name)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, d_in or w_in.shape[1], generator=gen, dtype=torch.float64)
+    y0 = m(x)
+    s = torch.exp((torch.rand(w_in.shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
+    w_in.mul_(s[:, None])
+    if bias_name is not None:
+        _module_param(m, bias_name).mul_(s)
+    w_out.div_(s[None, :])
+    y1 = m(x)
+    return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
+
+
+def _rel(name: str, scope: str) -> str:
+    return name[len(scope) + 1:] if scope else name
+
+
+def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
+    scope = block.scope + "." if block.scope else ""
+    return any(e.role == "vector" and e.name.startswith(scope) and e.shape == (block.head_dim,) for e in the_plan.entries)
+
+
+def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "adam",
+                  kinds: tuple[str, ...] = ("rescale", "shift", "rotation"), tol: float = PROBE_TOL) -> list:
+    """The gauges of a planned model (see the module docstring); ``model`` is needed for the
+    rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
+    claimed by at most one gauge: a rescale gauge whose members another gauge already holds
+    is dropped (overlaps are documented in docs/ddc.md, not combined in this landing)."""
+    gauges: list = []
+    taken: set[int] = set()
+    aliased = {id(e.param) for e in the_plan.entries if e.aliases}
+
+    def free(*ps) -> bool:
+        return all(p is not None and id(p) not in taken and id(p) not in aliased for p in ps)
+
+    def take(g) -> None:
+        gauges.append(g)
+        taken.update(id(p) for p in g.params)
+
+    for block in the_plan.blocks:
+        if "shift" in kinds and isinstance(block, VocabBlock) and block.head and not block.tied:
+            w = the_plan.entry(block.head).param
+            b = the_plan.entry(block.head_bias).param if block.head_bias else None
+            if free(w, *([b] if b is not None else [])):
+                take(ShiftGauge(f"logit_shift:{block.head}", w, b,
+                                names=tuple(n for n in (block.head, block.head_bias) if n)))
+        if "shift" in kinds and isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
+            w = the_plan.entry(block.router).param
+            b = the_plan.entry(block.router_bias).param if block.router_bias else None
+            if w.ndim == 2 and free(w, *([b] if b is not None else [])):
+                take(ShiftGauge(f"router_shift:{block.router}", w, b,
+                                names=tuple(n for n in (block.router, block.router_bias) if n)))
+    if "rescale" in kinds:
+        mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+        if mlps and model is None:
+            warnings.warn("ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2)
+        elif mlps:
+            modules = dict(model.named_modules())
+            for b in mlps:
+                module = modules.get(b.scope)
+                out = the_plan.entry(b.out).param
+                if module is None or out.ndim != 2:
+                    continue
+                biases = dict(b.in_biases)
+                chosen = None
+                for name in b.ins:  # the last in-projection that passes (gated: the linear 'up')
+                    bias = biases.get(name)
+                    try:
+                        err = probe_rescale(module, _rel(name, b.scope), _rel(b.out, b.scope),
+                                            _rel(bias, b.scope) if bias else None)
+                    except Exception:  # noqa: BLE001 - a module we cannot call on one tensor has no probed gauge
+                        err = math.inf
+                    if err <= tol:
+                        chosen = (name, bias)
+                if chosen is None:
+                    continue
+                w_in = the_plan.entry(chosen[0]).param
+                b_in = the_plan.entry(chosen[1]).param if chosen[1] else None
+                if free(w_in, out, *([b_in] if b_in is not None else [])):
+                    take(RescaleGauge(f"neuron_rescale:{b.scope}", w_in, out, b_in,
+                                      names=tuple(n for n in (chosen[0], chosen[1], b.out) if n)))
+    if "rotation" in kinds and base == "muon":
+        for block in the_plan.blocks:
+            if not isinstance(block, AttentionBlock) or block.qkv is not None or not block.v:
+                continue
+            v, o = the_plan.entry(block.v).param, the_plan.entry(block.o).param
+            if free(v, o):
+                gauges.append(RotationGauge(f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o),
+                                            block.hkv, block.head_dim))
+            if block.q and block.k and not _qk_norm_present(the_plan, block):
+                q, k = the_plan.entry(block.q).param, the_plan.entry(block.k).param
+                if free(q, k):
+                    gauges.append(RotationGauge(f"qk_rope_rotation:{block.scope}", "qk_rope_rotation", (q, k),
+                                                (block.q, block.k), block.hkv, block.head_dim))
+    return gauges
+
+
+# ----------------------------------------------------------------------------------------
+# the optimizer
+# ----------------------------------------------------------------------------------------
+def _adam_dir(state: dict, x: Tensor, beta1: float, beta2: float, eps: float, prefix: str = "") -> Tensor:
+    """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` of input ``x``; the step
+    counter is the caller's (``state['step']``)."""
+    m, v = state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
+    step = state["step"].item()
+    m.lerp_(x, 1 - beta1)
+    v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    return (m / bc1) / ((v.sqrt() / bc2_sqrt).add_(eps))
+
+
+def _safe_div(a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def _muon_scale(shape) -> float:
+    return math.sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
+class DDCOptimizer(torch.optim.Optimizer):
+    """Dead-Direction Conditioner over Adam or Muon (see the module docstring).
+
+    ``params``: param_groups, each with ``ddc`` in {"rescale", "shift", "none"} and ``rule``
+    in {"adam", "muon"} plus ``lr``, ``weight_decay``, ``betas``, ``eps``, ``momentum``,
+    ``nesterov``, ``ns_steps``. ``gauges``: the gauges (:func:`derive_gauges`); every
+    parameter of a rescale/shift gauge must sit in one group with the matching ``ddc``.
+    Build it with :func:`ddc_optimizer`.
+    """
+
+    def __init__(self, params, gauges: list, base: str = "adam", names: dict | None = None):
+        defaults = dict(lr=ADAM_LR, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
+                        nesterov=True, ns_steps=5, ddc="none", rule="adam")
+        super().__init__(params, defaults)
+        self.base = base
+        self.gauges = list(gauges)
+        self.names = dict(names or {})
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for gauge in self.gauges:
+            if gauge.kind == "rotation":
+                continue
+            groups = {id(group_of.get(id(p))) for p in gauge.params}
+            grp = group_of.get(id(gauge.params[0]))
+            if len(groups) != 1 or grp is None or grp["ddc"] != gauge.kind:
+                raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
+        self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
+
+    def state_modes(self) -> int:
+        """Scalars of DDC state beyond the base rule's (two per rescale mode)."""
+        return sum(2 * g.modes for g in self.gauges if g.kind == "rescale")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["ddc"] == "rescale":
+                seen = []
+                for p in group["params"]:
+                    g = self._gauge_of[id(p)]
+                    if not any(g is s for s in seen):
+                        seen.append(g)
+                for gauge in seen:
+                    self._rescale_step(gauge, group)
+            elif group["ddc"] == "shift":
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._adam_step(p, group, center=True)
+            else:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if group["rule"] == "muon" and p.ndim >= 2:
+                        self._muon_step(p, group)
+                    else:
+                        self._adam_step(p, group)
+        return loss
+
+    # -- base rules -------------------------------------------------------------------
+    def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        if prefix + "exp_avg" not in state:
+            state[prefix + "exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[prefix + "exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _adam_step(self, p: Tensor, group: dict, center: bool = False) -> None:
+        """torch.optim.AdamW's single-tensor step (bit-identical); ``center`` removes the
+        update's mean over rows (dim -2; a vector's mean) for a translation gauge."""
+        if p.grad.is_sparse:
+            raise RuntimeError("DDCOptimizer does not support sparse gradients")
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        state = self._adam_state(p)
+        state["step"] += 1
+        grad = p.grad
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"].item()
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        step_size = lr / bc1
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        if not center:
+            p.addcdiv_(m, denom, value=-step_size)
+            return
+        u = m / denom
+        u = u - u.mean(dim=-2 if u.ndim >= 2 else -1, keepdim=True)
+        p.add_(u, alpha=-step_size)
+
+    def _muon_direction(self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer") -> Tensor:
+        mom = group["momentum"]
+        if key not in state:
+            state[key] = torch.zeros_like(x)
+        buf = state[key]
+        buf.mul_(mom).add_(x)
+        upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
+        return newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+
+    def _muon_step(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        u = self._muon_direction(p.grad, state, group)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(u, alpha=-lr)
+
+    # -- the rescale gauge ------------------------------------------------------------
+    def _rescale_step(self, gauge: RescaleGauge, group: dict) -> None:
+        W1, W2, b = gauge.in_weight, gauge.out_weight, gauge.in_bias
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in (W1, W2)]
+        g1, g2 = grads
+        gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
+        if W1.grad is None and W2.grad is None and (b is None or b.grad is None):
+            return
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        # 1. decoupled weight decay on every member alike
+        if wd != 0:
+            for p in gauge.params:
+                p.mul_(1 - lr * wd)
+        # 2. per-neuron side norms, log-norm gradients, tangential parts, invariant inputs
+        n1 = (W1 * W1).sum(1) + (b * b if b is not None else 0)
+        n2 = (W2 * W2).sum(0)
+        gh1 = (g1 * W1).sum(1) + (gb * b if b is not None else 0)
+        gh2 = (g2 * W2).sum(0)
+        rho1, rho2 = n1.sqrt(), n2.sqrt()
+        c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
+        x1 = rho1[:, None] * (g1 - c1[:, None] * W1)
+        x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
+        xb = rho1 * (gb - c1 * b) if b is not None else None
+        # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
+        st1 = self._adam_state(W1)
+        st1["step"] += 1
+        for p in gauge.params[1:]:
+            st = self.state[p]
+            st["step"] = st1["step"].clone()
+        if "radial_exp_avg" not in st1:
+            st1["radial_exp_avg"] = torch.zeros_like(n1)
+            st1["radial_exp_avg_sq"] = torch.zeros_like(n1)
+        gU = (gh1 + gh2) / _SQRT2
+        dlog = -lr * _adam_dir(st1, gU, beta1, beta2, eps, prefix="radial_") / _SQRT2
+        # 6. base update on the invariant inputs, re-projected off W
+        if group["rule"] == "adam":
+            u1 = _adam_dir(st1, x1, beta1, beta2, eps)
+            u2 = _adam_dir(self._adam_state(W2), x2, beta1, beta2, eps)
+            ub = _adam_dir(self._adam_state(b), xb, beta1, beta2, eps) if b is not None else None
+        else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
+            X1 = torch.cat([x1, xb[:, None]], 1) if b is not None else x1
+            U1 = self._muon_direction(X1, st1, group)
+            u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
+            u2 = self._muon_direction(x2, self.state[W2], group)
+        a1 = _safe_div((u1 * W1).sum(1) + (ub * b if b is not None else 0), n1)
+        a2 = _safe_div((u2 * W2).sum(0), n2)
+        u1 = u1 - a1[:, None] * W1
+        u2 = u2 - a2[None, :] * W2
+        # 7. multiplicative radial step, additive tangential step
+        e = torch.exp(dlog)
+        W1.mul_(e[:, None]).sub_(lr * rho1[:, None] * u1)
+        W2.mul_(e[None, :]).sub_(lr * u2 * rho2[None, :])
+        if b is not None:
+            ub = ub - a1 * b
+            b.mul_(e).sub_(lr * rho1 * ub)
+
+
+# ----------------------------------------------------------------------------------------
+# construction
+# ----------------------------------------------------------------------------------------
+def ddc_optimizer(
+    model_or_plan: nn.Module | Plan,
+    base: str = "adam",
+    *,
+    model: nn.Module | None = None,
+    lr: float | None = None,
+    adam_lr: float | None = None,
+    weight_decay: float | None = None,
+    adam_weight_decay: float = ADAM_MATRIX_WD,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    gauges: tuple[str, ...] = ("rescale", "shift", "rotation"),
+    probe_tol: float = PROBE_TOL,
+) -> DDCOptimizer:
+    """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
+    ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
+    rescale probe).
+
+    ``base="adam"``: ``lr`` (default 3e-3) for every group; ``weight_decay`` (default 0.1) on
+    rescale gauges and other 2-D+ weights; 0 on vectors and translation gauges.
+    ``base="muon"``: ``lr`` (default 2e-2) and ``weight_decay`` (default 1e-3) for rescale
+    gauges and Muon matrices; ``adam_lr`` (default 3e-3) and ``adam_weight_decay`` (0.1) for
+    AdamW on embeddings (and other non-Muon 2-D weights); vectors and translation gauges 0.
+    ``gauges``: the gauge kinds to claim.
+    """
+    if base not in ("adam", "muon"):
+        raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
+    if isinstance(model_or_plan, Plan):
+        the_plan = model_or_plan
+    else:
+        the_plan = make_plan(model_or_plan, "adamw")
+        model = model_or_plan if model is None else model
+    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol)
+    lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
+    adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
+    wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
+    common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+
+    in_gauge: dict[int, object] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
+    rescale, shift, muon, adam_mat, vec = [], [], [], [], []
+    names = {}
+    for e in the_plan.entries:
+        p = e.param
+        names[p] = e.name
+        g = in_gauge.get(id(p))
+        if g is not None:
+            (rescale if g.kind == "rescale" else shift).append(p)
+        elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
+            muon.append(p)
+        elif p.ndim >= 2:
+            adam_mat.append(p)
+        else:
+            vec.append(p)
+    groups = []
+    if rescale:
+        groups.append(dict(params=rescale, ddc="rescale", rule=base, lr=lr, weight_decay=wd, **common))
+    if shift:
+        groups.append(dict(params=shift, ddc="shift", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
+    if muon:
+        groups.append(dict(params=muon, ddc="none", rule="muon", lr=lr, weight_decay=wd, **common))
+    if adam_mat:
+        groups.append(dict(params=adam_mat, ddc="none", rule="adam", lr=adam_lr,
+                           weight_decay=wd if base == "adam" else adam_weight_decay, **common))
+    if vec:
+        groups.append(dict(params=vec, ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
+    return DDCOptimizer(groups, found, base, names)
