@@ -452,3 +452,15 @@ def test_lr_scheduler_changes_the_step():
         runs.append(rel_err(snapshot(m), before))
     assert runs[0] > 1e-3 and runs[1] == 0.0
     assert isinstance(opt, DDCOptimizer) and all("lr" in g for g in opt.param_groups)
+
+
+def test_build_serves_the_ddc_presets():
+    """equiopt.build(model, preset="ddc_adam"|"ddc_muon") returns the DDC optimizer."""
+    import equiopt
+    from equiopt.ddc import DDCOptimizer
+
+    for preset, base in (("ddc_adam", "adam"), ("ddc_muon", "muon")):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+        opt = equiopt.build(model, preset=preset)
+        assert isinstance(opt, DDCOptimizer) and opt.base == base

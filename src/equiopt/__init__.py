@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import audit, diagnostics  # equiopt.audit(model, batch) calls audit.audit
+from . import audit, ddc, diagnostics  # equiopt.audit(model, batch) calls audit.audit
 from .layouts import Layout, parse_layout
 from .optimizer import EquiOptimizer, NonFiniteGradientError
 from .planner import Plan, PlanEntry, PlanError, detect_roles, plan
@@ -40,14 +40,21 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def build(model: nn.Module | Plan, preset: str | None = None, **kwargs) -> EquiOptimizer:
+#: presets served by :func:`equiopt.ddc.ddc_optimizer` (gauge-equivariant Adam / Muon)
+DDC_PRESETS = {"ddc_adam": "adam", "ddc_muon": "muon"}
+
+
+def build(model: nn.Module | Plan, preset: str | None = None, **kwargs) -> EquiOptimizer | ddc.DDCOptimizer:
     """One optimizer for the whole model.
 
     ``model`` may be an ``nn.Module`` (planned with :func:`plan` and ``kwargs``: ``rules``,
     ``lr``, ``lr_scale``, ``roles``, ``layouts`` and hyperparameter overrides) or a
     :class:`Plan` already made (then ``preset`` and ``kwargs`` must be left out).
-    ``preset`` defaults to ``"paper"``.
+    ``preset`` defaults to ``"paper"``; ``"ddc_adam"`` / ``"ddc_muon"`` build the
+    Dead-Direction Conditioner (:func:`equiopt.ddc.ddc_optimizer`, ``kwargs`` go there).
     """
+    if preset in DDC_PRESETS:  # the Dead-Direction Conditioner: its own optimizer class
+        return ddc.ddc_optimizer(model, base=DDC_PRESETS[preset], **kwargs)
     if isinstance(model, Plan):
         if preset is not None or kwargs:
             given = sorted(kwargs) + (["preset"] if preset is not None else [])
