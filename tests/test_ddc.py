@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import equiopt
-from equiopt.ddc import DDCOptimizer, RescaleGauge, ddc_optimizer, probe_rescale
+from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, ddc_optimizer, probe_rescale
 from equiopt.groups import Factor
 
 STEPS = 10
@@ -452,3 +452,29 @@ def test_lr_scheduler_changes_the_step():
         runs.append(rel_err(snapshot(m), before))
     assert runs[0] > 1e-3 and runs[1] == 0.0
     assert isinstance(opt, DDCOptimizer) and all("lr" in g for g in opt.param_groups)
+
+
+# ----------------------------------------------------------------------------------------
+# overlapping gauges (docs/ddc.md): the balanced radius
+# ----------------------------------------------------------------------------------------
+def test_overlap_radius_is_equivariant_and_per_side_norms_are_not():
+    """W in a row gauge (neuron rescale s) and a column gauge (norm-channel scale t):
+    W -> diag(s) W diag(1/t), G -> diag(1/s) G diag(t). The balanced radius R = r c^T
+    transforms like W, so x = R * G is invariant; the Lean per-side radius (row norms) is not
+    invariant under the column action."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    G = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    s = Factor("scale").sample((1, 12, 7), g)[0]
+    t = Factor("scale", "cols").sample((1, 12, 7), g)[0]
+    W2, G2 = s[:, None] * W / t[None, :], G / s[:, None] * t[None, :]
+    r, c = balance(W)
+    r2, c2 = balance(W2)
+    R, R2 = r[:, None] * c[None, :], r2[:, None] * c2[None, :]
+    Wn = W / R
+    assert torch.allclose(Wn.pow(2).mean(1), torch.ones(12, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Wn.pow(2).mean(0), torch.ones(7, dtype=torch.float64), atol=1e-12)
+    assert ((R2 - s[:, None] * R / t[None, :]).norm() / R2.norm()) < 1e-12
+    assert (((R2 * G2) - (R * G)).norm() / (R * G).norm()) < 1e-12
+    rho, rho2 = W.norm(dim=1), W2.norm(dim=1)
+    assert ((rho2[:, None] * G2 - rho[:, None] * G).norm() / (rho[:, None] * G).norm()) > 1e-2

@@ -59,6 +59,7 @@ __all__ = [
     "RescaleGauge",
     "RotationGauge",
     "ShiftGauge",
+    "balance",
     "derive_gauges",
     "ddc_optimizer",
     "probe_rescale",
@@ -245,6 +246,30 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
                     gauges.append(RotationGauge(f"qk_rope_rotation:{block.scope}", "qk_rope_rotation", (q, k),
                                                 (block.q, block.k), block.hkv, block.head_dim))
     return gauges
+
+
+def balance(w: Tensor, iters: int = 500, tol: float = 1e-15) -> tuple[Tensor, Tensor]:
+    """Diagonal balancing of ``w`` [m, n] (the radius of a weight in two rescale gauges, one
+    on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
+    > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
+    ``w**2`` in log space). ``r c^T`` is unique for a matrix without zero rows/columns whose
+    square has total support (e.g. every entry nonzero), hence equivariant:
+    ``balance(diag(s) w diag(1/t))`` gives ``diag(s) r c^T diag(1/t)``. Returns ``r`` and
+    ``c`` with equal geometric means."""
+    w2 = (w * w).to(torch.float64)
+    m, n = w2.shape
+    lr_ = torch.zeros(m, dtype=torch.float64)
+    lc = torch.zeros(n, dtype=torch.float64)
+    for _ in range(iters):
+        lr_new = 0.5 * torch.log((w2 * torch.exp(-2 * lc)[None, :]).mean(1))
+        lc_new = 0.5 * torch.log((w2 * torch.exp(-2 * lr_new)[:, None]).mean(0))
+        shift = (lr_new.mean() - lc_new.mean()) / 2
+        lr_new, lc_new = lr_new - shift, lc_new + shift
+        done = max((lr_new - lr_).abs().max().item(), (lc_new - lc).abs().max().item()) < tol
+        lr_, lc = lr_new, lc_new
+        if done:
+            break
+    return torch.exp(lr_).to(w.dtype), torch.exp(lc).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------
