@@ -478,3 +478,36 @@ def test_overlap_radius_is_equivariant_and_per_side_norms_are_not():
     assert (((R2 * G2) - (R * G)).norm() / (R * G).norm()) < 1e-12
     rho, rho2 = W.norm(dim=1), W2.norm(dim=1)
     assert ((rho2[:, None] * G2 - rho[:, None] * G).norm() / (rho[:, None] * G).norm()) > 1e-2
+
+
+def test_router_shift_gauge_on_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, attn_implementation="eager",
+                         experts_implementation="eager")
+    a = Qwen3MoeForCausalLM(cfg).double()
+    opt = ddc_optimizer(a, "adam")
+    routers = [g for g in opt.gauges if g.name.startswith("router_shift")]
+    assert len(routers) == 1
+    name = routers[0].names[0]
+    c = Factor("shift", "rows").sample((1, 4, 32), torch.Generator().manual_seed(3))[0]
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        dict(b.named_parameters())[name].add_(c[None, :])
+    ta, tb = [], []
+    for model, out in ((a, ta), (b, tb)):
+        o = ddc_optimizer(model, "adam", lr=1e-2)
+        for ids in batches(64, 5):
+            o.zero_grad()
+            qwen_loss(model, ids).backward()
+            o.step()
+            out.append(snapshot(model))
+    T = lambda ps: {**ps, name: ps[name] + c[None, :]}  # noqa: E731
+    # HF's router softmax (and the aux loss) run in float32 even for a float64 model: the
+    # comparison is at float32 rounding (measured 2e-7), not float64's
+    assert max(rel_err(T(x), y) for x, y in zip(ta, tb)) < 1e-5
+    w = dict(a.named_parameters())[name].detach()
+    assert torch.allclose(w.mean(0), ta[0][name].mean(0), atol=1e-14)  # the expert mean does not move

@@ -434,7 +434,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
         xb = rho1 * (gb - c1 * b) if b is not None else None
         # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
-        st1 = self._adam_state(W1)
+        st1 = self.state[W1]
+        if "step" not in st1:
+            st1["step"] = torch.tensor(0.0)
         st1["step"] += 1
         for p in gauge.params[1:]:
             st = self.state[p]
@@ -446,7 +448,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         dlog = -lr * _adam_dir(st1, gU, beta1, beta2, eps, prefix="radial_") / _SQRT2
         # 6. base update on the invariant inputs, re-projected off W
         if group["rule"] == "adam":
-            u1 = _adam_dir(st1, x1, beta1, beta2, eps)
+            u1 = _adam_dir(self._adam_state(W1), x1, beta1, beta2, eps)
             u2 = _adam_dir(self._adam_state(W2), x2, beta1, beta2, eps)
             ub = _adam_dir(self._adam_state(b), xb, beta1, beta2, eps) if b is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
