@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import equiopt
-from equiopt.ddc import DDCOptimizer, RescaleGauge, ddc_optimizer, probe_rescale
+from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, ddc_optimizer, probe_rescale
 from equiopt.groups import Factor
 
 STEPS = 10
@@ -464,3 +464,62 @@ def test_build_serves_the_ddc_presets():
         model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
         opt = equiopt.build(model, preset=preset)
         assert isinstance(opt, DDCOptimizer) and opt.base == base
+
+
+# ----------------------------------------------------------------------------------------
+# overlapping gauges (docs/ddc.md): the balanced radius
+# ----------------------------------------------------------------------------------------
+def test_overlap_radius_is_equivariant_and_per_side_norms_are_not():
+    """W in a row gauge (neuron rescale s) and a column gauge (norm-channel scale t):
+    W -> diag(s) W diag(1/t), G -> diag(1/s) G diag(t). The balanced radius R = r c^T
+    transforms like W, so x = R * G is invariant; the Lean per-side radius (row norms) is not
+    invariant under the column action."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    G = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    s = Factor("scale").sample((1, 12, 7), g)[0]
+    t = Factor("scale", "cols").sample((1, 12, 7), g)[0]
+    W2, G2 = s[:, None] * W / t[None, :], G / s[:, None] * t[None, :]
+    r, c = balance(W)
+    r2, c2 = balance(W2)
+    R, R2 = r[:, None] * c[None, :], r2[:, None] * c2[None, :]
+    Wn = W / R
+    assert torch.allclose(Wn.pow(2).mean(1), torch.ones(12, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Wn.pow(2).mean(0), torch.ones(7, dtype=torch.float64), atol=1e-12)
+    assert ((R2 - s[:, None] * R / t[None, :]).norm() / R2.norm()) < 1e-12
+    assert (((R2 * G2) - (R * G)).norm() / (R * G).norm()) < 1e-12
+    rho, rho2 = W.norm(dim=1), W2.norm(dim=1)
+    assert ((rho2[:, None] * G2 - rho[:, None] * G).norm() / (rho[:, None] * G).norm()) > 1e-2
+
+
+def test_router_shift_gauge_on_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, attn_implementation="eager",
+                         experts_implementation="eager")
+    a = Qwen3MoeForCausalLM(cfg).double()
+    opt = ddc_optimizer(a, "adam")
+    routers = [g for g in opt.gauges if g.name.startswith("router_shift")]
+    assert len(routers) == 1
+    name = routers[0].names[0]
+    c = Factor("shift", "rows").sample((1, 4, 32), torch.Generator().manual_seed(3))[0]
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        dict(b.named_parameters())[name].add_(c[None, :])
+    ta, tb = [], []
+    for model, out in ((a, ta), (b, tb)):
+        o = ddc_optimizer(model, "adam", lr=1e-2)
+        for ids in batches(64, 5):
+            o.zero_grad()
+            qwen_loss(model, ids).backward()
+            o.step()
+            out.append(snapshot(model))
+    T = lambda ps: {**ps, name: ps[name] + c[None, :]}  # noqa: E731
+    # HF's router softmax (and the aux loss) run in float32 even for a float64 model: the
+    # comparison is at float32 rounding (measured 2e-7), not float64's
+    assert max(rel_err(T(x), y) for x, y in zip(ta, tb)) < 1e-5
+    w = dict(a.named_parameters())[name].detach()
+    assert torch.allclose(w.mean(0), ta[0][name].mean(0), atol=1e-14)  # the expert mean does not move

@@ -59,6 +59,7 @@ __all__ = [
     "RescaleGauge",
     "RotationGauge",
     "ShiftGauge",
+    "balance",
     "derive_gauges",
     "ddc_optimizer",
     "probe_rescale",
@@ -247,6 +248,30 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
     return gauges
 
 
+def balance(w: Tensor, iters: int = 500, tol: float = 1e-15) -> tuple[Tensor, Tensor]:
+    """Diagonal balancing of ``w`` [m, n] (the radius of a weight in two rescale gauges, one
+    on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
+    > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
+    ``w**2`` in log space). ``r c^T`` is unique for a matrix without zero rows/columns whose
+    square has total support (e.g. every entry nonzero), hence equivariant:
+    ``balance(diag(s) w diag(1/t))`` gives ``diag(s) r c^T diag(1/t)``. Returns ``r`` and
+    ``c`` with equal geometric means."""
+    w2 = (w * w).to(torch.float64)
+    m, n = w2.shape
+    lr_ = torch.zeros(m, dtype=torch.float64)
+    lc = torch.zeros(n, dtype=torch.float64)
+    for _ in range(iters):
+        lr_new = 0.5 * torch.log((w2 * torch.exp(-2 * lc)[None, :]).mean(1))
+        lc_new = 0.5 * torch.log((w2 * torch.exp(-2 * lr_new)[:, None]).mean(0))
+        shift = (lr_new.mean() - lc_new.mean()) / 2
+        lr_new, lc_new = lr_new - shift, lc_new + shift
+        done = max((lr_new - lr_).abs().max().item(), (lc_new - lc).abs().max().item()) < tol
+        lr_, lc = lr_new, lc_new
+        if done:
+            break
+    return torch.exp(lr_).to(w.dtype), torch.exp(lc).to(w.dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # the optimizer
 # ----------------------------------------------------------------------------------------
@@ -409,7 +434,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
         xb = rho1 * (gb - c1 * b) if b is not None else None
         # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
-        st1 = self._adam_state(W1)
+        st1 = self.state[W1]
+        if "step" not in st1:
+            st1["step"] = torch.tensor(0.0)
         st1["step"] += 1
         for p in gauge.params[1:]:
             st = self.state[p]
@@ -421,7 +448,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         dlog = -lr * _adam_dir(st1, gU, beta1, beta2, eps, prefix="radial_") / _SQRT2
         # 6. base update on the invariant inputs, re-projected off W
         if group["rule"] == "adam":
-            u1 = _adam_dir(st1, x1, beta1, beta2, eps)
+            u1 = _adam_dir(self._adam_state(W1), x1, beta1, beta2, eps)
             u2 = _adam_dir(self._adam_state(W2), x2, beta1, beta2, eps)
             ub = _adam_dir(self._adam_state(b), xb, beta1, beta2, eps) if b is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
