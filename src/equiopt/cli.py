@@ -188,6 +188,19 @@ USAGE_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, DataEr
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ and argv is None:
+        # a rank under torchrun leaves without the interpreter's teardown: after
+        # destroy_process_group a gloo worker thread can still be joinable when C++ statics
+        # are destroyed, and std::terminate then aborts a finished run (~1 run in 6 seen on
+        # 2 CPU cores); everything was written and flushed by then
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("EQUIOPT_DEBUG"):
