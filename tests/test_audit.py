@@ -289,7 +289,7 @@ def test_router_with_per_expert_scale_breaks_the_shift_only():
     # permuting the scale with the router rows and the experts keeps the expert permutation
     perm = only(r, "expert_perm")
     assert perm.verdict == "exact" and "blocks.1.mlp.scale" in perm.params
-    assert A.downgrade_rules(r) == {"router": {"map": "row_norm"}}
+    assert A.downgrade_rules(r) == {"router": {"map": "row_norm", "center": False}}
 
 
 def test_layernorm_breaks_the_residual_rotation_even_at_unit_gains():
@@ -374,10 +374,13 @@ def test_gemma3_final_logit_softcapping_breaks_the_head_shift():
     assert "final_logit_softcapping" in shift.reason
     assert verdicts(r, "head_perm") == ["exact"]  # tanh acts per logit: permutations survive
     rules = A.downgrade_rules(r)
-    assert rules == {"lm_head": {"map": "row_norm"}}
-    # the downgraded plan no longer assumes the shift
-    plan = equiopt.plan(model, rules=rules)
-    assert plan.specs["lm_head"]["map"] == "row_norm"
+    assert rules == {"lm_head": {"map": "row_norm", "center": False}}
+    # the downgraded plan no longer assumes the shift (plan(audit=) drops it from the head's group)
+    plan = equiopt.plan(model, audit=r)
+    assert plan.specs["lm_head"]["map"] == "row_norm" and plan.specs["lm_head"]["center"] is False
+    # the map name alone is not a downgrade: center=None follows the head's shift and centers it again
+    recentered = A.audit(model, batch(), plan=equiopt.plan(model, rules={"lm_head": "row_norm"}), grads=False)
+    assert only(recentered, "logit_shift").assumed_by
     r2 = A.audit(model, batch(), plan=plan, grads=False)
     assert not only(r2, "logit_shift").assumed_by and A.downgrade_rules(r2) == {}
 
