@@ -147,6 +147,63 @@ def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Ma
 
 
 
+def token_embedding_entry(plan, model: nn.Module, name: str | None):
+    """The plan entry of the token embedding: ``name``, else the weight of
+    ``model.get_input_embeddings()``, else the embedding entry with the most rows."""
+    embs = [e for e in plan.entries if e.role in ("embedding", "tied_embedding")]
+    if name is not None:
+        found = [e for e in embs if name in (e.name, *e.aliases)]
+        if not found:
+            raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
+        return found[0]
+    get_in = getattr(model, "get_input_embeddings", None)
+    if callable(get_in):
+        w = getattr(get_in(), "weight", None)
+        for e in embs:
+            if e.param is w:
+                return e
+    return max(embs, key=lambda e: e.shape[0]) if embs else None
+
+
+def decoupled_decay(optimizer: torch.optim.Optimizer | None, entry) -> float:
+    """``lr * weight_decay`` of the optimizer's param group holding ``entry.param`` (0 without an optimizer)."""
+    if optimizer is None:
+        return 0.0
+    for g in optimizer.param_groups:
+        if any(q is entry.param for q in g["params"]):
+            return float(g.get("lr", 0.0)) * float(g.get("weight_decay", 0.0))
+    raise ValueError(f"{entry.name}: not in any param group of the optimizer given to DiagnosticsTracker")
+
+
+def stale_rows(d: Tensor, seen: Tensor, moved_rel: float) -> tuple[Tensor, float, float] | None:
+    """From per-row update norms ``d`` and the rows ``seen`` in the step: (absent rows that
+    moved, their fraction of the absent rows, absent / present mean update); None when
+    every row (or none) was present."""
+    present = seen.to(d.device)
+    absent = ~present
+    if not (present.any() and absent.any()):
+        return None
+    moved_mask = absent & (d > moved_rel * d[present].median())
+    ratio = d[absent].mean() / d[present].mean().clamp_min(1e-30)
+    return moved_mask.nonzero().reshape(-1).cpu(), float(moved_mask.sum().float() / absent.sum()), float(ratio)
+
+
+def _row_sq(layout, t: Tensor) -> Tensor:
+    """Per-neuron squared norms of an in-projection ``[B, h]`` (all fused parts together)."""
+    x = layout.to_logical(t).float()  # [B * k, h, n]
+    return x.pow(2).sum(-1).reshape(-1, layout.fused, x.shape[1]).sum(1)
+
+
+def _col_sq(layout, t: Tensor) -> Tensor:
+    return layout.to_logical(t).float().pow(2).sum(1)  # squared column norms [B, h]
+
+
+def _below(x: Tensor, rel: float) -> float:
+    x = x.reshape(-1)
+    med = x.median()
+    return float((x <= rel * med).float().mean()) if med > 0 else float("nan")
+
+
 class DiagnosticsTracker:
     """Dead-direction diagnostics over training (see the module docstring).
 
@@ -187,7 +244,7 @@ class DiagnosticsTracker:
         self.layouts = {e.name: e.layout for e in self.plan.entries}
         self.routers = [self.plan.entry(r) for r in routers]
         # stale rows need an untied embedding: a tied one gets the head's gradient every step
-        emb = self._token_embedding(token_embedding)
+        emb = token_embedding_entry(self.plan, model, token_embedding)
         self.embedding = emb if emb is not None and emb.role == "embedding" else None
         self.last_stale: Tensor = torch.zeros(0, dtype=torch.long)  # absent rows that moved, last step
         self.history: list[dict] = []
@@ -216,22 +273,6 @@ class DiagnosticsTracker:
             mod = self.model.get_submodule(self.embedding.module_name)
             handles.append(mod.register_forward_pre_hook(self._ids_hook))
         return handles
-
-    # -- set-up ------------------------------------------------------------------------
-    def _token_embedding(self, name: str | None):
-        embs = [e for e in self.plan.entries if e.role in ("embedding", "tied_embedding")]
-        if name is not None:
-            found = [e for e in embs if name in (e.name, *e.aliases)]
-            if not found:
-                raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
-            return found[0]
-        get_in = getattr(self.model, "get_input_embeddings", None)
-        if callable(get_in):
-            w = getattr(get_in(), "weight", None)
-            for e in embs:
-                if e.param is w:
-                    return e
-        return max(embs, key=lambda e: e.shape[0]) if embs else None
 
     def _act_hook(self, scope: str):
         def hook(module, args):
@@ -269,60 +310,30 @@ class DiagnosticsTracker:
         self._act, self._act_count, self._load = {}, {}, {}
 
     # -- per step ----------------------------------------------------------------------
-    def _rows(self, name: str, t: Tensor) -> Tensor:
-        """Per-neuron squared norms of an in-projection ``[B, h]`` (all fused parts together)."""
-        layout = self.layouts[name]
-        x = layout.to_logical(t).float()  # [B * k, h, n]
-        return x.pow(2).sum(-1).reshape(-1, layout.fused, x.shape[1]).sum(1)
-
-    def _cols(self, name: str, t: Tensor) -> Tensor:
-        return self.layouts[name].to_logical(t).float().pow(2).sum(1)  # squared column norms [B, h]
-
     @torch.no_grad()
     def step(self) -> None:
         """Record the update since the previous call (call it after ``optimizer.step()``)."""
         delta = {n: self.params[n].detach() - self._snap[n] for n in self._tracked}
         for b in self.mlps:
-            sq = self._cols(b.out, delta[b.out])
+            sq = _col_sq(self.layouts[b.out], delta[b.out])
             for n in b.ins:
-                sq = sq + self._rows(n, delta[n])
+                sq = sq + _row_sq(self.layouts[n], delta[n])
             self._upd[b.scope] = self._upd.get(b.scope, 0) + sq.sqrt()
         if self.embedding is not None and self._seen is not None:
             de = delta[self.embedding.name]
-            decay = self._decay(self.embedding.param)
+            decay = decoupled_decay(self.optimizer, self.embedding)
             if decay:
                 de = de + decay * self._snap[self.embedding.name]  # remove W_prev * (-lr wd)
-            d = de.float().norm(dim=-1)
-            present = self._seen.to(d.device)
-            absent = ~present
-            if present.any() and absent.any():
-                ref = d[present].median()
-                moved_mask = absent & (d > self.moved_rel * ref)
-                self.last_stale = moved_mask.nonzero().reshape(-1).cpu()
-                moved = moved_mask.sum().float() / absent.sum()
-                ratio = d[absent].mean() / d[present].mean().clamp_min(1e-30)
-                self._stale.append((float(moved), float(ratio)))
+            found = stale_rows(de.float().norm(dim=-1), self._seen, self.moved_rel)
+            if found is not None:
+                self.last_stale, moved, ratio = found
+                self._stale.append((moved, ratio))
             self._seen.zero_()
         for n in self._tracked:
             self._snap[n].copy_(self.params[n].detach())
         self._steps += 1
 
-    def _decay(self, p: Tensor) -> float:
-        """``lr * weight_decay`` of the optimizer's param group holding ``p`` (0 without one)."""
-        if self.optimizer is None:
-            return 0.0
-        for g in self.optimizer.param_groups:
-            if any(q is p for q in g["params"]):
-                return float(g.get("lr", 0.0)) * float(g.get("weight_decay", 0.0))
-        raise ValueError(f"{self.embedding.name}: not in any param group of the optimizer given to DiagnosticsTracker")
-
     # -- per evaluation ----------------------------------------------------------------
-    @staticmethod
-    def _below(x: Tensor, rel: float) -> float:
-        x = x.reshape(-1)
-        med = x.median()
-        return float((x <= rel * med).float().mean()) if med > 0 else float("nan")
-
     @torch.no_grad()
     def orbit_drift(self) -> dict[str, float]:
         """Current position along the symmetry orbits (no window): per head/router the mean
@@ -353,11 +364,11 @@ class DiagnosticsTracker:
         act, upd = [], []
         for b in self.mlps:
             if b.scope in self._act and self._act_count.get(b.scope):
-                v = self._below(self._act[b.scope] / self._act_count[b.scope], self.act_rel)
+                v = _below(self._act[b.scope] / self._act_count[b.scope], self.act_rel)
                 rec[f"dead_act/{b.scope}"] = v
                 act.append(v)
             if b.scope in self._upd:
-                v = self._below(self._upd[b.scope], self.update_rel)
+                v = _below(self._upd[b.scope], self.update_rel)
                 rec[f"dead_update/{b.scope}"] = v
                 upd.append(v)
         dead_e = []
