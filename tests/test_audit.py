@@ -21,6 +21,7 @@ from torch import nn
 
 import equiopt
 from equiopt import audit as A
+from equiopt.groups import haar, inverse_permutation, permutation
 
 transformers = pytest.importorskip("transformers")
 
@@ -199,28 +200,28 @@ def test_oracle_plain_model_symmetries():
     m2 = PlainGPT().double().eval()
     m2.load_state_dict(m.state_dict())
     mlp = m2.blocks[0].mlp
-    P = torch.randperm(HID, generator=g)
+    P = permutation(HID, g)
     mlp.w1.weight.copy_(mlp.w1.weight[P]); mlp.w3.weight.copy_(mlp.w3.weight[P]); mlp.w2.weight.copy_(mlp.w2.weight[:, P])
     ex = m2.blocks[1].mlp.experts
-    Q = torch.randperm(HID, generator=g)
+    Q = permutation(HID, g)
     ex.w_in[2].copy_(torch.cat([ex.w_in[2, :HID][Q], ex.w_in[2, HID:][Q]]))
     ex.w_out[2].copy_(ex.w_out[2][:, Q])
     r = m2.blocks[1].mlp.router
     r.weight.add_(torch.randn(D, generator=g, dtype=torch.float64))
     assert close(m2(ids)) < 1e-13
     # the same neuron permutation applied to the gate only is *not* a symmetry
-    mlp.w1.weight.copy_(mlp.w1.weight[torch.randperm(HID, generator=g)])
+    mlp.w1.weight.copy_(mlp.w1.weight[permutation(HID, g)])
     assert close(m2(ids)) > 1e-6
 
     m3 = PlainGPT().double().eval()
     m3.load_state_dict(m.state_dict())
-    Pv = torch.randperm(V, generator=g)
+    Pv = permutation(V, g)
     m3.head.weight.copy_(m3.head.weight[Pv])
-    assert close(m3(ids)[..., torch.argsort(Pv)]) < 1e-13  # new logit j is old logit Pv[j]
+    assert close(m3(ids)[..., inverse_permutation(Pv)]) < 1e-13  # new logit j is old logit Pv[j]
     # q/k rotation of head 0 (learned positions: no RoPE)
     m4 = PlainGPT().double().eval()
     m4.load_state_dict(m.state_dict())
-    R = torch.linalg.qr(torch.randn(HD, HD, generator=g, dtype=torch.float64))[0]
+    R = haar(1, HD, g)[0]
     W = m4.blocks[0].attn.c_attn.weight
     b = m4.blocks[0].attn.c_attn.bias
     for lo in (0, D):  # head 0 of q and of k
@@ -237,7 +238,7 @@ def test_oracle_gptoss_interleaved_neuron_permutation():
     ids = batch()
     base = m(ids).logits
     ex = m.model.layers[0].mlp.experts
-    P = torch.randperm(HID, generator=torch.Generator().manual_seed(0))
+    P = permutation(HID, torch.Generator().manual_seed(0))
     gu, gub, dn = ex.gate_up_proj.clone(), ex.gate_up_proj_bias.clone(), ex.down_proj.clone()
     ex.gate_up_proj[..., 0::2] = gu[..., 0::2][..., P]
     ex.gate_up_proj[..., 1::2] = gu[..., 1::2][..., P]
@@ -289,7 +290,7 @@ def test_router_with_per_expert_scale_breaks_the_shift_only():
     # permuting the scale with the router rows and the experts keeps the expert permutation
     perm = only(r, "expert_perm")
     assert perm.verdict == "exact" and "blocks.1.mlp.scale" in perm.params
-    assert A.downgrade_rules(r) == {"router": {"map": "row_norm"}}
+    assert A.downgrade_rules(r) == {"router": {"map": "row_norm", "center": False}}
 
 
 def test_layernorm_breaks_the_residual_rotation_even_at_unit_gains():
@@ -374,10 +375,13 @@ def test_gemma3_final_logit_softcapping_breaks_the_head_shift():
     assert "final_logit_softcapping" in shift.reason
     assert verdicts(r, "head_perm") == ["exact"]  # tanh acts per logit: permutations survive
     rules = A.downgrade_rules(r)
-    assert rules == {"lm_head": {"map": "row_norm"}}
-    # the downgraded plan no longer assumes the shift
-    plan = equiopt.plan(model, rules=rules)
-    assert plan.specs["lm_head"]["map"] == "row_norm"
+    assert rules == {"lm_head": {"map": "row_norm", "center": False}}
+    # the downgraded plan no longer assumes the shift (plan(audit=) drops it from the head's group)
+    plan = equiopt.plan(model, audit=r)
+    assert plan.specs["lm_head"]["map"] == "row_norm" and plan.specs["lm_head"]["center"] is False
+    # the map name alone is not a downgrade: center=None follows the head's shift and centers it again
+    recentered = A.audit(model, batch(), plan=equiopt.plan(model, rules={"lm_head": "row_norm"}), grads=False)
+    assert only(recentered, "logit_shift").assumed_by
     r2 = A.audit(model, batch(), plan=plan, grads=False)
     assert not only(r2, "logit_shift").assumed_by and A.downgrade_rules(r2) == {}
 
@@ -409,6 +413,126 @@ def test_gptoss_verdicts():
     rot = only(r, "residual_rotation")
     assert "model.layers.0.self_attn.o_proj.bias" in rot.params and rot.as_given_error < r.settings["tol"]
     assert A.downgrade_rules(r) == {}
+
+
+# ------------------------------------------------------------------------------------------
+# Checks come from the planner's blocks, not from parameter names
+# ------------------------------------------------------------------------------------------
+class GQAttention(nn.Module):
+    """q, k, v, o with biases and grouped kv heads; ``names`` are the Linear children's
+    names in the order q, k, v, o (the forward reads them through ``names``)."""
+
+    def __init__(self, d, names):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = HQ, HKV, HD
+        self.names = names
+        for n, (i, o) in zip(names, ((d, HQ * HD), (d, HKV * HD), (d, HKV * HD), (HQ * HD, d))):
+            setattr(self, n, nn.Linear(i, o, bias=True))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v, o = (getattr(self, n) for n in self.names)
+        q, k, v = (f(x).view(B, T, -1, HD).transpose(1, 2) for f in (q, k, v))
+        k, v = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o(y.transpose(1, 2).reshape(B, T, HQ * HD))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, h, names):  # names: gate, up, down
+        super().__init__()
+        self.names = names
+        for n, (i, o) in zip(names, ((d, h), (d, h), (h, d))):
+            setattr(self, n, nn.Linear(i, o, bias=False))
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+
+class NamedLM(nn.Module):
+    def __init__(self, attn_names, mlp_names, cap=None):
+        super().__init__()
+        self.cap = cap
+        self.embed = nn.Embedding(V, D)
+        self.n1, self.n2, self.nf = RMSNorm(D), RMSNorm(D), RMSNorm(D)
+        self.mix = GQAttention(D, attn_names)
+        self.ff = GatedMLP(D, HID, mlp_names)
+        self.unembed = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.mix(self.n1(x))
+        x = x + self.ff(self.n2(x))
+        z = self.unembed(self.nf(x))
+        return z if self.cap is None else self.cap * torch.tanh(z / self.cap)  # soft-capped logits
+
+
+CONVENTIONAL = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
+UNCONVENTIONAL = (("a", "b", "c", "out"), ("p", "r", "s"))
+
+
+def named_pair():
+    """The same network twice: conventional names, and names no regex would read."""
+    torch.manual_seed(0)
+    conv = NamedLM(*CONVENTIONAL)
+    odd = NamedLM(*UNCONVENTIONAL)
+    rename = dict(zip(CONVENTIONAL[0] + CONVENTIONAL[1], UNCONVENTIONAL[0] + UNCONVENTIONAL[1]))
+    state = {}
+    for k, v in conv.state_dict().items():
+        parts = k.split(".")
+        state[".".join(rename.get(p, p) for p in parts)] = v
+    odd.load_state_dict(state)
+    return conv, odd
+
+
+def test_unconventional_names_give_the_same_verdicts():
+    conv, odd = named_pair()
+    ids = batch()
+    r1, r2 = A.audit(conv, ids), A.audit(odd, ids)
+    assert [(c.kind, c.scope, c.verdict) for c in r1.checks] == [(c.kind, c.scope, c.verdict) for c in r2.checks]
+    for c1, c2 in zip(r1.checks, r2.checks):  # the same group elements on the same weights
+        assert c1.error == pytest.approx(c2.error, rel=1e-6, abs=1e-15), c1.kind
+        assert len(c1.params) == len(c2.params) and len(c1.assumed_by) == len(c2.assumed_by)
+    assert "untested" not in {c.verdict for c in r2.checks}
+    for kind in ("vocab_perm", "head_perm", "logit_shift", "vo_rotation", "qk_rotation", "qk_rope_rotation", "neuron_perm"):
+        assert verdicts(r2, kind) == ["exact"], (kind, [c.reason for c in r2.by_kind(kind)])
+    # q/k/v in registration order: the q/k rotation acts on a and b (and their biases), v/o on c and out
+    assert set(only(r2, "qk_rotation").params) == {"mix.a.weight", "mix.a.bias", "mix.b.weight", "mix.b.bias"}
+    assert set(only(r2, "vo_rotation").params) == {"mix.c.weight", "mix.c.bias", "mix.out.weight"}
+    # the linear branch is measured, not read from a name: r (up) holds, p (gate) does not
+    assert [c.verdict for c in rescale(r2, "r.weight")] == ["exact"]
+    assert [c.verdict for c in rescale(r2, "p.weight")] == ["broken"]
+    assert only(r2, "residual_rotation").verdict == "broken"  # RMSNorm gains at the generic point
+
+
+def test_soft_capped_head_breaks_the_logit_shift():
+    """tanh soft-capping of the logits (plain PyTorch, no config entry to ablate): the shift
+    check must fail, permutations survive, and the centered head map is downgraded."""
+    torch.manual_seed(0)
+    m = NamedLM(*UNCONVENTIONAL, cap=2.0)
+    r = A.audit(m, batch())
+    shift = only(r, "logit_shift")
+    assert shift.verdict == "broken" and shift.error > 1e-3 and shift.as_given_error > 1e-3
+    assert shift.assumed_by == ["unembed.weight: lm_head/centered_row_norm"]
+    assert verdicts(r, "head_perm") == ["exact"]
+    assert A.downgrade_rules(r) == {"lm_head": {"map": "row_norm", "center": False}}
+    assert r.broken_factors() == {"lm_head": (equiopt.groups.Factor("shift", "rows"),)}
+    plan = equiopt.plan(m, audit=r)
+    assert plan.specs["lm_head"]["center"] is False and not plan.groups["lm_head"].has("shift")
+    # without the cap the same check holds
+    m.cap = None
+    assert only(A.audit(m, batch(), grads=False), "logit_shift").verdict == "exact"
+
+
+def test_assumed_follows_the_map_registry():
+    """AdamW is permutation-equivariant only: rotations are not assumed under it, permutations are."""
+    torch.manual_seed(0)
+    m = NamedLM(*UNCONVENTIONAL)
+    r = A.audit(m, batch(), plan=equiopt.plan(m, preset="adamw"), grads=False)
+    assert not only(r, "vo_rotation").assumed_by and not only(r, "residual_rotation").assumed_by
+    assert len(only(r, "neuron_perm").assumed_by) == 3 and only(r, "head_perm").assumed_by
+    assert not only(r, "logit_shift").assumed_by and not any(c.assumed_by for c in r.by_kind("neuron_rescale"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -198,3 +198,47 @@ def test_state_dict_round_trip_and_errors():
         DiagnosticsTracker(m, plan, token_embedding="nope")
     tr.close()
     tr2.close()
+
+
+@torch.no_grad()
+def test_orbit_coordinates_come_from_the_blocks_not_the_names():
+    """Unconventionally named MLP (p, r, s) and head (unembed): the tracker reads the plan's
+    blocks; the up/down coordinate follows a rescaling of the last in-projection part, the
+    head's mean row follows a shift W + 1 c^T."""
+    from test_audit import D, UNCONVENTIONAL, NamedLM
+
+    torch.manual_seed(0)
+    m = NamedLM(*UNCONVENTIONAL)
+    tr = DiagnosticsTracker(m, equiopt.plan(m))
+    before = tr.orbit_drift()
+    a = torch.randn(HID, generator=torch.Generator().manual_seed(0))
+    m.ff.r.weight.mul_(a.exp()[:, None])
+    m.ff.s.weight.div_(a.exp()[None, :])
+    c = torch.randn(D, generator=torch.Generator().manual_seed(1))
+    mean_row = m.unembed.weight.mean(0).clone()
+    m.unembed.weight.add_(c)
+    after = tr.orbit_drift()
+    assert after["updown_log_ratio_mean/ff"] - before["updown_log_ratio_mean/ff"] == pytest.approx(2 * float(a.mean()), abs=1e-5)
+    assert after["head_mean_row_abs/unembed.weight"] == pytest.approx(float((mean_row + c).norm()), rel=1e-5)
+    tr.close()
+
+
+def test_verify_and_diagnostics_import_only_downwards():
+    """The audit (equiopt.verify) and the diagnostics import neither each other nor the
+    optimizer side, and import nothing inside functions but optional plotting."""
+    import ast
+    import pathlib
+
+    src = pathlib.Path(equiopt.__file__).parent
+    files = [src / "diagnostics.py", src / "audit.py", *sorted((src / "verify").glob("*.py"))]
+    banned = {"optimizer", "fastpath", "distributed"}
+    for f in files:
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                mod = (node.module or "").split(".")
+                assert not banned & set(mod), (f.name, node.module)
+                assert not (f.name == "diagnostics.py" and {"audit", "verify"} & set(mod)), node.module
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert all(isinstance(n, ast.Import) and n.names[0].name.startswith("matplotlib") for n in inner), (f.name, fn.name)

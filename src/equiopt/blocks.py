@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .groups import Factor
 
-__all__ = ["Act", "Symmetry", "Block", "VocabBlock", "AttentionBlock", "MLPBlock", "MoEBlock"]
+__all__ = ["Act", "Symmetry", "Block", "VocabBlock", "AttentionBlock", "MLPBlock", "MoEBlock", "stacked_experts"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,33 @@ class MLPBlock(Block):
         fused = self.fused or (1,) * len(self.ins)
         return tuple((p, j) for p, k in zip(self.ins, fused) for j in range(k))
 
+    def in_bias(self, param: str) -> str | None:
+        """The bias of in-projection ``param`` (None without one)."""
+        return next((b for p, b in self.in_biases if p == param), None)
+
+    def rescale(self, param: str, part: int = 0) -> Symmetry:
+        """The candidate gauge of one in-projection part: its row ``i`` (and bias) times
+        ``s_i > 0``, the out-projection's column ``i`` divided by ``s_i``. A symmetry exactly
+        when the part enters the MLP linearly (the "up" branch of a gated MLP, any part
+        before a positively homogeneous activation); the structure does not say which, so
+        it is not among :meth:`symmetries` (the audit measures every part)."""
+        acts = (Act(param, "rows", part=part),)
+        if (bias := self.in_bias(param)) is not None:
+            acts += (Act(bias, "vector", part=part),)
+        return Symmetry("neuron_rescale", Factor("scale", "rows"), acts + (Act(self.out, "cols", inverse=True),),
+                        gauge=True, note="in-projection part row i * s_i, out-projection column i / s_i")
+
+    def rescales(self) -> tuple[Symmetry, ...]:
+        """:meth:`rescale` of every in-projection part (see :meth:`parts`)."""
+        return tuple(self.rescale(p, j) for p, j in self.parts())
+
+    def up_part(self) -> tuple[str, int]:
+        """The part taken as the linear "up" branch: the last in-projection part in
+        registration / storage order (gate before up in every gated MLP we know, fused or
+        not; the one in-projection of an ungated MLP). A convention, not a measurement:
+        ``neuron_rescale`` in :mod:`equiopt.audit` tells which parts really are linear."""
+        return self.parts()[-1]
+
     def symmetries(self) -> tuple[Symmetry, ...]:
         rows = tuple(Act(p, "rows") for p in self.ins) + tuple(Act(b, "vector") for _, b in self.in_biases)
         return (
@@ -174,6 +201,41 @@ class MoEBlock(Block):
             out.append(Symmetry("router_shift", Factor("shift", "rows"), (Act(self.router, "rows"),), gauge=True,
                                 note="softmax scores are invariant under W -> W + 1 c^T"))
         return tuple(out)
+
+
+def _under(module: str, scope: str) -> bool:
+    return not scope or module == scope or module.startswith(scope + ".")
+
+
+def stacked_experts(moe: MoEBlock, entries) -> tuple[MLPBlock | None, str]:
+    """``(experts, why not)``: the stacked expert MLP of ``moe`` -- ``moe.mlp``, or, when the
+    planner left it out because a ``layouts=`` override decided the fused layout after its
+    pass, the block rebuilt from the plan ``entries`` (role ``expert_in``/``expert_out``,
+    stacked layout, ``E`` leading rows, owned by one module inside the MoE module; a bias is
+    an ``[E, out]`` vector of that module). ``None`` with the reason otherwise (experts as a
+    ModuleList of MLPs)."""
+    if moe.mlp is not None:
+        return moe.mlp, ""
+    es = [e for e in entries if e.role in ("expert_in", "expert_out") and e.layout.stacked
+          and e.shape[0] == moe.experts and _under(e.module_name, moe.scope)]
+    if not es:
+        return None, (f"no stacked [E={moe.experts}, ...] expert weights under {moe.scope!r} (experts as a ModuleList "
+                      "are not supported by the expert permutation)")
+    mods = {e.module_name for e in es}
+    outs = [e for e in es if e.role == "expert_out"]
+    if len(mods) != 1 or len(outs) != 1:
+        return None, f"stacked experts of {moe.scope!r}: not one module with one out-projection ({sorted(mods)})"
+    ins = [e for e in es if e.role == "expert_in"]
+    out = outs[0]
+    hidden = out.layout.logical_shape(out.shape)[2]
+    vectors = [v for v in entries if v.role == "vector" and v.module_name == out.module_name]
+    biases = []
+    for e in ins:
+        match = [v.name for v in vectors if tuple(v.shape) == (moe.experts, hidden * e.layout.fused)]
+        if len(match) == 1 and len(ins) == 1:
+            biases.append((e.name, match[0]))
+    return MLPBlock(out.module_name, ins=tuple(e.name for e in ins), out=out.name, hidden=hidden, experts=moe.experts,
+                    fused=tuple(e.layout.fused for e in ins), in_biases=tuple(biases)), ""
 
 
 @dataclass

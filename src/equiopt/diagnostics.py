@@ -19,6 +19,14 @@ Tracked over training, per block of the plan (:func:`equiopt.plan`):
   to the loss when the shift is a symmetry), and per neuron ``log(|up_i| / |down_:,i|)``
   (the rescaling orbit of the linear "up" branch): its spread over neurons (std).
 
+The blocks come from the plan (:attr:`equiopt.Plan.blocks`): MLPs and stacked experts
+(:class:`~equiopt.blocks.MLPBlock`), routers (:class:`~equiopt.blocks.MoEBlock`), the LM
+head (:class:`~equiopt.blocks.VocabBlock`). Orbit coordinates are read off the blocks'
+symmetries: the mean row is the shift orbit's tangent component
+(:meth:`equiopt.groups.Factor.tangent_component`) of ``logit_shift`` / ``router_shift``,
+the up/down ratio the coordinate of :meth:`~equiopt.blocks.MLPBlock.rescale` on the part
+:meth:`~equiopt.blocks.MLPBlock.up_part` names (the last in-projection part: up after gate).
+
 Use (the training loop calls two methods)::
 
     tracker = equiopt.diagnostics.DiagnosticsTracker(model, plan)   # installs forward hooks
@@ -46,9 +54,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .audit import MLPBlock, find_mlps
+from .blocks import MLPBlock, MoEBlock, Symmetry, VocabBlock, stacked_experts
+from .planner import plan as make_plan
 
-__all__ = ["DiagnosticsTracker", "plot_history", "AGGREGATES"]
+__all__ = ["DiagnosticsTracker", "plot_history", "AGGREGATES", "tracked_blocks", "shift_coordinate", "rescale_coordinate"]
 
 #: Keys of the model-level aggregates in every record (per-block keys add ``/<block name>``).
 AGGREGATES = (
@@ -97,6 +106,104 @@ def _router_choice(output, E: int, k: int, where: str) -> Tensor:
     raise ValueError(f"router module {where!r}: its output holds neither [..., {k}] indices nor [..., {E}] logits")
 
 
+def tracked_blocks(plan) -> tuple[list[MLPBlock], list[str], list[Symmetry]]:
+    """``(MLPs, routers, shift symmetries)`` of a plan: its dense MLPs and the stacked expert
+    MLPs of its MoE blocks, its routers, and the ``logit_shift`` / ``router_shift`` symmetries."""
+    mlps = [b for b in plan.blocks if isinstance(b, MLPBlock)]
+    routers, shifts = [], []
+    for b in plan.blocks:
+        if isinstance(b, MoEBlock):
+            routers.append(b.router)
+            experts, _ = stacked_experts(b, plan.entries)
+            mlps += [experts] if experts is not None else []
+        if isinstance(b, (MoEBlock, VocabBlock)):
+            shifts += [s for s in b.symmetries() if s.factor.kind == "shift"]
+    return mlps, routers, shifts
+
+
+def shift_coordinate(sym: Symmetry, w: Tensor) -> tuple[float, float]:
+    """Position of ``W`` along the shift orbit ``W + 1 c^T`` of ``sym``: ``|c|`` for the mean
+    row ``c`` (the orbit's tangent component of W), absolute and relative to the mean row norm."""
+    w = w.detach().float()
+    c = sym.factor.tangent_component(w[None], w[None])[0, 0]
+    return float(c.norm() / w.norm(dim=1).mean().clamp_min(1e-30)), float(c.norm())
+
+
+def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Mapping) -> Tensor:
+    """Per neuron ``[B, h]`` coordinate along a rescaling orbit: ``sum log |row_i|`` over the
+    acted rows minus ``sum log |column_i|`` over the inversely acted columns (biases left out);
+    the rescaling ``s`` moves it by ``2 log s`` for one up part against one out-projection."""
+    out = 0
+    for a in sym.acts:
+        if a.axis == "vector":
+            continue
+        layout = layouts[a.param]
+        x = layout.to_logical(tensors[a.param].detach()).float()
+        if a.part is not None:
+            x = x[a.part :: layout.fused]
+        n = x.norm(dim=-1 if a.axis == "rows" else -2).clamp_min(1e-30).log()
+        out = out - n if a.inverse else out + n
+    return out
+
+
+
+def token_embedding_entry(plan, model: nn.Module, name: str | None):
+    """The plan entry of the token embedding: ``name``, else the weight of
+    ``model.get_input_embeddings()``, else the embedding entry with the most rows."""
+    embs = [e for e in plan.entries if e.role in ("embedding", "tied_embedding")]
+    if name is not None:
+        found = [e for e in embs if name in (e.name, *e.aliases)]
+        if not found:
+            raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
+        return found[0]
+    get_in = getattr(model, "get_input_embeddings", None)
+    if callable(get_in):
+        w = getattr(get_in(), "weight", None)
+        for e in embs:
+            if e.param is w:
+                return e
+    return max(embs, key=lambda e: e.shape[0]) if embs else None
+
+
+def decoupled_decay(optimizer: torch.optim.Optimizer | None, entry) -> float:
+    """``lr * weight_decay`` of the optimizer's param group holding ``entry.param`` (0 without an optimizer)."""
+    if optimizer is None:
+        return 0.0
+    for g in optimizer.param_groups:
+        if any(q is entry.param for q in g["params"]):
+            return float(g.get("lr", 0.0)) * float(g.get("weight_decay", 0.0))
+    raise ValueError(f"{entry.name}: not in any param group of the optimizer given to DiagnosticsTracker")
+
+
+def stale_rows(d: Tensor, seen: Tensor, moved_rel: float) -> tuple[Tensor, float, float] | None:
+    """From per-row update norms ``d`` and the rows ``seen`` in the step: (absent rows that
+    moved, their fraction of the absent rows, absent / present mean update); None when
+    every row (or none) was present."""
+    present = seen.to(d.device)
+    absent = ~present
+    if not (present.any() and absent.any()):
+        return None
+    moved_mask = absent & (d > moved_rel * d[present].median())
+    ratio = d[absent].mean() / d[present].mean().clamp_min(1e-30)
+    return moved_mask.nonzero().reshape(-1).cpu(), float(moved_mask.sum().float() / absent.sum()), float(ratio)
+
+
+def _row_sq(layout, t: Tensor) -> Tensor:
+    """Per-neuron squared norms of an in-projection ``[B, h]`` (all fused parts together)."""
+    x = layout.to_logical(t).float()  # [B * k, h, n]
+    return x.pow(2).sum(-1).reshape(-1, layout.fused, x.shape[1]).sum(1)
+
+
+def _col_sq(layout, t: Tensor) -> Tensor:
+    return layout.to_logical(t).float().pow(2).sum(1)  # squared column norms [B, h]
+
+
+def _below(x: Tensor, rel: float) -> float:
+    x = x.reshape(-1)
+    med = x.median()
+    return float((x <= rel * med).float().mean()) if med > 0 else float("nan")
+
+
 class DiagnosticsTracker:
     """Dead-direction diagnostics over training (see the module docstring).
 
@@ -128,61 +235,44 @@ class DiagnosticsTracker:
         moved_rel: float = 1e-3,
         optimizer: torch.optim.Optimizer | None = None,
     ):
-        from .planner import plan as make_plan
-
         self.model = model
         self.plan = plan if plan is not None else make_plan(model)
         self.act_rel, self.update_rel, self.moved_rel = act_rel, update_rel, moved_rel
         self.optimizer = optimizer
         self.params = dict(model.named_parameters(remove_duplicate=False))
-        self.mlps: list[MLPBlock] = find_mlps(self.plan, model)
-        self.routers = [e for e in self.plan.entries if e.role == "router"]
-        self.heads = [e for e in self.plan.entries if e.role == "lm_head"]
+        self.mlps, routers, self.shifts = tracked_blocks(self.plan)
+        self.layouts = {e.name: e.layout for e in self.plan.entries}
+        self.routers = [self.plan.entry(r) for r in routers]
         # stale rows need an untied embedding: a tied one gets the head's gradient every step
-        emb = self._token_embedding(token_embedding)
+        emb = token_embedding_entry(self.plan, model, token_embedding)
         self.embedding = emb if emb is not None and emb.role == "embedding" else None
         self.last_stale: Tensor = torch.zeros(0, dtype=torch.long)  # absent rows that moved, last step
-        self._handles = []
         self.history: list[dict] = []
         # tracked weights: snapshot at the last step()
-        names = [e.name for b in self.mlps for e in (*b.ins, b.out)] + [e.name for e in self.routers]
+        names = [n for b in self.mlps for n in b.params()] + [e.name for e in self.routers]
         if self.embedding is not None:
             names.append(self.embedding.name)
         self._tracked = list(dict.fromkeys(names))
         self._snap = {n: self.params[n].detach().clone() for n in self._tracked}
-        # forward hooks: hidden activations of dense MLPs, router choices, tokens seen
-        self._act: dict[str, Tensor] = {}
-        self._act_count: dict[str, int] = {}
-        for b in self.mlps:
-            if b.experts == 1 and b.out.layout.stacked is False:
-                mod = model.get_submodule(b.out.module_name)
-                self._handles.append(mod.register_forward_pre_hook(self._act_hook(b.scope)))
-        self._load: dict[str, Tensor] = {}
-        for r in self.routers:
-            E, k = r.shape[0], _find_top_k(model, r.module_name, top_k)
-            mod = model.get_submodule(r.module_name)
-            self._handles.append(mod.register_forward_hook(self._router_hook(r.module_name, E, k)))
-        self._seen: Tensor | None = None
-        if self.embedding is not None:
-            mod = model.get_submodule(self.embedding.module_name)
-            self._handles.append(mod.register_forward_pre_hook(self._ids_hook))
+        self._handles = self._install_hooks(top_k)
         self._reset_window()
 
-    # -- set-up ------------------------------------------------------------------------
-    def _token_embedding(self, name: str | None):
-        embs = [e for e in self.plan.entries if e.role in ("embedding", "tied_embedding")]
-        if name is not None:
-            found = [e for e in embs if name in (e.name, *e.aliases)]
-            if not found:
-                raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
-            return found[0]
-        get_in = getattr(self.model, "get_input_embeddings", None)
-        if callable(get_in):
-            w = getattr(get_in(), "weight", None)
-            for e in embs:
-                if e.param is w:
-                    return e
-        return max(embs, key=lambda e: e.shape[0]) if embs else None
+    def _install_hooks(self, top_k: int | None) -> list:
+        """Forward hooks: hidden activations of dense MLPs, router choices, tokens seen."""
+        handles = []
+        for b in self.mlps:
+            if b.experts == 1 and not self.layouts[b.out].stacked:
+                mod = self.model.get_submodule(self.plan.entry(b.out).module_name)
+                handles.append(mod.register_forward_pre_hook(self._act_hook(b.scope)))
+        for r in self.routers:
+            E, k = r.shape[0], _find_top_k(self.model, r.module_name, top_k)
+            mod = self.model.get_submodule(r.module_name)
+            handles.append(mod.register_forward_hook(self._router_hook(r.module_name, E, k)))
+        self._seen: Tensor | None = None
+        if self.embedding is not None:
+            mod = self.model.get_submodule(self.embedding.module_name)
+            handles.append(mod.register_forward_pre_hook(self._ids_hook))
+        return handles
 
     def _act_hook(self, scope: str):
         def hook(module, args):
@@ -220,82 +310,46 @@ class DiagnosticsTracker:
         self._act, self._act_count, self._load = {}, {}, {}
 
     # -- per step ----------------------------------------------------------------------
-    def _rows(self, entry, t: Tensor) -> Tensor:
-        """Per-neuron norms of an in-projection ``[B, h]`` (all fused parts together)."""
-        x = entry.layout.to_logical(t).float()  # [B * k, h, n]
-        k = entry.layout.fused
-        return x.pow(2).sum(-1).reshape(-1, k, x.shape[1]).sum(1)  # squared, [B, h]
-
-    def _cols(self, entry, t: Tensor) -> Tensor:
-        return entry.layout.to_logical(t).float().pow(2).sum(1)  # squared column norms [B, h]
-
     @torch.no_grad()
     def step(self) -> None:
         """Record the update since the previous call (call it after ``optimizer.step()``)."""
         delta = {n: self.params[n].detach() - self._snap[n] for n in self._tracked}
         for b in self.mlps:
-            sq = self._cols(b.out, delta[b.out.name])
-            for e in b.ins:
-                sq = sq + self._rows(e, delta[e.name])
+            sq = _col_sq(self.layouts[b.out], delta[b.out])
+            for n in b.ins:
+                sq = sq + _row_sq(self.layouts[n], delta[n])
             self._upd[b.scope] = self._upd.get(b.scope, 0) + sq.sqrt()
         if self.embedding is not None and self._seen is not None:
             de = delta[self.embedding.name]
-            decay = self._decay(self.embedding.param)
+            decay = decoupled_decay(self.optimizer, self.embedding)
             if decay:
                 de = de + decay * self._snap[self.embedding.name]  # remove W_prev * (-lr wd)
-            d = de.float().norm(dim=-1)
-            present = self._seen.to(d.device)
-            absent = ~present
-            if present.any() and absent.any():
-                ref = d[present].median()
-                moved_mask = absent & (d > self.moved_rel * ref)
-                self.last_stale = moved_mask.nonzero().reshape(-1).cpu()
-                moved = moved_mask.sum().float() / absent.sum()
-                ratio = d[absent].mean() / d[present].mean().clamp_min(1e-30)
-                self._stale.append((float(moved), float(ratio)))
+            found = stale_rows(de.float().norm(dim=-1), self._seen, self.moved_rel)
+            if found is not None:
+                self.last_stale, moved, ratio = found
+                self._stale.append((moved, ratio))
             self._seen.zero_()
         for n in self._tracked:
             self._snap[n].copy_(self.params[n].detach())
         self._steps += 1
 
-    def _decay(self, p: Tensor) -> float:
-        """``lr * weight_decay`` of the optimizer's param group holding ``p`` (0 without one)."""
-        if self.optimizer is None:
-            return 0.0
-        for g in self.optimizer.param_groups:
-            if any(q is p for q in g["params"]):
-                return float(g.get("lr", 0.0)) * float(g.get("weight_decay", 0.0))
-        raise ValueError(f"{self.embedding.name}: not in any param group of the optimizer given to DiagnosticsTracker")
-
     # -- per evaluation ----------------------------------------------------------------
-    @staticmethod
-    def _below(x: Tensor, rel: float) -> float:
-        x = x.reshape(-1)
-        med = x.median()
-        return float((x <= rel * med).float().mean()) if med > 0 else float("nan")
-
     @torch.no_grad()
     def orbit_drift(self) -> dict[str, float]:
         """Current position along the symmetry orbits (no window): per head/router the mean
         row relative to the mean row norm, per MLP the std over neurons of log(|up|/|down|)."""
         out: dict[str, float] = {}
-        for kind, entries in (("head_mean_row", self.heads), ("router_mean_row", self.routers)):
-            vals = []
-            for e in entries:
-                w = self.params[e.name].detach().float()
-                v = float(w.mean(0).norm() / w.norm(dim=1).mean().clamp_min(1e-30))
-                out[f"{kind}/{e.name}"] = v
-                out[f"{kind}_abs/{e.name}"] = float(w.mean(0).norm())
-                vals.append(v)
-            if vals:
-                out[kind] = sum(vals) / len(vals)
+        vals: dict[str, list[float]] = {"head_mean_row": [], "router_mean_row": []}
+        for sym in self.shifts:
+            (name,) = sym.params()
+            kind = "head_mean_row" if sym.name == "logit_shift" else "router_mean_row"
+            rel, absolute = shift_coordinate(sym, self.params[name])
+            out[f"{kind}/{name}"], out[f"{kind}_abs/{name}"] = rel, absolute
+            vals[kind].append(rel)
+        out.update({k: sum(v) / len(v) for k, v in vals.items() if v})
         stds = []
         for b in self.mlps:
-            e, part = b.up_part()
-            up = e.layout.to_logical(self.params[e.name].detach()).float()  # [B * k, h, n]
-            up = up[part :: e.layout.fused].norm(dim=-1)  # [B, h]
-            down = b.out.layout.to_logical(self.params[b.out.name].detach()).float().norm(dim=1)  # [B, h]
-            r = torch.log(up.clamp_min(1e-30) / down.clamp_min(1e-30))
+            r = rescale_coordinate(b.rescale(*b.up_part()), self.params, self.layouts)
             out[f"updown_log_ratio_std/{b.scope}"] = float(r.std())
             out[f"updown_log_ratio_mean/{b.scope}"] = float(r.mean())
             stds.append(float(r.std()))
@@ -310,11 +364,11 @@ class DiagnosticsTracker:
         act, upd = [], []
         for b in self.mlps:
             if b.scope in self._act and self._act_count.get(b.scope):
-                v = self._below(self._act[b.scope] / self._act_count[b.scope], self.act_rel)
+                v = _below(self._act[b.scope] / self._act_count[b.scope], self.act_rel)
                 rec[f"dead_act/{b.scope}"] = v
                 act.append(v)
             if b.scope in self._upd:
-                v = self._below(self._upd[b.scope], self.update_rel)
+                v = _below(self._upd[b.scope], self.update_rel)
                 rec[f"dead_update/{b.scope}"] = v
                 upd.append(v)
         dead_e = []
