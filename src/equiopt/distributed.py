@@ -3,6 +3,7 @@ the optimizer for a wrapped model, gradient norms, and distributed checkpoints.
 
 How the update maps run on shards lives in :mod:`equiopt.sharding` (re-exported here).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -60,6 +61,8 @@ __all__ = [
     "has_checkpoint",
     "REDUCE_MAPS",
 ]
+
+
 # =========================================================================================
 # harness pieces
 # =========================================================================================
@@ -167,8 +170,9 @@ def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
                 plain = plain + g.full_tensor().double().square().sum().cpu()
                 continue
             key = (id(g.device_mesh), dims)
-            entry = sharded.setdefault(key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64,
-                                                                                 device=g.to_local().device)])
+            entry = sharded.setdefault(
+                key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64, device=g.to_local().device)]
+            )
             entry[2] = entry[2] + g.to_local().double().square().sum()
         else:
             plain = plain + g.double().square().sum().cpu()
@@ -192,7 +196,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: fl
         for p in {id(p): p for p in params}.values():
             p.grad.detach().mul_(coef)
     return total
-
 
 
 def _block_modules(model: nn.Module) -> list[nn.Module]:
@@ -237,8 +240,9 @@ def wrap_model(
     dev = next(model.parameters()).device
     if mode == "ddp":
         dev_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=dev_ids,
-                                                   find_unused_parameters=find_unused_parameters)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=dev_ids, find_unused_parameters=find_unused_parameters
+        )
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -248,7 +252,7 @@ def wrap_model(
         kw: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
         if param_dtype is not None or reduce_dtype is not None:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        for unit in (list(units) if units is not None else _block_modules(model)):
+        for unit in list(units) if units is not None else _block_modules(model):
             fully_shard(unit, **kw)
         fully_shard(model, **kw)
         return model
@@ -277,8 +281,13 @@ _EXTRA = "extra.pt"
 _RANK_EXTRA = "rank{}.pt"
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, extra: Mapping | None = None,
-                    rank_extra: Mapping | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer=None,
+    extra: Mapping | None = None,
+    rank_extra: Mapping | None = None,
+) -> Path:
     """Save model and optimizer with ``torch.distributed.checkpoint`` into directory ``path``.
 
     Works for a plain model (one process), DDP and FSDP2 alike (each rank writes its own

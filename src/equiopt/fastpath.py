@@ -391,9 +391,10 @@ def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: 
     return t * count
 
 
-def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype,
-                       route: str = "auto") -> str:
-    """"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
+def choose_polar_route(
+    m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype, route: str = "auto"
+) -> str:
+    """\"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
     float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
     half-precision iterations the iterations are used."""
     if route == "iterative":
@@ -413,8 +414,9 @@ def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: tor
 # ----------------------------------------------------------------------------------------
 
 
-def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool,
-                 compiled: bool = False) -> Tensor:
+def _polar_batch(
+    X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool, compiled: bool = False
+) -> Tensor:
     """scale * [||X||_*^alpha] * polar_method(X) on [N, m, n]; any orientation."""
     N, m, n = X.shape
     if X.numel() == 0:
@@ -436,8 +438,9 @@ def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route:
     which = choose_polar_route(min(m, n), max(m, n), k, alpha is not None, device=X.device, cdt=work_dt, route=route)
     if which == "gram" and cdt in (None, X.dtype):
         return spectral_polar(X, method, steps, alpha=alpha, scale=scale)
-    return iterative_polar(X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh,
-                           compiled=compiled)
+    return iterative_polar(
+        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, compiled=compiled
+    )
 
 
 def _row_norm_(Y: Tensor, eps: float) -> Tensor:
@@ -478,8 +481,17 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
     eps = kwargs.get("eps", maps.EPS)
     if name in ("polar", "scaled_polar"):
         alpha = kwargs.get("alpha", 1.0) if name == "scaled_polar" else None
-        return _polar_batch(X, kwargs.get("method", maps.DEFAULT_POLAR_METHOD), kwargs.get("steps"),
-                            kwargs.get("compute_dtype"), alpha, scale, route, fresh, compiled)
+        return _polar_batch(
+            X,
+            kwargs.get("method", maps.DEFAULT_POLAR_METHOD),
+            kwargs.get("steps"),
+            kwargs.get("compute_dtype"),
+            alpha,
+            scale,
+            route,
+            fresh,
+            compiled,
+        )
     if name == "hybrid":
         order = kwargs.get("order", "row_then_polar")
         method = kwargs.get("method", maps.DEFAULT_POLAR_METHOD)
@@ -490,11 +502,21 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
                 R = _compiled_kernel("row_norm")(X, eps)
             else:  # in place on a private stacked buffer, else one out-of-place pass (no clone)
                 R = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
-            return _polar_batch(R, method, kwargs.get("steps"), kwargs.get("compute_dtype"),
-                                kwargs.get("alpha", 1.0), scale, route, True, compiled)
+            return _polar_batch(
+                R,
+                method,
+                kwargs.get("steps"),
+                kwargs.get("compute_dtype"),
+                kwargs.get("alpha", 1.0),
+                scale,
+                route,
+                True,
+                compiled,
+            )
         if order == "polar_then_row":
-            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh,
-                             compiled)
+            P = _polar_batch(
+                X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh, compiled
+            )
             P = maps.row_norm(P, eps)
             return P * scale if scale != 1.0 else P
         return maps.hybrid(X, **kwargs)  # raises on the unknown order

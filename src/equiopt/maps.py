@@ -180,9 +180,7 @@ def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None)
     return p if float(alpha) == 0.0 else scale_by_nuclear(p, nuc, float(alpha))
 
 
-def left_spectral(
-    x: Tensor, alpha: float = 1.0, center: bool = True, rcond: Optional[float] = None
-) -> Tensor:
+def left_spectral(x: Tensor, alpha: float = 1.0, center: bool = True, rcond: Optional[float] = None) -> Tensor:
     """Left spectral map ||C||_*^alpha (C C^T)^{+1/2} C, via the m x m Gram, re-centered.
 
     C = C(X) (rows centered) when ``center`` else X. After centering, C C^T is EXACTLY
@@ -354,5 +352,10 @@ def map_spec(name: str, center: bool | None = None, column_aware: bool = False) 
 def needs_centering(name: str, center: bool | None) -> bool:
     """Whether the optimizer wraps map ``name`` as ``C(fn(C(X)))`` for this ``center`` value."""
     spec = MAP_SPECS[name]
-    return bool(center) and name != "left_spectral" and not spec.baseline and not spec.group.has("shift") \
+    return (
+        bool(center)
+        and name != "left_spectral"
+        and not spec.baseline
+        and not spec.group.has("shift")
         and not spec.projects_out
+    )

@@ -86,9 +86,7 @@ def _safe_coeffs(raw, s):
 
 #: The per-iteration (a, b, c) actually used by :func:`polar_express` (safety factor applied
 #: to all but the final fixed-point polynomial, as in the paper).
-POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = _safe_coeffs(
-    _POLAR_EXPRESS_RAW, POLAR_EXPRESS_SAFETY
-)
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = _safe_coeffs(_POLAR_EXPRESS_RAW, POLAR_EXPRESS_SAFETY)
 
 #: Methods accepted by :func:`polar`.
 POLAR_METHODS: tuple[str, ...] = ("newton_schulz", "polar_express", "svd", "gram_eigh")
@@ -386,9 +384,7 @@ def nuclear_norm(x: Tensor, method: str = "gram", rcond: Optional[float] = None)
         if x.numel() == 0:
             return x.new_zeros(lead)
         return torch.linalg.svdvals(x.to(linalg_dtype(x.dtype))).sum(-1).to(x.dtype)
-    raise ValueError(
-        f"unknown method={method!r} for nuclear_norm(); allowed values: {', '.join(NUCLEAR_NORM_METHODS)}"
-    )
+    raise ValueError(f"unknown method={method!r} for nuclear_norm(); allowed values: {', '.join(NUCLEAR_NORM_METHODS)}")
 
 
 def gram_nuclear_norm(x: Tensor, rcond: Optional[float] = None) -> Tensor:

@@ -472,8 +472,15 @@ def _path(group, layout: Layout, p: DTensor, kind: str, geo: _Shard | None) -> s
     centered = needs_centering(name, group.get("center"))
     if name in REDUCE_MAPS and p.ndim == 2 and (not centered or name == "row_norm"):
         return "reduce"
-    if name == "right_spectral" and not centered and p.ndim == 2 and not group["column_aware"] and not layout.transposed \
-            and layout.fused == 1 and layout.heads == 1:
+    if (
+        name == "right_spectral"
+        and not centered
+        and p.ndim == 2
+        and not group["column_aware"]
+        and not layout.transposed
+        and layout.fused == 1
+        and layout.heads == 1
+    ):
         return "gram"
     return "gather"
 
@@ -505,9 +512,13 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
             local.append((i, x, layout))
             continue
         if not isinstance(x, DTensor) or x.placements != p.placements:
-            x = x.redistribute(p.device_mesh, p.placements) if isinstance(x, DTensor) else \
-                DTensor.from_local(x, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
-                    p.device_mesh, p.placements)
+            x = (
+                x.redistribute(p.device_mesh, p.placements)
+                if isinstance(x, DTensor)
+                else DTensor.from_local(x, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
+                    p.device_mesh, p.placements
+                )
+            )
         kind, geo = _placement_kind(p)
         path = _path(group, layout, p, kind, geo)
         if path == "fallback":
@@ -530,15 +541,17 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
             p = params[i]
             if isinstance(p, DTensor) and _placement_kind(p)[0] == "fallback":
                 u = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
-                    p.device_mesh, p.placements)
+                    p.device_mesh, p.placements
+                )
             out[i] = u
     if gathers:
         for idx, u in _gather_updates(run, group, gathers).items():
             out[idx] = u
     for i, p in enumerate(params):
         if isinstance(p, DTensor) and not isinstance(out[i], DTensor):
-            out[i] = DTensor.from_local(out[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                        run_check=False)
+            out[i] = DTensor.from_local(
+                out[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+            )
     return out
 
 
@@ -692,8 +705,13 @@ class SpreadExecutor:
 
     def updates(self, ctx: UpdateContext, group, params, momenta) -> list[torch.Tensor]:
         pg = self.process_group
-        if (group["map"] in self.maps and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(pg) > 1 and not any(isinstance(p, DTensor) for p in params)):
+        if (
+            group["map"] in self.maps
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(pg) > 1
+            and not any(isinstance(p, DTensor) for p in params)
+        ):
             return _spread_updates(_Local(ctx, self.inner.local), group, params, momenta, pg)
         return self.inner.updates(ctx, group, params, momenta)
 
@@ -725,5 +743,3 @@ def _spread_updates(run: _Local, group, params, momenta, pg) -> list[torch.Tenso
                 out[i] = segs[d][offs[d] : offs[d] + n].reshape(momenta[i].shape)
             offs[d] += n
     return out
-
-
