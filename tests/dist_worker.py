@@ -23,12 +23,12 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from plain_gpt import FUSED_LAYOUTS, PlainGPT  # noqa: E402
-
 from equiopt import distributed as D  # noqa: E402
 from equiopt.layouts import Layout  # noqa: E402
 from equiopt.optimizer import EquiOptimizer  # noqa: E402
 from equiopt.presets import DEFAULTS  # noqa: E402
+
+from plain_gpt import FUSED_LAYOUTS, PlainGPT  # noqa: E402
 
 PRESETS = ("adamw", "muon", "paper")
 MODES = ("ddp", "fsdp2")

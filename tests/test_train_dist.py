@@ -22,6 +22,7 @@ import torch
 
 import equiopt
 from equiopt.train import loop as L
+
 from launch import torchrun
 
 SRC = Path(equiopt.__file__).resolve().parent.parent

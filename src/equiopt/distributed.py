@@ -24,6 +24,7 @@ from .planner import unwrap  # re-exported: the user's module inside DDP / torch
 from .sharding import (  # re-exported for existing callers
     REDUCE_MAPS,
     CommStats,
+    _all_reduce,
     assign_owners,
     count_comm,
     estimate_comm,
@@ -32,7 +33,6 @@ from .sharding import (  # re-exported for existing callers
     sharded_updates,
     spread_spectral,
 )
-from .sharding import _all_reduce
 
 __all__ = [
     "sharded_updates",

@@ -46,14 +46,13 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import maps
 from .functional import compute_dtype, map_kwargs, muon_scale
-from .polar import NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY, DEFAULT_STEPS
+from .polar import DEFAULT_STEPS, NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY
 
 __all__ = [
     "FastPathOptions",
@@ -133,7 +132,7 @@ def options_of(opt, group=None) -> FastPathOptions:
 # ----------------------------------------------------------------------------------------
 
 
-def polar_coeffs(method: str, steps: Optional[int]) -> tuple[tuple[float, float, float], ...]:
+def polar_coeffs(method: str, steps: int | None) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) per iteration that :func:`equiopt.polar.polar` uses for ``method``."""
     steps = DEFAULT_STEPS if steps is None else int(steps)
     if steps < 0:
@@ -182,7 +181,7 @@ def batched_eigvalsh(A: Tensor) -> Tensor:
     return torch.cat([f.result() for f in futures])
 
 
-def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: Optional[float] = None) -> Tensor:
+def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: float | None = None) -> Tensor:
     """sum sqrt(lam) over eigenvalues above the cutoff of :func:`equiopt.polar.gram_nuclear_norm`
     (lam_max * size * finfo(dtype).eps, dtype = the matrices' dtype)."""
     lam = lam.clamp(min=0)
@@ -200,11 +199,11 @@ def _nuclear_scale(nuc: Tensor, alpha: float) -> Tensor:
 def iterative_polar(
     X: Tensor,
     method: str,
-    steps: Optional[int],
+    steps: int | None,
     *,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     scale: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: torch.dtype | None = None,
     inplace: bool = False,
     compiled: bool = False,
 ) -> Tensor:
@@ -253,7 +252,7 @@ def iterative_polar(
     return Y.to(out_dtype)
 
 
-def _iterate(Y: Tensor, A: Optional[Tensor], coeffs, factor: Optional[Tensor], flip: bool) -> Tensor:
+def _iterate(Y: Tensor, A: Tensor | None, coeffs, factor: Tensor | None, flip: bool) -> Tensor:
     """The polynomial steps Y <- a Y + (b A + c A^2) Y, A = Y Y^T (``A`` given: the first
     step's Gram). The last step forms C = a I + b A + c A^2 (times ``factor`` [N, 1, 1]) and
     returns C Y, or (C Y)^T = Y^T C when ``flip`` (C is symmetric), contiguous either way."""
@@ -279,9 +278,9 @@ def _lin_dtype(dtype: torch.dtype) -> torch.dtype:
 def spectral_polar(
     X: Tensor,
     method: str,
-    steps: Optional[int],
+    steps: int | None,
     *,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     scale: float = 1.0,
 ) -> Tensor:
     """The same map as :func:`iterative_polar`, evaluated on the eigenvalues of the Gram.
@@ -614,7 +613,7 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
     ``ctx``: an :class:`~equiopt.execution.UpdateContext` (layouts, options) or an optimizer."""
     ctx = getattr(ctx, "context", ctx)
     o = options_of(ctx, group)
-    out: list[Optional[Tensor]] = [None] * len(params)
+    out: list[Tensor | None] = [None] * len(params)
     buckets = []
     for b in plan_buckets(ctx, group, params, momenta):
         buckets += _chunks(b, o.stack, o.stack_bytes)
@@ -650,7 +649,7 @@ _BACKEND = ["inductor"]
 class _backend:
     """Select the torch.compile backend of the kernels compiled inside the block."""
 
-    def __init__(self, name: Optional[str]):
+    def __init__(self, name: str | None):
         self.name = name
 
     def __enter__(self):

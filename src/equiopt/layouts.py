@@ -130,7 +130,7 @@ class Layout:
         return y.reshape(shape)
 
     # -- helpers ----------------------------------------------------------------------
-    def without_heads(self) -> "Layout":
+    def without_heads(self) -> Layout:
         return dataclasses.replace(self, heads=1, head_axis="out") if self.heads > 1 else self
 
     def describe(self) -> str:

@@ -238,7 +238,7 @@ class _Axes:
     n: int  # logical matrix cols
 
     @classmethod
-    def of(cls, layout: Layout, shape) -> "_Axes":
+    def of(cls, layout: Layout, shape) -> _Axes:
         out_axis = 1 if layout.transposed else 0
         in_axis = 1 - out_axis
         _, m, n = layout.logical_shape(shape)

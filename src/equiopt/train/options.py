@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 _MISSING = dataclasses.MISSING
 
