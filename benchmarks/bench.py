@@ -188,16 +188,18 @@ def readme_table(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"Optimizer step on {m['cpus']} CPU cores ({m['threads']} threads, torch {m['torch']}), median of "
-        f"interleaved steps; `equiopt bench` ({results['when']}; load average {m['load_before'][0] if m['load_before'] else '?'}). "
+        f"interleaved steps; `equiopt bench` ({results['when']}; "
+        f"load average {m['load_before'][0] if m['load_before'] else '?'}). "
         "Ratios are to torch.optim.AdamW (foreach) on the same model.",
         "",
-        "| model | params | torch AdamW | torch Muon+AdamW | equiopt adamw | equiopt muon | equiopt paper | paper / fwd+bwd | state B/param (paper) |",
+        "| model | params | torch AdamW | torch Muon+AdamW | equiopt adamw | equiopt muon | equiopt paper "
+        "| paper / fwd+bwd | state B/param (paper) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["models"]:
         v = r["variants"]
 
-        def cell(k):
+        def cell(k, v=v):  # v bound now (B023); cell is only called in this iteration
             e = v.get(k)
             if not e:
                 return "-"
@@ -261,7 +263,7 @@ def machine_rates(quick: bool = False, device: torch.device = CPU) -> dict:
         kinds.append(("mm16", torch.bfloat16, 256 if quick else 8192))
     for name, dt, n in kinds:
         a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
-        _, ts = _median_time(lambda: torch.mm(a, b), reps, device=device)
+        _, ts = _median_time(lambda a=a, b=b: torch.mm(a, b), reps, device=device)
         out[name] = 2 * n**3 / min(ts)
         out[name + "_median"] = 2 * n**3 / statistics.median(ts)
     out["mm_polar"] = out["mm16"] if big else out["mm32"]
@@ -279,7 +281,7 @@ def machine_rates(quick: bool = False, device: torch.device = CPU) -> dict:
     for m in (32,) if quick else (32, 64, 128, 512):
         g = torch.randn(8, m, 2 * m, dtype=torch.float64)
         g = g @ g.mT
-        _, ts = _median_time(lambda: torch.linalg.eigh(g), reps)
+        _, ts = _median_time(lambda g=g: torch.linalg.eigh(g), reps)
         out[f"eigh64_{m}_s"] = min(ts) / 8
     return out
 
@@ -443,8 +445,8 @@ def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU
         total += _median_time(adamw.step, 3, warmup=0, device=device)[0]
     return (
         [total],
-        note
-        + "; on medium models ESTIMATED: one torch Muon step per distinct matrix shape x the number of matrices of that shape + the AdamW part",
+        note + "; on medium models ESTIMATED: one torch Muon step per distinct matrix shape x the number of matrices "
+        "of that shape + the AdamW part",
     )
 
 
@@ -739,7 +741,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
     n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
     samples = {v: [] for v in first}
-    for r in range(max(n_reps.values(), default=0)):
+    for _ in range(max(n_reps.values(), default=0)):
         for v in first:
             if len(samples[v]) >= n_reps[v]:
                 continue
@@ -796,7 +798,8 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
         res["variants"][v] = entry
         log(
             f"    {v:14s} median {med * 1e3:9.2f} ms  ({len(ts)} reps, min {min(ts) * 1e3:.2f})  "
-            f"x{entry['vs_torch_adamw'] or float('nan'):.2f} AdamW  roofline x{entry['roofline_ratio'] or float('nan'):.2f}"
+            f"x{entry['vs_torch_adamw'] or float('nan'):.2f} AdamW  "
+            f"roofline x{entry['roofline_ratio'] or float('nan'):.2f}"
         )
     del opts
     del model
@@ -1059,9 +1062,11 @@ def render_markdown(results: dict) -> str:
                 gfl = (fl["mm32"] + fl["mm64"] + fl["eig"]) / 1e9
                 lines.append(
                     f"| {r['arch'] if first else ''} | {r['params'] / 1e6:.1f}M | "
-                    f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
+                    f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}"
+                    f"{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
                     f"{v} | {_ms(e['median_s'])} | {_ms(e['min_s'])}-{_ms(e['max_s'])} | {e['repeats']} | "
-                    f"{_f(e['vs_torch_adamw'])} ({_f(e.get('vs_torch_adamw_best'))}) | {_f(e['torch_muon_over_this'], '{:.1f}')} | "
+                    f"{_f(e['vs_torch_adamw'])} ({_f(e.get('vs_torch_adamw_best'))}) | "
+                    f"{_f(e['torch_muon_over_this'], '{:.1f}')} | "
                     f"{_f(100 * e['frac_fwd_bwd'], '{:.1f}%')} | {_f(e['roofline_ratio'])} "
                     f"({_f(e['min_s'] / e['roofline_s'] if e['roofline_s'] else None)}) | "
                     f"{e['state_bytes_per_param']:.2f} | {gfl:.3f} | {fl['bytes'] / 1e6:.1f} |"
@@ -1074,13 +1079,15 @@ def render_markdown(results: dict) -> str:
     for r in results["models"]:
         for v, e in r["variants"].items():
             if e.get("achieved_flops") or e.get("achieved_bytes_per_s"):
+                bw = e.get("achieved_bytes_per_s")
                 rows.append(
-                    f"| {r['arch']}/{r['size']} | {v} | {_f(e.get('profile_matrix_s') and e['profile_matrix_s'] * 1e3, '{:.1f}')} | "
+                    f"| {r['arch']}/{r['size']} | {v} | "
+                    f"{_f(e.get('profile_matrix_s') and e['profile_matrix_s'] * 1e3, '{:.1f}')} | "
                     f"{_f(e.get('achieved_flops') and e['achieved_flops'] / 1e9, '{:.1f}')} | "
                     f"{_f(e.get('achieved_flops') and 100 * e['achieved_flops'] / m['mm32'], '{:.0f}%')} | "
                     f"{_f(e.get('profile_other_s') and e['profile_other_s'] * 1e3, '{:.1f}')} | "
                     f"{_f(e.get('achieved_bytes_per_s') and e['achieved_bytes_per_s'] / 1e9, '{:.1f}')} | "
-                    f"{_f(e.get('achieved_bytes_per_s') and 100 * e['achieved_bytes_per_s'] / m['copy_bw'], '{:.0f}%')} |"
+                    f"{_f(bw and 100 * bw / m['copy_bw'], '{:.0f}%')} |"
                 )
     if rows:
         lines += [

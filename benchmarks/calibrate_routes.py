@@ -57,15 +57,20 @@ def main():
     rows = []
     print(f"threads {torch.get_num_threads()}")
     print(
-        f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | best  model | best+nuc model"
+        f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | "
+        "best  model | best+nuc model"
     )
     for N, m, n in shapes:
         x = torch.randn(N, m, n)
         t = {}
         for nuc in (False, True):
             alpha = 1.0 if nuc else None
-            t["iter", nuc] = best(lambda: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps)
-            t["gram", nuc] = best(lambda: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps)
+            t["iter", nuc] = best(
+                lambda x=x, alpha=alpha: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps
+            )
+            t["gram", nuc] = best(
+                lambda x=x, alpha=alpha: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps
+            )
         pick = [fastpath.choose_polar_route(m, n, 5, nuc, device=x.device, cdt=x.dtype) for nuc in (False, True)]
         fast = ["gram" if t["gram", nuc] < t["iter", nuc] else "iterative" for nuc in (False, True)]
         print(
@@ -106,7 +111,7 @@ def fit(rows):
     for k, v in zip(names, sol):
         print(f"  {k}: {v:.4g}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
     agree = total = 0
-    for m, n, t, N, it, it_nuc, gr in cases:
+    for _m, _n, t, _N, it, it_nuc, gr in cases:
         for nuc, feat in ((False, it), (True, it_nuc)):
             pred_iter, pred_gram = float(np.dot(feat, sol)), float(np.dot(gr, sol))
             total += 1
@@ -124,7 +129,7 @@ def chunks(a):
             if c > N:
                 continue
             t = best(
-                lambda: [
+                lambda x=x, c=c, N=N: [
                     fastpath.iterative_polar(x[i : i + c], "polar_express", None, alpha=1.0) for i in range(0, N, c)
                 ],
                 a.reps,

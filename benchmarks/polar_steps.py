@@ -59,13 +59,13 @@ def minimax_quintic(lo, hi):
 
 
 def greedy_schedule(lo, steps, hi=1.0):
-    out, l, u = [], lo, hi
+    out, lower, upper = [], lo, hi
     for _ in range(steps):
-        (a, b, c), _ = minimax_quintic(l, u)
+        (a, b, c), _ = minimax_quintic(lower, upper)
         out.append((a, b, c))
-        g = np.linspace(l, u, 20001)
+        g = np.linspace(lower, upper, 20001)
         v = a * g + b * g**3 + c * g**5
-        l, u = float(v.min()), float(v.max())
+        lower, upper = float(v.min()), float(v.max())
     return out
 
 
@@ -92,7 +92,8 @@ def schedule_tables(lines):
         "",
         "## 2. Greedy minimax schedules for [l, 1]",
         "",
-        "Steps a schedule designed for [l, 1] needs to reach the 5-step paper accuracy on [l, 1], and its sup error after 3-5 steps.",
+        "Steps a schedule designed for [l, 1] needs to reach the 5-step paper accuracy on [l, 1], "
+        "and its sup error after 3-5 steps.",
         "",
         "| l | steps to reach | 3 steps | 4 steps | 5 steps | first (a, b, c) |",
         "|---|---|---|---|---|---|",
@@ -124,7 +125,9 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
         "",
         f"Paper preset, {steps} steps of batch 8 x 128 from `{src}`; inputs collected at the last step. "
         "x_min = smallest singular value / (1.01 ||X||_F) per logical matrix (min over matrices / median); "
-        "dev_k = max over matrices of ||P_k(X) - U V^T||_2 (k Polar Express steps vs the exact polar factor; 1.0 for rank-deficient inputs such as unrouted experts, whose null directions the SVD maps to 1 and the iterations to 0).",
+        "dev_k = max over matrices of ||P_k(X) - U V^T||_2 (k Polar Express steps vs the exact polar factor; "
+        "1.0 for rank-deficient inputs such as unrouted experts, whose null directions the SVD maps to 1 "
+        "and the iterations to 0).",
         "",
         "| model | role | matrices | shape | x_min (min / median) | dev_3 | dev_4 | dev_5 | dev_6 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -137,7 +140,7 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
         opt = equiopt.build(model, preset="paper")
         g = torch.Generator().manual_seed(0)
         V = cfg.vocab_size
-        for step in range(steps):
+        for _step in range(steps):
             if tokens is not None:
                 starts = torch.randint(0, len(tokens) - 130, (8,), generator=g).numpy()
                 batch = torch.from_numpy(np.stack([tokens[s : s + 129] for s in starts])) % V
@@ -160,7 +163,7 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
             by_shape = {}
             for x in xs:
                 by_shape.setdefault(tuple(x.shape[-2:]), []).append(x)
-            for shape, group_xs in by_shape.items():
+            for group_xs in by_shape.values():
                 X = torch.cat(group_xs)
                 s = torch.linalg.svdvals(X)
                 xmin = (s[:, -1] / (POLAR_EXPRESS_SAFETY * s.norm(dim=-1))).numpy()
