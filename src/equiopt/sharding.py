@@ -537,7 +537,7 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
         else:
             gathers.append(_Item(i, p, xl, geo, layout))
     if local:
-        for (i, _, _), u in zip(local, _run_local(run, group, [(x, l) for _, x, l in local])):
+        for (i, _, _), u in zip(local, _run_local(run, group, [(x, lay) for _, x, lay in local])):
             p = params[i]
             if isinstance(p, DTensor) and _placement_kind(p)[0] == "fallback":
                 u = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
@@ -640,7 +640,7 @@ def estimate_comm(opt, world: int, elem_bytes: int = 4) -> dict:
             elif path == "gather":
                 gathers.append((p, layout, geo))
         if gathers:
-            owners = assign_owners([_cost(l, p.shape) for p, l, _ in gathers], world)
+            owners = assign_owners([_cost(lay, p.shape) for p, lay, _ in gathers], world)
             for (p, _, geo), o in zip(gathers, owners):
                 row = math.prod(p.shape[1:])
                 for k in range(world):
@@ -719,7 +719,7 @@ class SpreadExecutor:
 def _spread_updates(run: _Local, group, params, momenta, pg) -> list[torch.Tensor]:
     W, me = dist.get_world_size(pg), dist.get_rank(pg)
     layouts = [run.ctx.layout(group, p) for p in params]
-    owners = assign_owners([_cost(l, p.shape) for l, p in zip(layouts, params)], W)
+    owners = assign_owners([_cost(lay, p.shape) for lay, p in zip(layouts, params)], W)
     out: list = [None] * len(params)
     by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
     for i, x in enumerate(momenta):

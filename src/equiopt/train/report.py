@@ -115,7 +115,7 @@ def summarize(runs: list[dict]) -> dict:
             v = _get(r["final"], path)
             if v is not None:
                 cell.setdefault(name, {"values": []})["values"].append(float(v))
-    for arch, cells in out.items():
+    for cells in out.values():
         ref = cells.get(REFERENCE, {})
         for opt, cell in cells.items():
             for name, _, _ in KEY_METRICS:
