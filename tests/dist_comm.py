@@ -151,8 +151,8 @@ def main(argv) -> None:
     # -- part 1 -----------------------------------------------------------------------
     emit(f"## 1. Measured: tiny models of the harness, FSDP2 over {W} ranks\n")
     emit(
-        "| model | preset | ours, per rank (KiB) | of which, mean over ranks | naive, all params (KiB) | naive, matrices (KiB) "
-        "| ours / naive matrices | estimate_comm agrees | FSDP2 itself (KiB) |"
+        "| model | preset | ours, per rank (KiB) | of which, mean over ranks | naive, all params (KiB) "
+        "| naive, matrices (KiB) | ours / naive matrices | estimate_comm agrees | FSDP2 itself (KiB) |"
     )
     emit("|---|---|---|---|---|---|---|---|---|")
     for arch in ARCHS:
@@ -204,12 +204,9 @@ def main(argv) -> None:
                     e = meta_estimate(arch, "paper", name, world)
                     o, n, nm = (statistics.mean(e[k]) for k in ("ours", "naive", "naive_matrices"))
                     fsdp = 3 * (world - 1) / world * 4 * e["params"]
-                    emit(
-                        f"| {arch} paper | {name} | {world} | {e['params'] / 1e6:,.0f} | {mib(o)} | {mib(n)} | {mib(nm)} "
-                        f"| {o / nm:.3f} | {mib(fsdp)} |"
-                        if nm
-                        else f"| {arch} paper | {name} | {world} | {e['params'] / 1e6:,.0f} | {mib(o)} | {mib(n)} | - | - | {mib(fsdp)} |"
-                    )
+                    head = f"| {arch} paper | {name} | {world} | {e['params'] / 1e6:,.0f} | {mib(o)} | {mib(n)} "
+                    tail = f"| {mib(nm)} | {o / nm:.3f} | {mib(fsdp)} |" if nm else f"| - | - | {mib(fsdp)} |"
+                    emit(head + tail)
         emit("")
     D.barrier()
 
@@ -217,7 +214,8 @@ def main(argv) -> None:
     emit(f"## 3. DDP: every rank computes every map vs `spread_spectral` ({W} CPU processes, 1 thread each)\n")
     emit(
         f"Median optimizer-step time over {TIMED_STEPS - 2} steps (max over ranks), tiny models, random gradients, "
-        f"{os.cpu_count()} CPU cores on the machine. Machines shared with other work: differences under ~10% are noise.\n"
+        f"{os.cpu_count()} CPU cores on the machine. "
+        "Machines shared with other work: differences under ~10% are noise.\n"
     )
     emit(
         "| model | preset | all maps on every rank (ms) | spread + all-to-all (ms) | speed-up | "
@@ -232,7 +230,8 @@ def main(argv) -> None:
             spread = timed_ddp(arch, name, spread=True)
             gains.append((base / spread, (base - spread) / (fb + base)))
             emit(
-                f"| {arch} tiny | {name} | {base * 1e3:.1f} | {spread * 1e3:.1f} | {base / spread:.2f}x | {fb * 1e3:.0f} |"
+                f"| {arch} tiny | {name} | {base * 1e3:.1f} | {spread * 1e3:.1f} | {base / spread:.2f}x | "
+                f"{fb * 1e3:.0f} |"
             )
     emit("")
     lo, hi = min(g for g, _ in gains), max(g for g, _ in gains)

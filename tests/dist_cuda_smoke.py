@@ -89,7 +89,8 @@ def main(out: Path) -> int:
             good = d <= 1e-6 and dn <= 1e-6
             ok &= good
             print(
-                f"{'ok ' if good else 'BAD'} {mode:5s} {preset:5s} max|diff| {d:.1e} grad-norm rel {dn:.1e} paths {sorted(paths)}",
+                f"{'ok ' if good else 'BAD'} {mode:5s} {preset:5s} max|diff| {d:.1e} grad-norm rel {dn:.1e} "
+                f"paths {sorted(paths)}",
                 flush=True,
             )
             ck = out / f"ck_{mode}_{preset}"

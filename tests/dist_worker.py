@@ -458,7 +458,7 @@ def run_wide(out: Path, info) -> None:
     for mname, mesh in meshes.items():
         placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
 
-        def shard(t):
+        def shard(t, mesh=mesh, placements=placements):  # bound now (B023); used in this iteration only
             return distribute_tensor(t, mesh, placements, src_data_rank=None)
 
         for spec_name in MAP_SPECS:

@@ -193,7 +193,7 @@ MAP_CASES = [
 def mixed_optimizer(spec: dict, dtype=torch.float32):
     torch.manual_seed(1)
     params = [nn.Parameter(torch.randn(s, dtype=dtype)) for s, _ in MIXED]
-    layouts = {p: parse_layout(l) for p, (_, l) in zip(params, MIXED)}
+    layouts = {p: parse_layout(lay) for p, (_, lay) in zip(params, MIXED)}
     return EquiOptimizer([{"params": params, **spec}], layouts=layouts), params
 
 

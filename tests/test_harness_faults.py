@@ -171,9 +171,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     logs = []
     with R.RunDir(out).lock(log=logs.append):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-        with pytest.raises(R.RunLocked, match=f"pid {os.getpid()}"):  # held: a second holder is refused
-            with R.RunDir(out).lock(log=logs.append):
-                pass
+        # held: a second holder is refused
+        with pytest.raises(R.RunLocked, match=f"pid {os.getpid()}"), R.RunDir(out).lock(log=logs.append):
+            pass
     assert any("stale lock of pid 999999 on elsewhere" in m for m in logs)
     assert not (out / "checkpoint.pt.x1.tmp").exists()
     with R.RunDir(out).lock(log=logs.append):  # released: a later run takes it without complaint
@@ -299,7 +299,8 @@ def test_disk_full_during_a_metrics_append_leaves_whole_records(tmp_path, monkey
         def flush(self):
             self.f.flush()
 
-    monkeypatch.setattr(R, "open", lambda p, mode: Full(open(p, mode)), raising=False)
+    # the file goes to rundir's own `with open(...)`, which closes it (through Full.__exit__)
+    monkeypatch.setattr(R, "open", lambda p, mode: Full(open(p, mode)), raising=False)  # noqa: SIM115
     with pytest.raises(R.RunDirError, match=r"metrics.jsonl: could not append a metrics record: no space left"):
         run.append_metrics({"step": 2})
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -157,7 +157,10 @@ def test_per_head_equals_separate_heads(axis):
     )
     whole = nn.Parameter(w.clone())
     opt = EquiOptimizer([{"params": [whole], **spec}], layouts={whole: Layout(heads=H, head_axis=axis)})
-    split = lambda t: t.split(hd, dim=0 if axis == "out" else 1)
+
+    def split(t):
+        return t.split(hd, dim=0 if axis == "out" else 1)
+
     heads = [nn.Parameter(t.clone()) for t in split(w)]
     opt_heads = EquiOptimizer([{"params": heads, **spec}])
     for step in range(3):
@@ -353,7 +356,7 @@ def test_half_precision_parameters_keep_fp32_state(dtype):
     model = tiny_model(dtype)
     opt = equiopt.build(model, preset="paper", layouts=FUSED_LAYOUTS)
     loss0 = lm_loss(model).item()
-    for step in range(5):
+    for _ in range(5):
         opt.zero_grad()
         lm_loss(model).backward()
         opt.step()
@@ -466,7 +469,7 @@ def test_loss_goes_down_on_a_tiny_model(preset):
     model = tiny_model()
     opt = equiopt.build(model, preset=preset, layouts=FUSED_LAYOUTS)
     first = lm_loss(model, 0).item()
-    for step in range(30):
+    for _ in range(30):
         opt.zero_grad()
         lm_loss(model, 0).backward()  # one fixed batch: the loss must fall well below ln(32)
         opt.step()
