@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0, device: 
         dev = torch.device("cpu")
     if not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
-        kw = {"device_id": dev} if use_cuda else {}
+        kw: dict[str, Any] = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), True)
 
@@ -194,6 +195,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: fl
     coef = max_norm / (total + eps)
     if coef < 1.0:
         for p in {id(p): p for p in params}.values():
+            assert p.grad is not None  # params: those with a gradient (above)
             p.grad.detach().mul_(coef)
     return total
 
@@ -201,7 +203,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: fl
 def _block_modules(model: nn.Module) -> list[nn.Module]:
     """Children of the outermost ``nn.ModuleList`` s (transformer blocks in HF and nanoGPT-style
     models): the FSDP2 units under the root."""
-    found, inside = [], set()
+    found: list[nn.Module] = []
+    inside: set[str] = set()
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
@@ -316,7 +319,7 @@ def save_checkpoint(
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
@@ -373,7 +376,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -
     if not (path / ".metadata").exists() and (path.with_name(path.name + ".old") / ".metadata").exists():
         path = path.with_name(path.name + ".old")  # a crash between the two renames of the swap
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": _saved_only(osd, path)}

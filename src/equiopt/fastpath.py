@@ -44,6 +44,7 @@ optimizer-level :class:`FastPathOptions` set with :func:`configure` (explicit se
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -543,7 +544,7 @@ class Bucket:
     shape: tuple[int, int]  # [m, n] as the map sees it (after the column-aware transpose)
     dtype: torch.dtype
     device: torch.device
-    members: list  # (index in params, batch size B)
+    members: list[tuple[int, int]]  # (index in params, batch size B)
     route: str = ""
 
     @property
@@ -596,7 +597,9 @@ def _chunks(bucket: Bucket, stack: bool, max_bytes: int) -> list[Bucket]:
     m, n = bucket.shape
     per = max(1, m * n * torch.finfo(bucket.dtype).bits // 8)
     cap = max(1, max_bytes // per)
-    out, cur, cur_n = [], [], 0
+    out: list[Bucket] = []
+    cur: list[tuple[int, int]] = []
+    cur_n = 0
     for i, B in bucket.members:
         if cur and cur_n + B > cap:
             out.append(Bucket(bucket.shape, bucket.dtype, bucket.device, cur))
@@ -642,7 +645,11 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
 # ----------------------------------------------------------------------------------------
 
 _COMPILED: dict = {}
-_KERNELS = {"iterate": _iterate, "row_norm": _row_norm, "centered_row_norm": _centered_row_norm}
+_KERNELS: dict[str, Callable[..., Tensor]] = {
+    "iterate": _iterate,
+    "row_norm": _row_norm,
+    "centered_row_norm": _centered_row_norm,
+}
 _BACKEND = ["inductor"]
 
 

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import maps
 from .presets import MAP_OPTIONS
 
-try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+if TYPE_CHECKING:  # the type checker sees the class; at run time it may be missing (below)
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
+else:
+    try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - depends on the torch build
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            DTensor = ()  # isinstance(x, ()) is always False
 
 __all__ = [
     "DTensor",

@@ -229,6 +229,7 @@ class EquiOptimizer(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
+            assert p.grad is not None  # step() passes the parameters that have a gradient
             grads.append(p.grad.to(cdt))
         beta = group["momentum"]
         if use_foreach(group, params):
@@ -274,9 +275,13 @@ class EquiOptimizer(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
             # params in another dtype than their state (bf16/fp16) step on fp32 copies
             work = [p if p.dtype == cdt else p.to(cdt) for p in ps]
+            grads: list[torch.Tensor] = []
+            for p in ps:
+                assert p.grad is not None  # step() passes the parameters that have a gradient
+                grads.append(p.grad if p.grad.dtype == cdt else p.grad.to(cdt))
             _torch_adam(
                 work,
-                [p.grad if p.grad.dtype == cdt else p.grad.to(cdt) for p in ps],
+                grads,
                 [self.state[p]["exp_avg"] for p in ps],
                 [self.state[p]["exp_avg_sq"] for p in ps],
                 [],

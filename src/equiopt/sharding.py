@@ -70,11 +70,11 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .execution import LocalExecutor, UpdateContext
 from .functional import muon_scale
@@ -217,7 +217,7 @@ def _placement_kind(p: DTensor) -> tuple[str, _Shard | None]:
     if not shard_dims:
         return "replicated", None
     i = shard_dims[0]
-    if placements[i].dim != 0 or p.ndim == 0:
+    if cast(Shard, placements[i]).dim != 0 or p.ndim == 0:  # is_shard() above: a Shard
         return "fallback", None
     geo = _Shard(mesh.get_group(i), mesh.size(i), mesh.get_local_rank(i), p.shape[0])
     if p.to_local().shape[0] != geo.local_rows:  # not torch.chunk semantics: be safe
@@ -433,14 +433,14 @@ def _gather_updates(run: _Local, group, items: list[_Item]) -> dict[int, torch.T
         recv = _all_to_all(send, send_splits, recv_splits, pg, "all_to_all")
         # 2. owners compute whole matrices
         segs = list(torch.split(recv, recv_splits))
-        pieces = {j: [] for j in mine}
+        pieces: dict[int, list[torch.Tensor]] = {j: [] for j in mine}
         for s in range(W):
             off = 0
             for j in mine:
                 n = bucket[j].geo.size(s) * row_numel[j]
                 pieces[j].append(segs[s][off : off + n])
                 off += n
-        back = {s: [] for s in range(W)}
+        back: dict[int, list[torch.Tensor]] = {s: [] for s in range(W)}
         fulls = [(torch.cat(pieces[j]).reshape(bucket[j].p.shape), bucket[j].layout) for j in mine]
         for j, u in zip(mine, _run_local(run, group, fulls)):
             it = bucket[j]
@@ -466,6 +466,7 @@ def _path(group, layout: Layout, p: DTensor, kind: str, geo: _Shard | None) -> s
     """Which path a parameter takes; a function of global facts only (same on every rank)."""
     if kind != "shard":
         return kind
+    assert geo is not None  # _placement_kind: "shard" comes with its geometry
     if _aligned(layout, p.shape, geo):
         return "local"
     name = group["map"]
@@ -505,11 +506,11 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
     run = _Local(ctx, local if local is not None else LocalExecutor())
     out: list = [None] * len(params)
     gathers: list[_Item] = []
-    local: list[tuple[int, torch.Tensor, Layout]] = []  # whole matrices at hand: one batched call
+    whole: list[tuple[int, torch.Tensor, Layout]] = []  # whole matrices at hand: one batched call
     for i, (p, x) in enumerate(zip(params, momenta)):
         layout = ctx.layout(group, p)
         if not isinstance(p, DTensor):  # a plain parameter next to sharded ones: replicated
-            local.append((i, x, layout))
+            whole.append((i, x, layout))
             continue
         if not isinstance(x, DTensor) or x.placements != p.placements:
             x = (
@@ -523,21 +524,23 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
         path = _path(group, layout, p, kind, geo)
         if path == "fallback":
             _record("fallback_all_gather", (p.device_mesh.size() - 1) * x.to_local().numel() * x.element_size())
-            local.append((i, x.full_tensor(), layout))
+            whole.append((i, x.full_tensor(), layout))
             continue
         xl = x.to_local()
         if path == "replicated":
-            local.append((i, xl, layout))
-        elif path == "local":
-            local.append((i, xl, _local_layout(layout, p.shape, geo)))
+            whole.append((i, xl, layout))
+            continue
+        assert geo is not None  # every other path is a "shard" one, which has its geometry
+        if path == "local":
+            whole.append((i, xl, _local_layout(layout, p.shape, geo)))
         elif path == "reduce":
             out[i] = _reduce_update(group, layout, p.shape, xl, geo)
         elif path == "gram":
             out[i] = _gram_update(group, layout, p.shape, xl, geo)
         else:
             gathers.append(_Item(i, p, xl, geo, layout))
-    if local:
-        for (i, _, _), u in zip(local, _run_local(run, group, [(x, lay) for _, x, lay in local])):
+    if whole:
+        for (i, _, _), u in zip(whole, _run_local(run, group, [(x, lay) for _, x, lay in whole])):
             p = params[i]
             if isinstance(p, DTensor) and _placement_kind(p)[0] == "fallback":
                 u = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(

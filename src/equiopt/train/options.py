@@ -144,7 +144,7 @@ def add_dataclass_options(
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):  # a hint is a class, not an instance
             add_dataclass_options(parser, typ, defaults=defaults, exclude=exclude, groups=groups)
             continue
         title = f.metadata.get("group")

@@ -107,7 +107,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[str], None], what: str) -> None:
+def atomic_write(path: Path, write: Callable[[str], object], what: str) -> None:
     """``write(tmp)`` then rename ``tmp`` over ``path``; on any failure ``tmp`` is removed,
     ``path`` is unchanged and OSError / torch's RuntimeError become :class:`RunDirError`."""
     done = False
