@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -85,6 +85,37 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+class _TinyCommon(TypedDict):
+    """The fields every tiny preset shares (typed, so that ``ModelConfig(**common)`` is checked)."""
+
+    arch: str
+    size: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+
+
+class _HFCommon(TypedDict):
+    """The Hugging Face config arguments every family shares (see :func:`hf_config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    initializer_range: float
+    tie_word_embeddings: bool
+    use_cache: bool
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+
 def _alternating(n: int, period: int) -> list[str]:
     """(period-1) sliding layers then one full layer, repeated; the last layer is always full."""
     types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
@@ -99,7 +130,7 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if size == "tiny":
-        common = dict(
+        common = _TinyCommon(
             arch=arch,
             size=size,
             hidden_size=128,
@@ -195,7 +226,7 @@ def hf_config(cfg: ModelConfig):
     cfg.validate()
     import transformers as tf  # of the [train] extra; slow to import: only when a model is built
 
-    common = dict(
+    common = _HFCommon(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -210,6 +241,7 @@ def hf_config(cfg: ModelConfig):
         bos_token_id=None,
         eos_token_id=None,
     )
+    c: tf.PreTrainedConfig
     if cfg.arch == "qwen3":
         c = tf.Qwen3Config(**common, head_dim=cfg.head_dim, hidden_act="silu", **cfg.extra)
     elif cfg.arch == "gemma3":
