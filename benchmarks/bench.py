@@ -47,16 +47,51 @@ VARIANTS = ("torch_adamw", "torch_muon", "adamw", "muon", "paper", "muon_ref", "
 
 # ~55-80M-parameter shapes of each family (the "medium" preset of the benchmark).
 MEDIUM = {
-    "qwen3": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                  num_kv_heads=4, head_dim=64),
-    "gemma3": dict(vocab_size=65536, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                   num_kv_heads=4, head_dim=64, tie_embeddings=True, sliding_window=64,
-                   layer_types=["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention", "full_attention"]),
-    "olmoe": dict(vocab_size=32768, hidden_size=512, intermediate_size=256, num_layers=6, num_heads=8,
-                  num_kv_heads=8, head_dim=64, num_experts=16, top_k=4),
-    "gptoss": dict(vocab_size=32768, hidden_size=512, intermediate_size=256, num_layers=6, num_heads=8,
-                   num_kv_heads=2, head_dim=64, num_experts=16, top_k=4, sliding_window=64,
-                   layer_types=["sliding_attention", "full_attention"] * 3),
+    "qwen3": dict(
+        vocab_size=32768,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+    ),
+    "gemma3": dict(
+        vocab_size=65536,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        tie_embeddings=True,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention", "full_attention"],
+    ),
+    "olmoe": dict(
+        vocab_size=32768,
+        hidden_size=512,
+        intermediate_size=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=64,
+        num_experts=16,
+        top_k=4,
+    ),
+    "gptoss": dict(
+        vocab_size=32768,
+        hidden_size=512,
+        intermediate_size=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        num_experts=16,
+        top_k=4,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+    ),
 }
 
 
@@ -66,35 +101,70 @@ MEDIUM = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test (seconds): a 'micro' qwen3 (2 layers, d=64), 2 timed steps, no torch Muon, "
-                             "no profiling, no files unless --out-* given")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test (seconds): a 'micro' qwen3 (2 layers, d=64), 2 timed steps, no torch Muon, "
+        "no profiling, no files unless --out-* given",
+    )
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated families (default: all four)")
     parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium (micro: smoke tests)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant on tiny models (default 15)")
-    parser.add_argument("--medium-repeats", type=int, default=5, help="timed steps per variant on medium models (default 5)")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="seconds of timed steps per variant and model at most (slow variants get fewer repeats, >= 1)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the opt-in torch.compile path (paper preset, first family's tiny model)")
-    parser.add_argument("--fwd-batch", type=int, default=16,
-                        help="batch size of the forward+backward timing (seq 128) on tiny models (default 16, the harness's)")
+    parser.add_argument(
+        "--medium-repeats", type=int, default=5, help="timed steps per variant on medium models (default 5)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed steps per variant and model at most (slow variants get fewer repeats, >= 1)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the opt-in torch.compile path (paper preset, first family's tiny model)",
+    )
+    parser.add_argument(
+        "--fwd-batch",
+        type=int,
+        default=16,
+        help="batch size of the forward+backward timing (seq 128) on tiny models (default 16, the harness's)",
+    )
     parser.add_argument("--medium-fwd-batch", type=int, default=8, help="the same on medium models (default 8)")
-    parser.add_argument("--medium-variants", default="torch_adamw,torch_muon,adamw,muon,paper,paper_ref",
-                        help="variants timed on medium models")
-    parser.add_argument("--full-torch-muon", action="store_true",
-                        help="time torch Muon on medium models step by step (minutes per step) instead of estimating it")
+    parser.add_argument(
+        "--medium-variants",
+        default="torch_adamw,torch_muon,adamw,muon,paper,paper_ref",
+        help="variants timed on medium models",
+    )
+    parser.add_argument(
+        "--full-torch-muon",
+        action="store_true",
+        help="time torch Muon on medium models step by step (minutes per step) instead of estimating it",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu or cuda[:i] (default cpu). On CUDA the polar iterations run in bf16 (the presets' "
-                             "default), the roofline counts them at the measured bf16 rate, forward+backward uses bf16 "
-                             "autocast, torch Muon is timed step by step, and the report goes to results/bench_cuda.*")
-    parser.add_argument("--table", metavar="JSON", default=None,
-                        help="print the README performance table from an existing results JSON and exit (no timing)")
-    parser.add_argument("--render", metavar="JSON", default=None,
-                        help="rewrite the markdown report (--out-md, default results/bench.md) from an existing "
-                             "results JSON and exit (no timing)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:i] (default cpu). On CUDA the polar iterations run in bf16 (the presets' "
+        "default), the roofline counts them at the measured bf16 rate, forward+backward uses bf16 "
+        "autocast, torch Muon is timed step by step, and the report goes to results/bench_cuda.*",
+    )
+    parser.add_argument(
+        "--table",
+        metavar="JSON",
+        default=None,
+        help="print the README performance table from an existing results JSON and exit (no timing)",
+    )
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="rewrite the markdown report (--out-md, default results/bench.md) from an existing "
+        "results JSON and exit (no timing)",
+    )
     parser.add_argument("--out-md", default=None, help="markdown report (default results/bench.md; none in --quick)")
     parser.add_argument("--out-json", default=None, help="JSON results (default results/bench.json; none in --quick)")
 
@@ -116,15 +186,20 @@ def run(args: argparse.Namespace) -> int:
 def readme_table(results: dict) -> str:
     """The README's performance table: step time per preset and model, ratios, state."""
     m = results["machine"]
-    lines = [f"Optimizer step on {m['cpus']} CPU cores ({m['threads']} threads, torch {m['torch']}), median of "
-             f"interleaved steps; `equiopt bench` ({results['when']}; load average {m['load_before'][0] if m['load_before'] else '?'}). "
-             "Ratios are to torch.optim.AdamW (foreach) on the same model.", "",
-             "| model | params | torch AdamW | torch Muon+AdamW | equiopt adamw | equiopt muon | equiopt paper | paper / fwd+bwd | state B/param (paper) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Optimizer step on {m['cpus']} CPU cores ({m['threads']} threads, torch {m['torch']}), median of "
+        f"interleaved steps; `equiopt bench` ({results['when']}; "
+        f"load average {m['load_before'][0] if m['load_before'] else '?'}). "
+        "Ratios are to torch.optim.AdamW (foreach) on the same model.",
+        "",
+        "| model | params | torch AdamW | torch Muon+AdamW | equiopt adamw | equiopt muon | equiopt paper "
+        "| paper / fwd+bwd | state B/param (paper) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         v = r["variants"]
 
-        def cell(k):
+        def cell(k, v=v):  # v bound now (B023); cell is only called in this iteration
             e = v.get(k)
             if not e:
                 return "-"
@@ -132,9 +207,11 @@ def readme_table(results: dict) -> str:
             return f"{_ms(e['median_s'])} ms (x{ratio:.1f})" if ratio else f"{_ms(e['median_s'])} ms"
 
         p = v.get("paper")
-        lines.append(f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | {cell('torch_adamw')} | {cell('torch_muon')} | "
-                     f"{cell('adamw')} | {cell('muon')} | {cell('paper')} | "
-                     f"{_f(p and 100 * p['frac_fwd_bwd'], '{:.1f}%')} | {_f(p and p['state_bytes_per_param'])} |")
+        lines.append(
+            f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | {cell('torch_adamw')} | {cell('torch_muon')} | "
+            f"{cell('adamw')} | {cell('muon')} | {cell('paper')} | "
+            f"{_f(p and 100 * p['frac_fwd_bwd'], '{:.1f}%')} | {_f(p and p['state_bytes_per_param'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -178,13 +255,15 @@ def machine_rates(quick: bool = False, device: torch.device = CPU) -> dict:
     reps = 3 if quick else 9
     out = {}
     big = device.type == "cuda"
-    kinds = [("mm32", torch.float32, 256 if quick else (8192 if big else 1024)),
-             ("mm64", torch.float64, 192 if quick else (4096 if big else 768))]
+    kinds = [
+        ("mm32", torch.float32, 256 if quick else (8192 if big else 1024)),
+        ("mm64", torch.float64, 192 if quick else (4096 if big else 768)),
+    ]
     if big:
         kinds.append(("mm16", torch.bfloat16, 256 if quick else 8192))
     for name, dt, n in kinds:
         a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
-        _, ts = _median_time(lambda: torch.mm(a, b), reps, device=device)
+        _, ts = _median_time(lambda a=a, b=b: torch.mm(a, b), reps, device=device)
         out[name] = 2 * n**3 / min(ts)
         out[name + "_median"] = 2 * n**3 / statistics.median(ts)
     out["mm_polar"] = out["mm16"] if big else out["mm32"]
@@ -202,7 +281,7 @@ def machine_rates(quick: bool = False, device: torch.device = CPU) -> dict:
     for m in (32,) if quick else (32, 64, 128, 512):
         g = torch.randn(8, m, 2 * m, dtype=torch.float64)
         g = g @ g.mT
-        _, ts = _median_time(lambda: torch.linalg.eigh(g), reps)
+        _, ts = _median_time(lambda g=g: torch.linalg.eigh(g), reps)
         out[f"eigh64_{m}_s"] = min(ts) / 8
     return out
 
@@ -241,9 +320,17 @@ def _model_config(arch: str, size: str):
         return ModelConfig(arch=arch, size="tiny", max_seq_len=128, **kw)
     if size == "micro":  # smoke tests only
         cfg = preset(arch, "tiny")
-        return ModelConfig(**{**cfg.to_dict(), "vocab_size": 512, "hidden_size": 64, "num_layers": 2,
-                              "head_dim": 16, "intermediate_size": cfg.intermediate_size // 2,
-                              "layer_types": (cfg.layer_types or [])[-2:] or None})
+        return ModelConfig(
+            **{
+                **cfg.to_dict(),
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "num_layers": 2,
+                "head_dim": 16,
+                "intermediate_size": cfg.intermediate_size // 2,
+                "layer_types": (cfg.layer_types or [])[-2:] or None,
+            }
+        )
     raise ValueError(f"unknown size {size!r}; valid: tiny, medium, micro")
 
 
@@ -286,8 +373,13 @@ class _Pair:
 def _torch_adamw(model):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=True,
+    )
 
 
 def _new_torch_muon(params: list) -> torch.optim.Muon:
@@ -296,8 +388,14 @@ def _new_torch_muon(params: list) -> torch.optim.Muon:
     from equiopt.presets import DEFAULTS, PRESETS
 
     spec = {**DEFAULTS, **PRESETS["muon"]["mlp_in"]}
-    return torch.optim.Muon(params, lr=spec["lr"], weight_decay=spec["weight_decay"], momentum=spec["momentum"],
-                            nesterov=spec["nesterov"], adjust_lr_fn="original")
+    return torch.optim.Muon(
+        params,
+        lr=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        momentum=spec["momentum"],
+        nesterov=spec["nesterov"],
+        adjust_lr_fn="original",
+    )
 
 
 def _torch_muon(model, plan):
@@ -313,8 +411,15 @@ def _torch_muon(model, plan):
     if rest:
         decay = [p for p in rest if p.ndim >= 2]
         vec = [p for p in rest if p.ndim < 2]
-        opts.append(torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": vec, "weight_decay": 0.0}],
-                                      lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True))
+        opts.append(
+            torch.optim.AdamW(
+                [{"params": decay, "weight_decay": 0.1}, {"params": vec, "weight_decay": 0.0}],
+                lr=3e-3,
+                betas=(0.9, 0.95),
+                eps=1e-8,
+                foreach=True,
+            )
+        )
     return _Pair(*opts), sum(p.numel() for p in muon)
 
 
@@ -338,7 +443,11 @@ def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU
         adamw = opt.opts[1]
         adamw.step()
         total += _median_time(adamw.step, 3, warmup=0, device=device)[0]
-    return [total], note + "; on medium models ESTIMATED: one torch Muon step per distinct matrix shape x the number of matrices of that shape + the AdamW part"
+    return (
+        [total],
+        note + "; on medium models ESTIMATED: one torch Muon step per distinct matrix shape x the number of matrices "
+        "of that shape + the AdamW part",
+    )
 
 
 def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
@@ -410,8 +519,17 @@ def step_cost(opt) -> dict:
         if group["map"] == "adamw":
             b = n_el * F32 * (1 + 7)
             tot["bytes"] += b
-            rows.append({"role": group.get("role", "?"), "map": "adamw", "shape": "-", "count": len(params),
-                         "route": "-", "flops": 0, "bytes": b})
+            rows.append(
+                {
+                    "role": group.get("role", "?"),
+                    "map": "adamw",
+                    "shape": "-",
+                    "count": len(params),
+                    "route": "-",
+                    "flops": 0,
+                    "bytes": b,
+                }
+            )
             continue
         per_el = 1 + 3 + (3 if group["nesterov"] else 0) + 2 + (2 if group["weight_decay"] else 0) + 3
         name = group["map"]
@@ -432,12 +550,14 @@ def step_cost(opt) -> dict:
             route = "-"
             if name in polar_maps and method in ("polar_express", "newton_schulz"):
                 steps = len(fastpath.polar_coeffs(method, kw.get("steps")))
-                nuclear = (name == "scaled_polar" or (name == "hybrid" and kw.get("order") == "row_then_polar")) and \
-                    float(kw.get("alpha", 1.0)) != 0.0
+                nuclear = (
+                    name == "scaled_polar" or (name == "hybrid" and kw.get("order") == "row_then_polar")
+                ) and float(kw.get("alpha", 1.0)) != 0.0
                 wm, wn = min(m, n), max(m, n)
                 if o.batched:
-                    route = fastpath.choose_polar_route(wm, wn, steps, nuclear, device=bucket.device,
-                                                        cdt=bucket.dtype, route=o.polar_route)
+                    route = fastpath.choose_polar_route(
+                        wm, wn, steps, nuclear, device=bucket.device, cdt=bucket.dtype, route=o.polar_route
+                    )
                 else:
                     route = "iterative"
                 flops = fastpath.polar_flops(route, wm, wn, steps, nuclear)
@@ -450,9 +570,17 @@ def step_cost(opt) -> dict:
             cnt = bucket.count
             for k in flops:
                 tot[k] += flops[k] * cnt
-            rows.append({"role": group.get("role", "?"), "map": name, "shape": f"{m}x{n}", "count": cnt,
-                         "route": route, "flops": sum(flops.values()) * cnt,
-                         "bytes": sum(params[i].numel() for i, _ in bucket.members) * F32 * per_el})
+            rows.append(
+                {
+                    "role": group.get("role", "?"),
+                    "map": name,
+                    "shape": f"{m}x{n}",
+                    "count": cnt,
+                    "route": route,
+                    "flops": sum(flops.values()) * cnt,
+                    "bytes": sum(params[i].numel() for i, _ in bucket.members) * F32 * per_el,
+                }
+            )
     return {"total": tot, "rows": rows}
 
 
@@ -475,12 +603,24 @@ def roofline_seconds(total: dict, rates: dict) -> float:
     fp64 rate + bytes at the copy bandwidth (the phases of a step run one after the other,
     so the times add). eigh counts 9 m^3 flops at the fp64 product rate (LAPACK reaches far
     less: an optimistic bound)."""
-    return (total["mm32"] / rates.get("mm_polar", rates["mm32"]) + (total["mm64"] + total["eig"]) / rates["mm64"]
-            + total["bytes"] / rates["copy_bw"])
+    return (
+        total["mm32"] / rates.get("mm_polar", rates["mm32"])
+        + (total["mm64"] + total["eig"]) / rates["mm64"]
+        + total["bytes"] / rates["copy_bw"]
+    )
 
 
-_MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::_linalg_eigh",
-               "aten::linalg_eigvalsh", "aten::_linalg_svd", "aten::linalg_eigh")
+_MATMUL_OPS = (
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::mm",
+    "aten::addmm",
+    "aten::matmul",
+    "aten::_linalg_eigh",
+    "aten::linalg_eigvalsh",
+    "aten::_linalg_svd",
+    "aten::linalg_eigh",
+)
 
 
 def _profile_split(step) -> tuple[float, float]:
@@ -533,8 +673,7 @@ def _fwd_bwd_seconds(model, batch: int, reps: int, device: torch.device = CPU) -
     return med
 
 
-def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log,
-                 device: torch.device = CPU) -> dict:
+def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, log, device: torch.device = CPU) -> dict:
     from equiopt import plan as make_plan
     from equiopt.train.models import count_parameters
 
@@ -557,8 +696,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     opts, costs, notes = {}, {}, {}
     # torch.optim.Muon runs Newton-Schulz in bf16, ~100x slower than fp32 on a CPU without
     # bf16 units: on the medium models one step takes minutes, so it is estimated there
-    estimate_muon = (size == "medium" and device.type == "cpu" and "torch_muon" in variants
-                     and not args.full_torch_muon)
+    estimate_muon = size == "medium" and device.type == "cpu" and "torch_muon" in variants and not args.full_torch_muon
     for v in variants:
         if v == "torch_adamw":
             opts[v] = _torch_adamw(model)
@@ -570,10 +708,16 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             costs[v] = _torch_muon_cost(model, n_muon, muon_params)
             costs[v]["state_bytes"] = 4 * n_muon + 8 * (n_params - n_muon)  # momentum; AdamW m, v
             n3 = sum(p.numel() for p in model.parameters() if p.ndim == 3)
-            notes[v] = (f"torch.optim.Muon on {len(muon_params)} 2-D matrices ({n_muon / n_params:.0%} of the parameters), "
-                        "Newton-Schulz in bf16 (hard-coded); AdamW on the rest"
-                        + (f", including the 3-D stacked experts ({n3 / n_params:.0%} of the parameters) "
-                           "that torch.optim.Muon rejects" if n3 else ""))
+            notes[v] = (
+                f"torch.optim.Muon on {len(muon_params)} 2-D matrices ({n_muon / n_params:.0%} of the parameters), "
+                "Newton-Schulz in bf16 (hard-coded); AdamW on the rest"
+                + (
+                    f", including the 3-D stacked experts ({n3 / n_params:.0%} of the parameters) "
+                    "that torch.optim.Muon rejects"
+                    if n3
+                    else ""
+                )
+            )
         elif v in ("adamw", "muon", "paper"):
             opts[v] = _equiopt(model, v)
         elif v in ("muon_ref", "paper_ref"):
@@ -597,7 +741,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
     n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
     samples = {v: [] for v in first}
-    for r in range(max(n_reps.values(), default=0)):
+    for _ in range(max(n_reps.values(), default=0)):
         for v in first:
             if len(samples[v]) >= n_reps[v]:
                 continue
@@ -632,8 +776,10 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             "vs_torch_adamw_best": min(ts) / base_best if base_best else None,
             "torch_muon_over_this": tmuon / med if tmuon else None,
             "frac_fwd_bwd": med / fwd,
-            "state_bytes_per_param": (_state_bytes(opt) if not (v == "torch_muon" and estimate_muon)
-                                      else costs[v]["state_bytes"]) / n_params,
+            "state_bytes_per_param": (
+                _state_bytes(opt) if not (v == "torch_muon" and estimate_muon) else costs[v]["state_bytes"]
+            )
+            / n_params,
             "flops": costs[v]["total"],
             "roofline_s": roof,
             "roofline_ratio": med / roof if roof > 0 else None,
@@ -650,8 +796,11 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             entry["achieved_flops"] = flops / mat if mat > 0 and flops else None
             entry["achieved_bytes_per_s"] = tot["bytes"] / other if other > 0 else None
         res["variants"][v] = entry
-        log(f"    {v:14s} median {med * 1e3:9.2f} ms  ({len(ts)} reps, min {min(ts) * 1e3:.2f})  "
-            f"x{entry['vs_torch_adamw'] or float('nan'):.2f} AdamW  roofline x{entry['roofline_ratio'] or float('nan'):.2f}")
+        log(
+            f"    {v:14s} median {med * 1e3:9.2f} ms  ({len(ts)} reps, min {min(ts) * 1e3:.2f})  "
+            f"x{entry['vs_torch_adamw'] or float('nan'):.2f} AdamW  "
+            f"roofline x{entry['roofline_ratio'] or float('nan'):.2f}"
+        )
     del opts
     del model
     gc.collect()
@@ -684,14 +833,23 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     load0 = _load()
     log(f"equiopt bench: torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads, load {load0}")
     rates = machine_rates(args.quick, device)
-    log(f"  machine: fp32 matmul {rates['mm32'] / 1e9:.1f} GFLOP/s, fp64 {rates['mm64'] / 1e9:.1f} GFLOP/s, "
-        f"copy {rates['copy_bw'] / 1e9:.1f} GB/s")
+    log(
+        f"  machine: fp32 matmul {rates['mm32'] / 1e9:.1f} GFLOP/s, fp64 {rates['mm64'] / 1e9:.1f} GFLOP/s, "
+        f"copy {rates['copy_bw'] / 1e9:.1f} GB/s"
+    )
     results = {
         "command": command,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": device_name, "load_before": load0, **rates},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": device_name,
+            "load_before": load0,
+            **rates,
+        },
         "models": [],
     }
     for size in sizes:
@@ -736,13 +894,17 @@ def _f(x, fmt="{:.2f}"):
 
 def _targets(results: dict) -> list[str]:
     """The issue's targets, measured: one row per model."""
-    out = ["## Targets", "",
-           "paper preset: step <= 1.15x the roofline time of its own FLOPs and bytes; <= 5% of forward+backward "
-           "(tiny models); >= 30x faster than torch.optim.Muon + AdamW; state = 1 buffer (4 B) per matrix parameter, "
-           "AdamW 2 (8 B). Median (best).", "",
-           "| model | paper / roofline | paper / fwd+bwd | torch Muon / paper | torch Muon / muon | paper vs paper_ref "
-           "| state B/param paper, muon, adamw | roofline rates: fp32 GFLOP/s, copy GB/s, load after |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Targets",
+        "",
+        "paper preset: step <= 1.15x the roofline time of its own FLOPs and bytes; <= 5% of forward+backward "
+        "(tiny models); >= 30x faster than torch.optim.Muon + AdamW; state = 1 buffer (4 B) per matrix parameter, "
+        "AdamW 2 (8 B). Median (best).",
+        "",
+        "| model | paper / roofline | paper / fwd+bwd | torch Muon / paper | torch Muon / muon | paper vs paper_ref "
+        "| state B/param paper, muon, adamw | roofline rates: fp32 GFLOP/s, copy GB/s, load after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         v = r["variants"]
         p = v.get("paper")
@@ -761,12 +923,18 @@ def _targets(results: dict) -> list[str]:
             f"{_f(ratio(tm, v.get('muon')), '{:.1f}x')} | "
             f"{_f(ratio(ref, p), '{:.2f}x faster')} | "
             + ", ".join(f"{v[k]['state_bytes_per_param']:.2f}" if k in v else "-" for k in ("paper", "muon", "adamw"))
-            + f" | {r['rates']['mm32'] / 1e9:.1f}, {r['rates']['copy_bw'] / 1e9:.1f}, {r['rates']['load']} |")
-    out += ["", "What bounds each target, from the same measurements: `floor` = the paper step at its roofline "
-            "(its own FLOPs at the measured fp32 matmul rate + its bytes at the copy bandwidth), i.e. the best any "
-            "implementation of these maps with these FLOPs could do here.", "",
-            "| model | roofline ms | floor of paper / fwd+bwd | tokens/step for a 5% floor | ceiling of torch Muon / paper "
-            "| matrix work: achieved GFLOP/s (of peak) |", "|---|---|---|---|---|---|"]
+            + f" | {r['rates']['mm32'] / 1e9:.1f}, {r['rates']['copy_bw'] / 1e9:.1f}, {r['rates']['load']} |"
+        )
+    out += [
+        "",
+        "What bounds each target, from the same measurements: `floor` = the paper step at its roofline "
+        "(its own FLOPs at the measured fp32 matmul rate + its bytes at the copy bandwidth), i.e. the best any "
+        "implementation of these maps with these FLOPs could do here.",
+        "",
+        "| model | roofline ms | floor of paper / fwd+bwd | tokens/step for a 5% floor | ceiling of torch Muon / paper "
+        "| matrix work: achieved GFLOP/s (of peak) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         p, tm = r["variants"].get("paper"), r["variants"].get("torch_muon")
         if not p or not p.get("roofline_s"):
@@ -775,24 +943,31 @@ def _targets(results: dict) -> list[str]:
         tokens = r["fwd_bwd_tokens"] * floor / 0.05
         ach = p.get("achieved_flops")
         peak = r["rates"].get("mm_polar", r["rates"]["mm32"])
-        out.append(f"| {r['arch']}/{r['size']} | {_ms(p['roofline_s'])} | {100 * floor:.1f}% | {tokens:,.0f} "
-                   f"({r['fwd_bwd_tokens']} measured) | {_f(tm and tm['median_s'] / p['roofline_s'], '{:.1f}x')} | "
-                   f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / peak, ' ({:.0f}%)')} |")
+        out.append(
+            f"| {r['arch']}/{r['size']} | {_ms(p['roofline_s'])} | {100 * floor:.1f}% | {tokens:,.0f} "
+            f"({r['fwd_bwd_tokens']} measured) | {_f(tm and tm['median_s'] / p['roofline_s'], '{:.1f}x')} | "
+            f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / peak, ' ({:.0f}%)')} |"
+        )
     out += [""] + _verdicts(results)
     comp = [(r, r["variants"]["paper_compile"]) for r in results["models"] if "paper_compile" in r["variants"]]
     for r, c in comp:
         p = r["variants"]["paper"]
-        out += ["", f"torch.compile (opt-in, {r['arch']}/{r['size']}, paper): median {_ms(c['median_s'])} ms vs eager "
-                f"{_ms(p['median_s'])} ms (x{p['median_s'] / c['median_s']:.2f} speed-up; best {_ms(c['min_s'])} vs "
-                f"{_ms(p['min_s'])}); compile warm-up {r.get('compile_warmup_s', 0):.0f} s; max relative difference "
-                f"compiled vs eager {r.get('compile_max_rel_diff', float('nan')):.1e}."]
+        out += [
+            "",
+            f"torch.compile (opt-in, {r['arch']}/{r['size']}, paper): median {_ms(c['median_s'])} ms vs eager "
+            f"{_ms(p['median_s'])} ms (x{p['median_s'] / c['median_s']:.2f} speed-up; best {_ms(c['min_s'])} vs "
+            f"{_ms(p['min_s'])}); compile warm-up {r.get('compile_warmup_s', 0):.0f} s; max relative difference "
+            f"compiled vs eager {r.get('compile_max_rel_diff', float('nan')):.1e}.",
+        ]
     out.append("")
     return out
 
 
 def _verdicts(results: dict) -> list[str]:
     """One line per target: the models that meet it and the measured range of those that do not."""
-    rows = [(f"{r['arch']}/{r['size']}", r, r["variants"]["paper"]) for r in results["models"] if "paper" in r["variants"]]
+    rows = [
+        (f"{r['arch']}/{r['size']}", r, r["variants"]["paper"]) for r in results["models"] if "paper" in r["variants"]
+    ]
 
     def line(name, values, ok, fmt):
         met = [m for m, v in values if v is not None and ok(v)]
@@ -804,19 +979,38 @@ def _verdicts(results: dict) -> list[str]:
 
     tm = {m: r["variants"].get("torch_muon") for m, r, _ in rows}
     return [
-        "Verdict (medians):", "",
-        line("step <= 1.15x its roofline", [(m, p["roofline_ratio"]) for m, _, p in rows], lambda v: v <= 1.15, "{:.2f}x"),
+        "Verdict (medians):",
+        "",
+        line(
+            "step <= 1.15x its roofline", [(m, p["roofline_ratio"]) for m, _, p in rows], lambda v: v <= 1.15, "{:.2f}x"
+        ),
         "  The fast path picks the faster route per shape, not the one nearest its roofline: the iterative "
-        "reference path (`paper_ref`) sits at " + ", ".join(
-            f"{m} {r['variants']['paper_ref']['roofline_ratio']:.2f}x" for m, r, _ in rows if "paper_ref" in r["variants"])
+        "reference path (`paper_ref`) sits at "
+        + ", ".join(
+            f"{m} {r['variants']['paper_ref']['roofline_ratio']:.2f}x"
+            for m, r, _ in rows
+            if "paper_ref" in r["variants"]
+        )
         + " of its own (larger) roofline while the Gram route's eigh counts at the fp64 matmul rate, which LAPACK's "
         "tridiagonalization does not reach.",
-        line("step <= 5% of forward+backward (tiny)", [(m, p["frac_fwd_bwd"]) for m, r, p in rows if r["size"] != "medium"],
-             lambda v: v <= 0.05, "{:.1%}"),
-        line(">= 30x faster than torch Muon + AdamW",
-             [(m, tm[m]["median_s"] / p["median_s"] if tm[m] else None) for m, _, p in rows], lambda v: v >= 30, "{:.1f}x"),
-        line("one state buffer per matrix parameter (<= 4 B/param plus AdamW's vectors)",
-             [(m, p["state_bytes_per_param"]) for m, _, p in rows], lambda v: v < 4.1, "{:.2f} B"),
+        line(
+            "step <= 5% of forward+backward (tiny)",
+            [(m, p["frac_fwd_bwd"]) for m, r, p in rows if r["size"] != "medium"],
+            lambda v: v <= 0.05,
+            "{:.1%}",
+        ),
+        line(
+            ">= 30x faster than torch Muon + AdamW",
+            [(m, tm[m]["median_s"] / p["median_s"] if tm[m] else None) for m, _, p in rows],
+            lambda v: v >= 30,
+            "{:.1f}x",
+        ),
+        line(
+            "one state buffer per matrix parameter (<= 4 B/param plus AdamW's vectors)",
+            [(m, p["state_bytes_per_param"]) for m, _, p in rows],
+            lambda v: v < 4.1,
+            "{:.2f} B",
+        ),
     ]
 
 
@@ -837,8 +1031,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"Machine (measured in the same process, best of repeats): fp32 matrix product "
         f"{m['mm32'] / 1e9:.1f} GFLOP/s (median {m['mm32_median'] / 1e9:.1f}), fp64 {m['mm64'] / 1e9:.1f} GFLOP/s, "
-        + (f"bf16 {m['mm16'] / 1e9:.1f} GFLOP/s (the polar iterations' dtype here), " if "mm16" in m else "") +
-        f"small batched fp32 bmm [48,32,128] {m['bmm_small32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
+        + (f"bf16 {m['mm16'] / 1e9:.1f} GFLOP/s (the polar iterations' dtype here), " if "mm16" in m else "")
+        + f"small batched fp32 bmm [48,32,128] {m['bmm_small32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
         f"{m['copy_bw'] / 1e9:.1f} GB/s (read+write). Re-measured after each model; each model's roofline uses "
         "the best of the two (listed under Targets).",
         "",
@@ -854,10 +1048,13 @@ def render_markdown(results: dict) -> str:
         models = [r for r in results["models"] if r["size"] == size]
         if not models:
             continue
-        lines += [f"## {size} models", "",
-                  "| model | params | fwd+bwd (tokens) | optimizer | median ms | best-worst ms | reps | xAdamW (best) "
-                  "| torch Muon / this | %fwd+bwd | roofline x (best) | state B/param | GFLOP | MB moved |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {size} models",
+            "",
+            "| model | params | fwd+bwd (tokens) | optimizer | median ms | best-worst ms | reps | xAdamW (best) "
+            "| torch Muon / this | %fwd+bwd | roofline x (best) | state B/param | GFLOP | MB moved |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in models:
             first = True
             for v, e in r["variants"].items():
@@ -865,12 +1062,15 @@ def render_markdown(results: dict) -> str:
                 gfl = (fl["mm32"] + fl["mm64"] + fl["eig"]) / 1e9
                 lines.append(
                     f"| {r['arch'] if first else ''} | {r['params'] / 1e6:.1f}M | "
-                    f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
+                    f"{_ms(r['fwd_bwd_s']) + ' ms' if first else ''}"
+                    f"{(' (' + str(r['fwd_bwd_tokens']) + ')') if first else ''} | "
                     f"{v} | {_ms(e['median_s'])} | {_ms(e['min_s'])}-{_ms(e['max_s'])} | {e['repeats']} | "
-                    f"{_f(e['vs_torch_adamw'])} ({_f(e.get('vs_torch_adamw_best'))}) | {_f(e['torch_muon_over_this'], '{:.1f}')} | "
+                    f"{_f(e['vs_torch_adamw'])} ({_f(e.get('vs_torch_adamw_best'))}) | "
+                    f"{_f(e['torch_muon_over_this'], '{:.1f}')} | "
                     f"{_f(100 * e['frac_fwd_bwd'], '{:.1f}%')} | {_f(e['roofline_ratio'])} "
                     f"({_f(e['min_s'] / e['roofline_s'] if e['roofline_s'] else None)}) | "
-                    f"{e['state_bytes_per_param']:.2f} | {gfl:.3f} | {fl['bytes'] / 1e6:.1f} |")
+                    f"{e['state_bytes_per_param']:.2f} | {gfl:.3f} | {fl['bytes'] / 1e6:.1f} |"
+                )
                 first = False
         lines.append("")
     lines += _targets(results)
@@ -879,25 +1079,38 @@ def render_markdown(results: dict) -> str:
     for r in results["models"]:
         for v, e in r["variants"].items():
             if e.get("achieved_flops") or e.get("achieved_bytes_per_s"):
-                rows.append(f"| {r['arch']}/{r['size']} | {v} | {_f(e.get('profile_matrix_s') and e['profile_matrix_s'] * 1e3, '{:.1f}')} | "
-                            f"{_f(e.get('achieved_flops') and e['achieved_flops'] / 1e9, '{:.1f}')} | "
-                            f"{_f(e.get('achieved_flops') and 100 * e['achieved_flops'] / m['mm32'], '{:.0f}%')} | "
-                            f"{_f(e.get('profile_other_s') and e['profile_other_s'] * 1e3, '{:.1f}')} | "
-                            f"{_f(e.get('achieved_bytes_per_s') and e['achieved_bytes_per_s'] / 1e9, '{:.1f}')} | "
-                            f"{_f(e.get('achieved_bytes_per_s') and 100 * e['achieved_bytes_per_s'] / m['copy_bw'], '{:.0f}%')} |")
+                bw = e.get("achieved_bytes_per_s")
+                rows.append(
+                    f"| {r['arch']}/{r['size']} | {v} | "
+                    f"{_f(e.get('profile_matrix_s') and e['profile_matrix_s'] * 1e3, '{:.1f}')} | "
+                    f"{_f(e.get('achieved_flops') and e['achieved_flops'] / 1e9, '{:.1f}')} | "
+                    f"{_f(e.get('achieved_flops') and 100 * e['achieved_flops'] / m['mm32'], '{:.0f}%')} | "
+                    f"{_f(e.get('profile_other_s') and e['profile_other_s'] * 1e3, '{:.1f}')} | "
+                    f"{_f(e.get('achieved_bytes_per_s') and e['achieved_bytes_per_s'] / 1e9, '{:.1f}')} | "
+                    f"{_f(bw and 100 * bw / m['copy_bw'], '{:.0f}%')} |"
+                )
     if rows:
-        lines += ["## Achieved rates (one profiled step)", "",
-                  "Matrix work = matrix products and eigh (profiler self time); its FLOPs are the analytic counts. "
-                  "Elementwise work = every other op; its bytes are the essential traffic (see `step_cost`).", "",
-                  "| model | optimizer | matrix ms | GFLOP/s | of fp32 peak | elementwise ms | GB/s | of copy bw |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Achieved rates (one profiled step)",
+            "",
+            "Matrix work = matrix products and eigh (profiler self time); its FLOPs are the analytic counts. "
+            "Elementwise work = every other op; its bytes are the essential traffic (see `step_cost`).",
+            "",
+            "| model | optimizer | matrix ms | GFLOP/s | of fp32 peak | elementwise ms | GB/s | of copy bw |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         lines += rows
         lines.append("")
     # maps
-    lines += ["## FLOPs per map (fast path, per step)", "",
-              "Wide [m, n] orientation (m <= n); `route`: iterative = the polynomial iterations on stacked batches; "
-              "gram = the same polynomial evaluated on the eigenvalues of the m x m Gram (float64 eigh).", "",
-              "| model | preset | role | map | logical shape | matrices | route | GFLOP |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## FLOPs per map (fast path, per step)",
+        "",
+        "Wide [m, n] orientation (m <= n); `route`: iterative = the polynomial iterations on stacked batches; "
+        "gram = the same polynomial evaluated on the eigenvalues of the m x m Gram (float64 eigh).",
+        "",
+        "| model | preset | role | map | logical shape | matrices | route | GFLOP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         for v in ("muon", "paper"):
             e = r["variants"].get(v)
@@ -906,8 +1119,10 @@ def render_markdown(results: dict) -> str:
             for row in e.get("maps", []):
                 if row["map"] == "adamw":
                     continue
-                lines.append(f"| {r['arch']}/{r['size']} | {v} | {row['role']} | {row['map']} | {row['shape']} | "
-                             f"{row['count']} | {row['route']} | {row['flops'] / 1e9:.4f} |")
+                lines.append(
+                    f"| {r['arch']}/{r['size']} | {v} | {row['role']} | {row['map']} | {row['shape']} | "
+                    f"{row['count']} | {row['route']} | {row['flops'] / 1e9:.4f} |"
+                )
     lines.append("")
     notes = sorted({e["note"] for r in results["models"] for e in r["variants"].values() if e.get("note")})
     if notes:

@@ -8,6 +8,7 @@ without the nuclear-norm factor of the hybrid / scaled polar maps), the faster r
 route the current cost model picks, and least-squares constants for ``fastpath.COST``.
 Best-of-repeats (not the median) is used: it estimates the unloaded cost on a shared machine.
 """
+
 import argparse
 import sys
 import time
@@ -35,8 +36,11 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--chunks", action="store_true",
-                    help="instead: time one stacked batch vs chunks of it (the stack_bytes cut of fastpath)")
+    ap.add_argument(
+        "--chunks",
+        action="store_true",
+        help="instead: time one stacked batch vs chunks of it (the stack_bytes cut of fastpath)",
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -52,19 +56,29 @@ def main():
             shapes.append((N, m, n))
     rows = []
     print(f"threads {torch.get_num_threads()}")
-    print(f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | best  model | best+nuc model")
+    print(
+        f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | "
+        "best  model | best+nuc model"
+    )
     for N, m, n in shapes:
         x = torch.randn(N, m, n)
         t = {}
         for nuc in (False, True):
             alpha = 1.0 if nuc else None
-            t["iter", nuc] = best(lambda: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps)
-            t["gram", nuc] = best(lambda: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps)
+            t["iter", nuc] = best(
+                lambda x=x, alpha=alpha: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps
+            )
+            t["gram", nuc] = best(
+                lambda x=x, alpha=alpha: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps
+            )
         pick = [fastpath.choose_polar_route(m, n, 5, nuc, device=x.device, cdt=x.dtype) for nuc in (False, True)]
         fast = ["gram" if t["gram", nuc] < t["iter", nuc] else "iterative" for nuc in (False, True)]
-        print(f"{N:4d} {m:4d} {n:5d} | {t['iter', False] * 1e3:8.3f}m {t['gram', False] * 1e3:8.3f}m | "
-              f"{t['iter', True] * 1e3:8.3f}m {t['gram', True] * 1e3:8.3f}m | {fast[0][:4]} {pick[0][:4]} | "
-              f"{fast[1][:4]} {pick[1][:4]}", flush=True)
+        print(
+            f"{N:4d} {m:4d} {n:5d} | {t['iter', False] * 1e3:8.3f}m {t['gram', False] * 1e3:8.3f}m | "
+            f"{t['iter', True] * 1e3:8.3f}m {t['gram', True] * 1e3:8.3f}m | {fast[0][:4]} {pick[0][:4]} | "
+            f"{fast[1][:4]} {pick[1][:4]}",
+            flush=True,
+        )
         rows.append((N, m, n, t))
     fit(rows)
 
@@ -97,7 +111,7 @@ def fit(rows):
     for k, v in zip(names, sol):
         print(f"  {k}: {v:.4g}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
     agree = total = 0
-    for m, n, t, N, it, it_nuc, gr in cases:
+    for _m, _n, t, _N, it, it_nuc, gr in cases:
         for nuc, feat in ((False, it), (True, it_nuc)):
             pred_iter, pred_gram = float(np.dot(feat, sol)), float(np.dot(gr, sol))
             total += 1
@@ -114,8 +128,12 @@ def chunks(a):
         for c in sorted({N, 16, 8, 4, 2, 1}, reverse=True):
             if c > N:
                 continue
-            t = best(lambda: [fastpath.iterative_polar(x[i:i + c], "polar_express", None, alpha=1.0)
-                              for i in range(0, N, c)], a.reps)
+            t = best(
+                lambda x=x, c=c, N=N: [
+                    fastpath.iterative_polar(x[i : i + c], "polar_express", None, alpha=1.0) for i in range(0, N, c)
+                ],
+                a.reps,
+            )
             res.append(f"c{c}:{t * 1e3:.1f}")
         print(f"[{N}, {m}, {n}] ({m * n * 4 / 2**10:.0f} KiB each): " + " ".join(res), flush=True)
 

@@ -13,6 +13,7 @@
    s_min / (1.01 ||X||_F) per role, and the actual max deviation of the k-step outputs from
    the exact polar factor U V^T (SVD) on those matrices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,13 @@ def minimax_quintic(lo, hi):
 
 
 def greedy_schedule(lo, steps, hi=1.0):
-    out, l, u = [], lo, hi
+    out, lower, upper = [], lo, hi
     for _ in range(steps):
-        (a, b, c), _ = minimax_quintic(l, u)
+        (a, b, c), _ = minimax_quintic(lower, upper)
         out.append((a, b, c))
-        g = np.linspace(l, u, 20001)
+        g = np.linspace(lower, upper, 20001)
         v = a * g + b * g**3 + c * g**5
-        l, u = float(v.min()), float(v.max())
+        lower, upper = float(v.min()), float(v.max())
     return out
 
 
@@ -72,22 +73,39 @@ def schedule_tables(lines):
     paper = list(POLAR_EXPRESS_COEFFS)
     los = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     # inputs are x / (1.01 ||x||_F): singular values in [l, 1/1.01]
-    lines += ["## 1. The paper's schedule truncated at k steps", "",
-              "sup |P_k(x) - 1| for normalized singular values x in [l, 1/1.01] (the safety factor's range).", "",
-              "| k | " + " | ".join(f"l={lo:g}" for lo in los) + " |", "|---" * (len(los) + 1) + "|"]
+    lines += [
+        "## 1. The paper's schedule truncated at k steps",
+        "",
+        "sup |P_k(x) - 1| for normalized singular values x in [l, 1/1.01] (the safety factor's range).",
+        "",
+        "| k | " + " | ".join(f"l={lo:g}" for lo in los) + " |",
+        "|---" * (len(los) + 1) + "|",
+    ]
     for k in range(2, 9):
-        lines.append(f"| {k} | " + " | ".join(f"{sup_err(paper[:k], lo, 1 / POLAR_EXPRESS_SAFETY):.3g}" for lo in los) + " |")
+        lines.append(
+            f"| {k} | " + " | ".join(f"{sup_err(paper[:k], lo, 1 / POLAR_EXPRESS_SAFETY):.3g}" for lo in los) + " |"
+        )
     target = sup_err(paper[:5], 1e-3, 1 / POLAR_EXPRESS_SAFETY)
-    lines += ["", f"5-step accuracy of the paper preset: {target:.3g} (on [1e-3, 1]).", "",
-              "## 2. Greedy minimax schedules for [l, 1]", "",
-              "Steps a schedule designed for [l, 1] needs to reach the 5-step paper accuracy on [l, 1], and its sup error after 3-5 steps.", "",
-              "| l | steps to reach | 3 steps | 4 steps | 5 steps | first (a, b, c) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"5-step accuracy of the paper preset: {target:.3g} (on [1e-3, 1]).",
+        "",
+        "## 2. Greedy minimax schedules for [l, 1]",
+        "",
+        "Steps a schedule designed for [l, 1] needs to reach the 5-step paper accuracy on [l, 1], "
+        "and its sup error after 3-5 steps.",
+        "",
+        "| l | steps to reach | 3 steps | 4 steps | 5 steps | first (a, b, c) |",
+        "|---|---|---|---|---|---|",
+    ]
     for lo in los:
         sch = greedy_schedule(lo, 6)
         errs = [sup_err(sch[:k], lo) for k in range(1, 7)]
         need = next((k + 1 for k, e in enumerate(errs) if e <= target), ">6")
         a, b, c = sch[0]
-        lines.append(f"| {lo:g} | {need} | {errs[2]:.3g} | {errs[3]:.3g} | {errs[4]:.3g} | ({a:.3f}, {b:.3f}, {c:.3f}) |")
+        lines.append(
+            f"| {lo:g} | {need} | {errs[2]:.3g} | {errs[3]:.3g} | {errs[4]:.3g} | ({a:.3f}, {b:.3f}, {c:.3f}) |"
+        )
     lines.append("")
     return target
 
@@ -102,11 +120,18 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
     shards = sorted(glob.glob("data_cache/corpora/shakespeare-*/bpe4096/train.bin"))
     tokens = np.fromfile(shards[0], dtype=np.uint16).astype(np.int64) if shards else None
     src = shards[0] if shards else "random tokens"
-    lines += ["## 3. Real inputs of the polar maps", "",
-              f"Paper preset, {steps} steps of batch 8 x 128 from `{src}`; inputs collected at the last step. "
-              "x_min = smallest singular value / (1.01 ||X||_F) per logical matrix (min over matrices / median); "
-              "dev_k = max over matrices of ||P_k(X) - U V^T||_2 (k Polar Express steps vs the exact polar factor; 1.0 for rank-deficient inputs such as unrouted experts, whose null directions the SVD maps to 1 and the iterations to 0).", "",
-              "| model | role | matrices | shape | x_min (min / median) | dev_3 | dev_4 | dev_5 | dev_6 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## 3. Real inputs of the polar maps",
+        "",
+        f"Paper preset, {steps} steps of batch 8 x 128 from `{src}`; inputs collected at the last step. "
+        "x_min = smallest singular value / (1.01 ||X||_F) per logical matrix (min over matrices / median); "
+        "dev_k = max over matrices of ||P_k(X) - U V^T||_2 (k Polar Express steps vs the exact polar factor; "
+        "1.0 for rank-deficient inputs such as unrouted experts, whose null directions the SVD maps to 1 "
+        "and the iterations to 0).",
+        "",
+        "| model | role | matrices | shape | x_min (min / median) | dev_3 | dev_4 | dev_5 | dev_6 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     from equiopt import maps
 
     for arch in archs:
@@ -115,10 +140,10 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
         opt = equiopt.build(model, preset="paper")
         g = torch.Generator().manual_seed(0)
         V = cfg.vocab_size
-        for step in range(steps):
+        for _step in range(steps):
             if tokens is not None:
                 starts = torch.randint(0, len(tokens) - 130, (8,), generator=g).numpy()
-                batch = torch.from_numpy(np.stack([tokens[s:s + 129] for s in starts])) % V
+                batch = torch.from_numpy(np.stack([tokens[s : s + 129] for s in starts])) % V
             else:
                 batch = torch.randint(0, V, (8, 129), generator=g)
             opt.zero_grad()
@@ -138,7 +163,7 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
             by_shape = {}
             for x in xs:
                 by_shape.setdefault(tuple(x.shape[-2:]), []).append(x)
-            for shape, group_xs in by_shape.items():
+            for group_xs in by_shape.values():
                 X = torch.cat(group_xs)
                 s = torch.linalg.svdvals(X)
                 xmin = (s[:, -1] / (POLAR_EXPRESS_SAFETY * s.norm(dim=-1))).numpy()
@@ -148,8 +173,10 @@ def real_spectra(lines, steps: int, archs=("qwen3", "olmoe")):
                 for k in (3, 4, 5, 6):
                     d = torch.linalg.matrix_norm(polar_express(X, steps=k) - exact, ord=2)
                     devs.append(float(d.max()))
-                lines.append(f"| {arch} | {group['role']} | {X.shape[0]} | {X.shape[1]}x{X.shape[2]} | "
-                             f"{xmin.min():.2e} / {np.median(xmin):.2e} | " + " | ".join(f"{d:.3f}" for d in devs) + " |")
+                lines.append(
+                    f"| {arch} | {group['role']} | {X.shape[0]} | {X.shape[1]}x{X.shape[2]} | "
+                    f"{xmin.min():.2e} / {np.median(xmin):.2e} | " + " | ".join(f"{d:.3f}" for d in devs) + " |"
+                )
     lines.append("")
 
 
@@ -159,8 +186,12 @@ def main():
     ap.add_argument("--out", default=None, help="also write the report to this file")
     a = ap.parse_args()
     t0 = time.time()
-    lines = ["# Polar Express: how many iterations?", "",
-             f"Command: `python benchmarks/polar_steps.py {' '.join(sys.argv[1:])}`", ""]
+    lines = [
+        "# Polar Express: how many iterations?",
+        "",
+        f"Command: `python benchmarks/polar_steps.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
     schedule_tables(lines)
     real_spectra(lines, a.steps)
     lines.append(f"({time.time() - t0:.0f} s)")

@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules (pytest loads this file itself)."""
+
 import pytest
 import torch
 

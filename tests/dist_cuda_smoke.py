@@ -26,9 +26,17 @@ def tiny_qwen3(device):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "eager"
     return Qwen3ForCausalLM(cfg).float().to(device)
 
@@ -51,8 +59,10 @@ def step_once(model, opt, step, device):
 def params_of(model):
     from torch.distributed.tensor import DTensor
 
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for n, p in D.unwrap(model).named_parameters()}
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in D.unwrap(model).named_parameters()
+    }
 
 
 def main(out: Path) -> int:
@@ -78,8 +88,11 @@ def main(out: Path) -> int:
                         paths |= set(D.param_paths(opt, g).values())
             good = d <= 1e-6 and dn <= 1e-6
             ok &= good
-            print(f"{'ok ' if good else 'BAD'} {mode:5s} {preset:5s} max|diff| {d:.1e} grad-norm rel {dn:.1e} paths {sorted(paths)}",
-                  flush=True)
+            print(
+                f"{'ok ' if good else 'BAD'} {mode:5s} {preset:5s} max|diff| {d:.1e} grad-norm rel {dn:.1e} "
+                f"paths {sorted(paths)}",
+                flush=True,
+            )
             ck = out / f"ck_{mode}_{preset}"
             D.save_checkpoint(ck, model, opt, extra={"step": 3})
             cont = [step_once(model, opt, s, info.device) for s in range(3, 5)]

@@ -23,12 +23,12 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from plain_gpt import FUSED_LAYOUTS, PlainGPT  # noqa: E402
-
 from equiopt import distributed as D  # noqa: E402
 from equiopt.layouts import Layout  # noqa: E402
 from equiopt.optimizer import EquiOptimizer  # noqa: E402
 from equiopt.presets import DEFAULTS  # noqa: E402
+
+from plain_gpt import FUSED_LAYOUTS, PlainGPT  # noqa: E402
 
 PRESETS = ("adamw", "muon", "paper")
 MODES = ("ddp", "fsdp2")
@@ -175,8 +175,12 @@ def run_none_and_skip(out: Path, mesh) -> None:
     opt = EquiOptimizer(groups)
     ref_c = nn.Parameter(case_tensors(3, (11, 6)))
     ref_d = nn.Parameter(case_tensors(4, (7, 6)))
-    ref = EquiOptimizer([{**DEFAULTS, "map": "polar", "lr": 0.1, "params": [ref_c]},
-                         {**DEFAULTS, "map": "centered_row_norm", "lr": 0.1, "params": [ref_d]}])
+    ref = EquiOptimizer(
+        [
+            {**DEFAULTS, "map": "polar", "lr": 0.1, "params": [ref_c]},
+            {**DEFAULTS, "map": "centered_row_norm", "lr": 0.1, "params": [ref_d]},
+        ]
+    )
     rank = torch.distributed.get_rank()
     for step in range(3):
         gc, gd = case_tensors(10 + step, (11, 6)), case_tensors(20 + step, (7, 6))
@@ -260,8 +264,16 @@ def make_model(arch: str = "plain") -> nn.Module:
     torch.manual_seed(0)
     if arch == "plain":
         return ExtraGPT()
-    common = dict(vocab_size=HF_VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, head_dim=8,
-                  max_position_embeddings=32, tie_word_embeddings=False, attn_implementation="eager")
+    common = dict(
+        vocab_size=HF_VOCAB,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        head_dim=8,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     if arch == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -269,8 +281,16 @@ def make_model(arch: str = "plain") -> nn.Module:
     if arch == "olmoe":
         from transformers import OlmoeConfig, OlmoeForCausalLM
 
-        cfg = OlmoeConfig(intermediate_size=8, num_key_value_heads=3, num_experts=3, num_experts_per_tok=2,
-                          eos_token_id=None, pad_token_id=None, bos_token_id=None, **common)
+        cfg = OlmoeConfig(
+            intermediate_size=8,
+            num_key_value_heads=3,
+            num_experts=3,
+            num_experts_per_tok=2,
+            eos_token_id=None,
+            pad_token_id=None,
+            bos_token_id=None,
+            **common,
+        )
         return OlmoeForCausalLM(cfg).float()
     raise ValueError(arch)
 
@@ -386,16 +406,22 @@ def run_train(out: Path) -> None:
                     dist_step(model, opt, step, arch)
             params = full_params(model)
             if D.is_rank0():
-                torch.save({"params": params, "comm": dict(stats.bytes), "paths": paths},
-                           out / f"train_{mode}_paper_{arch}.pt")
+                torch.save(
+                    {"params": params, "comm": dict(stats.bytes), "paths": paths}, out / f"train_{mode}_paper_{arch}.pt"
+                )
             timings[f"{mode}_paper_{arch}"] = time.perf_counter() - t0
     # checkpoint: train CKPT_STEP steps, save, continue RESUME_STEPS steps
     for mode in MODES:
         model, opt = dist_setup(mode, "paper")
         for step in range(CKPT_STEP):
             dist_step(model, opt, step)
-        D.save_checkpoint(out / f"ckpt_{mode}", model, opt, extra={"step": CKPT_STEP},
-                          rank_extra={"rank": torch.distributed.get_rank()})
+        D.save_checkpoint(
+            out / f"ckpt_{mode}",
+            model,
+            opt,
+            extra={"step": CKPT_STEP},
+            rank_extra={"rank": torch.distributed.get_rank()},
+        )
         for step in range(CKPT_STEP, CKPT_STEP + RESUME_STEPS):
             dist_step(model, opt, step)
         params = full_params(model)
@@ -432,14 +458,15 @@ def run_wide(out: Path, info) -> None:
     for mname, mesh in meshes.items():
         placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
 
-        def shard(t):
+        def shard(t, mesh=mesh, placements=placements):  # bound now (B023); used in this iteration only
             return distribute_tensor(t, mesh, placements, src_data_rank=None)
 
         for spec_name in MAP_SPECS:
             params = {n: nn.Parameter(shard(case_tensors(i, s))) for i, (n, s, _) in enumerate(LAYOUT_CASES)}
             layouts = {params[n]: lay for n, _, lay in LAYOUT_CASES}
-            opt = EquiOptimizer([map_group(spec_name, list(params.values()))], layouts=layouts,
-                                names={p: n for n, p in params.items()})
+            opt = EquiOptimizer(
+                [map_group(spec_name, list(params.values()))], layouts=layouts, names={p: n for n, p in params.items()}
+            )
             for step in range(MAP_STEPS):
                 for i, (n, s, _) in enumerate(LAYOUT_CASES):
                     params[n].grad = shard(case_tensors(1000 * (step + 1) + i, s))

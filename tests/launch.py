@@ -1,5 +1,6 @@
 """Run ``python -m torch.distributed.run --standalone`` with a wall-clock timeout: the
 process group is killed and the test fails instead of hanging."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def torchrun(nproc: int, args: list[str], *, timeout: float, label: str, pythonp
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("EQUIOPT_DIST_TIMEOUT", "90")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -2,6 +2,7 @@
 
 Moved from tests/test_fastpath.py with the benchmark, which left the library package.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -16,8 +17,17 @@ import bench  # noqa: E402  (benchmarks/bench.py)
 def test_bench_quick_smoke(tmp_path):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--quick", "--variants", "torch_adamw,adamw,paper",
-                              "--out-md", str(tmp_path / "b.md"), "--out-json", str(tmp_path / "b.json")])
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--variants",
+            "torch_adamw,adamw,paper",
+            "--out-md",
+            str(tmp_path / "b.md"),
+            "--out-json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     res = bench.run_bench(args, log=lambda s: None)
     (model,) = res["models"]
     assert model["arch"] == "qwen3" and model["size"] == "micro"
@@ -50,8 +60,18 @@ def test_bench_cuda_without_cuda_is_a_clear_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_quick_on_cuda(tmp_path):
 
-    res = bench.run_bench(_bench_args("--quick", "--device", "cuda", "--variants", "torch_adamw,torch_muon,paper",
-                                      "--out-json", str(tmp_path / "b.json")), log=lambda s: None)
+    res = bench.run_bench(
+        _bench_args(
+            "--quick",
+            "--device",
+            "cuda",
+            "--variants",
+            "torch_adamw,torch_muon,paper",
+            "--out-json",
+            str(tmp_path / "b.json"),
+        ),
+        log=lambda s: None,
+    )
     m = res["machine"]
     assert m["device"] != "cpu" and m["mm16"] > 0 and m["mm_polar"] == m["mm16"]
     v = res["models"][0]["variants"]

@@ -90,8 +90,17 @@ def hf_model(arch: str):
         from equiopt.train.models import ModelConfig, build_model
 
         transformers.logging.set_verbosity_error()
-        kw = dict(arch=arch, vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, max_seq_len=32)
+        kw = dict(
+            arch=arch,
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            max_seq_len=32,
+        )
         if arch == "gemma3":
             kw.update(tie_embeddings=True, layer_types=["sliding_attention", "full_attention"], sliding_window=16)
         if arch in ("olmoe", "gptoss"):
@@ -184,7 +193,7 @@ MAP_CASES = [
 def mixed_optimizer(spec: dict, dtype=torch.float32):
     torch.manual_seed(1)
     params = [nn.Parameter(torch.randn(s, dtype=dtype)) for s, _ in MIXED]
-    layouts = {p: parse_layout(l) for p, (_, l) in zip(params, MIXED)}
+    layouts = {p: parse_layout(lay) for p, (_, lay) in zip(params, MIXED)}
     return EquiOptimizer([{"params": params, **spec}], layouts=layouts), params
 
 
@@ -268,8 +277,9 @@ def test_zero_lines_and_zero_matrix_exact(route):
     x[1, :, 5] = 0  # zero column
     x[2] = 0  # zero matrix
     for order in ("row_then_polar", "polar_then_row"):
-        out = fastpath._polar_batch(x, "polar_express", None, None, 1.0 if order == "row_then_polar" else None,
-                                    1.0, route, False)
+        out = fastpath._polar_batch(
+            x, "polar_express", None, None, 1.0 if order == "row_then_polar" else None, 1.0, route, False
+        )
         assert torch.all(out[0, 2] == 0) and torch.all(out[1, :, 5] == 0) and torch.all(out[2] == 0)
         assert torch.isfinite(out).all()
     # polar_then_row: a zero row must not be blown up to a unit row by rounding noise
@@ -411,6 +421,10 @@ def test_route_cost_model_favours_iterations_with_more_threads():
         torch.set_num_threads(threads)
     for s in shapes:
         order = [picks[t][s] for t in (1, 2, 16)]
-        assert order in (["gram"] * 3, ["iterative"] * 3, ["gram", "iterative", "iterative"],
-                         ["gram", "gram", "iterative"]), (s, order)
+        assert order in (
+            ["gram"] * 3,
+            ["iterative"] * 3,
+            ["gram", "iterative", "iterative"],
+            ["gram", "gram", "iterative"],
+        ), (s, order)
     assert picks[2][(128, 1024)] == "gram" and picks[16][(128, 1024)] == "iterative"

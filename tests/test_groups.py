@@ -71,7 +71,7 @@ def test_gradient_action_is_contragredient(f):
     C = torch.randn(2, m, n, dtype=DT, generator=gen(3))
 
     def loss(w):
-        return (torch.sin(w) * C).sum() + (w ** 2).sum() * 0.1
+        return (torch.sin(w) * C).sum() + (w**2).sum() * 0.1
 
     w = torch.randn(2, m, n, dtype=DT, generator=gen(4), requires_grad=True)
     (gw,) = torch.autograd.grad(loss(w), w)
@@ -212,7 +212,7 @@ def test_rope_rotations_commute_with_rope(pairing):
     R = rope_rotations(3, n, gen(16), pairing=pairing)
     a, b = rope_planes(n, pairing)
     pos = torch.zeros(n, n, dtype=DT)  # a RoPE position rotation with frequencies per plane
-    ang = torch.tensor([0.3 * 1.7 ** k for k in range(n // 2)], dtype=DT)
+    ang = torch.tensor([0.3 * 1.7**k for k in range(n // 2)], dtype=DT)
     pos[a, a], pos[a, b], pos[b, a], pos[b, b] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
     torch.testing.assert_close(R @ pos, pos @ R, rtol=0, atol=1e-13)
     torch.testing.assert_close(R @ R.mT, torch.eye(n, dtype=DT).expand(3, n, n), rtol=0, atol=1e-13)

@@ -1,5 +1,6 @@
 """Reliability of the training harness (issue #12): one run per directory, no silent
 clobbering, config-checked resume, I/O faults, token-id checks, option validation, signals."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _text(seed, n):
     rng = random.Random(seed)
-    words = ("the king and queen of a land far away did speak to all their men at night "
-             "while wind and rain fell on every field and hill").split()
+    words = (
+        "the king and queen of a land far away did speak to all their men at night "
+        "while wind and rain fell on every field and hill"
+    ).split()
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
 
 
@@ -49,8 +52,18 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, out, **kw):
-    base = dict(steps=6, batch_size=4, seq_len=32, eval_every=2, eval_tokens=256, ckpt_every=3, warmup=2,
-                model=dict(TINY), data=corpus[0], out=str(out))
+    base = dict(
+        steps=6,
+        batch_size=4,
+        seq_len=32,
+        eval_every=2,
+        eval_tokens=256,
+        ckpt_every=3,
+        warmup=2,
+        model=dict(TINY),
+        data=corpus[0],
+        out=str(out),
+    )
     base.update(kw)
     return L.TrainConfig(**base)
 
@@ -65,15 +78,43 @@ def _strip(recs):
 
 def _cli_args(corpus, out, *extra):
     data = corpus[0]
-    return ["train", "--model", MODEL, "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "256",
-            "--warmup", "2", "--data", data.source, "--vocab-size", "320", "--cache", data.cache,
-            "--no-progress", "--threads", "1", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        MODEL,
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-tokens",
+        "256",
+        "--warmup",
+        "2",
+        "--data",
+        data.source,
+        "--vocab-size",
+        "320",
+        "--cache",
+        data.cache,
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _spawn(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "equiopt", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "equiopt", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for(pred, timeout=60.0, proc=None):
@@ -100,8 +141,7 @@ def test_second_process_on_a_running_directory_is_refused_then_sigterm_checkpoin
     out = tmp_path / "run"
     first = _spawn(_cli_args(corpus, out, "--steps", "100000", "--eval-every", "5", "--ckpt-every", "0"))
     try:
-        _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0,
-                  proc=first)
+        _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, proc=first)
         holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == first.pid and holder["host"] and holder["started"]
         second = _spawn(_cli_args(corpus, out, "--steps", "4", "--overwrite"))
@@ -124,15 +164,16 @@ def test_second_process_on_a_running_directory_is_refused_then_sigterm_checkpoin
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere", "started": "yesterday",
-                                           "command": "equiopt train"}))
+    (out / ".lock").write_text(
+        json.dumps({"pid": 999999, "host": "elsewhere", "started": "yesterday", "command": "equiopt train"})
+    )
     (out / "checkpoint.pt.x1.tmp").write_bytes(b"half")  # left by the dead process
     logs = []
     with R.RunDir(out).lock(log=logs.append):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-        with pytest.raises(R.RunLocked, match=f"pid {os.getpid()}"):  # held: a second holder is refused
-            with R.RunDir(out).lock(log=logs.append):
-                pass
+        # held: a second holder is refused
+        with pytest.raises(R.RunLocked, match=f"pid {os.getpid()}"), R.RunDir(out).lock(log=logs.append):
+            pass
     assert any("stale lock of pid 999999 on elsewhere" in m for m in logs)
     assert not (out / "checkpoint.pt.x1.tmp").exists()
     with R.RunDir(out).lock(log=logs.append):  # released: a later run takes it without complaint
@@ -181,9 +222,11 @@ def test_checkpoint_records_config_and_commit_and_resume_checks_them(corpus, tmp
     assert state["config"] == cfg.to_dict() and state["git_revision"] == L.git_revision()
     # config.json says otherwise: the checkpoint is what counts
     (Path(cfg.out) / "config.json").write_text(json.dumps({**cfg.to_dict(), "grad_clip": 5.0}))
-    for change, msg in ((dict(lr_scale=2.0), r"lr_scale: 1.0 in the checkpoint, 2.0 now"),
-                        (dict(seed=3, grad_clip=1.0), r"grad_clip: 0.0 in the checkpoint, 1.0 now; seed: 0"),
-                        (dict(data=dataclasses.replace(cfg.data, val_fraction=0.1)), r"data.val_fraction: 0.05")):
+    for change, msg in (
+        (dict(lr_scale=2.0), r"lr_scale: 1.0 in the checkpoint, 2.0 now"),
+        (dict(seed=3, grad_clip=1.0), r"grad_clip: 0.0 in the checkpoint, 1.0 now; seed: 0"),
+        (dict(data=dataclasses.replace(cfg.data, val_fraction=0.1)), r"data.val_fraction: 0.05"),
+    ):
         with pytest.raises(ValueError, match=msg):
             _train(dataclasses.replace(cfg, **change), corpus, resume=True)
     longer = dataclasses.replace(cfg, steps=10)  # the step count may change
@@ -209,8 +252,10 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(corpus, tmp_path, mo
         Path(f).write_bytes(b"PK\x03\x04 partial")
         if fault == "oserror":
             raise OSError(errno.ENOSPC, "No space left on device")
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
-                           "file data/3: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+            "file data/3: file write failed"
+        )
 
     monkeypatch.setattr(R.torch, "save", save)
     cause = "no space left on device" if fault == "oserror" else ".*file write failed; .*MiB free"
@@ -254,7 +299,8 @@ def test_disk_full_during_a_metrics_append_leaves_whole_records(tmp_path, monkey
         def flush(self):
             self.f.flush()
 
-    monkeypatch.setattr(R, "open", lambda p, mode: Full(open(p, mode)), raising=False)
+    # the file goes to rundir's own `with open(...)`, which closes it (through Full.__exit__)
+    monkeypatch.setattr(R, "open", lambda p, mode: Full(open(p, mode)), raising=False)  # noqa: SIM115
     with pytest.raises(R.RunDirError, match=r"metrics.jsonl: could not append a metrics record: no space left"):
         run.append_metrics({"step": 2})
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
@@ -333,20 +379,23 @@ def test_bin_token_ids_beyond_the_vocabulary_are_an_error(tmp_path):
 # ----------------------------------------------------------------------------- 6. option validation
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["train", "--grad-clip", "nan"], "grad_clip (--grad-clip) must be a finite number >= 0"),
-    (["train", "--grad-clip", "inf"], "grad_clip (--grad-clip) must be a finite number >= 0"),
-    (["train", "--grad-clip", "-1"], "grad_clip (--grad-clip) must be a finite number >= 0"),
-    (["train", "--vocab-size", "0"], "vocab_size (--vocab-size) 0: a byte-level BPE"),
-    (["train", "--vocab-size", "100"], "needs at least 300 entries"),
-    (["train", "--lr-scale", "nan"], "lr_scale (--lr-scale) must be a positive number"),
-    (["train", "--role-lr", "embedding=inf"], "must be a positive number"),
-    (["train", "--resume", "--overwrite"], "contradict"),
-    (["compare", "--archs", ""], "archs (--archs) names no architecture"),
-    (["compare", "--optimizers", ","], "optimizers (--optimizers) names no optimizer"),
-    (["sweep", "--archs", ""], "archs (--archs) names no architecture"),
-    (["sweep", "--lr-scales", "1,nan"], "lr_scales (--lr-scales) must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "--grad-clip", "nan"], "grad_clip (--grad-clip) must be a finite number >= 0"),
+        (["train", "--grad-clip", "inf"], "grad_clip (--grad-clip) must be a finite number >= 0"),
+        (["train", "--grad-clip", "-1"], "grad_clip (--grad-clip) must be a finite number >= 0"),
+        (["train", "--vocab-size", "0"], "vocab_size (--vocab-size) 0: a byte-level BPE"),
+        (["train", "--vocab-size", "100"], "needs at least 300 entries"),
+        (["train", "--lr-scale", "nan"], "lr_scale (--lr-scale) must be a positive number"),
+        (["train", "--role-lr", "embedding=inf"], "must be a positive number"),
+        (["train", "--resume", "--overwrite"], "contradict"),
+        (["compare", "--archs", ""], "archs (--archs) names no architecture"),
+        (["compare", "--optimizers", ","], "optimizers (--optimizers) names no optimizer"),
+        (["sweep", "--archs", ""], "archs (--archs) names no architecture"),
+        (["sweep", "--lr-scales", "1,nan"], "lr_scales (--lr-scales) must be positive"),
+    ],
+)
 def test_bad_values_are_rejected_naming_the_option(argv, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(argv + ["--out", str(tmp_path / "o")])

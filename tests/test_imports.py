@@ -56,7 +56,7 @@ def find_cycle(edges):
         stack.append(m)
         for d in sorted(edges.get(m, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (c := visit(d)):
                 return c
         state[m] = 2

@@ -204,7 +204,9 @@ def test_harness_detects_violation():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
-    "fn", [centered_row_norm, left_spectral, P(left_spectral, alpha=0.0), center_rows], ids=lambda f: getattr(f, "__name__", "partial")
+    "fn",
+    [centered_row_norm, left_spectral, P(left_spectral, alpha=0.0), center_rows],
+    ids=lambda f: getattr(f, "__name__", "partial"),
 )
 def test_centered_maps_have_zero_column_sums(fn, kind):
     for si, shape in enumerate(SHAPES):
@@ -380,8 +382,12 @@ def test_input_not_modified_and_dtype(name, dtype):
 
 def test_negative_alpha_on_zero_is_zero():
     z = torch.zeros(2, 4, 3, dtype=F64)
-    for fn in (P(scaled_polar, alpha=-1.0), P(scaled_polar, alpha=-1.0, method="gram_eigh"),
-               P(right_spectral, alpha=-1.0), P(left_spectral, alpha=-1.0)):
+    for fn in (
+        P(scaled_polar, alpha=-1.0),
+        P(scaled_polar, alpha=-1.0, method="gram_eigh"),
+        P(right_spectral, alpha=-1.0),
+        P(left_spectral, alpha=-1.0),
+    ):
         assert torch.equal(fn(z), z)
 
 
@@ -396,8 +402,15 @@ def test_batched_equals_looped():
 
 def test_registry():
     assert set(MAPS) == {
-        "row_norm", "col_norm", "centered_row_norm", "polar", "scaled_polar",
-        "right_spectral", "left_spectral", "hybrid", "identity",
+        "row_norm",
+        "col_norm",
+        "centered_row_norm",
+        "polar",
+        "scaled_polar",
+        "right_spectral",
+        "left_spectral",
+        "hybrid",
+        "identity",
     }
     for name, fn in MAPS.items():
         assert get_map(name) is fn
@@ -406,7 +419,9 @@ def test_registry():
     assert M.polar is __import__("equiopt.polar", fromlist=["polar"]).polar
     assert M.nuclear_norm is __import__("equiopt.polar", fromlist=["nuclear_norm"]).nuclear_norm
     # the optimizer's calling convention: MAPS[name](x, **options)
-    assert torch.equal(MAPS["hybrid"](x, order="polar_then_row", method="svd"), hybrid(x, "polar_then_row", method="svd"))
+    assert torch.equal(
+        MAPS["hybrid"](x, order="polar_then_row", method="svd"), hybrid(x, "polar_then_row", method="svd")
+    )
 
 
 @pytest.mark.parametrize("bad", ["nope", "Row_Norm", "adamw", ""])

@@ -69,8 +69,9 @@ def test_muon_preset_matches_torch_muon():
         ref.weight.copy_(w0)
     opt = equiopt.build(ours, preset="muon", polar_dtype="bfloat16")
     assert opt.param_groups[0]["role"] == "matrix"
-    torch_opt = torch.optim.Muon([ref.weight], lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True,
-                                 adjust_lr_fn="original")
+    torch_opt = torch.optim.Muon(
+        [ref.weight], lr=2e-2, weight_decay=1e-3, momentum=0.95, nesterov=True, adjust_lr_fn="original"
+    )
     for step in range(5):
         set_grads([ours.weight], step)
         set_grads([ref.weight], step)
@@ -103,15 +104,25 @@ HIDDEN_SPECS = [
 def test_fused_interleaved_gate_up_equals_separate_parameters(spec):
     E, d, h = 3, 6, 5
     g = torch.Generator().manual_seed(0)
-    gate_w, up_w = torch.randn(E, h, d, generator=g, dtype=torch.float64), torch.randn(E, h, d, generator=g, dtype=torch.float64)
-    gate_g, up_g = torch.randn(E, h, d, generator=g, dtype=torch.float64), torch.randn(E, h, d, generator=g, dtype=torch.float64)
+    gate_w, up_w = (
+        torch.randn(E, h, d, generator=g, dtype=torch.float64),
+        torch.randn(E, h, d, generator=g, dtype=torch.float64),
+    )
+    gate_g, up_g = (
+        torch.randn(E, h, d, generator=g, dtype=torch.float64),
+        torch.randn(E, h, d, generator=g, dtype=torch.float64),
+    )
 
     def interleave(a, b):  # gpt-oss storage [E, d, 2h] with gate = [..., ::2], up = [..., 1::2]
         return torch.stack((a.mT, b.mT), dim=-1).reshape(E, d, 2 * h)
 
     fused = nn.Parameter(interleave(gate_w, up_w))
-    one_step([fused], spec, {fused: Layout(stacked=True, transposed=True, fused=2, interleaved=True)},
-             [interleave(gate_g, up_g)])
+    one_step(
+        [fused],
+        spec,
+        {fused: Layout(stacked=True, transposed=True, fused=2, interleaved=True)},
+        [interleave(gate_g, up_g)],
+    )
     gate, up = nn.Parameter(gate_w.clone()), nn.Parameter(up_w.clone())
     one_step([gate, up], spec, {gate: Layout(stacked=True), up: Layout(stacked=True)}, [gate_g, up_g])
     torch.testing.assert_close(fused.detach(), interleave(gate.detach(), up.detach()), rtol=0, atol=1e-12)
@@ -135,11 +146,21 @@ def test_per_head_equals_separate_heads(axis):
     H, hd, d = 4, 3, 8
     shape = (H * hd, d) if axis == "out" else (d, H * hd)
     w, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    spec = dict(map="polar", polar_method="polar_express", per_head=True, nesterov=True, scale="muon", lr=0.02,
-                weight_decay=1e-3)
+    spec = dict(
+        map="polar",
+        polar_method="polar_express",
+        per_head=True,
+        nesterov=True,
+        scale="muon",
+        lr=0.02,
+        weight_decay=1e-3,
+    )
     whole = nn.Parameter(w.clone())
     opt = EquiOptimizer([{"params": [whole], **spec}], layouts={whole: Layout(heads=H, head_axis=axis)})
-    split = lambda t: t.split(hd, dim=0 if axis == "out" else 1)
+
+    def split(t):
+        return t.split(hd, dim=0 if axis == "out" else 1)
+
     heads = [nn.Parameter(t.clone()) for t in split(w)]
     opt_heads = EquiOptimizer([{"params": heads, **spec}])
     for step in range(3):
@@ -149,8 +170,9 @@ def test_per_head_equals_separate_heads(axis):
             p.grad = gh.clone()
         opt.step()
         opt_heads.step()
-    torch.testing.assert_close(whole.detach(), torch.cat([p.detach() for p in heads], dim=0 if axis == "out" else 1),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        whole.detach(), torch.cat([p.detach() for p in heads], dim=0 if axis == "out" else 1), rtol=0, atol=1e-12
+    )
 
 
 def test_column_aware_down_projection_is_map_of_transpose():
@@ -166,8 +188,9 @@ def test_ema_momentum_weight_decay_and_nesterov_by_hand():
     g1, g2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     for nesterov in (False, True):
         p = nn.Parameter(w.clone())
-        opt = EquiOptimizer([{"params": [p], "map": "row_norm", "lr": 0.1, "weight_decay": 0.5, "momentum": 0.9,
-                              "nesterov": nesterov}])
+        opt = EquiOptimizer(
+            [{"params": [p], "map": "row_norm", "lr": 0.1, "weight_decay": 0.5, "momentum": 0.9, "nesterov": nesterov}]
+        )
         expected, m = w.clone(), torch.zeros_like(w)
         for g in (g1, g2):
             p.grad = g.clone()
@@ -333,7 +356,7 @@ def test_half_precision_parameters_keep_fp32_state(dtype):
     model = tiny_model(dtype)
     opt = equiopt.build(model, preset="paper", layouts=FUSED_LAYOUTS)
     loss0 = lm_loss(model).item()
-    for step in range(5):
+    for _ in range(5):
         opt.zero_grad()
         lm_loss(model).backward()
         opt.step()
@@ -350,7 +373,9 @@ def test_float64_stays_float64():
     opt = equiopt.build(model, preset="paper", layouts=FUSED_LAYOUTS)
     lm_loss(model).backward()
     opt.step()
-    assert all(s[k].dtype == torch.float64 for s in opt.state.values() for k in ("momentum_buffer", "exp_avg") if k in s)
+    assert all(
+        s[k].dtype == torch.float64 for s in opt.state.values() for k in ("momentum_buffer", "exp_avg") if k in s
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (7, 1), (0, 5), (5, 0)])
@@ -388,11 +413,20 @@ def test_constructor_errors_name_the_problem():
 
 def test_rules_and_lr_overrides_reach_param_groups():
     model = tiny_model()
-    opt = equiopt.build(model, preset="paper", layouts=FUSED_LAYOUTS, rules={"router": "left_spectral", "embedding": "adamw"},
-                        lr={"tied_embedding": 0.3, "router": 0.01}, lr_scale={"attention": 2.0})
+    opt = equiopt.build(
+        model,
+        preset="paper",
+        layouts=FUSED_LAYOUTS,
+        rules={"router": "left_spectral", "embedding": "adamw"},
+        lr={"tied_embedding": 0.3, "router": 0.01},
+        lr_scale={"attention": 2.0},
+    )
     groups = {g["role"]: g for g in opt.param_groups}
     assert groups["router"]["map"] == "left_spectral" and groups["router"]["lr"] == 0.01
-    assert groups["embedding"]["map"] == "adamw" and groups["embedding"]["lr"] == equiopt.PRESETS["adamw"]["embedding"]["lr"]
+    assert (
+        groups["embedding"]["map"] == "adamw"
+        and groups["embedding"]["lr"] == equiopt.PRESETS["adamw"]["embedding"]["lr"]
+    )
     assert groups["attention"]["lr"] == 2.0 * equiopt.PRESETS["paper"]["attention"]["lr"]
 
 
@@ -435,7 +469,7 @@ def test_loss_goes_down_on_a_tiny_model(preset):
     model = tiny_model()
     opt = equiopt.build(model, preset=preset, layouts=FUSED_LAYOUTS)
     first = lm_loss(model, 0).item()
-    for step in range(30):
+    for _ in range(30):
         opt.zero_grad()
         lm_loss(model, 0).backward()  # one fixed batch: the loss must fall well below ln(32)
         opt.step()

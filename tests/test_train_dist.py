@@ -7,6 +7,7 @@ gloo collectives time out on their own (EQUIOPT_DIST_TIMEOUT). Own temporary dir
 DDP, FSDP2, and an FSDP2 run stopped after 2 of 4 steps (``--stop-after``, what a kill after
 the step-2 checkpoint leaves) then resumed by a fresh torchrun.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import torch
 
 import equiopt
 from equiopt.train import loop as L
+
 from launch import torchrun
 
 SRC = Path(equiopt.__file__).resolve().parent.parent
@@ -32,16 +34,49 @@ MODEL = "hidden_size=32,intermediate_size=48,num_layers=2,num_heads=2,num_kv_hea
 
 def _text(seed, n):
     rng = random.Random(seed)
-    words = ("the king and queen of a land far away did speak to all their men at night "
-             "while wind and rain fell on every field and hill").split()
+    words = (
+        "the king and queen of a land far away did speak to all their men at night "
+        "while wind and rain fell on every field and hill"
+    ).split()
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
 
 
 def _args(root: Path, out: str, *extra: str) -> list[str]:
-    return ["train", "--arch", "qwen3", "--model", MODEL, "--steps", "4", "--batch-size", "4", "--seq-len", "32",
-            "--eval-every", "2", "--eval-tokens", "256", "--ckpt-every", "2", "--warmup", "1", "--grad-clip", "1.0",
-            "--data", str(root / "text"), "--vocab-size", "320", "--cache", str(root / "cache"),
-            "--no-progress", "--threads", "1", "--out", str(root / out), *extra]
+    return [
+        "train",
+        "--arch",
+        "qwen3",
+        "--model",
+        MODEL,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "256",
+        "--ckpt-every",
+        "2",
+        "--warmup",
+        "1",
+        "--grad-clip",
+        "1.0",
+        "--data",
+        str(root / "text"),
+        "--vocab-size",
+        "320",
+        "--cache",
+        str(root / "cache"),
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(root / out),
+        *extra,
+    ]
 
 
 def launch(root: Path, out: str, *extra: str) -> str:
@@ -112,7 +147,8 @@ def test_fsdp2_killed_and_resumed_continues_identically(root, runs):
 def test_rank0_writes_the_run_files(root, runs, mode):
     out = root / mode
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".lock", "config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint"])
+        [".lock", "config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint"]
+    )
     assert (out / ".lock").read_text() == ""  # rank 0 held it; released
     assert (out / "checkpoint" / ".metadata").exists()
     assert {p.name for p in (out / "checkpoint").glob("*.pt")} == {"extra.pt", "rank0.pt", "rank1.pt"}

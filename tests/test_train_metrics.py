@@ -1,4 +1,5 @@
 """Metric functions of the training harness against hand-computed values."""
+
 import math
 
 import pytest
@@ -40,7 +41,7 @@ def test_collapsed_routing():
     assert m["dead_frac"] == pytest.approx(3 / 4)
     assert m["top_load"] == 1.0
     assert m["token_entropy"] == pytest.approx(0.0, abs=1e-9)
-    assert m["z_loss"] == pytest.approx(30.0 ** 2, rel=1e-9)
+    assert m["z_loss"] == pytest.approx(30.0**2, rel=1e-9)
     assert m["logit_rms"] == pytest.approx(math.sqrt(900 / 4))
     assert m["logit_max"] == 30.0
 

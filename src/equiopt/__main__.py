@@ -1,4 +1,5 @@
 """``python -m equiopt`` = the ``equiopt`` command."""
+
 import sys
 
 from .cli import main

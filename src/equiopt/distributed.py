@@ -3,6 +3,7 @@ the optimizer for a wrapped model, gradient norms, and distributed checkpoints.
 
 How the update maps run on shards lives in :mod:`equiopt.sharding` (re-exported here).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -11,6 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ from .planner import unwrap  # re-exported: the user's module inside DDP / torch
 from .sharding import (  # re-exported for existing callers
     REDUCE_MAPS,
     CommStats,
+    _all_reduce,
     assign_owners,
     count_comm,
     estimate_comm,
@@ -31,7 +34,6 @@ from .sharding import (  # re-exported for existing callers
     sharded_updates,
     spread_spectral,
 )
-from .sharding import _all_reduce
 
 __all__ = [
     "sharded_updates",
@@ -60,6 +62,8 @@ __all__ = [
     "has_checkpoint",
     "REDUCE_MAPS",
 ]
+
+
 # =========================================================================================
 # harness pieces
 # =========================================================================================
@@ -101,7 +105,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0, device: 
         dev = torch.device("cpu")
     if not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
-        kw = {"device_id": dev} if use_cuda else {}
+        kw: dict[str, Any] = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), True)
 
@@ -167,8 +171,9 @@ def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
                 plain = plain + g.full_tensor().double().square().sum().cpu()
                 continue
             key = (id(g.device_mesh), dims)
-            entry = sharded.setdefault(key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64,
-                                                                                 device=g.to_local().device)])
+            entry = sharded.setdefault(
+                key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64, device=g.to_local().device)]
+            )
             entry[2] = entry[2] + g.to_local().double().square().sum()
         else:
             plain = plain + g.double().square().sum().cpu()
@@ -190,15 +195,16 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, eps: fl
     coef = max_norm / (total + eps)
     if coef < 1.0:
         for p in {id(p): p for p in params}.values():
+            assert p.grad is not None  # params: those with a gradient (above)
             p.grad.detach().mul_(coef)
     return total
-
 
 
 def _block_modules(model: nn.Module) -> list[nn.Module]:
     """Children of the outermost ``nn.ModuleList`` s (transformer blocks in HF and nanoGPT-style
     models): the FSDP2 units under the root."""
-    found, inside = [], set()
+    found: list[nn.Module] = []
+    inside: set[str] = set()
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
@@ -237,8 +243,9 @@ def wrap_model(
     dev = next(model.parameters()).device
     if mode == "ddp":
         dev_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=dev_ids,
-                                                   find_unused_parameters=find_unused_parameters)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=dev_ids, find_unused_parameters=find_unused_parameters
+        )
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -248,7 +255,7 @@ def wrap_model(
         kw: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
         if param_dtype is not None or reduce_dtype is not None:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        for unit in (list(units) if units is not None else _block_modules(model)):
+        for unit in list(units) if units is not None else _block_modules(model):
             fully_shard(unit, **kw)
         fully_shard(model, **kw)
         return model
@@ -277,8 +284,13 @@ _EXTRA = "extra.pt"
 _RANK_EXTRA = "rank{}.pt"
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, extra: Mapping | None = None,
-                    rank_extra: Mapping | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer=None,
+    extra: Mapping | None = None,
+    rank_extra: Mapping | None = None,
+) -> Path:
     """Save model and optimizer with ``torch.distributed.checkpoint`` into directory ``path``.
 
     Works for a plain model (one process), DDP and FSDP2 alike (each rank writes its own
@@ -307,7 +319,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, e
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
@@ -364,7 +376,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -
     if not (path / ".metadata").exists() and (path.with_name(path.name + ".old") / ".metadata").exists():
         path = path.with_name(path.name + ".old")  # a crash between the two renames of the swap
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": _saved_only(osd, path)}

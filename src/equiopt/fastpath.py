@@ -44,16 +44,16 @@ optimizer-level :class:`FastPathOptions` set with :func:`configure` (explicit se
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import maps
 from .functional import compute_dtype, map_kwargs, muon_scale
-from .polar import NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY, DEFAULT_STEPS
+from .polar import DEFAULT_STEPS, NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY
 
 __all__ = [
     "FastPathOptions",
@@ -133,7 +133,7 @@ def options_of(opt, group=None) -> FastPathOptions:
 # ----------------------------------------------------------------------------------------
 
 
-def polar_coeffs(method: str, steps: Optional[int]) -> tuple[tuple[float, float, float], ...]:
+def polar_coeffs(method: str, steps: int | None) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) per iteration that :func:`equiopt.polar.polar` uses for ``method``."""
     steps = DEFAULT_STEPS if steps is None else int(steps)
     if steps < 0:
@@ -182,7 +182,7 @@ def batched_eigvalsh(A: Tensor) -> Tensor:
     return torch.cat([f.result() for f in futures])
 
 
-def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: Optional[float] = None) -> Tensor:
+def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: float | None = None) -> Tensor:
     """sum sqrt(lam) over eigenvalues above the cutoff of :func:`equiopt.polar.gram_nuclear_norm`
     (lam_max * size * finfo(dtype).eps, dtype = the matrices' dtype)."""
     lam = lam.clamp(min=0)
@@ -200,11 +200,11 @@ def _nuclear_scale(nuc: Tensor, alpha: float) -> Tensor:
 def iterative_polar(
     X: Tensor,
     method: str,
-    steps: Optional[int],
+    steps: int | None,
     *,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     scale: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: torch.dtype | None = None,
     inplace: bool = False,
     compiled: bool = False,
 ) -> Tensor:
@@ -253,7 +253,7 @@ def iterative_polar(
     return Y.to(out_dtype)
 
 
-def _iterate(Y: Tensor, A: Optional[Tensor], coeffs, factor: Optional[Tensor], flip: bool) -> Tensor:
+def _iterate(Y: Tensor, A: Tensor | None, coeffs, factor: Tensor | None, flip: bool) -> Tensor:
     """The polynomial steps Y <- a Y + (b A + c A^2) Y, A = Y Y^T (``A`` given: the first
     step's Gram). The last step forms C = a I + b A + c A^2 (times ``factor`` [N, 1, 1]) and
     returns C Y, or (C Y)^T = Y^T C when ``flip`` (C is symmetric), contiguous either way."""
@@ -279,9 +279,9 @@ def _lin_dtype(dtype: torch.dtype) -> torch.dtype:
 def spectral_polar(
     X: Tensor,
     method: str,
-    steps: Optional[int],
+    steps: int | None,
     *,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     scale: float = 1.0,
 ) -> Tensor:
     """The same map as :func:`iterative_polar`, evaluated on the eigenvalues of the Gram.
@@ -391,9 +391,10 @@ def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: 
     return t * count
 
 
-def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype,
-                       route: str = "auto") -> str:
-    """"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
+def choose_polar_route(
+    m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype, route: str = "auto"
+) -> str:
+    """\"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
     float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
     half-precision iterations the iterations are used."""
     if route == "iterative":
@@ -413,8 +414,9 @@ def choose_polar_route(m: int, n: int, steps: int, nuclear: bool, *, device: tor
 # ----------------------------------------------------------------------------------------
 
 
-def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool,
-                 compiled: bool = False) -> Tensor:
+def _polar_batch(
+    X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool, compiled: bool = False
+) -> Tensor:
     """scale * [||X||_*^alpha] * polar_method(X) on [N, m, n]; any orientation."""
     N, m, n = X.shape
     if X.numel() == 0:
@@ -436,8 +438,9 @@ def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route:
     which = choose_polar_route(min(m, n), max(m, n), k, alpha is not None, device=X.device, cdt=work_dt, route=route)
     if which == "gram" and cdt in (None, X.dtype):
         return spectral_polar(X, method, steps, alpha=alpha, scale=scale)
-    return iterative_polar(X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh,
-                           compiled=compiled)
+    return iterative_polar(
+        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, compiled=compiled
+    )
 
 
 def _row_norm_(Y: Tensor, eps: float) -> Tensor:
@@ -478,8 +481,17 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
     eps = kwargs.get("eps", maps.EPS)
     if name in ("polar", "scaled_polar"):
         alpha = kwargs.get("alpha", 1.0) if name == "scaled_polar" else None
-        return _polar_batch(X, kwargs.get("method", maps.DEFAULT_POLAR_METHOD), kwargs.get("steps"),
-                            kwargs.get("compute_dtype"), alpha, scale, route, fresh, compiled)
+        return _polar_batch(
+            X,
+            kwargs.get("method", maps.DEFAULT_POLAR_METHOD),
+            kwargs.get("steps"),
+            kwargs.get("compute_dtype"),
+            alpha,
+            scale,
+            route,
+            fresh,
+            compiled,
+        )
     if name == "hybrid":
         order = kwargs.get("order", "row_then_polar")
         method = kwargs.get("method", maps.DEFAULT_POLAR_METHOD)
@@ -490,11 +502,21 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
                 R = _compiled_kernel("row_norm")(X, eps)
             else:  # in place on a private stacked buffer, else one out-of-place pass (no clone)
                 R = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
-            return _polar_batch(R, method, kwargs.get("steps"), kwargs.get("compute_dtype"),
-                                kwargs.get("alpha", 1.0), scale, route, True, compiled)
+            return _polar_batch(
+                R,
+                method,
+                kwargs.get("steps"),
+                kwargs.get("compute_dtype"),
+                kwargs.get("alpha", 1.0),
+                scale,
+                route,
+                True,
+                compiled,
+            )
         if order == "polar_then_row":
-            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh,
-                             compiled)
+            P = _polar_batch(
+                X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh, compiled
+            )
             P = maps.row_norm(P, eps)
             return P * scale if scale != 1.0 else P
         return maps.hybrid(X, **kwargs)  # raises on the unknown order
@@ -522,7 +544,7 @@ class Bucket:
     shape: tuple[int, int]  # [m, n] as the map sees it (after the column-aware transpose)
     dtype: torch.dtype
     device: torch.device
-    members: list  # (index in params, batch size B)
+    members: list[tuple[int, int]]  # (index in params, batch size B)
     route: str = ""
 
     @property
@@ -575,7 +597,9 @@ def _chunks(bucket: Bucket, stack: bool, max_bytes: int) -> list[Bucket]:
     m, n = bucket.shape
     per = max(1, m * n * torch.finfo(bucket.dtype).bits // 8)
     cap = max(1, max_bytes // per)
-    out, cur, cur_n = [], [], 0
+    out: list[Bucket] = []
+    cur: list[tuple[int, int]] = []
+    cur_n = 0
     for i, B in bucket.members:
         if cur and cur_n + B > cap:
             out.append(Bucket(bucket.shape, bucket.dtype, bucket.device, cur))
@@ -592,7 +616,7 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
     ``ctx``: an :class:`~equiopt.execution.UpdateContext` (layouts, options) or an optimizer."""
     ctx = getattr(ctx, "context", ctx)
     o = options_of(ctx, group)
-    out: list[Optional[Tensor]] = [None] * len(params)
+    out: list[Tensor | None] = [None] * len(params)
     buckets = []
     for b in plan_buckets(ctx, group, params, momenta):
         buckets += _chunks(b, o.stack, o.stack_bytes)
@@ -621,14 +645,18 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
 # ----------------------------------------------------------------------------------------
 
 _COMPILED: dict = {}
-_KERNELS = {"iterate": _iterate, "row_norm": _row_norm, "centered_row_norm": _centered_row_norm}
+_KERNELS: dict[str, Callable[..., Tensor]] = {
+    "iterate": _iterate,
+    "row_norm": _row_norm,
+    "centered_row_norm": _centered_row_norm,
+}
 _BACKEND = ["inductor"]
 
 
 class _backend:
     """Select the torch.compile backend of the kernels compiled inside the block."""
 
-    def __init__(self, name: Optional[str]):
+    def __init__(self, name: str | None):
         self.name = name
 
     def __enter__(self):

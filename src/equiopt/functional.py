@@ -8,22 +8,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import maps
 from .presets import MAP_OPTIONS
 
-try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+if TYPE_CHECKING:  # the type checker sees the class; at run time it may be missing (below)
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
+else:
+    try:  # public since torch 2.5; torch 2.4 has it under _tensor; absent without distributed
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - depends on the torch build
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            DTensor = ()  # isinstance(x, ()) is always False
 
-__all__ = ["DTensor", "apply_map", "compute_dtype", "finite_flags", "map_kwargs", "muon_scale", "polar_dtype",
-           "reference_update", "use_foreach"]
+__all__ = [
+    "DTensor",
+    "apply_map",
+    "compute_dtype",
+    "finite_flags",
+    "map_kwargs",
+    "muon_scale",
+    "polar_dtype",
+    "reference_update",
+    "use_foreach",
+]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -93,8 +106,6 @@ def use_foreach(group: Mapping, params: list[torch.Tensor]) -> bool:
 def muon_scale(rows: int, cols: int) -> float:
     """Muon's shape factor sqrt(max(1, rows/cols)) (torch.optim.Muon ``adjust_lr_fn="original"``)."""
     return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
-
-
 
 
 def reference_update(group: Mapping, layout, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,9 @@ def rope_planes(n: int, pairing: str) -> tuple[Tensor, Tensor]:
     return (k, k + n // 2) if pairing == "half" else (2 * k, 2 * k + 1)
 
 
-def rope_rotations(batch: int, n: int, gen: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-                   pairing: str = "half") -> Tensor:
+def rope_rotations(
+    batch: int, n: int, gen: torch.Generator | None = None, dtype: torch.dtype = torch.float64, pairing: str = "half"
+) -> Tensor:
     """``[batch, n, n]`` random rotations acting inside the RoPE planes (they commute with
     every RoPE position rotation): angle ``theta_k`` uniform in [0, 2 pi) on plane ``k``."""
     a, b = rope_planes(n, pairing)
@@ -180,13 +181,16 @@ class Factor:
         return not (self.kind == other.kind == "rope_rotation" and self.pairing != other.pairing)
 
     # -- elements ---------------------------------------------------------------------
-    def sample(self, shape: tuple[int, ...], gen: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float64) -> Tensor:
+    def sample(
+        self, shape: tuple[int, ...], gen: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+    ) -> Tensor:
         """A random element for each of the ``B`` logical matrices of shape ``[B, m, n]``."""
         B, m, n = shape
         size, other = (m, n) if self.axis == "rows" else (n, m)
         if self.kind == "perm":
-            return torch.stack([permutation(size, gen) for _ in range(B)]) if B else torch.zeros(0, size, dtype=torch.long)
+            return (
+                torch.stack([permutation(size, gen) for _ in range(B)]) if B else torch.zeros(0, size, dtype=torch.long)
+            )
         if self.kind == "orth":
             return haar(B, size, gen, dtype)
         if self.kind == "rope_rotation":
@@ -270,7 +274,7 @@ def _rope_tangent(u: Tensor, w: Tensor, pairing: str) -> Tensor:
     a, b = rope_planes(w.shape[-2], pairing)
     da, db = -w[..., b, :], w[..., a, :]  # J_k W restricted to rows a_k, b_k
     nrm2 = (da * da).sum(-1) + (db * db).sum(-1)
-    coef = ((u[..., a, :] * da).sum(-1) + (u[..., b, :] * db).sum(-1))
+    coef = (u[..., a, :] * da).sum(-1) + (u[..., b, :] * db).sum(-1)
     coef = torch.where(nrm2 > 0, coef / torch.where(nrm2 > 0, nrm2, 1), 0)[..., None]
     out = torch.zeros_like(u)
     out[..., a, :] = coef * da
@@ -314,8 +318,9 @@ class Group:
     def __str__(self) -> str:
         return self.describe()
 
-    def sample(self, shape: tuple[int, ...], gen: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
+    def sample(
+        self, shape: tuple[int, ...], gen: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+    ) -> tuple[Tensor, ...]:
         return tuple(f.sample(shape, gen, dtype) for f in self.factors)
 
     def act(self, x: Tensor, elements: tuple[Tensor, ...]) -> Tensor:

@@ -99,10 +99,8 @@ class Layout:
         E, out, inp = y.shape
         if self.fused > 1:
             k, h = self.fused, out // self.fused
-            if self.interleaved:
-                y = y.unflatten(1, (h, k)).transpose(1, 2)  # [E, k, h, in]
-            else:
-                y = y.unflatten(1, (k, h))  # [E, k, h, in]
+            # [E, k, h, in] either way (interleaved: rows stored as (h, k))
+            y = y.unflatten(1, (h, k)).transpose(1, 2) if self.interleaved else y.unflatten(1, (k, h))
             return y.reshape(E * k, h, inp)
         if self.heads > 1:
             H = self.heads
@@ -130,7 +128,7 @@ class Layout:
         return y.reshape(shape)
 
     # -- helpers ----------------------------------------------------------------------
-    def without_heads(self) -> "Layout":
+    def without_heads(self) -> Layout:
         return dataclasses.replace(self, heads=1, head_axis="out") if self.heads > 1 else self
 
     def describe(self) -> str:

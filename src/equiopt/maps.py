@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -141,8 +140,8 @@ def scaled_polar(
     x: Tensor,
     alpha: float = 1.0,
     method: str = DEFAULT_POLAR_METHOD,
-    steps: Optional[int] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    steps: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """||X||_*^alpha polar(X).
 
@@ -165,7 +164,7 @@ def scaled_polar(
     return scale_by_nuclear(p, nuclear_norm(x), alpha)
 
 
-def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None) -> Tensor:
+def right_spectral(x: Tensor, alpha: float = 1.0, rcond: float | None = None) -> Tensor:
     """One-sided (right) spectral map ||X||_*^alpha X (X^T X)^{+1/2}, via the n x n Gram.
 
     X (X^T X)^{+1/2} = U_r V_r^T (pseudo-polar: rank-deficient directions dropped, see
@@ -180,9 +179,7 @@ def right_spectral(x: Tensor, alpha: float = 1.0, rcond: Optional[float] = None)
     return p if float(alpha) == 0.0 else scale_by_nuclear(p, nuc, float(alpha))
 
 
-def left_spectral(
-    x: Tensor, alpha: float = 1.0, center: bool = True, rcond: Optional[float] = None
-) -> Tensor:
+def left_spectral(x: Tensor, alpha: float = 1.0, center: bool = True, rcond: float | None = None) -> Tensor:
     """Left spectral map ||C||_*^alpha (C C^T)^{+1/2} C, via the m x m Gram, re-centered.
 
     C = C(X) (rows centered) when ``center`` else X. After centering, C C^T is EXACTLY
@@ -208,8 +205,8 @@ def hybrid(
     alpha: float = 1.0,
     eps: float = EPS,
     method: str = DEFAULT_POLAR_METHOD,
-    steps: Optional[int] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    steps: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Hybrid of row normalization and polar factor.
 
@@ -294,7 +291,7 @@ class MapSpec:
     projects_out: tuple[Factor, ...] = ()
     baseline: bool = False
 
-    def centered(self) -> "MapSpec":
+    def centered(self) -> MapSpec:
         """The map as ``C(fn(C(X)))`` (what ``center=True`` runs on a shift-symmetric block):
         centering commutes with row permutations (not every row rotation), removes the shift."""
         factors = tuple(Factor("perm", "rows") if f == Factor("orth", "rows") else f for f in self.group.factors)
@@ -337,9 +334,11 @@ def map_spec(name: str, center: bool | None = None, column_aware: bool = False) 
     if name not in MAP_SPECS:
         raise ValueError(f"unknown map name {name!r}; valid names: {', '.join(MAP_SPECS)}")
     spec = MAP_SPECS[name]
-    if name == "left_spectral" and center is not False:
-        spec = spec.centered()
-    elif center and not spec.baseline and SHIFT_ROWS not in spec.projects_out and not spec.group.has("shift"):
+    # left_spectral centers by default (its own option); any other map only when asked and
+    # when it does not already center / remove the shift by itself
+    own_centering = name == "left_spectral" and center is not False
+    wrapped = center and not spec.baseline and SHIFT_ROWS not in spec.projects_out and not spec.group.has("shift")
+    if own_centering or wrapped:
         spec = spec.centered()
     if column_aware:
         swap = {"rows": "cols", "cols": "rows"}
@@ -354,5 +353,10 @@ def map_spec(name: str, center: bool | None = None, column_aware: bool = False) 
 def needs_centering(name: str, center: bool | None) -> bool:
     """Whether the optimizer wraps map ``name`` as ``C(fn(C(X)))`` for this ``center`` value."""
     spec = MAP_SPECS[name]
-    return bool(center) and name != "left_spectral" and not spec.baseline and not spec.group.has("shift") \
+    return (
+        bool(center)
+        and name != "left_spectral"
+        and not spec.baseline
+        and not spec.group.has("shift")
         and not spec.projects_out
+    )

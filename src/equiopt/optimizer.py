@@ -39,7 +39,16 @@ from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-
 from .layouts import MATRIX, Layout
 from .presets import DEFAULTS
 
-__all__ = ["EquiOptimizer", "NonFiniteGradientError", "apply_map", "compute_dtype", "map_kwargs", "muon_scale", "polar_dtype"]
+__all__ = [
+    "EquiOptimizer",
+    "NonFiniteGradientError",
+    "apply_map",
+    "compute_dtype",
+    "map_kwargs",
+    "muon_scale",
+    "polar_dtype",
+]
+
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf (``on_nonfinite="raise"``, the default)."""
@@ -85,7 +94,9 @@ class EquiOptimizer(torch.optim.Optimizer):
         gi = len(self.param_groups)
         unknown = set(param_group) - set(DEFAULTS) - {"params", "role"}
         if unknown:
-            raise ValueError(f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+            raise ValueError(
+                f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["map"] != "adamw":
@@ -118,20 +129,25 @@ class EquiOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``, refusing a state saved by another configuration: a
         group whose role or map differs, or a parameter whose state has another shape."""
         saved = state_dict["param_groups"]
-        if len(saved) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
-                                                        for a, b in zip(saved, self.param_groups)):
+        if len(saved) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved, self.param_groups)
+        ):
             return super().load_state_dict(state_dict)  # torch's own error for other group sizes
         for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
             where = f"param_groups[{gi}]" + (f" (role {mine['role']!r})" if "role" in mine else "")
             for key in ("role", "map"):
                 if key in theirs and theirs[key] != mine.get(key, theirs[key]):
-                    raise ValueError(f"load_state_dict: {where}: saved {key} {theirs[key]!r}, this optimizer has "
-                                     f"{mine.get(key)!r}; build the optimizer with the preset/rules that saved it")
+                    raise ValueError(
+                        f"load_state_dict: {where}: saved {key} {theirs[key]!r}, this optimizer has "
+                        f"{mine.get(key)!r}; build the optimizer with the preset/rules that saved it"
+                    )
             for idx, p in zip(theirs["params"], mine["params"]):
                 for key, value in state_dict["state"].get(idx, {}).items():
                     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                        raise ValueError(f"load_state_dict: {self.name_of(p)}: saved {key} has shape "
-                                         f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                        raise ValueError(
+                            f"load_state_dict: {self.name_of(p)}: saved {key} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                        )
         super().load_state_dict(state_dict)
 
     # -- public helpers -----------------------------------------------------------------
@@ -213,6 +229,7 @@ class EquiOptimizer(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
+            assert p.grad is not None  # step() passes the parameters that have a gradient
             grads.append(p.grad.to(cdt))
         beta = group["momentum"]
         if use_foreach(group, params):
@@ -258,9 +275,13 @@ class EquiOptimizer(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
             # params in another dtype than their state (bf16/fp16) step on fp32 copies
             work = [p if p.dtype == cdt else p.to(cdt) for p in ps]
+            grads: list[torch.Tensor] = []
+            for p in ps:
+                assert p.grad is not None  # step() passes the parameters that have a gradient
+                grads.append(p.grad if p.grad.dtype == cdt else p.grad.to(cdt))
             _torch_adam(
                 work,
-                [p.grad if p.grad.dtype == cdt else p.grad.to(cdt) for p in ps],
+                grads,
                 [self.state[p]["exp_avg"] for p in ps],
                 [self.state[p]["exp_avg_sq"] for p in ps],
                 [],

@@ -26,7 +26,6 @@ arithmetic; in floating point up to rounding), and map a zero matrix to zero.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -86,9 +85,7 @@ def _safe_coeffs(raw, s):
 
 #: The per-iteration (a, b, c) actually used by :func:`polar_express` (safety factor applied
 #: to all but the final fixed-point polynomial, as in the paper).
-POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = _safe_coeffs(
-    _POLAR_EXPRESS_RAW, POLAR_EXPRESS_SAFETY
-)
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = _safe_coeffs(_POLAR_EXPRESS_RAW, POLAR_EXPRESS_SAFETY)
 
 #: Methods accepted by :func:`polar`.
 POLAR_METHODS: tuple[str, ...] = ("newton_schulz", "polar_express", "svd", "gram_eigh")
@@ -114,7 +111,7 @@ def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _quintic_iteration(x: Tensor, coeffs, norm_fn, compute_dtype: Optional[torch.dtype]) -> Tensor:
+def _quintic_iteration(x: Tensor, coeffs, norm_fn, compute_dtype: torch.dtype | None) -> Tensor:
     """Shared body of the matmul-only iterations.
 
     Works on the wide orientation (rows <= cols, so the Gram X X^T is the small one),
@@ -152,7 +149,7 @@ def newton_schulz(
     x: Tensor,
     steps: int = DEFAULT_STEPS,
     eps: float = _ITER_EPS,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalization, batched.
 
@@ -188,7 +185,7 @@ def polar_express(
     x: Tensor,
     steps: int = DEFAULT_STEPS,
     eps: float = _ITER_EPS,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Polar Express approximation of the polar factor U V^T, batched.
 
@@ -262,7 +259,7 @@ def _keep_zero_lines_zero(p: Tensor, x: Tensor) -> Tensor:
     return p * (rows & cols).to(p.dtype)
 
 
-def eigh_kept(gram: Tensor, rcond: Optional[float]):
+def eigh_kept(gram: Tensor, rcond: float | None):
     """eigh of a symmetric PSD batch plus the mask of eigenvalues above the relative cutoff.
 
     Cutoff: lambda > lambda_max * size * finfo(dtype).eps, or lambda > rcond * lambda_max.
@@ -282,7 +279,7 @@ def inv_sqrt_from_eig(lam: Tensor, V: Tensor, keep: Tensor) -> Tensor:
     return (V * inv.unsqueeze(-2)) @ V.mT
 
 
-def inv_sqrt_psd(gram: Tensor, rcond: Optional[float] = None) -> Tensor:
+def inv_sqrt_psd(gram: Tensor, rcond: float | None = None) -> Tensor:
     """Pseudo-inverse square root G^{+1/2} of a symmetric PSD matrix (batched), via eigh.
 
     G = V diag(lambda) V^T; eigen-directions with lambda <= lambda_max * size *
@@ -306,7 +303,7 @@ def inv_sqrt_psd(gram: Tensor, rcond: Optional[float] = None) -> Tensor:
 _GRAM_SIDES = ("auto", "right", "left")
 
 
-def gram_polar(x: Tensor, rcond: Optional[float] = None, side: str = "auto") -> tuple[Tensor, Tensor]:
+def gram_polar(x: Tensor, rcond: float | None = None, side: str = "auto") -> tuple[Tensor, Tensor]:
     """Polar factor and exact nuclear norm through a Gram matrix: returns (polar, nuclear_norm).
 
     side="auto" (default) uses the SMALLER Gram: x (x^T x)^{+1/2} if m >= n, else
@@ -347,8 +344,8 @@ def gram_polar(x: Tensor, rcond: Optional[float] = None, side: str = "auto") -> 
 def polar(
     x: Tensor,
     method: str = "polar_express",
-    steps: Optional[int] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    steps: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Polar factor U V^T of x ([..., m, n]) by ``method`` in :data:`POLAR_METHODS`.
 
@@ -369,7 +366,7 @@ def polar(
     raise ValueError(f"unknown method={method!r} for polar(); allowed values: {', '.join(POLAR_METHODS)}")
 
 
-def nuclear_norm(x: Tensor, method: str = "gram", rcond: Optional[float] = None) -> Tensor:
+def nuclear_norm(x: Tensor, method: str = "gram", rcond: float | None = None) -> Tensor:
     """Exact nuclear norm ||x||_* = sum of singular values, shape [...].
 
     "gram" (default): eigh of the smaller Gram, sum of sqrt of its eigenvalues clamped at 0
@@ -386,12 +383,10 @@ def nuclear_norm(x: Tensor, method: str = "gram", rcond: Optional[float] = None)
         if x.numel() == 0:
             return x.new_zeros(lead)
         return torch.linalg.svdvals(x.to(linalg_dtype(x.dtype))).sum(-1).to(x.dtype)
-    raise ValueError(
-        f"unknown method={method!r} for nuclear_norm(); allowed values: {', '.join(NUCLEAR_NORM_METHODS)}"
-    )
+    raise ValueError(f"unknown method={method!r} for nuclear_norm(); allowed values: {', '.join(NUCLEAR_NORM_METHODS)}")
 
 
-def gram_nuclear_norm(x: Tensor, rcond: Optional[float] = None) -> Tensor:
+def gram_nuclear_norm(x: Tensor, rcond: float | None = None) -> Tensor:
     """Nuclear norm from the eigenvalues of the smaller Gram (see :func:`nuclear_norm`)."""
     _check_matrix(x)
     *lead, m, n = x.shape

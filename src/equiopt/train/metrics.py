@@ -19,6 +19,7 @@ position), ``entropy`` (mean predictive entropy, nats), ``max_prob`` (mean top p
 The accumulators keep only sufficient statistics, so metrics over many evaluation batches
 equal the metrics of the concatenated logits without holding them in memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROUTING_KEYS = ("load_balance_loss", "load_cv", "load_entropy", "dead_frac", "top_load",
-                "token_entropy", "z_loss", "logit_rms", "logit_max")
+ROUTING_KEYS = (
+    "load_balance_loss",
+    "load_cv",
+    "load_entropy",
+    "dead_frac",
+    "top_load",
+    "token_entropy",
+    "z_loss",
+    "logit_rms",
+    "logit_max",
+)
 LOGIT_KEYS = ("rms", "centered_rms", "max_abs", "lse_mean", "lse_max", "entropy", "max_prob")
 
 
@@ -128,7 +138,7 @@ class LogitStats:
         flat = logits.detach().reshape(-1, logits.shape[-1])
         rows = max(1, (1 << 22) // flat.shape[-1])  # float64 chunks of ~32 MB, on the logits' device
         for a in range(0, flat.shape[0], rows):
-            self._update(flat[a: a + rows].double())
+            self._update(flat[a : a + rows].double())
 
     def _update(self, z: torch.Tensor) -> None:
         if z.shape[0] == 0:
@@ -195,8 +205,12 @@ class SpikeDetector:
 
     def update(self, value: float, step: int) -> bool:
         self.seen += 1
-        spike = (self.ema is not None and self.seen > self.warmup
-                 and math.isfinite(value) and value > (1 + self.rel) * self.ema)
+        spike = (
+            self.ema is not None
+            and self.seen > self.warmup
+            and math.isfinite(value)
+            and value > (1 + self.rel) * self.ema
+        )
         if spike:
             self.spikes += 1
             self.steps.append(step)
@@ -205,8 +219,15 @@ class SpikeDetector:
         return spike
 
     def state_dict(self) -> dict:
-        return {"rel": self.rel, "beta": self.beta, "warmup": self.warmup, "ema": self.ema,
-                "seen": self.seen, "spikes": self.spikes, "steps": list(self.steps)}
+        return {
+            "rel": self.rel,
+            "beta": self.beta,
+            "warmup": self.warmup,
+            "ema": self.ema,
+            "seen": self.seen,
+            "spikes": self.spikes,
+            "steps": list(self.steps),
+        }
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():

@@ -16,11 +16,12 @@ initialised. Each family has two size presets:
 | olmoe   | OlmoeConfig / OlmoeForCausalLM          | top-k MoE, no router bias, experts gate_up [E,2h,d] |
 | gptoss  | GptOssConfig / GptOssForCausalLM        | router bias, sinks, clamped SwiGLU, interleaved experts [E,d,2h] |
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -68,13 +69,9 @@ class ModelConfig:
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose one of {', '.join(SIZES)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_layers={self.num_layers}"
-            )
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries but num_layers={self.num_layers}")
         if self.arch in MOE_ARCHS:
             if not (1 <= self.top_k <= self.num_experts):
                 raise ValueError(
@@ -86,6 +83,37 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class _TinyCommon(TypedDict):
+    """The fields every tiny preset shares (typed, so that ``ModelConfig(**common)`` is checked)."""
+
+    arch: str
+    size: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+
+
+class _HFCommon(TypedDict):
+    """The Hugging Face config arguments every family shares (see :func:`hf_config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    initializer_range: float
+    tie_word_embeddings: bool
+    use_cache: bool
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
 
 
 def _alternating(n: int, period: int) -> list[str]:
@@ -102,40 +130,95 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if size == "tiny":
-        common = dict(arch=arch, size=size, hidden_size=128, num_layers=4, num_heads=4,
-                      num_kv_heads=2, head_dim=32, max_seq_len=128)
+        common = _TinyCommon(
+            arch=arch,
+            size=size,
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            max_seq_len=128,
+        )
         if arch == "qwen3":
             return ModelConfig(**common, intermediate_size=384)
         if arch == "gemma3":
-            return ModelConfig(**common, intermediate_size=384, tie_embeddings=True,
-                               layer_types=["sliding_attention", "sliding_attention",
-                                            "sliding_attention", "full_attention"],
-                               sliding_window=32)
+            return ModelConfig(
+                **common,
+                intermediate_size=384,
+                tie_embeddings=True,
+                layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                sliding_window=32,
+            )
         if arch == "olmoe":
             return ModelConfig(**common, intermediate_size=96, num_experts=8, top_k=2)
-        return ModelConfig(**common, intermediate_size=96, num_experts=8, top_k=2,
-                           layer_types=_alternating(4, 2), sliding_window=32)
+        return ModelConfig(
+            **common, intermediate_size=96, num_experts=8, top_k=2, layer_types=_alternating(4, 2), sliding_window=32
+        )
     # paper shapes (0.6B-3.5B); sequence length 1024 as in the paper
     if arch == "qwen3":  # Qwen3-0.6B
-        return ModelConfig(arch=arch, size=size, vocab_size=151936, hidden_size=1024,
-                           intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
-                           head_dim=128, max_seq_len=1024)
+        return ModelConfig(
+            arch=arch,
+            size=size,
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_layers=28,
+            num_heads=16,
+            num_kv_heads=8,
+            head_dim=128,
+            max_seq_len=1024,
+        )
     if arch == "gemma3":  # Gemma-3-1B: 5 sliding : 1 full, 512-token window, large vocab
-        return ModelConfig(arch=arch, size=size, vocab_size=262144, hidden_size=1152,
-                           intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1,
-                           head_dim=256, max_seq_len=1024, tie_embeddings=True,
-                           layer_types=_alternating(26, 6), sliding_window=512)
+        return ModelConfig(
+            arch=arch,
+            size=size,
+            vocab_size=262144,
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_layers=26,
+            num_heads=4,
+            num_kv_heads=1,
+            head_dim=256,
+            max_seq_len=1024,
+            tie_embeddings=True,
+            layer_types=_alternating(26, 6),
+            sliding_window=512,
+        )
     if arch == "olmoe":  # OLMoE-1B-7B: top-8 of 64
-        return ModelConfig(arch=arch, size=size, vocab_size=50304, hidden_size=2048,
-                           intermediate_size=1024, num_layers=16, num_heads=16, num_kv_heads=16,
-                           head_dim=128, max_seq_len=1024, num_experts=64, top_k=8)
+        return ModelConfig(
+            arch=arch,
+            size=size,
+            vocab_size=50304,
+            hidden_size=2048,
+            intermediate_size=1024,
+            num_layers=16,
+            num_heads=16,
+            num_kv_heads=16,
+            head_dim=128,
+            max_seq_len=1024,
+            num_experts=64,
+            top_k=8,
+        )
     # downsized gpt-oss (~3.3B total): alternating sliding/full, top-4 of 32, o200k-size vocab.
     # The expert width differs from d (gpt-oss-120b has both 2880): with equal square expert
     # blocks, equiopt's planner cannot tell the neuron axis of down_proj from shapes alone.
-    return ModelConfig(arch=arch, size=size, vocab_size=201088, hidden_size=1536,
-                       intermediate_size=1280, num_layers=14, num_heads=24, num_kv_heads=8,
-                       head_dim=64, max_seq_len=1024, num_experts=32, top_k=4,
-                       layer_types=_alternating(14, 2), sliding_window=128)
+    return ModelConfig(
+        arch=arch,
+        size=size,
+        vocab_size=201088,
+        hidden_size=1536,
+        intermediate_size=1280,
+        num_layers=14,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=64,
+        max_seq_len=1024,
+        num_experts=32,
+        top_k=4,
+        layer_types=_alternating(14, 2),
+        sliding_window=128,
+    )
 
 
 def hf_config(cfg: ModelConfig):
@@ -143,33 +226,53 @@ def hf_config(cfg: ModelConfig):
     cfg.validate()
     import transformers as tf  # of the [train] extra; slow to import: only when a model is built
 
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=max(cfg.max_seq_len, 128), initializer_range=cfg.initializer_range,
-        tie_word_embeddings=cfg.tie_embeddings, use_cache=False, pad_token_id=None,
-        bos_token_id=None, eos_token_id=None,
+    common = _HFCommon(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max(cfg.max_seq_len, 128),
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_embeddings,
+        use_cache=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
     )
+    c: tf.PreTrainedConfig
     if cfg.arch == "qwen3":
         c = tf.Qwen3Config(**common, head_dim=cfg.head_dim, hidden_act="silu", **cfg.extra)
     elif cfg.arch == "gemma3":
         c = tf.Gemma3TextConfig(
-            **common, head_dim=cfg.head_dim, hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=cfg.head_dim, layer_types=list(cfg.layer_types or []) or None,
-            sliding_window=cfg.sliding_window or cfg.max_seq_len, **cfg.extra,
+            **common,
+            head_dim=cfg.head_dim,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=cfg.head_dim,
+            layer_types=list(cfg.layer_types or []) or None,
+            sliding_window=cfg.sliding_window or cfg.max_seq_len,
+            **cfg.extra,
         )
     elif cfg.arch == "olmoe":
         c = tf.OlmoeConfig(
-            **common, hidden_act="silu", num_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.top_k, output_router_logits=cfg.aux_loss,
-            router_aux_loss_coef=cfg.aux_loss_coef, **cfg.extra,
+            **common,
+            hidden_act="silu",
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k,
+            output_router_logits=cfg.aux_loss,
+            router_aux_loss_coef=cfg.aux_loss_coef,
+            **cfg.extra,
         )
     else:
         c = tf.GptOssConfig(
-            **common, head_dim=cfg.head_dim, num_local_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.top_k, output_router_logits=cfg.aux_loss,
-            router_aux_loss_coef=cfg.aux_loss_coef, layer_types=list(cfg.layer_types or []) or None,
+            **common,
+            head_dim=cfg.head_dim,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k,
+            output_router_logits=cfg.aux_loss,
+            router_aux_loss_coef=cfg.aux_loss_coef,
+            layer_types=list(cfg.layer_types or []) or None,
             sliding_window=cfg.sliding_window or cfg.max_seq_len,
             # plain RoPE: gpt-oss's YaRN (factor 32 over 4096) is a long-context extension, not
             # part of pre-training at these sequence lengths
@@ -184,8 +287,10 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
     c = hf_config(cfg)
     cls = {
-        "qwen3": tf.Qwen3ForCausalLM, "gemma3": tf.Gemma3ForCausalLM,
-        "olmoe": tf.OlmoeForCausalLM, "gptoss": tf.GptOssForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+        "gemma3": tf.Gemma3ForCausalLM,
+        "olmoe": tf.OlmoeForCausalLM,
+        "gptoss": tf.GptOssForCausalLM,
     }[cfg.arch]
     # eager attention everywhere: sinks (gpt-oss) and deterministic CPU results
     c._attn_implementation = "eager"

@@ -9,22 +9,33 @@ turns the fields into argparse arguments (type, default and help from the field)
 added to a config is on the command line with no further code. Validation lives in the
 dataclasses' ``__post_init__`` (API users get it too); its errors name the field and flag.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, *, help: str, flag: str | None = None,
-           parse: Callable[[str], Any] | None = None, choices: Iterable | Callable[[], Iterable] | None = None,
-           metavar: str | None = None, group: str | None = None, cli: bool = True, hidden: bool = False,
-           repeat: bool = False,
-           default_factory: Callable[[], Any] | Any = _MISSING) -> Any:
+def option(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    choices: Iterable | Callable[[], Iterable] | None = None,
+    metavar: str | None = None,
+    group: str | None = None,
+    cli: bool = True,
+    hidden: bool = False,
+    repeat: bool = False,
+    default_factory: Callable[[], Any] | Any = _MISSING,
+) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``help``: the option's documentation (``%`` needs no escaping; the default is appended).
@@ -34,8 +45,17 @@ def option(default: Any = _MISSING, *, help: str, flag: str | None = None,
     ``cli=False``: API only; ``hidden=True``: accepted but not listed in ``--help``;
     ``repeat=True``: a list field, the option given once per item.
     """
-    meta = {"help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar,
-            "group": group, "cli": cli, "hidden": hidden, "repeat": repeat}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "parse": parse,
+        "choices": choices,
+        "metavar": metavar,
+        "group": group,
+        "cli": cli,
+        "hidden": hidden,
+        "repeat": repeat,
+    }
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -105,8 +125,14 @@ def _argument(f: dataclasses.Field, typ: Any, default: Any) -> tuple[list[str], 
     return [flag_of(f)], kw
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, defaults: dict | None = None,
-                          exclude: Iterable[str] = (), groups: dict | None = None) -> None:
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    defaults: dict | None = None,
+    exclude: Iterable[str] = (),
+    groups: dict | None = None,
+) -> None:
     """Add an argument for every command-line field of ``cls`` (nested dataclasses recursively).
 
     ``defaults``: per-command default overrides by field name (nested fields included);
@@ -118,7 +144,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, default
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):  # a hint is a class, not an instance
             add_dataclass_options(parser, typ, defaults=defaults, exclude=exclude, groups=groups)
             continue
         title = f.metadata.get("group")

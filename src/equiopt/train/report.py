@@ -5,6 +5,7 @@ of the key vocabulary-logit and routing metrics at the final evaluation, and the
 t-test p-value (``scipy.stats.ttest_ind(equal_var=False)``) of the paper stack against each
 baseline. Diverged runs are counted and listed, not averaged.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,8 +40,15 @@ KEY_METRICS = [
     ("router_logit_rms", ("routing", "logit_rms"), True),
     ("router_logit_max", ("routing", "logit_max"), True),
 ]
-TABLE_COLUMNS = ["val_loss", "logit_max_abs", "logit_centered_rms", "router_load_cv", "router_z_loss",
-                 "router_dead_frac", "router_logit_max"]
+TABLE_COLUMNS = [
+    "val_loss",
+    "logit_max_abs",
+    "logit_centered_rms",
+    "router_load_cv",
+    "router_z_loss",
+    "router_dead_frac",
+    "router_logit_max",
+]
 
 
 def _get(rec: dict, path: tuple[str, ...]):
@@ -61,10 +69,20 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         final = json.loads(final_p.read_text())
         cfg = final["config"]
         evals = [r for r in read_metrics(d) if "event" not in r]
-        runs.append({"dir": str(d), "arch": cfg["arch"], "optimizer": cfg["optimizer"], "seed": cfg["seed"],
-                     "lr_scale": cfg["lr_scale"], "role_lr_scale": cfg.get("role_lr_scale", {}),
-                     "status": final["status"], "final": evals[-1] if evals and final["status"] == "done" else None,
-                     "curves": evals, "message": final.get("message")})
+        runs.append(
+            {
+                "dir": str(d),
+                "arch": cfg["arch"],
+                "optimizer": cfg["optimizer"],
+                "seed": cfg["seed"],
+                "lr_scale": cfg["lr_scale"],
+                "role_lr_scale": cfg.get("role_lr_scale", {}),
+                "status": final["status"],
+                "final": evals[-1] if evals and final["status"] == "done" else None,
+                "curves": evals,
+                "message": final.get("message"),
+            }
+        )
     return runs
 
 
@@ -84,9 +102,10 @@ def summarize(runs: list[dict]) -> dict:
     """{arch: {optimizer: {"n", "diverged", "lr_scale", metric: {"mean","std","n","values","p_vs_paper"}}}}."""
     out: dict = {}
     for r in runs:
-        cell = out.setdefault(r["arch"], {}).setdefault(r["optimizer"], {"n": 0, "diverged": 0, "seeds": [],
-                                                                         "lr_scale": r["lr_scale"],
-                                                                         "role_lr_scale": r["role_lr_scale"]})
+        cell = out.setdefault(r["arch"], {}).setdefault(
+            r["optimizer"],
+            {"n": 0, "diverged": 0, "seeds": [], "lr_scale": r["lr_scale"], "role_lr_scale": r["role_lr_scale"]},
+        )
         if r["status"] != "done":
             cell["diverged"] += 1
             continue
@@ -96,7 +115,7 @@ def summarize(runs: list[dict]) -> dict:
             v = _get(r["final"], path)
             if v is not None:
                 cell.setdefault(name, {"values": []})["values"].append(float(v))
-    for arch, cells in out.items():
+    for cells in out.values():
         ref = cells.get(REFERENCE, {})
         for opt, cell in cells.items():
             for name, _, _ in KEY_METRICS:
@@ -106,8 +125,9 @@ def summarize(runs: list[dict]) -> dict:
                 cell[name]["n"] = len(vals)
                 cell[name]["mean"] = float(np.mean(vals))
                 cell[name]["std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
-                cell[name]["p_vs_paper"] = (None if opt == REFERENCE or name not in ref
-                                            else _welch(ref[name]["values"], vals))
+                cell[name]["p_vs_paper"] = (
+                    None if opt == REFERENCE or name not in ref else _welch(ref[name]["values"], vals)
+                )
     return out
 
 
@@ -138,8 +158,7 @@ def table_markdown(summary: dict) -> str:
             n = f"{c['n']}" + (f" (+{c['diverged']} diverged)" if c["diverged"] else "")
             p = c.get("val_loss", {}).get("p_vs_paper")
             lr = f"{c['lr_scale']:g}" + "".join(f", {r}×{v:g}" for r, v in sorted(c["role_lr_scale"].items()))
-            lines.append("| " + " | ".join([opt, lr, n] + [_fmt(c, k) for k in cols]
-                                           + [_fmt_p(p)]) + " |")
+            lines.append("| " + " | ".join([opt, lr, n] + [_fmt(c, k) for k in cols] + [_fmt_p(p)]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -170,8 +189,19 @@ def write_csv(summary: dict, path: Path) -> None:
             for name, _, _ in KEY_METRICS:
                 if name in c:
                     m = c[name]
-                    w.writerow([arch, opt, name, m["n"], repr(m["mean"]), repr(m["std"]),
-                                "" if m["p_vs_paper"] is None else repr(m["p_vs_paper"]), c["lr_scale"], c["diverged"]])
+                    w.writerow(
+                        [
+                            arch,
+                            opt,
+                            name,
+                            m["n"],
+                            repr(m["mean"]),
+                            repr(m["std"]),
+                            "" if m["p_vs_paper"] is None else repr(m["p_vs_paper"]),
+                            c["lr_scale"],
+                            c["diverged"],
+                        ]
+                    )
     path.write_text(buf.getvalue())
 
 
@@ -203,8 +233,7 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
     def panel(fig_name, rows, archs_, title):
         if not archs_:
             return
-        fig, axes = plt.subplots(len(rows), len(archs_), figsize=(4.2 * len(archs_), 3.2 * len(rows)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(rows), len(archs_), figsize=(4.2 * len(archs_), 3.2 * len(rows)), squeeze=False)
         for j, arch in enumerate(archs_):
             for i, (label, path, logy) in enumerate(rows):
                 ax = axes[i][j]
@@ -213,7 +242,7 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
                     if steps is None:
                         continue
                     mean = vals.mean(0)
-                    line, = ax.plot(steps, mean, label=f"{opt} (n={len(vals)})")
+                    (line,) = ax.plot(steps, mean, label=f"{opt} (n={len(vals)})")
                     if len(vals) > 1:
                         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
                 if logy:
@@ -231,19 +260,35 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(p)
 
-    panel("val_loss.png", [("validation loss", ("val_loss",), False)], archs,
-          "Validation loss (mean over seeds; band = min..max)")
+    panel(
+        "val_loss.png",
+        [("validation loss", ("val_loss",), False)],
+        archs,
+        "Validation loss (mean over seeds; band = min..max)",
+    )
     moe = [a for a in archs if any("router_load_cv" in c for c in summary[a].values())]
-    panel("routing.png", [("router load CV", ("routing", "load_cv"), False),
-                          ("router z-loss", ("routing", "z_loss"), False)], moe,
-          "MoE routing, averaged over layers (band = min..max over seeds)")
-    panel("max_logit.png", [("max |vocab logit|", ("logits", "max_abs"), False)], archs,
-          "Vocabulary logits: max |logit| on validation (band = min..max over seeds)")
+    panel(
+        "routing.png",
+        [("router load CV", ("routing", "load_cv"), False), ("router z-loss", ("routing", "z_loss"), False)],
+        moe,
+        "MoE routing, averaged over layers (band = min..max over seeds)",
+    )
+    panel(
+        "max_logit.png",
+        [("max |vocab logit|", ("logits", "max_abs"), False)],
+        archs,
+        "Vocabulary logits: max |logit| on validation (band = min..max over seeds)",
+    )
     return written
 
 
-def write_report(run_dirs: list[Path], out: Path, title: str = "equiopt comparison",
-                 command: str | None = None, notes: list[str] | None = None) -> dict:
+def write_report(
+    run_dirs: list[Path],
+    out: Path,
+    title: str = "equiopt comparison",
+    command: str | None = None,
+    notes: list[str] | None = None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(run_dirs)
     if not runs:
@@ -253,10 +298,12 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "equiopt comparis
     md = [f"# {title}\n"]
     if command:
         md.append(f"Command: `{command}`\n")
-    md.append("Final evaluation of each run; mean ± sample std over seeds; p = Welch t-test "
-              "(scipy.stats.ttest_ind, equal_var=False) of the paper stack's final validation loss "
-              "against each row. Lower validation loss is better. Metric definitions: "
-              "design note section 4 / `equiopt.train.metrics`.\n")
+    md.append(
+        "Final evaluation of each run; mean ± sample std over seeds; p = Welch t-test "
+        "(scipy.stats.ttest_ind, equal_var=False) of the paper stack's final validation loss "
+        "against each row. Lower validation loss is better. Metric definitions: "
+        "design note section 4 / `equiopt.train.metrics`.\n"
+    )
     md.append(table)
     md.append("## Ordering by mean final validation loss (best first)\n")
     md += ordering(summary)
@@ -270,8 +317,17 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "equiopt comparis
     md.append("\nPlots: `val_loss.png`, `routing.png` (MoE), `max_logit.png`.\n")
     (out / "summary.md").write_text("\n".join(md) + "\n")
     write_csv(summary, out / "summary.csv")
-    (out / "summary.json").write_text(json.dumps(
-        {"summary": summary, "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
-         "command": command}, indent=1, default=str) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
+                "command": command,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     plot(runs, summary, out)
     return {"summary": summary, "table": table, "ordering": ordering(summary)}

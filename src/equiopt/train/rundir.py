@@ -22,6 +22,7 @@ permission denied, ...). A partial last line of ``metrics.jsonl`` (a write cut s
 kill) is ignored with a warning when read and dropped when the run resumes; a damaged line
 anywhere else is an error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,14 +38,21 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 LOCK = ".lock"
-CONFIG, ENV, PLAN, METRICS, FINAL, CKPT = ("config.json", "env.json", "plan.txt", "metrics.jsonl",
-                                          "final.json", "checkpoint.pt")
+CONFIG, ENV, PLAN, METRICS, FINAL, CKPT = (
+    "config.json",
+    "env.json",
+    "plan.txt",
+    "metrics.jsonl",
+    "final.json",
+    "checkpoint.pt",
+)
 DIST_CKPT = "checkpoint"  # multi-process runs: a torch.distributed.checkpoint directory
 RUN_FILES = (CONFIG, ENV, PLAN, METRICS, CKPT, FINAL, LOCK)
 RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old")
@@ -66,9 +74,13 @@ class MetricsWarning(UserWarning):
     """metrics.jsonl ends in a partial line (a write cut short); it is ignored."""
 
 
-_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-           errno.EROFS: "read-only file system"}
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
 
 
 def describe(e: BaseException, path: Path | None = None) -> str:
@@ -95,7 +107,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[str], None], what: str) -> None:
+def atomic_write(path: Path, write: Callable[[str], object], what: str) -> None:
     """``write(tmp)`` then rename ``tmp`` over ``path``; on any failure ``tmp`` is removed,
     ``path`` is unchanged and OSError / torch's RuntimeError become :class:`RunDirError`."""
     done = False
@@ -148,21 +160,28 @@ def read_metrics(run_dir: str | os.PathLike, on_partial: Callable[[str], None] |
             try:
                 recs.append(json.loads(line))
             except ValueError as e:
-                raise RunDirError(f"{p}, line {i}: not a JSON record ({e}); the file is damaged: "
-                                  "repair or remove that line") from e
+                raise RunDirError(
+                    f"{p}, line {i}: not a JSON record ({e}); the file is damaged: repair or remove that line"
+                ) from e
     if tail.strip():
         try:
             recs.append(json.loads(tail))
         except ValueError:
-            msg = (f"{p}: ignoring a partial last line ({len(tail)} bytes, no newline): a write cut short "
-                   "by a kill or a full disk")
+            msg = (
+                f"{p}: ignoring a partial last line ({len(tail)} bytes, no newline): a write cut short "
+                "by a kill or a full disk"
+            )
             (on_partial or (lambda m: warnings.warn(m, MetricsWarning, stacklevel=3)))(msg)
     return recs
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(sys.argv),
+    }
 
 
 def _holder_text(raw: str) -> str:
@@ -199,8 +218,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise io_error(p, "create the run directory's lock file", e,
-                           "; choose a writable --out") from e
+            raise io_error(p, "create the run directory's lock file", e, "; choose a writable --out") from e
         try:
             self._acquire(fd, p, log)
         except BaseException:
@@ -218,8 +236,9 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder_text(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-            raise RunLocked(f"{self.path} is in use by another run ({holder}); wait for it to end or "
-                            "choose another --out") from None
+            raise RunLocked(
+                f"{self.path} is in use by another run ({holder}); wait for it to end or choose another --out"
+            ) from None
         stale = os.pread(fd, 4096, 0).decode("utf-8", "replace")
         if stale.strip():
             log(f"[run] {self.path}: taking over the stale lock of {_holder_text(stale)} (that process is gone)")
@@ -263,11 +282,13 @@ class RunDir:
             raise RunDirError(f"{p}: unreadable ({describe(e)}); repair or remove it") from e
 
     def check_foreign(self) -> None:
-        foreign = [p.name for p in self.path.iterdir()
-                   if p.name not in RUN_FILES + RUN_DIRS and not p.name.endswith(".tmp")]
+        foreign = [
+            p.name for p in self.path.iterdir() if p.name not in RUN_FILES + RUN_DIRS and not p.name.endswith(".tmp")
+        ]
         if foreign:
-            raise FileExistsError(f"--out {self.path} holds files that are not an equiopt run ({foreign[:3]}); "
-                                  "choose another directory")
+            raise FileExistsError(
+                f"--out {self.path} holds files that are not an equiopt run ({foreign[:3]}); choose another directory"
+            )
 
     def clear(self) -> None:
         """``--overwrite``: remove the run's records and checkpoints (not the lock)."""
@@ -317,8 +338,11 @@ class RunDir:
     def trim_metrics(self, step: int, log: Callable[[str], None]) -> None:
         """Keep the records up to ``step`` (those after a checkpoint are recomputed on resume);
         a partial last line is dropped (logged); final.json goes (the run is not final)."""
-        kept = [r for r in self.read_metrics(log=lambda m: log(f"[run] {m}; dropping it"))
-                if r.get("step", 0) <= step and "event" not in r]
+        kept = [
+            r
+            for r in self.read_metrics(log=lambda m: log(f"[run] {m}; dropping it"))
+            if r.get("step", 0) <= step and "event" not in r
+        ]
         self.write_text(METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         (self.path / FINAL).unlink(missing_ok=True)
 
@@ -331,8 +355,10 @@ class RunDir:
         """The single-process checkpoint; an empty, truncated or foreign file is a
         :class:`RunDirError` that names it and leaves everything in place."""
         p = self.ckpt
-        advice = (". The run's records are untouched; start the run over with --overwrite (or a new --out), "
-                  "or restore the file")
+        advice = (
+            ". The run's records are untouched; start the run over with --overwrite (or a new --out), "
+            "or restore the file"
+        )
         try:
             size = p.stat().st_size
         except OSError as e:
@@ -341,10 +367,21 @@ class RunDir:
             raise RunDirError(f"{p}: the checkpoint is empty (0 bytes; a write cut short?){advice}")
         try:
             state = torch.load(p, weights_only=False, map_location=map_location)
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
-                AttributeError, ImportError, IndexError, KeyError) as e:
-            raise RunDirError(f"{p}: the checkpoint is unreadable, truncated or not a checkpoint "
-                              f"({type(e).__name__}: {describe(e)}){advice}") from e
+        except (
+            RuntimeError,
+            EOFError,
+            ValueError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            AttributeError,
+            ImportError,
+            IndexError,
+            KeyError,
+        ) as e:
+            raise RunDirError(
+                f"{p}: the checkpoint is unreadable, truncated or not a checkpoint "
+                f"({type(e).__name__}: {describe(e)}){advice}"
+            ) from e
         except OSError as e:
             raise io_error(p, "read the checkpoint", e) from e
         missing = [k for k in CKPT_KEYS if not isinstance(state, dict) or k not in state]
