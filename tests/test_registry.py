@@ -251,3 +251,37 @@ def test_add_param_group_refuses_bad_input_at_once():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "map": "polr"})
     with pytest.raises(ValueError, match="needs a 2-D tensor, got shape"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2, 2))], "map": "polar"})
+
+
+def test_maps_reductions_let_a_row_shard_compute_the_whole_map():
+    """Maps expose their reductions (#10): with sums that add the other shard's part (what
+    the sharded path's all-reduce does), each row shard gets its rows of the whole map."""
+    from equiopt.maps import center_rows, centered_row_norm, col_norm, row_norm
+
+    x = torch.randn(10, 6, dtype=F64)
+    shards = (x[:4], x[4:])
+
+    for i, s in enumerate(shards):
+        rows = slice(0, 4) if i == 0 else slice(4, 10)
+        torch.testing.assert_close(
+            center_rows(s, sum_rows=lambda v: x.sum(-2, keepdim=True), count=10),
+            center_rows(x)[rows],
+            rtol=0,
+            atol=1e-14,
+        )
+        torch.testing.assert_close(
+            col_norm(s, sum_rows=lambda v: (x * x).sum(-2, keepdim=True)), col_norm(x)[rows], rtol=0, atol=1e-14
+        )
+        torch.testing.assert_close(
+            row_norm(s, sum_cols=lambda v: v.sum(-1, keepdim=True)), row_norm(x)[rows], rtol=0, atol=1e-14
+        )
+    # the centered map needs the global column sums of the intermediate results too: a real
+    # all-reduce does that; here both shards are computed together to emulate it
+    full = centered_row_norm(
+        x, sum_rows=lambda v: v.sum(-2, keepdim=True), sum_cols=lambda v: v.sum(-1, keepdim=True), count=10
+    )
+    torch.testing.assert_close(full, centered_row_norm(x), rtol=0, atol=1e-14)
+    # a wrong count (the local one) gives another map: the check can fail
+    assert (
+        center_rows(shards[0], sum_rows=lambda v: x.sum(-2, keepdim=True), count=4) - center_rows(x)[:4]
+    ).abs().max() > 1e-3

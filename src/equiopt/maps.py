@@ -85,7 +85,13 @@ def scale_by_nuclear(p: Tensor, nuc: Tensor, alpha: float) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def row_norm(x: Tensor, eps: float = EPS) -> Tensor:
+#: A reduction: the sum of ``v`` over one axis of each logical matrix, kept as a size-1 axis.
+#: The maps take the local one by default; the sharded path passes one that also sums over
+#: the shards of that axis (an all-reduce), so a shard computes the map of the whole matrix.
+Reduction = Callable[[Tensor], Tensor]
+
+
+def row_norm(x: Tensor, eps: float = EPS, *, sum_cols: Reduction | None = None) -> Tensor:
     """rn(X): each row divided by (its l2 norm + eps).
 
     Formula: rn(X)_i = X_i / (||X_i||_2 + eps). Zero rows stay zero.
@@ -93,42 +99,61 @@ def row_norm(x: Tensor, eps: float = EPS) -> Tensor:
     rotations, and rows are treated independently).
     Blocks: embeddings and LM heads [vocab, d] (also tied), SwiGLU gate/up [hidden, d]
     ("row-aware").
+    ``sum_cols``: the sum over a row's columns of ``X*X`` (default: local, via vector_norm).
     """
     _check(x)
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+    if sum_cols is None:
+        return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+    return x / (sum_cols(x * x).sqrt() + eps)
 
 
-def col_norm(x: Tensor, eps: float = EPS) -> Tensor:
+def col_norm(x: Tensor, eps: float = EPS, *, sum_rows: Reduction | None = None) -> Tensor:
     """cn(X) = rn(X^T)^T: each column divided by (its l2 norm + eps).
 
     Group: O(m) x Perm(n). Blocks: SwiGLU down [d, hidden] (column-aware row-norm).
+    ``sum_rows``: the sum over a column's rows (default: local).
     """
     _check(x)
-    return row_norm(x.mT, eps).mT
+    over = None if sum_rows is None else (lambda v: sum_rows(v.mT).mT)
+    return row_norm(x.mT, eps, sum_cols=over).mT
 
 
-def center_rows(x: Tensor) -> Tensor:
+def center_rows(x: Tensor, *, sum_rows: Reduction | None = None, count: int | None = None) -> Tensor:
     """C(X) = X - 1 mean_rows(X)^T: subtract the column-mean vector from every row.
 
     Output satisfies 1^T C(X) = 0 and C(X + 1 c^T) = C(X).
     Group: commutes with row permutations (in fact with every orthogonal Q with Q 1 = 1) and
     with right rotations: C(P X Q) = P C(X) Q; invariant under the shift X -> X + 1 c^T.
     Building block of the centered maps (untied LM heads, MoE routers).
+    ``sum_rows`` / ``count``: the column sums and the number of rows of the whole matrix
+    (default: local).
     """
     _check(x)
-    if x.shape[-2] == 0:
+    rows = x.shape[-2] if count is None else count
+    if rows == 0:
         return x.clone()
-    return x - x.mean(dim=-2, keepdim=True)
+    if sum_rows is None:
+        return x - x.mean(dim=-2, keepdim=True)
+    return x - sum_rows(x) / rows
 
 
-def centered_row_norm(x: Tensor, eps: float = EPS) -> Tensor:
+def centered_row_norm(
+    x: Tensor,
+    eps: float = EPS,
+    *,
+    sum_rows: Reduction | None = None,
+    sum_cols: Reduction | None = None,
+    count: int | None = None,
+) -> Tensor:
     """C(rn(C(X))): center, row-normalize, re-center.
 
     The outer centering makes 1^T Phi(X) = 0; the inner one makes Phi(X + 1 c^T) = Phi(X).
     Group: Perm(m) x O(n) x shift.
     Blocks: untied LM heads [vocab, d] (*ref* centering) and MoE routers [experts, d].
+    Reductions: see :func:`row_norm` and :func:`center_rows`.
     """
-    return center_rows(row_norm(center_rows(x), eps))
+    centered = center_rows(x, sum_rows=sum_rows, count=count)
+    return center_rows(row_norm(centered, eps, sum_cols=sum_cols), sum_rows=sum_rows, count=count)
 
 
 # ----------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .execution import LocalExecutor, UpdateContext
 from .functional import muon_scale
 from .layouts import Layout
-from .maps import needs_centering, scale_by_nuclear
+from .maps import centered_row_norm, col_norm, needs_centering, row_norm, scale_by_nuclear
 from .polar import eigh_kept, inv_sqrt_from_eig, linalg_dtype
 
 __all__ = [
@@ -341,25 +341,28 @@ def _reduce_update(group, layout: Layout, shape, x: torch.Tensor, geo: _Shard) -
     count_R = ax.n if col_aware else ax.m
     eps = group["eps"]
 
-    def norm_over(v, axis):
-        return v / (reduce(v * v, axis).sqrt() + eps)
+    def over(axis: int):
+        """Sum over storage ``axis``, seen in the map's orientation (rows along ``R``)."""
+        if R == 0:
+            return lambda v: reduce(v, axis)
+        return lambda v: reduce(v.mT, axis).mT
 
-    def center(v):
-        return v - reduce(v, R) / count_R if count_R else v.clone()
-
+    xm = x if R == 0 else x.mT  # the matrix as the map sees it
+    sums = {"sum_rows": over(R), "sum_cols": over(K)}
     name = group["map"]
     if name == "row_norm" and needs_centering(name, group.get("center")):
         name = "centered_row_norm"  # C(rn(C(X))) on a shift-symmetric block
     if name == "identity":
-        u = x
+        um = xm
     elif name == "row_norm":
-        u = norm_over(x, K)
+        um = row_norm(xm, eps, sum_cols=sums["sum_cols"])
     elif name == "col_norm":
-        u = norm_over(x, R)
+        um = col_norm(xm, eps, sum_rows=sums["sum_rows"])
     elif name == "centered_row_norm":
-        u = center(norm_over(center(x), K))
+        um = centered_row_norm(xm, eps, **sums, count=count_R)
     else:  # pragma: no cover - guarded by _path
         raise AssertionError(name)
+    u = um if R == 0 else um.mT
     if group["scale"] == "muon":
         u = u * muon_scale(ax.m, ax.n)
     return u
