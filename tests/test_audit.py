@@ -16,12 +16,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from plain_gpt import SwiGLU
 from torch import nn
 
 import equiopt
 from equiopt import audit as A
 from equiopt.groups import haar, inverse_permutation, permutation
+
+from plain_gpt import SwiGLU
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,7 +108,9 @@ class PlainGPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(block_size, d)
-        self.blocks = nn.ModuleList([Block(d, n_head, h, False, expert_scale, norm), Block(d, n_head, h, True, expert_scale, norm)])
+        self.blocks = nn.ModuleList(
+            [Block(d, n_head, h, False, expert_scale, norm), Block(d, n_head, h, True, expert_scale, norm)]
+        )
         self.ln_f = norm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
@@ -132,8 +135,18 @@ def batch(seed=0, vocab=V, B=2, T=16):
 # ------------------------------------------------------------------------------------------
 # Hugging Face models from config classes (no download), eager attention
 # ------------------------------------------------------------------------------------------
-COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=HID, num_hidden_layers=2, num_attention_heads=HQ,
-              num_key_value_heads=HKV, head_dim=HD, attn_implementation="eager", bos_token_id=None, eos_token_id=None)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=D,
+    intermediate_size=HID,
+    num_hidden_layers=2,
+    num_attention_heads=HQ,
+    num_key_value_heads=HKV,
+    head_dim=HD,
+    attn_implementation="eager",
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 
 # built once per session (HF init is slow on a loaded CPU); the audit never modifies a model
@@ -160,7 +173,9 @@ def olmoe():  # default experts implementation (grouped_mm, float32 only): the a
 @functools.cache
 def gptoss():
     torch.manual_seed(0)
-    cfg = transformers.GptOssConfig(**COMMON, num_local_experts=E, num_experts_per_tok=2, experts_implementation="eager")
+    cfg = transformers.GptOssConfig(
+        **COMMON, num_local_experts=E, num_experts_per_tok=2, experts_implementation="eager"
+    )
     return transformers.GptOssForCausalLM(cfg)
 
 
@@ -201,7 +216,9 @@ def test_oracle_plain_model_symmetries():
     m2.load_state_dict(m.state_dict())
     mlp = m2.blocks[0].mlp
     P = permutation(HID, g)
-    mlp.w1.weight.copy_(mlp.w1.weight[P]); mlp.w3.weight.copy_(mlp.w3.weight[P]); mlp.w2.weight.copy_(mlp.w2.weight[:, P])
+    mlp.w1.weight.copy_(mlp.w1.weight[P])
+    mlp.w3.weight.copy_(mlp.w3.weight[P])
+    mlp.w2.weight.copy_(mlp.w2.weight[:, P])
     ex = m2.blocks[1].mlp.experts
     Q = permutation(HID, g)
     ex.w_in[2].copy_(torch.cat([ex.w_in[2, :HID][Q], ex.w_in[2, HID:][Q]]))
@@ -225,8 +242,8 @@ def test_oracle_plain_model_symmetries():
     W = m4.blocks[0].attn.c_attn.weight
     b = m4.blocks[0].attn.c_attn.bias
     for lo in (0, D):  # head 0 of q and of k
-        W[lo:lo + HD] = R @ W[lo:lo + HD]
-        b[lo:lo + HD] = R @ b[lo:lo + HD]
+        W[lo : lo + HD] = R @ W[lo : lo + HD]
+        b[lo : lo + HD] = R @ b[lo : lo + HD]
     assert close(m4(ids)) < 1e-13
 
 
@@ -258,7 +275,17 @@ def test_plain_gpt_verdicts():
     torch.manual_seed(0)
     m = PlainGPT()
     r = A.audit(m, batch(), plan=plain_plan(m))
-    exact = ["vocab_perm", "head_perm", "logit_shift", "vo_rotation", "qk_rotation", "qk_rope_rotation", "neuron_perm", "expert_perm", "router_shift"]
+    exact = [
+        "vocab_perm",
+        "head_perm",
+        "logit_shift",
+        "vo_rotation",
+        "qk_rotation",
+        "qk_rope_rotation",
+        "neuron_perm",
+        "expert_perm",
+        "router_shift",
+    ]
     for kind in exact:
         assert set(verdicts(r, kind)) == {"exact"}, (kind, [(c.scope, c.error, c.reason) for c in r.by_kind(kind)])
     # learned positions: nothing relabels them
@@ -275,7 +302,11 @@ def test_plain_gpt_verdicts():
     assert [c.verdict for c in rescale(r, "w_in[part 0]")] == ["broken"]
     # the fused qkv bias is rotated with its heads; expert perm moves router rows + experts
     assert "blocks.0.attn.c_attn.bias" in only(r, "qk_rotation", "blocks.0").params
-    assert set(only(r, "expert_perm").params) == {"blocks.1.mlp.router.weight", "blocks.1.mlp.experts.w_in", "blocks.1.mlp.experts.w_out"}
+    assert set(only(r, "expert_perm").params) == {
+        "blocks.1.mlp.router.weight",
+        "blocks.1.mlp.experts.w_in",
+        "blocks.1.mlp.experts.w_out",
+    }
     assert only(r, "router_shift").scope == "blocks.1.mlp.router"
     assert A.downgrade_rules(r) == {}
 
@@ -315,7 +346,7 @@ class ListMoE(nn.Module):
         probs = self.gate(x).softmax(-1)
         w, idx = probs.topk(self.top_k, dim=-1)
         dense = torch.zeros_like(probs).scatter(-1, idx, w)
-        return sum(dense[..., e:e + 1] * ex(x) for e, ex in enumerate(self.experts))
+        return sum(dense[..., e : e + 1] * ex(x) for e, ex in enumerate(self.experts))
 
 
 def test_expert_list_moe_router_shift_and_per_expert_neurons():
@@ -495,7 +526,15 @@ def test_unconventional_names_give_the_same_verdicts():
         assert c1.error == pytest.approx(c2.error, rel=1e-6, abs=1e-15), c1.kind
         assert len(c1.params) == len(c2.params) and len(c1.assumed_by) == len(c2.assumed_by)
     assert "untested" not in {c.verdict for c in r2.checks}
-    for kind in ("vocab_perm", "head_perm", "logit_shift", "vo_rotation", "qk_rotation", "qk_rope_rotation", "neuron_perm"):
+    for kind in (
+        "vocab_perm",
+        "head_perm",
+        "logit_shift",
+        "vo_rotation",
+        "qk_rotation",
+        "qk_rope_rotation",
+        "neuron_perm",
+    ):
         assert verdicts(r2, kind) == ["exact"], (kind, [c.reason for c in r2.by_kind(kind)])
     # q/k/v in registration order: the q/k rotation acts on a and b (and their biases), v/o on c and out
     assert set(only(r2, "qk_rotation").params) == {"mix.a.weight", "mix.a.bias", "mix.b.weight", "mix.b.bias"}
@@ -587,8 +626,26 @@ def test_cli(tmp_path, capsys):
     p = argparse.ArgumentParser()
     A.add_arguments(p)
     out = tmp_path / "audit.md"
-    args = p.parse_args(["--arch", "gemma3", "--layers", "1", "--vocab", "64", "--tied", "no", "--softcap", "30",
-                         "--seq", "8", "--no-grads", "--markdown", str(out), "--strict"])
+    args = p.parse_args(
+        [
+            "--arch",
+            "gemma3",
+            "--layers",
+            "1",
+            "--vocab",
+            "64",
+            "--tied",
+            "no",
+            "--softcap",
+            "30",
+            "--seq",
+            "8",
+            "--no-grads",
+            "--markdown",
+            str(out),
+            "--strict",
+        ]
+    )
     code = A.run(args)
     assert code == 1  # the soft-capped head's centering must be downgraded
     assert "logit_shift" in out.read_text() and "'lm_head'" in capsys.readouterr().out

@@ -5,8 +5,9 @@ row-wise maps under a permutation of the rows, the polar maps under rotations, t
 maps under the shift ``W -> W + 1 c^T``. That is only worth something when the group is a
 symmetry of the network; architectures break such claims quietly (final-logit soft-capping
 breaks the LM-head shift, a norm gain breaks a residual rotation, a per-expert scale breaks
-the router shift). :func:`audit` builds, for every block the planner recorded (``plan.blocks``: vocabulary,
-attention, MLP, MoE, with their symmetries), the group action the block's map assumes, applies a random element of it to a float64 copy of the model, and
+the router shift). :func:`audit` builds, for every block the planner recorded
+(``plan.blocks``: vocabulary, attention, MLP, MoE, with their symmetries), the group action
+the block's map assumes, applies a random element of it to a float64 copy of the model, and
 measures the change of the logits, of the loss and of the gradient::
 
     report = equiopt.audit.audit(model, input_ids)        # input_ids: LongTensor [B, T]

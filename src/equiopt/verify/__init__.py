@@ -8,6 +8,21 @@ from .command import ARCH_CHOICES, add_arguments, build_audit_model, run
 from .report import KINDS, SHIFT_KINDS, VERDICTS, AuditError, AuditReport, CheckResult, downgrade_rules
 
 __all__ = [
-    "ARCH_CHOICES", "KINDS", "SHIFT_KINDS", "VERDICTS", "Action", "AuditError", "AuditReport", "Auditor", "Check",
-    "CheckResult", "Edit", "add_arguments", "audit", "build_audit_model", "downgrade_rules", "relies_on", "run",
+    "ARCH_CHOICES",
+    "KINDS",
+    "SHIFT_KINDS",
+    "VERDICTS",
+    "Action",
+    "AuditError",
+    "AuditReport",
+    "Auditor",
+    "Check",
+    "CheckResult",
+    "Edit",
+    "add_arguments",
+    "audit",
+    "build_audit_model",
+    "downgrade_rules",
+    "relies_on",
+    "run",
 ]

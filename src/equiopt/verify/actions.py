@@ -122,8 +122,13 @@ def _act_edit(act: Act, factor: Factor, g: Tensor, layouts: Mapping[str, tuple[L
         return Edit(act.param, lambda t: t[e], lambda t: t[e])
     layout, vector = layouts[act.param]
     h = factor.inverse(g) if act.inverse else g
-    return edit(act.param, layout, replace(factor, axis=act.axis if not vector else "rows"),
-                _on_parts(factor, h, layout.fused, act.part), vector=vector)
+    return edit(
+        act.param,
+        layout,
+        replace(factor, axis=act.axis if not vector else "rows"),
+        _on_parts(factor, h, layout.fused, act.part),
+        vector=vector,
+    )
 
 
 def symmetry_edits(sym: Symmetry, g: Tensor, layouts: Mapping[str, tuple[Layout, bool]]) -> list[Edit]:

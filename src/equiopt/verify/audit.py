@@ -36,15 +36,19 @@ def relies_on(spec: Mapping, factor: Factor | None) -> bool:
 class Auditor:
     """Runs the checks of one plan on a work copy of the model (see :func:`audit`)."""
 
-    def __init__(self, work: WorkModel, plan, seed: int, tol: float, approx_tol: float, rope_pairing: str,
-                 generic_scale: float):
+    def __init__(
+        self, work: WorkModel, plan, seed: int, tol: float, approx_tol: float, rope_pairing: str, generic_scale: float
+    ):
         self.work, self.plan, self.seed = work, plan, seed
         self.tol, self.approx_tol = tol, approx_tol
         self.rope_pairing, self.generic_scale = rope_pairing, generic_scale
         for e in plan.entries:
             if e.name not in work.params or tuple(work.params[e.name].shape) != tuple(e.shape):
                 got = tuple(work.params[e.name].shape) if e.name in work.params else "missing"
-                raise AuditError(f"{e.name}: planned as {tuple(e.shape)} but the model has {got} (was the plan made for another model?)")
+                raise AuditError(
+                    f"{e.name}: planned as {tuple(e.shape)} but the model has {got} "
+                    "(was the plan made for another model?)"
+                )
         self.structure = Structure(plan, work)
         self.checks = CheckBuilder(self.structure, rope_pairing).checks()
 
@@ -66,6 +70,8 @@ class Auditor:
         names = self._grad_names(check)
         if base is None:
             base = self.work.run(self.work.ids, self.work.labels, names)
+        if check.build is None:  # untested checks are reported, never measured
+            raise AuditError(f"{check.kind} on {check.scope}: no action to measure ({check.untested})")
         with torch.no_grad():
             action = check.build(torch.Generator().manual_seed(gen_seed))
         return (*self.work.measure(action, names, base), action.notes)
@@ -88,8 +94,11 @@ class Auditor:
         cfg = self.work.config
         if cfg is None:
             return []
-        return [(f"config.{k}={v:g}", [f"config.{k}"]) for k, v in sorted(vars(cfg).items())
-                if "softcap" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return [
+            (f"config.{k}={v:g}", [f"config.{k}"])
+            for k, v in sorted(vars(cfg).items())
+            if "softcap" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
 
     def explain(self, check: Check, gen_seed: int, loss: float) -> str:
         """Name the suspects whose neutralisation brings the error down to ``approx_tol``.
@@ -124,7 +133,11 @@ class Auditor:
         res.verdict = "exact" if res.error <= self.tol else "approximate" if res.error <= self.approx_tol else "broken"
         if res.verdict != "exact":
             why = self.explain(check, gen_seed, loss)
-            res.reason = f"exact at the weights as given, not for generic vectors: {why}" if res.as_given_error <= self.tol else why
+            res.reason = (
+                f"exact at the weights as given, not for generic vectors: {why}"
+                if res.as_given_error <= self.tol
+                else why
+            )
 
     def run(self) -> list[CheckResult]:
         results = [CheckResult(c.kind, c.scope, list(c.params), self.assumed_by(c), part=c.part) for c in self.checks]
@@ -147,10 +160,17 @@ class Auditor:
     def settings(self, keep_precision: bool) -> dict:
         w = self.work
         return {
-            "seed": self.seed, "dtype": str(w.dtype).replace("torch.", ""), "tol": self.tol, "approx_tol": self.approx_tol,
-            "grads": w.grads, "batch_shape": list(w.ids.shape), "rope_pairing": self.rope_pairing,
-            "generic_scale": self.generic_scale, "keep_precision": keep_precision,
-            "implementation": sorted(set(w.notes)), "preset": self.plan.preset,
+            "seed": self.seed,
+            "dtype": str(w.dtype).replace("torch.", ""),
+            "tol": self.tol,
+            "approx_tol": self.approx_tol,
+            "grads": w.grads,
+            "batch_shape": list(w.ids.shape),
+            "rope_pairing": self.rope_pairing,
+            "generic_scale": self.generic_scale,
+            "keep_precision": keep_precision,
+            "implementation": sorted(set(w.notes)),
+            "preset": self.plan.preset,
         }
 
 
@@ -200,4 +220,6 @@ def audit(
     tol = tol if tol is not None else 1e3 * torch.finfo(dtype).eps
     auditor = Auditor(work, plan, seed, tol, approx_tol, rope_pairing, generic_scale)
     results = auditor.run()
-    return AuditReport(work.name, results, auditor.settings(keep_precision), {r: dict(s) for r, s in plan.specs.items()})
+    return AuditReport(
+        work.name, results, auditor.settings(keep_precision), {r: dict(s) for r, s in plan.specs.items()}
+    )

@@ -27,7 +27,7 @@ def _named(syms: tuple[Symmetry, ...], name: str) -> Symmetry | None:
 def _acts(sym: Symmetry) -> tuple[tuple[str, Factor | None], ...]:
     """``(parameter, factor on its axis)`` of the matrix axes ``sym`` acts on (``None``: the
     stacked-expert batch axis); biases are left out (vectors have no map to assume it)."""
-    out = []
+    out: list[tuple[str, Factor | None]] = []
     for a in sym.acts:
         if a.axis == "experts":
             out.append((a.param, None))
@@ -46,17 +46,18 @@ class CheckBuilder:
 
     def checks(self) -> list[Check]:
         out = self.vocab() + self.residual()
-        for blk in self.s.attention:
-            out += self.attention(blk)
-        for blk in self.s.mlps:
-            out += self.mlp(blk)
-        for blk in self.s.moes:
-            out += self.moe(blk)
+        for attn in self.s.attention:
+            out += self.attention(attn)
+        for mlp in self.s.mlps:
+            out += self.mlp(mlp)
+        for moe in self.s.moes:
+            out += self.moe(moe)
         return out
 
     def _symmetry(self, sym: Symmetry, scope: str, g_of, suspects, action: dict | None = None, **kw) -> Check:
         """A check acting with ``g_of(gen)`` (an element of ``sym.factor``) on every axis of
         ``sym``; ``action``: further fields of the :class:`Action` (logits, notes)."""
+
         def build(gen):
             return Action(symmetry_edits(sym, g_of(gen), self.s.layouts), **(action or {}))
 
@@ -70,8 +71,14 @@ class CheckBuilder:
             P = permutation(self.w.params[name].shape[0], gen, pad).to(self.device)
             inv = inverse_permutation(P)
             notes = [f"padding_idx={pad} kept fixed (its row gets no gradient)"] if pad is not None else []
-            return Action([Edit(name, lambda w: w[P], lambda g: g[P])], input_map=inv, target_map=inv if tied else None,
-                          logits="perm" if tied else "same", logit_perm=P if tied else None, notes=notes)
+            return Action(
+                [Edit(name, lambda w: w[P], lambda g: g[P])],
+                input_map=inv,
+                target_map=inv if tied else None,
+                logits="perm" if tied else "same",
+                logit_perm=P if tied else None,
+                notes=notes,
+            )
 
         return Check(kind, name.rpartition(".")[0], build, (name,), ((name, PERM),), self.s.residual_suspects)
 
@@ -80,8 +87,14 @@ class CheckBuilder:
             P = permutation(self.w.params[name].shape[0], gen).to(self.device)
             return Action([Edit(name, lambda w: w[P], lambda g: g[P])])
 
-        return Check("row_perm", name.rpartition(".")[0], build, (name,), ((name, PERM),),
-                     hint="rows are not indexed by the input ids (e.g. positions): nothing relabels them")
+        return Check(
+            "row_perm",
+            name.rpartition(".")[0],
+            build,
+            (name,),
+            ((name, PERM),),
+            hint="rows are not indexed by the input ids (e.g. positions): nothing relabels them",
+        )
 
     def _head_perm(self, head: str, bias: str | None) -> Check:
         def build(gen):
@@ -89,8 +102,14 @@ class CheckBuilder:
             edits = [Edit(n, lambda t: t[P], lambda g: g[P]) for n in (head, bias) if n]
             return Action(edits, target_map=inverse_permutation(P), logits="perm", logit_perm=P)
 
-        return Check("head_perm", head.rpartition(".")[0], build, (head,) + ((bias,) if bias else ()),
-                     ((head, PERM),), self.s.residual_suspects)
+        return Check(
+            "head_perm",
+            head.rpartition(".")[0],
+            build,
+            (head,) + ((bias,) if bias else ()),
+            ((head, PERM),),
+            self.s.residual_suspects,
+        )
 
     def shift(self, sym: Symmetry, scope: str, suspects=None, hint: str = "") -> Check:
         """``W -> W + 1 c^T`` on the rows of ``sym``'s parameter, ``c`` of i.i.d. entries 3x the
@@ -102,7 +121,9 @@ class CheckBuilder:
             return sample(SHIFT, 1, w.shape[-1], gen, self.dtype, self.device) * (3 * w.detach().pow(2).mean().sqrt())
 
         logits = "shift" if sym.name == "logit_shift" else "same"
-        return self._symmetry(sym, scope, g_of, suspects or self.s.residual_suspects, hint=hint, action={"logits": logits})
+        return self._symmetry(
+            sym, scope, g_of, suspects or self.s.residual_suspects, hint=hint, action={"logits": logits}
+        )
 
     def vocab(self) -> list[Check]:
         vocab, out = self.s.vocab, []
@@ -116,11 +137,18 @@ class CheckBuilder:
             out.append(self._vocab_perm(e.name, "tied_perm" if tied else "vocab_perm", pad))
             if tied:
                 sym = Symmetry("logit_shift", SHIFT, (Act(e.name, "rows"),))
-                out.append(self.shift(sym, e.module_name, hint="tied: the shift also moves every input embedding by c "
-                                                                "(not a symmetry of a tied head)"))
+                out.append(
+                    self.shift(
+                        sym,
+                        e.module_name,
+                        hint="tied: the shift also moves every input embedding by c (not a symmetry of a tied head)",
+                    )
+                )
         if vocab is not None and vocab.head and not vocab.tied:
             out.append(self._head_perm(vocab.head, vocab.head_bias))
-            out.append(self.shift(_named(vocab.symmetries(), "logit_shift"), self.s.plan.entry(vocab.head).module_name))
+            shift = _named(vocab.symmetries(), "logit_shift")
+            assert shift is not None  # an untied head always declares it
+            out.append(self.shift(shift, self.s.plan.entry(vocab.head).module_name))
         return out
 
     # -- the residual stream ---------------------------------------------------------------
@@ -140,16 +168,34 @@ class CheckBuilder:
             s.check_residual(n, n in readers)
         acted = set(readers + writers)
         skipped = [e.name for e in s.plan.entries if e.role != "vector" and e.name not in acted]
-        sym = Symmetry("residual_rotation", ORTH, tuple(Act(n, "cols") for n in readers)
-                       + tuple(Act(n, "rows") for n in writers) + tuple(Act(b, "vector") for b in biases))
-        hint = ("nn.LayerNorm subtracts the feature mean: its output is not rotation-equivariant"
-                if any(isinstance(m, nn.LayerNorm) for m in self.w.model.modules()) else "")
+        sym = Symmetry(
+            "residual_rotation",
+            ORTH,
+            tuple(Act(n, "cols") for n in readers)
+            + tuple(Act(n, "rows") for n in writers)
+            + tuple(Act(b, "vector") for b in biases),
+        )
+        hint = (
+            "nn.LayerNorm subtracts the feature mean: its output is not rotation-equivariant"
+            if any(isinstance(m, nn.LayerNorm) for m in self.w.model.modules())
+            else ""
+        )
         if skipped:
-            hint = (hint + "; " if hint else "") + f"parameters outside the recognised blocks were not rotated: {skipped}"
+            hint = (
+                hint + "; " if hint else ""
+            ) + f"parameters outside the recognised blocks were not rotated: {skipped}"
         names = sym.params()
         notes = [f"not rotated (outside the recognised blocks): {skipped}"] if skipped else []
-        return [self._symmetry(sym, "", lambda gen: haar(1, s.d_model, gen, self.dtype).to(self.device),
-                               lambda: s.residual_suspects(names), hint=hint, action={"notes": notes})]
+        return [
+            self._symmetry(
+                sym,
+                "",
+                lambda gen: haar(1, s.d_model, gen, self.dtype).to(self.device),
+                lambda: s.residual_suspects(names),
+                hint=hint,
+                action={"notes": notes},
+            )
+        ]
 
     # -- attention ---------------------------------------------------------------------------
     def _heads(self, blk: AttentionBlock):
@@ -186,17 +232,25 @@ class CheckBuilder:
         hq, hkv, hd = blk.hq, blk.hkv, blk.head_dim
         kinds = ("vo_rotation", "qk_rotation", "qk_rope_rotation")
         if not hkv or hq % hkv:
-            return [Check(k, blk.scope, None, (blk.o,), untested=f"query heads {hq} not a multiple of kv heads {hkv}") for k in kinds]
+            return [
+                Check(k, blk.scope, None, (blk.o,), untested=f"query heads {hq} not a multiple of kv heads {hkv}")
+                for k in kinds
+            ]
         group = torch.arange(hq) // (hq // hkv)  # kv head of each query head
         rope = Factor("rope_rotation", "rows", PAIRINGS[self.rope_pairing])
 
         def vo(gen):
             R = haar(hkv, hd, gen, self.dtype).to(self.device)
-            return Action(self._head_edits(blk, {2: R}) + [edit(blk.o, self.s.layout(blk.o), Factor("orth", "cols"), R[group])])
+            return Action(
+                self._head_edits(blk, {2: R}) + [edit(blk.o, self.s.layout(blk.o), Factor("orth", "cols"), R[group])]
+            )
 
         def qk(gen, factor):
-            R = (rope_rotations(hkv, hd, gen, self.dtype, factor.pairing) if factor.kind == "rope_rotation"
-                 else haar(hkv, hd, gen, self.dtype)).to(self.device)
+            R = (
+                rope_rotations(hkv, hd, gen, self.dtype, factor.pairing)
+                if factor.kind == "rope_rotation"
+                else haar(hkv, hd, gen, self.dtype)
+            ).to(self.device)
             return Action(self._head_edits(blk, {0: R[group], 1: R}))
 
         vo_names, qk_names = self._attention_names(blk, (2,)) + (blk.o,), self._attention_names(blk, (0, 1))
@@ -207,20 +261,38 @@ class CheckBuilder:
         other = "interleaved" if self.rope_pairing == "half" else "half"
         out = [
             Check("vo_rotation", blk.scope, vo, vo_names, vo_acts, sus(vo_names)),
-            Check("qk_rotation", blk.scope, lambda g: qk(g, ORTH), qk_names, qk_acts(ORTH), sus(qk_names),
-                  hint="RoPE turns q and k by position-dependent angles in fixed 2-planes; a general rotation of a head "
-                       "does not commute with it" if has_rope else ""),
-            Check("qk_rope_rotation", blk.scope, lambda g: qk(g, rope), qk_names, qk_acts(rope), sus(qk_names),
-                  hint=f"rotations inside the RoPE planes ({self.rope_pairing} pairing) do not commute with this "
-                       f"attention; pass rope_pairing='{other}'?"),
+            Check(
+                "qk_rotation",
+                blk.scope,
+                lambda g: qk(g, ORTH),
+                qk_names,
+                qk_acts(ORTH),
+                sus(qk_names),
+                hint="RoPE turns q and k by position-dependent angles in fixed 2-planes; a general rotation of a head "
+                "does not commute with it"
+                if has_rope
+                else "",
+            ),
+            Check(
+                "qk_rope_rotation",
+                blk.scope,
+                lambda g: qk(g, rope),
+                qk_names,
+                qk_acts(rope),
+                sus(qk_names),
+                hint=f"rotations inside the RoPE planes ({self.rope_pairing} pairing) do not commute with this "
+                f"attention; pass rope_pairing='{other}'?",
+            ),
         ]
         if hd % 2:
-            out[2] = Check("qk_rope_rotation", blk.scope, None, qk_names, untested=f"odd head_dim {hd} has no RoPE planes")
+            out[2] = Check(
+                "qk_rope_rotation", blk.scope, None, qk_names, untested=f"odd head_dim {hd} has no RoPE planes"
+            )
         return out
 
     # -- MLPs and experts --------------------------------------------------------------------
     def part_label(self, blk: MLPBlock, param: str, part: int) -> str:
-        attr = param[len(blk.scope) + 1:] if blk.scope and param.startswith(blk.scope + ".") else param
+        attr = param[len(blk.scope) + 1 :] if blk.scope and param.startswith(blk.scope + ".") else param
         return f"{attr}[part {part}]" if self.s.layout(param).fused > 1 else attr
 
     def mlp(self, blk: MLPBlock) -> list[Check]:
@@ -230,9 +302,17 @@ class CheckBuilder:
         out = [self._symmetry(perm, blk.scope, lambda gen: sample(PERM, B, h, gen, self.dtype, self.device), sus(perm))]
         for sym, (param, part) in zip(blk.rescales(), blk.parts()):
             label = self.part_label(blk, param, part)
-            out.append(self._symmetry(
-                sym, blk.scope, lambda gen, f=sym.factor: sample(f, B, h, gen, self.dtype, self.device), sus(sym), part=label,
-                hint=f"{label} feeds a non-homogeneous function (an activation, a clamp or an offset): not a linear branch"))
+            out.append(
+                self._symmetry(
+                    sym,
+                    blk.scope,
+                    lambda gen, f=sym.factor: sample(f, B, h, gen, self.dtype, self.device),
+                    sus(sym),
+                    part=label,
+                    hint=f"{label} feeds a non-homogeneous function (an activation, a clamp or an offset): "
+                    "not a linear branch",
+                )
+            )
         return out
 
     def _expert_tensors(self, moe: MoEBlock, experts: MLPBlock) -> list[str]:
@@ -250,10 +330,12 @@ class CheckBuilder:
     def moe(self, moe: MoEBlock) -> list[Check]:
         syms = moe.symmetries()
         rscope = self.s.plan.entry(moe.router).module_name
-        shift = self.shift(_named(syms, "router_shift") or Symmetry("router_shift", SHIFT, (Act(moe.router, "rows"),)), rscope,
-                           suspects=lambda: self.s.scope_suspects(moe.scope, {moe.router}),
-                           hint="a per-expert factor or a non-softmax routing function makes the router logits' common "
-                                "offset matter")
+        shift = self.shift(
+            _named(syms, "router_shift") or Symmetry("router_shift", SHIFT, (Act(moe.router, "rows"),)),
+            rscope,
+            suspects=lambda: self.s.scope_suspects(moe.scope, {moe.router}),
+            hint="a per-expert factor or a non-softmax routing function makes the router logits' common offset matter",
+        )
         experts = self.s.experts[moe.scope]
         if isinstance(experts, str):
             return [Check("expert_perm", moe.scope, None, (moe.router,), untested=experts), shift]
@@ -267,4 +349,7 @@ class CheckBuilder:
             return Action(edits, notes=[f"buffers permuted too: {buffers}"] if buffers else [])
 
         acts = ((moe.router, PERM),) + tuple((p, None) for p in experts.params())
-        return [Check("expert_perm", moe.scope, build, grads, acts, lambda: self.s.scope_suspects(moe.scope, set(tensors))), shift]
+        return [
+            Check("expert_perm", moe.scope, build, grads, acts, lambda: self.s.scope_suspects(moe.scope, set(tensors))),
+            shift,
+        ]

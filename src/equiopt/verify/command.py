@@ -17,7 +17,9 @@ ARCH_CHOICES = ("qwen3", "gemma3", "olmoe", "gptoss")
 
 def add_arguments(parser) -> None:
     """Options of ``equiopt audit`` (an ``argparse`` (sub)parser)."""
-    parser.add_argument("--arch", choices=ARCH_CHOICES, required=True, help="model family (built from its HF config class, no download)")
+    parser.add_argument(
+        "--arch", choices=ARCH_CHOICES, required=True, help="model family (built from its HF config class, no download)"
+    )
     parser.add_argument("--size", default="tiny", help="size preset of equiopt.train.models (default tiny)")
     parser.add_argument("--vocab", type=int, default=128, help="vocabulary size (default 128)")
     parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
@@ -33,8 +35,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a symmetry a planned map assumes is broken")
 
 
-def build_audit_model(arch: str, size: str = "tiny", vocab: int = 128, layers: int | None = None,
-                      tied: str = "preset", softcap: float | None = None, seed: int = 0) -> nn.Module:
+def build_audit_model(
+    arch: str,
+    size: str = "tiny",
+    vocab: int = 128,
+    layers: int | None = None,
+    tied: str = "preset",
+    softcap: float | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """A randomly initialised model of the harness families (``equiopt.train.models``)."""
     cfg = models.preset(arch, size)
     cfg.vocab_size = vocab

@@ -75,7 +75,7 @@ def _fmt(x: float) -> str:
 
 def _short(names: list[str], scope: str, limit: int = 6) -> str:
     pre = scope + "." if scope else ""
-    short = [n[len(pre):] if pre and n.startswith(pre) else n for n in names]
+    short = [n[len(pre) :] if pre and n.startswith(pre) else n for n in names]
     if len(short) > limit:
         return ", ".join(short[:3]) + f", ... ({len(short)} tensors; to_dict() lists them)"
     return ", ".join(short)
@@ -158,25 +158,37 @@ class AuditReport:
                 continue
             errs = [c.error for c in cs if c.error == c.error]
             given = [c.as_given_error for c in cs if c.as_given_error == c.as_given_error]
-            rows.append({
-                "kind": kind,
-                "checks": len(cs),
-                **{v: sum(c.verdict == v for c in cs) for v in VERDICTS},
-                "max_error": max(errs) if errs else float("nan"),
-                "max_error_as_given": max(given, default=float("nan")),
-            })
+            rows.append(
+                {
+                    "kind": kind,
+                    "checks": len(cs),
+                    **{v: sum(c.verdict == v for c in cs) for v in VERDICTS},
+                    "max_error": max(errs) if errs else float("nan"),
+                    "max_error_as_given": max(given, default=float("nan")),
+                }
+            )
         return rows
 
     def _rows(self) -> list[tuple[str, ...]]:
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for c in self.checks:
             params = _short(c.params, c.scope)
             if c.part:
                 params = f"{c.part} / {_short(c.params[-1:], c.scope)}"
-            rows.append((
-                c.kind, c.scope or "(model)", params, "yes" if c.assumed_by else "no",
-                _fmt(c.logits_err), _fmt(c.loss_err), _fmt(c.grad_err), _fmt(c.as_given_error), c.verdict, c.reason,
-            ))
+            rows.append(
+                (
+                    c.kind,
+                    c.scope or "(model)",
+                    params,
+                    "yes" if c.assumed_by else "no",
+                    _fmt(c.logits_err),
+                    _fmt(c.loss_err),
+                    _fmt(c.grad_err),
+                    _fmt(c.as_given_error),
+                    c.verdict,
+                    c.reason,
+                )
+            )
         return rows
 
     def table(self) -> str:
@@ -213,13 +225,12 @@ class AuditReport:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.summary():
-            out.append(
-                f"| {r['kind']} | {r['checks']} | {r['exact']} | {r['approximate']} | {r['broken']} | {r['untested']} | "
-                f"{_fmt(r['max_error'])} | {_fmt(r['max_error_as_given'])} |"
-            )
+            cells = [r[k] for k in ("kind", "checks", "exact", "approximate", "broken", "untested")]
+            cells += [_fmt(r["max_error"]), _fmt(r["max_error_as_given"])]
+            out.append("| " + " | ".join(map(str, cells)) + " |")
         out += ["", "| " + " | ".join(self._HEAD) + " |", "|" + "---|" * len(self._HEAD)]
-        for r in self._rows():
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+        for row in self._rows():
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
         out += ["", "Groups:", ""]
         for k in dict.fromkeys(c.kind for c in self.checks):
             out.append(f"- `{k}`: {KINDS[k]}")

@@ -55,7 +55,10 @@ def _logits_of(out, where: str) -> Tensor:
     elif isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor) or out.ndim != 3:
-        raise AuditError(f"{where}: the forward must return logits [batch, seq, vocab] (or an object with .logits); got {type(out).__name__}")
+        raise AuditError(
+            f"{where}: the forward must return logits [batch, seq, vocab] (or an object with .logits); "
+            f"got {type(out).__name__}"
+        )
     return out
 
 
@@ -68,14 +71,18 @@ def parse_batch(batch) -> tuple[Tensor, Tensor | None]:
     else:
         ids, labels = batch, None
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.long, torch.int) or ids.ndim != 2 or ids.shape[1] < 2:
-        raise AuditError(f"batch: input_ids must be an integer tensor [batch, seq >= 2], got {getattr(ids, 'shape', type(ids))}")
+        raise AuditError(
+            f"batch: input_ids must be an integer tensor [batch, seq >= 2], got {getattr(ids, 'shape', type(ids))}"
+        )
     return ids, labels
 
 
 class WorkModel:
     """A ``dtype`` deep copy of the model with name -> tensor tables, run on one batch."""
 
-    def __init__(self, model: nn.Module, batch, dtype: torch.dtype, forward: Callable, keep_precision: bool, grads: bool):
+    def __init__(
+        self, model: nn.Module, batch, dtype: torch.dtype, forward: Callable, keep_precision: bool, grads: bool
+    ):
         ids, labels = parse_batch(batch)
         self.name = type(model).__name__
         self.dtype, self.forward_fn, self.keep_precision, self.grads = dtype, forward, keep_precision, grads
@@ -98,7 +105,7 @@ class WorkModel:
         for mname, mod in self.model.named_modules():
             cfg = getattr(mod, "config", None)
             impl = getattr(cfg, "_experts_implementation", None) if cfg is not None else None
-            if impl not in (None, "eager"):
+            if cfg is not None and impl not in (None, "eager"):
                 cfg._experts_implementation = "eager"
                 notes.append(f"{mname or 'model'}: experts_implementation {impl!r} -> 'eager'")
         return notes
@@ -125,7 +132,9 @@ class WorkModel:
         """``(logits, loss, {name: grad})`` of the model on ``ids``."""
         logits = _logits_of(self.call(ids), self.name)
         V = logits.shape[-1]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).to(torch.float64), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, V).to(torch.float64), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
         grads = {}
         if self.grads and want:
             ts = [self.params[n] for n in want]
@@ -136,7 +145,7 @@ class WorkModel:
     @torch.no_grad()
     def _apply(self, action: Action) -> dict[str, Tensor]:
         """Apply the edits (each sees the original value); returns the saved originals."""
-        saved = {}
+        saved: dict[str, Tensor] = {}
         for ed in action.edits:
             saved.setdefault(ed.name, self.tensor(ed.name).detach().clone())
         for ed in action.edits:
@@ -166,7 +175,11 @@ class WorkModel:
         if action.logits == "shift":
             diff = diff - diff.mean(-1, keepdim=True)
         scale = base_logits.abs().max().clamp_min(torch.finfo(base_logits.dtype).tiny)
-        return float(diff.abs().max() / scale), float((loss - base_loss).abs()), self._grad_error(action, grad_names, grads, base_grads)
+        return (
+            float(diff.abs().max() / scale),
+            float((loss - base_loss).abs()),
+            self._grad_error(action, grad_names, grads, base_grads),
+        )
 
     @staticmethod
     def _grad_error(action: Action, names: list[str], grads, base_grads) -> float:
@@ -197,7 +210,7 @@ class WorkModel:
         undo = []
         for s in suspects:
             if s.startswith("config."):
-                key = s[len("config."):]
+                key = s[len("config.") :]
                 undo.append(("config", key, getattr(self.config, key)))
                 setattr(self.config, key, None)
             else:

@@ -38,8 +38,11 @@ class Structure:
         self.embeddings = [e for e in plan.entries if e.role in READ_ROLES]
         self.vectors = [e.name for e in plan.entries if e.role == "vector"]
         self.layouts = self._layouts()
-        self.d_model = self.embeddings[0].shape[1] if self.embeddings else (
-            plan.entry(self.vocab.head).shape[1] if self.vocab and self.vocab.head else None)
+        self.d_model = (
+            self.embeddings[0].shape[1]
+            if self.embeddings
+            else (plan.entry(self.vocab.head).shape[1] if self.vocab and self.vocab.head else None)
+        )
 
     # -- tables ------------------------------------------------------------------------
     def _layouts(self) -> dict[str, tuple[Layout, bool]]:
@@ -91,24 +94,38 @@ class Structure:
         size = n if reads else m
         if size != self.d_model:
             what = "read" if reads else "write"
-            raise AuditError(f"{name}: role {e.role} should {what} the residual stream (d={self.d_model}) but its "
-                             f"logical {'input' if reads else 'output'} size is {size}")
+            raise AuditError(
+                f"{name}: role {e.role} should {what} the residual stream (d={self.d_model}) but its "
+                f"logical {'input' if reads else 'output'} size is {size}"
+            )
 
     # -- suspects ------------------------------------------------------------------------
     def residual_suspects(self, exclude=()) -> list[tuple[str, list[str]]]:
         """Trainable size-d vectors: the norm gains as one group, the others one by one."""
         d = self.d_model
         params = self.work.params
-        vecs = [n for n in self.vectors if d is not None and params[n].ndim == 1 and params[n].numel() == d and n not in exclude]
+        vecs = [
+            n
+            for n in self.vectors
+            if d is not None and params[n].ndim == 1 and params[n].numel() == d and n not in exclude
+        ]
         gains = [n for n in vecs if "norm" in type(self.work.module_of(n)).__name__.lower()]
         out = []
         if gains:
-            out.append((f"{len(gains)} norm gains of size d ({', '.join(gains[:2])}{', ...' if len(gains) > 2 else ''})", gains))
+            out.append(
+                (
+                    f"{len(gains)} norm gains of size d ({', '.join(gains[:2])}{', ...' if len(gains) > 2 else ''})",
+                    gains,
+                )
+            )
         return out + [(n, [n]) for n in vecs if n not in gains]
 
     def scope_suspects(self, scope: str, exclude) -> list[tuple[str, list[str]]]:
         """Trainable vectors and float buffers (more than one entry) inside module ``scope``."""
         out = [(n, [n]) for n in self.vectors if _under(n, scope) and n != scope and n not in exclude]
-        out += [(n, [n]) for n, b in self.work.buffers.items()
-                if _under(n, scope) and n not in exclude and b.is_floating_point() and b.ndim >= 1 and b.numel() > 1]
+        out += [
+            (n, [n])
+            for n, b in self.work.buffers.items()
+            if _under(n, scope) and n not in exclude and b.is_floating_point() and b.ndim >= 1 and b.numel() > 1
+        ]
         return out
