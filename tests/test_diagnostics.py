@@ -10,13 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_audit import HID, PLAIN_LAYOUTS, E, PlainGPT, V
 from torch import nn
 
 import equiopt
 from equiopt.diagnostics import DiagnosticsTracker, plot_history
-
-from test_audit import E, HID, PLAIN_LAYOUTS, V, PlainGPT
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,7 +203,7 @@ def test_orbit_coordinates_come_from_the_blocks_not_the_names():
     """Unconventionally named MLP (p, r, s) and head (unembed): the tracker reads the plan's
     blocks; the up/down coordinate follows a rescaling of the last in-projection part, the
     head's mean row follows a shift W + 1 c^T."""
-    from test_audit import D, UNCONVENTIONAL, NamedLM
+    from test_audit import UNCONVENTIONAL, D, NamedLM
 
     torch.manual_seed(0)
     m = NamedLM(*UNCONVENTIONAL)
@@ -218,7 +216,9 @@ def test_orbit_coordinates_come_from_the_blocks_not_the_names():
     mean_row = m.unembed.weight.mean(0).clone()
     m.unembed.weight.add_(c)
     after = tr.orbit_drift()
-    assert after["updown_log_ratio_mean/ff"] - before["updown_log_ratio_mean/ff"] == pytest.approx(2 * float(a.mean()), abs=1e-5)
+    assert after["updown_log_ratio_mean/ff"] - before["updown_log_ratio_mean/ff"] == pytest.approx(
+        2 * float(a.mean()), abs=1e-5
+    )
     assert after["head_mean_row_abs/unembed.weight"] == pytest.approx(float((mean_row + c).norm()), rel=1e-5)
     tr.close()
 
@@ -241,4 +241,7 @@ def test_verify_and_diagnostics_import_only_downwards():
                 assert not (f.name == "diagnostics.py" and {"audit", "verify"} & set(mod)), node.module
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
-            assert all(isinstance(n, ast.Import) and n.names[0].name.startswith("matplotlib") for n in inner), (f.name, fn.name)
+            assert all(isinstance(n, ast.Import) and n.names[0].name.startswith("matplotlib") for n in inner), (
+                f.name,
+                fn.name,
+            )

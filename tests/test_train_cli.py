@@ -1,4 +1,5 @@
 """The `equiopt` command line: help, errors, and end-to-end train / compare / sweep on tiny runs."""
+
 import csv
 import json
 import random
@@ -20,18 +21,29 @@ def text_dir(tmp_path_factory):
     rng = random.Random(0)
     words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
     for name in ("a", "b"):
-        (root / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(9))
-                                                    for _ in range(1500)))
+        (root / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(1500)))
     return root
 
 
 @pytest.fixture
 def common(text_dir, tmp_path):
-    return ["--data", str(text_dir), "--vocab-size", "320", "--cache", str(tmp_path / "cache"),
-            "--model", MODEL, "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "128", "--no-progress"]
-
-
-
+    return [
+        "--data",
+        str(text_dir),
+        "--vocab-size",
+        "320",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--model",
+        MODEL,
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-tokens",
+        "128",
+        "--no-progress",
+    ]
 
 
 def test_help_everywhere(capsys):
@@ -57,22 +69,25 @@ def test_commands_registry_is_extensible():
         del cli.COMMANDS["hello"]
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
-    (["train", "--arch", "llama"], "invalid choice: 'llama'"),
-    (["train", "--steps", "0"], "expected an integer >= 1"),
-    (["train", "--role-lr", "embedding"], "ROLE=NUMBER"),
-    (["train", "--role-lr", "head=2"], "unknown role 'head'"),
-    (["train", "--arch", "olmoe", "--model", "top_k=9"], "top_k"),
-    (["train", "--arch", "qwen3", "--model", "num_experts=4"], "dense"),
-    (["train", "--warmup", "500", "--steps", "10"], "warmup"),
-    (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
-    (["compare", "--archs", "qwen3,qwen3"], "must not repeat"),
-    (["sweep", "--lr-scales", "1,-2"], "positive"),
-    (["sweep", "--role-grid", "vectors=2"], "unknown role 'vectors'"),
-    (["train", "--data", "/nonexistent/corpus"], "neither an embedded corpus"),
-    (["compare", "--lr-from", "/nonexistent/best.json"], "run `equiopt sweep` first"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--arch", "llama"], "invalid choice: 'llama'"),
+        (["train", "--steps", "0"], "expected an integer >= 1"),
+        (["train", "--role-lr", "embedding"], "ROLE=NUMBER"),
+        (["train", "--role-lr", "head=2"], "unknown role 'head'"),
+        (["train", "--arch", "olmoe", "--model", "top_k=9"], "top_k"),
+        (["train", "--arch", "qwen3", "--model", "num_experts=4"], "dense"),
+        (["train", "--warmup", "500", "--steps", "10"], "warmup"),
+        (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
+        (["compare", "--archs", "qwen3,qwen3"], "must not repeat"),
+        (["sweep", "--lr-scales", "1,-2"], "positive"),
+        (["sweep", "--role-grid", "vectors=2"], "unknown role 'vectors'"),
+        (["train", "--data", "/nonexistent/corpus"], "neither an embedded corpus"),
+        (["compare", "--lr-from", "/nonexistent/best.json"], "run `equiopt sweep` first"),
+    ],
+)
 def test_bad_options_are_errors_with_a_message(argv, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(argv + ["--out", str(tmp_path / "o")])
@@ -83,8 +98,26 @@ def test_bad_options_are_errors_with_a_message(argv, msg, capsys, tmp_path):
 @pytest.mark.slow
 def test_train_command(common, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "--arch", "gptoss", "--optimizer", "muon", "--steps", "3", "--eval-every", "3",
-                     "--aux-loss", "--out", str(out), *common]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--arch",
+                "gptoss",
+                "--optimizer",
+                "muon",
+                "--steps",
+                "3",
+                "--eval-every",
+                "3",
+                "--aux-loss",
+                "--out",
+                str(out),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "final val loss" in capsys.readouterr().out
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["aux_loss"] is not None and rec["routing"]["load_cv"] >= 0
@@ -96,8 +129,24 @@ def test_train_command(common, tmp_path, capsys):
 @pytest.mark.slow
 def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--archs", "qwen3,gemma3,olmoe,gptoss", "--optimizers", "adamw,paper", "--seeds", "2",
-            "--steps", "2", "--eval-every", "1", "--out", str(out), "--jobs", "1", *common]
+    argv = [
+        "compare",
+        "--archs",
+        "qwen3,gemma3,olmoe,gptoss",
+        "--optimizers",
+        "adamw,paper",
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        *common,
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "### gptoss" in printed and "Ordering by mean final validation loss" in printed
@@ -122,9 +171,33 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
     capsys.readouterr()
 
     sw = tmp_path / "sweep"
-    assert cli.main(["sweep", "--archs", "olmoe", "--optimizers", "muon,paper", "--lr-scales", "0.5,2",
-                     "--role-grid", "router=0.5", "--steps", "2", "--eval-every", "2", "--out", str(sw), "--jobs", "1",
-                     "--extend-edges", "0", *common]) == 0
+    assert (
+        cli.main(
+            [
+                "sweep",
+                "--archs",
+                "olmoe",
+                "--optimizers",
+                "muon,paper",
+                "--lr-scales",
+                "0.5,2",
+                "--role-grid",
+                "router=0.5",
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--out",
+                str(sw),
+                "--jobs",
+                "1",
+                "--extend-edges",
+                "0",
+                *common,
+            ]
+        )
+        == 0
+    )
     best = json.loads((sw / "best.json").read_text())
     points = json.loads((sw / "sweep.json").read_text())
     assert len(points) == 2 * 3
@@ -136,15 +209,38 @@ def test_compare_every_family_then_sweep_then_compare_with_chosen_lrs(common, tm
     capsys.readouterr()
 
     out2 = tmp_path / "cmp2"
-    assert cli.main(["compare", "--archs", "olmoe", "--optimizers", "paper", "--seeds", "1", "--steps", "2",
-                     "--eval-every", "2", "--lr-from", str(sw / "best.json"), "--out", str(out2), "--jobs", "1",
-                     *common]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                "--archs",
+                "olmoe",
+                "--optimizers",
+                "paper",
+                "--seeds",
+                "1",
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--lr-from",
+                str(sw / "best.json"),
+                "--out",
+                str(out2),
+                "--jobs",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((out2 / "runs" / "olmoe" / "paper" / "seed0" / "config.json").read_text())
     assert cfg["lr_scale"] == best["olmoe"]["paper"]["lr_scale"]
     assert cfg["role_lr_scale"] == best["olmoe"]["paper"]["role_lr_scale"]
     with pytest.raises(SystemExit) as e:  # qwen3 was not swept
-        cli.main(["compare", "--archs", "qwen3", "--lr-from", str(sw / "best.json"), "--out", str(tmp_path / "x"),
-                  *common])
+        cli.main(
+            ["compare", "--archs", "qwen3", "--lr-from", str(sw / "best.json"), "--out", str(tmp_path / "x"), *common]
+        )
     assert e.value.code == 2 and "no learning rate for arch 'qwen3'" in capsys.readouterr().err
 
 
@@ -154,10 +250,35 @@ def test_parallel_jobs_give_the_same_results(common, tmp_path):
     res = {}
     for jobs in ("1", "2"):
         out = tmp_path / f"j{jobs}"
-        assert cli.main(["compare", "--archs", "gptoss", "--optimizers", "paper", "--seeds", "2", "--steps", "3",
-                         "--eval-every", "3", "--threads", "1", "--jobs", jobs, "--out", str(out), *common]) == 0
-        res[jobs] = [json.loads((out / "runs" / "gptoss" / "paper" / f"seed{s}" / "metrics.jsonl").read_text()
-                                .splitlines()[-1]) for s in (0, 1)]
+        assert (
+            cli.main(
+                [
+                    "compare",
+                    "--archs",
+                    "gptoss",
+                    "--optimizers",
+                    "paper",
+                    "--seeds",
+                    "2",
+                    "--steps",
+                    "3",
+                    "--eval-every",
+                    "3",
+                    "--threads",
+                    "1",
+                    "--jobs",
+                    jobs,
+                    "--out",
+                    str(out),
+                    *common,
+                ]
+            )
+            == 0
+        )
+        res[jobs] = [
+            json.loads((out / "runs" / "gptoss" / "paper" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[-1])
+            for s in (0, 1)
+        ]
     for a, b in zip(res["1"], res["2"]):
         assert a["val_loss"] == b["val_loss"] and a["routing"] == b["routing"] and a["logits"] == b["logits"]
     with pytest.raises(SystemExit):
@@ -172,14 +293,28 @@ def test_sweep_extends_a_winning_edge_and_descends_roles(tmp_path, monkeypatch):
     from equiopt.train.loop import TrainConfig
 
     def fake_run_many(cfgs, **kw):
-        return [{"status": "done", "val_loss": (math.log(c.lr_scale) - math.log(4)) ** 2
-                 - 0.1 * (c.role_lr_scale.get("router") == 0.5) + 0.2 * (c.role_lr_scale.get("router") == 2)}
-                for c in cfgs]
+        return [
+            {
+                "status": "done",
+                "val_loss": (math.log(c.lr_scale) - math.log(4)) ** 2
+                - 0.1 * (c.role_lr_scale.get("router") == 0.5)
+                + 0.2 * (c.role_lr_scale.get("router") == 2),
+            }
+            for c in cfgs
+        ]
 
     monkeypatch.setattr(E, "run_many", fake_run_many)
     monkeypatch.setattr(E.D, "prepare", lambda *a, **k: None)
-    res = E.sweep(TrainConfig(arch="olmoe"), ["olmoe"], ["paper"], [0.5, 1.0, 2.0], {"router": [0.5, 2.0]},
-                  tmp_path, log=lambda m: None, progress=False)
+    res = E.sweep(
+        TrainConfig(arch="olmoe"),
+        ["olmoe"],
+        ["paper"],
+        [0.5, 1.0, 2.0],
+        {"router": [0.5, 2.0]},
+        tmp_path,
+        log=lambda m: None,
+        progress=False,
+    )
     b = res["best"]["olmoe"]["paper"]
     assert b == {**b, "lr_scale": 4.0, "role_lr_scale": {"router": 0.5}, "at_grid_edge": False}
     assert sorted(p["lr_scale"] for p in res["points"] if not p["role_lr_scale"]) == [0.5, 1.0, 2.0, 4.0, 8.0]

@@ -1,4 +1,5 @@
 """Training loop: smoke runs on every family, exact resume, divergence, atomic checkpoints."""
+
 import dataclasses
 import json
 import random
@@ -16,9 +17,12 @@ TIMING = ("tokens_per_s", "opt_step_s")
 
 def _text(seed, n):
     rng = random.Random(seed)
-    words = ("the king and queen of a land far away did speak to all their men at night "
-             "while wind and rain fell on every field and hill").split()
+    words = (
+        "the king and queen of a land far away did speak to all their men at night "
+        "while wind and rain fell on every field and hill"
+    ).split()
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +42,18 @@ def _cfg(corpus, tmp_path, **kw):
     if kw.get("arch") in ("olmoe", "gptoss"):
         model.update(num_experts=4, top_k=2)
     model.update(kw.pop("model", {}))
-    base = dict(steps=6, batch_size=4, seq_len=32, eval_every=3, eval_tokens=256, ckpt_every=3, warmup=2,
-                model=model, data=data, out=str(tmp_path / "run"))
+    base = dict(
+        steps=6,
+        batch_size=4,
+        seq_len=32,
+        eval_every=3,
+        eval_tokens=256,
+        ckpt_every=3,
+        warmup=2,
+        model=model,
+        data=data,
+        out=str(tmp_path / "run"),
+    )
     base.update(kw)
     return L.TrainConfig(**base)
 
@@ -139,6 +153,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monke
                 if calls["n"] == 5:  # the 5th training forward produces NaN logits
                     return output * float("nan")
             return output
+
         m.get_output_embeddings().register_forward_hook(hook)
         return m
 
@@ -158,7 +173,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     L.save_checkpoint(path, {"step": 1})
 
     def crash(obj, f):
-        open(f, "wb").write(b"partial")
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -203,5 +219,6 @@ def test_lr_schedule_and_optimizer_names():
         for key in ("map", "lr", "polar_method", "nesterov", "scale", "momentum", "weight_decay"):
             assert swap[role][key] == muon[role][key], (role, key)
     for role in ("embedding", "lm_head", "router", "attention", "vector"):
-        assert {k: v for k, v in swap[role].items() if k != "params"} == \
-            {k: v for k, v in paper[role].items() if k != "params"}, role
+        assert {k: v for k, v in swap[role].items() if k != "params"} == {
+            k: v for k, v in paper[role].items() if k != "params"
+        }, role
