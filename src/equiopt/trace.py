@@ -249,6 +249,8 @@ class _Recorder(TorchFunctionMode):
         if not pvs and not acts:
             return func(*args, **kwargs)
         name = _short(func)
+        if name == "einsum" and pvs:
+            return self.einsum(func, args, kwargs, tensors, pvs)
         if name in LINEAR_OPS and pvs and name != "einsum":
             return self.linear(func, name, args, kwargs, tensors, pvs)
         if name in CONV_OPS and pvs:
@@ -320,6 +322,28 @@ class _Recorder(TorchFunctionMode):
         u.leaf = len(self.tr.leaves) - 1
         return ret
 
+    def einsum(self, func, args, kwargs, tensors, pvs):
+        """``einsum("nd,ekd->nek", x, W)``: a linear use when one operand is a weight, the
+        output's last index is the weight's output axis and one index is contracted."""
+        eq = args[0].replace(" ", "")
+        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        acts = [t for t in tensors if id(t) in self.tags]
+        if "->" not in eq or len(ops) != 2 or sum(self.pview(t) is not None for t in ops) != 1:
+            return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts) if acts else \
+                self.param_view(func, "einsum", args, kwargs, pvs)
+        lhs, out_s = eq.split("->")
+        subs = lhs.split(",")
+        wi = 0 if self.pview(ops[0]) is not None else 1
+        w, x, ws, xs = ops[wi], ops[1 - wi], subs[wi], subs[1 - wi]
+        contracted = [c for c in ws if c in xs and c not in out_s]
+        if len(contracted) != 1 or not out_s or out_s[-1] not in ws or out_s[-1] in xs or w.ndim not in (2, 3):
+            return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts) if acts else \
+                self.param_view(func, "einsum", args, kwargs, pvs)
+        pos_in, pos_out = ws.index(contracted[0]), ws.index(out_s[-1])
+        if {pos_in, pos_out} != {w.ndim - 2, w.ndim - 1}:
+            return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts)
+        return self._linear_use(func, "einsum", args, kwargs, x, w, None, "out_in" if pos_out < pos_in else "in_out", [x, w])
+
     def linear(self, func, name, args, kwargs, tensors, pvs):
         flat_args = list(args) + [v for v in kwargs.values() if isinstance(v, Tensor)]
         # the weight: the parameter view in the weight position of the op
@@ -342,6 +366,10 @@ class _Recorder(TorchFunctionMode):
         wv = self.pview(w)
         if wv is None or (isinstance(x, Tensor) and self.pview(x) is not None):
             return self.param_view(func, name, args, kwargs, pvs)
+        return self._linear_use(func, name, args, kwargs, x, w, b, orient_used, flat_args)
+
+    def _linear_use(self, func, name, args, kwargs, x, w, b, orient_used, flat_args):
+        wv = self.pview(w)
         det = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
         out = func(*det[0], **det[1])
         orient = orient_used if not wv.swapped else ("in_out" if orient_used == "out_in" else "out_in")
@@ -912,7 +940,7 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
             scoring = "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
             readings[p] = Reading("router", layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring)
             continue
-        expert = any(x.routed for x in us)
+        expert = any(x.routed or x.stacked or x.flat_experts for x in us)
         if p in mlp_out:
             readings[p] = Reading("expert_out" if expert else "mlp_out", layout_base(u),
                                   f"reads {'act(a)*b' if any('gated' in f for uu, ks in mlp_out[p] for f in uu.inputs.values()) else 'act(a)'} of "
