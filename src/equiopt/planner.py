@@ -174,7 +174,7 @@ class _Detector:
         get_in = getattr(self.model, "get_input_embeddings", None)
         if callable(get_in):
             emb = get_in()
-            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb not in embeddings:
+            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb.weight.ndim == 2 and emb not in embeddings:
                 embeddings.append(emb)
         head = None
         get_out = getattr(self.model, "get_output_embeddings", None)
@@ -568,6 +568,9 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
             det.role_hints[pid] = r.role
             det.decisions.pop(pid, None)
             continue
+        if not r.found and dec is not None and dec.role is not None and dec.found:
+            dec.reason += f" (dataflow: {r.reason})"
+            continue  # the flow found nothing; the structure did
         if dec is not None and dec.strong and not _agree(dec, r):
             conflicts.append(f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
                              f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}")

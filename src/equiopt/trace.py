@@ -73,6 +73,11 @@ SHAPE_OPS = {"view", "reshape", "transpose", "permute", "contiguous", "t", "T", 
              "bfloat16", "double", "clone", "detach", "view_as", "reshape_as", "movedim", "swapaxes"}
 
 
+POINTWISE_OPS = {"add", "sub", "mul", "div", "truediv", "add_", "sub_", "mul_", "div_", "cat", "concat", "stack",
+                 "where", "masked_fill", "addcmul", "lerp", "maximum", "minimum", "neg", "layer_norm", "rms_norm",
+                 "group_norm", "batch_norm", "instance_norm", "expand", "expand_as", "repeat", "to", "type_as"}
+
+
 class TraceError(RuntimeError):
     """The forward could not be traced (the planner then falls back to the structure, with a note)."""
 
@@ -91,6 +96,7 @@ class Leaf:
     tensor: Tensor = field(repr=False)
     use: int | None = None  # index into Trace.uses
     event: int | None = None  # attention event index
+    feat_axis: int = -1  # the axis of the output features
 
 
 @dataclass
@@ -146,6 +152,7 @@ class Trace:
     routers: list[RouterEvent] = field(default_factory=list)
     logits: set = field(default_factory=set)  # leaves reaching the output / a loss over the vocabulary
     elementwise: dict[str, set] = field(default_factory=dict)  # param -> op names where used pointwise
+    opaque: set = field(default_factory=set)  # params used by ops the recorder does not model
     leaf_flags: dict[int, set] = field(default_factory=dict)  # every flag a leaf's values met
     vocab: int | None = None
     seconds: float = 0.0
@@ -198,6 +205,7 @@ class _Recorder(TorchFunctionMode):
         self.tags: dict[int, dict[int, frozenset]] = {}
         self.pviews: dict[int, _PView] = {}
         self.special: dict[int, tuple] = {}  # eager attention: id -> ("scores"|"probs", q, kT)
+        self.routed: set[int] = set()  # tensors gathered by routed expert ids (and their reshapes)
         self.keep: list = []  # strong refs: ids stay unique while tracing
         self.gen = gen
 
@@ -228,13 +236,13 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def new_leaf(self, out: Tensor, kind: str, param: str | None, use: int | None = None,
-                 event: int | None = None) -> Tensor:
+                 event: int | None = None, feat_axis: int = -1) -> Tensor:
         base = out.detach()
         if base.is_floating_point():
             base.requires_grad_(True)
         ret = base.clone() if base.requires_grad else base  # a non-leaf: the forward may write in place
         k = len(self.tr.leaves)
-        self.tr.leaves.append(Leaf(k, kind, param, base, use, event))
+        self.tr.leaves.append(Leaf(k, kind, param, base, use, event, feat_axis))
         self.keep.extend([base, ret])
         self.set_tag(ret, {k: frozenset()})
         return ret
@@ -357,6 +365,10 @@ class _Recorder(TorchFunctionMode):
             a0, a1 = args[0], args[1] if len(args) > 1 else kwargs.get("mat2", kwargs.get("other"))
             if self.pview(a1) is not None and self.pview(a0) is None:
                 x, w = a0, a1
+            elif self.pview(a0) is not None and self.pview(a1) is None and isinstance(a1, Tensor) and a1.ndim >= 2 \
+                    and a1.shape[-1] == 1:
+                # W x with x a column ([..., in, 1]): W read as [out, in], features on axis -2
+                return self._linear_use(func, name, args, kwargs, a1, a0, None, "out_in", [a0, a1], feat_axis=-2)
             elif self.pview(a0) is not None and self.pview(a1) is None:
                 return self.generic(func, name, args, kwargs, tensors, pvs, [t for t in tensors if id(t) in self.tags])
             else:
@@ -368,25 +380,25 @@ class _Recorder(TorchFunctionMode):
             return self.param_view(func, name, args, kwargs, pvs)
         return self._linear_use(func, name, args, kwargs, x, w, b, orient_used, flat_args)
 
-    def _linear_use(self, func, name, args, kwargs, x, w, b, orient_used, flat_args):
+    def _linear_use(self, func, name, args, kwargs, x, w, b, orient_used, flat_args, feat_axis=-1):
         wv = self.pview(w)
         det = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
         out = func(*det[0], **det[1])
         orient = orient_used if not wv.swapped else ("in_out" if orient_used == "out_in" else "out_in")
         bv = self.pview(b) if isinstance(b, Tensor) else None
         xt = self.tag(x) or {}
-        routed = wv.routed or any("routed" in fl for fl in xt.values()) or any(
+        routed = wv.routed or id(x) in self.routed or any(
             "topk_idx" in fl for t in flat_args if isinstance(t, Tensor) and t is not x and t is not w
             for fl in (self.tag(t) or {}).values())
         u = Use(wv.param, "linear", name, orient, wv.stacked, wv.flat_experts, routed,
-                bv.param if bv is not None else None, inputs=dict(xt), features=out.shape[-1])
+                bv.param if bv is not None else None, inputs=dict(xt), features=out.shape[feat_axis])
         self.tr.uses.append(u)
         ui = len(self.tr.uses) - 1
         if isinstance(x, Tensor) and x.requires_grad:
             att = [k for k in xt if self.tr.leaves[k].kind == "attention"]
             if att:
                 u.in_heads = self.column_heads(x, att)
-        ret = self.new_leaf(out, "linear", wv.param, ui)
+        ret = self.new_leaf(out, "linear", wv.param, ui, feat_axis=feat_axis)
         u.leaf = len(self.tr.leaves) - 1
         return ret
 
@@ -424,7 +436,10 @@ class _Recorder(TorchFunctionMode):
             pass
         if pvs and name not in ("getitem",):
             for p in pvs:
-                self.tr.elementwise.setdefault(self.pview(p).param, set()).add(name)
+                if name in POINTWISE_OPS:
+                    self.tr.elementwise.setdefault(self.pview(p).param, set()).add(name)
+                else:  # an op the recorder does not model (nn.MultiheadAttention's fused forward)
+                    self.tr.opaque.add(self.pview(p).param)
         idx_routed = name in ("getitem", "index_select", "gather", "index_add", "index_add_") and any(
             "topk_idx" in fl for t in tensors[1:] for fl in (self.tag(t) or {}).values())
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -432,8 +447,10 @@ class _Recorder(TorchFunctionMode):
         for o in outs:
             if not isinstance(o, Tensor):
                 continue
+            if idx_routed or (name in SHAPE_OPS and args and id(args[0]) in self.routed):
+                self.routed.add(id(o))
             if name == "getitem" and idx_routed:
-                tag = self.merged([args[0]], frozenset({"routed"}))
+                tag = self.merged([args[0]])
             else:
                 tag = self.merged(acts, frozenset(flags))
             if not o.is_floating_point() and name in ("one_hot", "where", "nonzero", "argsort", "sort", "eq",
@@ -480,7 +497,8 @@ class _Recorder(TorchFunctionMode):
             if g is None:
                 out.append(())
                 continue
-            nz = g.detach().abs().reshape(-1, g.shape[-1]).sum(0) > 0
+            g = g.detach().abs().movedim(leaf.feat_axis, -1)
+            nz = g.reshape(-1, g.shape[-1]).sum(0) > 0
             out.append(tuple(nz.nonzero().flatten().tolist()))
         return out
 
@@ -898,6 +916,11 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
             mlp_out.setdefault(u.param, []).append((u, ks))
             for k in ks:
                 mlp_in.setdefault(leaf_param[k], []).append((leaf_use[k], u.param))
+    mlp_group: dict[str, set] = {}  # param -> every param of its MLP(s)
+    for out, lst in mlp_out.items():
+        members = {out} | {leaf_param[k] for _, ks in lst for k in ks}
+        for q in members:
+            mlp_group.setdefault(q, set()).update(members)
     gate_parts: dict[str, list] = {}  # param -> [(operand, features)]
     for g in tr.gates:
         for j, op in enumerate(g.operands):
@@ -920,7 +943,7 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
         u = us[0]
         shape = tuple(shapes.get(p, ()))
         kinds = {x.kind for x in us}
-        if sum(1 for s in shape if s > 1) <= 1:
+        if sum(1 for s in shape if s > 1) <= 1 and "lookup" not in kinds:
             readings[p] = Reading("vector", reason=f"{len(shape)}-D parameter")
             continue
         if "lookup" in kinds:
@@ -940,7 +963,8 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
             scoring = "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
             readings[p] = Reading("router", layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring)
             continue
-        expert = any(x.routed or x.stacked or x.flat_experts for x in us)
+        expert = any(x.routed or x.stacked or x.flat_experts for x in us) or any(
+            x.routed or x.stacked or x.flat_experts for q in mlp_group.get(p, ()) for x in uses_by.get(q, ()))
         if p in mlp_out:
             readings[p] = Reading("expert_out" if expert else "mlp_out", layout_base(u),
                                   f"reads {'act(a)*b' if any('gated' in f for uu, ks in mlp_out[p] for f in uu.inputs.values()) else 'act(a)'} of "
@@ -1006,7 +1030,7 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
         readings[p] = Reading("matrix", layout_base(u), "no structure found", found=False)
 
     for p, ops in tr.elementwise.items():
-        if p not in readings:
+        if p not in readings and p not in tr.opaque:
             readings[p] = Reading("vector", reason=f"used elementwise ({', '.join(sorted(ops))}), never as a linear map")
     for u in tr.uses:
         if u.bias and u.bias not in readings:
