@@ -525,9 +525,12 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
     config = getattr(model, "config", None)
     if config is None:
         raise TraceError("meta-device model without a config: no smaller copy to run")
-    small_cfg = shrink_config(config)
-    with torch.device("cpu"):
-        small = type(model)(small_cfg)
+    try:
+        small_cfg = shrink_config(config)
+        with torch.device("cpu"):
+            small = type(model)(small_cfg)
+    except Exception as err:  # noqa: BLE001 - an architecture whose config does not shrink
+        raise TraceError(f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}") from err
     tr = run_trace(small, example)
     shapes = {n: tuple(p.shape) for n, p in small.named_parameters(remove_duplicate=False)}
     readings, _ = infer(tr, shapes)
