@@ -121,8 +121,11 @@ def test_plain_gpt(tied):
 
 
 def test_unknown_fused_order_is_an_error_with_the_override():
+    # the structure alone cannot tell the order: an error naming the override
     with pytest.raises(PlanError, match=r"experts\.w_in.*concatenated or interleaved.*layouts="):
-        equiopt.plan(PlainGPT())
+        equiopt.plan(PlainGPT(), trace=False)
+    # the traced forward reads it (chunk(2): concatenated) and agrees with the override
+    assert equiopt.plan(PlainGPT()).entry("blocks.1.mlp.experts.w_in").layout == Layout(stacked=True, fused=2)
 
 
 def test_expert_module_list_and_torch_modules():

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import signal
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import audit
+from .planner import plan as make_plan
+from .presets import PRESETS
 from .train.config import CompareOptions, RunOptions, SweepOptions, TrainConfig
 from .train.data import DataError
 from .train.experiments import _lr_for, compare, load_lrs, sweep
 from .train.loop import TrainingDiverged, TrainingInterrupted, train
-from .train.options import add_dataclass_options, from_namespace
+from .train.options import add_dataclass_options, from_namespace, option
 from .train.report import write_report
 from .train.rundir import RunDirError
 
@@ -151,6 +157,76 @@ def run_report(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanOptions:
+    """``equiopt plan``: which model to plan (built from its config, no weights downloaded)."""
+
+    config: str | None = option(None, metavar="CONFIG_JSON",
+                                help="a Hugging Face config.json (its model_type and architectures[0] pick the classes)")
+    model: str | None = option(None, metavar="CLASS",
+                               help="transformers model class, e.g. Qwen3ForCausalLM (default: the config's "
+                                    "architectures[0])")
+    set: list[str] = option(default_factory=list, parse=str, repeat=True, metavar="KEY=VALUE",
+                            help="a config field, e.g. --set hidden_size=64 (values parsed as JSON when they can be)")
+    preset: str = option("paper", choices=lambda: list(PRESETS), help="optimizer preset whose maps the table shows")
+    device: str = option("meta", choices=("meta", "cpu"),
+                         help="meta: build without memory, a shrunk copy of the same architecture is traced; "
+                              "cpu: build and trace the model itself (small configs)")
+
+    def __post_init__(self) -> None:
+        if self.config is None and self.model is None:
+            raise ValueError("equiopt plan needs --config CONFIG_JSON or --model CLASS")
+        for item in self.set:
+            if "=" not in item:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_from_config(opts: PlanOptions) -> torch.nn.Module:
+    """The model ``opts`` describes, on ``opts.device`` (meta: no parameter memory)."""
+    import transformers  # the train extra; `equiopt plan` is a harness command
+
+    fields = {}
+    if opts.config is not None:
+        with open(opts.config) as f:
+            fields = json.load(f)
+    fields.update({k: _value(v) for k, v in (item.split("=", 1) for item in opts.set)})
+    cls_name = opts.model or (fields.get("architectures") or [None])[0]
+    if cls_name is None:
+        raise ValueError(f"{opts.config}: no architectures[] entry; pass --model CLASS")
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"--model {cls_name}: not a transformers class")
+    fields.pop("architectures", None)
+    if "model_type" in fields:
+        config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        config = cls.config_class(**fields)
+    with torch.device(opts.device):
+        return cls(config)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    _options(p, (PlanOptions, ()))
+
+
+def run_plan(args) -> int:
+    """Print the plan (role, layout, map per parameter) of a model built from its config, no weights."""
+    opts = from_namespace(PlanOptions, args)
+    model = build_from_config(opts)
+    print(make_plan(model, opts.preset).table())
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -165,6 +241,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "sweep": (add_sweep_arguments, run_sweep),
     "report": (add_report_arguments, run_report),
     "audit": (audit.add_arguments, _audit_run),
+    "plan": (add_plan_arguments, run_plan),
 }
 
 

@@ -19,6 +19,7 @@ A :class:`Layout` turns a stored tensor into a batch ``[B, m, n]`` of logical ma
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -50,6 +51,20 @@ class Layout:
     interleaved: bool = False
     heads: int = 1
     head_axis: str = "out"
+    #: a >2-D kernel ``[out, *in_dims]`` (convolution ``[out, in, kh, kw]``) read as the
+    #: matrix ``[out, in*kh*kw]`` it applies to each patch
+    flatten: bool = False
+    #: a 2-D ``[E*a, b]`` weight holding ``E`` experts (``stacked`` after ``unflatten(0, (E, a))``)
+    flat_experts: int = 0
+
+    def _stored_view(self, shape) -> tuple[int, ...]:
+        """The shape the layout's other fields read (after ``flatten`` / ``flat_experts``)."""
+        shape = tuple(shape)
+        if self.flatten and len(shape) > 2:
+            return (shape[0], math.prod(shape[1:]))
+        if self.flat_experts and len(shape) == 2 and shape[0] % self.flat_experts == 0:
+            return (self.flat_experts, shape[0] // self.flat_experts, shape[1])
+        return shape
 
     def __post_init__(self):
         if self.fused < 1 or self.heads < 1:
@@ -67,6 +82,12 @@ class Layout:
     # -- shapes -----------------------------------------------------------------------
     def check(self, shape: torch.Size | tuple[int, ...], name: str = "parameter") -> None:
         """Raise a ValueError naming ``name`` when ``shape`` does not fit this layout."""
+        if self.flatten and len(shape) < 2:
+            raise ValueError(f"{name}: layout {self.describe()} needs a >=2-D tensor, got shape {tuple(shape)}")
+        if self.flat_experts and (len(shape) != 2 or shape[0] % self.flat_experts):
+            raise ValueError(f"{name}: layout {self.describe()} needs a 2-D tensor whose rows split into "
+                             f"{self.flat_experts} experts, got shape {tuple(shape)}")
+        shape = self._stored_view(shape)
         want = 3 if self.stacked else 2
         if len(shape) != want:
             raise ValueError(f"{name}: layout {self.describe()} needs a {want}-D tensor, got shape {tuple(shape)}")
@@ -80,6 +101,7 @@ class Layout:
 
     def logical_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """``(B, m, n)``: number and shape of the logical matrices of a stored ``shape``."""
+        shape = self._stored_view(shape)
         batch = shape[0] if self.stacked else 1
         out, inp = (shape[-1], shape[-2]) if self.transposed else (shape[-2], shape[-1])
         if self.fused > 1:
@@ -93,6 +115,8 @@ class Layout:
     # -- views ------------------------------------------------------------------------
     def to_logical(self, x: torch.Tensor) -> torch.Tensor:
         """Stored tensor -> ``[B, m, n]`` logical matrices (a view where possible)."""
+        if self.flatten or self.flat_experts:
+            x = x.reshape(self._stored_view(x.shape))
         y = x if self.stacked else x.unsqueeze(0)  # [E, a, b]
         if self.transposed:
             y = y.mT  # [E, out, in]
@@ -112,6 +136,7 @@ class Layout:
 
     def from_logical(self, u: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Inverse of :meth:`to_logical`: ``[B, m, n]`` -> a tensor of the stored ``shape``."""
+        stored, shape = shape, self._stored_view(shape)
         E = shape[0] if self.stacked else 1
         out, inp = (shape[-1], shape[-2]) if self.transposed else (shape[-2], shape[-1])
         if self.fused > 1:
@@ -125,7 +150,7 @@ class Layout:
             y = u.reshape(E, out, inp)
         if self.transposed:
             y = y.mT
-        return y.reshape(shape)
+        return y.reshape(stored)
 
     # -- helpers ----------------------------------------------------------------------
     def without_heads(self) -> Layout:
@@ -133,6 +158,10 @@ class Layout:
 
     def describe(self) -> str:
         parts = []
+        if self.flatten:
+            parts.append("flatten")
+        if self.flat_experts:
+            parts.append(f"experts{self.flat_experts}")
         if self.stacked:
             parts.append("stacked")
         if self.transposed:
@@ -146,7 +175,7 @@ class Layout:
 
 MATRIX = Layout()
 
-_TOKEN = re.compile(r"^(stacked|transposed|matrix|fused(\d+):(concat|interleaved)|heads(\d+):(out|in))$")
+_TOKEN = re.compile(r"^(stacked|transposed|matrix|fused(\d+):(concat|interleaved)|heads(\d+):(out|in)|flatten|experts(\d+))$")
 
 
 def parse_layout(text: str) -> Layout:
@@ -160,10 +189,13 @@ def parse_layout(text: str) -> Layout:
         if m is None:
             raise ValueError(
                 f"layout {text!r}: cannot parse {token!r}; use tokens stacked, transposed, matrix, "
-                "fusedK:concat, fusedK:interleaved, headsH:out, headsH:in joined by '+'"
+                "fusedK:concat, fusedK:interleaved, headsH:out, headsH:in, flatten, expertsE joined by '+'"
             )
-        if m.group(1) in ("stacked", "transposed"):
+        if m.group(1) in ("stacked", "transposed", "flatten"):
             kw[m.group(1)] = True
+        elif m.group(6):
+            kw["flat_experts"] = int(m.group(6))
+            kw["stacked"] = True
         elif m.group(2):
             kw["fused"] = int(m.group(2))
             kw["interleaved"] = m.group(3) == "interleaved"

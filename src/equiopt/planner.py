@@ -25,6 +25,7 @@ the parameter and shows the override (``roles={"regex": "role"}``,
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,8 +37,11 @@ from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .groups import Factor, Group
 from .layouts import MATRIX, Layout, parse_layout
 from .maps import map_spec
+from .maps import MAP_SPECS
 from .presets import resolve
 from .roles import ROLES, role_group
+from .trace import Reading, TraceError, infer, shrink_config
+from .trace import trace as run_trace
 
 __all__ = ["Plan", "PlanEntry", "PlanError", "plan", "detect_roles"]
 
@@ -71,6 +75,8 @@ class PlanEntry:
     reason: str
     aliases: tuple[str, ...] = ()
     param: nn.Parameter | None = field(default=None, compare=False, repr=False)
+    found: bool = True  # False: a 2-D weight whose flow matches no block ("matrix (no structure found)")
+    group: Group | None = None  # the block's group when it differs from the role's (a sigmoid router: no shift)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class _Decision:
     role: str | None
     layout: Layout = MATRIX
     reason: str = ""
+    strong: bool = False  # read from the module type (nn.Embedding, get_output_embeddings(), stacked experts, MHA)
+    found: bool = True  # False: the fallback "matrix" of a 2-D weight no rule matched
 
 
 def _attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
@@ -142,9 +150,10 @@ class _Detector:
     def name(self, p: torch.Tensor) -> str:
         return self.names[id(p)][0]
 
-    def decide(self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX) -> None:
+    def decide(self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX, strong: bool = False,
+               found: bool = True) -> None:
         if id(p) not in self.decisions:
-            self.decisions[id(p)] = _Decision(role, layout, reason)
+            self.decisions[id(p)] = _Decision(role, layout, reason, strong, found)
 
     def undecided(self, p: torch.Tensor, why: str, role: str | None = None) -> None:
         """No decision for ``p``; ``role`` is known when only the layout is in doubt."""
@@ -165,7 +174,7 @@ class _Detector:
         get_in = getattr(self.model, "get_input_embeddings", None)
         if callable(get_in):
             emb = get_in()
-            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb not in embeddings:
+            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb.weight.ndim == 2 and emb not in embeddings:
                 embeddings.append(emb)
         head = None
         get_out = getattr(self.model, "get_output_embeddings", None)
@@ -189,11 +198,12 @@ class _Detector:
             w = emb.weight
             self.d_model = self.d_model or w.shape[-1]
             if head is not None and head is w:
-                self.decide(w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})")
+                self.decide(w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})",
+                            strong=head_reason == "get_output_embeddings()")
             else:
-                self.decide(w, "embedding", type(emb).__name__)
+                self.decide(w, "embedding", type(emb).__name__, strong=True)
         if head is not None and id(head) in self.params:
-            self.decide(head, "lm_head", head_reason)
+            self.decide(head, "lm_head", head_reason, strong=head_reason == "get_output_embeddings()")
         token = get_in() if callable(get_in) else None
         token_w = getattr(token, "weight", None) if token is not None else (embeddings[0].weight if len(embeddings) == 1 else None)
         head_mod = self._owner(head, self.model) if head is not None else None
@@ -237,7 +247,7 @@ class _Detector:
                     self.undecided(p, f"3-D parameter of {mname}: {why}; cannot tell stacked experts apart")
                 continue
             router = routers[0]
-            self.decide(router, "router", f"[E={E}, d] weight beside stacked experts {mname}")
+            self.decide(router, "router", f"[E={E}, d] weight beside stacked experts {mname}", strong=True)
             for n, p in module.named_parameters(recurse=False):
                 if p.ndim == 2 and p.shape[0] == E:  # gpt-oss gate_up_proj_bias [E, 2h]
                     self.decide(p, "vector", f"stacked per-expert bias of {mname}")
@@ -330,9 +340,10 @@ class _Detector:
             else:
                 self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
                 continue
-            self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout)
+            self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
         attr, p, _, _ = outs[0]
-        self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed))
+        self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed),
+                    strong=True)
         decided = [q for _, q, _, _ in ins if id(q) in self.decisions]
         if len(decided) != len(ins):
             return None
@@ -364,12 +375,22 @@ class _Detector:
             out_cands = [(n, m) for n, m in lin if m.in_features == hq * hd]
             if not out_cands:
                 continue
-            oname, out = out_cands[-1]  # o is registered after q/k/v in every implementation we know
-            d = out.out_features
-            qkv_widths = {hq * hd, hkv * hd, (hq + 2 * hkv) * hd}
-            ins = [(n, m) for n, m in lin if m is not out and m.in_features == d and m.out_features in qkv_widths]
-            if len(ins) + 1 != len(lin):
-                continue  # not an attention block we understand; later passes decide
+            # o is usually registered after q/k/v, but not always (Phi-3: o_proj before qkv_proj):
+            # the output projection is the candidate the others fit around, as one fused
+            # [(Hq + 2 Hkv) hd, d] or three q [Hq hd, d], k, v [Hkv hd, d]
+            fit = None
+            for oname, out in reversed(out_cands):
+                d = out.out_features
+                ins = [(n, m) for n, m in lin if m is not out and m.in_features == d]
+                widths = [m.out_features for _, m in ins]
+                if len(ins) + 1 == len(lin) and (
+                        (len(ins) == 1 and widths[0] == (hq + 2 * hkv) * hd)
+                        or (len(ins) == 3 and widths[0] == hq * hd and widths[1] == widths[2] == hkv * hd)):
+                    fit = (oname, out, ins)
+                    break
+            if fit is None:
+                continue  # not an attention block we understand (an MLP keeping a config, q/k/v without o)
+            oname, out, ins = fit
             why = f"attention {type(module).__name__} (Hq={hq}, Hkv={hkv}, head_dim={hd})"
             for n, m in ins:
                 self.decide(m.weight, "attention", f"{why}: {n}", Layout(heads=m.out_features // hd, head_axis="out"))
@@ -398,11 +419,11 @@ class _Detector:
                 mname, o=self.name(mha.out_proj.weight), q=self.name(mha.q_proj_weight), k=self.name(mha.k_proj_weight),
                 v=self.name(mha.v_proj_weight), hq=H, hkv=H, head_dim=hd))
         if mha.in_proj_weight is not None:
-            self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"))
+            self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"), strong=True)
         for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight):
             if w is not None:
-                self.decide(w, "attention", why, Layout(heads=mha.num_heads, head_axis="out"))
-        self.decide(mha.out_proj.weight, "attention", why, Layout(heads=mha.num_heads, head_axis="in"))
+                self.decide(w, "attention", why, Layout(heads=mha.num_heads, head_axis="out"), strong=True)
+        self.decide(mha.out_proj.weight, "attention", why, Layout(heads=mha.num_heads, head_axis="in"), strong=True)
 
     def mlps(self) -> None:
         expert_list = getattr(self, "_expert_list", set())
@@ -414,8 +435,7 @@ class _Detector:
             d, h = out.out_features, out.in_features
             ins = [(n, m) for n, m in lin[:-1]]
             if h == d:
-                # square: the out-projection is the last registered Linear (as for attention)
-                pass
+                continue  # square Linears (q/k/v of an attention without its o): shapes cannot tell
             if not all(m.in_features == d and m.out_features == h for _, m in ins):
                 # try the other registration orders: out-projection is the odd shape
                 shapes = [(m.out_features, m.in_features) for _, m in lin]
@@ -443,10 +463,15 @@ class _Detector:
         for pid, p in self.params.items():
             if pid in self.decisions or pid in self.errors:
                 continue
-            if p.ndim < 2:
-                self.decide(p, "vector", f"{p.ndim}-D parameter")
+            owner = self._owner(p, self.model)
+            if p.ndim < 2 or sum(1 for s in p.shape if s > 1) <= 1:
+                self.decide(p, "vector", f"{p.ndim}-D parameter" + (f" {tuple(p.shape)}" if p.ndim >= 2 else ""), strong=p.ndim < 2)
+            elif isinstance(owner, nn.modules.conv._ConvNd) and p is owner.weight:
+                self.decide(p, "matrix", f"{type(owner).__name__} kernel as a matrix [out, in*k]", Layout(flatten=True))
+            elif p.ndim == 2 and type(owner).__name__ == "Conv1D" and p is getattr(owner, "weight", None):
+                self.decide(p, "matrix", "Conv1D weight, stored [in, out]", Layout(transposed=True))
             elif p.ndim == 2:
-                self.decide(p, "matrix", "2-D weight outside the recognised blocks")
+                self.decide(p, "matrix", "2-D weight outside the recognised blocks", found=False)
             else:
                 self.undecided(p, f"{p.ndim}-D parameter that is not a stacked-expert weight")
 
@@ -467,6 +492,8 @@ def detect_roles(
     model: nn.Module,
     roles: Mapping[str, str] | None = None,
     layouts: Mapping[str, str | Layout] | None = None,
+    example=None,
+    trace: bool = True,
 ) -> list[PlanEntry]:
     """Role and layout of every trainable parameter of ``model``, in registration order.
 
@@ -474,13 +501,123 @@ def detect_roles(
     parameter, tied aliases included) to a role / a layout; they take precedence over what
     the structure says. An override that matches no trainable parameter is an error.
     """
-    return _detect(model, roles, layouts)[0]
+    return _detect(model, roles, layouts, example, trace)[0]
 
 
-def _detect(model, roles, layouts) -> tuple[list[PlanEntry], list[Block]]:
-    """Entries (see :func:`detect_roles`) and the blocks whose parameters are all trainable."""
-    det = _Detector(unwrap(model))
+def _layer_map(name: str, small: set[str]) -> str | None:
+    """The parameter of the shrunk model standing for ``name``: the same name, or with its
+    layer index moved onto the last shrunk layer of the same structure."""
+    if name in small:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            for j in range(int(parts[i]), -1, -1):
+                cand = ".".join(parts[:i] + [str(j)] + parts[i + 1:])
+                if cand in small:
+                    return cand
+    return None
+
+
+def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, list[str]]:
+    """Trace a small model of the same architecture (the model itself is on the meta device
+    or too large to run): readings carried over by name, blocks left to the structure."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TraceError("meta-device model without a config: no smaller copy to run")
+    try:
+        small_cfg = shrink_config(config)
+        with torch.device("cpu"):
+            small = type(model)(small_cfg)
+    except Exception as err:  # noqa: BLE001 - an architecture whose config does not shrink
+        raise TraceError(f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}") from err
+    tr = run_trace(small, example)
+    shapes = {n: tuple(p.shape) for n, p in small.named_parameters(remove_duplicate=False)}
+    readings, _ = infer(tr, shapes)
+    out = {}
+    full = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for n in full:
+        m = _layer_map(n, set(readings))
+        if m is not None:
+            r = readings[m]
+            out[n] = Reading(r.role, r.layout, f"{r.reason} (traced on a shrunk copy)", r.found, r.scoring, r.error)
+    note = (f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
+            f"{tr.seconds:.2f}s): the model was not materialised")
+    return out, [], [note]
+
+
+_FAMILY = {"tied_embedding": "embedding"}
+
+
+def _agree(dec: _Decision, r: Reading) -> bool:
+    return _FAMILY.get(dec.role, dec.role) == _FAMILY.get(r.role, r.role) and (dec.role == "vector" or dec.layout == r.layout)
+
+
+def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[str]:
+    """Dataflow readings over the structure's: a strong structural reading (module types) that
+    the flow contradicts is an error naming both; weaker ones yield to the flow."""
+    conflicts = []
+    router_groups: dict[int, Group] = {}
+    for pid, names in det.names.items():
+        r = readings.get(names[0])
+        dec = det.decisions.get(pid)
+        if r is None:
+            if traced and dec is not None and dec.role != "vector":
+                dec.reason += " (not reached by the traced forward)"
+            continue
+        override = f'roles={{"{re.escape(names[0])}$": "<role>"}} / layouts={{"{re.escape(names[0])}$": "<layout>"}}'
+        if r.error is not None:
+            det.errors[pid] = f"dataflow: {r.role}: {r.error}; pass {override}"
+            det.role_hints[pid] = r.role
+            det.decisions.pop(pid, None)
+            continue
+        if not r.found and dec is not None and dec.role is not None and dec.found:
+            dec.reason += f" (dataflow: {r.reason})"
+            continue  # the flow found nothing; the structure did
+        if dec is not None and dec.strong and not _agree(dec, r):
+            conflicts.append(f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
+                             f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}")
+            continue
+        why = f"dataflow: {r.reason}"
+        if dec is not None and dec.role is not None and not _agree(dec, r) and dec.found:
+            why += f" [structure read {dec.role} {dec.layout.describe()}]"
+        det.decisions[pid] = _Decision(r.role, r.layout, why, found=r.found)
+        det.errors.pop(pid, None)
+        if r.role == "router" and r.scoring not in (None, "softmax"):
+            router_groups[pid] = role_group("router").without("shift")
+    det.entry_groups = router_groups
+    det.scorings = {pid: readings[det.names[pid][0]].scoring for pid in router_groups}
+    if conflicts:
+        raise PlanError("the structure and the dataflow disagree on:\n" + "\n".join(conflicts))
+    return []
+
+
+def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tuple[list[PlanEntry], list[Block], list[str]]:
+    """Entries (see :func:`detect_roles`), the blocks whose parameters are all trainable and
+    notes on how the roles were found (a structural fallback is never silent)."""
+    inner = unwrap(model)
+    det = _Detector(inner)
     det.run()
+    det.entry_groups, det.scorings = {}, {}
+    notes: list[str] = []
+    if use_trace:
+        readings, tblocks = None, []
+        try:
+            if any(p.device.type == "meta" for p in inner.parameters()):
+                readings, tblocks, more = _shrunk_trace(inner, example)
+                notes.extend(more)
+            else:
+                tr = run_trace(inner, example)
+                shapes = {n: tuple(p.shape) for n, p in inner.named_parameters(remove_duplicate=False)}
+                readings, tblocks = infer(tr, shapes)
+                notes.extend(tr.notes)
+        except TraceError as err:
+            notes.append(f"not traced ({err}); roles come from the module structure only")
+        if readings is not None:
+            _merge(det, readings, traced=True)
+            traced_names = set(readings)
+            keep = [b for b in det.blocks if not any(p in traced_names for p in b.params())]
+            det.blocks = _with_scoring(keep + list(tblocks), det)
     overrides = []
     for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
         for pattern, value in table.items():
@@ -514,14 +651,22 @@ def _detect(model, roles, layouts) -> tuple[list[PlanEntry], list[Block]]:
                 problems.append(f"  {err}")
                 continue
         module_name = names[0].rpartition(".")[0]
-        entries.append(PlanEntry(names[0], decision.role, tuple(p.shape), decision.layout, module_name, decision.reason, tuple(names[1:]), p))
+        group = det.entry_groups.get(pid) if decision.role == "router" else None
+        entries.append(PlanEntry(names[0], decision.role, tuple(p.shape), decision.layout, module_name, decision.reason,
+                                 tuple(names[1:]), p, found=decision.found or decision.role != "matrix", group=group))
     unused = [f"{kind}[{pattern!r}]" for kind, pattern, _, _ in overrides if (kind, pattern) not in used]
     if unused:
         raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
     if problems:
         raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
     names = {e.name for e in entries}
-    return entries, [b for b in det.blocks if all(p in names for p in b.params())]
+    return entries, [b for b in det.blocks if all(p in names for p in b.params())], notes
+
+
+def _with_scoring(blocks: list[Block], det: _Detector) -> list[Block]:
+    by_name = {det.names[pid][0]: sc for pid, sc in det.scorings.items()}
+    return [dataclasses.replace(b, scoring=by_name[b.router]) if isinstance(b, MoEBlock) and b.router in by_name else b
+            for b in blocks]
 
 
 def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], groups: Mapping[str, Group]) -> None:
@@ -570,12 +715,18 @@ class Plan:
     """Roles, layouts and per-role hyperparameters of a model: what :func:`equiopt.build` uses."""
 
     def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str,
-                 blocks: list[Block] | None = None, groups: Mapping[str, Group] | None = None):
+                 blocks: list[Block] | None = None, groups: Mapping[str, Group] | None = None,
+                 variants: Mapping[tuple[str, Group], dict] | None = None, notes: list[str] | None = None):
         self.entries = entries
         self.specs = specs
         self.preset = preset
         self.blocks: list[Block] = list(blocks or [])
         self.groups: dict[str, Group] = dict(groups or role_groups())
+        #: ``(role, group) -> spec`` for entries whose block group differs from the role's
+        #: (:attr:`PlanEntry.group`, e.g. a sigmoid router without the shift): their own param_group
+        self.variants: dict[tuple[str, Group], dict] = dict(variants or {})
+        #: how the roles were found where it is not the default (a structural fallback, a shrunk trace)
+        self.notes: list[str] = list(notes or [])
         self._by_name = {}
         for e in entries:
             for n in (e.name, *e.aliases):
@@ -602,12 +753,25 @@ class Plan:
             out.setdefault(e.role, []).append(e)
         return out
 
+    def spec(self, e: PlanEntry) -> dict:
+        """The hyperparameters ``e`` is optimized with (its role's, or its block group's variant)."""
+        return self.variants[(e.role, e.group)] if e.group is not None else self.specs[e.role]
+
+    def group_of(self, name: str) -> Group:
+        """The symmetry group of the block ``name`` belongs to."""
+        e = self.entry(name)
+        return e.group if e.group is not None else self.groups[e.role]
+
     def param_groups(self) -> list[dict]:
-        """One param_group per role present, carrying the role's full spec."""
-        return [
-            {"params": [e.param for e in es], "role": role, **self.specs[role]}
-            for role, es in self.by_role().items()
-        ]
+        """One param_group per role present (and one per block-group variant of a role, e.g.
+        sigmoid routers), carrying the full spec."""
+        out: dict[tuple, dict] = {}
+        for e in self.entries:
+            key = (e.role, e.group)
+            if key not in out:
+                out[key] = {"params": [], "role": e.role, **self.spec(e)}
+            out[key]["params"].append(e.param)
+        return list(out.values())
 
     def layouts(self) -> dict[torch.Tensor, Layout]:
         return {e.param: e.layout for e in self.entries if e.role != "vector"}
@@ -615,8 +779,8 @@ class Plan:
     def names(self) -> dict[torch.Tensor, str]:
         return {e.param: e.name for e in self.entries}
 
-    def map_label(self, role: str) -> str:
-        s = self.specs[role]
+    def map_label(self, role: str, spec: dict | None = None) -> str:
+        s = spec if spec is not None else self.specs[role]
         label = s["map"]
         if label == "hybrid":
             label += f"[{s['order']}]"
@@ -633,14 +797,22 @@ class Plan:
     def table(self) -> str:
         rows = [("name", "shape", "role", "layout", "map", "lr", "wd")]
         for e in self.entries:
-            s = self.specs[e.role]
+            s = self.spec(e)
             layout = "" if e.role == "vector" else e.layout.describe()
-            rows.append((e.name, "x".join(map(str, e.shape)), e.role, layout, self.map_label(e.role), f"{s['lr']:g}", f"{s['weight_decay']:g}"))
+            role = e.role if e.found else f"{e.role} (no structure found)"
+            if e.group is not None and e.role == "router":
+                role += " (no shift)"
+            rows.append((e.name, "x".join(map(str, e.shape)), role, layout, self.map_label(e.role, s), f"{s['lr']:g}", f"{s['weight_decay']:g}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n = sum(e.param.numel() for e in self.entries)
-        lines.append(f"{len(self.entries)} trainable tensors, {n:,} parameters, preset {self.preset!r}")
+        summary = f"{len(self.entries)} trainable tensors, {n:,} parameters, preset {self.preset!r}"
+        unfound = sum(1 for e in self.entries if not e.found)
+        if unfound:
+            summary += f"; {unfound} 2-D weight(s) with no structure found (planned as matrix)"
+        lines.append(summary)
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -661,6 +833,8 @@ def plan(
     roles: Mapping[str, str] | None = None,
     layouts: Mapping[str, str | Layout] | None = None,
     audit=None,
+    example=None,
+    trace: bool = True,
     **overrides,
 ) -> Plan:
     """Plan the optimizer of ``model``: role + layout per parameter, hyperparameters per role.
@@ -675,10 +849,34 @@ def plan(
     the groups and refuses maps incompatible with them (:func:`check_compatible`).
     """
     broken = audit.broken_factors() if audit is not None else {}
+    user_rules = dict(rules or {})
     if audit is not None:
         rules = {**audit.downgrade_rules(), **(rules or {})}
     groups = role_groups(broken)
-    specs = resolve_centering(resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides), groups)
-    entries, blocks = _detect(model, roles, layouts)
-    check_compatible(entries, specs, groups)
-    return Plan(entries, specs, preset, blocks, groups)
+    raw = resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides)
+    specs = resolve_centering(raw, groups)
+    entries, blocks, notes = _detect(model, roles, layouts, example, trace)
+    check_compatible([e for e in entries if e.group is None], specs, groups)
+    variants = {}
+    for key in dict.fromkeys((e.role, e.group) for e in entries if e.group is not None):
+        role, group = key
+        variants[key] = _variant_spec(raw[role], group, explicit=role in user_rules)
+        check_compatible([e for e in entries if (e.role, e.group) == key], {role: variants[key]}, {role: group})
+    return Plan(entries, specs, preset, blocks, groups, variants, notes)
+
+
+# a map that projects out the row shift -> the same map without it (for blocks without the shift)
+UNCENTERED = {"centered_row_norm": "row_norm"}
+
+
+def _variant_spec(spec: dict, group: Group, explicit: bool) -> dict:
+    """A role's spec for a block whose group differs (a sigmoid router: no shift): ``center=None``
+    resolves from that group, and a centering map the preset chose is replaced by its uncentered
+    form; one the user chose stays, and :func:`check_compatible` refuses it."""
+    s = dict(spec)
+    if s["center"] is None:
+        s["center"] = group.has("shift")
+    m = MAP_SPECS.get(s["map"])
+    if not explicit and m is not None and m.projects_out and not group.has("shift"):
+        s["map"] = UNCENTERED.get(s["map"], s["map"])
+    return s
