@@ -617,7 +617,7 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
             _merge(det, readings, traced=True)
             traced_names = set(readings)
             keep = [b for b in det.blocks if not any(p in traced_names for p in b.params())]
-            det.blocks = _with_scoring(keep + list(tblocks), det)
+            det.blocks = [_with_stacked_biases(b, det) for b in _with_scoring(keep + list(tblocks), det)]
     overrides = []
     for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
         for pattern, value in table.items():
@@ -661,6 +661,20 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
         raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
     names = {e.name for e in entries}
     return entries, [b for b in det.blocks if all(p in names for p in b.params())], notes
+
+
+def _with_stacked_biases(block: Block, det: _Detector) -> Block:
+    """Stacked experts add their ``[E, out]`` biases outside a linear op the tracer sees
+    (``x @ W[e] + b[e]``): take them, as the structural pass does, from the ``<weight>_bias``
+    parameter of the module that owns the stacked weight."""
+    if isinstance(block, MoEBlock) and block.mlp is not None:
+        return dataclasses.replace(block, mlp=_with_stacked_biases(block.mlp, det))
+    if not isinstance(block, MLPBlock) or block.experts <= 1 or block.in_biases or block.out_bias:
+        return block
+    known = {n for ns in det.names.values() for n in ns}
+    ins = tuple((p, p + "_bias") for p in block.ins if p + "_bias" in known)
+    out = block.out + "_bias" if block.out + "_bias" in known else None
+    return dataclasses.replace(block, in_biases=ins, out_bias=out)
 
 
 def _with_scoring(blocks: list[Block], det: _Detector) -> list[Block]:

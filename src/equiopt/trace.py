@@ -115,6 +115,7 @@ class Use:
     inputs: dict[int, frozenset] = field(default_factory=dict)  # input's leaves -> flags
     in_heads: tuple | None = None  # (event, H, head of every input column) when reading an attention output
     features: int = 0  # size of the output feature axis
+    by_input: bool = False  # a lookup indexed by the example's own integer inputs (token ids)
 
 
 @dataclass
@@ -208,6 +209,7 @@ class _Recorder(TorchFunctionMode):
         self.routed: set[int] = set()  # tensors gathered by routed expert ids (and their reshapes)
         self.keep: list = []  # strong refs: ids stay unique while tracing
         self.gen = gen
+        self.input_storages: set[int] = set()  # storages of the example's integer inputs
 
     # -- tags -------------------------------------------------------------------------
     def pview(self, t) -> _PView | None:
@@ -312,7 +314,9 @@ class _Recorder(TorchFunctionMode):
     def lookup(self, func, name, args, kwargs, w):
         out = func(*args, **kwargs)
         pv = self.pview(w)
-        u = Use(pv.param, "lookup", name, features=out.shape[-1])
+        index = args[1] if name == "getitem" else (args[0] if args[0] is not w else args[1])
+        by_input = isinstance(index, Tensor) and index.untyped_storage().data_ptr() in self.input_storages
+        u = Use(pv.param, "lookup", name, features=out.shape[-1], by_input=by_input)
         self.tr.uses.append(u)
         ret = self.new_leaf(out, "lookup", pv.param, len(self.tr.uses) - 1)
         u.leaf = len(self.tr.leaves) - 1
@@ -746,6 +750,11 @@ def trace(model: nn.Module, inputs=None) -> Trace:
     else:
         raise TraceError(f"example batch of type {type(inputs).__name__}: pass a dict, a tuple or a tensor")
     rec = _Recorder(names, params, _vocab(model), torch.Generator().manual_seed(1234))
+    rec.input_storages = {
+        t.untyped_storage().data_ptr()
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, Tensor) and not t.is_floating_point() and t.dtype != torch.bool
+    }
     with preserved(model):
         model.eval()
         try:
@@ -1037,7 +1046,10 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
             readings[u.bias] = Reading("vector", reason=f"bias of {u.param}")
 
     # -- blocks ---------------------------------------------------------------------------
-    emb = next((p for p in lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
+    # the token embedding: the table indexed by the input ids (positions are indexed by an
+    # arange the model makes), else the one table of the vocabulary's size
+    by_ids = [u.param for u in tr.uses if u.kind == "lookup" and u.by_input]
+    emb = by_ids[0] if len(set(by_ids)) == 1 else next((p for p in lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
     head = next(iter(logits), None) if len(logits) == 1 else None
     if emb or head:
         hb = next((x.bias for x in uses_by.get(head, []) if x.bias), None) if head else None

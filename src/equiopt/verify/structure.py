@@ -34,7 +34,10 @@ class Structure:
         self.moes = [b for b in blocks if isinstance(b, MoEBlock)]
         self.experts: dict[str, MLPBlock | str] = {m.scope: self._experts_of(m) for m in self.moes}
         stacked = [m for m in self.experts.values() if isinstance(m, MLPBlock)]
-        self.mlps = [b for b in blocks if isinstance(b, MLPBlock)] + stacked
+        recorded = [b for b in blocks if isinstance(b, MLPBlock)]
+        # the planner may record the stacked experts both on their own and inside the MoE
+        # block; the MoE's reading (with the expert biases) wins
+        self.mlps = [b for b in recorded if b.out not in {m.out for m in stacked}] + stacked
         self.embeddings = [e for e in plan.entries if e.role in READ_ROLES]
         self.vectors = [e.name for e in plan.entries if e.role == "vector"]
         self.layouts = self._layouts()
