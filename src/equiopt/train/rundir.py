@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from .metrics import scalars
+
 LOCK = ".lock"
 CONFIG, ENV, PLAN, METRICS, FINAL, CKPT = (
     "config.json",
@@ -208,8 +210,6 @@ class EventLog:
         self.writer = SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
     def write(self, rec: dict) -> None:
-        from .metrics import scalars
-
         step = int(rec["step"])
         try:
             for tag, value in scalars(rec).items():
