@@ -16,7 +16,7 @@ from equiopt.presets import resolve
 from equiopt.train import data as D
 from equiopt.train import loop as L
 from equiopt.train.models import build_model
-from equiopt.train.recipes import FIGURES, RECIPES, ReproduceOptions, reproduce
+from equiopt.train.recipes import FIGURES, RECIPES, ReproduceOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -66,8 +66,8 @@ from .rundir import (
     FINAL,
     PLAN,
     RUN_DIRS,
-    TB_DIR,
     RUN_FILES,
+    EventLog,
     RunDir,
     RunDirError,
     read_metrics,
@@ -76,7 +76,8 @@ from .rundir import (
 
 __all__ = ["DIST_CKPT", "DIST_MODES", "MODEL_OVERRIDES", "OPTIMIZERS", "ROUTER_ONLY", "RUN_DIRS", "RUN_FILES",
            "SCHEDULES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "config_diff", "evaluate",
-           "lr_lambda", "make_optimizer", "read_metrics", "role_lr_lambdas", "schedule_lambda", "save_checkpoint", "train"]
+           "lr_lambda", "make_optimizer", "read_metrics", "role_lr_lambdas", "schedule_lambda", "save_checkpoint",
+           "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -454,7 +455,7 @@ class Trainer:
         self.window, self.loss_spikes, self.gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
         self.last: dict | None = None
         self.saved_at: int | None = None  # step of the checkpoint this process wrote last
-        self.events = None  # the TensorBoard log (rank 0), opened by open_events
+        self.events: EventLog | None = None  # the TensorBoard log (rank 0), opened by open_events
 
     def _build_data(self, prep: D.Prepared) -> None:
         cfg = self.cfg
@@ -642,7 +643,7 @@ class Trainer:
 
     def role_lrs(self, step: int) -> dict[str, float]:
         """The learning rate of each role at ``step`` (base LR x its group's multiplier)."""
-        out = {}
+        out: dict[str, float] = {}
         for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.lr_fns):
             out.setdefault(str(g.get("role", "group")), base * fn(step))
         return out

@@ -170,8 +170,9 @@ class Recipe:
 
 # -- CPU scale -------------------------------------------------------------------------
 
-CPU = dict(hidden_size=128, num_layers=4, num_heads=4, head_dim=32, seq_len=128, global_batch=32, steps=640,
-           eval_every=40, eval_tokens=16384, data={"source": "shakespeare+kjv", "vocab_size": 4096})
+CPU: dict[str, int] = dict(hidden_size=128, num_layers=4, num_heads=4, head_dim=32, seq_len=128, global_batch=32,
+                           steps=640, eval_every=40, eval_tokens=16384)
+CPU_DATA: dict[str, Any] = {"source": "shakespeare+kjv", "vocab_size": 4096}
 
 
 def cpu_model(recipe: Recipe) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def cpu_overrides(recipe: Recipe) -> dict[str, Any]:
     return dict(model=cpu_model(recipe), seq_len=CPU["seq_len"], batch_size=CPU["global_batch"],
                 steps=CPU["steps"], eval_every=CPU["eval_every"], eval_tokens=CPU["eval_tokens"],
                 role_schedule=cpu_schedule(recipe, CPU["steps"]), ckpt_every=200,
-                data=DataConfig(**CPU["data"]))
+                data=DataConfig(**CPU_DATA))
 
 
 # -- the figure recipes ------------------------------------------------------------------
@@ -423,8 +424,8 @@ class ReproduceOptions:
             if getattr(self, name):
                 kw[name] = getattr(self, name)
         if self.data:
-            base = self.recipe.data if self.scale == "paper" else CPU["data"]
-            kw["data"] = DataConfig(**{**base, "source": self.data})  # type: ignore[arg-type]
+            base = self.recipe.data if self.scale == "paper" else CPU_DATA
+            kw["data"] = DataConfig(**{**base, "source": self.data})
         return kw
 
     def configs(self, seeds: list[int], out: Path, lr_scales: dict[str, float] | None = None,

@@ -346,7 +346,7 @@ def write_report(
 
 def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]:
     """Markdown rows: a, b, mean(a) - mean(b), Welch p, per architecture (pairs with a missing side are skipped)."""
-    rows = []
+    rows: list[str] = []
     for arch, cells in summary.items():
         for a, b in contrasts:
             ca, cb = cells.get(a, {}).get("val_loss"), cells.get(b, {}).get("val_loss")
