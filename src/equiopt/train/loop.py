@@ -645,7 +645,7 @@ class Trainer:
         """The learning rate of each role at ``step`` (base LR x its group's multiplier)."""
         out: dict[str, float] = {}
         for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.lr_fns):
-            out.setdefault(str(g.get("role", "group")), base * fn(step))
+            out.setdefault(str(g.get("role", "group")), float(base) * fn(step))
         return out
 
     def open_events(self, start: int) -> None:
