@@ -16,6 +16,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   fi
   "$VPY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 fi
-if ! "$VPY" -c "import equiopt, transformers, tokenizers, matplotlib, tqdm, scipy, pytest" 2>/dev/null; then
+if ! "$VPY" -c "import equiopt, transformers, tokenizers, matplotlib, tqdm, scipy, tensorboard, pytest" 2>/dev/null; then
   "$VPY" -m pip install -q --disable-pip-version-check -e ".[train,test]"
 fi

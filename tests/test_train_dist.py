@@ -147,7 +147,7 @@ def test_fsdp2_killed_and_resumed_continues_identically(root, runs):
 def test_rank0_writes_the_run_files(root, runs, mode):
     out = root / mode
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".lock", "config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint"]
+        [".lock", "config.json", "env.json", "plan.txt", "metrics.jsonl", "final.json", "checkpoint", "tb"]
     )
     assert (out / ".lock").read_text() == ""  # rank 0 held it; released
     assert (out / "checkpoint" / ".metadata").exists()

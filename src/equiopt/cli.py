@@ -33,6 +33,7 @@ from .train.data import DataError
 from .train.experiments import _lr_for, compare, load_lrs, sweep
 from .train.loop import TrainingDiverged, TrainingInterrupted, train
 from .train.options import add_dataclass_options, from_namespace, option
+from .train.recipes import FIGURES, ReproduceOptions, reproduce
 from .train.report import write_report
 from .train.rundir import RunDirError
 
@@ -130,6 +131,31 @@ def run_sweep(args) -> int:
                 extend_edges=grid.extend_edges, command=_command_line())
     print(res["table"])
     print(f"\nBest learning rates: {Path(base.out) / 'best.json'} (use with --lr-from)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- reproduce
+
+
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("figure", choices=FIGURES, help="the paper's figure: fig2 (gpt-oss routers), fig3 (Qwen3 "
+                   "embedding/head x MLP), fig4 (Gemma 3 embedding/head x MLP), fig5 (OLMoE routers)")
+    _options(p, (ReproduceOptions, ()), (RunOptions, ("resume", "stop_after", "lr_from")))
+
+
+def run_reproduce(args) -> int:
+    """Run one of the paper's block-wise comparisons (a figure's grid of recipe variants) and report it."""
+    opts = from_namespace(ReproduceOptions, args, figure=args.figure)
+    run = from_namespace(RunOptions, args)
+    rep = reproduce(opts, overwrite=run.overwrite, progress=run.progress, command=_command_line())
+    if not rep:  # a torchrun rank other than 0
+        return 0
+    print()
+    print(rep["table"])
+    print("\n".join(rep["ordering"]))
+    if rep.get("contrasts"):
+        print("\n".join(rep["contrasts"]))
+    print(f"\nReport: {opts.out_dir() / 'summary.md'} (+ summary.csv, summary.json, *.png)")
     return 0
 
 
@@ -239,6 +265,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "train": (add_train_arguments, run_train),
     "compare": (add_compare_arguments, run_compare),
     "sweep": (add_sweep_arguments, run_sweep),
+    "reproduce": (add_reproduce_arguments, run_reproduce),
     "report": (add_report_arguments, run_report),
     "audit": (audit.add_arguments, _audit_run),
     "plan": (add_plan_arguments, run_plan),

@@ -9,6 +9,7 @@ not recorded. :class:`CompareOptions` and :class:`SweepOptions` are the grids of
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from .models import ARCHS, SIZES, ModelConfig, preset
 from .options import (
     csv_list,
     float_list,
-    int_overrides,
     option,
     option_name,
     positive_int,
@@ -48,15 +48,75 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
 }
 ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
 SCHEDULES = ("cosine", "constant", "wsd")
+# Per-role schedule specs (``role_schedule``): the global ones above (with --warmup and
+# --min-lr-ratio), or one of these with its argument:
+#   stable_decay:F   constant, then linear decay to 0 over the last fraction F of the steps,
+#                    no warm-up (the paper's matrix roles, F = 0.4)
+#   warmup_cosine:W  linear warm-up from 0 over W steps, then cosine to 0 (the paper's AdamW
+#                    roles, W = 100; transformers' get_cosine_schedule_with_warmup)
+ROLE_SCHEDULE_KINDS = ("stable_decay", "warmup_cosine")
+ROLE_SCHEDULE_DEFAULT = "*"  # role_schedule key for every role not named
 DIST_MODES = ("none", "ddp", "fsdp2")
 MODEL_OVERRIDES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                   "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size")
+                   "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size",
+                   "rope_theta", "tie_embeddings", "aux_loss_coef")
 
 _MODEL, _EVAL, _DATA = "model and schedule", "evaluation, checkpoints, machine", "data"
 
 
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def parse_schedule(spec: str) -> tuple[str, float | None]:
+    """``"stable_decay:0.4"`` -> ("stable_decay", 0.4); ``"cosine"`` -> ("cosine", None).
+    ValueError naming the spec when it is not a known schedule."""
+    name, sep, arg = spec.partition(":")
+    if name in SCHEDULES and not sep:
+        return name, None
+    if name in ROLE_SCHEDULE_KINDS and sep:
+        try:
+            x = float(arg)
+        except ValueError:
+            x = math.nan
+        if name == "stable_decay" and _finite(x) and 0.0 < x <= 1.0:
+            return name, x
+        if name == "warmup_cosine" and _finite(x) and x >= 0 and x == int(x):
+            return name, x
+    raise ValueError(f"role_schedule (--role-schedule): unknown schedule {spec!r}; use one of "
+                     f"{', '.join(SCHEDULES)}, stable_decay:F (0 < F <= 1) or warmup_cosine:W (W >= 0 steps)")
+
+
+def role_strings(s: str) -> dict[str, str]:
+    """'vector=warmup_cosine:100,*=stable_decay:0.4' -> {'vector': ..., '*': ...}."""
+    out = {}
+    for item in csv_list(s):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise argparse.ArgumentTypeError(f"expected ROLE=SCHEDULE[,ROLE=SCHEDULE...], got {s!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def model_overrides(s: str) -> dict[str, Any]:
+    """'hidden_size=256,rope_theta=1e6,tie_embeddings=false' -> typed values (int, float, bool)."""
+    out: dict[str, Any] = {}
+    for item in csv_list(s):
+        k, sep, v = item.partition("=")
+        v = v.strip()
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {s!r}")
+        if v.lower() in ("true", "false"):
+            out[k.strip()] = v.lower() == "true"
+            continue
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            try:
+                out[k.strip()] = float(v)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{k.strip()}={v}: expected a number or true/false") from None
+    return out
 
 
 @dataclass
@@ -96,8 +156,29 @@ class TrainConfig:
     dist: str = option("none", choices=DIST_MODES,
                        help="multi-process data parallelism under torchrun (one process per device; gloo on CPU, "
                             "nccl on GPUs): torchrun --nproc_per_node=N -m equiopt train --dist ddp|fsdp2 ...")
-    model: dict[str, Any] = option(default_factory=dict, parse=int_overrides, metavar="KEY=INT,...", group=_MODEL,
-                                   help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16")
+    model: dict[str, Any] = option(default_factory=dict, parse=model_overrides, metavar="KEY=VALUE,...", group=_MODEL,
+                                   help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16,"
+                                        "rope_theta=1e6,tie_embeddings=false")
+    role_schedule: dict[str, str] = option(
+        default_factory=dict, parse=role_strings, metavar="ROLE=SCHED,...", group=_MODEL,
+        help="per-role LR schedules (one multiplier curve per param_group, chosen by its role; '*' = every role "
+             "not named; roles not covered follow --schedule): cosine|constant|wsd (with --warmup, "
+             "--min-lr-ratio), stable_decay:F (constant, linear decay to 0 over the last fraction F, no warm-up) "
+             "or warmup_cosine:W (W warm-up steps from 0, cosine to 0); the paper's recipes: "
+             "vector=warmup_cosine:100,*=stable_decay:0.4")
+    rules: dict[str, Any] = option(default_factory=dict, cli=False,
+                                   help="per-role map rules on top of the optimizer's (equiopt.plan rules=): "
+                                        "{role: map name or {hyperparameter: value}}")
+    role_lr: dict[str, float] = option(default_factory=dict, cli=False,
+                                       help="absolute per-role learning rates (equiopt.plan lr=), before "
+                                            "lr_scale and role_lr_scale")
+    roles: dict[str, str] = option(default_factory=dict, cli=False,
+                                   help="role overrides, regex on parameter names (equiopt.plan roles=)")
+    layouts: dict[str, str] = option(default_factory=dict, cli=False,
+                                     help="layout overrides, regex on parameter names (equiopt.plan layouts=)")
+    variant: str = option("", cli=False, help="a label for reports (a recipe's variant name); '' = the optimizer")
+    tensorboard: bool = option(True, group=_EVAL,
+                               help="also write TensorBoard event files (OUT/tb) with every scalar of metrics.jsonl")
     data: DataConfig = option(default_factory=DataConfig, help="the data (DataConfig)")
     out: str = option("runs/train", help="run directory (compare, sweep: the output directory)")
 
@@ -160,6 +241,18 @@ class TrainConfig:
                 raise ValueError(f"role_lr_scale: unknown role {role!r}; roles: {', '.join(ROLES)}")
             if not (_finite(v) and v > 0):
                 raise self._err("role_lr_scale", f"[{role!r}] must be a positive number, got {v}")
+        for role, spec in self.role_schedule.items():
+            if role != ROLE_SCHEDULE_DEFAULT and role not in ROLES:
+                raise ValueError(f"role_schedule: unknown role {role!r}; roles: {', '.join(ROLES)} "
+                                 f"(or {ROLE_SCHEDULE_DEFAULT!r} for every role not named)")
+            parse_schedule(spec)
+        for name, table in (("rules", self.rules), ("role_lr", self.role_lr)):
+            for role in table:
+                if role not in ROLES:
+                    raise ValueError(f"{name}: unknown role {role!r}; roles: {', '.join(ROLES)}")
+        for role, v in self.role_lr.items():
+            if not (_finite(v) and v >= 0):
+                raise ValueError(f"role_lr[{role!r}] must be a finite number >= 0, got {v}")
         unknown = set(self.model) - set(MODEL_OVERRIDES)
         if unknown:
             raise ValueError(f"unknown model override(s) {sorted(unknown)}; valid: {', '.join(MODEL_OVERRIDES)}")

@@ -142,7 +142,8 @@ def run_many(
             c = cfgs[i]
             val = f"{final['val_loss']:.4f}" if final["status"] == "done" else final["status"]
             log(
-                f"[{desc} {sum(r is not None for r in results)}/{len(cfgs)}] {c.arch}/{c.optimizer} seed {c.seed} "
+                f"[{desc} {sum(r is not None for r in results)}/{len(cfgs)}] {c.arch}/{c.variant or c.optimizer} "
+                f"seed {c.seed} "
                 f"lr_scale {c.lr_scale:g}: val loss {val} ({time.time() - t1:.0f} s; {time.time() - t0:.0f} s total)"
             )
 

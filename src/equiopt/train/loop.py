@@ -24,6 +24,7 @@ run keeps its last periodic checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -51,10 +52,12 @@ from .config import (
     MODEL_OVERRIDES,
     OPTIMIZERS,
     RESUMABLE_CHANGES,
+    ROLE_SCHEDULE_DEFAULT,
     ROUTER_ONLY,
     SCHEDULES,
     TrainConfig,
     config_diff,
+    parse_schedule,
 )
 from .models import build_model
 from .rundir import (
@@ -64,6 +67,7 @@ from .rundir import (
     PLAN,
     RUN_DIRS,
     RUN_FILES,
+    EventLog,
     RunDir,
     RunDirError,
     read_metrics,
@@ -72,7 +76,8 @@ from .rundir import (
 
 __all__ = ["DIST_CKPT", "DIST_MODES", "MODEL_OVERRIDES", "OPTIMIZERS", "ROUTER_ONLY", "RUN_DIRS", "RUN_FILES",
            "SCHEDULES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "config_diff", "evaluate",
-           "lr_lambda", "make_optimizer", "read_metrics", "save_checkpoint", "train"]
+           "lr_lambda", "make_optimizer", "read_metrics", "role_lr_lambdas", "schedule_lambda", "save_checkpoint",
+           "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,13 +99,19 @@ class TrainingInterrupted(RuntimeError):
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
-                   role_lr_scale: dict[str, float] | None = None):
-    """(optimizer, plan) for one of ``OPTIMIZERS``; learning rates = preset x lr_scale x role scale."""
+                   role_lr_scale: dict[str, float] | None = None, *, rules: dict | None = None,
+                   role_lr: dict[str, float] | None = None, roles: dict[str, str] | None = None,
+                   layouts: dict[str, str] | None = None):
+    """(optimizer, plan) for one of ``OPTIMIZERS``; learning rates = preset (or ``role_lr``, absolute)
+    x lr_scale x role scale. ``rules`` (per role) replace the optimizer's rules for those roles;
+    ``roles`` / ``layouts`` are the planner's overrides (recipes set all four)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    preset_name, rules = OPTIMIZERS[name]
+    preset_name, base_rules = OPTIMIZERS[name]
+    merged = {**base_rules, **(rules or {})}
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
-    plan = equiopt.plan(model, preset_name, rules=rules or None, lr_scale=scale)
+    plan = equiopt.plan(model, preset_name, rules=merged or None, lr=role_lr or None, lr_scale=scale,
+                        roles=roles or None, layouts=layouts or None)
     return equiopt.build(plan), plan
 
 
@@ -122,6 +133,40 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
             return 1.0
         return 1.0 - (1 - cfg.min_lr_ratio) * (t - decay_start) / (1 - decay_start)
     return f
+
+
+def schedule_lambda(cfg: TrainConfig, spec: str) -> Callable[[int], float]:
+    """The multiplier curve of one schedule spec (see ``config.ROLE_SCHEDULE_KINDS``)."""
+    kind, arg = parse_schedule(spec)
+    n = cfg.steps
+    if kind == "stable_decay":  # the paper's matrix roles: 1, then (1 - s/N) / F over the last F of the run
+        frac = float(arg)  # type: ignore[arg-type]
+
+        def stable_decay(step: int) -> float:
+            left = max(1.0 - step / n, 1e-12)
+            return 1.0 if left >= frac else left / frac
+        return stable_decay
+    if kind == "warmup_cosine":  # the paper's AdamW roles: s / W, then cosine from 1 to 0
+        warm = int(arg)  # type: ignore[arg-type]
+
+        def warmup_cosine(step: int) -> float:
+            if step < warm:
+                return step / max(1, warm)
+            t = (step - warm) / max(1, n - warm)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * t)))
+        return warmup_cosine
+    return lr_lambda(dataclasses.replace(cfg, schedule=kind))
+
+
+def role_lr_lambdas(cfg: TrainConfig, groups: list[dict]) -> list[Callable[[int], float]]:
+    """One multiplier curve per param_group, chosen by its role from ``cfg.role_schedule``
+    (``"*"`` for roles not named; without either, the global ``cfg.schedule``)."""
+    table = cfg.role_schedule
+    out = []
+    for g in groups:
+        spec = table.get(g.get("role", ""), table.get(ROLE_SCHEDULE_DEFAULT))
+        out.append(lr_lambda(cfg) if spec is None else schedule_lambda(cfg, spec))
+    return out
 
 
 # ----------------------------------------------------------------------------- routers
@@ -410,6 +455,7 @@ class Trainer:
         self.window, self.loss_spikes, self.gnorm_spikes = _Window(), M.SpikeDetector(), M.SpikeDetector(rel=4.0)
         self.last: dict | None = None
         self.saved_at: int | None = None  # step of the checkpoint this process wrote last
+        self.events: EventLog | None = None  # the TensorBoard log (rank 0), opened by open_events
 
     def _build_data(self, prep: D.Prepared) -> None:
         cfg = self.cfg
@@ -429,9 +475,15 @@ class Trainer:
             # MoE: an expert no token of this rank's slice reached has no gradient on this rank
             model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=self.mcfg.is_moe)
         self.model, self.inner = model, Dd.unwrap(model)  # inner: the model itself (config, names)
-        self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
+        self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale, rules=cfg.rules,
+                                             role_lr=cfg.role_lr, roles=cfg.roles, layouts=cfg.layouts)
         self.lr = lr_lambda(cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr)
+        if cfg.role_schedule:  # one curve per param_group (by role); else today's single schedule
+            self.lr_fns = role_lr_lambdas(cfg, self.opt.param_groups)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fns)
+        else:
+            self.lr_fns = [self.lr] * len(self.opt.param_groups)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr)
         top_k = int(getattr(self.inner.config, "num_experts_per_tok", 0) or 0)
         self.probe = RouterProbe(self.inner, self.plan, top_k)
         self.eval_model = self.inner if cfg.dist == "ddp" else model  # FSDP2: forwards through the sharded root
@@ -580,11 +632,32 @@ class Trainer:
             "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
             "tokens_per_s": w.tokens / w.train_time,
             "opt_step_s": w.opt_time / w.steps,
+            "lr": self.role_lrs(done - 1),
         }
         if self.rank0:
             self.run.append_metrics(rec)
+            if self.events is not None:
+                self.events.write(rec)
         self.last, self.window = rec, _Window()
         return ev["val_loss"]
+
+    def role_lrs(self, step: int) -> dict[str, float]:
+        """The learning rate of each role at ``step`` (base LR x its group's multiplier)."""
+        out: dict[str, float] = {}
+        for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.lr_fns):
+            out.setdefault(str(g.get("role", "group")), float(base) * fn(step))
+        return out
+
+    def open_events(self, start: int) -> None:
+        """TensorBoard event files beside metrics.jsonl (rank 0); a resumed run drops the
+        events after its checkpoint (``purge_step``), as it truncates metrics.jsonl."""
+        if self.rank0 and self.cfg.tensorboard:
+            self.events = self.run.event_log(start, self.log)
+
+    def close_events(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
     # ------------------------------------------------------------------ the run
 
@@ -703,5 +776,7 @@ def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: b
         else:
             trainer.start()
             start = 0
+        trainer.open_events(start)
+        stack.callback(trainer.close_events)
         with _StopSignals(enabled=info is None) as signals:
             return trainer.fit(start, stop_after, progress, signals)

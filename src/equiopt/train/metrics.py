@@ -232,3 +232,16 @@ class SpikeDetector:
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, list(v) if k == "steps" else v)
+
+
+def scalars(rec: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics record as flat ``{tag: value}`` ("logits/max_abs", "lr/embedding",
+    "routing_layers/<module>/load_cv"); None, strings, lists and booleans are left out."""
+    out: dict[str, float] = {}
+    for k, v in rec.items():
+        tag = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(scalars(v, tag + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            out[tag] = float(v)
+    return out

@@ -53,6 +53,7 @@ class ModelConfig:
     top_k: int = 0
     aux_loss: bool = False  # add router_aux_loss_coef * load-balancing loss to the training loss
     aux_loss_coef: float = 0.01
+    rope_theta: float | None = None  # None = the family's default (HF config; gpt-oss: 150000)
     initializer_range: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)  # passed verbatim to the HF config
 
@@ -80,6 +81,9 @@ class ModelConfig:
                 )
         elif self.num_experts or self.top_k or self.aux_loss:
             raise ValueError(f"{self.arch} is a dense family: experts, top_k and aux_loss do not apply")
+        if self.rope_theta is not None and (self.arch == "gemma3" or not self.rope_theta > 0):
+            raise ValueError(f"rope_theta={self.rope_theta}: must be > 0, and is not supported on gemma3 (its rope "
+                             "parameters are per layer type)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -242,8 +246,9 @@ def hf_config(cfg: ModelConfig):
         eos_token_id=None,
     )
     c: tf.PreTrainedConfig
+    rope = {} if cfg.rope_theta is None else {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
     if cfg.arch == "qwen3":
-        c = tf.Qwen3Config(**common, head_dim=cfg.head_dim, hidden_act="silu", **cfg.extra)
+        c = tf.Qwen3Config(**common, head_dim=cfg.head_dim, hidden_act="silu", **{**rope, **cfg.extra})
     elif cfg.arch == "gemma3":
         c = tf.Gemma3TextConfig(
             **common,
@@ -262,7 +267,7 @@ def hf_config(cfg: ModelConfig):
             num_experts_per_tok=cfg.top_k,
             output_router_logits=cfg.aux_loss,
             router_aux_loss_coef=cfg.aux_loss_coef,
-            **cfg.extra,
+            **{**rope, **cfg.extra},
         )
     else:
         c = tf.GptOssConfig(
@@ -276,7 +281,7 @@ def hf_config(cfg: ModelConfig):
             sliding_window=cfg.sliding_window or cfg.max_seq_len,
             # plain RoPE: gpt-oss's YaRN (factor 32 over 4096) is a long-context extension, not
             # part of pre-training at these sequence lengths
-            **{"rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}, **cfg.extra},
+            **{"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta or 150000.0}, **cfg.extra},
         )
     return c
 

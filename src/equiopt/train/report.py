@@ -73,7 +73,7 @@ def collect(run_dirs: list[Path]) -> list[dict]:
             {
                 "dir": str(d),
                 "arch": cfg["arch"],
-                "optimizer": cfg["optimizer"],
+                "optimizer": cfg.get("variant") or cfg["optimizer"],  # a recipe's variant name, if any
                 "seed": cfg["seed"],
                 "lr_scale": cfg["lr_scale"],
                 "role_lr_scale": cfg.get("role_lr_scale", {}),
@@ -98,8 +98,9 @@ def _welch(a: list[float], b: list[float]) -> float | None:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def summarize(runs: list[dict]) -> dict:
-    """{arch: {optimizer: {"n", "diverged", "lr_scale", metric: {"mean","std","n","values","p_vs_paper"}}}}."""
+def summarize(runs: list[dict], reference: str = REFERENCE) -> dict:
+    """{arch: {optimizer: {"n", "diverged", "lr_scale", metric: {"mean","std","n","values","p_vs_paper"}}}};
+    ``p_vs_paper`` is the Welch p against ``reference`` (the paper stack, or a recipe's baseline variant)."""
     out: dict = {}
     for r in runs:
         cell = out.setdefault(r["arch"], {}).setdefault(
@@ -116,7 +117,7 @@ def summarize(runs: list[dict]) -> dict:
             if v is not None:
                 cell.setdefault(name, {"values": []})["values"].append(float(v))
     for cells in out.values():
-        ref = cells.get(REFERENCE, {})
+        ref = cells.get(reference, {})
         for opt, cell in cells.items():
             for name, _, _ in KEY_METRICS:
                 if name not in cell:
@@ -126,7 +127,7 @@ def summarize(runs: list[dict]) -> dict:
                 cell[name]["mean"] = float(np.mean(vals))
                 cell[name]["std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
                 cell[name]["p_vs_paper"] = (
-                    None if opt == REFERENCE or name not in ref else _welch(ref[name]["values"], vals)
+                    None if opt == reference or name not in ref else _welch(ref[name]["values"], vals)
                 )
     return out
 
@@ -143,13 +144,13 @@ def _fmt_p(p) -> str:
     return "-" if p is None else (f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}")
 
 
-def table_markdown(summary: dict) -> str:
+def table_markdown(summary: dict, reference: str = REFERENCE) -> str:
     lines = []
     for arch, cells in summary.items():
         moe = any("router_load_cv" in c for c in cells.values())
         cols = [c for c in TABLE_COLUMNS if moe or not c.startswith("router_")]
         lines.append(f"### {arch}\n")
-        head = ["optimizer", "lr_scale", "n", *cols, "p (val_loss, paper vs this)"]
+        head = ["optimizer", "lr_scale", "n", *cols, f"p (val_loss, {reference} vs this)"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         order = sorted(cells, key=lambda o: cells[o]["val_loss"]["mean"] if "val_loss" in cells[o] else math.inf)
@@ -163,7 +164,7 @@ def table_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def ordering(summary: dict) -> list[str]:
+def ordering(summary: dict, reference: str = REFERENCE) -> list[str]:
     """Per architecture: optimizers by mean final validation loss, best first, with p-values."""
     out = []
     for arch, cells in summary.items():
@@ -174,8 +175,8 @@ def ordering(summary: dict) -> list[str]:
         for o in order:
             p = ok[o]["val_loss"].get("p_vs_paper")
             if p is not None:
-                d = ok[o]["val_loss"]["mean"] - ok[REFERENCE]["val_loss"]["mean"] if REFERENCE in ok else float("nan")
-                sig.append(f"paper vs {o}: Δ={-d:+.3f} nats (paper minus {o}), p={_fmt_p(p)}")
+                d = ok[o]["val_loss"]["mean"] - ok[reference]["val_loss"]["mean"] if reference in ok else float("nan")
+                sig.append(f"{reference} vs {o}: Δ={-d:+.3f} nats ({reference} minus {o}), p={_fmt_p(p)}")
         out.append(f"- **{arch}**: " + " < ".join(parts) + ("  \n  " + "; ".join(sig) if sig else ""))
     return out
 
@@ -288,25 +289,34 @@ def write_report(
     title: str = "equiopt comparison",
     command: str | None = None,
     notes: list[str] | None = None,
+    reference: str = REFERENCE,
+    contrasts: list[tuple[str, str]] | None = None,
 ) -> dict:
+    """summary.md/csv/json and plots; ``reference``: the row every p-value is against;
+    ``contrasts``: extra (a, b) pairs reported with their difference and Welch p (a recipe's
+    block-wise comparisons)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(run_dirs)
     if not runs:
         raise RuntimeError(f"no finished runs under {out}")
-    summary = summarize(runs)
-    table = table_markdown(summary)
+    summary = summarize(runs, reference)
+    table = table_markdown(summary, reference)
     md = [f"# {title}\n"]
     if command:
         md.append(f"Command: `{command}`\n")
     md.append(
         "Final evaluation of each run; mean ± sample std over seeds; p = Welch t-test "
-        "(scipy.stats.ttest_ind, equal_var=False) of the paper stack's final validation loss "
-        "against each row. Lower validation loss is better. Metric definitions: "
+        f"(scipy.stats.ttest_ind, equal_var=False) of {'the paper stack' if reference == REFERENCE else reference}'s "
+        "final validation loss against each row. Lower validation loss is better. Metric definitions: "
         "design note section 4 / `equiopt.train.metrics`.\n"
     )
     md.append(table)
     md.append("## Ordering by mean final validation loss (best first)\n")
-    md += ordering(summary)
+    md += ordering(summary, reference)
+    pairs = contrast_table(summary, contrasts or [])
+    if pairs:
+        md.append("\n## Block-wise contrasts (final validation loss)\n")
+        md += pairs
     diverged = [r for r in runs if r["status"] != "done"]
     if diverged:
         md.append("\n## Diverged runs\n")
@@ -330,4 +340,21 @@ def write_report(
         + "\n"
     )
     plot(runs, summary, out)
-    return {"summary": summary, "table": table, "ordering": ordering(summary)}
+    return {"summary": summary, "table": table, "ordering": ordering(summary, reference),
+            "contrasts": pairs}
+
+
+def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]:
+    """Markdown rows: a, b, mean(a) - mean(b), Welch p, per architecture (pairs with a missing side are skipped)."""
+    rows: list[str] = []
+    for arch, cells in summary.items():
+        for a, b in contrasts:
+            ca, cb = cells.get(a, {}).get("val_loss"), cells.get(b, {}).get("val_loss")
+            if ca is None or cb is None:
+                continue
+            if not rows:
+                rows += ["| arch | a | b | a - b (nats) | p (Welch) | n (a, b) |", "|---|---|---|---|---|---|"]
+            p = _welch(ca["values"], cb["values"])
+            rows.append(f"| {arch} | {a} | {b} | {ca['mean'] - cb['mean']:+.4f} | {_fmt_p(p)} | "
+                        f"{ca['n']}, {cb['n']} |")
+    return rows

@@ -12,6 +12,8 @@ A run directory (``--out``) holds one run::
                     full config and the git revision (multi-process runs: ``checkpoint/``,
                     a torch.distributed.checkpoint directory)
     final.json      status ("done" | "diverged") and the last evaluation
+    tb/             TensorBoard event files: every scalar of every metrics.jsonl record (loss, lr per
+                    role, logit and routing metrics), tag = its path in the record ("logits/max_abs")
 
 Every file but ``metrics.jsonl`` is written to a temporary ``NAME.*.tmp`` next to it and
 renamed over it (atomic); a failed write removes its temporary file and leaves the previous
@@ -44,6 +46,8 @@ from typing import Any
 
 import torch
 
+from .metrics import scalars
+
 LOCK = ".lock"
 CONFIG, ENV, PLAN, METRICS, FINAL, CKPT = (
     "config.json",
@@ -55,7 +59,8 @@ CONFIG, ENV, PLAN, METRICS, FINAL, CKPT = (
 )
 DIST_CKPT = "checkpoint"  # multi-process runs: a torch.distributed.checkpoint directory
 RUN_FILES = (CONFIG, ENV, PLAN, METRICS, CKPT, FINAL, LOCK)
-RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old")
+TB_DIR = "tb"  # TensorBoard event files
+RUN_DIRS = (DIST_CKPT, DIST_CKPT + ".old", TB_DIR)
 CKPT_KEYS = ("step", "model", "optimizer", "rng", "config")
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) ...
 os.umask(_UMASK)  # ... and restored: files get the permissions open() would give them
@@ -190,6 +195,31 @@ def _holder_text(raw: str) -> str:
         return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
     except (ValueError, KeyError, TypeError):
         return "an unknown process" if not raw.strip() else raw.strip()[:200]
+
+
+class EventLog:
+    """TensorBoard event files of one run (``torch.utils.tensorboard.SummaryWriter`` on ``OUT/tb``):
+    each metrics record's numbers as scalars at its step (see :func:`metrics.scalars`)."""
+
+    def __init__(self, path: Path, purge_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (train extra)
+
+        self.path = path
+        # purge_step: on resume, TensorBoard drops the events a previous invocation logged at or
+        # after the checkpoint's step (the same records metrics.jsonl loses when it is trimmed)
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=purge_step)
+
+    def write(self, rec: dict) -> None:
+        step = int(rec["step"])
+        try:
+            for tag, value in scalars(rec).items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        except OSError as e:
+            raise io_error(self.path, "write the TensorBoard events", e) from e
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class RunDir:
@@ -334,6 +364,16 @@ class RunDir:
 
     def read_metrics(self, log: Callable[[str], None] | None = None) -> list[dict]:
         return read_metrics(self.path, on_partial=log)
+
+    def event_log(self, start: int, log: Callable[[str], None]) -> EventLog | None:
+        """The run's TensorBoard log (None, logged once, when tensorboard is not installed)."""
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            log("[run] tensorboard is not installed (pip install 'equiopt[train]'): no event files; "
+                "metrics.jsonl has every record")
+            return None
+        return EventLog(self.path / TB_DIR, purge_step=start)
 
     def trim_metrics(self, step: int, log: Callable[[str], None]) -> None:
         """Keep the records up to ``step`` (those after a checkpoint are recomputed on resume);
