@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import equiopt
 
+from .. import ddc
 from .. import distributed as Dd
 from . import data as D
 from . import metrics as M
@@ -99,6 +100,12 @@ def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     preset_name, rules = OPTIMIZERS[name]
+    if preset_name in equiopt.DDC_PRESETS:  # roles for the harness (router probe); DDC finds the gauges
+        if role_lr_scale:
+            raise ValueError(f"{name}: per-role learning rates do not apply (DDC groups are gauge kinds)")
+        plan = equiopt.plan(model, "adamw")
+        opt = ddc.ddc_optimizer(plan, equiopt.DDC_PRESETS[preset_name], model=Dd.unwrap(model), lr_scale=lr_scale)
+        return opt, plan
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
     plan = equiopt.plan(model, preset_name, rules=rules or None, lr_scale=scale)
     return equiopt.build(plan), plan
@@ -460,7 +467,8 @@ class Trainer:
                                     "parameters": sum(e.param.numel() for e in plan.entries),
                                     "world_size": self.world, "dist": self.cfg.dist,
                                     "backend": None if self.info is None else self.info.backend})
-        run.write_text(PLAN, str(plan) + "\n")
+        # DDC: every parameter with its gauge(s) or "none: base rule" and why, instead of the plan
+        run.write_text(PLAN, (ddc.describe(self.opt) if isinstance(self.opt, ddc.DDCOptimizer) else str(plan)) + "\n")
 
     def resume(self, state: dict) -> int:
         """Load a checkpoint (``state``: the single-process checkpoint, or a multi-process run's

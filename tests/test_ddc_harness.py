@@ -1,0 +1,116 @@
+"""DDC in the training harness: every family trains with ddc_adam / ddc_muon, exact resume,
+the gauge table in plan.txt, configuration errors, the orbit-drift metrics in metrics.jsonl."""
+import math
+import random
+
+import pytest
+import torch
+
+from equiopt.train import data as D
+from equiopt.train import loop as L
+from equiopt.train.config import SweepOptions
+from equiopt.train.models import ARCHS
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+TIMING = ("tokens_per_s", "opt_step_s")
+QUIET = dict(progress=False, log=lambda m: None)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _text(seed, n):
+    rng = random.Random(seed)
+    words = ("the king and queen of a land far away did speak to all their men at night "
+             "while wind and rain fell on every field and hill").split()
+    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "a.txt").write_text(_text(0, 1500))
+    (root / "b.txt").write_text(_text(1, 1500))
+    data = D.DataConfig(source=str(root), vocab_size=320, cache=str(tmp_path_factory.mktemp("cache")))
+    return data, D.prepare(data, log=lambda m: None)
+
+
+def _cfg(corpus, tmp_path, **kw):
+    data, _ = corpus
+    model = dict(TINY)
+    if kw.get("arch") in ("olmoe", "gptoss"):
+        model.update(num_experts=4, top_k=2)
+    base = dict(steps=8, batch_size=4, seq_len=32, eval_every=4, eval_tokens=256, ckpt_every=4, warmup=2,
+                model=model, data=data, out=str(tmp_path / "run"))
+    base.update(kw)
+    return L.TrainConfig(**base)
+
+
+def _strip(recs):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+@pytest.mark.parametrize("opt", ["ddc_adam", "ddc_muon"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_trains(arch, opt, corpus, tmp_path):
+    cfg = _cfg(corpus, tmp_path, arch=arch, optimizer=opt)
+    final = L.train(cfg, prepared=corpus[1], **QUIET)
+    recs = L.read_metrics(cfg.out)
+    assert final["status"] == "done" and [r["step"] for r in recs] == [4, 8]
+    assert recs[-1]["val_loss"] < recs[0]["val_loss"] < math.log(320) + 0.2, [r["val_loss"] for r in recs]
+    assert recs[0]["train_loss"] > recs[-1]["train_loss"]
+    table = (tmp_path / "run" / "plan.txt").read_text()
+    assert "gauges" in table and "none: base rule" in table and "role" in table
+    if arch != "gemma3":  # gemma3's head is tied: no logit shift
+        assert "logit_shift (rows)" in table
+    if arch in ("qwen3", "gemma3"):
+        assert "neuron_rescale:model.layers.0.mlp (rows)" in table
+    else:
+        assert "stacked / fused experts" in table
+    if arch in ("olmoe", "gptoss"):
+        assert "router_shift (rows)" in table
+
+
+@pytest.mark.parametrize("arch,opt", [("qwen3", "ddc_adam"), ("olmoe", "ddc_muon"), ("gemma3", "ddc_muon")])
+def test_resume_after_kill_is_bit_identical(arch, opt, corpus, tmp_path):
+    kw = dict(arch=arch, optimizer=opt, steps=8, eval_every=2, ckpt_every=3)
+    ref = _cfg(corpus, tmp_path / "ref", **kw)
+    L.train(ref, prepared=corpus[1], **QUIET)
+    cut = _cfg(corpus, tmp_path / "cut", **kw)
+    assert L.train(cut, prepared=corpus[1], stop_after=5, **QUIET)["status"] == "stopped"
+    L.train(cut, resume=True, prepared=corpus[1], **QUIET)
+    a, b = L.read_metrics(ref.out), L.read_metrics(cut.out)
+    assert [r["step"] for r in b] == [2, 4, 6, 8]
+    assert _strip(a) == _strip(b)
+    ca = torch.load(tmp_path / "ref" / "run" / "checkpoint.pt", weights_only=False)
+    cb = torch.load(tmp_path / "cut" / "run" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i])
+
+
+def test_config_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="fsdp2"):
+        _cfg(corpus, tmp_path, optimizer="ddc_adam", dist="fsdp2")
+    with pytest.raises(ValueError, match="role_lr_scale"):
+        _cfg(corpus, tmp_path, optimizer="ddc_muon", role_lr_scale={"embedding": 2.0})
+    with pytest.raises(ValueError, match="role-grid"):
+        SweepOptions(optimizers=["adamw", "ddc_adam"], role_grid=[("embedding", [0.5, 2.0])])
+    SweepOptions(optimizers=["adamw", "ddc_adam", "ddc_muon"])  # in grids
+
+
+def test_lr_scale_reaches_every_group():
+    from equiopt.ddc import ADAM_LR, MUON_LR
+    from equiopt.train.models import build_model, preset
+
+    mc = preset("qwen3")
+    mc.vocab_size = 300
+    model = build_model(mc)
+    opt, plan = L.make_optimizer(model, "ddc_muon", lr_scale=2.0)
+    lrs = {(g["ddc"], g["rule"]): g["lr"] for g in opt.param_groups}
+    assert lrs[("rescale", "muon")] == pytest.approx(2 * MUON_LR) and lrs[("none", "muon")] == pytest.approx(2 * MUON_LR)
+    assert lrs[("shift", "adam")] == pytest.approx(2 * ADAM_LR)
+    opt, _ = L.make_optimizer(model, "ddc_adam", lr_scale=0.5)
+    assert all(g["lr"] == pytest.approx(0.5 * ADAM_LR) for g in opt.param_groups)
