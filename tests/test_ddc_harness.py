@@ -114,3 +114,76 @@ def test_lr_scale_reaches_every_group():
     assert lrs[("shift", "adam")] == pytest.approx(2 * ADAM_LR)
     opt, _ = L.make_optimizer(model, "ddc_adam", lr_scale=0.5)
     assert all(g["lr"] == pytest.approx(0.5 * ADAM_LR) for g in opt.param_groups)
+
+
+# ----------------------------------------------------------------------------------------
+# gauge orbit drift (equiopt.diagnostics.GaugeDrift): hand-computed values
+# ----------------------------------------------------------------------------------------
+def test_gauge_drift_rescale_and_shift_hand_computed():
+    import equiopt
+    from equiopt.diagnostics import GaugeDrift
+    from test_ddc import relu_lm
+
+    m = relu_lm()
+    drift = GaugeDrift(m, equiopt.plan(m, "adamw"))
+    assert drift.record()["balance_max"] == 0.0 and drift.record()["head_mean_row_change"] == 0.0
+    s = torch.linspace(0.5, 3.0, 24, dtype=torch.float64)  # neuron i of block 0 scaled by s_i
+    c = torch.arange(16, dtype=torch.float64) / 10  # every head row shifted by c
+    c0 = m.lm_head.weight.detach().mean(0).clone()
+    with torch.no_grad():
+        b = m.blocks[0]
+        b.fc1.weight.mul_(s[:, None])
+        b.fc1.bias.mul_(s)
+        b.fc2.weight.div_(s[None, :])
+        m.lm_head.weight.add_(c[None, :])
+    r = drift.record()
+    # log||s W1_i|| - log||W2_i / s|| moves by 2 log s_i; the biases are left out of the norms
+    assert r["balance_mean/blocks.0"] == pytest.approx(float((2 * s.log()).abs().mean()), rel=1e-6)  # float32 norms
+    assert r["balance_max/blocks.0"] == pytest.approx(2 * math.log(3.0), rel=1e-6)
+    assert r["balance_mean/blocks.1"] == 0.0
+    assert r["balance_mean"] == pytest.approx(r["balance_mean/blocks.0"] / 2, rel=1e-6)
+    assert r["head_mean_row_change"] == pytest.approx(float(c.norm()), rel=1e-12)
+    assert r["head_mean_row"] == pytest.approx(float((c0 + c).norm()), rel=1e-12)
+
+
+def test_gauge_drift_vo_rotation_angle_hand_computed():
+    """A rotation by alpha in one plane of kv head 0 (V_0 -> R V_0, O_q -> O_q R^T for the
+    query heads reading it): Q = R, eigenvalues e^{+-i alpha} and hd - 2 ones, so the RMS
+    angle is alpha sqrt(2 / hd); the other layer reads 0."""
+    import equiopt
+    from equiopt.diagnostics import GaugeDrift, rotation_angle
+    from equiopt.train.models import ModelConfig, build_model
+
+    mc = ModelConfig("qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8)
+    m = build_model(mc).double()
+    drift = GaugeDrift(m, equiopt.plan(m, "adamw"))
+    alpha, hd = 0.3, 8
+    R = torch.eye(hd, dtype=torch.float64)
+    R[:2, :2] = torch.tensor([[math.cos(alpha), -math.sin(alpha)], [math.sin(alpha), math.cos(alpha)]])
+    att = m.model.layers[0].self_attn
+    with torch.no_grad():
+        att.v_proj.weight[:hd] = R @ att.v_proj.weight[:hd]
+        for q in (0, 1):  # GQA 4/2: query heads 0 and 1 read kv head 0
+            att.o_proj.weight[:, q * hd:(q + 1) * hd] = att.o_proj.weight[:, q * hd:(q + 1) * hd] @ R.T
+    r = drift.record()
+    # kv head 0: alpha sqrt(2/8); kv head 1: 0; the layer's value is the mean over kv heads
+    assert r["vo_angle/model.layers.0.self_attn"] == pytest.approx(alpha * math.sqrt(2 / hd) / 2, rel=1e-6)
+    assert r["vo_angle/model.layers.1.self_attn"] == pytest.approx(0.0, abs=1e-6)
+    assert r["vo_angle_max"] == pytest.approx(alpha * math.sqrt(2 / hd) / 2, rel=1e-6)
+    assert float(rotation_angle(-torch.eye(2))) == pytest.approx(math.pi)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "muon", "paper", "ddc_adam", "ddc_muon"])
+def test_gauge_drift_logged_for_every_optimizer(opt, corpus, tmp_path):
+    cfg = _cfg(corpus, tmp_path, arch="olmoe", optimizer=opt, steps=6, eval_every=3)
+    L.train(cfg, prepared=corpus[1], **QUIET)
+    g = L.read_metrics(cfg.out)[-1]["gauge"]
+    for k in ("balance_mean", "balance_max", "head_mean_row", "head_mean_row_change", "router_mean_row",
+              "router_mean_row_change", "vo_angle", "vo_angle_max"):
+        assert math.isfinite(g[k]), k
+    assert "balance_mean/model.layers.1.mlp.experts" in g and "vo_angle/model.layers.0.self_attn" in g
+    if opt in ("adamw", "muon"):  # AdamW on head and router moves their mean rows
+        assert g["head_mean_row_change"] > 1e-4 and g["router_mean_row_change"] > 1e-4
+    else:  # DDC's translation gauges and paper's centered maps keep the vocabulary / expert means
+        assert g["head_mean_row_change"] < 1e-6 and g["router_mean_row_change"] < 1e-6

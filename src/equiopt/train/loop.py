@@ -437,6 +437,9 @@ class Trainer:
             model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=self.mcfg.is_moe)
         self.model, self.inner = model, Dd.unwrap(model)  # inner: the model itself (config, names)
         self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale)
+        # orbit drift of every gauge since init, logged under "gauge" for every optimizer (the
+        # model is freshly built from the seed here, also when the run resumes)
+        self.drift = equiopt.diagnostics.GaugeDrift(self.inner, self.plan)
         self.lr = lr_lambda(cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr)
         top_k = int(getattr(self.inner.config, "num_experts_per_tok", 0) or 0)
@@ -586,6 +589,7 @@ class Trainer:
             "loss_spikes": self.loss_spikes.spikes, "grad_norm_spikes": self.gnorm_spikes.spikes,
             "lr_factor": self.lr(done - 1),
             "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
+            "gauge": self.drift.record(),
             "tokens_per_s": w.tokens / w.train_time,
             "opt_step_s": w.opt_time / w.steps,
         }
