@@ -523,3 +523,59 @@ def test_router_shift_gauge_on_qwen3_moe():
     assert max(rel_err(T(x), y) for x, y in zip(ta, tb)) < 1e-5
     w = dict(a.named_parameters())[name].detach()
     assert torch.allclose(w.mean(0), ta[0][name].mean(0), atol=1e-14)  # the expert mean does not move
+
+
+# ----------------------------------------------------------------------------------------
+# bf16 parameters: fp32 state, the parameters keep their dtype
+# ----------------------------------------------------------------------------------------
+def _bf16_pair(base):
+    """(bf16 model + DDC, fp32 model + DDC) from the same bf16-representable weights."""
+    torch.manual_seed(0)
+    m16 = TinyLM().to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    return (m16, ddc_optimizer(m16, base, lr=1e-2)), (m32, ddc_optimizer(m32, base, lr=1e-2))
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_bf16_params_fp32_state(base, tmp_path):
+    """With the same gradients, a bf16 model's step equals the fp32 step on the same values
+    rounded to bf16 (the working copy is fp32, state is fp32); state_dict round trip through
+    the harness checkpoint writer continues bit for bit."""
+    from equiopt.train.rundir import save_checkpoint
+
+    (m16, o16), (m32, o32) = _bf16_pair(base)
+    assert {g.kind for g in o16.gauges} == {"rescale", "shift"}
+    g = torch.Generator().manual_seed(7)
+
+    def step(grads):
+        for (p16, p32, gr) in zip(m16.parameters(), m32.parameters(), grads):
+            p16.grad, p32.grad = gr.to(torch.bfloat16), gr.to(torch.bfloat16).float()
+        o16.step()
+        o32.step()
+        with torch.no_grad():
+            for p in m32.parameters():
+                p.copy_(p.to(torch.bfloat16).float())  # the reference rounds like the bf16 model
+
+    def grads():
+        return [torch.randn(p.shape, generator=g) * 0.1 for p in m16.parameters()]
+
+    for _ in range(3):
+        step(grads())
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32)
+    for st in o16.state.values():
+        for k, t in st.items():
+            assert t.dtype == torch.float32, k
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": m16.state_dict(), "optimizer": o16.state_dict()})
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    m2 = copy.deepcopy(m16)
+    m2.load_state_dict(ck["model"])
+    o2 = ddc_optimizer(m2, base, lr=1e-2)
+    o2.load_state_dict(ck["optimizer"])
+    gs = grads()
+    for p, q, gr in zip(m16.parameters(), m2.parameters(), gs):
+        p.grad, q.grad = gr.to(torch.bfloat16), gr.to(torch.bfloat16)
+    o16.step()
+    o2.step()
+    for p, q in zip(m16.parameters(), m2.parameters()):
+        assert torch.equal(p, q)

@@ -2,6 +2,7 @@
 the gauge table in plan.txt, configuration errors, the orbit-drift metrics in metrics.jsonl."""
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -187,3 +188,32 @@ def test_gauge_drift_logged_for_every_optimizer(opt, corpus, tmp_path):
         assert g["head_mean_row_change"] > 1e-4 and g["router_mean_row_change"] > 1e-4
     else:  # DDC's translation gauges and paper's centered maps keep the vocabulary / expert means
         assert g["head_mean_row_change"] < 1e-6 and g["router_mean_row_change"] < 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# torch.distributed: DDP parity, FSDP2 refused (tests/dist_ddc_worker.py, 2 gloo processes)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.dist
+def test_ddp_matches_one_process_and_fsdp2_is_refused(tmp_path):
+    import os
+    from pathlib import Path
+
+    import dist_ddc_worker as W
+    from launch import torchrun
+
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "dist"
+    out.mkdir()
+    torchrun(2, [str(here / "dist_ddc_worker.py"), str(out)], label="ddc ddp",
+             timeout=float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 240)), pythonpath=(str(here),))
+    assert (out / "done").exists()
+    for arch, base in W.CASES:
+        got, ref = torch.load(out / f"ddp_{arch}_{base}.pt"), W.reference_run(arch, base)
+        assert got.keys() == ref.keys()
+        num = sum(float((got[k] - ref[k]).pow(2).sum()) for k in ref)
+        den = sum(float(ref[k].pow(2).sum()) for k in ref)
+        # float32: the all-reduced mean of two half-batch gradients vs the full-batch gradient
+        assert math.sqrt(num / den) < 1e-5, (arch, base, math.sqrt(num / den))
+        print(f"ddp {arch} {base}: relative parameter difference {math.sqrt(num / den):.1e}")
+    msg = (out / "fsdp2.txt").read_text()
+    assert "FSDP2 is not supported by DDC yet" in msg and re.search(r"parameter '[\w.]+weight'", msg), msg

@@ -413,6 +413,19 @@ class DDCOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
         self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
+        parameter stays float32 (torch casts floating state to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _FULL or i not in state_dict["state"]:
+                continue
+            for k, v in state_dict["state"][i].items():
+                if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
+
     def state_modes(self) -> int:
         """Scalars of DDC state beyond the base rule's (two per rescale mode)."""
         return sum(2 * g.modes for g in self.gauges if g.kind == "rescale")
