@@ -62,13 +62,14 @@ __all__ = [
     "balance",
     "derive_gauges",
     "ddc_optimizer",
+    "configure",
     "describe",
     "gauge_table",
     "probe_rescale",
 ]
 
-ADAM_LR = 3e-3
-MUON_LR = 2e-2
+ADAM_LR = 6e-3  # harness LR scan (docs/ddc.md "Default learning rates"): lr_scale 2 of 3e-3
+MUON_LR = 4e-2  # the same scan: lr_scale 2 of 2e-2 (AdamW parts of DDC-Muon: ADAM_LR)
 ADAM_MATRIX_WD = 0.1
 MUON_MATRIX_WD = 1e-3
 PROBE_TOL = 1e-9
@@ -412,6 +413,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             if len(groups) != 1 or grp is None or grp["ddc"] != gauge.kind:
                 raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
         self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
+        self.batched = True  # configure(opt, batched=False): the reference path
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
@@ -606,10 +608,10 @@ def ddc_optimizer(
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
     rescale probe).
 
-    ``base="adam"``: ``lr`` (default 3e-3) for every group; ``weight_decay`` (default 0.1) on
+    ``base="adam"``: ``lr`` (default 6e-3) for every group; ``weight_decay`` (default 0.1) on
     rescale gauges and other 2-D+ weights; 0 on vectors and translation gauges.
-    ``base="muon"``: ``lr`` (default 2e-2) and ``weight_decay`` (default 1e-3) for rescale
-    gauges and Muon matrices; ``adam_lr`` (default 3e-3) and ``adam_weight_decay`` (0.1) for
+    ``base="muon"``: ``lr`` (default 4e-2) and ``weight_decay`` (default 1e-3) for rescale
+    gauges and Muon matrices; ``adam_lr`` (default 6e-3) and ``adam_weight_decay`` (0.1) for
     AdamW on embeddings (and other non-Muon 2-D weights); vectors and translation gauges 0.
     ``gauges``: the gauge kinds to claim. ``lr_scale`` multiplies ``lr`` and ``adam_lr``
     (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
@@ -740,6 +742,15 @@ def _format(rows: list[tuple[str, ...]], footer: str) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(footer)
     return "\n".join(lines)
+
+
+def configure(opt: DDCOptimizer, *, batched: bool | None = None) -> DDCOptimizer:
+    """Execution options: ``batched`` (default True) runs equal-shape gauges, Muon matrices
+    and AdamW tensors as stacked / multi-tensor kernels; False is the per-gauge, per-parameter
+    reference path (``_rescale_step``, ``_adam_step``, ``_muon_step``)."""
+    if batched is not None:
+        opt.batched = bool(batched)
+    return opt
 
 
 def describe(opt: DDCOptimizer) -> str:
