@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import equiopt
-from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, ddc_optimizer, probe_rescale
+from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, configure, ddc_optimizer, probe_rescale
 from equiopt.groups import Factor
 
 STEPS = 10
@@ -349,7 +349,7 @@ def test_orbit_coordinate_conserved_to_second_order():
 def test_no_gauge_is_adamw_bitwise():
     m = relu_lm(act=nn.GELU(), tied=True)  # GELU: no rescale gauge; tied head: no shift
     ref = copy.deepcopy(m)
-    opt = ddc_optimizer(m, "adam", lr=1e-2)
+    opt = configure(ddc_optimizer(m, "adam", lr=1e-2), batched=False)  # the reference path: foreach=False
     assert opt.gauges == []
     mats = [p for p in ref.parameters() if p.ndim >= 2]
     vecs = [p for p in ref.parameters() if p.ndim < 2]
@@ -579,3 +579,46 @@ def test_bf16_params_fp32_state(base, tmp_path):
     o2.step()
     for p, q in zip(m16.parameters(), m2.parameters()):
         assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------------
+# the fast path (stacked gauges, multi-tensor AdamW, stacked Muon) against the reference
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["adam", "muon"])
+@pytest.mark.parametrize("kind", ["relu", "qwen3"])
+def test_fast_path_equals_reference(base, kind):
+
+
+    make = (lambda: relu_lm(L=3)) if kind == "relu" else qwen3
+    a, b = make(), make()
+    oa, ob = ddc_optimizer(a, base, lr=1e-2), configure(ddc_optimizer(b, base, lr=1e-2), batched=False)
+    assert oa.batched and not ob.batched
+    V = 32 if kind == "relu" else 64
+    for ids in batches(V, 6):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m.loss(ids).backward()
+            o.step()
+    assert rel_err(snapshot(a), snapshot(b)) < 1e-12
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+    for i in sa:
+        for k in sa[i]:
+            assert torch.allclose(sa[i][k], sb[i][k], rtol=1e-9, atol=1e-12), (i, k)
+
+
+def test_fast_path_adamw_is_torch_foreach_bitwise():
+    m = relu_lm(act=nn.GELU(), tied=True)  # no gauge: every parameter on the base rule
+    ref = copy.deepcopy(m)
+    opt = ddc_optimizer(m, "adam", lr=1e-2)
+    mats = [p for p in ref.parameters() if p.ndim >= 2]
+    vecs = [p for p in ref.parameters() if p.ndim < 2]
+    torch_opt = torch.optim.AdamW([{"params": mats, "weight_decay": 0.1}, {"params": vecs, "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    for ids in batches(32, 4):
+        for model, o in ((m, opt), (ref, torch_opt)):
+            o.zero_grad()
+            model.loss(ids).backward()
+            o.step()
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n

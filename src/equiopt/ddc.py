@@ -369,6 +369,22 @@ def _safe_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
+def _buckets(items: list, key) -> list[list]:
+    """``items`` grouped by ``key(item)``, in first-seen order."""
+    out: dict = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.values())
+
+
+def _rescale_key(g) -> tuple:
+    """Gauges that can share one stacked step; the last field says whether batching applies
+    (float32/64 parameters on one device)."""
+    ps = g.params
+    return (tuple(g.in_weight.shape), tuple(g.out_weight.shape), g.in_bias is not None, g.in_weight.dtype,
+            g.in_weight.device, all(p.dtype == g.in_weight.dtype and p.dtype in _FULL for p in ps))
+
+
 def _is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
@@ -445,21 +461,163 @@ class DDCOptimizer(torch.optim.Optimizer):
                     g = self._gauge_of[id(p)]
                     if not any(g is s for s in seen):
                         seen.append(g)
-                for gauge in seen:
-                    self._rescale_step(gauge, group)
+                if self.batched:
+                    for bucket in _buckets(seen, _rescale_key):
+                        if len(bucket) > 1 and _rescale_key(bucket[0])[-1]:
+                            self._rescale_batched(bucket, group)
+                        else:
+                            for gauge in bucket:
+                                self._rescale_step(gauge, group)
+                else:
+                    for gauge in seen:
+                        self._rescale_step(gauge, group)
             elif group["ddc"] == "shift":
                 for p in group["params"]:
                     if p.grad is not None:
                         self._adam_step(p, group, center=True)
             else:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if group["rule"] == "muon" and p.ndim >= 2:
+                live = [p for p in group["params"] if p.grad is not None]
+                muon = [p for p in live if group["rule"] == "muon" and p.ndim >= 2]
+                adam = [p for p in live if not (group["rule"] == "muon" and p.ndim >= 2)]
+                if self.batched:
+                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device)):
+                        self._muon_batched(bucket, group)
+                    full = [p for p in adam if p.dtype in _FULL and not p.grad.is_sparse]
+                    if full:
+                        self._adam_foreach(full, group)
+                    adam = [p for p in adam if not (p.dtype in _FULL and not p.grad.is_sparse)]
+                else:
+                    for p in muon:
                         self._muon_step(p, group)
-                    else:
-                        self._adam_step(p, group)
+                for p in adam:
+                    self._adam_step(p, group)
         return loss
+
+    # -- the fast path (configure(opt, batched=True), the default) ----------------------
+    def _adam_foreach(self, params: list[Tensor], group: dict) -> None:
+        """torch's multi-tensor AdamW (what ``torch.optim.AdamW(foreach=True)`` runs)."""
+        from torch.optim.adamw import adamw as _adamw
+
+        states = [self._adam_state(p) for p in params]
+        beta1, beta2 = group["betas"]
+        _adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [], [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2,
+               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    def _muon_batched(self, params: list[Tensor], group: dict) -> None:
+        """Muon on equal-shape matrices as one stacked Newton-Schulz call."""
+        if len(params) == 1:
+            self._muon_step(params[0], group)
+            return
+        ws = [_work(p) for p in params]
+        X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
+        states = [self.state[p] for p in params]
+        for st in states:
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(X[0])
+        mom = group["momentum"]
+        buf = torch.stack([st["momentum_buffer"] for st in states])
+        buf.mul_(mom).add_(X)
+        torch._foreach_copy_([st["momentum_buffer"] for st in states], list(buf.unbind(0)))
+        upd = X.add(buf, alpha=mom) if group["nesterov"] else buf
+        U = newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            torch._foreach_mul_(ws, 1 - lr * wd)
+        torch._foreach_add_(ws, list(U.unbind(0)), alpha=-lr)
+        for p, w in zip(params, ws):
+            _write_back(p, w)
+
+    def _rescale_batched(self, gauges: list, group: dict) -> None:
+        """:meth:`_rescale_step` for equal-shape gauges (float32/64 parameters), stacked:
+        the same operations with a leading gauge axis; state stays per parameter."""
+        live = [g for g in gauges if any(p.grad is not None for p in g.params)]
+        if not live:
+            return
+        has_b = live[0].in_bias is not None
+        P1 = [g.in_weight for g in live]
+        P2 = [g.out_weight for g in live]
+        Pb = [g.in_bias for g in live] if has_b else []
+        W1, W2 = torch.stack(P1), torch.stack(P2)
+        g1 = torch.stack([_grad(p, p) for p in P1])
+        g2 = torch.stack([_grad(p, p) for p in P2])
+        b = torch.stack(Pb) if has_b else None
+        gb = torch.stack([_grad(p, p) for p in Pb]) if has_b else None
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if wd != 0:
+            for t in (W1, W2, b):
+                if t is not None:
+                    t.mul_(1 - lr * wd)
+        n1 = (W1 * W1).sum(2) + (b * b if has_b else 0)
+        n2 = (W2 * W2).sum(1)
+        gh1 = (g1 * W1).sum(2) + (gb * b if has_b else 0)
+        gh2 = (g2 * W2).sum(1)
+        rho1, rho2 = n1.sqrt(), n2.sqrt()
+        c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
+        x1 = rho1[:, :, None] * (g1 - c1[:, :, None] * W1)
+        x2 = (g2 - c2[:, None, :] * W2) * rho2[:, None, :]
+        xb = rho1 * (gb - c1 * b) if has_b else None
+        st1 = [self.state[p] for p in P1]
+        for st, g in zip(st1, live):
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0)
+            st["step"] += 1
+            for p in g.params[1:]:
+                self.state[p]["step"] = st["step"].clone()
+            if "radial_exp_avg" not in st:
+                st["radial_exp_avg"] = torch.zeros_like(n1[0])
+                st["radial_exp_avg_sq"] = torch.zeros_like(n1[0])
+        steps = [st["step"].item() for st in st1]
+        gU = (gh1 + gh2) / _SQRT2
+        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
+        if group["rule"] == "adam":
+            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
+            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
+            ub = self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps) if has_b else None
+        else:
+            X1 = torch.cat([x1, xb[:, :, None]], 2) if has_b else x1
+            U1 = self._muon_stacked(st1, X1, group)
+            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
+            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
+        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if has_b else 0), n1)
+        a2 = _safe_div((u2 * W2).sum(1), n2)
+        u1 = u1 - a1[:, :, None] * W1
+        u2 = u2 - a2[:, None, :] * W2
+        e = torch.exp(dlog)
+        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
+        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
+        if has_b:
+            ub = ub - a1 * b
+            b.mul_(e).sub_(lr * rho1 * ub)
+        torch._foreach_copy_(P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else []))
+
+    @staticmethod
+    def _adam_dir_stacked(states: list[dict], x: Tensor, steps: list[float], beta1: float, beta2: float, eps: float,
+                          prefix: str = "") -> Tensor:
+        """:func:`_adam_dir` of a stack (one state per slice, written back)."""
+        m = torch.stack([s[prefix + "exp_avg"] for s in states])
+        v = torch.stack([s[prefix + "exp_avg_sq"] for s in states])
+        m.lerp_(x, 1 - beta1)
+        v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        torch._foreach_copy_([s[prefix + "exp_avg"] for s in states] + [s[prefix + "exp_avg_sq"] for s in states],
+                             list(m.unbind(0)) + list(v.unbind(0)))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        bc1 = torch.tensor([1 - beta1 ** t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        bc2 = torch.tensor([(1 - beta2 ** t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
+
+    def _muon_stacked(self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer") -> Tensor:
+        """:meth:`_muon_direction` of a stack (one momentum buffer per slice, written back)."""
+        mom = group["momentum"]
+        for st in states:
+            if key not in st:
+                st[key] = torch.zeros_like(x[0])
+        buf = torch.stack([st[key] for st in states])
+        buf.mul_(mom).add_(x)
+        torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
+        upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
+        return newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
