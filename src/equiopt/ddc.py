@@ -430,6 +430,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
         self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
         self.batched = True  # configure(opt, batched=False): the reference path
+        self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
@@ -461,7 +462,9 @@ class DDCOptimizer(torch.optim.Optimizer):
                     g = self._gauge_of[id(p)]
                     if not any(g is s for s in seen):
                         seen.append(g)
-                if self.batched:
+                # stacked only under Muon (one batched Newton-Schulz per shape); the stacked Adam
+                # gauge step measured slower than the per-gauge one on CPU (results/ddc_bench)
+                if self.batched and (group["rule"] == "muon" or self.stack_adam_gauges):
                     for bucket in _buckets(seen, _rescale_key):
                         if len(bucket) > 1 and _rescale_key(bucket[0])[-1]:
                             self._rescale_batched(bucket, group)
@@ -482,10 +485,6 @@ class DDCOptimizer(torch.optim.Optimizer):
                 if self.batched:
                     for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device)):
                         self._muon_batched(bucket, group)
-                    full = [p for p in adam if p.dtype in _FULL and not p.grad.is_sparse]
-                    if full:
-                        self._adam_foreach(full, group)
-                    adam = [p for p in adam if not (p.dtype in _FULL and not p.grad.is_sparse)]
                 else:
                     for p in muon:
                         self._muon_step(p, group)
@@ -494,16 +493,6 @@ class DDCOptimizer(torch.optim.Optimizer):
         return loss
 
     # -- the fast path (configure(opt, batched=True), the default) ----------------------
-    def _adam_foreach(self, params: list[Tensor], group: dict) -> None:
-        """torch's multi-tensor AdamW (what ``torch.optim.AdamW(foreach=True)`` runs)."""
-        from torch.optim.adamw import adamw as _adamw
-
-        states = [self._adam_state(p) for p in params]
-        beta1, beta2 = group["betas"]
-        _adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-               [], [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2,
-               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-
     def _muon_batched(self, params: list[Tensor], group: dict) -> None:
         """Muon on equal-shape matrices as one stacked Newton-Schulz call."""
         if len(params) == 1:
@@ -902,12 +891,19 @@ def _format(rows: list[tuple[str, ...]], footer: str) -> str:
     return "\n".join(lines)
 
 
-def configure(opt: DDCOptimizer, *, batched: bool | None = None) -> DDCOptimizer:
-    """Execution options: ``batched`` (default True) runs equal-shape gauges, Muon matrices
-    and AdamW tensors as stacked / multi-tensor kernels; False is the per-gauge, per-parameter
-    reference path (``_rescale_step``, ``_adam_step``, ``_muon_step``)."""
+def configure(opt: DDCOptimizer, *, batched: bool | None = None, stack_adam_gauges: bool | None = None) -> DDCOptimizer:
+    """Execution options: ``batched`` (default True) runs the Muon parts stacked: equal-shape
+    rescale gauges of DDC-Muon as one computation and equal-shape Muon matrices as one batched
+    Newton-Schulz call; False is the per-gauge, per-parameter reference path
+    (``_rescale_step``, ``_muon_step``). The AdamW parts use the single-tensor AdamW on both
+    paths (bit-identical to ``torch.optim.AdamW(foreach=False)``): the stacked / multi-tensor
+    variants measured slower on CPU (``results/ddc_bench/bench.md``). ``stack_adam_gauges``
+    (default False) also stacks the DDC-Adam rescale gauges (fewer kernel launches, more
+    copies: for accelerators; tested equal to the reference)."""
     if batched is not None:
         opt.batched = bool(batched)
+    if stack_adam_gauges is not None:
+        opt.stack_adam_gauges = bool(stack_adam_gauges)
     return opt
 
 
