@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import equiopt
-from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, ddc_optimizer, probe_rescale
+from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, configure, ddc_optimizer, probe_rescale
 from equiopt.groups import Factor
 
 STEPS = 10
@@ -349,7 +349,7 @@ def test_orbit_coordinate_conserved_to_second_order():
 def test_no_gauge_is_adamw_bitwise():
     m = relu_lm(act=nn.GELU(), tied=True)  # GELU: no rescale gauge; tied head: no shift
     ref = copy.deepcopy(m)
-    opt = ddc_optimizer(m, "adam", lr=1e-2)
+    opt = configure(ddc_optimizer(m, "adam", lr=1e-2), batched=False)  # the reference path: foreach=False
     assert opt.gauges == []
     mats = [p for p in ref.parameters() if p.ndim >= 2]
     vecs = [p for p in ref.parameters() if p.ndim < 2]
@@ -523,3 +523,86 @@ def test_router_shift_gauge_on_qwen3_moe():
     assert max(rel_err(T(x), y) for x, y in zip(ta, tb)) < 1e-5
     w = dict(a.named_parameters())[name].detach()
     assert torch.allclose(w.mean(0), ta[0][name].mean(0), atol=1e-14)  # the expert mean does not move
+
+
+# ----------------------------------------------------------------------------------------
+# bf16 parameters: fp32 state, the parameters keep their dtype
+# ----------------------------------------------------------------------------------------
+def _bf16_pair(base):
+    """(bf16 model + DDC, fp32 model + DDC) from the same bf16-representable weights."""
+    torch.manual_seed(0)
+    m16 = TinyLM().to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    return (m16, ddc_optimizer(m16, base, lr=1e-2)), (m32, ddc_optimizer(m32, base, lr=1e-2))
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_bf16_params_fp32_state(base, tmp_path):
+    """With the same gradients, a bf16 model's step equals the fp32 step on the same values
+    rounded to bf16 (the working copy is fp32, state is fp32); state_dict round trip through
+    the harness checkpoint writer continues bit for bit."""
+    from equiopt.train.rundir import save_checkpoint
+
+    (m16, o16), (m32, o32) = _bf16_pair(base)
+    assert {g.kind for g in o16.gauges} == {"rescale", "shift"}
+    g = torch.Generator().manual_seed(7)
+
+    def step(grads):
+        for (p16, p32, gr) in zip(m16.parameters(), m32.parameters(), grads):
+            p16.grad, p32.grad = gr.to(torch.bfloat16), gr.to(torch.bfloat16).float()
+        o16.step()
+        o32.step()
+        with torch.no_grad():
+            for p in m32.parameters():
+                p.copy_(p.to(torch.bfloat16).float())  # the reference rounds like the bf16 model
+
+    def grads():
+        return [torch.randn(p.shape, generator=g) * 0.1 for p in m16.parameters()]
+
+    for _ in range(3):
+        step(grads())
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32)
+    for st in o16.state.values():
+        for k, t in st.items():
+            assert t.dtype == torch.float32, k
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": m16.state_dict(), "optimizer": o16.state_dict()})
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    m2 = copy.deepcopy(m16)
+    m2.load_state_dict(ck["model"])
+    o2 = ddc_optimizer(m2, base, lr=1e-2)
+    o2.load_state_dict(ck["optimizer"])
+    gs = grads()
+    for p, q, gr in zip(m16.parameters(), m2.parameters(), gs):
+        p.grad, q.grad = gr.to(torch.bfloat16), gr.to(torch.bfloat16)
+    o16.step()
+    o2.step()
+    for p, q in zip(m16.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------------
+# the fast path (stacked gauges, multi-tensor AdamW, stacked Muon) against the reference
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["adam", "muon"])
+@pytest.mark.parametrize("kind", ["relu", "qwen3"])
+def test_fast_path_equals_reference(base, kind):
+
+
+    make = (lambda: relu_lm(L=3)) if kind == "relu" else qwen3
+    a, b = make(), make()
+    oa = configure(ddc_optimizer(a, base, lr=1e-2), stack_adam_gauges=True)  # every stacked path
+    ob = configure(ddc_optimizer(b, base, lr=1e-2), batched=False)
+    assert oa.batched and not ob.batched
+    V = 32 if kind == "relu" else 64
+    for ids in batches(V, 6):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m.loss(ids).backward()
+            o.step()
+    assert rel_err(snapshot(a), snapshot(b)) < 1e-12
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+    for i in sa:
+        for k in sa[i]:
+            assert torch.allclose(sa[i][k], sb[i][k], rtol=1e-9, atol=1e-12), (i, k)

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
-from .planner import Plan, plan as make_plan
+from .planner import Plan, plan as make_plan, unwrap
 from .polar import newton_schulz
 
 __all__ = [
@@ -62,11 +62,14 @@ __all__ = [
     "balance",
     "derive_gauges",
     "ddc_optimizer",
+    "configure",
+    "describe",
+    "gauge_table",
     "probe_rescale",
 ]
 
-ADAM_LR = 3e-3
-MUON_LR = 2e-2
+ADAM_LR = 6e-3  # harness LR scan (docs/ddc.md "Default learning rates"): lr_scale 2 of 3e-3
+MUON_LR = 4e-2  # the same scan: lr_scale 2 of 2e-2 (AdamW parts of DDC-Muon: ADAM_LR)
 ADAM_MATRIX_WD = 0.1
 MUON_MATRIX_WD = 1e-3
 PROBE_TOL = 1e-9
@@ -169,16 +172,26 @@ def _rel(name: str, scope: str) -> str:
 
 
 def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
+    """A per-channel gain on q or k: a vector in the attention's scope of size ``head_dim``
+    (Qwen3, Gemma 3: shared by the heads) or ``H * head_dim`` (OLMoE: over all heads) that is
+    not a projection bias."""
     scope = block.scope + "." if block.scope else ""
-    return any(e.role == "vector" and e.name.startswith(scope) and e.shape == (block.head_dim,) for e in the_plan.entries)
+    biases = {b for _, b in block.biases}
+    sizes = {(block.head_dim,), (block.hq * block.head_dim,), (block.hkv * block.head_dim,)}
+    return any(e.role == "vector" and e.name.startswith(scope) and e.name not in biases and tuple(e.shape) in sizes
+               for e in the_plan.entries)
 
 
 def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "adam",
-                  kinds: tuple[str, ...] = ("rescale", "shift", "rotation"), tol: float = PROBE_TOL) -> list:
+                  kinds: tuple[str, ...] = ("rescale", "shift", "rotation"), tol: float = PROBE_TOL,
+                  why: dict[str, str] | None = None) -> list:
     """The gauges of a planned model (see the module docstring); ``model`` is needed for the
     rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
     claimed by at most one gauge: a rescale gauge whose members another gauge already holds
-    is dropped (overlaps are documented in docs/ddc.md, not combined in this landing)."""
+    is dropped (overlaps are documented in docs/ddc.md, not combined in this landing).
+    ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
+    (:func:`gauge_table` completes it for every other parameter)."""
+    why = {} if why is None else why
     gauges: list = []
     taken: set[int] = set()
     aliased = {id(e.param) for e in the_plan.entries if e.aliases}
@@ -205,8 +218,16 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
                                 names=tuple(n for n in (block.router, block.router_bias) if n)))
     if "rescale" in kinds:
         mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+        for b in the_plan.blocks:
+            if isinstance(b, MLPBlock) and b not in mlps:
+                for n in b.params():
+                    why.setdefault(n, "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
+                                      "is not handled yet")
         if mlps and model is None:
             warnings.warn("ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2)
+            for b in mlps:
+                for n in b.params():
+                    why.setdefault(n, "no model given: the rescale probe could not run")
         elif mlps:
             modules = dict(model.named_modules())
             for b in mlps:
@@ -225,26 +246,59 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
                         err = math.inf
                     if err <= tol:
                         chosen = (name, bias)
+                    else:
+                        why[name] = (f"rescale probe failed (output changes by {err:.1e} relative): the activation "
+                                     "after this projection is not positively homogeneous")
                 if chosen is None:
+                    why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
                     continue
                 w_in = the_plan.entry(chosen[0]).param
                 b_in = the_plan.entry(chosen[1]).param if chosen[1] else None
                 if free(w_in, out, *([b_in] if b_in is not None else [])):
                     take(RescaleGauge(f"neuron_rescale:{b.scope}", w_in, out, b_in,
                                       names=tuple(n for n in (chosen[0], chosen[1], b.out) if n)))
-    if "rotation" in kinds and base == "muon":
+                else:
+                    for n in (chosen[0], chosen[1], b.out):
+                        if n:
+                            why.setdefault(n, "neuron rescale overlaps another gauge or a tied parameter "
+                                              "(overlaps are not combined yet)")
+    if "rotation" in kinds:
         for block in the_plan.blocks:
-            if not isinstance(block, AttentionBlock) or block.qkv is not None or not block.v:
+            if not isinstance(block, AttentionBlock):
                 continue
+            if base != "muon":
+                for n in block.params():
+                    why.setdefault(n, "rotation gauges need a rotation-equivariant base (Muon's polar map); "
+                                      "Adam is per coordinate")
+                continue
+            if block.qkv is not None or not block.v:
+                for n in block.params():
+                    why.setdefault(n, "fused qkv: per-head rotations of a fused projection are not claimed")
+                continue
+            bias_of = dict(block.biases)  # projection weight name -> its bias
             v, o = the_plan.entry(block.v).param, the_plan.entry(block.o).param
-            if free(v, o):
+            if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
+                for n in (block.v, block.o):
+                    why.setdefault(n, f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
+                                      "updated by AdamW (per coordinate)")
+            elif free(v, o):
                 gauges.append(RotationGauge(f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o),
                                             block.hkv, block.head_dim))
-            if block.q and block.k and not _qk_norm_present(the_plan, block):
+            if not (block.q and block.k):
+                continue
+            if block.q in bias_of or block.k in bias_of:
+                reason = "Q/K RoPE rotation not claimed: the q/k biases rotate with Q/K but are updated by AdamW"
+            elif _qk_norm_present(the_plan, block):
+                reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
+            else:
+                reason = None
                 q, k = the_plan.entry(block.q).param, the_plan.entry(block.k).param
                 if free(q, k):
                     gauges.append(RotationGauge(f"qk_rope_rotation:{block.scope}", "qk_rope_rotation", (q, k),
                                                 (block.q, block.k), block.hkv, block.head_dim))
+            if reason:
+                for n in (block.q, block.k):
+                    why.setdefault(n, reason)
     return gauges
 
 
@@ -287,8 +341,52 @@ def _adam_dir(state: dict, x: Tensor, beta1: float, beta2: float, eps: float, pr
     return (m / bc1) / ((v.sqrt() / bc2_sqrt).add_(eps))
 
 
+_FULL = (torch.float32, torch.float64)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """State and arithmetic dtype of a parameter: its own for float32/float64, float32 for
+    bf16/fp16 (the parameter keeps its dtype; each step rounds the fp32 result into it)."""
+    return p.dtype if p.dtype in _FULL else torch.float32
+
+
+def _work(p: Tensor | None) -> Tensor | None:
+    """``p`` itself (float32/64: updated in place) or a float32 working copy (bf16/fp16)."""
+    return p if p is None or p.dtype in _FULL else p.detach().float()
+
+
+def _grad(p: Tensor, work: Tensor) -> Tensor:
+    g = p.grad if p.grad is not None else torch.zeros_like(p)
+    return g if g.dtype == work.dtype else g.to(work.dtype)
+
+
+def _write_back(p: Tensor | None, work: Tensor | None) -> None:
+    if p is not None and work is not p:
+        p.copy_(work)
+
+
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def _buckets(items: list, key) -> list[list]:
+    """``items`` grouped by ``key(item)``, in first-seen order."""
+    out: dict = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.values())
+
+
+def _rescale_key(g) -> tuple:
+    """Gauges that can share one stacked step; the last field says whether batching applies
+    (float32/64 parameters on one device)."""
+    ps = g.params
+    return (tuple(g.in_weight.shape), tuple(g.out_weight.shape), g.in_bias is not None, g.in_weight.dtype,
+            g.in_weight.device, all(p.dtype == g.in_weight.dtype and p.dtype in _FULL for p in ps))
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
 def _muon_scale(shape) -> float:
@@ -305,13 +403,23 @@ class DDCOptimizer(torch.optim.Optimizer):
     Build it with :func:`ddc_optimizer`.
     """
 
-    def __init__(self, params, gauges: list, base: str = "adam", names: dict | None = None):
+    def __init__(self, params, gauges: list, base: str = "adam", names: dict | None = None,
+                 table: list[tuple[str, ...]] | None = None):
         defaults = dict(lr=ADAM_LR, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
                         nesterov=True, ns_steps=5, ddc="none", rule="adam")
         super().__init__(params, defaults)
         self.base = base
         self.gauges = list(gauges)
         self.names = dict(names or {})
+        # (name, shape, role, gauges) per parameter, for describe(); from ddc_optimizer
+        self.table_rows = list(table or [])
+        for g in self.param_groups:
+            for p in g["params"]:
+                if _is_dtensor(p):
+                    raise NotImplementedError(
+                        f"DDCOptimizer: parameter {self.names.get(p, tuple(p.shape))!r} is a DTensor (FSDP2 / "
+                        "tensor-parallel sharding); FSDP2 is not supported by DDC yet (its per-neuron norms, "
+                        "vocabulary means and polar maps need whole gauge blocks). Use DDP, or a non-DDC optimizer")
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for gauge in self.gauges:
             if gauge.kind == "rotation":
@@ -321,6 +429,21 @@ class DDCOptimizer(torch.optim.Optimizer):
             if len(groups) != 1 or grp is None or grp["ddc"] != gauge.kind:
                 raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
         self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
+        self.batched = True  # configure(opt, batched=False): the reference path
+        self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
+        parameter stays float32 (torch casts floating state to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _FULL or i not in state_dict["state"]:
+                continue
+            for k, v in state_dict["state"][i].items():
+                if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
 
     def state_modes(self) -> int:
         """Scalars of DDC state beyond the base rule's (two per rescale mode)."""
@@ -339,21 +462,151 @@ class DDCOptimizer(torch.optim.Optimizer):
                     g = self._gauge_of[id(p)]
                     if not any(g is s for s in seen):
                         seen.append(g)
-                for gauge in seen:
-                    self._rescale_step(gauge, group)
+                # stacked only under Muon (one batched Newton-Schulz per shape); the stacked Adam
+                # gauge step measured slower than the per-gauge one on CPU (results/ddc_bench)
+                if self.batched and (group["rule"] == "muon" or self.stack_adam_gauges):
+                    for bucket in _buckets(seen, _rescale_key):
+                        if len(bucket) > 1 and _rescale_key(bucket[0])[-1]:
+                            self._rescale_batched(bucket, group)
+                        else:
+                            for gauge in bucket:
+                                self._rescale_step(gauge, group)
+                else:
+                    for gauge in seen:
+                        self._rescale_step(gauge, group)
             elif group["ddc"] == "shift":
                 for p in group["params"]:
                     if p.grad is not None:
                         self._adam_step(p, group, center=True)
             else:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if group["rule"] == "muon" and p.ndim >= 2:
+                live = [p for p in group["params"] if p.grad is not None]
+                muon = [p for p in live if group["rule"] == "muon" and p.ndim >= 2]
+                adam = [p for p in live if not (group["rule"] == "muon" and p.ndim >= 2)]
+                if self.batched:
+                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device)):
+                        self._muon_batched(bucket, group)
+                else:
+                    for p in muon:
                         self._muon_step(p, group)
-                    else:
-                        self._adam_step(p, group)
+                for p in adam:
+                    self._adam_step(p, group)
         return loss
+
+    # -- the fast path (configure(opt, batched=True), the default) ----------------------
+    def _muon_batched(self, params: list[Tensor], group: dict) -> None:
+        """Muon on equal-shape matrices as one stacked Newton-Schulz call."""
+        if len(params) == 1:
+            self._muon_step(params[0], group)
+            return
+        ws = [_work(p) for p in params]
+        X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
+        states = [self.state[p] for p in params]
+        for st in states:
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(X[0])
+        mom = group["momentum"]
+        buf = torch.stack([st["momentum_buffer"] for st in states])
+        buf.mul_(mom).add_(X)
+        torch._foreach_copy_([st["momentum_buffer"] for st in states], list(buf.unbind(0)))
+        upd = X.add(buf, alpha=mom) if group["nesterov"] else buf
+        U = newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            torch._foreach_mul_(ws, 1 - lr * wd)
+        torch._foreach_add_(ws, list(U.unbind(0)), alpha=-lr)
+        for p, w in zip(params, ws):
+            _write_back(p, w)
+
+    def _rescale_batched(self, gauges: list, group: dict) -> None:
+        """:meth:`_rescale_step` for equal-shape gauges (float32/64 parameters), stacked:
+        the same operations with a leading gauge axis; state stays per parameter."""
+        live = [g for g in gauges if any(p.grad is not None for p in g.params)]
+        if not live:
+            return
+        has_b = live[0].in_bias is not None
+        P1 = [g.in_weight for g in live]
+        P2 = [g.out_weight for g in live]
+        Pb = [g.in_bias for g in live] if has_b else []
+        W1, W2 = torch.stack(P1), torch.stack(P2)
+        g1 = torch.stack([_grad(p, p) for p in P1])
+        g2 = torch.stack([_grad(p, p) for p in P2])
+        b = torch.stack(Pb) if has_b else None
+        gb = torch.stack([_grad(p, p) for p in Pb]) if has_b else None
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if wd != 0:
+            for t in (W1, W2, b):
+                if t is not None:
+                    t.mul_(1 - lr * wd)
+        n1 = (W1 * W1).sum(2) + (b * b if has_b else 0)
+        n2 = (W2 * W2).sum(1)
+        gh1 = (g1 * W1).sum(2) + (gb * b if has_b else 0)
+        gh2 = (g2 * W2).sum(1)
+        rho1, rho2 = n1.sqrt(), n2.sqrt()
+        c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
+        x1 = rho1[:, :, None] * (g1 - c1[:, :, None] * W1)
+        x2 = (g2 - c2[:, None, :] * W2) * rho2[:, None, :]
+        xb = rho1 * (gb - c1 * b) if has_b else None
+        st1 = [self.state[p] for p in P1]
+        for st, g in zip(st1, live):
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0)
+            st["step"] += 1
+            for p in g.params[1:]:
+                self.state[p]["step"] = st["step"].clone()
+            if "radial_exp_avg" not in st:
+                st["radial_exp_avg"] = torch.zeros_like(n1[0])
+                st["radial_exp_avg_sq"] = torch.zeros_like(n1[0])
+        steps = [st["step"].item() for st in st1]
+        gU = (gh1 + gh2) / _SQRT2
+        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
+        if group["rule"] == "adam":
+            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
+            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
+            ub = self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps) if has_b else None
+        else:
+            X1 = torch.cat([x1, xb[:, :, None]], 2) if has_b else x1
+            U1 = self._muon_stacked(st1, X1, group)
+            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
+            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
+        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if has_b else 0), n1)
+        a2 = _safe_div((u2 * W2).sum(1), n2)
+        u1 = u1 - a1[:, :, None] * W1
+        u2 = u2 - a2[:, None, :] * W2
+        e = torch.exp(dlog)
+        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
+        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
+        if has_b:
+            ub = ub - a1 * b
+            b.mul_(e).sub_(lr * rho1 * ub)
+        torch._foreach_copy_(P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else []))
+
+    @staticmethod
+    def _adam_dir_stacked(states: list[dict], x: Tensor, steps: list[float], beta1: float, beta2: float, eps: float,
+                          prefix: str = "") -> Tensor:
+        """:func:`_adam_dir` of a stack (one state per slice, written back)."""
+        m = torch.stack([s[prefix + "exp_avg"] for s in states])
+        v = torch.stack([s[prefix + "exp_avg_sq"] for s in states])
+        m.lerp_(x, 1 - beta1)
+        v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        torch._foreach_copy_([s[prefix + "exp_avg"] for s in states] + [s[prefix + "exp_avg_sq"] for s in states],
+                             list(m.unbind(0)) + list(v.unbind(0)))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        bc1 = torch.tensor([1 - beta1 ** t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        bc2 = torch.tensor([(1 - beta2 ** t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
+
+    def _muon_stacked(self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer") -> Tensor:
+        """:meth:`_muon_direction` of a stack (one momentum buffer per slice, written back)."""
+        mom = group["momentum"]
+        for st in states:
+            if key not in st:
+                st[key] = torch.zeros_like(x[0])
+        buf = torch.stack([st[key] for st in states])
+        buf.mul_(mom).add_(x)
+        torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
+        upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
+        return newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
@@ -361,8 +614,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         if prefix + "exp_avg" not in state:
-            state[prefix + "exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[prefix + "exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            dt = _state_dtype(p)
+            state[prefix + "exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            state[prefix + "exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
     def _adam_step(self, p: Tensor, group: dict, center: bool = False) -> None:
@@ -374,9 +628,10 @@ class DDCOptimizer(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state = self._adam_state(p)
         state["step"] += 1
-        grad = p.grad
+        w = _work(p)
+        grad = _grad(p, w)
         if wd != 0:
-            p.mul_(1 - lr * wd)
+            w.mul_(1 - lr * wd)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -386,11 +641,12 @@ class DDCOptimizer(torch.optim.Optimizer):
         step_size = lr / bc1
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
         if not center:
-            p.addcdiv_(m, denom, value=-step_size)
-            return
-        u = m / denom
-        u = u - u.mean(dim=-2 if u.ndim >= 2 else -1, keepdim=True)
-        p.add_(u, alpha=-step_size)
+            w.addcdiv_(m, denom, value=-step_size)
+        else:
+            u = m / denom
+            u = u - u.mean(dim=-2 if u.ndim >= 2 else -1, keepdim=True)
+            w.add_(u, alpha=-step_size)
+        _write_back(p, w)
 
     def _muon_direction(self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer") -> Tensor:
         mom = group["momentum"]
@@ -403,26 +659,29 @@ class DDCOptimizer(torch.optim.Optimizer):
 
     def _muon_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        u = self._muon_direction(p.grad, state, group)
+        w = _work(p)
+        u = self._muon_direction(_grad(p, w), state, group)
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(u, alpha=-lr)
+            w.mul_(1 - lr * wd)
+        w.add_(u, alpha=-lr)
+        _write_back(p, w)
 
     # -- the rescale gauge ------------------------------------------------------------
     def _rescale_step(self, gauge: RescaleGauge, group: dict) -> None:
-        W1, W2, b = gauge.in_weight, gauge.out_weight, gauge.in_bias
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in (W1, W2)]
-        g1, g2 = grads
-        gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
-        if W1.grad is None and W2.grad is None and (b is None or b.grad is None):
+        P1, P2, Pb = gauge.in_weight, gauge.out_weight, gauge.in_bias
+        if P1.grad is None and P2.grad is None and (Pb is None or Pb.grad is None):
             return
+        W1, W2, b = _work(P1), _work(P2), _work(Pb)
+        g1, g2 = _grad(P1, W1), _grad(P2, W2)
+        gb = None if b is None else _grad(Pb, b)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         # 1. decoupled weight decay on every member alike
         if wd != 0:
-            for p in gauge.params:
-                p.mul_(1 - lr * wd)
+            for p in (W1, W2, b):
+                if p is not None:
+                    p.mul_(1 - lr * wd)
         # 2. per-neuron side norms, log-norm gradients, tangential parts, invariant inputs
         n1 = (W1 * W1).sum(1) + (b * b if b is not None else 0)
         n2 = (W2 * W2).sum(0)
@@ -434,7 +693,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
         xb = rho1 * (gb - c1 * b) if b is not None else None
         # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
-        st1 = self.state[W1]
+        st1 = self.state[P1]
         if "step" not in st1:
             st1["step"] = torch.tensor(0.0)
         st1["step"] += 1
@@ -448,14 +707,14 @@ class DDCOptimizer(torch.optim.Optimizer):
         dlog = -lr * _adam_dir(st1, gU, beta1, beta2, eps, prefix="radial_") / _SQRT2
         # 6. base update on the invariant inputs, re-projected off W
         if group["rule"] == "adam":
-            u1 = _adam_dir(self._adam_state(W1), x1, beta1, beta2, eps)
-            u2 = _adam_dir(self._adam_state(W2), x2, beta1, beta2, eps)
-            ub = _adam_dir(self._adam_state(b), xb, beta1, beta2, eps) if b is not None else None
+            u1 = _adam_dir(self._adam_state(P1), x1, beta1, beta2, eps)
+            u2 = _adam_dir(self._adam_state(P2), x2, beta1, beta2, eps)
+            ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if b is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
             X1 = torch.cat([x1, xb[:, None]], 1) if b is not None else x1
             U1 = self._muon_direction(X1, st1, group)
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
-            u2 = self._muon_direction(x2, self.state[W2], group)
+            u2 = self._muon_direction(x2, self.state[P2], group)
         a1 = _safe_div((u1 * W1).sum(1) + (ub * b if b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
@@ -467,6 +726,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         if b is not None:
             ub = ub - a1 * b
             b.mul_(e).sub_(lr * rho1 * ub)
+        for p, w in ((P1, W1), (P2, W2), (Pb, b)):
+            _write_back(p, w)
 
 
 # ----------------------------------------------------------------------------------------
@@ -488,17 +749,20 @@ def ddc_optimizer(
     ns_steps: int = 5,
     gauges: tuple[str, ...] = ("rescale", "shift", "rotation"),
     probe_tol: float = PROBE_TOL,
+    lr_scale: float = 1.0,
 ) -> DDCOptimizer:
     """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
     rescale probe).
 
-    ``base="adam"``: ``lr`` (default 3e-3) for every group; ``weight_decay`` (default 0.1) on
+    ``base="adam"``: ``lr`` (default 6e-3) for every group; ``weight_decay`` (default 0.1) on
     rescale gauges and other 2-D+ weights; 0 on vectors and translation gauges.
-    ``base="muon"``: ``lr`` (default 2e-2) and ``weight_decay`` (default 1e-3) for rescale
-    gauges and Muon matrices; ``adam_lr`` (default 3e-3) and ``adam_weight_decay`` (0.1) for
+    ``base="muon"``: ``lr`` (default 4e-2) and ``weight_decay`` (default 1e-3) for rescale
+    gauges and Muon matrices; ``adam_lr`` (default 6e-3) and ``adam_weight_decay`` (0.1) for
     AdamW on embeddings (and other non-Muon 2-D weights); vectors and translation gauges 0.
-    ``gauges``: the gauge kinds to claim.
+    ``gauges``: the gauge kinds to claim. ``lr_scale`` multiplies ``lr`` and ``adam_lr``
+    (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
+    and the probe; FSDP2 (DTensor parameters) is refused (``NotImplementedError``).
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
@@ -507,9 +771,13 @@ def ddc_optimizer(
     else:
         the_plan = make_plan(model_or_plan, "adamw")
         model = model_or_plan if model is None else model
-    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol)
+    if model is not None:
+        model = unwrap(model)
+    why: dict[str, str] = {}
+    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why)
     lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
     adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
+    lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
     wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
     common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
 
@@ -524,7 +792,7 @@ def ddc_optimizer(
             (rescale if g.kind == "rescale" else shift).append(p)
         elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
             muon.append(p)
-        elif p.ndim >= 2:
+        elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
             adam_mat.append(p)
         else:
             vec.append(p)
@@ -540,4 +808,135 @@ def ddc_optimizer(
                            weight_decay=wd if base == "adam" else adam_weight_decay, **common))
     if vec:
         groups.append(dict(params=vec, ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
-    return DDCOptimizer(groups, found, base, names)
+    table = _table_rows(the_plan, model, base, found, why)
+    return DDCOptimizer(groups, found, base, names, table)
+
+
+# ----------------------------------------------------------------------------------------
+# what DDC does with each parameter
+# ----------------------------------------------------------------------------------------
+def _module_kind(model: nn.Module | None, module_name: str) -> str:
+    if model is None:
+        return ""
+    try:
+        return type(model.get_submodule(module_name)).__name__ if module_name else type(model).__name__
+    except AttributeError:
+        return ""
+
+
+def _gauge_label(g, name: str) -> str:
+    if g.kind == "rescale":
+        side = "cols" if name == g.names[-1] else ("bias" if g.in_bias is not None and name == g.names[1] else "rows")
+        return f"{g.name} ({side})"
+    if g.kind == "shift":
+        return f"{g.name.split(':')[0]} ({'bias' if g.bias is not None and name == g.names[-1] else 'rows'})"
+    return f"{g.name} (polar-map equivariance)"
+
+
+def _no_gauge_reason(e, model, base: str, why: dict[str, str]) -> str:
+    if e.name in why:
+        return why[e.name]
+    if e.aliases:
+        return "tied to " + ", ".join(e.aliases) + ": the input embedding breaks the logit shift"
+    role = e.role
+    if role == "embedding":
+        return "token embedding: no continuous gauge acts on it alone (norm-channel gauges not implemented)"
+    if role == "tied_embedding":
+        return "tied embedding / head: the input embedding breaks the logit shift"
+    if role == "lm_head":
+        return "LM head: no logit-shift gauge (tied, or not a plain softmax head)"
+    if role == "router":
+        return "router: no shift gauge (scoring is not softmax)"
+    if role in ("expert_in", "expert_out"):
+        return "stacked / fused experts: the per-expert neuron rescale is not handled yet"
+    if role == "vector":
+        kind = _module_kind(model, e.module_name)
+        if "norm" in kind.lower():
+            return f"{kind} gain: norm-channel scale gauge not implemented yet"
+        return "vector (bias, sink, gain): no gauge claimed"
+    return "no gauge found for this block"
+
+
+def _table_rows(the_plan: Plan, model, base: str, found: list, why: dict[str, str]) -> list[tuple[str, ...]]:
+    """``(name, shape, role, gauges)`` per plan entry; ``gauges`` = the claimed gauges or
+    ``none: base rule (reason)``."""
+    by_param: dict[int, list] = {}
+    for g in found:
+        for p in g.params:
+            by_param.setdefault(id(p), []).append(g)
+    rows = []
+    for e in the_plan.entries:
+        gs = by_param.get(id(e.param), [])
+        if gs:
+            text = "; ".join(_gauge_label(g, e.name) for g in gs)
+        else:
+            text = "none: base rule (" + _no_gauge_reason(e, model, base, why) + ")"
+        rows.append((e.name, "x".join(map(str, e.shape)), e.role, text))
+    return rows
+
+
+def _rule_of(group: dict) -> str:
+    if group["ddc"] == "rescale":
+        return f"ddc-{group['rule']}"
+    if group["ddc"] == "shift":
+        return "adamw centered"
+    return "muon" if group["rule"] == "muon" else "adamw"
+
+
+def _format(rows: list[tuple[str, ...]], footer: str) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(footer)
+    return "\n".join(lines)
+
+
+def configure(opt: DDCOptimizer, *, batched: bool | None = None, stack_adam_gauges: bool | None = None) -> DDCOptimizer:
+    """Execution options: ``batched`` (default True) runs the Muon parts stacked: equal-shape
+    rescale gauges of DDC-Muon as one computation and equal-shape Muon matrices as one batched
+    Newton-Schulz call; False is the per-gauge, per-parameter reference path
+    (``_rescale_step``, ``_muon_step``). The AdamW parts use the single-tensor AdamW on both
+    paths (bit-identical to ``torch.optim.AdamW(foreach=False)``): the stacked / multi-tensor
+    variants measured slower on CPU (``results/ddc_bench/bench.md``). ``stack_adam_gauges``
+    (default False) also stacks the DDC-Adam rescale gauges (fewer kernel launches, more
+    copies: for accelerators; tested equal to the reference)."""
+    if batched is not None:
+        opt.batched = bool(batched)
+    if stack_adam_gauges is not None:
+        opt.stack_adam_gauges = bool(stack_adam_gauges)
+    return opt
+
+
+def describe(opt: DDCOptimizer) -> str:
+    """Every parameter of ``opt`` with its role, its gauge(s) (or ``none: base rule`` and
+    why), the rule that updates it, and its group's current lr and weight decay; a
+    ``Plan.table()``-like text (``equiopt train`` writes it to the run's ``plan.txt``)."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    params = {n: p for p, n in opt.names.items()}
+    rows = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
+    for name, shape, role, text in opt.table_rows:
+        g = group_of.get(id(params.get(name)))
+        rule, lr, wd = ("-", "-", "-") if g is None else (_rule_of(g), f"{g['lr']:g}", f"{g['weight_decay']:g}")
+        rows.append((name, shape, role, rule, lr, wd, text))
+    claimed = sum(not t.startswith("none") for *_, t in opt.table_rows)
+    kinds: dict[str, int] = {}
+    for gg in opt.gauges:
+        k = gg.name.split(":")[0]
+        kinds[k] = kinds.get(k, 0) + 1
+    footer = (f"DDC-{opt.base.capitalize()}: {len(opt.table_rows)} tensors, {claimed} in a gauge; gauges: "
+              + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none")
+              + f"; {opt.state_modes()} extra state scalars")
+    return _format(rows, footer)
+
+
+def gauge_table(the_plan: Plan, model: nn.Module | None = None, base: str = "adam",
+                kinds: tuple[str, ...] = ("rescale", "shift", "rotation")) -> str:
+    """The gauges of every parameter of a plan as DDC over ``base`` would claim them (the
+    table :func:`describe` prints, without an optimizer): what ``equiopt.plan`` can print for
+    its entries. ``model`` is needed for the rescale probe."""
+    why: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = derive_gauges(the_plan, unwrap(model) if model is not None else None, base, kinds, why=why)
+    rows = [("name", "shape", "role", "gauges")] + _table_rows(the_plan, model, base, found, why)
+    return _format(rows, f"{len(found)} gauges claimed by DDC-{base.capitalize()}")

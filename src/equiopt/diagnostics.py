@@ -19,6 +19,26 @@ Tracked over training, per block of the plan (:func:`equiopt.plan`):
   to the loss when the shift is a symmetry), and per neuron ``log(|up_i| / |down_:,i|)``
   (the rescaling orbit of the linear "up" branch): its spread over neurons (std).
 
+**Gauge orbit drift** (:class:`GaugeDrift`, no hooks, any optimizer; the training harness
+logs it under ``"gauge"`` in every ``metrics.jsonl`` record): how far the weights have moved
+along the orbit of each gauge since initialisation, the motion the loss cannot see and that
+the Dead-Direction Conditioner (:mod:`equiopt.ddc`) removes:
+
+* ``balance_mean`` / ``balance_max`` (per MLP: ``/<scope>``): the balance defect
+  ``log||W_up[i]|| - log||W_down[:, i]||`` of each neuron's rescale pair (the up part, per
+  expert for stacked experts), as the mean / max over neurons of its absolute change from
+  init; a rescale by ``s_i`` moves it by ``2 log s_i``;
+* ``head_mean_row`` / ``router_mean_row`` (per parameter: ``/<name>``): ``||c||`` for the
+  vocabulary (expert) mean row ``c = mean_i W_i`` of the untied LM head (router), the
+  translation orbit's coordinate; ``..._change``: ``||c_t - c_0||``;
+* ``vo_angle`` / ``vo_angle_max`` (per attention: ``/<scope>``): the rotation-gauge
+  coordinate of each kv head ``j``, the RMS rotation angle (radians) of the orthogonal
+  Procrustes fit ``Q_j = polar(V_j V_j0^T + sum_q O_q^T O_q0)`` that best carries the
+  initial head ``(V_j0 [| b_j0], O_q0)`` onto the current one (``q``: the query heads reading
+  ``j``). It is equivariant: applying a gauge rotation ``R`` now gives ``R Q_j``, so a pure
+  gauge move by ``R`` reads as ``R``'s angle (``sqrt(mean_k phi_k^2)`` over its eigenvalues
+  ``e^{i phi_k}``). Mean over heads per layer; aggregate mean and max over layers.
+
 The blocks come from the plan (:attr:`equiopt.Plan.blocks`): MLPs and stacked experts
 (:class:`~equiopt.blocks.MLPBlock`), routers (:class:`~equiopt.blocks.MoEBlock`), the LM
 head (:class:`~equiopt.blocks.VocabBlock`). Orbit coordinates are read off the blocks'
@@ -54,10 +74,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import MLPBlock, MoEBlock, Symmetry, VocabBlock, stacked_experts
+from .blocks import AttentionBlock, MLPBlock, MoEBlock, Symmetry, VocabBlock, stacked_experts
 from .planner import plan as make_plan
 
-__all__ = ["DiagnosticsTracker", "plot_history", "AGGREGATES", "tracked_blocks", "shift_coordinate", "rescale_coordinate"]
+__all__ = ["DiagnosticsTracker", "GaugeDrift", "GAUGE_AGGREGATES", "plot_history", "AGGREGATES", "tracked_blocks",
+           "shift_coordinate", "rescale_coordinate", "rotation_angle", "vo_procrustes"]
 
 #: Keys of the model-level aggregates in every record (per-block keys add ``/<block name>``).
 AGGREGATES = (
@@ -145,6 +166,121 @@ def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Ma
         out = out - n if a.inverse else out + n
     return out
 
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (FSDP2 shard: a collective, every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rotation_angle(q: Tensor) -> Tensor:
+    """RMS rotation angle (radians) of orthogonal matrices ``q`` [..., n, n]:
+    ``sqrt(mean_k phi_k^2)`` over the eigenvalues ``e^{i phi_k}`` (a reflection's -1 counts pi)."""
+    ev = torch.linalg.eigvals(q.double())
+    return torch.atan2(ev.imag, ev.real).pow(2).mean(-1).sqrt()
+
+
+def vo_procrustes(v: Tensor, o: Tensor, v0: Tensor, o0: Tensor, hkv: int, hd: int) -> Tensor:
+    """``Q_j = polar(V_j V_j0^T + sum_q O_q^T O_q0)`` [hkv, hd, hd] for V ``[hkv hd, d(+1)]``
+    (a bias as the last column) and O ``[d, hq hd]``: the rotation of kv head ``j`` that best
+    carries the initial (V0, O0) onto (V, O) (orthogonal Procrustes on both sides)."""
+    v, o, v0, o0 = (t.detach().double() for t in (v, o, v0, o0))
+    hq = o.shape[1] // hd
+    m = v.reshape(hkv, hd, -1) @ v0.reshape(hkv, hd, -1).transpose(1, 2)
+    oq = o.reshape(o.shape[0], hq, hd).permute(1, 2, 0)  # [hq, hd, d]
+    oq0 = o0.reshape(o0.shape[0], hq, hd).permute(1, 2, 0)
+    m = m + (oq @ oq0.transpose(1, 2)).reshape(hkv, hq // hkv, hd, hd).sum(1)
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+GAUGE_AGGREGATES = ("balance_mean", "balance_max", "head_mean_row", "head_mean_row_change", "router_mean_row",
+                    "router_mean_row_change", "vo_angle", "vo_angle_max")
+
+
+class GaugeDrift:
+    """Orbit coordinates of every gauge of ``plan`` and their change since construction (see
+    the module docstring: balance defects, head / router mean rows, V/O Procrustes angles).
+    Holds a copy (CPU) of the rescale coordinates, mean rows and V/O weights at
+    construction; :meth:`record` reads the current weights (no hooks, any optimizer). Works
+    on FSDP2 models (DTensor weights are gathered; every rank must call :meth:`record`)."""
+
+    def __init__(self, model: nn.Module, plan=None):
+        self.plan = plan if plan is not None else make_plan(model)
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.layouts = {e.name: e.layout for e in self.plan.entries}
+        mlps, _, self.shifts = tracked_blocks(self.plan)
+        self.rescales = [(b.scope, b.rescale(*b.up_part())) for b in mlps]
+        biases = {}
+        for b in self.plan.blocks:
+            if isinstance(b, MoEBlock) and b.router_bias:
+                biases[b.router] = b.router_bias
+        self.shift_bias = {sym.params()[0]: biases.get(sym.params()[0]) for sym in self.shifts}
+        self.attn = [b for b in self.plan.blocks if isinstance(b, AttentionBlock) and b.qkv is None and b.v and b.o]
+        self._v_bias = {b.scope: dict(b.biases).get(b.v) for b in self.attn}
+        with torch.no_grad():
+            self.init = self._coordinates()
+            self.vo0 = {b.scope: self._vo(b) for b in self.attn}
+
+    def _w(self, name: str) -> Tensor:
+        return _full(self.params[name].detach())
+
+    def _vo(self, b: AttentionBlock) -> tuple[Tensor, Tensor]:
+        """(V [| v bias], O) on the CPU in float32 (the init copy stays off the accelerator)."""
+        v = self._w(b.v).float().cpu()
+        if self._v_bias[b.scope]:
+            v = torch.cat([v, self._w(self._v_bias[b.scope]).float().cpu()[:, None]], 1)
+        return v, self._w(b.o).float().cpu().clone()
+
+    def _mean_row(self, name: str) -> Tensor:
+        w = self._w(name).double()
+        c = w.mean(0)
+        if self.shift_bias.get(name):
+            c = torch.cat([c, self._w(self.shift_bias[name]).double().mean().reshape(1)])
+        return c.cpu()
+
+    def _coordinates(self) -> dict[str, Tensor]:
+        out = {}
+        for scope, sym in self.rescales:
+            ts = {n: self._w(n) for n in sym.params()}
+            out["rescale:" + scope] = rescale_coordinate(sym, ts, self.layouts).double().cpu()
+        for sym in self.shifts:
+            out["shift:" + sym.params()[0]] = self._mean_row(sym.params()[0])
+        return out
+
+    @torch.no_grad()
+    def record(self) -> dict[str, float]:
+        """``{key: float}``: the aggregates in :data:`GAUGE_AGGREGATES` that the model has and
+        the per-block values (``key/<scope or name>``)."""
+        now = self._coordinates()
+        out: dict[str, float] = {}
+        means, maxes = [], []
+        for scope, _ in self.rescales:
+            d = (now["rescale:" + scope] - self.init["rescale:" + scope]).abs()
+            out[f"balance_mean/{scope}"], out[f"balance_max/{scope}"] = float(d.mean()), float(d.max())
+            means.append(float(d.mean()))
+            maxes.append(float(d.max()))
+        if means:
+            out["balance_mean"], out["balance_max"] = sum(means) / len(means), max(maxes)
+        agg: dict[str, list[float]] = {}
+        for sym in self.shifts:
+            name = sym.params()[0]
+            kind = "head_mean_row" if sym.name == "logit_shift" else "router_mean_row"
+            c, c0 = now["shift:" + name], self.init["shift:" + name]
+            out[f"{kind}/{name}"], out[f"{kind}_change/{name}"] = float(c.norm()), float((c - c0).norm())
+            agg.setdefault(kind, []).append(float(c.norm()))
+            agg.setdefault(kind + "_change", []).append(float((c - c0).norm()))
+        out.update({k: sum(v) / len(v) for k, v in agg.items()})
+        angles = []
+        for b in self.attn:
+            v, o = self._vo(b)
+            v0, o0 = self.vo0[b.scope]
+            a = rotation_angle(vo_procrustes(v, o, v0, o0, b.hkv, b.head_dim))
+            out[f"vo_angle/{b.scope}"] = float(a.mean())
+            angles.append(float(a.mean()))
+        if angles:
+            out["vo_angle"], out["vo_angle_max"] = sum(angles) / len(angles), max(angles)
+        return out
 
 
 def token_embedding_entry(plan, model: nn.Module, name: str | None):

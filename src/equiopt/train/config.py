@@ -45,7 +45,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
     "paper-adamw-router": ("paper", {"router": "adamw"}),
     "paper-left-spectral-router": ("paper", {"router": "left_spectral"}),
     "paper-muon-mlp": ("paper", _MUON_HIDDEN),
+    # Dead-Direction Conditioners (equiopt.ddc): their own optimizer class, one learning rate
+    # per kind of group (lr_scale multiplies both), no per-role rules
+    "ddc_adam": ("ddc_adam", {}),
+    "ddc_muon": ("ddc_muon", {}),
 }
+DDC_OPTIMIZERS = ("ddc_adam", "ddc_muon")
 ROUTER_ONLY = ("paper-adamw-router", "paper-left-spectral-router")  # no-ops on dense models
 SCHEDULES = ("cosine", "constant", "wsd")
 # Per-role schedule specs (``role_schedule``): the global ones above (with --warmup and
@@ -211,6 +216,12 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.dist not in DIST_MODES:
             raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
+        if self.optimizer in DDC_OPTIMIZERS and self.dist == "fsdp2":
+            raise ValueError(f"optimizer {self.optimizer!r} does not support --dist fsdp2 yet (DDC needs whole gauge "
+                             "blocks: per-neuron norms, vocabulary means, polar maps); use --dist ddp")
+        if self.optimizer in DDC_OPTIMIZERS and self.role_lr_scale:
+            raise self._err("role_lr_scale", f"is not supported by {self.optimizer!r} (its groups are gauge kinds, "
+                                             "not roles); use --lr-scale")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -367,6 +378,9 @@ class SweepOptions(GridOptions):
             raise ValueError(f"lr_scales (--lr-scales) must be positive numbers, got {self.lr_scales}")
         if len(set(self.lr_scales)) != len(self.lr_scales):
             raise ValueError(f"lr_scales (--lr-scales) repeats a value: {self.lr_scales}")
+        if self.role_grid and any(o in DDC_OPTIMIZERS for o in self.optimizers):
+            raise ValueError("--role-grid does not apply to the DDC optimizers (their groups are gauge kinds, not "
+                             "roles); sweep them with --lr-scales only")
         for role, vals in self.role_grid:
             if role not in ROLES:
                 raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(ROLES)}")

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import equiopt
 
+from .. import ddc
 from .. import distributed as Dd
 from . import data as D
 from . import metrics as M
@@ -108,6 +109,13 @@ def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     preset_name, base_rules = OPTIMIZERS[name]
+    if preset_name in equiopt.DDC_PRESETS:  # roles for the harness (router probe); DDC finds the gauges
+        if role_lr_scale or role_lr or rules or roles or layouts:
+            raise ValueError(f"{name}: per-role rules, learning rates and overrides do not apply "
+                             "(DDC groups are gauge kinds)")
+        plan = equiopt.plan(model, "adamw")
+        opt = ddc.ddc_optimizer(plan, equiopt.DDC_PRESETS[preset_name], model=Dd.unwrap(model), lr_scale=lr_scale)
+        return opt, plan
     merged = {**base_rules, **(rules or {})}
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
     plan = equiopt.plan(model, preset_name, rules=merged or None, lr=role_lr or None, lr_scale=scale,
@@ -477,6 +485,9 @@ class Trainer:
         self.model, self.inner = model, Dd.unwrap(model)  # inner: the model itself (config, names)
         self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale, rules=cfg.rules,
                                              role_lr=cfg.role_lr, roles=cfg.roles, layouts=cfg.layouts)
+        # orbit drift of every gauge since init, logged under "gauge" for every optimizer (the
+        # model is freshly built from the seed here, also when the run resumes)
+        self.drift = equiopt.diagnostics.GaugeDrift(self.inner, self.plan)
         self.lr = lr_lambda(cfg)
         if cfg.role_schedule:  # one curve per param_group (by role); else today's single schedule
             self.lr_fns = role_lr_lambdas(cfg, self.opt.param_groups)
@@ -512,7 +523,8 @@ class Trainer:
                                     "parameters": sum(e.param.numel() for e in plan.entries),
                                     "world_size": self.world, "dist": self.cfg.dist,
                                     "backend": None if self.info is None else self.info.backend})
-        run.write_text(PLAN, str(plan) + "\n")
+        # DDC: every parameter with its gauge(s) or "none: base rule" and why, instead of the plan
+        run.write_text(PLAN, (ddc.describe(self.opt) if isinstance(self.opt, ddc.DDCOptimizer) else str(plan)) + "\n")
 
     def resume(self, state: dict) -> int:
         """Load a checkpoint (``state``: the single-process checkpoint, or a multi-process run's
@@ -630,6 +642,7 @@ class Trainer:
             "loss_spikes": self.loss_spikes.spikes, "grad_norm_spikes": self.gnorm_spikes.spikes,
             "lr_factor": self.lr(done - 1),
             "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
+            "gauge": self.drift.record(),
             "tokens_per_s": w.tokens / w.train_time,
             "opt_step_s": w.opt_time / w.steps,
             "lr": self.role_lrs(done - 1),

@@ -1,0 +1,150 @@
+"""Step time of the Dead-Direction Conditioner against its base rules, side by side.
+
+    python benchmarks/bench_ddc.py                   # tiny (4 families) + qwen3 medium (~59M)
+    python benchmarks/bench_ddc.py --sizes tiny --repeats 5   # quicker
+
+In one process, on the harness's tiny models and one ~60M model (``benchmarks/bench.py``'s
+``medium`` shapes; random weights, no download), fp32, 2 threads: fixed synthetic gradients,
+only ``optimizer.step()`` timed, variants interleaved round-robin (one step of each per
+round, so the load of a shared machine hits every variant alike), median over rounds.
+
+* ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
+  ``ddc_adam``;
+* ``ddc_adam``: ``equiopt.build(model, preset="ddc_adam")`` (its default path; for DDC-Adam the
+  same code as the reference, the stacked gauge step being opt-in);
+  ``ddc_adam_ref``: the same optimizer on the per-gauge / per-parameter reference path;
+* ``muon``: ``equiopt.build(model, preset="muon", foreach=True)``, the base of ``ddc_muon``;
+* ``ddc_muon`` / ``ddc_muon_ref``.
+
+Writes ``results/ddc_bench/bench.md`` and ``bench.json`` (medians, spread, ratios DDC / base,
+optimizer state in bytes per parameter, load average before and after, torch version).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+import bench as B  # noqa: E402  (the shared model shapes and gradient helpers)
+
+import equiopt  # noqa: E402
+from equiopt import ddc  # noqa: E402
+
+VARIANTS = ("torch_adamw", "ddc_adam", "ddc_adam_ref", "muon", "ddc_muon", "ddc_muon_ref")
+BASE_OF = {"ddc_adam": "torch_adamw", "ddc_adam_ref": "torch_adamw", "ddc_muon": "muon", "ddc_muon_ref": "muon"}
+
+
+def make(variant: str, model):
+    if variant == "torch_adamw":
+        return B._torch_adamw(model)
+    if variant == "muon":
+        return equiopt.build(model, preset="muon", foreach=True)
+    base = "adam" if variant.startswith("ddc_adam") else "muon"
+    opt = ddc.ddc_optimizer(model, base)
+    ddc.configure(opt, batched=not variant.endswith("_ref"))
+    return opt
+
+
+def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
+    models, opts = {}, {}
+    for v in variants:  # one model per variant: the steps change the weights
+        model, _ = B._build(arch, size)
+        B._set_grads(model)
+        models[v], opts[v] = model, make(v, model)
+        opts[v].step()  # warm-up (state allocated)
+    n = sum(p.numel() for p in models[variants[0]].parameters())
+    times = {v: [] for v in variants}
+    for _ in range(reps):
+        for v in variants:
+            t = time.perf_counter()
+            opts[v].step()
+            times[v].append(time.perf_counter() - t)
+    res = {"arch": arch, "size": size, "params": n, "variants": {}}
+    for v in variants:
+        med = statistics.median(times[v])
+        res["variants"][v] = {"median_s": med, "min_s": min(times[v]), "max_s": max(times[v]),
+                              "state_bytes_per_param": B._state_bytes(opts[v]) / n}
+    for v, b in BASE_OF.items():
+        if v in res["variants"] and b in res["variants"]:
+            res["variants"][v]["ratio_to_base"] = res["variants"][v]["median_s"] / res["variants"][b]["median_s"]
+    log(f"{arch}/{size} ({n / 1e6:.1f}M): " + ", ".join(
+        f"{v} {1e3 * res['variants'][v]['median_s']:.1f} ms" for v in variants))
+    return res
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# DDC optimizer step time",
+        "",
+        f"`python benchmarks/bench_ddc.py {results['args']}` on {m['platform']}, torch {m['torch']}, "
+        f"{m['threads']} threads, fp32; {results['when']}. Load average before {m['load_before']}, after "
+        f"{m['load_after']} (a shared machine: the interleaving spreads the load over every variant alike). "
+        "Median over interleaved steps on fixed synthetic gradients; ratio = DDC / its base rule "
+        "(ddc_adam: torch.optim.AdamW foreach; ddc_muon: equiopt's muon preset). `_ref`: the per-gauge "
+        "reference path.",
+        "",
+        "| model | params | " + " | ".join(results["variants"]) + " | state B/param: AdamW / ddc_adam / muon / ddc_muon |",
+        "|---|---|" + "---|" * len(results["variants"]) + "---|",
+    ]
+    for r in results["models"]:
+        cells = []
+        for v in results["variants"]:
+            x = r["variants"][v]
+            ratio = f" (x{x['ratio_to_base']:.2f})" if "ratio_to_base" in x else ""
+            cells.append(f"{1e3 * x['median_s']:.1f} ms{ratio}")
+        sb = " / ".join(f"{r['variants'][v]['state_bytes_per_param']:.2f}" for v in
+                        ("torch_adamw", "ddc_adam", "muon", "ddc_muon") if v in r["variants"])
+        lines.append(f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {sb} |")
+    lines += ["", "Target: DDC step within 1.5x of its base rule's. `ddc_adam` and `ddc_adam_ref` run the same "
+              "code (the stacked DDC-Adam gauge step is opt-in, `configure(opt, stack_adam_gauges=True)`: it measured "
+              "slower on CPU), so their difference is this shared machine's timing noise."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="tiny,medium")
+    ap.add_argument("--archs", default=",".join(B.ARCHS), help="tiny models of these families")
+    ap.add_argument("--medium-archs", default="qwen3")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--medium-repeats", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE.parent / "results" / "ddc_bench"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    load0 = B._load()
+    models = []
+    sizes = args.sizes.split(",")
+    for size in sizes:
+        archs = args.archs.split(",") if size != "medium" else args.medium_archs.split(",")
+        for arch in archs:
+            reps = args.medium_repeats if size == "medium" else args.repeats
+            models.append(bench_model(arch, size, variants, reps, print))
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": " ".join(argv if argv is not None else sys.argv[1:]),
+               "variants": variants, "models": models,
+               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+                           "cpus": os.cpu_count(), "load_before": load0, "load_after": B._load()}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "bench.md").write_text(render(results))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
