@@ -66,7 +66,7 @@ def test_every_family_trains(arch, opt, corpus, tmp_path):
     if arch in ("qwen3", "gemma3"):
         assert "neuron_rescale:model.layers.0.mlp (rows)" in table
     else:
-        assert "stacked / fused experts" in table
+        assert "experts" in table and "not handled yet" in table
     if arch in ("olmoe", "gptoss"):
         assert "router_shift (rows)" in table
 
