@@ -10,6 +10,7 @@ each option is declared once, with its type, default and help, as a dataclass fi
 command only chooses which dataclasses it takes, which fields it leaves out and which
 defaults it changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import os
 import shlex
 import signal
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import torch
 
@@ -39,8 +40,18 @@ from .train.rundir import RunDirError
 
 # The project's main job: `equiopt compare` with no arguments. Sized to finish in <= 10 minutes
 # on 2 CPU cores including the corpus fetch and BPE training on a fresh machine.
-MAIN_JOB = dict(archs=["qwen3", "olmoe"], optimizers=["adamw", "muon", "paper"], seeds=2, steps=80, batch_size=8,
-                eval_every=20, eval_tokens=8192, warmup=-1, out="runs/compare", jobs=2)
+MAIN_JOB = dict(
+    archs=["qwen3", "olmoe"],
+    optimizers=["adamw", "muon", "paper"],
+    seeds=2,
+    steps=80,
+    batch_size=8,
+    eval_every=20,
+    eval_tokens=8192,
+    warmup=-1,
+    out="runs/compare",
+    jobs=2,
+)
 # `equiopt sweep`'s defaults where they differ from the dataclasses'.
 SWEEP_DEFAULTS = dict(steps=100, batch_size=8, eval_every=50, eval_tokens=8192, seed=1000, out="runs/sweep", jobs=2)
 
@@ -73,8 +84,9 @@ def run_train(args) -> int:
         scale, roles = _lr_for(load_lrs(opts.lr_from), cfg.arch, cfg.optimizer, cfg)
         cfg = dataclasses.replace(cfg, lr_scale=scale, role_lr_scale={**roles, **cfg.role_lr_scale})
     try:
-        final = train(cfg, resume=opts.resume, overwrite=opts.overwrite, progress=opts.progress,
-                      stop_after=opts.stop_after)
+        final = train(
+            cfg, resume=opts.resume, overwrite=opts.overwrite, progress=opts.progress, stop_after=opts.stop_after
+        )
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -84,8 +96,10 @@ def run_train(args) -> int:
         print(f"stopped at step {final['step']} (--stop-after); continue with --resume")
         return 0
     last = final["last"]
-    print(f"{cfg.arch}/{cfg.optimizer} seed {cfg.seed}: final val loss {final['val_loss']:.4f} "
-          f"(train {last['train_loss']:.4f}) after {cfg.steps} steps; run in {cfg.out}")
+    print(
+        f"{cfg.arch}/{cfg.optimizer} seed {cfg.seed}: final val loss {final['val_loss']:.4f} "
+        f"(train {last['train_loss']:.4f}) after {cfg.steps} steps; run in {cfg.out}"
+    )
     return 0
 
 
@@ -93,8 +107,13 @@ def run_train(args) -> int:
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    _options(p, (CompareOptions, ()), (TrainConfig, _PER_CELL + ("seed",)),
-             (RunOptions, ("resume", "stop_after")), defaults=MAIN_JOB)
+    _options(
+        p,
+        (CompareOptions, ()),
+        (TrainConfig, _PER_CELL + ("seed",)),
+        (RunOptions, ("resume", "stop_after")),
+        defaults=MAIN_JOB,
+    )
 
 
 def run_compare(args) -> int:
@@ -103,8 +122,18 @@ def run_compare(args) -> int:
     base = from_namespace(TrainConfig, args)
     opts = from_namespace(RunOptions, args)
     lrs = load_lrs(opts.lr_from) if opts.lr_from else None
-    rep = compare(base, grid.archs, grid.optimizers, list(range(grid.seeds)), Path(base.out), lrs=lrs,
-                  overwrite=opts.overwrite, progress=opts.progress, jobs=grid.jobs, command=_command_line())
+    rep = compare(
+        base,
+        grid.archs,
+        grid.optimizers,
+        list(range(grid.seeds)),
+        Path(base.out),
+        lrs=lrs,
+        overwrite=opts.overwrite,
+        progress=opts.progress,
+        jobs=grid.jobs,
+        command=_command_line(),
+    )
     print()
     print(rep["table"])
     print("Ordering by mean final validation loss (best first):")
@@ -117,8 +146,13 @@ def run_compare(args) -> int:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    _options(p, (SweepOptions, ()), (TrainConfig, _PER_CELL), (RunOptions, ("resume", "stop_after", "lr_from")),
-             defaults=SWEEP_DEFAULTS)
+    _options(
+        p,
+        (SweepOptions, ()),
+        (TrainConfig, _PER_CELL),
+        (RunOptions, ("resume", "stop_after", "lr_from")),
+        defaults=SWEEP_DEFAULTS,
+    )
 
 
 def run_sweep(args) -> int:
@@ -126,9 +160,20 @@ def run_sweep(args) -> int:
     grid = from_namespace(SweepOptions, args)
     base = from_namespace(TrainConfig, args)
     opts = from_namespace(RunOptions, args)
-    res = sweep(base, grid.archs, grid.optimizers, grid.lr_scales, dict(grid.role_grid), Path(base.out),
-                seed=base.seed, overwrite=opts.overwrite, progress=opts.progress, jobs=grid.jobs,
-                extend_edges=grid.extend_edges, command=_command_line())
+    res = sweep(
+        base,
+        grid.archs,
+        grid.optimizers,
+        grid.lr_scales,
+        dict(grid.role_grid),
+        Path(base.out),
+        seed=base.seed,
+        overwrite=opts.overwrite,
+        progress=opts.progress,
+        jobs=grid.jobs,
+        extend_edges=grid.extend_edges,
+        command=_command_line(),
+    )
     print(res["table"])
     print(f"\nBest learning rates: {Path(base.out) / 'best.json'} (use with --lr-from)")
     return 0
@@ -138,8 +183,12 @@ def run_sweep(args) -> int:
 
 
 def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("figure", choices=FIGURES, help="the paper's figure: fig2 (gpt-oss routers), fig3 (Qwen3 "
-                   "embedding/head x MLP), fig4 (Gemma 3 embedding/head x MLP), fig5 (OLMoE routers)")
+    p.add_argument(
+        "figure",
+        choices=FIGURES,
+        help="the paper's figure: fig2 (gpt-oss routers), fig3 (Qwen3 "
+        "embedding/head x MLP), fig4 (Gemma 3 embedding/head x MLP), fig5 (OLMoE routers)",
+    )
     _options(p, (ReproduceOptions, ()), (RunOptions, ("resume", "stop_after", "lr_from")))
 
 
@@ -190,17 +239,30 @@ def run_report(args) -> int:
 class PlanOptions:
     """``equiopt plan``: which model to plan (built from its config, no weights downloaded)."""
 
-    config: str | None = option(None, metavar="CONFIG_JSON",
-                                help="a Hugging Face config.json (its model_type and architectures[0] pick the classes)")
-    model: str | None = option(None, metavar="CLASS",
-                               help="transformers model class, e.g. Qwen3ForCausalLM (default: the config's "
-                                    "architectures[0])")
-    set: list[str] = option(default_factory=list, parse=str, repeat=True, metavar="KEY=VALUE",
-                            help="a config field, e.g. --set hidden_size=64 (values parsed as JSON when they can be)")
+    config: str | None = option(
+        None,
+        metavar="CONFIG_JSON",
+        help="a Hugging Face config.json (its model_type and architectures[0] pick the classes)",
+    )
+    model: str | None = option(
+        None,
+        metavar="CLASS",
+        help="transformers model class, e.g. Qwen3ForCausalLM (default: the config's architectures[0])",
+    )
+    set: list[str] = option(
+        default_factory=list,
+        parse=str,
+        repeat=True,
+        metavar="KEY=VALUE",
+        help="a config field, e.g. --set hidden_size=64 (values parsed as JSON when they can be)",
+    )
     preset: str = option("paper", choices=lambda: list(PRESETS), help="optimizer preset whose maps the table shows")
-    device: str = option("meta", choices=("meta", "cpu"),
-                         help="meta: build without memory, a shrunk copy of the same architecture is traced; "
-                              "cpu: build and trace the model itself (small configs)")
+    device: str = option(
+        "meta",
+        choices=("meta", "cpu"),
+        help="meta: build without memory, a shrunk copy of the same architecture is traced; "
+        "cpu: build and trace the model itself (small configs)",
+    )
 
     def __post_init__(self) -> None:
         if self.config is None and self.model is None:
@@ -274,9 +336,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="equiopt", description="Symmetry-compatible optimizers: training harness and tools. "
+        prog="equiopt",
+        description="Symmetry-compatible optimizers: training harness and tools. "
         "`equiopt compare` with no arguments runs the default comparison (~10 min on 2 CPU cores). "
-        "The optimizer-step benchmark is `python benchmarks/bench.py`.")
+        "The optimizer-step benchmark is `python benchmarks/bench.py`.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add, run) in COMMANDS.items():
         doc = (run.__doc__ or "").strip().splitlines()

@@ -7,11 +7,13 @@ not recorded. :class:`CompareOptions` and :class:`SweepOptions` are the grids of
 ``equiopt compare`` / ``equiopt sweep``. The command line is generated from these fields
 (:mod:`equiopt.train.options`); validation errors name the field and its flag.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +38,11 @@ _MUON_HIDDEN = {role: dict(PRESETS["muon"][role]) for role in ("mlp_in", "mlp_ou
 # optimizer name -> (equiopt preset, rules). Ablations are the paper stack with one block
 # family changed: AdamW there (equiopt gives an "adamw" rule the AdamW preset's learning rate
 # for that role), or Muon's map and hyperparameters on the MLP / expert matrices.
-OPTIMIZERS: dict[str, tuple[str, dict[str, str | dict]]] = {
+OPTIMIZERS: dict[str, tuple[str, Mapping[str, Any]]] = {
     "adamw": ("adamw", {}),
     "muon": ("muon", {}),
     "paper": ("paper", {}),
-    "paper-adamw-embed-head": ("paper", {"embedding": "adamw", "lm_head": "adamw",
-                                         "tied_embedding": "adamw"}),
+    "paper-adamw-embed-head": ("paper", {"embedding": "adamw", "lm_head": "adamw", "tied_embedding": "adamw"}),
     "paper-adamw-router": ("paper", {"router": "adamw"}),
     "paper-left-spectral-router": ("paper", {"router": "left_spectral"}),
     "paper-muon-mlp": ("paper", _MUON_HIDDEN),
@@ -62,9 +63,21 @@ SCHEDULES = ("cosine", "constant", "wsd")
 ROLE_SCHEDULE_KINDS = ("stable_decay", "warmup_cosine")
 ROLE_SCHEDULE_DEFAULT = "*"  # role_schedule key for every role not named
 DIST_MODES = ("none", "ddp", "fsdp2")
-MODEL_OVERRIDES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                   "head_dim", "num_experts", "top_k", "sliding_window", "vocab_size",
-                   "rope_theta", "tie_embeddings", "aux_loss_coef")
+MODEL_OVERRIDES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "num_experts",
+    "top_k",
+    "sliding_window",
+    "vocab_size",
+    "rope_theta",
+    "tie_embeddings",
+    "aux_loss_coef",
+)
 
 _MODEL, _EVAL, _DATA = "model and schedule", "evaluation, checkpoints, machine", "data"
 
@@ -88,8 +101,10 @@ def parse_schedule(spec: str) -> tuple[str, float | None]:
             return name, x
         if name == "warmup_cosine" and _finite(x) and x >= 0 and x == int(x):
             return name, x
-    raise ValueError(f"role_schedule (--role-schedule): unknown schedule {spec!r}; use one of "
-                     f"{', '.join(SCHEDULES)}, stable_decay:F (0 < F <= 1) or warmup_cosine:W (W >= 0 steps)")
+    raise ValueError(
+        f"role_schedule (--role-schedule): unknown schedule {spec!r}; use one of "
+        f"{', '.join(SCHEDULES)}, stable_decay:F (0 < F <= 1) or warmup_cosine:W (W >= 0 steps)"
+    )
 
 
 def role_strings(s: str) -> dict[str, str]:
@@ -129,61 +144,96 @@ class TrainConfig:
     """One training run (everything that determines its result)."""
 
     arch: str = option("qwen3", choices=ARCHS, help="architecture family")
-    size: str = option("tiny", choices=SIZES, group=_MODEL,
-                       help="model size preset: tiny (CPU, 1-3M params) or paper (the paper's shapes, 0.75B-6.9B "
-                            "total; the vocabulary always follows the data's tokenizer)")
+    size: str = option(
+        "tiny",
+        choices=SIZES,
+        group=_MODEL,
+        help="model size preset: tiny (CPU, 1-3M params) or paper (the paper's shapes, 0.75B-6.9B "
+        "total; the vocabulary always follows the data's tokenizer)",
+    )
     optimizer: str = option("paper", choices=lambda: list(OPTIMIZERS), help="optimizer")
     lr_scale: float = option(1.0, group=_MODEL, help="multiplier of every role's preset learning rate")
-    role_lr_scale: dict[str, float] = option(default_factory=dict, flag="--role-lr", parse=role_floats,
-                                             metavar="ROLE=X,...", group=_MODEL,
-                                             help="extra per-role learning-rate multipliers, e.g. embedding=2,router=0.5")
+    role_lr_scale: dict[str, float] = option(
+        default_factory=dict,
+        flag="--role-lr",
+        parse=role_floats,
+        metavar="ROLE=X,...",
+        group=_MODEL,
+        help="extra per-role learning-rate multipliers, e.g. embedding=2,router=0.5",
+    )
     steps: int = option(200, parse=positive_int, group=_MODEL, help="training steps")
     batch_size: int = option(16, parse=positive_int, group=_MODEL, help="sequences per step")
     seq_len: int = option(128, parse=positive_int, group=_MODEL, help="tokens per sequence")
     warmup: int = option(-1, group=_MODEL, help="linear warm-up steps, -1 = 10% of --steps")
-    schedule: str = option("cosine", choices=SCHEDULES, group=_MODEL,
-                           help="LR schedule after warm-up: cosine decay to --min-lr-ratio, constant, or wsd "
-                                "(constant, then linear decay over the last 20%)")
+    schedule: str = option(
+        "cosine",
+        choices=SCHEDULES,
+        group=_MODEL,
+        help="LR schedule after warm-up: cosine decay to --min-lr-ratio, constant, or wsd "
+        "(constant, then linear decay over the last 20%)",
+    )
     min_lr_ratio: float = option(0.1, group=_MODEL, help="final LR / peak LR")
     grad_clip: float = option(0.0, group=_MODEL, help="global grad-norm clip, 0 = off")
     eval_every: int = option(50, parse=positive_int, group=_EVAL, help="steps between evaluations")
-    eval_tokens: int = option(16384, parse=positive_int, group=_EVAL,
-                              help="validation tokens per evaluation (fixed subset)")
+    eval_tokens: int = option(
+        16384, parse=positive_int, group=_EVAL, help="validation tokens per evaluation (fixed subset)"
+    )
     ckpt_every: int = option(100, group=_EVAL, help="steps between checkpoints, 0 = end only")
     keep_checkpoint: bool = option(True, cli=False, help="False: delete checkpoint.pt after a successful run")
     seed: int = option(0, help="model init and batch order seed")
-    aux_loss: bool = option(False, group=_MODEL,
-                            help="add the MoE load-balancing auxiliary loss to the training loss (routing metrics "
-                                 "are logged either way)")
+    aux_loss: bool = option(
+        False,
+        group=_MODEL,
+        help="add the MoE load-balancing auxiliary loss to the training loss (routing metrics are logged either way)",
+    )
     threads: int = option(0, group=_EVAL, help="torch CPU threads, 0 = torch's default")
-    device: str = option("cpu", group=_EVAL,
-                         help="cpu (float32) or cuda[:i] (float32 weights, bfloat16 autocast)")
-    dist: str = option("none", choices=DIST_MODES,
-                       help="multi-process data parallelism under torchrun (one process per device; gloo on CPU, "
-                            "nccl on GPUs): torchrun --nproc_per_node=N -m equiopt train --dist ddp|fsdp2 ...")
-    model: dict[str, Any] = option(default_factory=dict, parse=model_overrides, metavar="KEY=VALUE,...", group=_MODEL,
-                                   help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16,"
-                                        "rope_theta=1e6,tie_embeddings=false")
+    device: str = option("cpu", group=_EVAL, help="cpu (float32) or cuda[:i] (float32 weights, bfloat16 autocast)")
+    dist: str = option(
+        "none",
+        choices=DIST_MODES,
+        help="multi-process data parallelism under torchrun (one process per device; gloo on CPU, "
+        "nccl on GPUs): torchrun --nproc_per_node=N -m equiopt train --dist ddp|fsdp2 ...",
+    )
+    model: dict[str, Any] = option(
+        default_factory=dict,
+        parse=model_overrides,
+        metavar="KEY=VALUE,...",
+        group=_MODEL,
+        help="override preset fields, e.g. hidden_size=256,num_layers=6,num_experts=16,"
+        "rope_theta=1e6,tie_embeddings=false",
+    )
     role_schedule: dict[str, str] = option(
-        default_factory=dict, parse=role_strings, metavar="ROLE=SCHED,...", group=_MODEL,
+        default_factory=dict,
+        parse=role_strings,
+        metavar="ROLE=SCHED,...",
+        group=_MODEL,
         help="per-role LR schedules (one multiplier curve per param_group, chosen by its role; '*' = every role "
-             "not named; roles not covered follow --schedule): cosine|constant|wsd (with --warmup, "
-             "--min-lr-ratio), stable_decay:F (constant, linear decay to 0 over the last fraction F, no warm-up) "
-             "or warmup_cosine:W (W warm-up steps from 0, cosine to 0); the paper's recipes: "
-             "vector=warmup_cosine:100,*=stable_decay:0.4")
-    rules: dict[str, Any] = option(default_factory=dict, cli=False,
-                                   help="per-role map rules on top of the optimizer's (equiopt.plan rules=): "
-                                        "{role: map name or {hyperparameter: value}}")
-    role_lr: dict[str, float] = option(default_factory=dict, cli=False,
-                                       help="absolute per-role learning rates (equiopt.plan lr=), before "
-                                            "lr_scale and role_lr_scale")
-    roles: dict[str, str] = option(default_factory=dict, cli=False,
-                                   help="role overrides, regex on parameter names (equiopt.plan roles=)")
-    layouts: dict[str, str] = option(default_factory=dict, cli=False,
-                                     help="layout overrides, regex on parameter names (equiopt.plan layouts=)")
+        "not named; roles not covered follow --schedule): cosine|constant|wsd (with --warmup, "
+        "--min-lr-ratio), stable_decay:F (constant, linear decay to 0 over the last fraction F, no warm-up) "
+        "or warmup_cosine:W (W warm-up steps from 0, cosine to 0); the paper's recipes: "
+        "vector=warmup_cosine:100,*=stable_decay:0.4",
+    )
+    rules: dict[str, Any] = option(
+        default_factory=dict,
+        cli=False,
+        help="per-role map rules on top of the optimizer's (equiopt.plan rules=): "
+        "{role: map name or {hyperparameter: value}}",
+    )
+    role_lr: dict[str, float] = option(
+        default_factory=dict,
+        cli=False,
+        help="absolute per-role learning rates (equiopt.plan lr=), before lr_scale and role_lr_scale",
+    )
+    roles: dict[str, str] = option(
+        default_factory=dict, cli=False, help="role overrides, regex on parameter names (equiopt.plan roles=)"
+    )
+    layouts: dict[str, str] = option(
+        default_factory=dict, cli=False, help="layout overrides, regex on parameter names (equiopt.plan layouts=)"
+    )
     variant: str = option("", cli=False, help="a label for reports (a recipe's variant name); '' = the optimizer")
-    tensorboard: bool = option(True, group=_EVAL,
-                               help="also write TensorBoard event files (OUT/tb) with every scalar of metrics.jsonl")
+    tensorboard: bool = option(
+        True, group=_EVAL, help="also write TensorBoard event files (OUT/tb) with every scalar of metrics.jsonl"
+    )
     data: DataConfig = option(default_factory=DataConfig, help="the data (DataConfig)")
     out: str = option("runs/train", help="run directory (compare, sweep: the output directory)")
 
@@ -217,11 +267,15 @@ class TrainConfig:
         if self.dist not in DIST_MODES:
             raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
         if self.optimizer in DDC_OPTIMIZERS and self.dist == "fsdp2":
-            raise ValueError(f"optimizer {self.optimizer!r} does not support --dist fsdp2 yet (DDC needs whole gauge "
-                             "blocks: per-neuron norms, vocabulary means, polar maps); use --dist ddp")
+            raise ValueError(
+                f"optimizer {self.optimizer!r} does not support --dist fsdp2 yet (DDC needs whole gauge "
+                "blocks: per-neuron norms, vocabulary means, polar maps); use --dist ddp"
+            )
         if self.optimizer in DDC_OPTIMIZERS and self.role_lr_scale:
-            raise self._err("role_lr_scale", f"is not supported by {self.optimizer!r} (its groups are gauge kinds, "
-                                             "not roles); use --lr-scale")
+            raise self._err(
+                "role_lr_scale",
+                f"is not supported by {self.optimizer!r} (its groups are gauge kinds, not roles); use --lr-scale",
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -234,8 +288,9 @@ class TrainConfig:
             if not getattr(self, name) >= 1:
                 raise self._err(name, f"must be >= 1, got {getattr(self, name)}")
         if not (self.warmup == -1 or 0 <= self.warmup <= self.steps):
-            raise self._err("warmup", f"must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], "
-                                      f"got {self.warmup}")
+            raise self._err(
+                "warmup", f"must be -1 (auto: 10% of steps) or in [0, steps={self.steps}], got {self.warmup}"
+            )
         for name in ("ckpt_every", "threads"):
             if not getattr(self, name) >= 0:
                 raise self._err(name, f"must be >= 0, got {getattr(self, name)}")
@@ -254,8 +309,10 @@ class TrainConfig:
                 raise self._err("role_lr_scale", f"[{role!r}] must be a positive number, got {v}")
         for role, spec in self.role_schedule.items():
             if role != ROLE_SCHEDULE_DEFAULT and role not in ROLES:
-                raise ValueError(f"role_schedule: unknown role {role!r}; roles: {', '.join(ROLES)} "
-                                 f"(or {ROLE_SCHEDULE_DEFAULT!r} for every role not named)")
+                raise ValueError(
+                    f"role_schedule: unknown role {role!r}; roles: {', '.join(ROLES)} "
+                    f"(or {ROLE_SCHEDULE_DEFAULT!r} for every role not named)"
+                )
             parse_schedule(spec)
         for name, table in (("rules", self.rules), ("role_lr", self.role_lr)):
             for role in table:
@@ -275,8 +332,13 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         mc = preset(self.arch, self.size)
-        mc = dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=self.seq_len, aux_loss=self.aux_loss,
-                                 **{k: v for k, v in self.model.items() if k != "vocab_size"})
+        mc = dataclasses.replace(
+            mc,
+            vocab_size=vocab_size,
+            max_seq_len=self.seq_len,
+            aux_loss=self.aux_loss,
+            **{k: v for k, v in self.model.items() if k != "vocab_size"},
+        )
         if mc.layer_types is not None and len(mc.layer_types) != mc.num_layers:
             pattern = mc.layer_types
             mc.layer_types = [pattern[i % len(pattern)] for i in range(mc.num_layers)]
@@ -314,11 +376,15 @@ class RunOptions:
     resume: bool = option(False, help="continue the run in --out from its checkpoint")
     overwrite: bool = option(False, help="discard existing runs in --out instead of refusing/reusing them")
     progress: bool = option(True, help="progress bars")
-    lr_from: str | None = option(None, metavar="BEST_JSON",
-                                 help="per (arch, optimizer) lr_scale and role multipliers from sweeps' best.json "
-                                      "files (comma-separated; later files win)")
-    stop_after: int | None = option(None, parse=positive_int, hidden=True,
-                                    help="stop after N steps as a kill would (tests)")
+    lr_from: str | None = option(
+        None,
+        metavar="BEST_JSON",
+        help="per (arch, optimizer) lr_scale and role multipliers from sweeps' best.json "
+        "files (comma-separated; later files win)",
+    )
+    stop_after: int | None = option(
+        None, parse=positive_int, hidden=True, help="stop after N steps as a kill would (tests)"
+    )
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -330,8 +396,9 @@ def check_grid(archs: list[str], optimizers: list[str]) -> None:
     if not archs:
         raise ValueError(f"archs (--archs) names no architecture; give a comma-separated list from {','.join(ARCHS)}")
     if not optimizers:
-        raise ValueError(f"optimizers (--optimizers) names no optimizer; give a comma-separated list from "
-                         f"{','.join(OPTIMIZERS)}")
+        raise ValueError(
+            f"optimizers (--optimizers) names no optimizer; give a comma-separated list from {','.join(OPTIMIZERS)}"
+        )
     for a in archs:
         if a not in ARCHS:
             raise ValueError(f"unknown arch {a!r}; choose from {', '.join(ARCHS)}")
@@ -344,13 +411,19 @@ def check_grid(archs: list[str], optimizers: list[str]) -> None:
 
 @dataclass
 class GridOptions:
-    archs: list[str] = option(default_factory=lambda: ["qwen3"], parse=csv_list,
-                              help=f"comma-separated, from {','.join(ARCHS)}")
-    optimizers: list[str] = option(default_factory=lambda: ["adamw", "muon", "paper"], parse=csv_list,
-                                   help=f"comma-separated, from {','.join(OPTIMIZERS)}")
-    jobs: int = option(1, parse=positive_int,
-                       help="runs trained at once, each in its own process on one thread (1 = in this process, "
-                            "on --threads threads)")
+    archs: list[str] = option(
+        default_factory=lambda: ["qwen3"], parse=csv_list, help=f"comma-separated, from {','.join(ARCHS)}"
+    )
+    optimizers: list[str] = option(
+        default_factory=lambda: ["adamw", "muon", "paper"],
+        parse=csv_list,
+        help=f"comma-separated, from {','.join(OPTIMIZERS)}",
+    )
+    jobs: int = option(
+        1,
+        parse=positive_int,
+        help="runs trained at once, each in its own process on one thread (1 = in this process, on --threads threads)",
+    )
 
     def __post_init__(self) -> None:
         check_grid(self.archs, self.optimizers)
@@ -363,14 +436,22 @@ class CompareOptions(GridOptions):
 
 @dataclass
 class SweepOptions(GridOptions):
-    lr_scales: list[float] = option(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], parse=float_list,
-                                    help="global multipliers of the preset learning rates to try")
+    lr_scales: list[float] = option(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
+        parse=float_list,
+        help="global multipliers of the preset learning rates to try",
+    )
     role_grid: list[tuple[str, list[float]]] = option(
-        default_factory=list, parse=role_grid, repeat=True, metavar="ROLE=X,Y,...",
+        default_factory=list,
+        parse=role_grid,
+        repeat=True,
+        metavar="ROLE=X,Y,...",
         help="after the global scale, try these multipliers for one role (coordinate descent in the given "
-             "order), e.g. --role-grid embedding=0.5,2")
-    extend_edges: int = option(2, metavar="N", help="when the best scale is on the grid's edge, extend the grid "
-                                                     "past it, up to N times")
+        "order), e.g. --role-grid embedding=0.5,2",
+    )
+    extend_edges: int = option(
+        2, metavar="N", help="when the best scale is on the grid's edge, extend the grid past it, up to N times"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -379,8 +460,10 @@ class SweepOptions(GridOptions):
         if len(set(self.lr_scales)) != len(self.lr_scales):
             raise ValueError(f"lr_scales (--lr-scales) repeats a value: {self.lr_scales}")
         if self.role_grid and any(o in DDC_OPTIMIZERS for o in self.optimizers):
-            raise ValueError("--role-grid does not apply to the DDC optimizers (their groups are gauge kinds, not "
-                             "roles); sweep them with --lr-scales only")
+            raise ValueError(
+                "--role-grid does not apply to the DDC optimizers (their groups are gauge kinds, not "
+                "roles); sweep them with --lr-scales only"
+            )
         for role, vals in self.role_grid:
             if role not in ROLES:
                 raise ValueError(f"--role-grid: unknown role {role!r}; roles: {', '.join(ROLES)}")

@@ -21,6 +21,7 @@ state inside); resume needs the same world size. Single-process runs keep ``chec
 Signals are not intercepted under torchrun (the ranks would stop at different steps); such a
 run keeps its last periodic checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,10 +77,28 @@ from .rundir import (
     save_checkpoint,
 )
 
-__all__ = ["DIST_CKPT", "DIST_MODES", "MODEL_OVERRIDES", "OPTIMIZERS", "ROUTER_ONLY", "RUN_DIRS", "RUN_FILES",
-           "SCHEDULES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "config_diff", "evaluate",
-           "lr_lambda", "make_optimizer", "read_metrics", "role_lr_lambdas", "schedule_lambda", "save_checkpoint",
-           "train"]
+__all__ = [
+    "DIST_CKPT",
+    "DIST_MODES",
+    "MODEL_OVERRIDES",
+    "OPTIMIZERS",
+    "ROUTER_ONLY",
+    "RUN_DIRS",
+    "RUN_FILES",
+    "SCHEDULES",
+    "TrainConfig",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "config_diff",
+    "evaluate",
+    "lr_lambda",
+    "make_optimizer",
+    "read_metrics",
+    "role_lr_lambdas",
+    "schedule_lambda",
+    "save_checkpoint",
+    "train",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,10 +119,17 @@ class TrainingInterrupted(RuntimeError):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
-                   role_lr_scale: dict[str, float] | None = None, *, rules: dict | None = None,
-                   role_lr: dict[str, float] | None = None, roles: dict[str, str] | None = None,
-                   layouts: dict[str, str] | None = None):
+def make_optimizer(
+    model: torch.nn.Module,
+    name: str,
+    lr_scale: float = 1.0,
+    role_lr_scale: dict[str, float] | None = None,
+    *,
+    rules: dict | None = None,
+    role_lr: dict[str, float] | None = None,
+    roles: dict[str, str] | None = None,
+    layouts: dict[str, str] | None = None,
+):
     """(optimizer, plan) for one of ``OPTIMIZERS``; learning rates = preset (or ``role_lr``, absolute)
     x lr_scale x role scale. ``rules`` (per role) replace the optimizer's rules for those roles;
     ``roles`` / ``layouts`` are the planner's overrides (recipes set all four)."""
@@ -111,15 +138,23 @@ def make_optimizer(model: torch.nn.Module, name: str, lr_scale: float = 1.0,
     preset_name, base_rules = OPTIMIZERS[name]
     if preset_name in equiopt.DDC_PRESETS:  # roles for the harness (router probe); DDC finds the gauges
         if role_lr_scale or role_lr or rules or roles or layouts:
-            raise ValueError(f"{name}: per-role rules, learning rates and overrides do not apply "
-                             "(DDC groups are gauge kinds)")
+            raise ValueError(
+                f"{name}: per-role rules, learning rates and overrides do not apply (DDC groups are gauge kinds)"
+            )
         plan = equiopt.plan(model, "adamw")
         opt = ddc.ddc_optimizer(plan, equiopt.DDC_PRESETS[preset_name], model=Dd.unwrap(model), lr_scale=lr_scale)
         return opt, plan
     merged = {**base_rules, **(rules or {})}
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
-    plan = equiopt.plan(model, preset_name, rules=merged or None, lr=role_lr or None, lr_scale=scale,
-                        roles=roles or None, layouts=layouts or None)
+    plan = equiopt.plan(
+        model,
+        preset_name,
+        rules=merged or None,
+        lr=role_lr or None,
+        lr_scale=scale,
+        roles=roles or None,
+        layouts=layouts or None,
+    )
     return equiopt.build(plan), plan
 
 
@@ -140,6 +175,7 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         if t < decay_start:
             return 1.0
         return 1.0 - (1 - cfg.min_lr_ratio) * (t - decay_start) / (1 - decay_start)
+
     return f
 
 
@@ -153,6 +189,7 @@ def schedule_lambda(cfg: TrainConfig, spec: str) -> Callable[[int], float]:
         def stable_decay(step: int) -> float:
             left = max(1.0 - step / n, 1e-12)
             return 1.0 if left >= frac else left / frac
+
         return stable_decay
     if kind == "warmup_cosine":  # the paper's AdamW roles: s / W, then cosine from 1 to 0
         warm = int(arg)  # type: ignore[arg-type]
@@ -162,6 +199,7 @@ def schedule_lambda(cfg: TrainConfig, spec: str) -> Callable[[int], float]:
                 return step / max(1, warm)
             t = (step - warm) / max(1, n - warm)
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * t)))
+
         return warmup_cosine
     return lr_lambda(dataclasses.replace(cfg, schedule=kind))
 
@@ -202,13 +240,15 @@ class RouterProbe:
             raise RuntimeError("the plan has routers but the model config has no num_experts_per_tok")
         self.top_k = top_k
         self.stats: dict[str, M.RoutingStats] = {}
-        self._handles = []
+        self._handles: list = []
 
     def __enter__(self):
         self.stats = {n: M.RoutingStats(E, self.top_k) for n, (_, E) in self.modules.items()}
         for n, (mod, E) in self.modules.items():
+
             def hook(module, args, output, n=n, E=E):
                 self.stats[n].update(_router_logits(output, E, n))
+
             self._handles.append(mod.register_forward_hook(hook))
         return self
 
@@ -222,8 +262,6 @@ class RouterProbe:
         return per_layer, M.average_layers(per_layer)
 
 
-
-
 # ----------------------------------------------------------------------------- run records
 
 
@@ -231,8 +269,9 @@ def git_revision() -> str:
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        )
     except FileNotFoundError:
         return "unknown (git not installed)"
     if rev.returncode != 0:
@@ -241,14 +280,19 @@ def git_revision() -> str:
 
 
 def environment() -> dict:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("equiopt", "torch", "transformers", "tokenizers", "numpy", "scipy", "matplotlib", "tqdm"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"git_revision": git_revision(), "python": sys.version.split()[0], "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(), "packages": versions}
+    return {
+        "git_revision": git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+    }
 
 
 def _rng_state() -> dict:
@@ -259,7 +303,6 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"].cpu())
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -298,8 +341,9 @@ def _autocast(device: str):
 
 
 @torch.no_grad()
-def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe: RouterProbe | None,
-             device: str = "cpu") -> dict:
+def evaluate(
+    model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe: RouterProbe | None, device: str = "cpu"
+) -> dict:
     model.eval()
     total, count = 0.0, 0
     lstats = M.LogitStats()
@@ -308,7 +352,7 @@ def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe:
         ctx.__enter__()
     try:
         for a in range(0, len(idx), batch_size):
-            t = windows.get(idx[a: a + batch_size]).to(device)
+            t = windows.get(idx[a : a + batch_size]).to(device)
             with _autocast(device):
                 logits = model(input_ids=t[:, :-1]).logits.float()
             y = t[:, 1:]
@@ -320,12 +364,11 @@ def evaluate(model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe:
             ctx.__exit__(None, None, None)
     model.train()
     out = {"val_loss": total / count, "val_tokens": count, "logits": lstats.compute()}
-    if ctx:
+    if ctx and probe is not None:
         per_layer, avg = probe.compute()
         out["routing"] = avg
         out["routing_layers"] = per_layer
     return out
-
 
 
 class _StopSignals:
@@ -385,27 +428,32 @@ def _check_existing(run: RunDir, cfg: TrainConfig, resume: bool, log: Callable[[
     if not have:
         return
     if not resume:
-        raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or --overwrite "
-                              "to start over")
+        raise FileExistsError(
+            f"{run.path} already holds a run; pass --resume to continue it or --overwrite to start over"
+        )
     if run.has_checkpoint():
         return
-    how = ("Nothing was changed. Use a new --out, or remove the directory (or pass --overwrite) "
-           "to start a new run there")
+    how = "Nothing was changed. Use a new --out, or remove the directory (or pass --overwrite) to start a new run there"
     final = run.read_json(FINAL)
     if final is not None:
-        raise RunDirError(f"--resume: {run.path} holds a {final.get('status', 'finished')} run (step "
-                          f"{final.get('step')}) and no checkpoint ({run.ckpt.name}) to continue from. {how}")
+        raise RunDirError(
+            f"--resume: {run.path} holds a {final.get('status', 'finished')} run (step "
+            f"{final.get('step')}) and no checkpoint ({run.ckpt.name}) to continue from. {how}"
+        )
     saved = run.read_json(CONFIG)
     diff = ["config.json is missing"] if saved is None else config_diff(saved, cfg.to_dict())
     if diff:
-        raise RunDirError(f"--resume: {run.path} holds another run ({', '.join(diff)} differ) and no "
-                          f"checkpoint to continue from. {how}")
+        raise RunDirError(
+            f"--resume: {run.path} holds another run ({', '.join(diff)} differ) and no "
+            f"checkpoint to continue from. {how}"
+        )
     log(f"[train] {run.path}: the run stopped before its first checkpoint; starting it again from step 0")
 
 
 def _describe_diff(saved: dict, mine: dict, keys: list[str]) -> str:
     def get(d, k):
         return d.get("data", {}).get(k[5:]) if k.startswith("data.") else d.get(k)
+
     return "; ".join(f"{k}: {get(saved, k)!r} in the checkpoint, {get(mine, k)!r} now" for k in keys)
 
 
@@ -414,9 +462,11 @@ def _check_resume(run: RunDir, state: dict, cfg: TrainConfig, log: Callable[[str
     saved, mine = state["config"], cfg.to_dict()
     diff = config_diff(saved, mine, ignore=RESUMABLE_CHANGES)
     if diff:
-        raise ValueError(f"--resume: {run.ckpt} was written by a run with another configuration ("
-                         f"{_describe_diff(saved, mine, diff)}). Resume with the checkpoint's options, or start "
-                         "a new run (a new --out, or --overwrite)")
+        raise ValueError(
+            f"--resume: {run.ckpt} was written by a run with another configuration ("
+            f"{_describe_diff(saved, mine, diff)}). Resume with the checkpoint's options, or start "
+            "a new run (a new --out, or --overwrite)"
+        )
     if state["step"] > cfg.steps:
         raise ValueError(f"--resume: {run.ckpt} is at step {state['step']}, past --steps {cfg.steps}")
     if saved.get("steps") != cfg.steps:
@@ -426,8 +476,9 @@ def _check_resume(run: RunDir, state: dict, cfg: TrainConfig, log: Callable[[str
         log(f"[train] warning: {run.ckpt} was written by code at {rev}; this is {now}")
 
 
-def _open_run(run: RunDir, cfg: TrainConfig, rank0: bool, resume: bool, overwrite: bool,
-              log: Callable[[str], None]) -> dict | None:
+def _open_run(
+    run: RunDir, cfg: TrainConfig, rank0: bool, resume: bool, overwrite: bool, log: Callable[[str], None]
+) -> dict | None:
     """Prepare the directory (rank 0); the checkpoint's state to resume from, or None."""
     if rank0:
         run.check_foreign()
@@ -483,8 +534,16 @@ class Trainer:
             # MoE: an expert no token of this rank's slice reached has no gradient on this rank
             model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=self.mcfg.is_moe)
         self.model, self.inner = model, Dd.unwrap(model)  # inner: the model itself (config, names)
-        self.opt, self.plan = make_optimizer(model, cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale, rules=cfg.rules,
-                                             role_lr=cfg.role_lr, roles=cfg.roles, layouts=cfg.layouts)
+        self.opt, self.plan = make_optimizer(
+            model,
+            cfg.optimizer,
+            cfg.lr_scale,
+            cfg.role_lr_scale,
+            rules=cfg.rules,
+            role_lr=cfg.role_lr,
+            roles=cfg.roles,
+            layouts=cfg.layouts,
+        )
         # orbit drift of every gauge since init, logged under "gauge" for every optimizer (the
         # model is freshly built from the seed here, also when the run resumes)
         self.drift = equiopt.diagnostics.GaugeDrift(self.inner, self.plan)
@@ -504,13 +563,22 @@ class Trainer:
     # ------------------------------------------------------------------ run records and checkpoints
 
     def _stateful(self) -> dict:  # looked up at call time: the window is replaced after every evaluation
-        return {"scheduler": self.sched, "window": self.window, "loss_spikes": self.loss_spikes,
-                "gnorm_spikes": self.gnorm_spikes}
+        return {
+            "scheduler": self.sched,
+            "window": self.window,
+            "loss_spikes": self.loss_spikes,
+            "gnorm_spikes": self.gnorm_spikes,
+        }
 
     def run_state(self, step: int) -> dict:
         """What a checkpoint holds besides model, optimizer and RNG (same keys on both paths)."""
-        return {"step": step, "sampler": self.sampler.state_dict(step), "config": self.cfg.to_dict(),
-                "git_revision": self.revision, **{k: obj.state_dict() for k, obj in self._stateful().items()}}
+        return {
+            "step": step,
+            "sampler": self.sampler.state_dict(step),
+            "config": self.cfg.to_dict(),
+            "git_revision": self.revision,
+            **{k: obj.state_dict() for k, obj in self._stateful().items()},
+        }
 
     def start(self) -> None:
         """A new run: its records (rank 0)."""
@@ -519,10 +587,18 @@ class Trainer:
         run, plan = self.run, self.plan
         run.start_metrics()
         run.write_json(CONFIG, self.cfg.to_dict())
-        run.write_json("env.json", {**environment(), "model_config": self.mcfg.to_dict(), "data": self.prep.info,
-                                    "parameters": sum(e.param.numel() for e in plan.entries),
-                                    "world_size": self.world, "dist": self.cfg.dist,
-                                    "backend": None if self.info is None else self.info.backend})
+        run.write_json(
+            "env.json",
+            {
+                **environment(),
+                "model_config": self.mcfg.to_dict(),
+                "data": self.prep.info,
+                "parameters": sum(e.param.numel() for e in plan.entries),
+                "world_size": self.world,
+                "dist": self.cfg.dist,
+                "backend": None if self.info is None else self.info.backend,
+            },
+        )
         # DDC: every parameter with its gauge(s) or "none: base rule" and why, instead of the plan
         run.write_text(PLAN, (ddc.describe(self.opt) if isinstance(self.opt, ddc.DDCOptimizer) else str(plan)) + "\n")
 
@@ -532,9 +608,11 @@ class Trainer:
         if self.info is not None:
             state, rank_extra = Dd.load_checkpoint(self.run.ckpt, self.model, self.opt)
             if state.get("world_size") != self.world:
-                raise ValueError(f"--resume: {self.run.ckpt} was written by {state.get('world_size')} processes, "
-                                 f"this run has {self.world}; resume with --nproc_per_node x nodes = "
-                                 f"{state.get('world_size')}")
+                raise ValueError(
+                    f"--resume: {self.run.ckpt} was written by {state.get('world_size')} processes, "
+                    f"this run has {self.world}; resume with --nproc_per_node x nodes = "
+                    f"{state.get('world_size')}"
+                )
             _set_rng_state(rank_extra["rng"])
         else:
             self.model.load_state_dict(state["model"])
@@ -554,25 +632,42 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         if self.info is not None:
-            Dd.save_checkpoint(self.run.ckpt, self.model, self.opt,
-                               extra={**self.run_state(step), "world_size": self.world, "dist": self.cfg.dist},
-                               rank_extra={"rng": _rng_state()})
+            Dd.save_checkpoint(
+                self.run.ckpt,
+                self.model,
+                self.opt,
+                extra={**self.run_state(step), "world_size": self.world, "dist": self.cfg.dist},
+                rank_extra={"rng": _rng_state()},
+            )
         else:
-            self.run.save_checkpoint({**self.run_state(step), "model": self.model.state_dict(),
-                                      "optimizer": self.opt.state_dict(), "rng": _rng_state()})
+            self.run.save_checkpoint(
+                {
+                    **self.run_state(step),
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "rng": _rng_state(),
+                }
+            )
         self.saved_at = step
 
     def diverged(self, step: int, what: str) -> None:
         """Record the divergence (rank 0) and raise :class:`TrainingDiverged` (every rank gets
         here: losses and finite flags are global)."""
         cfg, good = self.cfg, self.run.checkpoint_step()
-        msg = (f"run {self.run.path} diverged: {what} at step {step} (optimizer {cfg.optimizer}, lr_scale "
-               f"{cfg.lr_scale:g}). " + (f"The last good checkpoint (step {good}) is kept in {self.run.ckpt}."
-                                         if good is not None else "No checkpoint had been written yet."))
+        msg = (
+            f"run {self.run.path} diverged: {what} at step {step} (optimizer {cfg.optimizer}, lr_scale "
+            f"{cfg.lr_scale:g}). "
+            + (
+                f"The last good checkpoint (step {good}) is kept in {self.run.ckpt}."
+                if good is not None
+                else "No checkpoint had been written yet."
+            )
+        )
         if self.rank0:
             self.run.append_metrics({"event": "diverged", "step": step, "message": msg})
-            self.run.write_json(FINAL, {"status": "diverged", "step": step, "message": msg, "val_loss": None,
-                                        "config": cfg.to_dict()})
+            self.run.write_json(
+                FINAL, {"status": "diverged", "step": step, "message": msg, "val_loss": None, "config": cfg.to_dict()}
+            )
         raise TrainingDiverged(msg)
 
     # ------------------------------------------------------------------ one step
@@ -594,7 +689,8 @@ class Trainer:
         if cfg.aux_loss:
             if aux is None:
                 raise RuntimeError(f"{cfg.arch}: aux_loss=True but the model returned no aux_loss")
-            loss = ce + self.inner.config.router_aux_loss_coef * aux
+            model_config: Any = self.inner.config  # a transformers config (nn.Module types it loosely)
+            loss = ce + float(model_config.router_aux_loss_coef) * aux
         lval = self._global(ce)
         total = lval if loss is ce else self._global(loss)
         if not math.isfinite(total):
@@ -635,13 +731,19 @@ class Trainer:
         cfg, w = self.cfg, self.window
         ev = evaluate(self.eval_model, self.val_w, self.eval_idx, cfg.batch_size, self.probe, self.device)
         rec = {
-            "step": done, "tokens": done * cfg.batch_size * cfg.seq_len,
-            "train_loss": w.loss_sum / w.steps, "val_loss": ev["val_loss"],
+            "step": done,
+            "tokens": done * cfg.batch_size * cfg.seq_len,
+            "train_loss": w.loss_sum / w.steps,
+            "val_loss": ev["val_loss"],
             "aux_loss": w.aux_sum / w.steps if self.mcfg.is_moe and cfg.aux_loss else None,
-            "grad_norm_mean": w.gnorm_sum / w.steps, "grad_norm_max": w.gnorm_max,
-            "loss_spikes": self.loss_spikes.spikes, "grad_norm_spikes": self.gnorm_spikes.spikes,
+            "grad_norm_mean": w.gnorm_sum / w.steps,
+            "grad_norm_max": w.gnorm_max,
+            "loss_spikes": self.loss_spikes.spikes,
+            "grad_norm_spikes": self.gnorm_spikes.spikes,
             "lr_factor": self.lr(done - 1),
-            "logits": ev["logits"], "routing": ev.get("routing"), "routing_layers": ev.get("routing_layers"),
+            "logits": ev["logits"],
+            "routing": ev.get("routing"),
+            "routing_layers": ev.get("routing_layers"),
             "gauge": self.drift.record(),
             "tokens_per_s": w.tokens / w.train_time,
             "opt_step_s": w.opt_time / w.steps,
@@ -681,8 +783,14 @@ class Trainer:
 
         cfg = self.cfg
         wall0, cpu0 = time.time(), time.process_time()
-        bar = tqdm(total=cfg.steps, initial=start, disable=not progress, leave=False, dynamic_ncols=True,
-                   desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}")
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"{cfg.arch}/{cfg.optimizer}/s{cfg.seed}",
+        )
         self.model.train()
         try:
             for step in range(start, cfg.steps):
@@ -708,16 +816,28 @@ class Trainer:
         if self.saved_at != done:
             self.checkpoint(done)
         name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"{name}: stopped {self.run.path} at step {done} of {self.cfg.steps} after "
-                                  f"writing its checkpoint; continue with --resume", done, signum)
+        raise TrainingInterrupted(
+            f"{name}: stopped {self.run.path} at step {done} of {self.cfg.steps} after "
+            f"writing its checkpoint; continue with --resume",
+            done,
+            signum,
+        )
 
     def finish(self, wall0: float, cpu0: float) -> dict:
         cfg = self.cfg
         last = self.last or self.run.read_metrics()[-1]  # resumed at the very end: the logged record
-        final = {"status": "done", "step": cfg.steps, "val_loss": last["val_loss"], "last": last,
-                 "loss_spikes": self.loss_spikes.spikes, "loss_spike_steps": self.loss_spikes.steps,
-                 # this invocation only (a resumed run counts from its resume)
-                 "wall_s": time.time() - wall0, "cpu_s": time.process_time() - cpu0, "config": cfg.to_dict()}
+        final = {
+            "status": "done",
+            "step": cfg.steps,
+            "val_loss": last["val_loss"],
+            "last": last,
+            "loss_spikes": self.loss_spikes.spikes,
+            "loss_spike_steps": self.loss_spikes.steps,
+            # this invocation only (a resumed run counts from its resume)
+            "wall_s": time.time() - wall0,
+            "cpu_s": time.process_time() - cpu0,
+            "config": cfg.to_dict(),
+        }
         if self.rank0:
             self.run.write_json(FINAL, final)
             if not cfg.keep_checkpoint:
@@ -730,9 +850,16 @@ class Trainer:
 # ----------------------------------------------------------------------------- entry
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, prepared: D.Prepared | None = None,
-          stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    prepared: D.Prepared | None = None,
+    stop_after: int | None = None,
+) -> dict:
     """Run (or resume) one training run; returns the final record (also in ``final.json``).
 
     ``stop_after`` ends the process-equivalent of a kill after that many steps (tests):
@@ -743,23 +870,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     is initialized from torchrun's environment (and destroyed at the end if it was made here).
     """
     cfg.validate()
-    kw = dict(resume=resume, overwrite=overwrite, progress=progress, log=log, prepared=prepared,
-              stop_after=stop_after)
+    kw: dict[str, Any] = dict(
+        resume=resume, overwrite=overwrite, progress=progress, log=log, prepared=prepared, stop_after=stop_after
+    )
     if cfg.dist == "none":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but dist='none': "
-                             "pass --dist ddp or --dist fsdp2 (otherwise every rank would train the same run)")
+            raise ValueError(
+                f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but dist='none': "
+                "pass --dist ddp or --dist fsdp2 (otherwise every rank would train the same run)"
+            )
         return _train(cfg, None, **kw)
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"dist={cfg.dist!r} needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
-                         f"-m equiopt train --dist {cfg.dist} ...")
+        raise ValueError(
+            f"dist={cfg.dist!r} needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
+            f"-m equiopt train --dist {cfg.dist} ..."
+        )
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    info = Dd.init_from_env(timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 1800)),
-                            device="cpu" if cfg.device == "cpu" else None)
+    info = Dd.init_from_env(
+        timeout_s=float(os.environ.get("EQUIOPT_DIST_TIMEOUT", 1800)), device="cpu" if cfg.device == "cpu" else None
+    )
     try:
         if cfg.batch_size % info.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {info.world_size}: "
-                             "each rank trains on batch_size / world_size sequences of the global batch")
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is not divisible by the world size {info.world_size}: "
+                "each rank trains on batch_size / world_size sequences of the global batch"
+            )
         if info.rank != 0:
             kw.update(log=lambda m: None, progress=False)
         return _train(cfg, info, **kw)
@@ -768,8 +903,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             Dd.cleanup()
 
 
-def _train(cfg: TrainConfig, info, *, resume: bool, overwrite: bool, progress: bool,
-           log: Callable[[str], None], prepared: D.Prepared | None, stop_after: int | None) -> dict:
+def _train(
+    cfg: TrainConfig,
+    info,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    prepared: D.Prepared | None,
+    stop_after: int | None,
+) -> dict:
     """``train`` for one process (``info`` None) or one rank of a torchrun group."""
     rank0 = info is None or info.rank == 0
     if cfg.threads:

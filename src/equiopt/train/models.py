@@ -82,8 +82,10 @@ class ModelConfig:
         elif self.num_experts or self.top_k or self.aux_loss:
             raise ValueError(f"{self.arch} is a dense family: experts, top_k and aux_loss do not apply")
         if self.rope_theta is not None and (self.arch == "gemma3" or not self.rope_theta > 0):
-            raise ValueError(f"rope_theta={self.rope_theta}: must be > 0, and is not supported on gemma3 (its rope "
-                             "parameters are per layer type)")
+            raise ValueError(
+                f"rope_theta={self.rope_theta}: must be > 0, and is not supported on gemma3 (its rope "
+                "parameters are per layer type)"
+            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -75,10 +75,24 @@ SCALES = ("cpu", "paper")
 MATRIX_WD = 1e-3
 # Muon as the authors run it (MuonHeadsPolarExpress): Polar Express, Nesterov, momentum 0.95,
 # sqrt(max(1, out/in)); on the stored [out, in] matrix (not column-aware), per expert.
-MUON_RULE = {"map": "polar", "polar_method": "polar_express", "nesterov": True, "momentum": 0.95,
-             "scale": "muon", "per_head": False, "column_aware": False, "weight_decay": MATRIX_WD}
-HYBRID_RULE = {"map": "hybrid", "order": "row_then_polar", "alpha": 1.0, "momentum": 0.95, "nesterov": False,
-               "weight_decay": MATRIX_WD}
+MUON_RULE = {
+    "map": "polar",
+    "polar_method": "polar_express",
+    "nesterov": True,
+    "momentum": 0.95,
+    "scale": "muon",
+    "per_head": False,
+    "column_aware": False,
+    "weight_decay": MATRIX_WD,
+}
+HYBRID_RULE = {
+    "map": "hybrid",
+    "order": "row_then_polar",
+    "alpha": 1.0,
+    "momentum": 0.95,
+    "nesterov": False,
+    "weight_decay": MATRIX_WD,
+}
 ROW_NORM_RULE = {"map": "row_norm", "momentum": 0.95, "weight_decay": 0.0}
 CENTERED_ROW_NORM_RULE = {"map": "centered_row_norm", "momentum": 0.95, "weight_decay": 0.0}
 LEFT_SPECTRAL_RULE = {"map": "left_spectral", "alpha": 1.0, "momentum": 0.95, "weight_decay": 0.0}
@@ -147,17 +161,33 @@ class Recipe:
     def role_lrs(self, variant: str) -> dict[str, float]:
         return {**self.lr, **self.variant(variant).lr}
 
-    def train_config(self, variant: str, seed: int = 0, out: str = "runs/recipe", scale: str = "paper",
-                     **overrides: Any) -> TrainConfig:
+    def train_config(
+        self, variant: str, seed: int = 0, out: str = "runs/recipe", scale: str = "paper", **overrides: Any
+    ) -> TrainConfig:
         """The TrainConfig of one run of this recipe (``overrides``: TrainConfig fields that win)."""
         if scale not in SCALES:
             raise ValueError(f"scale (--scale) must be one of {', '.join(SCALES)}, got {scale!r}")
         kw: dict[str, Any] = dict(
-            arch=self.arch, size="paper", optimizer="paper", seed=seed, out=out, variant=variant,
-            rules=self.role_rules(variant), role_lr=self.role_lrs(variant), roles=dict(self.roles),
-            layouts=dict(self.layouts), role_schedule=dict(self.role_schedule), schedule="constant", warmup=0,
-            model=dict(self.model), seq_len=self.seq_len, batch_size=self.global_batch, steps=self.steps,
-            eval_every=self.eval_every, eval_tokens=self.eval_tokens, ckpt_every=1000,
+            arch=self.arch,
+            size="paper",
+            optimizer="paper",
+            seed=seed,
+            out=out,
+            variant=variant,
+            rules=self.role_rules(variant),
+            role_lr=self.role_lrs(variant),
+            roles=dict(self.roles),
+            layouts=dict(self.layouts),
+            role_schedule=dict(self.role_schedule),
+            schedule="constant",
+            warmup=0,
+            model=dict(self.model),
+            seq_len=self.seq_len,
+            batch_size=self.global_batch,
+            steps=self.steps,
+            eval_every=self.eval_every,
+            eval_tokens=self.eval_tokens,
+            ckpt_every=1000,
             data=DataConfig(**self.data),
         )
         if scale == "cpu":
@@ -170,8 +200,17 @@ class Recipe:
 
 # -- CPU scale -------------------------------------------------------------------------
 
-CPU: dict[str, int] = dict(hidden_size=128, num_layers=4, num_heads=4, head_dim=32, seq_len=128, global_batch=32,
-                           steps=640, eval_every=40, eval_tokens=16384)
+CPU: dict[str, int] = dict(
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    head_dim=32,
+    seq_len=128,
+    global_batch=32,
+    steps=640,
+    eval_every=40,
+    eval_tokens=16384,
+)
 CPU_DATA: dict[str, Any] = {"source": "shakespeare+kjv", "vocab_size": 4096}
 
 
@@ -180,7 +219,10 @@ def cpu_model(recipe: Recipe) -> dict[str, Any]:
     mc = dataclasses.replace(preset(recipe.arch, "paper"), **recipe.model)
     d, heads = CPU["hidden_size"], CPU["num_heads"]
     out: dict[str, Any] = dict(
-        hidden_size=d, num_layers=CPU["num_layers"], num_heads=heads, head_dim=CPU["head_dim"],
+        hidden_size=d,
+        num_layers=CPU["num_layers"],
+        num_heads=heads,
+        head_dim=CPU["head_dim"],
         num_kv_heads=max(1, round(heads * mc.num_kv_heads / mc.num_heads)),
         intermediate_size=max(8, round(d * mc.intermediate_size / mc.hidden_size)),
     )
@@ -206,17 +248,25 @@ def cpu_schedule(recipe: Recipe, steps: int) -> dict[str, str]:
 
 
 def cpu_overrides(recipe: Recipe) -> dict[str, Any]:
-    return dict(model=cpu_model(recipe), seq_len=CPU["seq_len"], batch_size=CPU["global_batch"],
-                steps=CPU["steps"], eval_every=CPU["eval_every"], eval_tokens=CPU["eval_tokens"],
-                role_schedule=cpu_schedule(recipe, CPU["steps"]), ckpt_every=200,
-                data=DataConfig(**CPU_DATA))
+    return dict(
+        model=cpu_model(recipe),
+        seq_len=CPU["seq_len"],
+        batch_size=CPU["global_batch"],
+        steps=CPU["steps"],
+        eval_every=CPU["eval_every"],
+        eval_tokens=CPU["eval_tokens"],
+        role_schedule=cpu_schedule(recipe, CPU["steps"]),
+        ckpt_every=200,
+        data=DataConfig(**CPU_DATA),
+    )
 
 
 # -- the figure recipes ------------------------------------------------------------------
 
 
-def _dense_variants(embed_head_lr: dict[str, dict[str, float]],
-                    mlp_lrs: dict[str, dict[str, dict[str, float]]] | None = None) -> tuple[Variant, ...]:
+def _dense_variants(
+    embed_head_lr: dict[str, dict[str, float]], mlp_lrs: dict[str, dict[str, dict[str, float]]] | None = None
+) -> tuple[Variant, ...]:
     """Qwen3 / Gemma 3 grid: embedding/head rule in {row-norm, hybrid, AdamW} x MLP rule in {Muon, hybrid}.
     ``embed_head_lr[rule]`` = {"embedding": lr, "lm_head": lr}; ``mlp_lrs[mlp][rule]`` overrides it per MLP rule."""
     eh_rules = {
@@ -224,8 +274,10 @@ def _dense_variants(embed_head_lr: dict[str, dict[str, float]],
         "hybrid": {"embedding": EMBED_HYBRID_RULE, "lm_head": EMBED_HYBRID_RULE},
         "adamw": {"embedding": adamw_rule(0.0), "lm_head": adamw_rule(0.0)},
     }
-    mlp_rules = {"hybrid": {"mlp_in": HYBRID_RULE, "mlp_out": HYBRID_RULE},
-                 "muon": {"mlp_in": MUON_RULE, "mlp_out": MUON_RULE}}
+    mlp_rules = {
+        "hybrid": {"mlp_in": HYBRID_RULE, "mlp_out": HYBRID_RULE},
+        "muon": {"mlp_in": MUON_RULE, "mlp_out": MUON_RULE},
+    }
     out = []
     for mlp in ("hybrid", "muon"):
         for eh in ("rownorm", "hybrid", "adamw"):
@@ -246,9 +298,15 @@ def _dense_contrasts() -> tuple[tuple[str, str], ...]:
 
 
 def _dense_rules(lr_vector: float) -> tuple[dict, dict]:
-    rules = {"embedding": ROW_NORM_RULE, "lm_head": CENTERED_ROW_NORM_RULE, "attention": ATTENTION_RULE,
-             "matrix": MUON_RULE, "mlp_in": HYBRID_RULE, "mlp_out": HYBRID_RULE,
-             "vector": adamw_rule(MATRIX_WD)}
+    rules = {
+        "embedding": ROW_NORM_RULE,
+        "lm_head": CENTERED_ROW_NORM_RULE,
+        "attention": ATTENTION_RULE,
+        "matrix": MUON_RULE,
+        "mlp_in": HYBRID_RULE,
+        "mlp_out": HYBRID_RULE,
+        "vector": adamw_rule(MATRIX_WD),
+    }
     return rules, {"vector": lr_vector}
 
 
@@ -259,35 +317,60 @@ def _moe_variants(adamw_embed_head_lr: float) -> tuple[Variant, ...]:
         Variant("rownorm-router", rules={"router": CENTERED_ROW_NORM_RULE}),
         Variant("left-spectral-router", rules={"router": LEFT_SPECTRAL_RULE}),
         Variant("adamw-router", rules={"router": adamw_rule(0.0)}),
-        Variant("adamw-embed-head-router",
-                rules={"embedding": adamw_rule(0.0), "lm_head": adamw_rule(0.0), "router": adamw_rule(0.0)},
-                lr={"embedding": adamw_embed_head_lr, "lm_head": adamw_embed_head_lr},
-                note="the figure's all-AdamW reference: AdamW on embedding, LM head and router"),
+        Variant(
+            "adamw-embed-head-router",
+            rules={"embedding": adamw_rule(0.0), "lm_head": adamw_rule(0.0), "router": adamw_rule(0.0)},
+            lr={"embedding": adamw_embed_head_lr, "lm_head": adamw_embed_head_lr},
+            note="the figure's all-AdamW reference: AdamW on embedding, LM head and router",
+        ),
     )
 
 
-_MOE_CONTRASTS = (("rownorm-router", "adamw-router"), ("left-spectral-router", "adamw-router"),
-                  ("rownorm-router", "left-spectral-router"), ("rownorm-router", "adamw-embed-head-router"))
+_MOE_CONTRASTS = (
+    ("rownorm-router", "adamw-router"),
+    ("left-spectral-router", "adamw-router"),
+    ("rownorm-router", "left-spectral-router"),
+    ("rownorm-router", "adamw-embed-head-router"),
+)
 
 
 def _moe_rules(lr_vector: float) -> dict:
-    return {"embedding": ROW_NORM_RULE, "lm_head": CENTERED_ROW_NORM_RULE, "attention": ATTENTION_RULE,
-            "matrix": MUON_RULE, "expert_in": MUON_RULE, "expert_out": MUON_RULE,
-            "router": CENTERED_ROW_NORM_RULE, "vector": adamw_rule(MATRIX_WD)}
+    return {
+        "embedding": ROW_NORM_RULE,
+        "lm_head": CENTERED_ROW_NORM_RULE,
+        "attention": ATTENTION_RULE,
+        "matrix": MUON_RULE,
+        "expert_in": MUON_RULE,
+        "expert_out": MUON_RULE,
+        "router": CENTERED_ROW_NORM_RULE,
+        "vector": adamw_rule(MATRIX_WD),
+    }
 
 
 def _qwen3() -> Recipe:
     rules, lr = _dense_rules(5e-2)
     lr.update(embedding=5e-1, lm_head=5e-3, attention=2e-2, matrix=2e-2, mlp_in=2e-2, mlp_out=2e-2)
     return Recipe(
-        name="qwen3-fig3", figure="fig3", arch="qwen3", title="Qwen3-0.6B-style, 20 layers (paper fig. 3)",
+        name="qwen3-fig3",
+        figure="fig3",
+        arch="qwen3",
+        title="Qwen3-0.6B-style, 20 layers (paper fig. 3)",
         model=dict(num_layers=20, rope_theta=1e6, tie_embeddings=False),
-        rules=rules, lr=lr,
-        variants=_dense_variants({"rownorm": {"embedding": 5e-1, "lm_head": 5e-3},
-                                  "hybrid": {"embedding": 1.0, "lm_head": 1e-2},
-                                  "adamw": {"embedding": 1e-1, "lm_head": 1e-3}}),
-        baseline="rownorm-embed-head/hybrid-mlp", contrasts=_dense_contrasts(),
-        global_batch=224, steps=30_000, eval_tokens=10_551_296, vocab_size=151936,
+        rules=rules,
+        lr=lr,
+        variants=_dense_variants(
+            {
+                "rownorm": {"embedding": 5e-1, "lm_head": 5e-3},
+                "hybrid": {"embedding": 1.0, "lm_head": 1e-2},
+                "adamw": {"embedding": 1e-1, "lm_head": 1e-3},
+            }
+        ),
+        baseline="rownorm-embed-head/hybrid-mlp",
+        contrasts=_dense_contrasts(),
+        global_batch=224,
+        steps=30_000,
+        eval_tokens=10_551_296,
+        vocab_size=151936,
         data={"source": "data/fineweb_edu_10B_qwen3", "vocab_size": 151936, "token_dtype": "uint32"},
     )
 
@@ -296,30 +379,61 @@ def _gemma3() -> Recipe:
     rules, lr = _dense_rules(5e-2)
     lr.update(embedding=5e-3, lm_head=5e-3, attention=2e-2, matrix=2e-2, mlp_in=2e-2, mlp_out=2e-2)
     return Recipe(
-        name="gemma3-fig4", figure="fig4", arch="gemma3", title="Gemma-3-1B-style, 18 layers, untied (paper fig. 4)",
+        name="gemma3-fig4",
+        figure="fig4",
+        arch="gemma3",
+        title="Gemma-3-1B-style, 18 layers, untied (paper fig. 4)",
         model=dict(num_layers=18, tie_embeddings=False),
-        rules=rules, lr=lr,
-        variants=_dense_variants({"rownorm": {"embedding": 5e-3, "lm_head": 5e-3},
-                                  "hybrid": {"embedding": 1e-2, "lm_head": 1e-2},
-                                  "adamw": {"embedding": 5e-4, "lm_head": 5e-4}},
-                                 {"muon": {"rownorm": {"embedding": 2.5e-3, "lm_head": 2.5e-3},
-                                           "hybrid": {"embedding": 2.5e-3, "lm_head": 2.5e-3}}}),
-        baseline="rownorm-embed-head/hybrid-mlp", contrasts=_dense_contrasts(),
-        global_batch=144, steps=50_000, eval_tokens=10_469_376, vocab_size=262144,
+        rules=rules,
+        lr=lr,
+        variants=_dense_variants(
+            {
+                "rownorm": {"embedding": 5e-3, "lm_head": 5e-3},
+                "hybrid": {"embedding": 1e-2, "lm_head": 1e-2},
+                "adamw": {"embedding": 5e-4, "lm_head": 5e-4},
+            },
+            {
+                "muon": {
+                    "rownorm": {"embedding": 2.5e-3, "lm_head": 2.5e-3},
+                    "hybrid": {"embedding": 2.5e-3, "lm_head": 2.5e-3},
+                }
+            },
+        ),
+        baseline="rownorm-embed-head/hybrid-mlp",
+        contrasts=_dense_contrasts(),
+        global_batch=144,
+        steps=50_000,
+        eval_tokens=10_469_376,
+        vocab_size=262144,
         data={"source": "data/fineweb_edu_10B_gemma3", "vocab_size": 262144, "token_dtype": "uint32"},
     )
 
 
 def _olmoe() -> Recipe:
-    lr = dict(embedding=5e-1, lm_head=5e-3, attention=5e-3, matrix=5e-3, expert_in=5e-3, expert_out=5e-3,
-              router=7.5e-4, vector=1e-2)
+    lr = dict(
+        embedding=5e-1,
+        lm_head=5e-3,
+        attention=5e-3,
+        matrix=5e-3,
+        expert_in=5e-3,
+        expert_out=5e-3,
+        router=7.5e-4,
+        vector=1e-2,
+    )
     return Recipe(
-        name="olmoe-fig5", figure="fig5", arch="olmoe", title="OLMoE-1B-7B-style, 12 layers, 32 experts top-8 "
-                                                            "(paper fig. 5)",
+        name="olmoe-fig5",
+        figure="fig5",
+        arch="olmoe",
+        title="OLMoE-1B-7B-style, 12 layers, 32 experts top-8 (paper fig. 5)",
         model=dict(num_layers=12, num_experts=32, top_k=8, aux_loss_coef=0.0, tie_embeddings=False),
-        rules=_moe_rules(1e-2), lr=lr, variants=_moe_variants(5e-4),
-        baseline="rownorm-router", contrasts=_MOE_CONTRASTS,
-        global_batch=160, steps=30_000, vocab_size=50304,
+        rules=_moe_rules(1e-2),
+        lr=lr,
+        variants=_moe_variants(5e-4),
+        baseline="rownorm-router",
+        contrasts=_MOE_CONTRASTS,
+        global_batch=160,
+        steps=30_000,
+        vocab_size=50304,
         data={"source": "data/fineweb_edu_10B_olmoe", "vocab_size": 50304, "token_dtype": "uint16"},
     )
 
@@ -327,22 +441,51 @@ def _olmoe() -> Recipe:
 # gpt-oss with the expert width equal to d: the stacked expert weights are square per part, so
 # their layout is given (HF GptOssExperts: gate_up [E, d, 2h] interleaved, down [E, h, d])
 GPTOSS_ROLES = {r"experts\.gate_up_proj$": "expert_in", r"experts\.down_proj$": "expert_out"}
-GPTOSS_LAYOUTS = {r"experts\.gate_up_proj$": "stacked+transposed+fused2:interleaved",
-                  r"experts\.down_proj$": "stacked+transposed"}
+GPTOSS_LAYOUTS = {
+    r"experts\.gate_up_proj$": "stacked+transposed+fused2:interleaved",
+    r"experts\.down_proj$": "stacked+transposed",
+}
 
 
 def _gptoss() -> Recipe:
-    lr = dict(embedding=1e-1, lm_head=1e-3, attention=1e-3, matrix=1e-3, expert_in=1e-3, expert_out=1e-3,
-              router=7.5e-4, vector=5e-3)
+    lr = dict(
+        embedding=1e-1,
+        lm_head=1e-3,
+        attention=1e-3,
+        matrix=1e-3,
+        expert_in=1e-3,
+        expert_out=1e-3,
+        router=7.5e-4,
+        vector=5e-3,
+    )
     return Recipe(
-        name="gptoss-fig2", figure="fig2", arch="gptoss", title="downsized gpt-oss, 12 layers, d 2048, 16 experts "
-                                                              "top-4 (paper fig. 2)",
-        model=dict(num_layers=12, hidden_size=2048, intermediate_size=2048, num_heads=64, num_kv_heads=8,
-                   head_dim=64, num_experts=16, top_k=4, sliding_window=128, aux_loss_coef=0.0,
-                   tie_embeddings=False),
-        rules=_moe_rules(5e-3), lr=lr, variants=_moe_variants(5e-4),
-        baseline="rownorm-router", contrasts=_MOE_CONTRASTS, roles=GPTOSS_ROLES, layouts=GPTOSS_LAYOUTS,
-        global_batch=64, steps=60_000, vocab_size=201088,
+        name="gptoss-fig2",
+        figure="fig2",
+        arch="gptoss",
+        title="downsized gpt-oss, 12 layers, d 2048, 16 experts top-4 (paper fig. 2)",
+        model=dict(
+            num_layers=12,
+            hidden_size=2048,
+            intermediate_size=2048,
+            num_heads=64,
+            num_kv_heads=8,
+            head_dim=64,
+            num_experts=16,
+            top_k=4,
+            sliding_window=128,
+            aux_loss_coef=0.0,
+            tie_embeddings=False,
+        ),
+        rules=_moe_rules(5e-3),
+        lr=lr,
+        variants=_moe_variants(5e-4),
+        baseline="rownorm-router",
+        contrasts=_MOE_CONTRASTS,
+        roles=GPTOSS_ROLES,
+        layouts=GPTOSS_LAYOUTS,
+        global_batch=64,
+        steps=60_000,
+        vocab_size=201088,
         data={"source": "data/fineweb_edu_10B_gptoss", "vocab_size": 201088, "token_dtype": "uint32"},
     )
 
@@ -355,11 +498,10 @@ FIGURES = tuple(sorted(RECIPES))
 # ``TrainConfig(arch=..., optimizer="paper")`` with the tiny model. Listed here for reference.
 CPU_TUNED = {
     "description": "equiopt's `paper` preset as tuned on the CPU-scale models (README 'Presets'): "
-                   "embedding row_norm 0.2, LM head centered_row_norm 0.02, attention per-head Muon 0.02, "
-                   "MLP/expert hybrid 1e-3, router centered_row_norm 0.01, vectors AdamW 3e-3 (wd 0); "
-                   "one schedule for every role: 10% linear warm-up, cosine to 0.1x",
-    "train_config": {"optimizer": "paper", "size": "tiny", "schedule": "cosine", "warmup": -1,
-                     "min_lr_ratio": 0.1},
+    "embedding row_norm 0.2, LM head centered_row_norm 0.02, attention per-head Muon 0.02, "
+    "MLP/expert hybrid 1e-3, router centered_row_norm 0.01, vectors AdamW 3e-3 (wd 0); "
+    "one schedule for every role: 10% linear warm-up, cosine to 0.1x",
+    "train_config": {"optimizer": "paper", "size": "tiny", "schedule": "cosine", "warmup": -1, "min_lr_ratio": 0.1},
 }
 
 
@@ -370,31 +512,48 @@ CPU_TUNED = {
 class ReproduceOptions:
     """``equiopt reproduce FIGURE``: a figure's block-wise grid at a scale."""
 
-    figure: str = option("fig3", cli=False,  # the command's positional argument
-                         help="fig2 (gpt-oss routers), fig3 (Qwen3 embedding/head x MLP), fig4 (Gemma 3 "
-                              "embedding/head x MLP), fig5 (OLMoE routers)")
-    scale: str = option("cpu", choices=SCALES,
-                        help="cpu: the documented CPU shrink of the figure run (equiopt.train.recipes); paper: "
-                             "the figure run itself (GPUs; start under torchrun with --dist fsdp2)")
+    figure: str = option(
+        "fig3",
+        cli=False,  # the command's positional argument
+        help="fig2 (gpt-oss routers), fig3 (Qwen3 embedding/head x MLP), fig4 (Gemma 3 "
+        "embedding/head x MLP), fig5 (OLMoE routers)",
+    )
+    scale: str = option(
+        "cpu",
+        choices=SCALES,
+        help="cpu: the documented CPU shrink of the figure run (equiopt.train.recipes); paper: "
+        "the figure run itself (GPUs; start under torchrun with --dist fsdp2)",
+    )
     seeds: int = option(3, parse=positive_int, help="seeds 0..N-1 per variant")
-    variants: list[str] = option(default_factory=list, parse=csv_list,
-                                 help="comma-separated subset of the figure's variants (default: all)")
-    lr_scales: list[float] = option(default_factory=list, parse=float_list,
-                                    help="sweep a global multiplier of the recipe's learning rates per variant "
-                                         "(seed 1000, same horizon) and train the seeds at the best one; "
-                                         "empty = the recipe's learning rates")
+    variants: list[str] = option(
+        default_factory=list, parse=csv_list, help="comma-separated subset of the figure's variants (default: all)"
+    )
+    lr_scales: list[float] = option(
+        default_factory=list,
+        parse=float_list,
+        help="sweep a global multiplier of the recipe's learning rates per variant "
+        "(seed 1000, same horizon) and train the seeds at the best one; "
+        "empty = the recipe's learning rates",
+    )
     steps: int = option(0, help="training steps (0 = the scale's)")
     batch_size: int = option(0, help="global batch in sequences (0 = the scale's)")
     eval_every: int = option(0, help="steps between evaluations (0 = the scale's)")
     eval_tokens: int = option(0, help="validation tokens per evaluation (0 = the scale's)")
-    data: str = option("", flag="--data", metavar="SOURCE",
-                       help="data source (default: the scale's; paper scale: a folder of headerless .bin "
-                            "shards of fineweb-edu 10B in the model's tokenizer)")
+    data: str = option(
+        "",
+        flag="--data",
+        metavar="SOURCE",
+        help="data source (default: the scale's; paper scale: a folder of headerless .bin "
+        "shards of fineweb-edu 10B in the model's tokenizer)",
+    )
     jobs: int = option(1, parse=positive_int, help="runs trained at once, one thread each (CPU)")
     threads: int = option(0, help="torch CPU threads per run, 0 = torch's default")
     device: str = option("cpu", help="cpu or cuda[:i]")
-    dist: str = option("none", choices=("none", "ddp", "fsdp2"),
-                       help="under torchrun: every run of the grid is data-parallel over the processes")
+    dist: str = option(
+        "none",
+        choices=("none", "ddp", "fsdp2"),
+        help="under torchrun: every run of the grid is data-parallel over the processes",
+    )
     out: str = option("", help="output directory (default runs/reproduce/FIGURE-SCALE)")
 
     def __post_init__(self) -> None:
@@ -428,15 +587,17 @@ class ReproduceOptions:
             kw["data"] = DataConfig(**{**base, "source": self.data})
         return kw
 
-    def configs(self, seeds: list[int], out: Path, lr_scales: dict[str, float] | None = None,
-                tag: str = "") -> list[TrainConfig]:
+    def configs(
+        self, seeds: list[int], out: Path, lr_scales: dict[str, float] | None = None, tag: str = ""
+    ) -> list[TrainConfig]:
         recipe, cfgs = self.recipe, []
         for v in self.variants or recipe.variant_names:
             for seed in seeds:
                 scale = (lr_scales or {}).get(v, 1.0)
                 d = out / "runs" / v.replace("/", "__") / (tag or f"seed{seed}")
-                cfgs.append(recipe.train_config(v, seed=seed, out=str(d), scale=self.scale, lr_scale=scale,
-                                                **self.overrides()))
+                cfgs.append(
+                    recipe.train_config(v, seed=seed, out=str(d), scale=self.scale, lr_scale=scale, **self.overrides())
+                )
         return cfgs
 
 
@@ -444,8 +605,9 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def reproduce(opts: ReproduceOptions, *, overwrite: bool = False, progress: bool = True, log=print,
-              command: str | None = None) -> dict:
+def reproduce(
+    opts: ReproduceOptions, *, overwrite: bool = False, progress: bool = True, log=print, command: str | None = None
+) -> dict:
     """Run a figure's grid (optionally after a per-variant LR sweep) and write its report
     (summary.md/csv/json, val_loss.png, routing.png, max_logit.png, contrasts) to ``opts.out_dir()``."""
     recipe, out = opts.recipe, opts.out_dir()
@@ -457,11 +619,14 @@ def reproduce(opts: ReproduceOptions, *, overwrite: bool = False, progress: bool
     if opts.lr_scales:
         sweep_cfgs = []
         for s in opts.lr_scales:
-            sweep_cfgs += [dataclasses.replace(c, lr_scale=s, keep_checkpoint=False)
-                           for c in opts.configs([1000], out / "sweep", tag=f"lr{s:g}")]
+            sweep_cfgs += [
+                dataclasses.replace(c, lr_scale=s, keep_checkpoint=False)
+                for c in opts.configs([1000], out / "sweep", tag=f"lr{s:g}")
+            ]
         sweep_cfgs = [_for_jobs(c, opts.jobs) for c in sweep_cfgs]
-        finals = run_many(sweep_cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log,
-                          prepared=prepared, desc="sweep")
+        finals = run_many(
+            sweep_cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc="sweep"
+        )
         points: dict[str, list[tuple[float, float]]] = {}
         for c, f in zip(sweep_cfgs, finals):
             loss = f["val_loss"] if f["status"] == "done" else math.inf
@@ -470,13 +635,16 @@ def reproduce(opts: ReproduceOptions, *, overwrite: bool = False, progress: bool
         for v, pts in points.items():
             s, loss = min(pts, key=lambda p: p[1])
             chosen[v] = s
-            best[v] = {"lr_scale": s, "val_loss": loss, "points": pts,
-                       "at_grid_edge": len(pts) > 1 and s in (min(p[0] for p in pts), max(p[0] for p in pts))}
+            best[v] = {
+                "lr_scale": s,
+                "val_loss": loss,
+                "points": pts,
+                "at_grid_edge": len(pts) > 1 and s in (min(p[0] for p in pts), max(p[0] for p in pts)),
+            }
         if _rank0():
             write_json(out / "sweep" / "best.json", best, "the sweep's best learning rates")
     cfgs = [_for_jobs(c, opts.jobs) for c in opts.configs(list(range(opts.seeds)), out, chosen)]
-    run_many(cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared,
-             desc=opts.figure)
+    run_many(cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc=opts.figure)
     if not _rank0():
         return {}
     c0 = cfgs[0]
@@ -489,9 +657,18 @@ def reproduce(opts: ReproduceOptions, *, overwrite: bool = False, progress: bool
         "(reused finished runs cost nothing)",
     ]
     if chosen:
-        notes.append("lr_scale per variant from the sweep (out/sweep/best.json): "
-                     + ", ".join(f"{v} x{s:g}" for v, s in chosen.items()))
-    rep = write_report([Path(c.out) for c in cfgs], out, title=f"equiopt reproduce {opts.figure} ({opts.scale})",
-                       command=command, notes=notes, reference=recipe.baseline, contrasts=list(recipe.contrasts))
+        notes.append(
+            "lr_scale per variant from the sweep (out/sweep/best.json): "
+            + ", ".join(f"{v} x{s:g}" for v, s in chosen.items())
+        )
+    rep = write_report(
+        [Path(c.out) for c in cfgs],
+        out,
+        title=f"equiopt reproduce {opts.figure} ({opts.scale})",
+        command=command,
+        notes=notes,
+        reference=recipe.baseline,
+        contrasts=list(recipe.contrasts),
+    )
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str) + "\n")
     return rep

@@ -340,8 +340,7 @@ def write_report(
         + "\n"
     )
     plot(runs, summary, out)
-    return {"summary": summary, "table": table, "ordering": ordering(summary, reference),
-            "contrasts": pairs}
+    return {"summary": summary, "table": table, "ordering": ordering(summary, reference), "contrasts": pairs}
 
 
 def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]:
@@ -355,6 +354,5 @@ def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]
             if not rows:
                 rows += ["| arch | a | b | a - b (nats) | p (Welch) | n (a, b) |", "|---|---|---|---|---|---|"]
             p = _welch(ca["values"], cb["values"])
-            rows.append(f"| {arch} | {a} | {b} | {ca['mean'] - cb['mean']:+.4f} | {_fmt_p(p)} | "
-                        f"{ca['n']}, {cb['n']} |")
+            rows.append(f"| {arch} | {a} | {b} | {ca['mean'] - cb['mean']:+.4f} | {_fmt_p(p)} | {ca['n']}, {cb['n']} |")
     return rows

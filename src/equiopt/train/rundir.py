@@ -370,8 +370,10 @@ class RunDir:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
         except ImportError:
-            log("[run] tensorboard is not installed (pip install 'equiopt[train]'): no event files; "
-                "metrics.jsonl has every record")
+            log(
+                "[run] tensorboard is not installed (pip install 'equiopt[train]'): no event files; "
+                "metrics.jsonl has every record"
+            )
             return None
         return EventLog(self.path / TB_DIR, purge_step=start)
 
