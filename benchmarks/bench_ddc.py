@@ -19,6 +19,7 @@ round, so the load of a shared machine hits every variant alike), median over ro
 Writes ``results/ddc_bench/bench.md`` and ``bench.json`` (medians, spread, ratios DDC / base,
 optimizer state in bytes per parameter, load average before and after, torch version).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,13 +74,19 @@ def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
     res = {"arch": arch, "size": size, "params": n, "variants": {}}
     for v in variants:
         med = statistics.median(times[v])
-        res["variants"][v] = {"median_s": med, "min_s": min(times[v]), "max_s": max(times[v]),
-                              "state_bytes_per_param": B._state_bytes(opts[v]) / n}
+        res["variants"][v] = {
+            "median_s": med,
+            "min_s": min(times[v]),
+            "max_s": max(times[v]),
+            "state_bytes_per_param": B._state_bytes(opts[v]) / n,
+        }
     for v, b in BASE_OF.items():
         if v in res["variants"] and b in res["variants"]:
             res["variants"][v]["ratio_to_base"] = res["variants"][v]["median_s"] / res["variants"][b]["median_s"]
-    log(f"{arch}/{size} ({n / 1e6:.1f}M): " + ", ".join(
-        f"{v} {1e3 * res['variants'][v]['median_s']:.1f} ms" for v in variants))
+    log(
+        f"{arch}/{size} ({n / 1e6:.1f}M): "
+        + ", ".join(f"{v} {1e3 * res['variants'][v]['median_s']:.1f} ms" for v in variants)
+    )
     return res
 
 
@@ -95,7 +102,9 @@ def render(results: dict) -> str:
         "(ddc_adam: torch.optim.AdamW foreach; ddc_muon: equiopt's muon preset). `_ref`: the per-gauge "
         "reference path.",
         "",
-        "| model | params | " + " | ".join(results["variants"]) + " | state B/param: AdamW / ddc_adam / muon / ddc_muon |",
+        "| model | params | "
+        + " | ".join(results["variants"])
+        + " | state B/param: AdamW / ddc_adam / muon / ddc_muon |",
         "|---|---|" + "---|" * len(results["variants"]) + "---|",
     ]
     for r in results["models"]:
@@ -104,12 +113,18 @@ def render(results: dict) -> str:
             x = r["variants"][v]
             ratio = f" (x{x['ratio_to_base']:.2f})" if "ratio_to_base" in x else ""
             cells.append(f"{1e3 * x['median_s']:.1f} ms{ratio}")
-        sb = " / ".join(f"{r['variants'][v]['state_bytes_per_param']:.2f}" for v in
-                        ("torch_adamw", "ddc_adam", "muon", "ddc_muon") if v in r["variants"])
+        sb = " / ".join(
+            f"{r['variants'][v]['state_bytes_per_param']:.2f}"
+            for v in ("torch_adamw", "ddc_adam", "muon", "ddc_muon")
+            if v in r["variants"]
+        )
         lines.append(f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {sb} |")
-    lines += ["", "Target: DDC step within 1.5x of its base rule's. `ddc_adam` and `ddc_adam_ref` run the same "
-              "code (the stacked DDC-Adam gauge step is opt-in, `configure(opt, stack_adam_gauges=True)`: it measured "
-              "slower on CPU), so their difference is this shared machine's timing noise."]
+    lines += [
+        "",
+        "Target: DDC step within 1.5x of its base rule's. `ddc_adam` and `ddc_adam_ref` run the same "
+        "code (the stacked DDC-Adam gauge step is opt-in, `configure(opt, stack_adam_gauges=True)`: it measured "
+        "slower on CPU), so their difference is this shared machine's timing noise.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +149,20 @@ def main(argv=None) -> int:
         for arch in archs:
             reps = args.medium_repeats if size == "medium" else args.repeats
             models.append(bench_model(arch, size, variants, reps, print))
-    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": " ".join(argv if argv is not None else sys.argv[1:]),
-               "variants": variants, "models": models,
-               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-                           "cpus": os.cpu_count(), "load_before": load0, "load_after": B._load()}}
+    results = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": " ".join(argv if argv is not None else sys.argv[1:]),
+        "variants": variants,
+        "models": models,
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "load_before": load0,
+            "load_after": B._load(),
+        },
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1))

@@ -31,8 +31,18 @@ BATCH, SEQ, VOCAB = 4, 16, 64
 
 def model_for(arch: str) -> torch.nn.Module:
     moe = dict(num_experts=4, top_k=2) if arch == "olmoe" else {}
-    mc = ModelConfig(arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, max_seq_len=SEQ, **moe)
+    mc = ModelConfig(
+        arch,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_seq_len=SEQ,
+        **moe,
+    )
     return build_model(mc, seed=0)
 
 
@@ -69,8 +79,9 @@ def run(out: Path) -> None:
         assert any(g.kind == "shift" for g in opt.gauges), opt.gauges
         train(model, opt, slice(rank * per, (rank + 1) * per))
         if rank == 0:
-            torch.save({n: p.detach().clone() for n, p in D.unwrap(model).named_parameters()},
-                       out / f"ddp_{arch}_{base}.pt")
+            torch.save(
+                {n: p.detach().clone() for n, p in D.unwrap(model).named_parameters()}, out / f"ddp_{arch}_{base}.pt"
+            )
     model = D.wrap_model(model_for("qwen3"), "fsdp2")
     try:
         ddc_optimizer(model, "adam")

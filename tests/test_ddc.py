@@ -69,9 +69,17 @@ def qwen3(seed=0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-                      attn_implementation="eager")
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     m = Qwen3ForCausalLM(cfg).double()
     m.loss = lambda ids: qwen_loss(m, ids)
     return m
@@ -82,9 +90,17 @@ def llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     m = LlamaForCausalLM(cfg).double()
     m.loss = lambda ids: qwen_loss(m, ids)
     return m
@@ -155,10 +171,10 @@ def qwen_transform(params, el, which, cfg):
             v = params[p + "self_attn.v_proj.weight"].clone()
             o = params[p + "self_attn.o_proj.weight"].clone()
             for j in range(hkv):
-                v[j * hd:(j + 1) * hd] = R[j] @ v[j * hd:(j + 1) * hd]
+                v[j * hd : (j + 1) * hd] = R[j] @ v[j * hd : (j + 1) * hd]
             for q in range(hq):
                 j = q // (hq // hkv)
-                o[:, q * hd:(q + 1) * hd] = o[:, q * hd:(q + 1) * hd] @ R[j].T
+                o[:, q * hd : (q + 1) * hd] = o[:, q * hd : (q + 1) * hd] @ R[j].T
             out[p + "self_attn.v_proj.weight"] = v
             out[p + "self_attn.o_proj.weight"] = o
         if "qk" in which:  # same RoPE-plane rotation on every query head of kv group j and on K_j
@@ -166,10 +182,10 @@ def qwen_transform(params, el, which, cfg):
             q = params[p + "self_attn.q_proj.weight"].clone()
             k = params[p + "self_attn.k_proj.weight"].clone()
             for j in range(hkv):
-                k[j * hd:(j + 1) * hd] = R[j] @ k[j * hd:(j + 1) * hd]
+                k[j * hd : (j + 1) * hd] = R[j] @ k[j * hd : (j + 1) * hd]
             for h in range(hq):
                 j = h // (hq // hkv)
-                q[h * hd:(h + 1) * hd] = R[j] @ q[h * hd:(h + 1) * hd]
+                q[h * hd : (h + 1) * hd] = R[j] @ q[h * hd : (h + 1) * hd]
             out[p + "self_attn.q_proj.weight"] = q
             out[p + "self_attn.k_proj.weight"] = k
     if "shift" in which:
@@ -248,7 +264,10 @@ def test_gauges_found_relu_and_qwen3():
     opt = ddc_optimizer(q, "muon")
     names = {g.name: g for g in opt.gauges}
     # SwiGLU: the probe picks the linear up projection, never the gate
-    assert names["neuron_rescale:model.layers.0.mlp"].names == ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight")
+    assert names["neuron_rescale:model.layers.0.mlp"].names == (
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    )
     assert "vo_rotation:model.layers.1.self_attn" in names
     # Qwen3's per-channel q_norm/k_norm gains break the RoPE-plane rotations: not claimed
     assert not any(n.startswith("qk_rope_rotation") for n in names)
@@ -317,8 +336,13 @@ def orbit_drift(make_opt, steps=20):
     m = relu_lm()
 
     def coord():
-        return torch.stack([b.fc1.weight.detach().pow(2).sum(1).add(b.fc1.bias.detach() ** 2).log() / 2
-                            - b.fc2.weight.detach().pow(2).sum(0).log() / 2 for b in m.blocks])
+        return torch.stack(
+            [
+                b.fc1.weight.detach().pow(2).sum(1).add(b.fc1.bias.detach() ** 2).log() / 2
+                - b.fc2.weight.detach().pow(2).sum(0).log() / 2
+                for b in m.blocks
+            ]
+        )
 
     c0 = coord()
     opt = make_opt(m)
@@ -353,8 +377,13 @@ def test_no_gauge_is_adamw_bitwise():
     assert opt.gauges == []
     mats = [p for p in ref.parameters() if p.ndim >= 2]
     vecs = [p for p in ref.parameters() if p.ndim < 2]
-    torch_opt = torch.optim.AdamW([{"params": mats, "weight_decay": 0.1}, {"params": vecs, "weight_decay": 0.0}],
-                                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    torch_opt = torch.optim.AdamW(
+        [{"params": mats, "weight_decay": 0.1}, {"params": vecs, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=False,
+    )
     for ids in batches(32):
         for model, o in ((m, opt), (ref, torch_opt)):
             o.zero_grad()
@@ -379,9 +408,19 @@ def test_no_gauge_muon_base_is_muon():
     m = relu_lm(act=nn.GELU(), tied=True)
     ref = copy.deepcopy(m)
     opt = ddc_optimizer(m, "muon", lr=2e-2, weight_decay=1e-3, adam_lr=3e-3, adam_weight_decay=0.1)
-    bufs, adam = {}, torch.optim.AdamW([{"params": [ref.embed.weight], "weight_decay": 0.1},
-                                        {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                                       lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    bufs, adam = (
+        {},
+        torch.optim.AdamW(
+            [
+                {"params": [ref.embed.weight], "weight_decay": 0.1},
+                {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=3e-3,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            foreach=False,
+        ),
+    )
     muon_params = [p for n, p in ref.named_parameters() if p.ndim == 2 and n != "embed.weight"]
     for ids in batches(32):
         opt.zero_grad()
@@ -496,10 +535,21 @@ def test_router_shift_gauge_on_qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, attn_implementation="eager",
-                         experts_implementation="eager")
+    cfg = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
     a = Qwen3MoeForCausalLM(cfg).double()
     opt = ddc_optimizer(a, "adam")
     routers = [g for g in opt.gauges if g.name.startswith("router_shift")]
@@ -548,7 +598,7 @@ def test_bf16_params_fp32_state(base, tmp_path):
     g = torch.Generator().manual_seed(7)
 
     def step(grads):
-        for (p16, p32, gr) in zip(m16.parameters(), m32.parameters(), grads):
+        for p16, p32, gr in zip(m16.parameters(), m32.parameters(), grads):
             p16.grad, p32.grad = gr.to(torch.bfloat16), gr.to(torch.bfloat16).float()
         o16.step()
         o32.step()
@@ -587,7 +637,6 @@ def test_bf16_params_fp32_state(base, tmp_path):
 @pytest.mark.parametrize("base", ["adam", "muon"])
 @pytest.mark.parametrize("kind", ["relu", "qwen3"])
 def test_fast_path_equals_reference(base, kind):
-
 
     make = (lambda: relu_lm(L=3)) if kind == "relu" else qwen3
     a, b = make(), make()

@@ -1,5 +1,6 @@
 """DDC in the training harness: every family trains with ddc_adam / ddc_muon, exact resume,
 the gauge table in plan.txt, configuration errors, the orbit-drift metrics in metrics.jsonl."""
+
 import math
 import random
 import re
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _text(seed, n):
     rng = random.Random(seed)
-    words = ("the king and queen of a land far away did speak to all their men at night "
-             "while wind and rain fell on every field and hill").split()
+    words = (
+        "the king and queen of a land far away did speak to all their men at night "
+        "while wind and rain fell on every field and hill"
+    ).split()
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
 
 
@@ -40,8 +43,18 @@ def _cfg(corpus, tmp_path, **kw):
     model = dict(TINY)
     if kw.get("arch") in ("olmoe", "gptoss"):
         model.update(num_experts=4, top_k=2)
-    base = dict(steps=8, batch_size=4, seq_len=32, eval_every=4, eval_tokens=256, ckpt_every=4, warmup=2,
-                model=model, data=data, out=str(tmp_path / "run"))
+    base = dict(
+        steps=8,
+        batch_size=4,
+        seq_len=32,
+        eval_every=4,
+        eval_tokens=256,
+        ckpt_every=4,
+        warmup=2,
+        model=model,
+        data=data,
+        out=str(tmp_path / "run"),
+    )
     base.update(kw)
     return L.TrainConfig(**base)
 
@@ -111,7 +124,9 @@ def test_lr_scale_reaches_every_group():
     model = build_model(mc)
     opt, plan = L.make_optimizer(model, "ddc_muon", lr_scale=2.0)
     lrs = {(g["ddc"], g["rule"]): g["lr"] for g in opt.param_groups}
-    assert lrs[("rescale", "muon")] == pytest.approx(2 * MUON_LR) and lrs[("none", "muon")] == pytest.approx(2 * MUON_LR)
+    assert lrs[("rescale", "muon")] == pytest.approx(2 * MUON_LR) and lrs[("none", "muon")] == pytest.approx(
+        2 * MUON_LR
+    )
     assert lrs[("shift", "adam")] == pytest.approx(2 * ADAM_LR)
     opt, _ = L.make_optimizer(model, "ddc_adam", lr_scale=0.5)
     assert all(g["lr"] == pytest.approx(0.5 * ADAM_LR) for g in opt.param_groups)
@@ -121,9 +136,10 @@ def test_lr_scale_reaches_every_group():
 # gauge orbit drift (equiopt.diagnostics.GaugeDrift): hand-computed values
 # ----------------------------------------------------------------------------------------
 def test_gauge_drift_rescale_and_shift_hand_computed():
+    from test_ddc import relu_lm
+
     import equiopt
     from equiopt.diagnostics import GaugeDrift
-    from test_ddc import relu_lm
 
     m = relu_lm()
     drift = GaugeDrift(m, equiopt.plan(m, "adamw"))
@@ -155,8 +171,16 @@ def test_gauge_drift_vo_rotation_angle_hand_computed():
     from equiopt.diagnostics import GaugeDrift, rotation_angle
     from equiopt.train.models import ModelConfig, build_model
 
-    mc = ModelConfig("qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8)
+    mc = ModelConfig(
+        "qwen3",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     m = build_model(mc).double()
     drift = GaugeDrift(m, equiopt.plan(m, "adamw"))
     alpha, hd = 0.3, 8
@@ -166,7 +190,7 @@ def test_gauge_drift_vo_rotation_angle_hand_computed():
     with torch.no_grad():
         att.v_proj.weight[:hd] = R @ att.v_proj.weight[:hd]
         for q in (0, 1):  # GQA 4/2: query heads 0 and 1 read kv head 0
-            att.o_proj.weight[:, q * hd:(q + 1) * hd] = att.o_proj.weight[:, q * hd:(q + 1) * hd] @ R.T
+            att.o_proj.weight[:, q * hd : (q + 1) * hd] = att.o_proj.weight[:, q * hd : (q + 1) * hd] @ R.T
     r = drift.record()
     # kv head 0: alpha sqrt(2/8); kv head 1: 0; the layer's value is the mean over kv heads
     assert r["vo_angle/model.layers.0.self_attn"] == pytest.approx(alpha * math.sqrt(2 / hd) / 2, rel=1e-6)
@@ -180,8 +204,16 @@ def test_gauge_drift_logged_for_every_optimizer(opt, corpus, tmp_path):
     cfg = _cfg(corpus, tmp_path, arch="olmoe", optimizer=opt, steps=6, eval_every=3)
     L.train(cfg, prepared=corpus[1], **QUIET)
     g = L.read_metrics(cfg.out)[-1]["gauge"]
-    for k in ("balance_mean", "balance_max", "head_mean_row", "head_mean_row_change", "router_mean_row",
-              "router_mean_row_change", "vo_angle", "vo_angle_max"):
+    for k in (
+        "balance_mean",
+        "balance_max",
+        "head_mean_row",
+        "head_mean_row_change",
+        "router_mean_row",
+        "router_mean_row_change",
+        "vo_angle",
+        "vo_angle_max",
+    ):
         assert math.isfinite(g[k]), k
     assert "balance_mean/model.layers.1.mlp.experts" in g and "vo_angle/model.layers.0.self_attn" in g
     if opt in ("adamw", "muon"):  # AdamW on head and router moves their mean rows
@@ -199,13 +231,19 @@ def test_ddp_matches_one_process_and_fsdp2_is_refused(tmp_path):
     from pathlib import Path
 
     import dist_ddc_worker as W
+
     from launch import torchrun
 
     here = Path(__file__).resolve().parent
     out = tmp_path / "dist"
     out.mkdir()
-    torchrun(2, [str(here / "dist_ddc_worker.py"), str(out)], label="ddc ddp",
-             timeout=float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 240)), pythonpath=(str(here),))
+    torchrun(
+        2,
+        [str(here / "dist_ddc_worker.py"), str(out)],
+        label="ddc ddp",
+        timeout=float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 240)),
+        pythonpath=(str(here),),
+    )
     assert (out / "done").exists()
     for arch, base in W.CASES:
         got, ref = torch.load(out / f"ddp_{arch}_{base}.pt"), W.reference_run(arch, base)

@@ -16,8 +16,15 @@ from plain_gpt import FUSED_LAYOUTS, PlainGPT
 transformers = pytest.importorskip("transformers")
 
 V, D, HID, HQ, HKV, HD, E = 96, 32, 40, 4, 2, 8, 4
-COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=HID, num_hidden_layers=2,
-              num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=HD)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=D,
+    intermediate_size=HID,
+    num_hidden_layers=2,
+    num_attention_heads=HQ,
+    num_key_value_heads=HKV,
+    head_dim=HD,
+)
 
 
 def qwen3(tied=False):
@@ -60,13 +67,17 @@ EXPECTED = {
     "qwen3": lambda tied: {**head_and_embedding(tied), **ATTN, **DENSE_MLP, **VECTORS},
     "gemma3": lambda tied: {**head_and_embedding(tied), **ATTN, **DENSE_MLP, **VECTORS},
     "olmoe": lambda tied: {
-        **head_and_embedding(tied), **ATTN, **VECTORS,
+        **head_and_embedding(tied),
+        **ATTN,
+        **VECTORS,
         r"mlp\.gate\.weight$": ("router", Layout()),
         r"experts\.gate_up_proj$": ("expert_in", Layout(stacked=True, fused=2)),  # [E, 2h, d], chunk(2)
         r"experts\.down_proj$": ("expert_out", Layout(stacked=True)),  # [E, d, h]
     },
     "gpt_oss": lambda tied: {
-        **head_and_embedding(tied), **ATTN, **VECTORS,
+        **head_and_embedding(tied),
+        **ATTN,
+        **VECTORS,
         r"mlp\.router\.weight$": ("router", Layout()),
         # [E, d, 2h], gate = [..., ::2], up = [..., 1::2]
         r"experts\.gate_up_proj$": ("expert_in", Layout(stacked=True, transposed=True, fused=2, interleaved=True)),
@@ -195,13 +206,17 @@ def test_plan_table_and_lookup():
 @pytest.mark.parametrize("softcap,head_map", [(None, "centered_row_norm"), (30.0, "row_norm")])
 def test_plan_downgrades_what_the_audit_finds_broken(softcap, head_map):
     # final-logit soft-capping breaks the LM-head shift symmetry: no centering then
-    cfg = transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 1}, tie_word_embeddings=False,
-                                        final_logit_softcapping=softcap)
+    cfg = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 1}, tie_word_embeddings=False, final_logit_softcapping=softcap
+    )
     model = transformers.Gemma3ForCausalLM(cfg)
     report = equiopt.audit(model, torch.randint(0, V, (2, 8)))
     assert equiopt.plan(model, audit=report).specs["lm_head"]["map"] == head_map
     if softcap is None:
-        assert equiopt.plan(model, audit=report, rules={"lm_head": "centered_row_norm"}).specs["lm_head"]["map"] == "centered_row_norm"
+        assert (
+            equiopt.plan(model, audit=report, rules={"lm_head": "centered_row_norm"}).specs["lm_head"]["map"]
+            == "centered_row_norm"
+        )
     else:  # the shift is broken: a map that projects it out is refused, naming the parameter
         with pytest.raises(equiopt.PlanError, match=r"lm_head.weight.*projects out Shift\(rows\)"):
             equiopt.plan(model, audit=report, rules={"lm_head": "centered_row_norm"})
@@ -215,5 +230,6 @@ def test_square_fused_experts_when_two_h_equals_d():
     assert olmoe_p.entry("model.layers.0.mlp.experts.gate_up_proj").layout == Layout(stacked=True, fused=2)
     oss = equiopt.plan(transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw, num_local_experts=E)))
     assert oss.entry("model.layers.0.mlp.experts.gate_up_proj").layout == Layout(
-        stacked=True, transposed=True, fused=2, interleaved=True)
+        stacked=True, transposed=True, fused=2, interleaved=True
+    )
     assert oss.entry("model.layers.0.mlp.experts.down_proj").layout == Layout(stacked=True, transposed=True)

@@ -4,6 +4,7 @@ The expected numbers below are typed from issue #13's table (and, for the embedd
 learning rates of the hybrid and AdamW variants, from the authors' README commands), not
 read from equiopt.train.recipes.
 """
+
 import dataclasses
 import json
 import math
@@ -23,45 +24,95 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # -- issue #13's table -------------------------------------------------------------------
 # role -> (learning rate, weight decay, map) of the figure runs; "muon" = per-head / per-expert Muon
 TABLE = {
-    "fig3": {"embedding": (5e-1, 0.0, "row_norm"), "lm_head": (5e-3, 0.0, "centered_row_norm"),
-             "attention": (2e-2, 1e-3, "polar"), "mlp_in": (2e-2, 1e-3, "hybrid"), "mlp_out": (2e-2, 1e-3, "hybrid"),
-             "vector": (5e-2, 1e-3, "adamw")},
-    "fig4": {"embedding": (5e-3, 0.0, "row_norm"), "lm_head": (5e-3, 0.0, "centered_row_norm"),
-             "attention": (2e-2, 1e-3, "polar"), "mlp_in": (2e-2, 1e-3, "hybrid"), "mlp_out": (2e-2, 1e-3, "hybrid"),
-             "vector": (5e-2, 1e-3, "adamw")},
-    "fig5": {"embedding": (5e-1, 0.0, "row_norm"), "lm_head": (5e-3, 0.0, "centered_row_norm"),
-             "attention": (5e-3, 1e-3, "polar"), "router": (7.5e-4, 0.0, "centered_row_norm"),
-             "expert_in": (5e-3, 1e-3, "polar"), "expert_out": (5e-3, 1e-3, "polar"),
-             "vector": (1e-2, 1e-3, "adamw")},
-    "fig2": {"embedding": (1e-1, 0.0, "row_norm"), "lm_head": (1e-3, 0.0, "centered_row_norm"),
-             "attention": (1e-3, 1e-3, "polar"), "router": (7.5e-4, 0.0, "centered_row_norm"),
-             "expert_in": (1e-3, 1e-3, "polar"), "expert_out": (1e-3, 1e-3, "polar"),
-             "vector": (5e-3, 1e-3, "adamw")},
+    "fig3": {
+        "embedding": (5e-1, 0.0, "row_norm"),
+        "lm_head": (5e-3, 0.0, "centered_row_norm"),
+        "attention": (2e-2, 1e-3, "polar"),
+        "mlp_in": (2e-2, 1e-3, "hybrid"),
+        "mlp_out": (2e-2, 1e-3, "hybrid"),
+        "vector": (5e-2, 1e-3, "adamw"),
+    },
+    "fig4": {
+        "embedding": (5e-3, 0.0, "row_norm"),
+        "lm_head": (5e-3, 0.0, "centered_row_norm"),
+        "attention": (2e-2, 1e-3, "polar"),
+        "mlp_in": (2e-2, 1e-3, "hybrid"),
+        "mlp_out": (2e-2, 1e-3, "hybrid"),
+        "vector": (5e-2, 1e-3, "adamw"),
+    },
+    "fig5": {
+        "embedding": (5e-1, 0.0, "row_norm"),
+        "lm_head": (5e-3, 0.0, "centered_row_norm"),
+        "attention": (5e-3, 1e-3, "polar"),
+        "router": (7.5e-4, 0.0, "centered_row_norm"),
+        "expert_in": (5e-3, 1e-3, "polar"),
+        "expert_out": (5e-3, 1e-3, "polar"),
+        "vector": (1e-2, 1e-3, "adamw"),
+    },
+    "fig2": {
+        "embedding": (1e-1, 0.0, "row_norm"),
+        "lm_head": (1e-3, 0.0, "centered_row_norm"),
+        "attention": (1e-3, 1e-3, "polar"),
+        "router": (7.5e-4, 0.0, "centered_row_norm"),
+        "expert_in": (1e-3, 1e-3, "polar"),
+        "expert_out": (1e-3, 1e-3, "polar"),
+        "vector": (5e-3, 1e-3, "adamw"),
+    },
 }
 # model fields of the figure runs (the rest of each family's `paper` preset is unchanged)
 MODELS = {
-    "fig3": dict(arch="qwen3", num_layers=20, rope_theta=1e6, tie_embeddings=False, hidden_size=1024,
-                 intermediate_size=3072),
+    "fig3": dict(
+        arch="qwen3", num_layers=20, rope_theta=1e6, tie_embeddings=False, hidden_size=1024, intermediate_size=3072
+    ),
     "fig4": dict(arch="gemma3", num_layers=18, tie_embeddings=False),
     "fig5": dict(arch="olmoe", num_layers=12, num_experts=32, top_k=8, aux_loss_coef=0.0),
-    "fig2": dict(arch="gptoss", num_layers=12, hidden_size=2048, intermediate_size=2048, num_experts=16, top_k=4,
-                 aux_loss_coef=0.0),
+    "fig2": dict(
+        arch="gptoss",
+        num_layers=12,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_experts=16,
+        top_k=4,
+        aux_loss_coef=0.0,
+    ),
 }
-RUN = {"fig3": (1024, 224, 30_000), "fig4": (1024, 144, 50_000), "fig5": (1024, 160, 30_000),
-       "fig2": (1024, 64, 60_000)}  # sequence length, global batch, steps
-BASE = {"fig3": "rownorm-embed-head/hybrid-mlp", "fig4": "rownorm-embed-head/hybrid-mlp",
-        "fig5": "rownorm-router", "fig2": "rownorm-router"}
+RUN = {
+    "fig3": (1024, 224, 30_000),
+    "fig4": (1024, 144, 50_000),
+    "fig5": (1024, 160, 30_000),
+    "fig2": (1024, 64, 60_000),
+}  # sequence length, global batch, steps
+BASE = {
+    "fig3": "rownorm-embed-head/hybrid-mlp",
+    "fig4": "rownorm-embed-head/hybrid-mlp",
+    "fig5": "rownorm-router",
+    "fig2": "rownorm-router",
+}
 # embedding / LM-head learning rates of the dense variants (authors' README commands)
 DENSE_EH = {
-    "fig3": {"rownorm-embed-head/hybrid-mlp": (5e-1, 5e-3), "hybrid-embed-head/hybrid-mlp": (1.0, 1e-2),
-             "adamw-embed-head/hybrid-mlp": (1e-1, 1e-3), "rownorm-embed-head/muon-mlp": (5e-1, 5e-3),
-             "hybrid-embed-head/muon-mlp": (1.0, 1e-2), "adamw-embed-head/muon-mlp": (1e-1, 1e-3)},
-    "fig4": {"rownorm-embed-head/hybrid-mlp": (5e-3, 5e-3), "hybrid-embed-head/hybrid-mlp": (1e-2, 1e-2),
-             "adamw-embed-head/hybrid-mlp": (5e-4, 5e-4), "rownorm-embed-head/muon-mlp": (2.5e-3, 2.5e-3),
-             "hybrid-embed-head/muon-mlp": (2.5e-3, 2.5e-3), "adamw-embed-head/muon-mlp": (5e-4, 5e-4)},
+    "fig3": {
+        "rownorm-embed-head/hybrid-mlp": (5e-1, 5e-3),
+        "hybrid-embed-head/hybrid-mlp": (1.0, 1e-2),
+        "adamw-embed-head/hybrid-mlp": (1e-1, 1e-3),
+        "rownorm-embed-head/muon-mlp": (5e-1, 5e-3),
+        "hybrid-embed-head/muon-mlp": (1.0, 1e-2),
+        "adamw-embed-head/muon-mlp": (1e-1, 1e-3),
+    },
+    "fig4": {
+        "rownorm-embed-head/hybrid-mlp": (5e-3, 5e-3),
+        "hybrid-embed-head/hybrid-mlp": (1e-2, 1e-2),
+        "adamw-embed-head/hybrid-mlp": (5e-4, 5e-4),
+        "rownorm-embed-head/muon-mlp": (2.5e-3, 2.5e-3),
+        "hybrid-embed-head/muon-mlp": (2.5e-3, 2.5e-3),
+        "adamw-embed-head/muon-mlp": (5e-4, 5e-4),
+    },
 }
-ROUTER_MAPS = {"rownorm-router": "centered_row_norm", "left-spectral-router": "left_spectral",
-               "adamw-router": "adamw", "adamw-embed-head-router": "adamw"}
+ROUTER_MAPS = {
+    "rownorm-router": "centered_row_norm",
+    "left-spectral-router": "left_spectral",
+    "adamw-router": "adamw",
+    "adamw-embed-head-router": "adamw",
+}
 
 
 def _specs(cfg):
@@ -84,7 +135,11 @@ def test_figure_recipe_matches_the_issue_table(fig):
         assert (math.isclose(s["lr"], lr), s["weight_decay"], s["map"]) == (True, wd, map_), (fig, role, s)
         if map_ == "polar":  # Muon: Nesterov, Polar Express, momentum 0.95, sqrt(max(1, A/B))
             assert (s["nesterov"], s["polar_method"], s["momentum"], s["scale"]) == (
-                True, "polar_express", 0.95, "muon")
+                True,
+                "polar_express",
+                0.95,
+                "muon",
+            )
         if map_ == "adamw":
             assert tuple(s["betas"]) == (0.9, 0.95)
         if map_ in ("row_norm", "centered_row_norm", "hybrid"):
@@ -102,8 +157,11 @@ def test_dense_grid_embedding_head_x_mlp(fig):
     for v, (lr_e, lr_h) in DENSE_EH[fig].items():
         specs = _specs(r.train_config(v, scale="paper"))
         eh, mlp = v.split("/")
-        want = {"rownorm-embed-head": ("row_norm", "centered_row_norm"), "hybrid-embed-head": ("hybrid", "hybrid"),
-                "adamw-embed-head": ("adamw", "adamw")}[eh]
+        want = {
+            "rownorm-embed-head": ("row_norm", "centered_row_norm"),
+            "hybrid-embed-head": ("hybrid", "hybrid"),
+            "adamw-embed-head": ("adamw", "adamw"),
+        }[eh]
         assert (specs["embedding"]["map"], specs["lm_head"]["map"]) == want
         assert math.isclose(specs["embedding"]["lr"], lr_e) and math.isclose(specs["lm_head"]["lr"], lr_h)
         assert specs["embedding"]["weight_decay"] == 0 and specs["lm_head"]["weight_decay"] == 0
@@ -138,9 +196,21 @@ def test_harness_builds_the_recipe_groups(fig):
     cfg = r.train_config(BASE[fig], scale="cpu")
     mc = cfg.model_config(vocab_size=512)
     assert (mc.hidden_size, mc.num_layers, mc.num_experts, mc.top_k) == (
-        128, 4, MODELS[fig].get("num_experts", 0), MODELS[fig].get("top_k", 0))
-    opt, _ = L.make_optimizer(build_model(mc), cfg.optimizer, cfg.lr_scale, cfg.role_lr_scale, rules=cfg.rules,
-                              role_lr=cfg.role_lr, roles=cfg.roles, layouts=cfg.layouts)
+        128,
+        4,
+        MODELS[fig].get("num_experts", 0),
+        MODELS[fig].get("top_k", 0),
+    )
+    opt, _ = L.make_optimizer(
+        build_model(mc),
+        cfg.optimizer,
+        cfg.lr_scale,
+        cfg.role_lr_scale,
+        rules=cfg.rules,
+        role_lr=cfg.role_lr,
+        roles=cfg.roles,
+        layouts=cfg.layouts,
+    )
     groups = {g["role"]: g for g in opt.param_groups}
     for role, (lr, wd, map_) in TABLE[fig].items():
         assert math.isclose(groups[role]["lr"], lr) and groups[role]["weight_decay"] == wd
@@ -157,8 +227,20 @@ def test_schedule_curves_hand_computed():
     assert [f(s) for s in range(11)] == pytest.approx([1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0], abs=1e-9)
     g = L.schedule_lambda(dataclasses.replace(cfg, steps=11), "warmup_cosine:3")
     # s/3 over the warm-up, then 0.5 (1 + cos(pi (s - 3) / 8))
-    want = [0, 1 / 3, 2 / 3, 1, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449, 0.5,
-            0.3086582838174551, 0.14644660940672627, 0.03806023374435663, 0.0]
+    want = [
+        0,
+        1 / 3,
+        2 / 3,
+        1,
+        0.9619397662556434,
+        0.8535533905932737,
+        0.6913417161825449,
+        0.5,
+        0.3086582838174551,
+        0.14644660940672627,
+        0.03806023374435663,
+        0.0,
+    ]
     assert [g(s) for s in range(12)] == pytest.approx(want, abs=1e-12)
     assert L.schedule_lambda(cfg, "constant")(7) == 1.0
     assert L.schedule_lambda(dataclasses.replace(cfg, warmup=2), "cosine")(0) == pytest.approx(0.5)
@@ -183,8 +265,11 @@ def test_one_lambdalr_with_a_curve_per_group():
     for s in range(1, 11):
         sched.step()
         for g, b in zip(opt.param_groups, base):
-            want = b * (min(s / 2, 1.0) if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 8))) \
-                if g["role"] == "vector" else b * min(1.0, max(1 - s / 10, 1e-12) / 0.4)  # clamped as theirs
+            want = (
+                b * (min(s / 2, 1.0) if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)))
+                if g["role"] == "vector"
+                else b * min(1.0, max(1 - s / 10, 1e-12) / 0.4)
+            )  # clamped as theirs
             assert g["lr"] == pytest.approx(want, rel=1e-12, abs=1e-18), (s, g["role"])
     # without role_schedule: the single schedule of today (every group the same multiplier)
     assert L.role_lr_lambdas(L.TrainConfig(steps=10), opt.param_groups)[0](5) == L.lr_lambda(L.TrainConfig(steps=10))(5)
@@ -213,10 +298,20 @@ def _recipe_cfg(corpus, out, fig="fig5", **kw):
     small = dict(steps=8, batch_size=4, eval_every=2, eval_tokens=256, ckpt_every=3, data=corpus[0], out=str(out))
     small.update(kw)
     cfg = r.train_config(BASE[fig], scale="cpu", **small)
-    model = {**cfg.model, "hidden_size": 32, "head_dim": 16, "num_heads": 2, "num_kv_heads": 2,
-             "intermediate_size": 16, "num_layers": 2, "num_experts": 8, "top_k": 2}
-    return dataclasses.replace(cfg, model=model, seq_len=32, role_schedule={"vector": "warmup_cosine:3",
-                                                                             "*": "stable_decay:0.4"})
+    model = {
+        **cfg.model,
+        "hidden_size": 32,
+        "head_dim": 16,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "intermediate_size": 16,
+        "num_layers": 2,
+        "num_experts": 8,
+        "top_k": 2,
+    }
+    return dataclasses.replace(
+        cfg, model=model, seq_len=32, role_schedule={"vector": "warmup_cosine:3", "*": "stable_decay:0.4"}
+    )
 
 
 def _strip(recs):
@@ -250,8 +345,19 @@ def test_tensorboard_events_hold_every_scalar(corpus, tmp_path):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     recs = L.read_metrics(cfg.out)
-    for tag in ("train_loss", "val_loss", "lr/vector", "lr/router", "lr/embedding", "logits/max_abs",
-                "routing/load_cv", "routing/z_loss", "routing/top_load", "grad_norm_max", "lr_factor"):
+    for tag in (
+        "train_loss",
+        "val_loss",
+        "lr/vector",
+        "lr/router",
+        "lr/embedding",
+        "logits/max_abs",
+        "routing/load_cv",
+        "routing/z_loss",
+        "routing/top_load",
+        "grad_norm_max",
+        "lr_factor",
+    ):
         assert tag in tags, tag
     assert any(t.startswith("routing_layers/") for t in tags)
     for tag in ("val_loss", "lr/router", "routing/load_cv", "logits/centered_rms"):
@@ -286,9 +392,33 @@ def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch)
     monkeypatch.setenv("EQUIOPT_CACHE", corpus[0].cache)
     out = tmp_path / "rep"
     variants = "rownorm-embed-head/hybrid-mlp,adamw-embed-head/hybrid-mlp"
-    rc = cli.main(["reproduce", "fig3", "--scale", "cpu", "--seeds", "2", "--variants", variants, "--steps", "3",
-                   "--batch-size", "2", "--eval-every", "3", "--eval-tokens", "256", "--data", corpus[0].source,
-                   "--lr-scales", "0.5,1", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "reproduce",
+            "fig3",
+            "--scale",
+            "cpu",
+            "--seeds",
+            "2",
+            "--variants",
+            variants,
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "3",
+            "--eval-tokens",
+            "256",
+            "--data",
+            corpus[0].source,
+            "--lr-scales",
+            "0.5,1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     md = (out / "summary.md").read_text()
     assert "rownorm-embed-head/hybrid-mlp" in md and "Block-wise contrasts" in md

@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
-from .planner import Plan, plan as make_plan, unwrap
+from .planner import Plan, unwrap
+from .planner import plan as make_plan
 from .polar import newton_schulz
 
 __all__ = [
@@ -147,8 +148,15 @@ def _module_param(module: nn.Module, rel: str) -> Tensor:
 
 
 @torch.no_grad()
-def probe_rescale(module: nn.Module, in_name: str, out_name: str, bias_name: str | None = None,
-                  d_in: int | None = None, tol: float = PROBE_TOL, seed: int = 0) -> float:
+def probe_rescale(
+    module: nn.Module,
+    in_name: str,
+    out_name: str,
+    bias_name: str | None = None,
+    d_in: int | None = None,
+    tol: float = PROBE_TOL,
+    seed: int = 0,
+) -> float:
     """Relative change of ``module``'s output (float64 copy, eval mode) when the rows of
     parameter ``in_name`` (and ``bias_name``) are multiplied by random ``s_i`` in [0.5, 2]
     and the columns of ``out_name`` divided by them. ``~1e-16`` for an exact rescale gauge.
@@ -168,7 +176,7 @@ def probe_rescale(module: nn.Module, in_name: str, out_name: str, bias_name: str
 
 
 def _rel(name: str, scope: str) -> str:
-    return name[len(scope) + 1:] if scope else name
+    return name[len(scope) + 1 :] if scope else name
 
 
 def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
@@ -178,13 +186,20 @@ def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
     scope = block.scope + "." if block.scope else ""
     biases = {b for _, b in block.biases}
     sizes = {(block.head_dim,), (block.hq * block.head_dim,), (block.hkv * block.head_dim,)}
-    return any(e.role == "vector" and e.name.startswith(scope) and e.name not in biases and tuple(e.shape) in sizes
-               for e in the_plan.entries)
+    return any(
+        e.role == "vector" and e.name.startswith(scope) and e.name not in biases and tuple(e.shape) in sizes
+        for e in the_plan.entries
+    )
 
 
-def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "adam",
-                  kinds: tuple[str, ...] = ("rescale", "shift", "rotation"), tol: float = PROBE_TOL,
-                  why: dict[str, str] | None = None) -> list:
+def derive_gauges(
+    the_plan: Plan,
+    model: nn.Module | None = None,
+    base: str = "adam",
+    kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
+    tol: float = PROBE_TOL,
+    why: dict[str, str] | None = None,
+) -> list:
     """The gauges of a planned model (see the module docstring); ``model`` is needed for the
     rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
     claimed by at most one gauge: a rescale gauge whose members another gauge already holds
@@ -208,23 +223,39 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
             w = the_plan.entry(block.head).param
             b = the_plan.entry(block.head_bias).param if block.head_bias else None
             if free(w, *([b] if b is not None else [])):
-                take(ShiftGauge(f"logit_shift:{block.head}", w, b,
-                                names=tuple(n for n in (block.head, block.head_bias) if n)))
+                take(
+                    ShiftGauge(
+                        f"logit_shift:{block.head}", w, b, names=tuple(n for n in (block.head, block.head_bias) if n)
+                    )
+                )
         if "shift" in kinds and isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
             w = the_plan.entry(block.router).param
             b = the_plan.entry(block.router_bias).param if block.router_bias else None
             if w.ndim == 2 and free(w, *([b] if b is not None else [])):
-                take(ShiftGauge(f"router_shift:{block.router}", w, b,
-                                names=tuple(n for n in (block.router, block.router_bias) if n)))
+                take(
+                    ShiftGauge(
+                        f"router_shift:{block.router}",
+                        w,
+                        b,
+                        names=tuple(n for n in (block.router, block.router_bias) if n),
+                    )
+                )
     if "rescale" in kinds:
-        mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+        mlps = [
+            b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}
+        ]
         for b in the_plan.blocks:
             if isinstance(b, MLPBlock) and b not in mlps:
                 for n in b.params():
-                    why.setdefault(n, "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
-                                      "is not handled yet")
+                    why.setdefault(
+                        n,
+                        "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
+                        "is not handled yet",
+                    )
         if mlps and model is None:
-            warnings.warn("ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2)
+            warnings.warn(
+                "ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2
+            )
             for b in mlps:
                 for n in b.params():
                     why.setdefault(n, "no model given: the rescale probe could not run")
@@ -240,36 +271,50 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
                 for name in b.ins:  # the last in-projection that passes (gated: the linear 'up')
                     bias = biases.get(name)
                     try:
-                        err = probe_rescale(module, _rel(name, b.scope), _rel(b.out, b.scope),
-                                            _rel(bias, b.scope) if bias else None)
+                        err = probe_rescale(
+                            module, _rel(name, b.scope), _rel(b.out, b.scope), _rel(bias, b.scope) if bias else None
+                        )
                     except Exception:  # noqa: BLE001 - a module we cannot call on one tensor has no probed gauge
                         err = math.inf
                     if err <= tol:
                         chosen = (name, bias)
                     else:
-                        why[name] = (f"rescale probe failed (output changes by {err:.1e} relative): the activation "
-                                     "after this projection is not positively homogeneous")
+                        why[name] = (
+                            f"rescale probe failed (output changes by {err:.1e} relative): the activation "
+                            "after this projection is not positively homogeneous"
+                        )
                 if chosen is None:
                     why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
                     continue
                 w_in = the_plan.entry(chosen[0]).param
                 b_in = the_plan.entry(chosen[1]).param if chosen[1] else None
                 if free(w_in, out, *([b_in] if b_in is not None else [])):
-                    take(RescaleGauge(f"neuron_rescale:{b.scope}", w_in, out, b_in,
-                                      names=tuple(n for n in (chosen[0], chosen[1], b.out) if n)))
+                    take(
+                        RescaleGauge(
+                            f"neuron_rescale:{b.scope}",
+                            w_in,
+                            out,
+                            b_in,
+                            names=tuple(n for n in (chosen[0], chosen[1], b.out) if n),
+                        )
+                    )
                 else:
                     for n in (chosen[0], chosen[1], b.out):
                         if n:
-                            why.setdefault(n, "neuron rescale overlaps another gauge or a tied parameter "
-                                              "(overlaps are not combined yet)")
+                            why.setdefault(
+                                n,
+                                "neuron rescale overlaps another gauge or a tied parameter "
+                                "(overlaps are not combined yet)",
+                            )
     if "rotation" in kinds:
         for block in the_plan.blocks:
             if not isinstance(block, AttentionBlock):
                 continue
             if base != "muon":
                 for n in block.params():
-                    why.setdefault(n, "rotation gauges need a rotation-equivariant base (Muon's polar map); "
-                                      "Adam is per coordinate")
+                    why.setdefault(
+                        n, "rotation gauges need a rotation-equivariant base (Muon's polar map); Adam is per coordinate"
+                    )
                 continue
             if block.qkv is not None or not block.v:
                 for n in block.params():
@@ -279,11 +324,22 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
             v, o = the_plan.entry(block.v).param, the_plan.entry(block.o).param
             if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
                 for n in (block.v, block.o):
-                    why.setdefault(n, f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
-                                      "updated by AdamW (per coordinate)")
+                    why.setdefault(
+                        n,
+                        f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
+                        "updated by AdamW (per coordinate)",
+                    )
             elif free(v, o):
-                gauges.append(RotationGauge(f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o),
-                                            block.hkv, block.head_dim))
+                gauges.append(
+                    RotationGauge(
+                        f"vo_rotation:{block.scope}",
+                        "vo_rotation",
+                        (v, o),
+                        (block.v, block.o),
+                        block.hkv,
+                        block.head_dim,
+                    )
+                )
             if not (block.q and block.k):
                 continue
             if block.q in bias_of or block.k in bias_of:
@@ -294,8 +350,16 @@ def derive_gauges(the_plan: Plan, model: nn.Module | None = None, base: str = "a
                 reason = None
                 q, k = the_plan.entry(block.q).param, the_plan.entry(block.k).param
                 if free(q, k):
-                    gauges.append(RotationGauge(f"qk_rope_rotation:{block.scope}", "qk_rope_rotation", (q, k),
-                                                (block.q, block.k), block.hkv, block.head_dim))
+                    gauges.append(
+                        RotationGauge(
+                            f"qk_rope_rotation:{block.scope}",
+                            "qk_rope_rotation",
+                            (q, k),
+                            (block.q, block.k),
+                            block.hkv,
+                            block.head_dim,
+                        )
+                    )
             if reason:
                 for n in (block.q, block.k):
                     why.setdefault(n, reason)
@@ -336,8 +400,8 @@ def _adam_dir(state: dict, x: Tensor, beta1: float, beta2: float, eps: float, pr
     step = state["step"].item()
     m.lerp_(x, 1 - beta1)
     v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-    bc1 = 1 - beta1 ** step
-    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
     return (m / bc1) / ((v.sqrt() / bc2_sqrt).add_(eps))
 
 
@@ -381,8 +445,14 @@ def _rescale_key(g) -> tuple:
     """Gauges that can share one stacked step; the last field says whether batching applies
     (float32/64 parameters on one device)."""
     ps = g.params
-    return (tuple(g.in_weight.shape), tuple(g.out_weight.shape), g.in_bias is not None, g.in_weight.dtype,
-            g.in_weight.device, all(p.dtype == g.in_weight.dtype and p.dtype in _FULL for p in ps))
+    return (
+        tuple(g.in_weight.shape),
+        tuple(g.out_weight.shape),
+        g.in_bias is not None,
+        g.in_weight.dtype,
+        g.in_weight.device,
+        all(p.dtype == g.in_weight.dtype and p.dtype in _FULL for p in ps),
+    )
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -403,10 +473,25 @@ class DDCOptimizer(torch.optim.Optimizer):
     Build it with :func:`ddc_optimizer`.
     """
 
-    def __init__(self, params, gauges: list, base: str = "adam", names: dict | None = None,
-                 table: list[tuple[str, ...]] | None = None):
-        defaults = dict(lr=ADAM_LR, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
-                        nesterov=True, ns_steps=5, ddc="none", rule="adam")
+    def __init__(
+        self,
+        params,
+        gauges: list,
+        base: str = "adam",
+        names: dict | None = None,
+        table: list[tuple[str, ...]] | None = None,
+    ):
+        defaults = dict(
+            lr=ADAM_LR,
+            weight_decay=0.0,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            momentum=0.95,
+            nesterov=True,
+            ns_steps=5,
+            ddc="none",
+            rule="adam",
+        )
         super().__init__(params, defaults)
         self.base = base
         self.gauges = list(gauges)
@@ -419,7 +504,8 @@ class DDCOptimizer(torch.optim.Optimizer):
                     raise NotImplementedError(
                         f"DDCOptimizer: parameter {self.names.get(p, tuple(p.shape))!r} is a DTensor (FSDP2 / "
                         "tensor-parallel sharding); FSDP2 is not supported by DDC yet (its per-neuron norms, "
-                        "vocabulary means and polar maps need whole gauge blocks). Use DDP, or a non-DDC optimizer")
+                        "vocabulary means and polar maps need whole gauge blocks). Use DDP, or a non-DDC optimizer"
+                    )
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for gauge in self.gauges:
             if gauge.kind == "rotation":
@@ -563,7 +649,11 @@ class DDCOptimizer(torch.optim.Optimizer):
         if group["rule"] == "adam":
             u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
             u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
-            ub = self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps) if has_b else None
+            ub = (
+                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
+                if has_b
+                else None
+            )
         else:
             X1 = torch.cat([x1, xb[:, :, None]], 2) if has_b else x1
             U1 = self._muon_stacked(st1, X1, group)
@@ -579,21 +669,26 @@ class DDCOptimizer(torch.optim.Optimizer):
         if has_b:
             ub = ub - a1 * b
             b.mul_(e).sub_(lr * rho1 * ub)
-        torch._foreach_copy_(P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else []))
+        torch._foreach_copy_(
+            P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else [])
+        )
 
     @staticmethod
-    def _adam_dir_stacked(states: list[dict], x: Tensor, steps: list[float], beta1: float, beta2: float, eps: float,
-                          prefix: str = "") -> Tensor:
+    def _adam_dir_stacked(
+        states: list[dict], x: Tensor, steps: list[float], beta1: float, beta2: float, eps: float, prefix: str = ""
+    ) -> Tensor:
         """:func:`_adam_dir` of a stack (one state per slice, written back)."""
         m = torch.stack([s[prefix + "exp_avg"] for s in states])
         v = torch.stack([s[prefix + "exp_avg_sq"] for s in states])
         m.lerp_(x, 1 - beta1)
         v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-        torch._foreach_copy_([s[prefix + "exp_avg"] for s in states] + [s[prefix + "exp_avg_sq"] for s in states],
-                             list(m.unbind(0)) + list(v.unbind(0)))
+        torch._foreach_copy_(
+            [s[prefix + "exp_avg"] for s in states] + [s[prefix + "exp_avg_sq"] for s in states],
+            list(m.unbind(0)) + list(v.unbind(0)),
+        )
         shape = (-1,) + (1,) * (x.ndim - 1)
-        bc1 = torch.tensor([1 - beta1 ** t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
-        bc2 = torch.tensor([(1 - beta2 ** t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        bc1 = torch.tensor([1 - beta1**t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
+        bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
 
     def _muon_stacked(self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer") -> Tensor:
@@ -636,8 +731,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step = state["step"].item()
-        bc1 = 1 - beta1 ** step
-        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        bc1 = 1 - beta1**step
+        bc2_sqrt = (1 - beta2**step) ** 0.5
         step_size = lr / bc1
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
         if not center:
@@ -804,8 +899,16 @@ def ddc_optimizer(
     if muon:
         groups.append(dict(params=muon, ddc="none", rule="muon", lr=lr, weight_decay=wd, **common))
     if adam_mat:
-        groups.append(dict(params=adam_mat, ddc="none", rule="adam", lr=adam_lr,
-                           weight_decay=wd if base == "adam" else adam_weight_decay, **common))
+        groups.append(
+            dict(
+                params=adam_mat,
+                ddc="none",
+                rule="adam",
+                lr=adam_lr,
+                weight_decay=wd if base == "adam" else adam_weight_decay,
+                **common,
+            )
+        )
     if vec:
         groups.append(dict(params=vec, ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
     table = _table_rows(the_plan, model, base, found, why)
@@ -923,14 +1026,20 @@ def describe(opt: DDCOptimizer) -> str:
     for gg in opt.gauges:
         k = gg.name.split(":")[0]
         kinds[k] = kinds.get(k, 0) + 1
-    footer = (f"DDC-{opt.base.capitalize()}: {len(opt.table_rows)} tensors, {claimed} in a gauge; gauges: "
-              + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none")
-              + f"; {opt.state_modes()} extra state scalars")
+    footer = (
+        f"DDC-{opt.base.capitalize()}: {len(opt.table_rows)} tensors, {claimed} in a gauge; gauges: "
+        + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none")
+        + f"; {opt.state_modes()} extra state scalars"
+    )
     return _format(rows, footer)
 
 
-def gauge_table(the_plan: Plan, model: nn.Module | None = None, base: str = "adam",
-                kinds: tuple[str, ...] = ("rescale", "shift", "rotation")) -> str:
+def gauge_table(
+    the_plan: Plan,
+    model: nn.Module | None = None,
+    base: str = "adam",
+    kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
+) -> str:
     """The gauges of every parameter of a plan as DDC over ``base`` would claim them (the
     table :func:`describe` prints, without an optimizer): what ``equiopt.plan`` can print for
     its entries. ``model`` is needed for the rescale probe."""

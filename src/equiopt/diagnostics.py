@@ -77,8 +77,18 @@ from torch import Tensor, nn
 from .blocks import AttentionBlock, MLPBlock, MoEBlock, Symmetry, VocabBlock, stacked_experts
 from .planner import plan as make_plan
 
-__all__ = ["DiagnosticsTracker", "GaugeDrift", "GAUGE_AGGREGATES", "plot_history", "AGGREGATES", "tracked_blocks",
-           "shift_coordinate", "rescale_coordinate", "rotation_angle", "vo_procrustes"]
+__all__ = [
+    "DiagnosticsTracker",
+    "GaugeDrift",
+    "GAUGE_AGGREGATES",
+    "plot_history",
+    "AGGREGATES",
+    "tracked_blocks",
+    "shift_coordinate",
+    "rescale_coordinate",
+    "rotation_angle",
+    "vo_procrustes",
+]
 
 #: Keys of the model-level aggregates in every record (per-block keys add ``/<block name>``).
 AGGREGATES = (
@@ -110,7 +120,9 @@ def _find_top_k(model: nn.Module, router_module: str, explicit: int | None) -> i
         v = getattr(cfg, a, None) if cfg is not None else None
         if isinstance(v, int) and v > 0:
             return v
-    raise ValueError(f"router {router_module!r}: cannot find its top-k (no top_k attribute); pass DiagnosticsTracker(top_k=...)")
+    raise ValueError(
+        f"router {router_module!r}: cannot find its top-k (no top_k attribute); pass DiagnosticsTracker(top_k=...)"
+    )
 
 
 def _router_choice(output, E: int, k: int, where: str) -> Tensor:
@@ -167,7 +179,6 @@ def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Ma
     return out
 
 
-
 def _full(t: Tensor) -> Tensor:
     """The whole tensor of a DTensor (FSDP2 shard: a collective, every rank must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -194,8 +205,16 @@ def vo_procrustes(v: Tensor, o: Tensor, v0: Tensor, o0: Tensor, hkv: int, hd: in
     return u @ vh
 
 
-GAUGE_AGGREGATES = ("balance_mean", "balance_max", "head_mean_row", "head_mean_row_change", "router_mean_row",
-                    "router_mean_row_change", "vo_angle", "vo_angle_max")
+GAUGE_AGGREGATES = (
+    "balance_mean",
+    "balance_max",
+    "head_mean_row",
+    "head_mean_row_change",
+    "router_mean_row",
+    "router_mean_row_change",
+    "vo_angle",
+    "vo_angle_max",
+)
 
 
 class GaugeDrift:
@@ -290,7 +309,9 @@ def token_embedding_entry(plan, model: nn.Module, name: str | None):
     if name is not None:
         found = [e for e in embs if name in (e.name, *e.aliases)]
         if not found:
-            raise ValueError(f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}")
+            raise ValueError(
+                f"token_embedding={name!r} is not an embedding of the plan; embeddings: {[e.name for e in embs]}"
+            )
         return found[0]
     get_in = getattr(model, "get_input_embeddings", None)
     if callable(get_in):
@@ -533,12 +554,16 @@ class DiagnosticsTracker:
         the current window, by ``"update"`` or ``"act"`` (call before :meth:`record`)."""
         if by == "update":
             if scope not in self._upd:
-                raise KeyError(f"no update recorded for block {scope!r} (call step() first); blocks: {[b.scope for b in self.mlps]}")
+                raise KeyError(
+                    f"no update recorded for block {scope!r} (call step() first); blocks: {[b.scope for b in self.mlps]}"
+                )
             x = self._upd[scope]
             rel = self.update_rel
         elif by == "act":
             if scope not in self._act:
-                raise KeyError(f"no activation recorded for block {scope!r} (dense MLPs only, training forwards); blocks: {list(self._act)}")
+                raise KeyError(
+                    f"no activation recorded for block {scope!r} (dense MLPs only, training forwards); blocks: {list(self._act)}"
+                )
             x = (self._act[scope] / self._act_count[scope]).reshape(1, -1)
             rel = self.act_rel
         else:
@@ -588,7 +613,9 @@ PANELS = (
 )
 
 
-def plot_history(histories: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path, title: str | None = None) -> list[str]:
+def plot_history(
+    histories: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path, title: str | None = None
+) -> list[str]:
     """Plot diagnostics histories to a PNG at ``path``; returns the keys plotted.
 
     ``histories``: one history (a list of :meth:`DiagnosticsTracker.record` dicts) or
@@ -617,7 +644,7 @@ def plot_history(histories: Sequence[Mapping] | Mapping[str, Sequence[Mapping]],
         ax.tick_params(labelsize=7)
         if any(label for label in runs):
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
