@@ -597,6 +597,52 @@ def _reduce_stats_numel(group, layout: Layout, shape) -> int:
     return sum((ax.parts if ax.split_axis == 0 else 1) * width for axis in stages if axis == 0)
 
 
+def _naive_bytes(group, world: int, elem_bytes: int, naive: list[float], naive_mat: list[float]) -> None:
+    """All-gather every optimizer input of ``group`` (the naive scheme), added per rank."""
+    for p in group["params"]:
+        geo = _Shard(None, world, 0, p.shape[0] if p.ndim else 1)
+        row = math.prod(p.shape[1:]) if p.ndim else 1
+        for k in range(world):
+            naive[k] += (world - 1) * geo.size(k) * row * elem_bytes
+            if group["map"] != "adamw":
+                naive_mat[k] += (world - 1) * geo.size(k) * row * elem_bytes
+
+
+def _gather_bytes(gathers: list, world: int, elem_bytes: int, out: list[float]) -> None:
+    """Shards to each matrix's owner and its rows back (the ``gather`` path), per rank."""
+    owners = assign_owners([_cost(lay, p.shape) for p, lay, _ in gathers], world)
+    for (p, _, geo), o in zip(gathers, owners):
+        row = math.prod(p.shape[1:])
+        for k in range(world):
+            if k != o:
+                out[k] += geo.size(k) * row * elem_bytes  # to the owner
+            else:
+                out[k] += (p.shape[0] - geo.size(k)) * row * elem_bytes  # back
+
+
+def _matrix_paths_bytes(ctx, group, world: int, elem_bytes: int, by_path, numel_by_path) -> None:
+    """Bytes of the matrix paths of one param_group (reduce, gram, gather), per rank."""
+    ring = 2 * (world - 1) / world if world > 1 else 0.0
+    gathers = []
+    for p in group["params"]:
+        layout = ctx.layout(group, p)
+        geo = _Shard(None, world, 0, p.shape[0])
+        path = _path(group, layout, p, "shard", geo) if world > 1 else "local"
+        numel_by_path[path] += p.numel()
+        if path == "reduce":
+            n = _reduce_stats_numel(group, layout, p.shape)
+        elif path == "gram":
+            n = (p.shape[1] + 1) * p.shape[1]
+        else:
+            if path == "gather":
+                gathers.append((p, layout, geo))
+            continue
+        for k in range(world):
+            by_path[path][k] += ring * n * elem_bytes
+    if gathers:
+        _gather_bytes(gathers, world, elem_bytes, by_path["gather"])
+
+
 def estimate_comm(opt, world: int, elem_bytes: int = 4) -> dict:
     """Bytes each rank sends in one optimizer step if every parameter of ``opt`` were sharded
     ``Shard(0)`` over ``world`` ranks (as FSDP2 does), by the rules of :func:`sharded_updates`;
@@ -607,57 +653,25 @@ def estimate_comm(opt, world: int, elem_bytes: int = 4) -> dict:
     "by_path": {path: [bytes per rank]}, "numel_by_path": {path: elements}}``. Same
     conventions as :class:`CommStats` (``finite_check`` included in ``ours``).
     """
-    ours = [0.0] * world
     by_path: dict[str, list[float]] = defaultdict(lambda: [0.0] * world)
     numel_by_path: dict[str, int] = defaultdict(int)
-    naive = [0.0] * world
-    naive_mat = [0.0] * world
+    naive, naive_mat = [0.0] * world, [0.0] * world
     ring = 2 * (world - 1) / world if world > 1 else 0.0
     for group in opt.param_groups:
-        params = list(group["params"])
-        if not params:
+        if not group["params"]:
             continue
-        for p in params:
-            geo = _Shard(None, world, 0, p.shape[0] if p.ndim else 1)
-            row = math.prod(p.shape[1:]) if p.ndim else 1
-            for k in range(world):
-                naive[k] += (world - 1) * geo.size(k) * row * elem_bytes
-                if group["map"] != "adamw":
-                    naive_mat[k] += (world - 1) * geo.size(k) * row * elem_bytes
+        _naive_bytes(group, world, elem_bytes, naive, naive_mat)
         for k in range(world):
-            by_path["finite_check"][k] += ring * len(params) * 4
+            by_path["finite_check"][k] += ring * len(group["params"]) * 4
         if group["map"] == "adamw":
-            numel_by_path["adamw (local)"] += sum(p.numel() for p in params)
+            numel_by_path["adamw (local)"] += sum(p.numel() for p in group["params"])
             continue
-        gathers = []
-        for p in params:
-            layout = opt.context.layout(group, p)
-            geo = _Shard(None, world, 0, p.shape[0])
-            path = _path(group, layout, p, "shard", geo) if world > 1 else "local"
-            numel_by_path[path] += p.numel()
-            if path == "reduce":
-                n = _reduce_stats_numel(group, layout, p.shape)
-                for k in range(world):
-                    by_path[path][k] += ring * n * elem_bytes
-            elif path == "gram":
-                n = (p.shape[1] + 1) * p.shape[1]
-                for k in range(world):
-                    by_path[path][k] += ring * n * elem_bytes
-            elif path == "gather":
-                gathers.append((p, layout, geo))
-        if gathers:
-            owners = assign_owners([_cost(lay, p.shape) for p, lay, _ in gathers], world)
-            for (p, _, geo), o in zip(gathers, owners):
-                row = math.prod(p.shape[1:])
-                for k in range(world):
-                    if k != o:
-                        by_path["gather"][k] += geo.size(k) * row * elem_bytes  # to the owner
-                    else:
-                        by_path["gather"][k] += (p.shape[0] - geo.size(k)) * row * elem_bytes  # back
-    for vals in by_path.values():
-        for k in range(world):
-            ours[k] += vals[k]
-    rnd = lambda v: [int(round(x)) for x in v]  # noqa: E731
+        _matrix_paths_bytes(opt.context, group, world, elem_bytes, by_path, numel_by_path)
+    ours = [sum(vals[k] for vals in by_path.values()) for k in range(world)]
+
+    def rnd(v: list[float]) -> list[int]:
+        return [int(round(x)) for x in v]
+
     return {
         "ours": rnd(ours),
         "naive": rnd(naive),
