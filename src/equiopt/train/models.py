@@ -129,6 +129,72 @@ def _alternating(n: int, period: int) -> list[str]:
     return types
 
 
+# The paper's shapes (0.6B-3.5B), sequence length 1024 as in the paper. Gemma-3-1B: 5 sliding
+# : 1 full, 512-token window, large vocab. OLMoE-1B-7B: top-8 of 64. gpt-oss downsized
+# (~3.3B total): alternating sliding/full, top-4 of 32, o200k-size vocab; its expert width
+# differs from d (gpt-oss-120b has both 2880): with equal square expert blocks the planner
+# cannot tell the neuron axis of down_proj from shapes alone.
+_PAPER_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+    ),
+    "gemma3": dict(
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_layers=26,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        tie_embeddings=True,
+        layer_types=_alternating(26, 6),
+        sliding_window=512,
+    ),
+    "olmoe": dict(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        num_experts=64,
+        top_k=8,
+    ),
+    "gptoss": dict(
+        vocab_size=201088,
+        hidden_size=1536,
+        intermediate_size=1280,
+        num_layers=14,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=64,
+        num_experts=32,
+        top_k=4,
+        layer_types=_alternating(14, 2),
+        sliding_window=128,
+    ),
+}
+# the CPU-sized models: what differs per family on top of the common tiny shape
+_TINY_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3": dict(intermediate_size=384),
+    "gemma3": dict(
+        intermediate_size=384,
+        tie_embeddings=True,
+        sliding_window=32,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    ),
+    "olmoe": dict(intermediate_size=96, num_experts=8, top_k=2),
+    "gptoss": dict(intermediate_size=96, num_experts=8, top_k=2, layer_types=_alternating(4, 2), sliding_window=32),
+}
+
+
 def preset(arch: str, size: str = "tiny") -> ModelConfig:
     """The size preset of one family (see the module docstring)."""
     if arch not in ARCHS:
@@ -146,85 +212,8 @@ def preset(arch: str, size: str = "tiny") -> ModelConfig:
             head_dim=32,
             max_seq_len=128,
         )
-        if arch == "qwen3":
-            return ModelConfig(**common, intermediate_size=384)
-        if arch == "gemma3":
-            return ModelConfig(
-                **common,
-                intermediate_size=384,
-                tie_embeddings=True,
-                layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-                sliding_window=32,
-            )
-        if arch == "olmoe":
-            return ModelConfig(**common, intermediate_size=96, num_experts=8, top_k=2)
-        return ModelConfig(
-            **common, intermediate_size=96, num_experts=8, top_k=2, layer_types=_alternating(4, 2), sliding_window=32
-        )
-    # paper shapes (0.6B-3.5B); sequence length 1024 as in the paper
-    if arch == "qwen3":  # Qwen3-0.6B
-        return ModelConfig(
-            arch=arch,
-            size=size,
-            vocab_size=151936,
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_layers=28,
-            num_heads=16,
-            num_kv_heads=8,
-            head_dim=128,
-            max_seq_len=1024,
-        )
-    if arch == "gemma3":  # Gemma-3-1B: 5 sliding : 1 full, 512-token window, large vocab
-        return ModelConfig(
-            arch=arch,
-            size=size,
-            vocab_size=262144,
-            hidden_size=1152,
-            intermediate_size=6912,
-            num_layers=26,
-            num_heads=4,
-            num_kv_heads=1,
-            head_dim=256,
-            max_seq_len=1024,
-            tie_embeddings=True,
-            layer_types=_alternating(26, 6),
-            sliding_window=512,
-        )
-    if arch == "olmoe":  # OLMoE-1B-7B: top-8 of 64
-        return ModelConfig(
-            arch=arch,
-            size=size,
-            vocab_size=50304,
-            hidden_size=2048,
-            intermediate_size=1024,
-            num_layers=16,
-            num_heads=16,
-            num_kv_heads=16,
-            head_dim=128,
-            max_seq_len=1024,
-            num_experts=64,
-            top_k=8,
-        )
-    # downsized gpt-oss (~3.3B total): alternating sliding/full, top-4 of 32, o200k-size vocab.
-    # The expert width differs from d (gpt-oss-120b has both 2880): with equal square expert
-    # blocks, equiopt's planner cannot tell the neuron axis of down_proj from shapes alone.
-    return ModelConfig(
-        arch=arch,
-        size=size,
-        vocab_size=201088,
-        hidden_size=1536,
-        intermediate_size=1280,
-        num_layers=14,
-        num_heads=24,
-        num_kv_heads=8,
-        head_dim=64,
-        max_seq_len=1024,
-        num_experts=32,
-        top_k=4,
-        layer_types=_alternating(14, 2),
-        sliding_window=128,
-    )
+        return ModelConfig(**common, **_TINY_SHAPES[arch])
+    return ModelConfig(arch=arch, size=size, max_seq_len=1024, **_PAPER_SHAPES[arch])
 
 
 def hf_config(cfg: ModelConfig):
