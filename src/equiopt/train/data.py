@@ -415,6 +415,52 @@ def _corpus_key(cfg: DataConfig) -> tuple[str, str]:
     return name, hashlib.sha256("\n".join(ident).encode()).hexdigest()[:12]
 
 
+def _build_corpus(cfg: DataConfig, cache: Path, name: str, cdir: Path, log) -> None:
+    """Fetch the documents and write the train / validation split (documents separated by \\0)."""
+    src = cfg.source
+    log(f"[data] building corpus {name} ...")
+    if src in EMBEDDED:
+        docs = embedded_documents(src, cache)
+    elif src.startswith("hf:"):
+        docs = _hf_documents(src[3:], cfg.hf_max_chars)
+    else:
+        docs = _local_documents(Path(src))
+    tr_all, va_all = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
+    tr = [t for t in tr_all if t]
+    va = [t for t in va_all if t]
+    if not va:
+        raise DataError(f"{src}: the validation split is empty (documents too short?)")
+    # documents are separated by EOT in the token stream; in the text files by \0
+    _atomic_write_text(cdir / "documents.json", json.dumps([n for n, _ in docs]))
+    _atomic_write_text(cdir / "val.txt", "\0".join(va))
+    _atomic_write_text(cdir / "train.txt", "\0".join(tr))
+
+
+def _tokenizer(cfg: DataConfig, tdir: Path, train_txt: Path, log) -> Tokenizer:
+    tok_path = tdir / "tokenizer.json"
+    if tok_path.exists():
+        return Tokenizer.load(tok_path)
+    train_texts = train_txt.read_text("utf-8").split("\0")
+    log(f"[data] training byte-level BPE (vocab {cfg.vocab_size}) on the train split ...")
+    tok = Tokenizer.train(train_texts, cfg.vocab_size)
+    tok.save(tok_path)
+    return tok
+
+
+def _token_shard(tok: Tokenizer, txt: Path, bin_path: Path, split: str, log) -> np.memmap:
+    """The token ids of one split (EOT after every document), tokenized once and cached."""
+    dt = token_dtype(tok.vocab_size)
+    if not bin_path.exists():
+        texts = txt.read_text("utf-8").split("\0")
+        log(f"[data] tokenizing {split} split ({sum(map(len, texts)) / 1e6:.1f}M chars) ...")
+        ids: list[int] = []
+        for doc in tok.encode_batch(texts):
+            ids.extend(doc)
+            ids.append(tok.eot_id)
+        _atomic_write_bytes(bin_path, np.asarray(ids, dtype=dt).tobytes())
+    return np.memmap(bin_path, dtype=dt, mode="r")
+
+
 def prepare(cfg: DataConfig, log=print) -> Prepared:
     """Fetch, split, train the BPE and tokenize as needed (each step cached); load shards."""
     cfg.validate()
@@ -433,49 +479,18 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
     cdir = cache / "corpora" / f"{name}-{key}"
     train_txt, val_txt = cdir / "train.txt", cdir / "val.txt"
     if not (train_txt.exists() and val_txt.exists()):
-        log(f"[data] building corpus {name} ...")
-        if src in EMBEDDED:
-            docs = embedded_documents(src, cache)
-        elif src.startswith("hf:"):
-            docs = _hf_documents(src[3:], cfg.hf_max_chars)
-        else:
-            docs = _local_documents(Path(src))
-        tr_all, va_all = zip(*(split_document(t, cfg.val_fraction) for _, t in docs))
-        tr = [t for t in tr_all if t]
-        va = [t for t in va_all if t]
-        if not va:
-            raise DataError(f"{src}: the validation split is empty (documents too short?)")
-        # documents are separated by EOT in the token stream; in the text files by \0
-        _atomic_write_text(cdir / "documents.json", json.dumps([n for n, _ in docs]))
-        _atomic_write_text(val_txt, "\0".join(va))
-        _atomic_write_text(train_txt, "\0".join(tr))
+        _build_corpus(cfg, cache, name, cdir, log)
     tdir = cdir / f"bpe{cfg.vocab_size}"
-    tok_path = tdir / "tokenizer.json"
-    if tok_path.exists():
-        tok = Tokenizer.load(tok_path)
-    else:
-        train_texts = train_txt.read_text("utf-8").split("\0")
-        log(f"[data] training byte-level BPE (vocab {cfg.vocab_size}) on the train split ...")
-        tok = Tokenizer.train(train_texts, cfg.vocab_size)
-        tok.save(tok_path)
-    dt = token_dtype(tok.vocab_size)
-    shards = {}
-    for split, txt in (("train", train_txt), ("val", val_txt)):
-        bin_path = tdir / f"{split}.bin"
-        if not bin_path.exists():
-            texts = txt.read_text("utf-8").split("\0")
-            log(f"[data] tokenizing {split} split ({sum(map(len, texts)) / 1e6:.1f}M chars) ...")
-            ids: list[int] = []
-            for doc in tok.encode_batch(texts):
-                ids.extend(doc)
-                ids.append(tok.eot_id)
-            _atomic_write_bytes(bin_path, np.asarray(ids, dtype=dt).tobytes())
-        shards[split] = np.memmap(bin_path, dtype=dt, mode="r")
+    tok = _tokenizer(cfg, tdir, train_txt, log)
+    shards = {
+        split: _token_shard(tok, txt, tdir / f"{split}.bin", split, log)
+        for split, txt in (("train", train_txt), ("val", val_txt))
+    }
     info = {
         "source": src,
         "kind": "text",
         "corpus_dir": str(cdir),
-        "tokenizer": str(tok_path),
+        "tokenizer": str(tdir / "tokenizer.json"),
         "train_tokens": len(shards["train"]),
         "val_tokens": len(shards["val"]),
     }
