@@ -308,6 +308,21 @@ class _Sweep:
         return "\n".join(md)
 
 
+def _best_record(st: dict, tried: list[float], seed: int, steps: int, label: str, log) -> dict:
+    """The ``best.json`` entry of one (arch, optimizer); warns when the scale sits at the grid's edge."""
+    edge = st["scale"] in (tried[0], tried[-1]) and len(tried) > 1
+    if edge:
+        log(f"[sweep] {label}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {tried}")
+    return {
+        "lr_scale": st["scale"],
+        "role_lr_scale": st["roles"],
+        "val_loss": st["loss"],
+        "seed": seed,
+        "steps": steps,
+        "at_grid_edge": edge,
+    }
+
+
 def sweep(
     base: TrainConfig,
     archs: list[str],
@@ -353,18 +368,7 @@ def sweep(
         state[(a, o)] = {"scale": scale, "roles": {}, "loss": losses[(a, o, scale)]}
     sw.roles(state, pairs, role_grid)
     for a, o in pairs:
-        st, t = state[(a, o)], tried[(a, o)]
-        edge = st["scale"] in (t[0], t[-1]) and len(t) > 1
-        best.setdefault(a, {})[o] = {
-            "lr_scale": st["scale"],
-            "role_lr_scale": st["roles"],
-            "val_loss": st["loss"],
-            "seed": seed,
-            "steps": base.steps,
-            "at_grid_edge": edge,
-        }
-        if edge:
-            log(f"[sweep] {a}/{o}: best lr_scale {st['scale']:g} is still at the edge of the tried scales {t}")
+        best.setdefault(a, {})[o] = _best_record(state[(a, o)], tried[(a, o)], seed, base.steps, f"{a}/{o}", log)
     write_json(best_path, best, "the sweep's best learning rates")
     table = sw.report(best, command)
     write_text(out / "sweep.md", table + "\n", "the sweep's report")

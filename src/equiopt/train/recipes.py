@@ -605,6 +605,36 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _sweep_variants(opts: ReproduceOptions, out: Path, run: dict) -> dict[str, float]:
+    """Each variant's best ``lr_scale`` over ``opts.lr_scales`` (seed 1000, runs under
+    ``out/sweep``); writes ``out/sweep/best.json``."""
+    sweep_cfgs = []
+    for s in opts.lr_scales:
+        sweep_cfgs += [
+            dataclasses.replace(c, lr_scale=s, keep_checkpoint=False)
+            for c in opts.configs([1000], out / "sweep", tag=f"lr{s:g}")
+        ]
+    sweep_cfgs = [_for_jobs(c, opts.jobs) for c in sweep_cfgs]
+    finals = run_many(sweep_cfgs, desc="sweep", **run)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for c, f in zip(sweep_cfgs, finals):
+        loss = f["val_loss"] if f["status"] == "done" else math.inf
+        points.setdefault(c.variant, []).append((c.lr_scale, loss))
+    chosen, best = {}, {}
+    for v, pts in points.items():
+        s, loss = min(pts, key=lambda p: p[1])
+        chosen[v] = s
+        best[v] = {
+            "lr_scale": s,
+            "val_loss": loss,
+            "points": pts,
+            "at_grid_edge": len(pts) > 1 and s in (min(p[0] for p in pts), max(p[0] for p in pts)),
+        }
+    if _rank0():
+        write_json(out / "sweep" / "best.json", best, "the sweep's best learning rates")
+    return chosen
+
+
 def reproduce(
     opts: ReproduceOptions, *, overwrite: bool = False, progress: bool = True, log=print, command: str | None = None
 ) -> dict:
@@ -615,36 +645,10 @@ def reproduce(
     probe = opts.configs([0], out)
     probe = [_for_jobs(c, opts.jobs) for c in probe]
     prepared = D.prepare(probe[0].data, log=log)
-    chosen: dict[str, float] = {}
-    if opts.lr_scales:
-        sweep_cfgs = []
-        for s in opts.lr_scales:
-            sweep_cfgs += [
-                dataclasses.replace(c, lr_scale=s, keep_checkpoint=False)
-                for c in opts.configs([1000], out / "sweep", tag=f"lr{s:g}")
-            ]
-        sweep_cfgs = [_for_jobs(c, opts.jobs) for c in sweep_cfgs]
-        finals = run_many(
-            sweep_cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc="sweep"
-        )
-        points: dict[str, list[tuple[float, float]]] = {}
-        for c, f in zip(sweep_cfgs, finals):
-            loss = f["val_loss"] if f["status"] == "done" else math.inf
-            points.setdefault(c.variant, []).append((c.lr_scale, loss))
-        best = {}
-        for v, pts in points.items():
-            s, loss = min(pts, key=lambda p: p[1])
-            chosen[v] = s
-            best[v] = {
-                "lr_scale": s,
-                "val_loss": loss,
-                "points": pts,
-                "at_grid_edge": len(pts) > 1 and s in (min(p[0] for p in pts), max(p[0] for p in pts)),
-            }
-        if _rank0():
-            write_json(out / "sweep" / "best.json", best, "the sweep's best learning rates")
+    run = dict(jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared)
+    chosen = _sweep_variants(opts, out, run) if opts.lr_scales else {}
     cfgs = [_for_jobs(c, opts.jobs) for c in opts.configs(list(range(opts.seeds)), out, chosen)]
-    run_many(cfgs, jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared, desc=opts.figure)
+    run_many(cfgs, desc=opts.figure, **run)
     if not _rank0():
         return {}
     c0 = cfgs[0]
