@@ -114,7 +114,9 @@ def test_gpt_neox_per_head_interleaved_qkv():
     # ignoring the interleaving ([q | k | v] blocks) acts on the wrong rows: the check fails
     m, batch = model_and_batch("gpt_neox")
     wrong = plan_of("gpt_neox")
-    wrong.blocks = [dataclasses.replace(b, head_blocks=()) if isinstance(b, AttentionBlock) else b for b in wrong.blocks]
+    wrong.blocks = [
+        dataclasses.replace(b, head_blocks=()) if isinstance(b, AttentionBlock) else b for b in wrong.blocks
+    ]
     bad = equiopt.audit(m, batch, plan=wrong, grads=False)
     vo = bad.by_kind("vo_rotation")
     assert all(c.verdict == "broken" and c.error > 1e-3 for c in vo)

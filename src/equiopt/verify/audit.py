@@ -14,7 +14,7 @@ from ..maps import map_spec
 from ..planner import plan as make_plan
 from .actions import Check
 from .checks import PAIRINGS, CheckBuilder
-from .report import AuditError, AuditReport, CheckResult
+from .report import INFORMATIONAL_KINDS, SHIFT_KINDS, STRUCTURE_KINDS, AuditError, AuditReport, CheckResult
 from .runner import WorkModel, default_forward
 from .structure import Structure
 
@@ -49,8 +49,6 @@ def relies_on(
     gains break) is still compatible, so no plan depends on it. ``group``: the block's group
     (:meth:`equiopt.Plan.group_of`); a factor it does not claim (the shift of a sigmoid
     router) is never relied on. ``kind`` None: any check kind."""
-    from .report import INFORMATIONAL_KINDS, SHIFT_KINDS, STRUCTURE_KINDS
-
     if kind in INFORMATIONAL_KINDS:
         return ""
     if factor is None:
@@ -227,14 +225,17 @@ class Auditor:
             elif e.role == "vector":
                 why = "vector (AdamW, trivial group): no symmetry claimed for it (perturbed at the generic point)"
             elif e.role == "attention" and e.name not in attention:
-                why = ("attention projection in no recorded AttentionBlock (MLA: q/k/v are not three projections of "
-                       "the residual); its head split is not tested")
+                why = (
+                    "attention projection in no recorded AttentionBlock (MLA: q/k/v are not three projections of "
+                    "the residual); its head split is not tested"
+                )
             elif e.role == "matrix" and not e.found:
                 why = "matrix (no structure found): no block, so no symmetry to witness"
             elif e.role == "matrix" and e.layout.flatten:
                 why = "matrix (convolution kernel): no block, so no symmetry to witness"
             elif e.role == "matrix":
-                why = f"matrix ({e.reason.removeprefix('dataflow: ').split(' [')[0]}): no block, so no symmetry to witness"
+                what = e.reason.removeprefix("dataflow: ").split(" [")[0]
+                why = f"matrix ({what}): no block, so no symmetry to witness"
             elif e.role in ("embedding", "tied_embedding") and self.work.ids is None:
                 why = "embedding of a model fed images: no token ids to relabel"
             elif e.name not in in_blocks:

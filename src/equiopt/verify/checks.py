@@ -92,8 +92,13 @@ class CheckBuilder:
             edits = [Edit(name, lambda w: w[P], lambda g: g[P])]
             for n in extra:
                 lay = self.s.layouts.get(n, (None, True))[0]
-                edits.append(Edit(n, lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P]),
-                                  lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P])))
+                edits.append(
+                    Edit(
+                        n,
+                        lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P]),
+                        lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P]),
+                    )
+                )
             return Action(
                 edits,
                 input_map=inv,
@@ -358,7 +363,10 @@ class CheckBuilder:
     def _expert_groups(self, moe: MoEBlock) -> int:
         """Group-limited routing (DeepSeek-V3 ``n_group``: experts chosen inside the best
         ``topk_group`` contiguous groups): the number of groups, 1 without."""
-        mods = [self.w.model.get_submodule(self.s.plan.entry(moe.router).module_name), self.w.model.get_submodule(moe.scope)]
+        mods = [
+            self.w.model.get_submodule(self.s.plan.entry(moe.router).module_name),
+            self.w.model.get_submodule(moe.scope),
+        ]
         for mod in mods:
             for src in (mod, getattr(mod, "config", None)):
                 for attr in ("num_group", "n_group"):
@@ -398,12 +406,13 @@ class CheckBuilder:
         def build(gen):
             P = self._expert_permutation(moe.experts, groups, gen).to(self.device)
             edits = [
-                expert_edit(n, self.s.layout(n) if n in stacked else None, P, grads=n in self.w.params)
-                for n in tensors
+                expert_edit(n, self.s.layout(n) if n in stacked else None, P, grads=n in self.w.params) for n in tensors
             ]
             notes = [f"buffers permuted too: {buffers}"] if buffers else []
             if groups > 1:
-                notes.append(f"group-limited routing ({groups} groups): experts permuted within groups, groups permuted")
+                notes.append(
+                    f"group-limited routing ({groups} groups): experts permuted within groups, groups permuted"
+                )
             return Action(edits, notes=notes)
 
         acts = ((moe.router, PERM),) + tuple((p, None) for p in experts.params())

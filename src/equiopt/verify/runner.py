@@ -135,8 +135,11 @@ class WorkModel:
             self.labels = self.ids
         else:  # fixed random targets for the readout (ids modulo its size for token inputs)
             shape = out.shape[:2]
-            self.labels = (self.ids % READOUT if self.ids is not None and self.ids.shape == shape else
-                           torch.randint(0, READOUT, tuple(shape), generator=gen)).to(self.device, torch.long)
+            self.labels = (
+                self.ids % READOUT
+                if self.ids is not None and self.ids.shape == shape
+                else torch.randint(0, READOUT, tuple(shape), generator=gen)
+            ).to(self.device, torch.long)
 
     def _eager_experts(self) -> list[str]:
         """Fused MoE kernels (HF ``grouped_mm``) take float32/16 only: the audit copy runs the
