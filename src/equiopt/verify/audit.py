@@ -223,23 +223,23 @@ class Auditor:
             if e.name in untested:
                 why = untested[e.name]
             elif e.role == "vector":
-                why = "vector (AdamW, trivial group): no symmetry claimed for it (perturbed at the generic point)"
+                why = "AdamW, trivial group: no symmetry claimed for it (perturbed at the generic point)"
             elif e.role == "attention" and e.name not in attention:
                 why = (
-                    "attention projection in no recorded AttentionBlock (MLA: q/k/v are not three projections of "
-                    "the residual); its head split is not tested"
+                    "in no recorded AttentionBlock (MLA: q/k/v are not three projections of the residual); "
+                    "its head split is not tested"
                 )
             elif e.role == "matrix" and not e.found:
-                why = "matrix (no structure found): no block, so no symmetry to witness"
+                why = "no structure found: in no block, so no symmetry to witness"
             elif e.role == "matrix" and e.layout.flatten:
-                why = "matrix (convolution kernel): no block, so no symmetry to witness"
+                why = "convolution kernel: in no block, so no symmetry to witness"
             elif e.role == "matrix":
                 what = e.reason.removeprefix("dataflow: ").split(" [")[0]
-                why = f"matrix ({what}): no block, so no symmetry to witness"
+                why = f"{what}: in no block, so no symmetry to witness"
             elif e.role in ("embedding", "tied_embedding") and self.work.ids is None:
-                why = "embedding of a model fed images: no token ids to relabel"
+                why = "the model is fed images: no token ids to relabel"
             elif e.name not in in_blocks:
-                why = f"{e.role} in no recorded block"
+                why = "in no recorded block"
             else:
                 why = "no check acts on it"
             out.append({"name": e.name, "role": e.role, "reason": why})
