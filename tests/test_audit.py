@@ -649,3 +649,33 @@ def test_cli(tmp_path, capsys):
     code = A.run(args)
     assert code == 1  # the soft-capped head's centering must be downgraded
     assert "logit_shift" in out.read_text() and "'lm_head'" in capsys.readouterr().out
+
+
+def test_relied_on_semantics():
+    """Relied on = the plan needs the symmetry exact: a centering map projects the shift out,
+    or a map uses the structure a witness check tests (row units, per-head maps). A map
+    equivariant under more than the network's group (per-head polar under RoPE, anything under
+    the residual rotation) does not rely on the smaller group; nor does a block whose group
+    does not claim the factor (a sigmoid router)."""
+    from equiopt.groups import Factor, Group
+    from equiopt.layouts import Layout
+
+    polar = {"map": "polar", "center": False, "column_aware": False, "per_head": True}
+    heads, rows, cols = Layout(heads=HQ), Factor("orth", "rows"), Factor("orth", "cols")
+    attn = Group.of("orth:rows", "orth:cols")
+    assert A.relies_on(polar, rows, "vo_rotation", attn, heads) == "structure"
+    assert A.relies_on(polar, cols, "vo_rotation", attn, Layout(heads=HQ, head_axis="in")) == "structure"
+    assert A.relies_on({**polar, "per_head": False}, rows, "vo_rotation", attn, heads) == ""  # whole-matrix polar
+    assert A.relies_on(polar, rows, "qk_rotation", attn, heads) == ""
+    assert A.relies_on(polar, cols, "residual_rotation", attn, heads) == ""
+    perm = Factor("perm", "rows")
+    hybrid = {"map": "hybrid", "center": False, "column_aware": False, "order": "row_then_polar"}
+    assert A.relies_on(hybrid, perm, "neuron_perm", Group.of("perm:rows", "orth:cols")) == "structure"
+    assert A.relies_on(polar, perm, "neuron_perm", attn) == ""  # equivariant under O(rows): rows are not its units
+    assert A.relies_on({"map": "adamw", "center": False}, perm, "neuron_perm") == "structure"
+    assert A.relies_on({"map": "row_norm", "center": False}, perm, "row_perm") == ""  # positions: informational
+    shift, head = Factor("shift", "rows"), Group.of("perm:rows", "orth:cols", "shift:rows")
+    assert A.relies_on({"map": "centered_row_norm", "center": True}, shift, "logit_shift", head) == "projects out"
+    assert A.relies_on({"map": "row_norm", "center": False}, shift, "logit_shift", head) == ""
+    assert A.relies_on({"map": "centered_row_norm", "center": True}, shift, "router_shift", head.without("shift")) == ""
+    assert A.relies_on(hybrid, None, "expert_perm") == "structure"

@@ -62,17 +62,54 @@ acted parameters (gradient equivariance also catches a masked gradient, e.g. an
 ``nn.Embedding(padding_idx=...)`` row; vocabulary permutations therefore fix the padding
 index).
 
-A broken symmetry matters for a map that *projects it out*: the centered maps of the LM head
-and router remove the ``1 c^T`` direction of the update, which is harmless only when the loss
-does not depend on it. :func:`downgrade_rules` turns such findings into planner rules. A map
-that is equivariant under a larger group than the model's (a per-head polar map where RoPE
-leaves only the RoPE-plane rotations) is still compatible: no rule is needed.
+Inputs: token ids ``[B, T]`` (or a mapping with ``input_ids`` and ``labels``), or images
+``[B, C, H, W]`` (a float tensor or a mapping with ``pixel_values``: a vision tower; nothing
+relabels tokens then). A model without logits (an encoder such as ``BertModel``, a vision
+tower) is read out through its last hidden state times a fixed random ``[16, d]`` matrix
+(not a model weight: the settings note it), with fixed targets.
+
+The checks act with the blocks the planner traced: the head order of a fused qkv comes from
+:attr:`equiopt.blocks.AttentionBlock.head_blocks` (GPT-NeoX's per-head ``[q_h; k_h; v_h]``),
+fused / flattened / stacked experts from the layouts, group-limited routing (``n_group``)
+keeps the expert groups, and rows indexed by the vocabulary (a tied head's bias, a
+``matrix`` weight with one row per token) are permuted with the tokens.
+
+**Relied on** (the ``relied on`` column, ``CheckResult.assumed_by`` / ``.relied``,
+:func:`equiopt.verify.relies_on`): the plan needs the symmetry to be *exact* for a planned map
+of an acted parameter (its entry's own spec and block group, :meth:`equiopt.Plan.spec` /
+:meth:`equiopt.Plan.group_of`), in one of two ways:
+
+* ``projects out``: the map removes the orbit direction from the update -- the centered maps
+  of the LM head and of a softmax router and the row shift (``logit_shift``,
+  ``router_shift``). Broken, the update loses a real descent direction:
+  :func:`downgrade_rules` / :meth:`AuditReport.broken_factors` turn exactly these into planner
+  rules (no centering, the shift dropped from the group);
+* ``structure``: the check witnesses structure the planner read and the map uses --
+  ``vocab_perm`` / ``tied_perm`` / ``head_perm`` (rows are tokens), ``neuron_perm`` (hidden
+  neurons, the gate|up pairing), ``vo_rotation`` (the head split of v and o), ``expert_perm``
+  (the expert split, router rows to experts). Each holds in every network whose structure is
+  read right, whatever its other weights. The map uses it when it is equivariant under the
+  factor but not under the orthogonal group of the whole axis (row-wise maps and AdamW: the
+  rows are their units), acts per head (``per_head`` polar maps) or per stacked expert.
+  Broken, the planner read the structure wrong; no map change repairs that (override the
+  layout or role), so no rule is emitted.
+
+Everything else is **informational**: ``residual_rotation`` (norm gains), ``qk_rotation``
+(RoPE), ``qk_rope_rotation`` (QK-norm gains, partial rotary), ``neuron_rescale``
+(activations) and ``row_perm`` (positions) hold or not depending on weights the plan does
+not constrain, and a map equivariant under a group *larger* than the network's (a per-head
+polar map under RoPE) is still compatible with it; so is a map of a block whose group does
+not claim the symmetry (a sigmoid router has no shift). "No relied-on symmetry broken"
+(:meth:`AuditReport.relied_on_broken` empty) is the acceptance criterion of a plan;
+``equiopt audit --strict`` exits 1 otherwise.
+
+**Unchecked** (:attr:`AuditReport.unchecked`, a section under the table): every trainable
+tensor no measured check acted on, with the reason -- MLA projections (no q/k/v attention
+block), ``matrix`` weights in no block (no structure found, low-rank factors, convolution
+kernels), vectors no check moves (norm gains: trivial group), tensors of untested checks.
 
 The implementation lives in :mod:`equiopt.verify`; this module re-exports it and is callable:
-``equiopt.audit(model, batch)`` is ``equiopt.audit.audit(model, batch)``. Which planned maps
-*assume* a check's group (the ``assumed`` column, :func:`equiopt.verify.relies_on`) is read
-from the map registry (:func:`equiopt.maps.map_spec`): a map relies on a factor its
-equivariance group contains, and on a shift it projects out.
+``equiopt.audit(model, batch)`` is ``equiopt.audit.audit(model, batch)``.
 """
 
 from __future__ import annotations
@@ -82,8 +119,10 @@ import types
 
 from .verify import (
     ARCH_CHOICES,
+    INFORMATIONAL_KINDS,
     KINDS,
     SHIFT_KINDS,
+    STRUCTURE_KINDS,
     VERDICTS,
     AuditError,
     AuditReport,
@@ -110,6 +149,8 @@ __all__ = [
     "downgrade_rules",
     "relies_on",
     "run",
+    "STRUCTURE_KINDS",
+    "INFORMATIONAL_KINDS",
 ]
 
 

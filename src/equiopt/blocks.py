@@ -108,9 +108,32 @@ class AttentionBlock(Block):
     hkv: int = 0
     head_dim: int = 0
     biases: tuple[tuple[str, str], ...] = ()  # (projection slot, bias name)
+    #: ``(q, k, v)``: for each head the attention computes, the row block (head) of its
+    #: projection's ``heads{N}:out`` layout that feeds it -- query heads in attention order,
+    #: k / v per query head (repeated for grouped kv heads) or per kv head. Empty: the
+    #: contiguous default (q heads ``0..Hq-1``; k, v heads ``0..Hkv-1`` of their own
+    #: projection, or after the q (and k) heads of a fused ``[q | k | v]``). GPT-NeoX's
+    #: per-head ``[q_h; k_h; v_h]`` is ``((0, 3, ...), (1, 4, ...), (2, 5, ...))``.
+    head_blocks: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ()
 
     def params(self) -> tuple[str, ...]:
         return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p)
+
+    def heads(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(q blocks [Hq], k blocks [Hkv], v blocks [Hkv], kv head of each query head [Hq])``:
+        the row block of each head in its projection (see :attr:`head_blocks`)."""
+        hq, hkv = self.hq, self.hkv
+        if not self.head_blocks:
+            rep = hq // hkv if hkv and hq % hkv == 0 else 1
+            off_k, off_v = (hq, hq + hkv) if self.qkv is not None else (0, 0)
+            return (tuple(range(hq)), tuple(off_k + j for j in range(hkv)), tuple(off_v + j for j in range(hkv)),
+                    tuple(i // rep for i in range(hq)))
+        qb, kb, vb = self.head_blocks
+        if len(kb) == len(qb) and len(vb) == len(qb):  # k / v listed per query head
+            kv = list(dict.fromkeys(zip(kb, vb)))
+            return tuple(qb), tuple(a for a, _ in kv), tuple(b for _, b in kv), tuple(kv.index(p) for p in zip(kb, vb))
+        rep = len(qb) // len(kb) if kb and len(qb) % len(kb) == 0 else 1
+        return tuple(qb), tuple(kb), tuple(vb), tuple(i // rep for i in range(len(qb)))
 
     def symmetries(self) -> tuple[Symmetry, ...]:
         if self.qkv is not None:

@@ -881,6 +881,27 @@ def _scope(names) -> str:
     return ".".join(common)
 
 
+def _head_blocks(ev, params: dict, readings: dict, shapes) -> tuple:
+    """For q, k and v of attention event ``ev``: the row block (head of the projection's
+    ``heads{N}:out`` layout) feeding each head the attention computes; ``()`` when some head
+    does not read exactly one whole block (the contiguous default then applies)."""
+    out = []
+    for r in "qkv":
+        srcs = ev.sources[r]
+        lay = readings[params[r]].layout
+        if not srcs or lay.heads <= 1 or lay.head_axis != "out" or params[r] not in shapes:
+            return ()
+        m = lay.logical_shape(shapes[params[r]])[1]
+        sets = srcs[next(iter(srcs))]
+        blocks = []
+        for s in sets:
+            if not s or len(s) != m or min(s) % m or tuple(s) != tuple(range(min(s), min(s) + m)):
+                return ()
+            blocks.append(min(s) // m)
+        out.append(tuple(blocks))
+    return tuple(out)
+
+
 def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Reading], list[Block]]:
     """Role, layout and reason per parameter name seen in ``tr``, and the blocks found."""
     readings: dict[str, Reading] = {}
@@ -1068,7 +1089,8 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
         if slots is None:
             continue
         bias = tuple((p, b) for p in dict.fromkeys((q, k, v, outs[0])) for x in uses_by[p][:1] if (b := x.bias))
-        blk = AttentionBlock(_scope([q, k, v, outs[0]]), o=outs[0], hq=ev.heads, hkv=hkv, head_dim=hd, biases=bias, **slots)
+        blk = AttentionBlock(_scope([q, k, v, outs[0]]), o=outs[0], hq=ev.heads, hkv=hkv, head_dim=hd, biases=bias,
+                             head_blocks=_head_blocks(ev, {"q": q, "k": k, "v": v}, readings, shapes), **slots)
         if blk not in blocks:
             blocks.append(blk)
     moe_mlps: dict[str, MLPBlock] = {}

@@ -5,12 +5,24 @@ results in :mod:`.report`). ``equiopt.audit`` re-exports it as a callable module
 from .actions import Action, Check, Edit
 from .audit import Auditor, audit, relies_on
 from .command import ARCH_CHOICES, add_arguments, build_audit_model, run
-from .report import KINDS, SHIFT_KINDS, VERDICTS, AuditError, AuditReport, CheckResult, downgrade_rules
+from .report import (
+    INFORMATIONAL_KINDS,
+    KINDS,
+    SHIFT_KINDS,
+    STRUCTURE_KINDS,
+    VERDICTS,
+    AuditError,
+    AuditReport,
+    CheckResult,
+    downgrade_rules,
+)
 
 __all__ = [
     "ARCH_CHOICES",
+    "INFORMATIONAL_KINDS",
     "KINDS",
     "SHIFT_KINDS",
+    "STRUCTURE_KINDS",
     "VERDICTS",
     "Action",
     "AuditError",

@@ -20,7 +20,18 @@ from ..blocks import Act, Symmetry
 from ..groups import Factor
 from ..layouts import Layout
 
-__all__ = ["Edit", "Action", "Check", "lift", "vector_layout", "edit", "sample", "identity_like", "symmetry_edits"]
+__all__ = [
+    "Edit",
+    "Action",
+    "Check",
+    "lift",
+    "vector_layout",
+    "edit",
+    "expert_edit",
+    "sample",
+    "identity_like",
+    "symmetry_edits",
+]
 
 
 @dataclass
@@ -85,7 +96,30 @@ def edit(name: str, layout: Layout, factor: Factor, g: Tensor, vector: bool = Fa
     up = _lift_vector if vector else lift
     if vector:
         factor = replace(factor, axis="rows")
-    return Edit(name, up(layout, lambda x: factor.act(x, g)), up(layout, lambda x: factor.act_gradient(x, g)))
+    return Edit(
+        name,
+        up(layout, lambda x: factor.act(x, _batched(g, x))),
+        up(layout, lambda x: factor.act_gradient(x, _batched(g, x))),
+    )
+
+
+def _batched(g: Tensor, x: Tensor) -> Tensor:
+    """One element ``g [1, ...]`` broadcast over the logical batch of ``x [B, m, n]`` (a
+    permutation's gather does not broadcast)."""
+    return g.expand(x.shape[0], *g.shape[1:]) if g.shape[0] == 1 and x.shape[0] != 1 else g
+
+
+def expert_edit(name: str, layout: Layout | None, p: Tensor, grads: bool = True) -> Edit:
+    """Experts relabelled by the permutation ``p`` on the expert axis of ``name``: the leading
+    dim of a stacked tensor (the ``E`` blocks of rows of a ``flat_experts`` one) or of a
+    per-expert vector / buffer (``layout`` None)."""
+
+    def fn(t: Tensor) -> Tensor:
+        if layout is None or not layout.flat_experts:
+            return t[p]
+        return t.reshape(layout._stored_view(t.shape))[p].reshape(t.shape)
+
+    return Edit(name, fn, fn if grads else None)
 
 
 def sample(factor: Factor, batch: int, size: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
@@ -118,8 +152,8 @@ def _on_parts(factor: Factor, g: Tensor, fused: int, part: int | None) -> Tensor
 
 def _act_edit(act: Act, factor: Factor, g: Tensor, layouts: Mapping[str, tuple[Layout, bool]]) -> Edit:
     if act.axis == "experts":
-        e = g.reshape(-1)
-        return Edit(act.param, lambda t: t[e], lambda t: t[e])
+        lay = layouts.get(act.param)
+        return expert_edit(act.param, lay[0] if lay and not lay[1] else None, g.reshape(-1))
     layout, vector = layouts[act.param]
     h = factor.inverse(g) if act.inverse else g
     return edit(

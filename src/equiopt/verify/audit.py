@@ -8,29 +8,68 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..groups import Factor
+from ..groups import Factor, Group
+from ..layouts import Layout
 from ..maps import map_spec
 from ..planner import plan as make_plan
 from .actions import Check
 from .checks import PAIRINGS, CheckBuilder
-from .report import AuditError, AuditReport, CheckResult
+from .report import INFORMATIONAL_KINDS, SHIFT_KINDS, STRUCTURE_KINDS, AuditError, AuditReport, CheckResult
 from .runner import WorkModel, default_forward
 from .structure import Structure
 
 __all__ = ["audit", "relies_on", "Auditor"]
 
 
-def relies_on(spec: Mapping, factor: Factor | None) -> bool:
-    """Whether the map of a role's ``spec`` relies on ``factor`` being a symmetry: it projects
-    the factor's orbit direction out of the update (a centering map and the shift), or its
-    equivariance group contains the factor (so the equivariance is worth something only when
-    the network has it). ``None`` (the stacked-expert axis): every map is batched over it."""
+def relies_on(
+    spec: Mapping,
+    factor: Factor | None,
+    kind: str | None = None,
+    group: Group | None = None,
+    layout: Layout | None = None,
+) -> str:
+    """Why the map of ``spec`` relies on the symmetry ``factor`` (acting on one axis of the
+    parameter's logical matrices) being *exact*, or ``""`` when it does not.
+
+    A broken symmetry harms a map in two ways only:
+
+    * ``"projects out"``: the map removes the factor's orbit direction from the update (a
+      centering map and the row shift): when the loss is not flat along it, the update loses
+      a real descent direction;
+    * ``"structure"``: the check (``kind`` in :data:`STRUCTURE_KINDS`) witnesses structure the
+      planner read -- rows are tokens / hidden neurons / experts, ``v`` / ``o`` split into
+      heads -- and holds in every network whose structure is read right; the map *uses* that
+      structure: it is equivariant under the factor but not under the orthogonal group of the
+      whole axis (a row-wise map, AdamW: the rows are its units), or it acts per head
+      (``per_head``, the layout splits the axis) or per expert (``factor`` None: every map is
+      batched over stacked experts). Broken, it says the structure was read wrong.
+
+    Anything else is informational: a map equivariant under a group *larger* than the
+    network's (a per-head polar map under RoPE, any map under the residual rotation that norm
+    gains break) is still compatible, so no plan depends on it. ``group``: the block's group
+    (:meth:`equiopt.Plan.group_of`); a factor it does not claim (the shift of a sigmoid
+    router) is never relied on. ``kind`` None: any check kind."""
+    if kind in INFORMATIONAL_KINDS:
+        return ""
     if factor is None:
-        return True
+        return "structure" if kind in (None, *STRUCTURE_KINDS) else ""
+    if group is not None and not any(factor <= f for f in group.factors):
+        return ""
     m = map_spec(spec["map"], center=spec.get("center"), column_aware=spec.get("column_aware", False))
     if factor.kind == "shift":
-        return any(factor <= f for f in m.projects_out)
-    return any(factor <= f for f in m.group.factors)
+        projected = any(factor <= f for f in m.projects_out)
+        return "projects out" if projected and kind in (None, *SHIFT_KINDS) else ""
+    if kind is not None and kind not in STRUCTURE_KINDS:
+        return ""
+    if not any(factor <= f for f in m.group.factors):
+        return ""  # the map is not equivariant under it: nothing of it is used
+    orth = Factor("orth", factor.axis)
+    if factor.kind == "perm" and not any(orth <= f for f in m.group.factors):
+        return "structure"  # the axis' basis is the map's units (row-wise maps, AdamW)
+    split = layout is not None and layout.heads > 1 and spec.get("per_head", False)
+    if factor.kind in ("orth", "rope_rotation") and split and (layout.head_axis == "out") == (factor.axis == "rows"):
+        return "structure"  # one map per head: the head split is used
+    return ""
 
 
 class Auditor:
@@ -52,14 +91,21 @@ class Auditor:
         self.structure = Structure(plan, work)
         self.checks = CheckBuilder(self.structure, rope_pairing).checks()
 
-    def assumed_by(self, check: Check) -> list[str]:
-        """``"name: role/map"`` of the acted parameters whose planned map relies on the check's group."""
-        out = {}
+    def assumed_by(self, check: Check) -> tuple[list[str], str]:
+        """``"name: role/map"`` of the acted parameters whose planned map (the entry's own spec,
+        :meth:`equiopt.Plan.spec`) relies on the check's symmetry (:func:`relies_on`, against
+        the entry's block group :meth:`equiopt.Plan.group_of`), and why."""
+        out, why = {}, ""
         for name, factor in check.acts:
             e = self.plan.entry(name)
-            if e.role != "vector" and relies_on(self.plan.specs[e.role], factor):
-                out[name] = f"{name}: {e.role}/{self.plan.map_label(e.role)}"
-        return list(out.values())
+            if e.role == "vector":
+                continue
+            spec = self.plan.spec(e)
+            r = relies_on(spec, factor, check.kind, self.plan.group_of(name), e.layout)
+            if r:
+                out[name] = f"{name}: {e.role}/{self.plan.map_label(e.role, spec)}"
+                why = why or r
+        return list(out.values()), why
 
     # -- measuring -----------------------------------------------------------------------
     def _grad_names(self, check: Check) -> list[str]:
@@ -69,7 +115,7 @@ class Auditor:
         """(relative logits error, |delta loss|, relative gradient error, notes)."""
         names = self._grad_names(check)
         if base is None:
-            base = self.work.run(self.work.ids, self.work.labels, names)
+            base = self.work.run(self.work.x, self.work.labels, names)
         if check.build is None:  # untested checks are reported, never measured
             raise AuditError(f"{check.kind} on {check.scope}: no action to measure ({check.untested})")
         with torch.no_grad():
@@ -140,22 +186,64 @@ class Auditor:
             )
 
     def run(self) -> list[CheckResult]:
-        results = [CheckResult(c.kind, c.scope, list(c.params), self.assumed_by(c), part=c.part) for c in self.checks]
+        results = []
+        for c in self.checks:
+            by, why = self.assumed_by(c)
+            results.append(CheckResult(c.kind, c.scope, list(c.params), by, part=c.part, relied=why))
         seeds = [self.seed * 1_000_003 + 17 * i + 1 for i in range(len(self.checks))]
         names = [e.name for e in self.plan.entries]
-        base = self.work.run(self.work.ids, self.work.labels, names)  # point 1: the weights as given
+        base = self.work.run(self.work.x, self.work.labels, names)  # point 1: the weights as given
         for check, res, s in zip(self.checks, results, seeds):
             if not check.untested:
                 res.as_given_error = self.error(self.measure(check, s, base), float(base[1]))
         # point 2: generic vectors
         self.work.perturb(self.structure.vectors, self.seed + 7919, self.generic_scale)
-        base = self.work.run(self.work.ids, self.work.labels, names)
+        base = self.work.run(self.work.x, self.work.labels, names)
         for check, res, s in zip(self.checks, results, seeds):
             if check.untested:
                 res.verdict, res.reason = "untested", check.untested
             else:
                 self._verdict(check, res, s, base)
         return results
+
+    def unchecked(self, results: list[CheckResult]) -> list[dict]:
+        """Every trainable tensor of the plan that no measured check acted on, with the reason."""
+        measured = {p for c in results if c.verdict != "untested" for p in c.params}
+        untested = {}
+        for c in results:
+            if c.verdict == "untested":
+                for p in c.params:
+                    untested.setdefault(p, f"{c.kind} untested: {c.reason}")
+        in_blocks = {p for b in self.plan.blocks for p in b.params()}
+        attention = {p for a in self.structure.attention for p in a.params()}
+        out = []
+        for e in self.plan.entries:
+            if e.name in measured or any(a in measured for a in e.aliases):
+                continue
+            if e.name in untested:
+                why = untested[e.name]
+            elif e.role == "vector":
+                why = "AdamW, trivial group: no symmetry claimed for it (perturbed at the generic point)"
+            elif e.role == "attention" and e.name not in attention:
+                why = (
+                    "in no recorded AttentionBlock (MLA: q/k/v are not three projections of the residual); "
+                    "its head split is not tested"
+                )
+            elif e.role == "matrix" and not e.found:
+                why = "no structure found: in no block, so no symmetry to witness"
+            elif e.role == "matrix" and e.layout.flatten:
+                why = "convolution kernel: in no block, so no symmetry to witness"
+            elif e.role == "matrix":
+                what = e.reason.removeprefix("dataflow: ").split(" [")[0]
+                why = f"{what}: in no block, so no symmetry to witness"
+            elif e.role in ("embedding", "tied_embedding") and self.work.ids is None:
+                why = "the model is fed images: no token ids to relabel"
+            elif e.name not in in_blocks:
+                why = "in no recorded block"
+            else:
+                why = "no check acts on it"
+            out.append({"name": e.name, "role": e.role, "reason": why})
+        return out
 
     def settings(self, keep_precision: bool) -> dict:
         w = self.work
@@ -165,7 +253,8 @@ class Auditor:
             "tol": self.tol,
             "approx_tol": self.approx_tol,
             "grads": w.grads,
-            "batch_shape": list(w.ids.shape),
+            "batch_shape": list(w.x.shape),
+            "input": "input_ids" if w.ids is not None else "pixel_values",
             "rope_pairing": self.rope_pairing,
             "generic_scale": self.generic_scale,
             "keep_precision": keep_precision,
@@ -221,5 +310,9 @@ def audit(
     auditor = Auditor(work, plan, seed, tol, approx_tol, rope_pairing, generic_scale)
     results = auditor.run()
     return AuditReport(
-        work.name, results, auditor.settings(keep_precision), {r: dict(s) for r, s in plan.specs.items()}
+        work.name,
+        results,
+        auditor.settings(keep_precision),
+        {r: dict(s) for r, s in plan.specs.items()},
+        auditor.unchecked(results),
     )

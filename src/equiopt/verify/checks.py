@@ -8,7 +8,7 @@ from torch import nn
 
 from ..blocks import Act, AttentionBlock, MLPBlock, MoEBlock, Symmetry
 from ..groups import Factor, haar, inverse_permutation, permutation, rope_rotations
-from .actions import Action, Check, Edit, edit, identity_like, sample, symmetry_edits
+from .actions import Action, Check, Edit, edit, expert_edit, identity_like, lift, sample, symmetry_edits
 from .structure import Structure
 
 __all__ = ["CheckBuilder", "PAIRINGS"]
@@ -64,15 +64,43 @@ class CheckBuilder:
         return Check(sym.name, scope, build, sym.params(), _acts(sym), suspects, **kw)
 
     # -- vocabulary ----------------------------------------------------------------------
+    def _vocab_rows(self, name: str, tied: bool) -> list[str]:
+        """Tensors whose rows are indexed by the vocabulary besides the embedding ``name``: the
+        bias of a tied head (``logits = x E^T + b``) and ``matrix``-role weights (no block)
+        with one row per token (``V`` rows, ``V != d``; e.g. a soft lookup
+        ``softmax(A x) @ E``): relabelling the tokens permutes them too."""
+        V = self.w.params[name].shape[0]
+        out = []
+        vocab = self.s.vocab
+        if tied and vocab is not None and vocab.tied and vocab.head_bias:
+            out.append(vocab.head_bias)
+        for e in self.s.plan.entries:
+            if e.role == "matrix" and V != self.s.d_model and e.layout.logical_shape(e.shape)[:2] == (1, V):
+                out.append(e.name)
+        return out
+
     def _vocab_perm(self, name: str, kind: str, pad: int | None) -> Check:
         tied = kind == "tied_perm"
+        extra = self._vocab_rows(name, tied)
 
         def build(gen):
             P = permutation(self.w.params[name].shape[0], gen, pad).to(self.device)
             inv = inverse_permutation(P)
             notes = [f"padding_idx={pad} kept fixed (its row gets no gradient)"] if pad is not None else []
+            if extra:
+                notes.append(f"rows indexed by the vocabulary permuted too: {extra}")
+            edits = [Edit(name, lambda w: w[P], lambda g: g[P])]
+            for n in extra:
+                lay = self.s.layouts.get(n, (None, True))[0]
+                edits.append(
+                    Edit(
+                        n,
+                        lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P]),
+                        lift(lay, lambda x: x[:, P]) if lay is not None else (lambda t: t[P]),
+                    )
+                )
             return Action(
-                [Edit(name, lambda w: w[P], lambda g: g[P])],
+                edits,
                 input_map=inv,
                 target_map=inv if tied else None,
                 logits="perm" if tied else "same",
@@ -80,7 +108,8 @@ class CheckBuilder:
                 notes=notes,
             )
 
-        return Check(kind, name.rpartition(".")[0], build, (name,), ((name, PERM),), self.s.residual_suspects)
+        acts = ((name, PERM),) + tuple((n, PERM) for n in extra if n in self.s.layouts and not self.s.layouts[n][1])
+        return Check(kind, name.rpartition(".")[0], build, (name, *extra), acts, self.s.residual_suspects)
 
     def _row_perm(self, name: str) -> Check:
         def build(gen):
@@ -199,23 +228,24 @@ class CheckBuilder:
 
     # -- attention ---------------------------------------------------------------------------
     def _heads(self, blk: AttentionBlock):
-        """``(q, k, v)`` as ``(parameter, first head, last head + 1)``."""
-        hq, hkv = blk.hq, blk.hkv
+        """``(q, k, v)`` as ``(parameter, row blocks of its heads)`` (the traced head order of
+        :meth:`~equiopt.blocks.AttentionBlock.heads`: per-head interleaved fused qkv included)."""
+        qb, kb, vb, _ = blk.heads()
         if blk.qkv is not None:
-            return (blk.qkv, 0, hq), (blk.qkv, hq, hq + hkv), (blk.qkv, hq + hkv, hq + 2 * hkv)
-        return (blk.q, 0, hq), (blk.k, 0, hkv), (blk.v, 0, hkv)
+            return (blk.qkv, qb), (blk.qkv, kb), (blk.qkv, vb)
+        return (blk.q, qb), (blk.k, kb), (blk.v, vb)
 
     def _head_edits(self, blk: AttentionBlock, which: dict[int, torch.Tensor]) -> list[Edit]:
         """Rows of the q (0), k (1), v (2) heads times per-head rotations ``which[i]``; one
         edit per tensor (a fused qkv gets all of them, identity on the other heads)."""
         by: dict[str, torch.Tensor] = {}
-        for i, (name, lo, hi) in enumerate(self._heads(blk)):
+        for i, (name, blocks) in enumerate(self._heads(blk)):
             if i not in which:
                 continue
             if name not in by:
                 B = self.s.layout(name).logical_shape(self.w.params[name].shape)[0]
                 by[name] = identity_like(ORTH, which[i][:1].expand(B, -1, -1))
-            by[name][lo:hi] = which[i]
+            by[name][torch.tensor(blocks, dtype=torch.long)] = which[i]
         edits = []
         for name, g in by.items():
             edits.append(edit(name, self.s.layout(name), ORTH, g))
@@ -229,14 +259,16 @@ class CheckBuilder:
         return tuple(n for p in names for n in (p, self.s.bias(blk, p)) if n)
 
     def attention(self, blk: AttentionBlock) -> list[Check]:
-        hq, hkv, hd = blk.hq, blk.hkv, blk.head_dim
+        hq, hd = blk.hq, blk.head_dim
         kinds = ("vo_rotation", "qk_rotation", "qk_rope_rotation")
-        if not hkv or hq % hkv:
+        qb, kb, vb, kv_of = blk.heads()
+        hkv = len(kb)
+        if not hkv or len(vb) != hkv or len(qb) != hq or len(kv_of) != hq:
             return [
-                Check(k, blk.scope, None, (blk.o,), untested=f"query heads {hq} not a multiple of kv heads {hkv}")
+                Check(k, blk.scope, None, (blk.o,), untested=f"query heads {hq} do not map onto kv heads {hkv}")
                 for k in kinds
             ]
-        group = torch.arange(hq) // (hq // hkv)  # kv head of each query head
+        group = torch.tensor(kv_of, dtype=torch.long)  # kv head of each query head
         rope = Factor("rope_rotation", "rows", PAIRINGS[self.rope_pairing])
 
         def vo(gen):
@@ -316,16 +348,41 @@ class CheckBuilder:
         return out
 
     def _expert_tensors(self, moe: MoEBlock, experts: MLPBlock) -> list[str]:
-        """Every tensor indexed by expert: owned by the router's module, the stacked experts'
-        module or the MoE module itself (e.g. a per-expert scale), with leading dim E."""
+        """Every tensor indexed by expert: the stacked expert weights (also flattened to 2-D)
+        and their biases, and the tensors of the router's module, the stacked experts' module
+        or the MoE module itself (e.g. a per-expert scale) with leading dim E."""
         mods = dict.fromkeys((self.s.plan.entry(moe.router).module_name, experts.scope, moe.scope))
-        out = []
+        out = [*experts.params(), *(b for _, b in experts.in_biases), *([experts.out_bias] if experts.out_bias else [])]
         for mod in mods:
             owner = self.w.model.get_submodule(mod)
             pre = mod + "." if mod else ""
             named = list(owner.named_parameters(recurse=False)) + list(owner.named_buffers(recurse=False))
             out += [pre + n for n, t in named if t.ndim >= 1 and t.shape[0] == moe.experts]
         return list(dict.fromkeys(out))
+
+    def _expert_groups(self, moe: MoEBlock) -> int:
+        """Group-limited routing (DeepSeek-V3 ``n_group``: experts chosen inside the best
+        ``topk_group`` contiguous groups): the number of groups, 1 without."""
+        mods = [
+            self.w.model.get_submodule(self.s.plan.entry(moe.router).module_name),
+            self.w.model.get_submodule(moe.scope),
+        ]
+        for mod in mods:
+            for src in (mod, getattr(mod, "config", None)):
+                for attr in ("num_group", "n_group"):
+                    n = getattr(src, attr, None) if src is not None else None
+                    if isinstance(n, int) and n > 1 and moe.experts % n == 0:
+                        return n
+        return 1
+
+    def _expert_permutation(self, E: int, groups: int, gen: torch.Generator) -> torch.Tensor:
+        """A random permutation of ``E`` experts; with group-limited routing, one that keeps
+        the contiguous groups (experts permuted inside each group, the groups permuted)."""
+        if groups == 1:
+            return permutation(E, gen)
+        size = E // groups
+        order = permutation(groups, gen)
+        return torch.cat([order[g] * size + permutation(size, gen) for g in range(groups)])
 
     def moe(self, moe: MoEBlock) -> list[Check]:
         syms = moe.symmetries()
@@ -343,10 +400,20 @@ class CheckBuilder:
         grads = tuple(n for n in tensors if n in self.w.params)
         buffers = [n for n in tensors if n not in self.w.params]
 
+        groups = self._expert_groups(moe)
+        stacked = set(experts.params())
+
         def build(gen):
-            P = permutation(moe.experts, gen).to(self.device)
-            edits = [Edit(n, lambda t: t[P], (lambda g: g[P]) if n in self.w.params else None) for n in tensors]
-            return Action(edits, notes=[f"buffers permuted too: {buffers}"] if buffers else [])
+            P = self._expert_permutation(moe.experts, groups, gen).to(self.device)
+            edits = [
+                expert_edit(n, self.s.layout(n) if n in stacked else None, P, grads=n in self.w.params) for n in tensors
+            ]
+            notes = [f"buffers permuted too: {buffers}"] if buffers else []
+            if groups > 1:
+                notes.append(
+                    f"group-limited routing ({groups} groups): experts permuted within groups, groups permuted"
+                )
+            return Action(edits, notes=notes)
 
         acts = ((moe.router, PERM),) + tuple((p, None) for p in experts.params())
         return [

@@ -32,7 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-grads", action="store_true", help="skip the gradient comparison")
     parser.add_argument("--markdown", default=None, help="write the table as markdown to this path")
     parser.add_argument("--json", default=None, help="write the report as JSON to this path")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a symmetry a planned map assumes is broken")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a symmetry the plan relies on is broken (see equiopt.audit)"
+    )
 
 
 def build_audit_model(
@@ -76,4 +78,4 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json(indent=1))
-    return 1 if args.strict and rules else 0
+    return 1 if args.strict and (rules or report.relied_on_broken()) else 0

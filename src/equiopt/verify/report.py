@@ -9,7 +9,17 @@ from dataclasses import asdict, dataclass, field
 
 from ..groups import Factor
 
-__all__ = ["KINDS", "VERDICTS", "SHIFT_KINDS", "AuditError", "CheckResult", "AuditReport", "downgrade_rules"]
+__all__ = [
+    "KINDS",
+    "VERDICTS",
+    "SHIFT_KINDS",
+    "STRUCTURE_KINDS",
+    "INFORMATIONAL_KINDS",
+    "AuditError",
+    "CheckResult",
+    "AuditReport",
+    "downgrade_rules",
+]
 
 VERDICTS = ("exact", "approximate", "broken", "untested")
 
@@ -32,6 +42,15 @@ KINDS: dict[str, str] = {
 
 # kinds whose invariance a *centering* map relies on (it projects the orbit direction out)
 SHIFT_KINDS = ("logit_shift", "router_shift")
+#: kinds that witness the structure the planner read (rows are tokens / hidden neurons /
+#: experts, the head split of v and o, the gate|up pairing): each holds in every network
+#: whose structure is read right, whatever its other weights, so a map that uses that
+#: structure relies on it being exact
+STRUCTURE_KINDS = ("vocab_perm", "tied_perm", "head_perm", "neuron_perm", "vo_rotation", "expert_perm")
+#: kinds measured to describe the model, never relied on: whether they hold depends on
+#: weights the plan does not constrain (norm gains, RoPE, QK norms, activations, positions),
+#: and a map equivariant under more than the network's group is still compatible with it
+INFORMATIONAL_KINDS = ("residual_rotation", "qk_rotation", "qk_rope_rotation", "neuron_rescale", "row_perm")
 
 
 class AuditError(ValueError):
@@ -45,7 +64,9 @@ class CheckResult:
     kind: str
     scope: str
     params: list[str]
-    assumed_by: list[str]  # "name: role/map" of acted parameters whose map assumes the group
+    #: ``"name: role/map"`` of the acted parameters whose planned map relies on the check's
+    #: symmetry being exact (see :func:`equiopt.verify.relies_on`); empty: informational
+    assumed_by: list[str]
     logits_err: float = float("nan")  # generic point, relative
     loss_err: float = float("nan")  # generic point, |delta loss| (absolute)
     grad_err: float = float("nan")  # generic point, relative
@@ -55,10 +76,16 @@ class CheckResult:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     part: str = ""  # neuron_rescale: the in-projection part rescaled
+    relied: str = ""  # why it is relied on: "projects out" (a centering map) or "structure"; "" = informational
 
     @property
     def group(self) -> str:
         return KINDS[self.kind]
+
+    @property
+    def relied_on(self) -> bool:
+        """The plan depends on this symmetry being exact (same as ``bool(assumed_by)``)."""
+        return bool(self.assumed_by)
 
     def assumed_roles(self) -> list[str]:
         return list(dict.fromkeys(item.split(": ", 1)[1].split("/", 1)[0] for item in self.assumed_by))
@@ -92,14 +119,19 @@ def downgrade_rules(report: AuditReport, include_approximate: bool = False) -> d
     name; each rule says ``center=False`` (with ``center=None`` the planner would center a
     map again on a role whose group has the shift). Pass the report itself,
     ``equiopt.plan(model, audit=report)``: it also drops the shift from the role's group, so
-    that the uncentered map is compatible. A broken permutation or rotation leaves the maps
-    compatible (equivariant under a larger group than needed): no rule. Rules are per role,
-    so one broken router downgrades every router.
+    that the uncentered map is compatible. Only a relied-on shift check gives a rule (one
+    whose ``assumed_by`` names a centering map): a sigmoid router's map is uncentered and its
+    group has no shift, so its broken ``router_shift`` is informational. A broken *structure*
+    check (``neuron_perm``, ``vo_rotation``, ...) means the planner read the structure wrong:
+    no map change repairs that (pass ``layouts=`` / ``roles=``), so it gives no rule either; an
+    informational one (``residual_rotation``, ``qk_rotation``, ...) leaves the maps compatible
+    (equivariant under a larger group than the network's). Rules are per role, so one broken
+    router downgrades every router.
     """
     bad = ("broken", "approximate") if include_approximate else ("broken",)
     rules: dict[str, dict] = {}
     for c in report.checks:
-        if c.kind not in SHIFT_KINDS or c.verdict not in bad:
+        if c.kind not in SHIFT_KINDS or c.verdict not in bad or c.relied != "projects out":
             continue
         for role in c.assumed_roles():
             spec = report.specs[role]
@@ -116,8 +148,10 @@ class AuditReport:
     checks: list[CheckResult]
     settings: dict
     specs: dict  # role -> map spec of the plan audited (for downgrade_rules)
+    #: ``[{"name", "role", "reason"}]``: every trainable tensor no measured check acted on, and why
+    unchecked: list[dict] = field(default_factory=list)
 
-    _HEAD = ("group", "scope", "parameters", "assumed", "dlogits", "dloss", "dgrad", "as given", "verdict", "reason")
+    _HEAD = ("group", "scope", "parameters", "relied on", "dlogits", "dloss", "dgrad", "as given", "verdict", "reason")
 
     def downgrade_rules(self, include_approximate: bool = False) -> dict[str, dict]:
         """See :func:`downgrade_rules`."""
@@ -128,13 +162,35 @@ class AuditReport:
         LM head or router whose checks failed); :func:`equiopt.plan` drops them."""
         out: dict[str, tuple] = {}
         for c in self.checks:
-            if c.kind in SHIFT_KINDS and c.verdict == "broken":
+            if c.kind in SHIFT_KINDS and c.verdict == "broken" and c.relied == "projects out":
                 for role in c.assumed_roles():
                     out[role] = (Factor("shift", "rows"),)
         return out
 
-    def broken(self, assumed_only: bool = False) -> list[CheckResult]:
-        return [c for c in self.checks if c.verdict == "broken" and (c.assumed_by or not assumed_only)]
+    def broken(self, assumed_only: bool = False, *, relied_on: bool | None = None) -> list[CheckResult]:
+        """Broken checks; ``relied_on=True`` (or ``assumed_only=True``): only those the plan
+        relies on (the acceptance criterion is that this list is empty), ``False``: only the
+        informational ones."""
+        want = relied_on if relied_on is not None else (True if assumed_only else None)
+        return [c for c in self.checks if c.verdict == "broken" and (want is None or c.relied_on == want)]
+
+    def relied_on_broken(self) -> list[CheckResult]:
+        """The broken checks the plan relies on (see :meth:`broken`)."""
+        return self.broken(relied_on=True)
+
+    def unchecked_names(self) -> list[str]:
+        return [u["name"] for u in self.unchecked]
+
+    def _unchecked_lines(self) -> list[str]:
+        """The unchecked tensors grouped by reason: one line per reason."""
+        by: dict[str, list[str]] = {}
+        for u in self.unchecked:
+            by.setdefault(f"{u['role']}: {u['reason']}", []).append(u["name"])
+        lines = []
+        for why, names in by.items():
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} tensors)" if len(names) > 6 else "")
+            lines.append(f"{why}: {shown}")
+        return lines
 
     def by_kind(self, kind: str) -> list[CheckResult]:
         return [c for c in self.checks if c.kind == kind]
@@ -180,7 +236,7 @@ class AuditReport:
                     c.kind,
                     c.scope or "(model)",
                     params,
-                    "yes" if c.assumed_by else "no",
+                    c.relied or ("yes" if c.assumed_by else "no"),
                     _fmt(c.logits_err),
                     _fmt(c.loss_err),
                     _fmt(c.grad_err),
@@ -204,8 +260,13 @@ class AuditReport:
         lines.append(
             f"{self.model}: {len(self.checks)} checks, dtype {s['dtype']}, tol {s['tol']:.1e}, "
             f"approx_tol {s['approx_tol']:.1e}, seed {s['seed']}; errors at the generic point "
-            "(vectors perturbed), 'as given' at the model's own weights"
+            "(vectors perturbed), 'as given' at the model's own weights; "
+            f"{len(self.relied_on_broken())} relied-on symmetries broken, "
+            f"{len(self.broken(relied_on=False))} informational ones broken"
         )
+        if self.unchecked:
+            lines.append(f"unchecked trainable tensors ({len(self.unchecked)}):")
+            lines += [f"  {line}" for line in self._unchecked_lines()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -219,7 +280,9 @@ class AuditReport:
             f"float dtype {s['dtype']}, batch {s['batch_shape']}, seed {s['seed']}; verdict: exact <= {s['tol']:.1e}, "
             f"approximate <= {s['approx_tol']:.1e} (relative error, max of logits, loss and gradient), measured at a "
             "generic point (trainable vectors perturbed); 'as given' = the same error at the model's own weights. "
-            "'assumed' = the map planned for an acted parameter relies on the group.",
+            "'relied on': the plan needs the symmetry exact -- 'projects out' (a centering map removes its orbit "
+            "direction) or 'structure' (a map uses the rows / heads / experts the check witnesses); 'no': "
+            "informational (a map equivariant under more than the network's group stays compatible).",
             "",
             "| kind | checks | exact | approximate | broken | untested | max error | max error (as given) |",
             "|---|---|---|---|---|---|---|---|",
@@ -234,6 +297,9 @@ class AuditReport:
         out += ["", "Groups:", ""]
         for k in dict.fromkeys(c.kind for c in self.checks):
             out.append(f"- `{k}`: {KINDS[k]}")
+        if self.unchecked:
+            out += ["", f"Unchecked trainable tensors ({len(self.unchecked)}):", ""]
+            out += [f"- {line}" for line in self._unchecked_lines()]
         return "\n".join(out) + "\n"
 
     def to_dict(self) -> dict:
@@ -242,6 +308,7 @@ class AuditReport:
             "settings": self.settings,
             "summary": self.summary(),
             "checks": [c.to_dict() for c in self.checks],
+            "unchecked": list(self.unchecked),
         }
 
     def to_json(self, **kw) -> str:

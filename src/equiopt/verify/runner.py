@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from .actions import Action
 from .report import AuditError
 
-__all__ = ["KeepPrecision", "WorkModel", "default_forward", "parse_batch"]
+__all__ = ["KeepPrecision", "READOUT", "WorkModel", "default_forward", "parse_batch"]
 
 _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _DOWNCASTS = {Tensor.float, Tensor.half, Tensor.bfloat16}
@@ -45,36 +45,56 @@ class KeepPrecision(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def default_forward(model: nn.Module, input_ids: Tensor) -> Tensor:
-    return model(input_ids)
+def default_forward(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``model(input_ids)`` for token ids, ``model(pixel_values=...)`` for images."""
+    if inputs.is_floating_point():
+        return model(pixel_values=inputs)
+    return model(inputs)
 
 
-def _logits_of(out, where: str) -> Tensor:
-    if hasattr(out, "logits"):
-        out = out.logits
+#: outputs of the fixed random readout of a model without logits (an encoder, a vision tower)
+READOUT = 16
+
+
+def _output_of(out, where: str) -> tuple[Tensor, bool]:
+    """``(tensor, is_logits)``: the logits of an output, or else its last hidden state."""
+    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
+        out, logits = out.logits, True
+    elif hasattr(out, "last_hidden_state") and isinstance(out.last_hidden_state, Tensor):
+        out, logits = out.last_hidden_state, False
     elif isinstance(out, (tuple, list)):
-        out = out[0]
+        out, logits = out[0], True
+    else:
+        logits = True
     if not isinstance(out, Tensor) or out.ndim != 3:
         raise AuditError(
-            f"{where}: the forward must return logits [batch, seq, vocab] (or an object with .logits); "
-            f"got {type(out).__name__}"
+            f"{where}: the forward must return logits [batch, seq, vocab], an object with .logits or "
+            f".last_hidden_state [batch, seq, d]; got {type(out).__name__}"
         )
-    return out
+    return out, logits
 
 
 def parse_batch(batch) -> tuple[Tensor, Tensor | None]:
-    """``(input_ids, labels)`` of an audit batch (a LongTensor or a mapping)."""
+    """``(inputs, labels)`` of an audit batch: input ids ``[B, T]`` (a LongTensor, or a mapping
+    with ``input_ids`` and optionally ``labels``), or images ``[B, C, H, W]`` (a float
+    tensor, or a mapping with ``pixel_values``)."""
     if isinstance(batch, Mapping):
-        if "input_ids" not in batch:
-            raise AuditError("batch: a mapping must hold 'input_ids'")
-        ids, labels = batch["input_ids"], batch.get("labels")
+        if "input_ids" in batch:
+            x, labels = batch["input_ids"], batch.get("labels")
+        elif "pixel_values" in batch:
+            x, labels = batch["pixel_values"], None
+        else:
+            raise AuditError("batch: a mapping must hold 'input_ids' (or 'pixel_values' for a vision model)")
     else:
-        ids, labels = batch, None
-    if not isinstance(ids, Tensor) or ids.dtype not in (torch.long, torch.int) or ids.ndim != 2 or ids.shape[1] < 2:
+        x, labels = batch, None
+    if isinstance(x, Tensor) and x.is_floating_point() and x.ndim == 4:
+        return x, None
+    if not isinstance(x, Tensor) or x.dtype not in (torch.long, torch.int) or x.ndim != 2 or x.shape[1] < 2:
         raise AuditError(
-            f"batch: input_ids must be an integer tensor [batch, seq >= 2], got {getattr(ids, 'shape', type(ids))}"
+            f"batch: input_ids must be an integer tensor [batch, seq >= 2] (or pixel_values a float tensor "
+            f"[batch, channels, height, width]), got {getattr(x, 'dtype', '')} {getattr(x, 'shape', type(x))}"
         )
-    return ids, labels
+    return x, labels
 
 
 class WorkModel:
@@ -83,7 +103,7 @@ class WorkModel:
     def __init__(
         self, model: nn.Module, batch, dtype: torch.dtype, forward: Callable, keep_precision: bool, grads: bool
     ):
-        ids, labels = parse_batch(batch)
+        x, labels = parse_batch(batch)
         self.name = type(model).__name__
         self.dtype, self.forward_fn, self.keep_precision, self.grads = dtype, forward, keep_precision, grads
         self.model = copy.deepcopy(model).to(dtype).eval()
@@ -91,12 +111,35 @@ class WorkModel:
         if first is None:
             raise AuditError(f"{self.name}: the model has no parameters")
         self.device = first.device
-        self.ids = ids.to(self.device, torch.long)
-        self.labels = (labels if labels is not None else ids).to(self.device, torch.long)
+        #: the forward's input: token ids, or images (then ``ids`` is None: nothing to relabel)
+        self.x = x.to(self.device, dtype) if x.is_floating_point() else x.to(self.device, torch.long)
+        self.ids = None if x.is_floating_point() else self.x
         self.params = dict(self.model.named_parameters(remove_duplicate=False))
         self.buffers = dict(self.model.named_buffers(remove_duplicate=False))
         self.config = getattr(self.model, "config", None)
         self.notes = self._eager_experts()
+        self.readout: Tensor | None = None  # fixed readout [READOUT, d] of a model without logits
+        with torch.no_grad():
+            out, is_logits = _output_of(self.call(self.x), self.name)
+        gen = torch.Generator().manual_seed(12345)
+        if not is_logits:
+            d = out.shape[-1]
+            self.readout = (torch.randn(READOUT, d, generator=gen, dtype=torch.float64) / d**0.5).to(self.device, dtype)
+            self.notes.append(
+                f"no logits: the last hidden state [.., {d}] is read out by a fixed random [{READOUT}, {d}] matrix "
+                "(not a model weight: no group acts on it)"
+            )
+        if labels is not None:
+            self.labels = labels.to(self.device, torch.long)
+        elif self.ids is not None and self.readout is None:
+            self.labels = self.ids
+        else:  # fixed random targets for the readout (ids modulo its size for token inputs)
+            shape = out.shape[:2]
+            self.labels = (
+                self.ids % READOUT
+                if self.ids is not None and self.ids.shape == shape
+                else torch.randint(0, READOUT, tuple(shape), generator=gen)
+            ).to(self.device, torch.long)
 
     def _eager_experts(self) -> list[str]:
         """Fused MoE kernels (HF ``grouped_mm``) take float32/16 only: the audit copy runs the
@@ -122,15 +165,19 @@ class WorkModel:
         return self.model.get_submodule(name.rpartition(".")[0])
 
     # -- running ---------------------------------------------------------------------------
-    def call(self, ids: Tensor):
+    def call(self, x: Tensor):
         if self.keep_precision:
             with KeepPrecision(self.dtype):
-                return self.forward_fn(self.model, ids)
-        return self.forward_fn(self.model, ids)
+                return self.forward_fn(self.model, x)
+        return self.forward_fn(self.model, x)
 
-    def run(self, ids: Tensor, labels: Tensor, want: list[str]):
-        """``(logits, loss, {name: grad})`` of the model on ``ids``."""
-        logits = _logits_of(self.call(ids), self.name)
+    def run(self, x: Tensor, labels: Tensor, want: list[str]):
+        """``(logits, loss, {name: grad})`` of the model on the input ``x`` (ids or images)."""
+        logits, is_logits = _output_of(self.call(x), self.name)
+        if not is_logits:
+            if self.readout is None:
+                raise AuditError(f"{self.name}: the forward returned hidden states, then logits")
+            logits = logits @ self.readout.mT
         V = logits.shape[-1]
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, V).to(torch.float64), labels[:, 1:].reshape(-1), ignore_index=-100
@@ -162,11 +209,11 @@ class WorkModel:
         base_logits, base_loss, base_grads = base
         saved = self._apply(action)
         try:
-            ids = self.ids if action.input_map is None else action.input_map[self.ids]
+            x = self.x if action.input_map is None else action.input_map[self.x]
             labels = self.labels
             if action.target_map is not None:
                 labels = torch.where(labels >= 0, action.target_map[labels.clamp_min(0)], labels)
-            logits, loss, grads = self.run(ids, labels, grad_names)
+            logits, loss, grads = self.run(x, labels, grad_names)
         finally:
             with torch.no_grad():
                 for n, v in saved.items():

@@ -44,8 +44,15 @@ class Structure:
         self.d_model = (
             self.embeddings[0].shape[1]
             if self.embeddings
-            else (plan.entry(self.vocab.head).shape[1] if self.vocab and self.vocab.head else None)
+            else (plan.entry(self.vocab.head).shape[1] if self.vocab and self.vocab.head else self._width())
         )
+
+    def _width(self) -> int | None:
+        """The residual width read from a writer (attention o, MLP out) when no table reads it."""
+        for name in [a.o for a in self.attention] + [m.out for m in self.mlps]:
+            e = self.plan.entry(name)
+            return e.layout.logical_shape(e.shape)[1]
+        return None
 
     # -- tables ------------------------------------------------------------------------
     def _layouts(self) -> dict[str, tuple[Layout, bool]]:
@@ -73,13 +80,15 @@ class Structure:
     def token_embedding(self) -> str | None:
         """The embedding the forward indexes with the input ids (seen by forward hooks; the
         vocabulary block's embedding when the hooks cannot tell)."""
+        if self.work.ids is None:  # images: no token ids to follow
+            return None
         seen, hooks = [], []
         for mname, mod in self.work.model.named_modules():
             if isinstance(mod, nn.Embedding):
                 hooks.append(mod.register_forward_hook(lambda m, inp, out, mname=mname: seen.append((mname, inp[0]))))
         try:
             with torch.no_grad():
-                self.work.call(self.work.ids)
+                self.work.call(self.work.x)
         finally:
             for h in hooks:
                 h.remove()
