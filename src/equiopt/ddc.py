@@ -46,11 +46,12 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
+from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .polar import newton_schulz
@@ -192,6 +193,197 @@ def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
     )
 
 
+Gauge = RescaleGauge | ShiftGauge | RotationGauge
+
+
+def _param(the_plan: Plan, name: str) -> Tensor:
+    """The parameter of plan entry ``name``. A plan from :func:`equiopt.plan` carries the
+    parameter of every entry (``PlanEntry.param`` is only optional in the dataclass)."""
+    p = the_plan.entry(name).param
+    assert p is not None, f"plan entry {name!r} carries no parameter"
+    return p
+
+
+class _Claims:
+    """The gauges found so far and the parameters they hold: a parameter is claimed by at
+    most one rescale/shift gauge, and a tied (aliased) parameter by none."""
+
+    def __init__(self, the_plan: Plan):
+        self.gauges: list[Gauge] = []
+        self.taken: set[int] = set()
+        self.aliased = {id(e.param) for e in the_plan.entries if e.aliases}
+
+    def free(self, *ps: Tensor | None) -> bool:
+        return all(p is not None and id(p) not in self.taken and id(p) not in self.aliased for p in ps)
+
+    def take(self, g: Gauge) -> None:
+        self.gauges.append(g)
+        self.taken.update(id(p) for p in g.params)
+
+
+def _claim_shift(the_plan: Plan, block: Block, claims: _Claims) -> None:
+    """The logit shift of an untied LM head, the router shift of a softmax MoE router."""
+    if isinstance(block, VocabBlock) and block.head and not block.tied:
+        w = _param(the_plan, block.head)
+        b = _param(the_plan, block.head_bias) if block.head_bias else None
+        if claims.free(w, *([b] if b is not None else [])):
+            claims.take(
+                ShiftGauge(
+                    f"logit_shift:{block.head}", w, b, names=tuple(n for n in (block.head, block.head_bias) if n)
+                )
+            )
+    if isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
+        w = _param(the_plan, block.router)
+        b = _param(the_plan, block.router_bias) if block.router_bias else None
+        if w.ndim == 2 and claims.free(w, *([b] if b is not None else [])):
+            claims.take(
+                ShiftGauge(
+                    f"router_shift:{block.router}",
+                    w,
+                    b,
+                    names=tuple(n for n in (block.router, block.router_bias) if n),
+                )
+            )
+
+
+def _rescale_candidates(the_plan: Plan, why: dict[str, str]) -> list[MLPBlock]:
+    """The dense MLPs (one expert, no fused gate_up) whose neuron rescale can be probed; the
+    parameters of the other MLPs get their reason in ``why``."""
+    mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+    for b in the_plan.blocks:
+        if isinstance(b, MLPBlock) and b not in mlps:
+            for n in b.params():
+                why.setdefault(
+                    n,
+                    "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
+                    "is not handled yet",
+                )
+    return mlps
+
+
+def _probe_choice(module: nn.Module, b: MLPBlock, tol: float, why: dict[str, str]) -> tuple[str, str | None] | None:
+    """``(in-projection, its bias)``: the last in-projection of ``b`` that passes the rescale
+    probe (gated: the linear 'up'), or None; the failing ones get their reason in ``why``."""
+    biases = dict(b.in_biases)
+    chosen = None
+    for name in b.ins:
+        bias = biases.get(name)
+        try:
+            err = probe_rescale(
+                module, _rel(name, b.scope), _rel(b.out, b.scope), _rel(bias, b.scope) if bias else None
+            )
+        except (RuntimeError, TypeError, ValueError):
+            # the module cannot run forward on one float64 [16, d_in] tensor (shape or dtype
+            # mismatch, e.g. an embedding's integer ids; DTensor weights; a forward that needs
+            # more arguments or validates its input): no probed gauge. Errors of our own name
+            # mapping (KeyError from _module_param) propagate.
+            err = math.inf
+        if err <= tol:
+            chosen = (name, bias)
+        else:
+            why[name] = (
+                f"rescale probe failed (output changes by {err:.1e} relative): the activation "
+                "after this projection is not positively homogeneous"
+            )
+    return chosen
+
+
+def _claim_rescale(
+    the_plan: Plan, b: MLPBlock, module: nn.Module | None, claims: _Claims, tol: float, why: dict[str, str]
+) -> None:
+    """The neuron rescale gauge of the dense MLP ``b`` (``module``: its module), if probed."""
+    out = _param(the_plan, b.out)
+    if module is None or out.ndim != 2:
+        return
+    chosen = _probe_choice(module, b, tol, why)
+    if chosen is None:
+        why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
+        return
+    in_name, bias_name = chosen
+    w_in = _param(the_plan, in_name)
+    b_in = _param(the_plan, bias_name) if bias_name else None
+    if claims.free(w_in, out, *([b_in] if b_in is not None else [])):
+        claims.take(
+            RescaleGauge(
+                f"neuron_rescale:{b.scope}",
+                w_in,
+                out,
+                b_in,
+                names=tuple(n for n in (in_name, bias_name, b.out) if n),
+            )
+        )
+    else:
+        for n in (in_name, bias_name, b.out):
+            if n:
+                why.setdefault(
+                    n,
+                    "neuron rescale overlaps another gauge or a tied parameter (overlaps are not combined yet)",
+                )
+
+
+def _claim_vo(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[str, str]) -> None:
+    """The per-kv-head V/O rotation of an attention with separate q/k/v projections."""
+    assert block.v is not None  # the caller skips fused-qkv blocks and blocks without v
+    bias_of = dict(block.biases)  # projection weight name -> its bias
+    v, o = _param(the_plan, block.v), _param(the_plan, block.o)
+    if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
+        for n in (block.v, block.o):
+            why.setdefault(
+                n,
+                f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
+                "updated by AdamW (per coordinate)",
+            )
+    elif claims.free(v, o):
+        claims.gauges.append(  # not taken: rotations need no state and overlap nothing
+            RotationGauge(
+                f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o), block.hkv, block.head_dim
+            )
+        )
+
+
+def _claim_qk(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[str, str]) -> None:
+    """The Q/K rotation inside the RoPE planes, where no q/k bias or norm gain breaks it."""
+    if not (block.q and block.k):
+        return
+    bias_of = dict(block.biases)
+    if block.q in bias_of or block.k in bias_of:
+        reason = "Q/K RoPE rotation not claimed: the q/k biases rotate with Q/K but are updated by AdamW"
+    elif _qk_norm_present(the_plan, block):
+        reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
+    else:
+        q, k = _param(the_plan, block.q), _param(the_plan, block.k)
+        if claims.free(q, k):
+            claims.gauges.append(
+                RotationGauge(
+                    f"qk_rope_rotation:{block.scope}",
+                    "qk_rope_rotation",
+                    (q, k),
+                    (block.q, block.k),
+                    block.hkv,
+                    block.head_dim,
+                )
+            )
+        return
+    for n in (block.q, block.k):
+        why.setdefault(n, reason)
+
+
+def _claim_rotations(the_plan: Plan, block: AttentionBlock, base: str, claims: _Claims, why: dict[str, str]) -> None:
+    """Per-head rotations of one attention block (Muon base only)."""
+    if base != "muon":
+        for n in block.params():
+            why.setdefault(
+                n, "rotation gauges need a rotation-equivariant base (Muon's polar map); Adam is per coordinate"
+            )
+        return
+    if block.qkv is not None or not block.v:
+        for n in block.params():
+            why.setdefault(n, "fused qkv: per-head rotations of a fused projection are not claimed")
+        return
+    _claim_vo(the_plan, block, claims, why)
+    _claim_qk(the_plan, block, claims, why)
+
+
 def derive_gauges(
     the_plan: Plan,
     model: nn.Module | None = None,
@@ -199,7 +391,7 @@ def derive_gauges(
     kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
     tol: float = PROBE_TOL,
     why: dict[str, str] | None = None,
-) -> list:
+) -> list[Gauge]:
     """The gauges of a planned model (see the module docstring); ``model`` is needed for the
     rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
     claimed by at most one gauge: a rescale gauge whose members another gauge already holds
@@ -207,51 +399,12 @@ def derive_gauges(
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
     (:func:`gauge_table` completes it for every other parameter)."""
     why = {} if why is None else why
-    gauges: list = []
-    taken: set[int] = set()
-    aliased = {id(e.param) for e in the_plan.entries if e.aliases}
-
-    def free(*ps) -> bool:
-        return all(p is not None and id(p) not in taken and id(p) not in aliased for p in ps)
-
-    def take(g) -> None:
-        gauges.append(g)
-        taken.update(id(p) for p in g.params)
-
-    for block in the_plan.blocks:
-        if "shift" in kinds and isinstance(block, VocabBlock) and block.head and not block.tied:
-            w = the_plan.entry(block.head).param
-            b = the_plan.entry(block.head_bias).param if block.head_bias else None
-            if free(w, *([b] if b is not None else [])):
-                take(
-                    ShiftGauge(
-                        f"logit_shift:{block.head}", w, b, names=tuple(n for n in (block.head, block.head_bias) if n)
-                    )
-                )
-        if "shift" in kinds and isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
-            w = the_plan.entry(block.router).param
-            b = the_plan.entry(block.router_bias).param if block.router_bias else None
-            if w.ndim == 2 and free(w, *([b] if b is not None else [])):
-                take(
-                    ShiftGauge(
-                        f"router_shift:{block.router}",
-                        w,
-                        b,
-                        names=tuple(n for n in (block.router, block.router_bias) if n),
-                    )
-                )
+    claims = _Claims(the_plan)
+    if "shift" in kinds:
+        for block in the_plan.blocks:
+            _claim_shift(the_plan, block, claims)
     if "rescale" in kinds:
-        mlps = [
-            b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}
-        ]
-        for b in the_plan.blocks:
-            if isinstance(b, MLPBlock) and b not in mlps:
-                for n in b.params():
-                    why.setdefault(
-                        n,
-                        "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
-                        "is not handled yet",
-                    )
+        mlps = _rescale_candidates(the_plan, why)
         if mlps and model is None:
             warnings.warn(
                 "ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2
@@ -259,111 +412,15 @@ def derive_gauges(
             for b in mlps:
                 for n in b.params():
                     why.setdefault(n, "no model given: the rescale probe could not run")
-        elif mlps:
+        elif mlps and model is not None:
             modules = dict(model.named_modules())
             for b in mlps:
-                module = modules.get(b.scope)
-                out = the_plan.entry(b.out).param
-                if module is None or out.ndim != 2:
-                    continue
-                biases = dict(b.in_biases)
-                chosen = None
-                for name in b.ins:  # the last in-projection that passes (gated: the linear 'up')
-                    bias = biases.get(name)
-                    try:
-                        err = probe_rescale(
-                            module, _rel(name, b.scope), _rel(b.out, b.scope), _rel(bias, b.scope) if bias else None
-                        )
-                    except Exception:  # noqa: BLE001 - a module we cannot call on one tensor has no probed gauge
-                        err = math.inf
-                    if err <= tol:
-                        chosen = (name, bias)
-                    else:
-                        why[name] = (
-                            f"rescale probe failed (output changes by {err:.1e} relative): the activation "
-                            "after this projection is not positively homogeneous"
-                        )
-                if chosen is None:
-                    why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
-                    continue
-                w_in = the_plan.entry(chosen[0]).param
-                b_in = the_plan.entry(chosen[1]).param if chosen[1] else None
-                if free(w_in, out, *([b_in] if b_in is not None else [])):
-                    take(
-                        RescaleGauge(
-                            f"neuron_rescale:{b.scope}",
-                            w_in,
-                            out,
-                            b_in,
-                            names=tuple(n for n in (chosen[0], chosen[1], b.out) if n),
-                        )
-                    )
-                else:
-                    for n in (chosen[0], chosen[1], b.out):
-                        if n:
-                            why.setdefault(
-                                n,
-                                "neuron rescale overlaps another gauge or a tied parameter "
-                                "(overlaps are not combined yet)",
-                            )
+                _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
     if "rotation" in kinds:
         for block in the_plan.blocks:
-            if not isinstance(block, AttentionBlock):
-                continue
-            if base != "muon":
-                for n in block.params():
-                    why.setdefault(
-                        n, "rotation gauges need a rotation-equivariant base (Muon's polar map); Adam is per coordinate"
-                    )
-                continue
-            if block.qkv is not None or not block.v:
-                for n in block.params():
-                    why.setdefault(n, "fused qkv: per-head rotations of a fused projection are not claimed")
-                continue
-            bias_of = dict(block.biases)  # projection weight name -> its bias
-            v, o = the_plan.entry(block.v).param, the_plan.entry(block.o).param
-            if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
-                for n in (block.v, block.o):
-                    why.setdefault(
-                        n,
-                        f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
-                        "updated by AdamW (per coordinate)",
-                    )
-            elif free(v, o):
-                gauges.append(
-                    RotationGauge(
-                        f"vo_rotation:{block.scope}",
-                        "vo_rotation",
-                        (v, o),
-                        (block.v, block.o),
-                        block.hkv,
-                        block.head_dim,
-                    )
-                )
-            if not (block.q and block.k):
-                continue
-            if block.q in bias_of or block.k in bias_of:
-                reason = "Q/K RoPE rotation not claimed: the q/k biases rotate with Q/K but are updated by AdamW"
-            elif _qk_norm_present(the_plan, block):
-                reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
-            else:
-                reason = None
-                q, k = the_plan.entry(block.q).param, the_plan.entry(block.k).param
-                if free(q, k):
-                    gauges.append(
-                        RotationGauge(
-                            f"qk_rope_rotation:{block.scope}",
-                            "qk_rope_rotation",
-                            (q, k),
-                            (block.q, block.k),
-                            block.hkv,
-                            block.head_dim,
-                        )
-                    )
-            if reason:
-                for n in (block.q, block.k):
-                    why.setdefault(n, reason)
-    return gauges
+            if isinstance(block, AttentionBlock):
+                _claim_rotations(the_plan, block, base, claims, why)
+    return claims.gauges
 
 
 def balance(w: Tensor, iters: int = 500, tol: float = 1e-15) -> tuple[Tensor, Tensor]:
@@ -414,6 +471,10 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in _FULL else torch.float32
 
 
+@overload
+def _work(p: Tensor) -> Tensor: ...
+@overload
+def _work(p: None) -> None: ...
 def _work(p: Tensor | None) -> Tensor | None:
     """``p`` itself (float32/64: updated in place) or a float32 working copy (bf16/fp16)."""
     return p if p is None or p.dtype in _FULL else p.detach().float()
@@ -425,7 +486,7 @@ def _grad(p: Tensor, work: Tensor) -> Tensor:
 
 
 def _write_back(p: Tensor | None, work: Tensor | None) -> None:
-    if p is not None and work is not p:
+    if p is not None and work is not None and work is not p:  # work is None only when p is
         p.copy_(work)
 
 
@@ -543,7 +604,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if group["ddc"] == "rescale":
-                seen = []
+                seen: list[RescaleGauge] = []
                 for p in group["params"]:
                     g = self._gauge_of[id(p)]
                     if not any(g is s for s in seen):
@@ -717,6 +778,7 @@ class DDCOptimizer(torch.optim.Optimizer):
     def _adam_step(self, p: Tensor, group: dict, center: bool = False) -> None:
         """torch.optim.AdamW's single-tensor step (bit-identical); ``center`` removes the
         update's mean over rows (dim -2; a vector's mean) for a translation gauge."""
+        assert p.grad is not None  # step() passes only parameters with a gradient here
         if p.grad.is_sparse:
             raise RuntimeError("DDCOptimizer does not support sparse gradients")
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
