@@ -664,16 +664,17 @@ class DDCOptimizer(torch.optim.Optimizer):
         for p, w in zip(params, ws):
             _write_back(p, w)
 
-    def _rescale_batched(self, gauges: list, group: dict) -> None:
+    def _rescale_batched(self, gauges: list[RescaleGauge], group: dict) -> None:
         """:meth:`_rescale_step` for equal-shape gauges (float32/64 parameters), stacked:
-        the same operations with a leading gauge axis; state stays per parameter."""
+        the same operations with a leading gauge axis; state stays per parameter. The gauges
+        of one bucket (:func:`_rescale_key`) all have an in-bias or none has."""
         live = [g for g in gauges if any(p.grad is not None for p in g.params)]
         if not live:
             return
         has_b = live[0].in_bias is not None
         P1 = [g.in_weight for g in live]
         P2 = [g.out_weight for g in live]
-        Pb = [g.in_bias for g in live] if has_b else []
+        Pb = [g.in_bias for g in live if g.in_bias is not None] if has_b else []
         W1, W2 = torch.stack(P1), torch.stack(P2)
         g1 = torch.stack([_grad(p, p) for p in P1])
         g2 = torch.stack([_grad(p, p) for p in P2])
@@ -685,16 +686,50 @@ class DDCOptimizer(torch.optim.Optimizer):
             for t in (W1, W2, b):
                 if t is not None:
                     t.mul_(1 - lr * wd)
-        n1 = (W1 * W1).sum(2) + (b * b if has_b else 0)
+        n1 = (W1 * W1).sum(2) + (b * b if b is not None else 0)
         n2 = (W2 * W2).sum(1)
-        gh1 = (g1 * W1).sum(2) + (gb * b if has_b else 0)
+        gh1 = (g1 * W1).sum(2) + (gb * b if gb is not None and b is not None else 0)
         gh2 = (g2 * W2).sum(1)
         rho1, rho2 = n1.sqrt(), n2.sqrt()
         c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
         x1 = rho1[:, :, None] * (g1 - c1[:, :, None] * W1)
         x2 = (g2 - c2[:, None, :] * W2) * rho2[:, None, :]
-        xb = rho1 * (gb - c1 * b) if has_b else None
-        st1 = [self.state[p] for p in P1]
+        xb = rho1 * (gb - c1 * b) if gb is not None and b is not None else None
+        st1 = self._rescale_states(live, n1)
+        steps = [st["step"].item() for st in st1]
+        gU = (gh1 + gh2) / _SQRT2
+        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
+        if group["rule"] == "adam":
+            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
+            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
+            ub = (
+                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
+                if xb is not None
+                else None
+            )
+        else:
+            X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
+            U1 = self._muon_stacked(st1, X1, group)
+            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
+            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
+        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if ub is not None and b is not None else 0), n1)
+        a2 = _safe_div((u2 * W2).sum(1), n2)
+        u1 = u1 - a1[:, :, None] * W1
+        u2 = u2 - a2[:, None, :] * W2
+        e = torch.exp(dlog)
+        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
+        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
+        if ub is not None and b is not None:
+            ub = ub - a1 * b
+            b.mul_(e).sub_(lr * rho1 * ub)
+        torch._foreach_copy_(
+            P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if b is not None else [])
+        )
+
+    def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
+        """The in-weight states of stacked gauges: step counters (advanced, and copied to
+        the other members) and the radial Adam state (``n1``: the stacked in-side norms)."""
+        st1 = [self.state[g.in_weight] for g in live]
         for st, g in zip(st1, live):
             if "step" not in st:
                 st["step"] = torch.tensor(0.0)
@@ -704,35 +739,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             if "radial_exp_avg" not in st:
                 st["radial_exp_avg"] = torch.zeros_like(n1[0])
                 st["radial_exp_avg_sq"] = torch.zeros_like(n1[0])
-        steps = [st["step"].item() for st in st1]
-        gU = (gh1 + gh2) / _SQRT2
-        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
-        if group["rule"] == "adam":
-            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
-            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
-            ub = (
-                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
-                if has_b
-                else None
-            )
-        else:
-            X1 = torch.cat([x1, xb[:, :, None]], 2) if has_b else x1
-            U1 = self._muon_stacked(st1, X1, group)
-            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
-            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
-        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if has_b else 0), n1)
-        a2 = _safe_div((u2 * W2).sum(1), n2)
-        u1 = u1 - a1[:, :, None] * W1
-        u2 = u2 - a2[:, None, :] * W2
-        e = torch.exp(dlog)
-        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
-        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
-        if has_b:
-            ub = ub - a1 * b
-            b.mul_(e).sub_(lr * rho1 * ub)
-        torch._foreach_copy_(
-            P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else [])
-        )
+        return st1
 
     @staticmethod
     def _adam_dir_stacked(
@@ -831,7 +838,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         W1, W2, b = _work(P1), _work(P2), _work(Pb)
         g1, g2 = _grad(P1, W1), _grad(P2, W2)
-        gb = None if b is None else _grad(Pb, b)
+        gb = None if Pb is None or b is None else _grad(Pb, b)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         # 1. decoupled weight decay on every member alike
@@ -842,13 +849,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         # 2. per-neuron side norms, log-norm gradients, tangential parts, invariant inputs
         n1 = (W1 * W1).sum(1) + (b * b if b is not None else 0)
         n2 = (W2 * W2).sum(0)
-        gh1 = (g1 * W1).sum(1) + (gb * b if b is not None else 0)
+        gh1 = (g1 * W1).sum(1) + (gb * b if gb is not None and b is not None else 0)
         gh2 = (g2 * W2).sum(0)
         rho1, rho2 = n1.sqrt(), n2.sqrt()
         c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
         x1 = rho1[:, None] * (g1 - c1[:, None] * W1)
         x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
-        xb = rho1 * (gb - c1 * b) if b is not None else None
+        xb = rho1 * (gb - c1 * b) if gb is not None and b is not None else None
         # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
         st1 = self.state[P1]
         if "step" not in st1:
@@ -866,13 +873,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         if group["rule"] == "adam":
             u1 = _adam_dir(self._adam_state(P1), x1, beta1, beta2, eps)
             u2 = _adam_dir(self._adam_state(P2), x2, beta1, beta2, eps)
-            ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if b is not None else None
+            ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if Pb is not None and xb is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
-            X1 = torch.cat([x1, xb[:, None]], 1) if b is not None else x1
+            X1 = torch.cat([x1, xb[:, None]], 1) if xb is not None else x1
             U1 = self._muon_direction(X1, st1, group)
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
             u2 = self._muon_direction(x2, self.state[P2], group)
-        a1 = _safe_div((u1 * W1).sum(1) + (ub * b if b is not None else 0), n1)
+        a1 = _safe_div((u1 * W1).sum(1) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
         u2 = u2 - a2[None, :] * W2
@@ -880,7 +887,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         e = torch.exp(dlog)
         W1.mul_(e[:, None]).sub_(lr * rho1[:, None] * u1)
         W2.mul_(e[None, :]).sub_(lr * u2 * rho2[None, :])
-        if b is not None:
+        if ub is not None and b is not None:
             ub = ub - a1 * b
             b.mul_(e).sub_(lr * rho1 * ub)
         for p, w in ((P1, W1), (P2, W2), (Pb, b)):
@@ -890,6 +897,52 @@ class DDCOptimizer(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------
 # construction
 # ----------------------------------------------------------------------------------------
+def _partition(the_plan: Plan, found: list[Gauge], base: str) -> tuple[dict[str, list[Tensor]], dict[Tensor, str]]:
+    """The plan's parameters by how they are updated: ``rescale`` / ``shift`` (held by such a
+    gauge), ``muon`` (Muon matrices), ``adam_mat`` (AdamW, decayed) and ``vec`` (AdamW, no
+    decay), in plan order; and the name of every parameter."""
+    in_gauge: dict[int, Gauge] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("rescale", "shift", "muon", "adam_mat", "vec")}
+    names: dict[Tensor, str] = {}
+    for e in the_plan.entries:
+        p = e.param
+        assert p is not None, f"plan entry {e.name!r} carries no parameter"  # equiopt.plan sets every one
+        names[p] = e.name
+        g = in_gauge.get(id(p))
+        if g is not None:
+            parts["rescale" if g.kind == "rescale" else "shift"].append(p)
+        elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
+            parts["muon"].append(p)
+        elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
+            parts["adam_mat"].append(p)
+        else:
+            parts["vec"].append(p)
+    return parts, names
+
+
+def _param_groups(
+    parts: dict[str, list[Tensor]],
+    base: str,
+    lr: float,
+    adam_lr: float,
+    wd: float,
+    adam_weight_decay: float,
+    common: dict[str, object],
+) -> list[dict]:
+    """One param_group per non-empty part of :func:`_partition`, in that order."""
+    specs: tuple[tuple[str, dict[str, object]], ...] = (
+        ("rescale", dict(ddc="rescale", rule=base, lr=lr, weight_decay=wd)),
+        ("shift", dict(ddc="shift", rule="adam", lr=adam_lr, weight_decay=0.0)),
+        ("muon", dict(ddc="none", rule="muon", lr=lr, weight_decay=wd)),
+        (
+            "adam_mat",
+            dict(ddc="none", rule="adam", lr=adam_lr, weight_decay=wd if base == "adam" else adam_weight_decay),
+        ),
+        ("vec", dict(ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0)),
+    )
+    return [dict(params=parts[key], **spec, **common) for key, spec in specs if parts[key]]
+
+
 def ddc_optimizer(
     model_or_plan: nn.Module | Plan,
     base: str = "adam",
@@ -936,43 +989,12 @@ def ddc_optimizer(
     adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
     lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
     wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
-    common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    common: dict[str, object] = dict(
+        betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps
+    )
 
-    in_gauge: dict[int, object] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
-    rescale, shift, muon, adam_mat, vec = [], [], [], [], []
-    names = {}
-    for e in the_plan.entries:
-        p = e.param
-        names[p] = e.name
-        g = in_gauge.get(id(p))
-        if g is not None:
-            (rescale if g.kind == "rescale" else shift).append(p)
-        elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
-            muon.append(p)
-        elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
-            adam_mat.append(p)
-        else:
-            vec.append(p)
-    groups = []
-    if rescale:
-        groups.append(dict(params=rescale, ddc="rescale", rule=base, lr=lr, weight_decay=wd, **common))
-    if shift:
-        groups.append(dict(params=shift, ddc="shift", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
-    if muon:
-        groups.append(dict(params=muon, ddc="none", rule="muon", lr=lr, weight_decay=wd, **common))
-    if adam_mat:
-        groups.append(
-            dict(
-                params=adam_mat,
-                ddc="none",
-                rule="adam",
-                lr=adam_lr,
-                weight_decay=wd if base == "adam" else adam_weight_decay,
-                **common,
-            )
-        )
-    if vec:
-        groups.append(dict(params=vec, ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
+    parts, names = _partition(the_plan, found, base)
+    groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
     return DDCOptimizer(groups, found, base, names, table)
 
@@ -1029,7 +1051,7 @@ def _table_rows(the_plan: Plan, model, base: str, found: list, why: dict[str, st
     for g in found:
         for p in g.params:
             by_param.setdefault(id(p), []).append(g)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for e in the_plan.entries:
         gs = by_param.get(id(e.param), [])
         if gs:
@@ -1078,7 +1100,7 @@ def describe(opt: DDCOptimizer) -> str:
     ``Plan.table()``-like text (``equiopt train`` writes it to the run's ``plan.txt``)."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     params = {n: p for p, n in opt.names.items()}
-    rows = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
+    rows: list[tuple[str, ...]] = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
     for name, shape, role, text in opt.table_rows:
         g = group_of.get(id(params.get(name)))
         rule, lr, wd = ("-", "-", "-") if g is None else (_rule_of(g), f"{g['lr']:g}", f"{g['weight_decay']:g}")
