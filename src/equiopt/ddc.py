@@ -46,11 +46,12 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, MLPBlock, MoEBlock, VocabBlock
+from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .polar import newton_schulz
@@ -192,6 +193,197 @@ def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
     )
 
 
+Gauge = RescaleGauge | ShiftGauge | RotationGauge
+
+
+def _param(the_plan: Plan, name: str) -> Tensor:
+    """The parameter of plan entry ``name``. A plan from :func:`equiopt.plan` carries the
+    parameter of every entry (``PlanEntry.param`` is only optional in the dataclass)."""
+    p = the_plan.entry(name).param
+    assert p is not None, f"plan entry {name!r} carries no parameter"
+    return p
+
+
+class _Claims:
+    """The gauges found so far and the parameters they hold: a parameter is claimed by at
+    most one rescale/shift gauge, and a tied (aliased) parameter by none."""
+
+    def __init__(self, the_plan: Plan):
+        self.gauges: list[Gauge] = []
+        self.taken: set[int] = set()
+        self.aliased = {id(e.param) for e in the_plan.entries if e.aliases}
+
+    def free(self, *ps: Tensor | None) -> bool:
+        return all(p is not None and id(p) not in self.taken and id(p) not in self.aliased for p in ps)
+
+    def take(self, g: Gauge) -> None:
+        self.gauges.append(g)
+        self.taken.update(id(p) for p in g.params)
+
+
+def _claim_shift(the_plan: Plan, block: Block, claims: _Claims) -> None:
+    """The logit shift of an untied LM head, the router shift of a softmax MoE router."""
+    if isinstance(block, VocabBlock) and block.head and not block.tied:
+        w = _param(the_plan, block.head)
+        b = _param(the_plan, block.head_bias) if block.head_bias else None
+        if claims.free(w, *([b] if b is not None else [])):
+            claims.take(
+                ShiftGauge(
+                    f"logit_shift:{block.head}", w, b, names=tuple(n for n in (block.head, block.head_bias) if n)
+                )
+            )
+    if isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
+        w = _param(the_plan, block.router)
+        b = _param(the_plan, block.router_bias) if block.router_bias else None
+        if w.ndim == 2 and claims.free(w, *([b] if b is not None else [])):
+            claims.take(
+                ShiftGauge(
+                    f"router_shift:{block.router}",
+                    w,
+                    b,
+                    names=tuple(n for n in (block.router, block.router_bias) if n),
+                )
+            )
+
+
+def _rescale_candidates(the_plan: Plan, why: dict[str, str]) -> list[MLPBlock]:
+    """The dense MLPs (one expert, no fused gate_up) whose neuron rescale can be probed; the
+    parameters of the other MLPs get their reason in ``why``."""
+    mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+    for b in the_plan.blocks:
+        if isinstance(b, MLPBlock) and b not in mlps:
+            for n in b.params():
+                why.setdefault(
+                    n,
+                    "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
+                    "is not handled yet",
+                )
+    return mlps
+
+
+def _probe_choice(module: nn.Module, b: MLPBlock, tol: float, why: dict[str, str]) -> tuple[str, str | None] | None:
+    """``(in-projection, its bias)``: the last in-projection of ``b`` that passes the rescale
+    probe (gated: the linear 'up'), or None; the failing ones get their reason in ``why``."""
+    biases = dict(b.in_biases)
+    chosen = None
+    for name in b.ins:
+        bias = biases.get(name)
+        try:
+            err = probe_rescale(
+                module, _rel(name, b.scope), _rel(b.out, b.scope), _rel(bias, b.scope) if bias else None
+            )
+        except (RuntimeError, TypeError, ValueError):
+            # the module cannot run forward on one float64 [16, d_in] tensor (shape or dtype
+            # mismatch, e.g. an embedding's integer ids; DTensor weights; a forward that needs
+            # more arguments or validates its input): no probed gauge. Errors of our own name
+            # mapping (KeyError from _module_param) propagate.
+            err = math.inf
+        if err <= tol:
+            chosen = (name, bias)
+        else:
+            why[name] = (
+                f"rescale probe failed (output changes by {err:.1e} relative): the activation "
+                "after this projection is not positively homogeneous"
+            )
+    return chosen
+
+
+def _claim_rescale(
+    the_plan: Plan, b: MLPBlock, module: nn.Module | None, claims: _Claims, tol: float, why: dict[str, str]
+) -> None:
+    """The neuron rescale gauge of the dense MLP ``b`` (``module``: its module), if probed."""
+    out = _param(the_plan, b.out)
+    if module is None or out.ndim != 2:
+        return
+    chosen = _probe_choice(module, b, tol, why)
+    if chosen is None:
+        why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
+        return
+    in_name, bias_name = chosen
+    w_in = _param(the_plan, in_name)
+    b_in = _param(the_plan, bias_name) if bias_name else None
+    if claims.free(w_in, out, *([b_in] if b_in is not None else [])):
+        claims.take(
+            RescaleGauge(
+                f"neuron_rescale:{b.scope}",
+                w_in,
+                out,
+                b_in,
+                names=tuple(n for n in (in_name, bias_name, b.out) if n),
+            )
+        )
+    else:
+        for n in (in_name, bias_name, b.out):
+            if n:
+                why.setdefault(
+                    n,
+                    "neuron rescale overlaps another gauge or a tied parameter (overlaps are not combined yet)",
+                )
+
+
+def _claim_vo(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[str, str]) -> None:
+    """The per-kv-head V/O rotation of an attention with separate q/k/v projections."""
+    assert block.v is not None  # the caller skips fused-qkv blocks and blocks without v
+    bias_of = dict(block.biases)  # projection weight name -> its bias
+    v, o = _param(the_plan, block.v), _param(the_plan, block.o)
+    if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
+        for n in (block.v, block.o):
+            why.setdefault(
+                n,
+                f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
+                "updated by AdamW (per coordinate)",
+            )
+    elif claims.free(v, o):
+        claims.gauges.append(  # not taken: rotations need no state and overlap nothing
+            RotationGauge(
+                f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o), block.hkv, block.head_dim
+            )
+        )
+
+
+def _claim_qk(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[str, str]) -> None:
+    """The Q/K rotation inside the RoPE planes, where no q/k bias or norm gain breaks it."""
+    if not (block.q and block.k):
+        return
+    bias_of = dict(block.biases)
+    if block.q in bias_of or block.k in bias_of:
+        reason = "Q/K RoPE rotation not claimed: the q/k biases rotate with Q/K but are updated by AdamW"
+    elif _qk_norm_present(the_plan, block):
+        reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
+    else:
+        q, k = _param(the_plan, block.q), _param(the_plan, block.k)
+        if claims.free(q, k):
+            claims.gauges.append(
+                RotationGauge(
+                    f"qk_rope_rotation:{block.scope}",
+                    "qk_rope_rotation",
+                    (q, k),
+                    (block.q, block.k),
+                    block.hkv,
+                    block.head_dim,
+                )
+            )
+        return
+    for n in (block.q, block.k):
+        why.setdefault(n, reason)
+
+
+def _claim_rotations(the_plan: Plan, block: AttentionBlock, base: str, claims: _Claims, why: dict[str, str]) -> None:
+    """Per-head rotations of one attention block (Muon base only)."""
+    if base != "muon":
+        for n in block.params():
+            why.setdefault(
+                n, "rotation gauges need a rotation-equivariant base (Muon's polar map); Adam is per coordinate"
+            )
+        return
+    if block.qkv is not None or not block.v:
+        for n in block.params():
+            why.setdefault(n, "fused qkv: per-head rotations of a fused projection are not claimed")
+        return
+    _claim_vo(the_plan, block, claims, why)
+    _claim_qk(the_plan, block, claims, why)
+
+
 def derive_gauges(
     the_plan: Plan,
     model: nn.Module | None = None,
@@ -199,7 +391,7 @@ def derive_gauges(
     kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
     tol: float = PROBE_TOL,
     why: dict[str, str] | None = None,
-) -> list:
+) -> list[Gauge]:
     """The gauges of a planned model (see the module docstring); ``model`` is needed for the
     rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
     claimed by at most one gauge: a rescale gauge whose members another gauge already holds
@@ -207,51 +399,12 @@ def derive_gauges(
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
     (:func:`gauge_table` completes it for every other parameter)."""
     why = {} if why is None else why
-    gauges: list = []
-    taken: set[int] = set()
-    aliased = {id(e.param) for e in the_plan.entries if e.aliases}
-
-    def free(*ps) -> bool:
-        return all(p is not None and id(p) not in taken and id(p) not in aliased for p in ps)
-
-    def take(g) -> None:
-        gauges.append(g)
-        taken.update(id(p) for p in g.params)
-
-    for block in the_plan.blocks:
-        if "shift" in kinds and isinstance(block, VocabBlock) and block.head and not block.tied:
-            w = the_plan.entry(block.head).param
-            b = the_plan.entry(block.head_bias).param if block.head_bias else None
-            if free(w, *([b] if b is not None else [])):
-                take(
-                    ShiftGauge(
-                        f"logit_shift:{block.head}", w, b, names=tuple(n for n in (block.head, block.head_bias) if n)
-                    )
-                )
-        if "shift" in kinds and isinstance(block, MoEBlock) and block.scoring == "softmax" and block.router:
-            w = the_plan.entry(block.router).param
-            b = the_plan.entry(block.router_bias).param if block.router_bias else None
-            if w.ndim == 2 and free(w, *([b] if b is not None else [])):
-                take(
-                    ShiftGauge(
-                        f"router_shift:{block.router}",
-                        w,
-                        b,
-                        names=tuple(n for n in (block.router, block.router_bias) if n),
-                    )
-                )
+    claims = _Claims(the_plan)
+    if "shift" in kinds:
+        for block in the_plan.blocks:
+            _claim_shift(the_plan, block, claims)
     if "rescale" in kinds:
-        mlps = [
-            b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}
-        ]
-        for b in the_plan.blocks:
-            if isinstance(b, MLPBlock) and b not in mlps:
-                for n in b.params():
-                    why.setdefault(
-                        n,
-                        "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
-                        "is not handled yet",
-                    )
+        mlps = _rescale_candidates(the_plan, why)
         if mlps and model is None:
             warnings.warn(
                 "ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2
@@ -259,111 +412,15 @@ def derive_gauges(
             for b in mlps:
                 for n in b.params():
                     why.setdefault(n, "no model given: the rescale probe could not run")
-        elif mlps:
+        elif mlps and model is not None:
             modules = dict(model.named_modules())
             for b in mlps:
-                module = modules.get(b.scope)
-                out = the_plan.entry(b.out).param
-                if module is None or out.ndim != 2:
-                    continue
-                biases = dict(b.in_biases)
-                chosen = None
-                for name in b.ins:  # the last in-projection that passes (gated: the linear 'up')
-                    bias = biases.get(name)
-                    try:
-                        err = probe_rescale(
-                            module, _rel(name, b.scope), _rel(b.out, b.scope), _rel(bias, b.scope) if bias else None
-                        )
-                    except Exception:  # noqa: BLE001 - a module we cannot call on one tensor has no probed gauge
-                        err = math.inf
-                    if err <= tol:
-                        chosen = (name, bias)
-                    else:
-                        why[name] = (
-                            f"rescale probe failed (output changes by {err:.1e} relative): the activation "
-                            "after this projection is not positively homogeneous"
-                        )
-                if chosen is None:
-                    why.setdefault(b.out, "no in-projection of its MLP passed the rescale probe")
-                    continue
-                w_in = the_plan.entry(chosen[0]).param
-                b_in = the_plan.entry(chosen[1]).param if chosen[1] else None
-                if free(w_in, out, *([b_in] if b_in is not None else [])):
-                    take(
-                        RescaleGauge(
-                            f"neuron_rescale:{b.scope}",
-                            w_in,
-                            out,
-                            b_in,
-                            names=tuple(n for n in (chosen[0], chosen[1], b.out) if n),
-                        )
-                    )
-                else:
-                    for n in (chosen[0], chosen[1], b.out):
-                        if n:
-                            why.setdefault(
-                                n,
-                                "neuron rescale overlaps another gauge or a tied parameter "
-                                "(overlaps are not combined yet)",
-                            )
+                _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
     if "rotation" in kinds:
         for block in the_plan.blocks:
-            if not isinstance(block, AttentionBlock):
-                continue
-            if base != "muon":
-                for n in block.params():
-                    why.setdefault(
-                        n, "rotation gauges need a rotation-equivariant base (Muon's polar map); Adam is per coordinate"
-                    )
-                continue
-            if block.qkv is not None or not block.v:
-                for n in block.params():
-                    why.setdefault(n, "fused qkv: per-head rotations of a fused projection are not claimed")
-                continue
-            bias_of = dict(block.biases)  # projection weight name -> its bias
-            v, o = the_plan.entry(block.v).param, the_plan.entry(block.o).param
-            if block.v in bias_of:  # the bias rotates with V's rows but gets AdamW (per coordinate)
-                for n in (block.v, block.o):
-                    why.setdefault(
-                        n,
-                        f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
-                        "updated by AdamW (per coordinate)",
-                    )
-            elif free(v, o):
-                gauges.append(
-                    RotationGauge(
-                        f"vo_rotation:{block.scope}",
-                        "vo_rotation",
-                        (v, o),
-                        (block.v, block.o),
-                        block.hkv,
-                        block.head_dim,
-                    )
-                )
-            if not (block.q and block.k):
-                continue
-            if block.q in bias_of or block.k in bias_of:
-                reason = "Q/K RoPE rotation not claimed: the q/k biases rotate with Q/K but are updated by AdamW"
-            elif _qk_norm_present(the_plan, block):
-                reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
-            else:
-                reason = None
-                q, k = the_plan.entry(block.q).param, the_plan.entry(block.k).param
-                if free(q, k):
-                    gauges.append(
-                        RotationGauge(
-                            f"qk_rope_rotation:{block.scope}",
-                            "qk_rope_rotation",
-                            (q, k),
-                            (block.q, block.k),
-                            block.hkv,
-                            block.head_dim,
-                        )
-                    )
-            if reason:
-                for n in (block.q, block.k):
-                    why.setdefault(n, reason)
-    return gauges
+            if isinstance(block, AttentionBlock):
+                _claim_rotations(the_plan, block, base, claims, why)
+    return claims.gauges
 
 
 def balance(w: Tensor, iters: int = 500, tol: float = 1e-15) -> tuple[Tensor, Tensor]:
@@ -414,6 +471,10 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in _FULL else torch.float32
 
 
+@overload
+def _work(p: Tensor) -> Tensor: ...
+@overload
+def _work(p: None) -> None: ...
 def _work(p: Tensor | None) -> Tensor | None:
     """``p`` itself (float32/64: updated in place) or a float32 working copy (bf16/fp16)."""
     return p if p is None or p.dtype in _FULL else p.detach().float()
@@ -425,7 +486,7 @@ def _grad(p: Tensor, work: Tensor) -> Tensor:
 
 
 def _write_back(p: Tensor | None, work: Tensor | None) -> None:
-    if p is not None and work is not p:
+    if p is not None and work is not None and work is not p:  # work is None only when p is
         p.copy_(work)
 
 
@@ -543,7 +604,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if group["ddc"] == "rescale":
-                seen = []
+                seen: list[RescaleGauge] = []
                 for p in group["params"]:
                     g = self._gauge_of[id(p)]
                     if not any(g is s for s in seen):
@@ -603,16 +664,17 @@ class DDCOptimizer(torch.optim.Optimizer):
         for p, w in zip(params, ws):
             _write_back(p, w)
 
-    def _rescale_batched(self, gauges: list, group: dict) -> None:
+    def _rescale_batched(self, gauges: list[RescaleGauge], group: dict) -> None:
         """:meth:`_rescale_step` for equal-shape gauges (float32/64 parameters), stacked:
-        the same operations with a leading gauge axis; state stays per parameter."""
+        the same operations with a leading gauge axis; state stays per parameter. The gauges
+        of one bucket (:func:`_rescale_key`) all have an in-bias or none has."""
         live = [g for g in gauges if any(p.grad is not None for p in g.params)]
         if not live:
             return
         has_b = live[0].in_bias is not None
         P1 = [g.in_weight for g in live]
         P2 = [g.out_weight for g in live]
-        Pb = [g.in_bias for g in live] if has_b else []
+        Pb = [g.in_bias for g in live if g.in_bias is not None] if has_b else []
         W1, W2 = torch.stack(P1), torch.stack(P2)
         g1 = torch.stack([_grad(p, p) for p in P1])
         g2 = torch.stack([_grad(p, p) for p in P2])
@@ -624,16 +686,50 @@ class DDCOptimizer(torch.optim.Optimizer):
             for t in (W1, W2, b):
                 if t is not None:
                     t.mul_(1 - lr * wd)
-        n1 = (W1 * W1).sum(2) + (b * b if has_b else 0)
+        n1 = (W1 * W1).sum(2) + (b * b if b is not None else 0)
         n2 = (W2 * W2).sum(1)
-        gh1 = (g1 * W1).sum(2) + (gb * b if has_b else 0)
+        gh1 = (g1 * W1).sum(2) + (gb * b if gb is not None and b is not None else 0)
         gh2 = (g2 * W2).sum(1)
         rho1, rho2 = n1.sqrt(), n2.sqrt()
         c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
         x1 = rho1[:, :, None] * (g1 - c1[:, :, None] * W1)
         x2 = (g2 - c2[:, None, :] * W2) * rho2[:, None, :]
-        xb = rho1 * (gb - c1 * b) if has_b else None
-        st1 = [self.state[p] for p in P1]
+        xb = rho1 * (gb - c1 * b) if gb is not None and b is not None else None
+        st1 = self._rescale_states(live, n1)
+        steps = [st["step"].item() for st in st1]
+        gU = (gh1 + gh2) / _SQRT2
+        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
+        if group["rule"] == "adam":
+            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
+            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
+            ub = (
+                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
+                if xb is not None
+                else None
+            )
+        else:
+            X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
+            U1 = self._muon_stacked(st1, X1, group)
+            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
+            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
+        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if ub is not None and b is not None else 0), n1)
+        a2 = _safe_div((u2 * W2).sum(1), n2)
+        u1 = u1 - a1[:, :, None] * W1
+        u2 = u2 - a2[:, None, :] * W2
+        e = torch.exp(dlog)
+        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
+        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
+        if ub is not None and b is not None:
+            ub = ub - a1 * b
+            b.mul_(e).sub_(lr * rho1 * ub)
+        torch._foreach_copy_(
+            P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if b is not None else [])
+        )
+
+    def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
+        """The in-weight states of stacked gauges: step counters (advanced, and copied to
+        the other members) and the radial Adam state (``n1``: the stacked in-side norms)."""
+        st1 = [self.state[g.in_weight] for g in live]
         for st, g in zip(st1, live):
             if "step" not in st:
                 st["step"] = torch.tensor(0.0)
@@ -643,35 +739,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             if "radial_exp_avg" not in st:
                 st["radial_exp_avg"] = torch.zeros_like(n1[0])
                 st["radial_exp_avg_sq"] = torch.zeros_like(n1[0])
-        steps = [st["step"].item() for st in st1]
-        gU = (gh1 + gh2) / _SQRT2
-        dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
-        if group["rule"] == "adam":
-            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
-            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
-            ub = (
-                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
-                if has_b
-                else None
-            )
-        else:
-            X1 = torch.cat([x1, xb[:, :, None]], 2) if has_b else x1
-            U1 = self._muon_stacked(st1, X1, group)
-            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
-            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
-        a1 = _safe_div((u1 * W1).sum(2) + (ub * b if has_b else 0), n1)
-        a2 = _safe_div((u2 * W2).sum(1), n2)
-        u1 = u1 - a1[:, :, None] * W1
-        u2 = u2 - a2[:, None, :] * W2
-        e = torch.exp(dlog)
-        W1.mul_(e[:, :, None]).sub_(lr * rho1[:, :, None] * u1)
-        W2.mul_(e[:, None, :]).sub_(lr * u2 * rho2[:, None, :])
-        if has_b:
-            ub = ub - a1 * b
-            b.mul_(e).sub_(lr * rho1 * ub)
-        torch._foreach_copy_(
-            P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if has_b else [])
-        )
+        return st1
 
     @staticmethod
     def _adam_dir_stacked(
@@ -717,6 +785,7 @@ class DDCOptimizer(torch.optim.Optimizer):
     def _adam_step(self, p: Tensor, group: dict, center: bool = False) -> None:
         """torch.optim.AdamW's single-tensor step (bit-identical); ``center`` removes the
         update's mean over rows (dim -2; a vector's mean) for a translation gauge."""
+        assert p.grad is not None  # step() passes only parameters with a gradient here
         if p.grad.is_sparse:
             raise RuntimeError("DDCOptimizer does not support sparse gradients")
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -769,7 +838,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         W1, W2, b = _work(P1), _work(P2), _work(Pb)
         g1, g2 = _grad(P1, W1), _grad(P2, W2)
-        gb = None if b is None else _grad(Pb, b)
+        gb = None if Pb is None or b is None else _grad(Pb, b)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         # 1. decoupled weight decay on every member alike
@@ -780,13 +849,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         # 2. per-neuron side norms, log-norm gradients, tangential parts, invariant inputs
         n1 = (W1 * W1).sum(1) + (b * b if b is not None else 0)
         n2 = (W2 * W2).sum(0)
-        gh1 = (g1 * W1).sum(1) + (gb * b if b is not None else 0)
+        gh1 = (g1 * W1).sum(1) + (gb * b if gb is not None and b is not None else 0)
         gh2 = (g2 * W2).sum(0)
         rho1, rho2 = n1.sqrt(), n2.sqrt()
         c1, c2 = _safe_div(gh1, n1), _safe_div(gh2, n2)
         x1 = rho1[:, None] * (g1 - c1[:, None] * W1)
         x2 = (g2 - c2[None, :] * W2) * rho2[None, :]
-        xb = rho1 * (gb - c1 * b) if b is not None else None
+        xb = rho1 * (gb - c1 * b) if gb is not None and b is not None else None
         # 4./5. radial mode (scalar Adam per neuron); the gauge mode gV is not moved
         st1 = self.state[P1]
         if "step" not in st1:
@@ -804,13 +873,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         if group["rule"] == "adam":
             u1 = _adam_dir(self._adam_state(P1), x1, beta1, beta2, eps)
             u2 = _adam_dir(self._adam_state(P2), x2, beta1, beta2, eps)
-            ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if b is not None else None
+            ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if Pb is not None and xb is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
-            X1 = torch.cat([x1, xb[:, None]], 1) if b is not None else x1
+            X1 = torch.cat([x1, xb[:, None]], 1) if xb is not None else x1
             U1 = self._muon_direction(X1, st1, group)
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
             u2 = self._muon_direction(x2, self.state[P2], group)
-        a1 = _safe_div((u1 * W1).sum(1) + (ub * b if b is not None else 0), n1)
+        a1 = _safe_div((u1 * W1).sum(1) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
         u2 = u2 - a2[None, :] * W2
@@ -818,7 +887,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         e = torch.exp(dlog)
         W1.mul_(e[:, None]).sub_(lr * rho1[:, None] * u1)
         W2.mul_(e[None, :]).sub_(lr * u2 * rho2[None, :])
-        if b is not None:
+        if ub is not None and b is not None:
             ub = ub - a1 * b
             b.mul_(e).sub_(lr * rho1 * ub)
         for p, w in ((P1, W1), (P2, W2), (Pb, b)):
@@ -828,6 +897,52 @@ class DDCOptimizer(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------
 # construction
 # ----------------------------------------------------------------------------------------
+def _partition(the_plan: Plan, found: list[Gauge], base: str) -> tuple[dict[str, list[Tensor]], dict[Tensor, str]]:
+    """The plan's parameters by how they are updated: ``rescale`` / ``shift`` (held by such a
+    gauge), ``muon`` (Muon matrices), ``adam_mat`` (AdamW, decayed) and ``vec`` (AdamW, no
+    decay), in plan order; and the name of every parameter."""
+    in_gauge: dict[int, Gauge] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("rescale", "shift", "muon", "adam_mat", "vec")}
+    names: dict[Tensor, str] = {}
+    for e in the_plan.entries:
+        p = e.param
+        assert p is not None, f"plan entry {e.name!r} carries no parameter"  # equiopt.plan sets every one
+        names[p] = e.name
+        g = in_gauge.get(id(p))
+        if g is not None:
+            parts["rescale" if g.kind == "rescale" else "shift"].append(p)
+        elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
+            parts["muon"].append(p)
+        elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
+            parts["adam_mat"].append(p)
+        else:
+            parts["vec"].append(p)
+    return parts, names
+
+
+def _param_groups(
+    parts: dict[str, list[Tensor]],
+    base: str,
+    lr: float,
+    adam_lr: float,
+    wd: float,
+    adam_weight_decay: float,
+    common: dict[str, object],
+) -> list[dict]:
+    """One param_group per non-empty part of :func:`_partition`, in that order."""
+    specs: tuple[tuple[str, dict[str, object]], ...] = (
+        ("rescale", dict(ddc="rescale", rule=base, lr=lr, weight_decay=wd)),
+        ("shift", dict(ddc="shift", rule="adam", lr=adam_lr, weight_decay=0.0)),
+        ("muon", dict(ddc="none", rule="muon", lr=lr, weight_decay=wd)),
+        (
+            "adam_mat",
+            dict(ddc="none", rule="adam", lr=adam_lr, weight_decay=wd if base == "adam" else adam_weight_decay),
+        ),
+        ("vec", dict(ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0)),
+    )
+    return [dict(params=parts[key], **spec, **common) for key, spec in specs if parts[key]]
+
+
 def ddc_optimizer(
     model_or_plan: nn.Module | Plan,
     base: str = "adam",
@@ -874,43 +989,12 @@ def ddc_optimizer(
     adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
     lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
     wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
-    common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    common: dict[str, object] = dict(
+        betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps
+    )
 
-    in_gauge: dict[int, object] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
-    rescale, shift, muon, adam_mat, vec = [], [], [], [], []
-    names = {}
-    for e in the_plan.entries:
-        p = e.param
-        names[p] = e.name
-        g = in_gauge.get(id(p))
-        if g is not None:
-            (rescale if g.kind == "rescale" else shift).append(p)
-        elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
-            muon.append(p)
-        elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
-            adam_mat.append(p)
-        else:
-            vec.append(p)
-    groups = []
-    if rescale:
-        groups.append(dict(params=rescale, ddc="rescale", rule=base, lr=lr, weight_decay=wd, **common))
-    if shift:
-        groups.append(dict(params=shift, ddc="shift", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
-    if muon:
-        groups.append(dict(params=muon, ddc="none", rule="muon", lr=lr, weight_decay=wd, **common))
-    if adam_mat:
-        groups.append(
-            dict(
-                params=adam_mat,
-                ddc="none",
-                rule="adam",
-                lr=adam_lr,
-                weight_decay=wd if base == "adam" else adam_weight_decay,
-                **common,
-            )
-        )
-    if vec:
-        groups.append(dict(params=vec, ddc="none", rule="adam", lr=adam_lr, weight_decay=0.0, **common))
+    parts, names = _partition(the_plan, found, base)
+    groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
     return DDCOptimizer(groups, found, base, names, table)
 
@@ -967,7 +1051,7 @@ def _table_rows(the_plan: Plan, model, base: str, found: list, why: dict[str, st
     for g in found:
         for p in g.params:
             by_param.setdefault(id(p), []).append(g)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for e in the_plan.entries:
         gs = by_param.get(id(e.param), [])
         if gs:
@@ -1016,7 +1100,7 @@ def describe(opt: DDCOptimizer) -> str:
     ``Plan.table()``-like text (``equiopt train`` writes it to the run's ``plan.txt``)."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     params = {n: p for p, n in opt.names.items()}
-    rows = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
+    rows: list[tuple[str, ...]] = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
     for name, shape, role, text in opt.table_rows:
         g = group_of.get(id(params.get(name)))
         rule, lr, wd = ("-", "-", "-") if g is None else (_rule_of(g), f"{g['lr']:g}", f"{g['weight_decay']:g}")

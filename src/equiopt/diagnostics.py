@@ -166,7 +166,7 @@ def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Ma
     """Per neuron ``[B, h]`` coordinate along a rescaling orbit: ``sum log |row_i|`` over the
     acted rows minus ``sum log |column_i|`` over the inversely acted columns (biases left out);
     the rescaling ``s`` moves it by ``2 log s`` for one up part against one out-projection."""
-    out = 0
+    out: Tensor | int = 0
     for a in sym.acts:
         if a.axis == "vector":
             continue
@@ -176,6 +176,8 @@ def rescale_coordinate(sym: Symmetry, tensors: Mapping[str, Tensor], layouts: Ma
             x = x[a.part :: layout.fused]
         n = x.norm(dim=-1 if a.axis == "rows" else -2).clamp_min(1e-30).log()
         out = out - n if a.inverse else out + n
+    if isinstance(out, int):
+        raise ValueError(f"{sym.name}: no row or column act, no rescale coordinate")
     return out
 
 
@@ -236,7 +238,8 @@ class GaugeDrift:
                 biases[b.router] = b.router_bias
         self.shift_bias = {sym.params()[0]: biases.get(sym.params()[0]) for sym in self.shifts}
         self.attn = [b for b in self.plan.blocks if isinstance(b, AttentionBlock) and b.qkv is None and b.v and b.o]
-        self._v_bias = {b.scope: dict(b.biases).get(b.v) for b in self.attn}
+        # v bias per attention scope (b.v is set for every block of self.attn)
+        self._v_bias: dict[str, str | None] = {b.scope: dict(b.biases).get(b.v or "") for b in self.attn}
         with torch.no_grad():
             self.init = self._coordinates()
             self.vo0 = {b.scope: self._vo(b) for b in self.attn}
@@ -246,16 +249,19 @@ class GaugeDrift:
 
     def _vo(self, b: AttentionBlock) -> tuple[Tensor, Tensor]:
         """(V [| v bias], O) on the CPU in float32 (the init copy stays off the accelerator)."""
+        assert b.v is not None  # self.attn keeps only blocks with a separate V projection
         v = self._w(b.v).float().cpu()
-        if self._v_bias[b.scope]:
-            v = torch.cat([v, self._w(self._v_bias[b.scope]).float().cpu()[:, None]], 1)
+        v_bias = self._v_bias[b.scope]
+        if v_bias:
+            v = torch.cat([v, self._w(v_bias).float().cpu()[:, None]], 1)
         return v, self._w(b.o).float().cpu().clone()
 
     def _mean_row(self, name: str) -> Tensor:
         w = self._w(name).double()
         c = w.mean(0)
-        if self.shift_bias.get(name):
-            c = torch.cat([c, self._w(self.shift_bias[name]).double().mean().reshape(1)])
+        bias = self.shift_bias.get(name)
+        if bias:
+            c = torch.cat([c, self._w(bias).double().mean().reshape(1)])
         return c.cpu()
 
     def _coordinates(self) -> dict[str, Tensor]:
@@ -456,6 +462,7 @@ class DiagnosticsTracker:
         if not torch.is_grad_enabled():
             return
         ids = args[0]
+        assert self.embedding is not None  # this hook is installed only for an untied embedding
         if self._seen is None:
             self._seen = torch.zeros(self.embedding.shape[0], dtype=torch.bool, device=ids.device)
         self._seen[ids.reshape(-1)] = True
@@ -464,7 +471,9 @@ class DiagnosticsTracker:
         self._steps = 0
         self._upd: dict[str, Tensor] = {}  # block scope -> summed per-neuron update norm [B, h]
         self._stale: list[tuple[float, float]] = []  # per step: (moved absent / absent, absent/present update ratio)
-        self._act, self._act_count, self._load = {}, {}, {}
+        self._act: dict[str, Tensor] = {}  # block scope -> summed |hidden activation| [h]
+        self._act_count: dict[str, int] = {}  # block scope -> tokens summed into _act
+        self._load: dict[str, Tensor] = {}  # router module -> tokens routed per expert [E]
 
     # -- per step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -554,15 +563,15 @@ class DiagnosticsTracker:
         the current window, by ``"update"`` or ``"act"`` (call before :meth:`record`)."""
         if by == "update":
             if scope not in self._upd:
-                raise KeyError(
-                    f"no update recorded for block {scope!r} (call step() first); blocks: {[b.scope for b in self.mlps]}"
-                )
+                blocks = [b.scope for b in self.mlps]
+                raise KeyError(f"no update recorded for block {scope!r} (call step() first); blocks: {blocks}")
             x = self._upd[scope]
             rel = self.update_rel
         elif by == "act":
             if scope not in self._act:
                 raise KeyError(
-                    f"no activation recorded for block {scope!r} (dense MLPs only, training forwards); blocks: {list(self._act)}"
+                    f"no activation recorded for block {scope!r} (dense MLPs only, training forwards); "
+                    f"blocks: {list(self._act)}"
                 )
             x = (self._act[scope] / self._act_count[scope]).reshape(1, -1)
             rel = self.act_rel
