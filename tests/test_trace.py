@@ -16,7 +16,7 @@ from equiopt.trace import infer, trace
 
 transformers = pytest.importorskip("transformers")
 
-from zoo import D, H, HandLM, V, W13MLP, FlatMoE  # noqa: E402
+from zoo import W13MLP, D, FlatMoE, H, HandLM, V  # noqa: E402
 
 
 def shapes(model):
@@ -114,16 +114,33 @@ def test_sigmoid_router_gets_its_own_group_and_no_centering():
     with pytest.raises(PlanError, match=r"router.*projects out Shift"):
         equiopt.plan(model, rules={"router": "centered_row_norm"})
     # softmax routers keep the shift and the centered map
-    soft = equiopt.plan(transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
-        vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=1, num_attention_heads=H,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)))
+    soft = equiopt.plan(
+        transformers.OlmoeForCausalLM(
+            transformers.OlmoeConfig(
+                vocab_size=V,
+                hidden_size=D,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=H,
+                num_key_value_heads=2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            )
+        )
+    )
     r = [g for g in soft.param_groups() if g["role"] == "router"]
     assert len(r) == 1 and r[0]["map"] == "centered_row_norm" and r[0]["center"] is True
 
 
 def test_meta_model_is_planned_without_materialising_it():
-    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    cfg = transformers.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     t0 = time.perf_counter()
@@ -142,11 +159,25 @@ def test_meta_model_is_planned_without_materialising_it():
 
 def test_layer_pattern_survives_shrinking():
     """DeepSeek-V3: layer 0 dense, layers >= 1 MoE; the shrunk copy keeps both kinds."""
-    cfg = transformers.DeepseekV3Config(vocab_size=1000, hidden_size=256, intermediate_size=512,
-                                        moe_intermediate_size=128, num_hidden_layers=6, num_attention_heads=8,
-                                        num_key_value_heads=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                                        topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=64,
-                                        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+    )
     with torch.device("meta"):
         model = transformers.DeepseekV3ForCausalLM(cfg)
     plan = equiopt.plan(model)
@@ -178,13 +209,40 @@ def test_cli_plan_from_config(tmp_path, capsys):
     from equiopt.cli import main
 
     cfg = tmp_path / "config.json"
-    cfg.write_text(transformers.Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=3,
-                                            num_attention_heads=H, num_key_value_heads=2, head_dim=8,
-                                            architectures=["Qwen3ForCausalLM"]).to_json_string())
+    cfg.write_text(
+        transformers.Qwen3Config(
+            vocab_size=V,
+            hidden_size=D,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=H,
+            num_key_value_heads=2,
+            head_dim=8,
+            architectures=["Qwen3ForCausalLM"],
+        ).to_json_string()
+    )
     assert main(["plan", "--config", str(cfg), "--set", "intermediate_size=64"]) == 0
     out = capsys.readouterr().out
     assert "model.layers.2.self_attn.q_proj.weight" in out and "heads4:out" in out and "shrunk copy" in out
-    assert main(["plan", "--model", "GPT2LMHeadModel", "--set", "n_embd=32", "--set", "n_layer=1", "--set", "n_head=4",
-                 "--set", "vocab_size=64", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "GPT2LMHeadModel",
+                "--set",
+                "n_embd=32",
+                "--set",
+                "n_layer=1",
+                "--set",
+                "n_head=4",
+                "--set",
+                "vocab_size=64",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"c_attn\.weight\s+32x96\s+attention\s+transposed\+heads12:out", out)

@@ -37,17 +37,32 @@ def check(plan, z, model):
             continue
         role, layout = hits[0]
         if e.role != role or (layout is not None and e.layout != layout):
-            bad.append(f"{e.name}: planned {e.role} {e.layout.describe()}, expected {role} "
-                       f"{layout.describe() if layout is not None else ''} ({e.reason})")
+            bad.append(
+                f"{e.name}: planned {e.role} {e.layout.describe()}, expected {role} "
+                f"{layout.describe() if layout is not None else ''} ({e.reason})"
+            )
     assert not bad, f"{z.name}:\n" + "\n".join(bad)
 
 
 def test_zoo_is_large_enough():
     assert len(ZOO) >= 20
     covered = " ".join(c for z in ZOO for c in z.covers)
-    for failure in ("config with a head count", "sibling", "Conv1D", "o_proj registered before", "gate_up",
-                    "w13", "flattened", "MLA", "sigmoid router", "tied head", "conv patch", "cls token",
-                    "interleaved fused qkv", "softmax router"):
+    for failure in (
+        "config with a head count",
+        "sibling",
+        "Conv1D",
+        "o_proj registered before",
+        "gate_up",
+        "w13",
+        "flattened",
+        "MLA",
+        "sigmoid router",
+        "tied head",
+        "conv patch",
+        "cls token",
+        "interleaved fused qkv",
+        "softmax router",
+    ):
         assert failure in covered, failure
 
 
@@ -76,7 +91,10 @@ def test_planned_as_expected(name):
     pattern = NO_STRUCTURE.get(name)
     assert all(re.search(pattern, n) for n in unfound) if pattern else not unfound, unfound
     if unfound:
-        assert "no structure found" in plan.table() and f"{len(unfound)} 2-D weight(s) with no structure found" in plan.table()
+        assert (
+            "no structure found" in plan.table()
+            and f"{len(unfound)} 2-D weight(s) with no structure found" in plan.table()
+        )
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))

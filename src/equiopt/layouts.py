@@ -85,8 +85,10 @@ class Layout:
         if self.flatten and len(shape) < 2:
             raise ValueError(f"{name}: layout {self.describe()} needs a >=2-D tensor, got shape {tuple(shape)}")
         if self.flat_experts and (len(shape) != 2 or shape[0] % self.flat_experts):
-            raise ValueError(f"{name}: layout {self.describe()} needs a 2-D tensor whose rows split into "
-                             f"{self.flat_experts} experts, got shape {tuple(shape)}")
+            raise ValueError(
+                f"{name}: layout {self.describe()} needs a 2-D tensor whose rows split into "
+                f"{self.flat_experts} experts, got shape {tuple(shape)}"
+            )
         shape = self._stored_view(shape)
         want = 3 if self.stacked else 2
         if len(shape) != want:
@@ -175,7 +177,9 @@ class Layout:
 
 MATRIX = Layout()
 
-_TOKEN = re.compile(r"^(stacked|transposed|matrix|fused(\d+):(concat|interleaved)|heads(\d+):(out|in)|flatten|experts(\d+))$")
+_TOKEN = re.compile(
+    r"^(stacked|transposed|matrix|fused(\d+):(concat|interleaved)|heads(\d+):(out|in)|flatten|experts(\d+))$"
+)
 
 
 def parse_layout(text: str) -> Layout:
