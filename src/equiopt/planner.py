@@ -36,8 +36,7 @@ from torch import nn
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .groups import Factor, Group
 from .layouts import MATRIX, Layout, parse_layout
-from .maps import map_spec
-from .maps import MAP_SPECS
+from .maps import MAP_SPECS, map_spec
 from .presets import resolve
 from .roles import ROLES, role_group
 from .trace import Reading, TraceError, infer, shrink_config
@@ -150,8 +149,9 @@ class _Detector:
     def name(self, p: torch.Tensor) -> str:
         return self.names[id(p)][0]
 
-    def decide(self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX, strong: bool = False,
-               found: bool = True) -> None:
+    def decide(
+        self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX, strong: bool = False, found: bool = True
+    ) -> None:
         if id(p) not in self.decisions:
             self.decisions[id(p)] = _Decision(role, layout, reason, strong, found)
 
@@ -174,7 +174,11 @@ class _Detector:
         get_in = getattr(self.model, "get_input_embeddings", None)
         if callable(get_in):
             emb = get_in()
-            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb.weight.ndim == 2 and emb not in embeddings:
+            if (
+                isinstance(getattr(emb, "weight", None), torch.Tensor)
+                and emb.weight.ndim == 2
+                and emb not in embeddings
+            ):
                 embeddings.append(emb)
         head = None
         get_out = getattr(self.model, "get_output_embeddings", None)
@@ -187,33 +191,49 @@ class _Detector:
             cands = [
                 m.weight
                 for m in self.modules.values()
-                if isinstance(m, nn.Linear) and tuple(m.weight.shape) in shapes and m.weight.shape[0] != m.weight.shape[1]
+                if isinstance(m, nn.Linear)
+                and tuple(m.weight.shape) in shapes
+                and m.weight.shape[0] != m.weight.shape[1]
             ]
             if len(cands) == 1:
                 head, head_reason = cands[0], "nn.Linear with the embedding's [vocab, d] shape"
             elif len(cands) > 1:
                 for c in cands:
-                    self.undecided(c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?")
+                    self.undecided(
+                        c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?"
+                    )
         for emb in embeddings:
             w = emb.weight
             self.d_model = self.d_model or w.shape[-1]
             if head is not None and head is w:
-                self.decide(w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})",
-                            strong=head_reason == "get_output_embeddings()")
+                self.decide(
+                    w,
+                    "tied_embedding",
+                    f"{type(emb).__name__} tied to the LM head ({head_reason})",
+                    strong=head_reason == "get_output_embeddings()",
+                )
             else:
                 self.decide(w, "embedding", type(emb).__name__, strong=True)
         if head is not None and id(head) in self.params:
             self.decide(head, "lm_head", head_reason, strong=head_reason == "get_output_embeddings()")
         token = get_in() if callable(get_in) else None
-        token_w = getattr(token, "weight", None) if token is not None else (embeddings[0].weight if len(embeddings) == 1 else None)
+        token_w = (
+            getattr(token, "weight", None)
+            if token is not None
+            else (embeddings[0].weight if len(embeddings) == 1 else None)
+        )
         head_mod = self._owner(head, self.model) if head is not None else None
         if token_w is not None or head is not None:
-            self.blocks.append(VocabBlock(
-                "",
-                embedding=self.name(token_w) if isinstance(token_w, nn.Parameter) and id(token_w) in self.params else None,
-                head=self.name(head) if head is not None and id(head) in self.params else None,
-                head_bias=self._bias_name(head_mod) if head_mod is not None else None,
-            ))
+            self.blocks.append(
+                VocabBlock(
+                    "",
+                    embedding=self.name(token_w)
+                    if isinstance(token_w, nn.Parameter) and id(token_w) in self.params
+                    else None,
+                    head=self.name(head) if head is not None and id(head) in self.params else None,
+                    head_bias=self._bias_name(head_mod) if head_mod is not None else None,
+                )
+            )
 
     def _stacked(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
@@ -254,10 +274,15 @@ class _Detector:
             d = router.shape[1]
             mlp = self._expert_layouts(mname, module, stacked, d)
             owner = self._owner(router, parent)
-            self.blocks.append(MoEBlock(
-                mname.rpartition(".")[0], router=self.name(router), experts=E,
-                router_bias=self._bias_name(owner) if owner is not None else None, mlp=mlp,
-            ))
+            self.blocks.append(
+                MoEBlock(
+                    mname.rpartition(".")[0],
+                    router=self.name(router),
+                    experts=E,
+                    router_bias=self._bias_name(owner) if owner is not None else None,
+                    mlp=mlp,
+                )
+            )
         # experts as a ModuleList of E identical MLPs beside a router
         for mname, module in self.modules.items():
             if not isinstance(module, nn.ModuleList) or len(module) < 2:
@@ -270,8 +295,14 @@ class _Detector:
             if len(routers) == 1:
                 self.decide(routers[0], "router", f"[E={len(module)}, d] weight beside expert list {mname}")
                 owner = self._owner(routers[0], parent)
-                self.blocks.append(MoEBlock(mname.rpartition(".")[0], router=self.name(routers[0]), experts=len(module),
-                                            router_bias=self._bias_name(owner) if owner is not None else None))
+                self.blocks.append(
+                    MoEBlock(
+                        mname.rpartition(".")[0],
+                        router=self.name(routers[0]),
+                        experts=len(module),
+                        router_bias=self._bias_name(owner) if owner is not None else None,
+                    )
+                )
                 self._expert_list = getattr(self, "_expert_list", set()) | {id(m) for m in module}
 
     def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> MLPBlock | None:
@@ -311,7 +342,9 @@ class _Detector:
                 d_last_is_in = False
             else:
                 for p in (p1, p0):
-                    self.undecided(p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}")
+                    self.undecided(
+                        p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}"
+                    )
                 return
         else:
             d_last_is_in = len(by_orient[True]) > len(by_orient[False])
@@ -342,16 +375,28 @@ class _Detector:
                 continue
             self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
         attr, p, _, _ = outs[0]
-        self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed),
-                    strong=True)
+        self.decide(
+            p,
+            "expert_out",
+            f"stacked experts of {mname}: out-projection",
+            Layout(stacked=True, transposed=transposed),
+            strong=True,
+        )
         decided = [q for _, q, _, _ in ins if id(q) in self.decisions]
         if len(decided) != len(ins):
             return None
         return MLPBlock(
-            mname, ins=tuple(self.name(q) for q in decided), out=self.name(p), hidden=h, experts=p.shape[0],
+            mname,
+            ins=tuple(self.name(q) for q in decided),
+            out=self.name(p),
+            hidden=h,
+            experts=p.shape[0],
             fused=tuple(self.decisions[id(q)].layout.fused for q in decided),
-            in_biases=tuple((self.name(q), b) for q, (a, _q, _, _) in zip(decided, ins)
-                            if (b := self._bias_name(module, a + "_bias"))),
+            in_biases=tuple(
+                (self.name(q), b)
+                for q, (a, _q, _, _) in zip(decided, ins)
+                if (b := self._bias_name(module, a + "_bias"))
+            ),
             out_bias=self._bias_name(module, attr + "_bias"),
         )
 
@@ -362,7 +407,13 @@ class _Detector:
                 continue
             hq = _attr(module, HEAD_COUNT_ATTRS)
             lin = _linears(module)
-            if hq is None or len(lin) < 2 or not (hasattr(module, "head_dim") or hasattr(module, "config") or _attr(module, ("n_head", "n_heads"))):
+            if (
+                hq is None
+                or len(lin) < 2
+                or not (
+                    hasattr(module, "head_dim") or hasattr(module, "config") or _attr(module, ("n_head", "n_heads"))
+                )
+            ):
                 continue
             hkv = _attr(module, KV_HEAD_COUNT_ATTRS) or hq
             hd = getattr(module, "head_dim", None)
@@ -384,8 +435,9 @@ class _Detector:
                 ins = [(n, m) for n, m in lin if m is not out and m.in_features == d]
                 widths = [m.out_features for _, m in ins]
                 if len(ins) + 1 == len(lin) and (
-                        (len(ins) == 1 and widths[0] == (hq + 2 * hkv) * hd)
-                        or (len(ins) == 3 and widths[0] == hq * hd and widths[1] == widths[2] == hkv * hd)):
+                    (len(ins) == 1 and widths[0] == (hq + 2 * hkv) * hd)
+                    or (len(ins) == 3 and widths[0] == hq * hd and widths[1] == widths[2] == hkv * hd)
+                ):
                     fit = (oname, out, ins)
                     break
             if fit is None:
@@ -406,20 +458,36 @@ class _Detector:
         elif len(ins) == 3:
             slots.update(zip(("q", "k", "v"), (self.name(m.weight) for m in ins)))
         biases = tuple((self.name(m.weight), b) for m in (*ins, out) if (b := self._bias_name(m)))
-        self.blocks.append(AttentionBlock(scope, o=self.name(out.weight), hq=hq, hkv=hkv, head_dim=hd, biases=biases, **slots))
+        self.blocks.append(
+            AttentionBlock(scope, o=self.name(out.weight), hq=hq, hkv=hkv, head_dim=hd, biases=biases, **slots)
+        )
 
     def _torch_mha(self, mname: str, mha: nn.MultiheadAttention) -> None:
         why = f"nn.MultiheadAttention (H={mha.num_heads})"
         H, hd = mha.num_heads, mha.head_dim
         if mha.in_proj_weight is not None:
-            self.blocks.append(AttentionBlock(mname, o=self.name(mha.out_proj.weight), qkv=self.name(mha.in_proj_weight),
-                                              hq=H, hkv=H, head_dim=hd))
+            self.blocks.append(
+                AttentionBlock(
+                    mname, o=self.name(mha.out_proj.weight), qkv=self.name(mha.in_proj_weight), hq=H, hkv=H, head_dim=hd
+                )
+            )
         elif all(w is not None for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)):
-            self.blocks.append(AttentionBlock(
-                mname, o=self.name(mha.out_proj.weight), q=self.name(mha.q_proj_weight), k=self.name(mha.k_proj_weight),
-                v=self.name(mha.v_proj_weight), hq=H, hkv=H, head_dim=hd))
+            self.blocks.append(
+                AttentionBlock(
+                    mname,
+                    o=self.name(mha.out_proj.weight),
+                    q=self.name(mha.q_proj_weight),
+                    k=self.name(mha.k_proj_weight),
+                    v=self.name(mha.v_proj_weight),
+                    hq=H,
+                    hkv=H,
+                    head_dim=hd,
+                )
+            )
         if mha.in_proj_weight is not None:
-            self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"), strong=True)
+            self.decide(
+                mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"), strong=True
+            )
         for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight):
             if w is not None:
                 self.decide(w, "attention", why, Layout(heads=mha.num_heads, head_axis="out"), strong=True)
@@ -453,11 +521,17 @@ class _Detector:
             for n, m in ins:
                 self.decide(m.weight, rin, f"{kind} {type(module).__name__}: {n} [h={h}, d={d}]")
             self.decide(out.weight, rout, f"{kind} {type(module).__name__}: {out_name} [d={d}, h={h}]")
-            self.blocks.append(MLPBlock(
-                mname, ins=tuple(self.name(m.weight) for _, m in ins), out=self.name(out.weight), hidden=h,
-                fused=(1,) * len(ins), in_biases=tuple((self.name(m.weight), b) for _, m in ins if (b := self._bias_name(m))),
-                out_bias=self._bias_name(out),
-            ))
+            self.blocks.append(
+                MLPBlock(
+                    mname,
+                    ins=tuple(self.name(m.weight) for _, m in ins),
+                    out=self.name(out.weight),
+                    hidden=h,
+                    fused=(1,) * len(ins),
+                    in_biases=tuple((self.name(m.weight), b) for _, m in ins if (b := self._bias_name(m))),
+                    out_bias=self._bias_name(out),
+                )
+            )
 
     def remaining(self) -> None:
         for pid, p in self.params.items():
@@ -465,7 +539,12 @@ class _Detector:
                 continue
             owner = self._owner(p, self.model)
             if p.ndim < 2 or sum(1 for s in p.shape if s > 1) <= 1:
-                self.decide(p, "vector", f"{p.ndim}-D parameter" + (f" {tuple(p.shape)}" if p.ndim >= 2 else ""), strong=p.ndim < 2)
+                self.decide(
+                    p,
+                    "vector",
+                    f"{p.ndim}-D parameter" + (f" {tuple(p.shape)}" if p.ndim >= 2 else ""),
+                    strong=p.ndim < 2,
+                )
             elif isinstance(owner, nn.modules.conv._ConvNd) and p is owner.weight:
                 self.decide(p, "matrix", f"{type(owner).__name__} kernel as a matrix [out, in*k]", Layout(flatten=True))
             elif p.ndim == 2 and type(owner).__name__ == "Conv1D" and p is getattr(owner, "weight", None):
@@ -513,7 +592,7 @@ def _layer_map(name: str, small: set[str]) -> str | None:
     for i in range(len(parts) - 1, -1, -1):
         if parts[i].isdigit():
             for j in range(int(parts[i]), -1, -1):
-                cand = ".".join(parts[:i] + [str(j)] + parts[i + 1:])
+                cand = ".".join(parts[:i] + [str(j)] + parts[i + 1 :])
                 if cand in small:
                     return cand
     return None
@@ -530,7 +609,9 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         with torch.device("cpu"):
             small = type(model)(small_cfg)
     except Exception as err:  # noqa: BLE001 - an architecture whose config does not shrink
-        raise TraceError(f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}") from err
+        raise TraceError(
+            f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}"
+        ) from err
     tr = run_trace(small, example)
     shapes = {n: tuple(p.shape) for n, p in small.named_parameters(remove_duplicate=False)}
     readings, _ = infer(tr, shapes)
@@ -541,8 +622,10 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         if m is not None:
             r = readings[m]
             out[n] = Reading(r.role, r.layout, f"{r.reason} (traced on a shrunk copy)", r.found, r.scoring, r.error)
-    note = (f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
-            f"{tr.seconds:.2f}s): the model was not materialised")
+    note = (
+        f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
+        f"{tr.seconds:.2f}s): the model was not materialised"
+    )
     return out, [], [note]
 
 
@@ -550,7 +633,9 @@ _FAMILY = {"tied_embedding": "embedding"}
 
 
 def _agree(dec: _Decision, r: Reading) -> bool:
-    return _FAMILY.get(dec.role, dec.role) == _FAMILY.get(r.role, r.role) and (dec.role == "vector" or dec.layout == r.layout)
+    return _FAMILY.get(dec.role, dec.role) == _FAMILY.get(r.role, r.role) and (
+        dec.role == "vector" or dec.layout == r.layout
+    )
 
 
 def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[str]:
@@ -575,8 +660,10 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
             dec.reason += f" (dataflow: {r.reason})"
             continue  # the flow found nothing; the structure did
         if dec is not None and dec.strong and not _agree(dec, r):
-            conflicts.append(f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
-                             f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}")
+            conflicts.append(
+                f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
+                f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}"
+            )
             continue
         why = f"dataflow: {r.reason}"
         if dec is not None and dec.role is not None and not _agree(dec, r) and dec.found:
@@ -592,7 +679,9 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
     return []
 
 
-def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tuple[list[PlanEntry], list[Block], list[str]]:
+def _detect(
+    model, roles, layouts, example=None, use_trace: bool = True
+) -> tuple[list[PlanEntry], list[Block], list[str]]:
     """Entries (see :func:`detect_roles`), the blocks whose parameters are all trainable and
     notes on how the roles were found (a structural fallback is never silent)."""
     inner = unwrap(model)
@@ -637,10 +726,14 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
             if any(rx.search(n) for n in names):
                 used.add((kind, pattern))
                 if kind == "roles":
-                    decision = _Decision(value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]")
+                    decision = _Decision(
+                        value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]"
+                    )
                 else:
                     role = decision.role or det.role_hints.get(pid)
-                    decision = _Decision(role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]")
+                    decision = _Decision(
+                        role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]"
+                    )
         if decision.role is None:
             problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
             continue
@@ -652,13 +745,27 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
                 continue
         module_name = names[0].rpartition(".")[0]
         group = det.entry_groups.get(pid) if decision.role == "router" else None
-        entries.append(PlanEntry(names[0], decision.role, tuple(p.shape), decision.layout, module_name, decision.reason,
-                                 tuple(names[1:]), p, found=decision.found or decision.role != "matrix", group=group))
+        entries.append(
+            PlanEntry(
+                names[0],
+                decision.role,
+                tuple(p.shape),
+                decision.layout,
+                module_name,
+                decision.reason,
+                tuple(names[1:]),
+                p,
+                found=decision.found or decision.role != "matrix",
+                group=group,
+            )
+        )
     unused = [f"{kind}[{pattern!r}]" for kind, pattern, _, _ in overrides if (kind, pattern) not in used]
     if unused:
         raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
     if problems:
-        raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
+        raise PlanError(
+            "cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT
+        )
     names = {e.name for e in entries}
     return entries, [b for b in det.blocks if all(p in names for p in b.params())], notes
 
@@ -679,8 +786,10 @@ def _with_stacked_biases(block: Block, det: _Detector) -> Block:
 
 def _with_scoring(blocks: list[Block], det: _Detector) -> list[Block]:
     by_name = {det.names[pid][0]: sc for pid, sc in det.scorings.items()}
-    return [dataclasses.replace(b, scoring=by_name[b.router]) if isinstance(b, MoEBlock) and b.router in by_name else b
-            for b in blocks]
+    return [
+        dataclasses.replace(b, scoring=by_name[b.router]) if isinstance(b, MoEBlock) and b.router in by_name else b
+        for b in blocks
+    ]
 
 
 def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], groups: Mapping[str, Group]) -> None:
@@ -699,13 +808,21 @@ def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], gro
         if not missing and not extra:
             continue
         names = ", ".join(e.name for e in entries if e.role == role)
-        why = (f"not equivariant under {', '.join(f.describe() for f in missing)}" if missing else
-               f"projects out {', '.join(f.describe() for f in extra)}, which the block's loss is not invariant under")
-        problems.append(f"  role {role!r} ({names}): block group {group}; map {s['map']!r} "
-                        f"(center={s['center']}, column_aware={s['column_aware']}) has group {m.group}: {why}")
+        why = (
+            f"not equivariant under {', '.join(f.describe() for f in missing)}"
+            if missing
+            else f"projects out {', '.join(f.describe() for f in extra)}, which the block's loss is not invariant under"
+        )
+        problems.append(
+            f"  role {role!r} ({names}): block group {group}; map {s['map']!r} "
+            f"(center={s['center']}, column_aware={s['column_aware']}) has group {m.group}: {why}"
+        )
     if problems:
-        raise PlanError("incompatible update map(s):\n" + "\n".join(problems)
-                        + "\nchoose a map whose group contains the block's (see equiopt.maps.MAP_SPECS), or 'adamw'")
+        raise PlanError(
+            "incompatible update map(s):\n"
+            + "\n".join(problems)
+            + "\nchoose a map whose group contains the block's (see equiopt.maps.MAP_SPECS), or 'adamw'"
+        )
 
 
 def role_groups(broken: Mapping[str, tuple[Factor, ...]] | None = None) -> dict[str, Group]:
@@ -721,16 +838,25 @@ def role_groups(broken: Mapping[str, tuple[Factor, ...]] | None = None) -> dict[
 
 def resolve_centering(specs: dict[str, dict], groups: Mapping[str, Group]) -> dict[str, dict]:
     """``center=None`` (the default) becomes True exactly on blocks whose group has the row shift."""
-    return {role: {**s, "center": groups[role].has("shift") if s["center"] is None else s["center"]}
-            for role, s in specs.items()}
+    return {
+        role: {**s, "center": groups[role].has("shift") if s["center"] is None else s["center"]}
+        for role, s in specs.items()
+    }
 
 
 class Plan:
     """Roles, layouts and per-role hyperparameters of a model: what :func:`equiopt.build` uses."""
 
-    def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str,
-                 blocks: list[Block] | None = None, groups: Mapping[str, Group] | None = None,
-                 variants: Mapping[tuple[str, Group], dict] | None = None, notes: list[str] | None = None):
+    def __init__(
+        self,
+        entries: list[PlanEntry],
+        specs: dict[str, dict],
+        preset: str,
+        blocks: list[Block] | None = None,
+        groups: Mapping[str, Group] | None = None,
+        variants: Mapping[tuple[str, Group], dict] | None = None,
+        notes: list[str] | None = None,
+    ):
         self.entries = entries
         self.specs = specs
         self.preset = preset
@@ -816,7 +942,17 @@ class Plan:
             role = e.role if e.found else f"{e.role} (no structure found)"
             if e.group is not None and e.role == "router":
                 role += " (no shift)"
-            rows.append((e.name, "x".join(map(str, e.shape)), role, layout, self.map_label(e.role, s), f"{s['lr']:g}", f"{s['weight_decay']:g}"))
+            rows.append(
+                (
+                    e.name,
+                    "x".join(map(str, e.shape)),
+                    role,
+                    layout,
+                    self.map_label(e.role, s),
+                    f"{s['lr']:g}",
+                    f"{s['weight_decay']:g}",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
