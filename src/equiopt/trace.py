@@ -632,10 +632,7 @@ class _Recorder(TorchFunctionMode):
                 continue
             if idx_routed or (name in SHAPE_OPS and args and id(args[0]) in self.routed):
                 self.routed.add(id(o))
-            if name == "getitem" and idx_routed:
-                tag = self.merged([args[0]])
-            else:
-                tag = self.merged(acts, frozenset(flags))
+            tag = self.merged([args[0]]) if name == "getitem" and idx_routed else self.merged(acts, frozenset(flags))
             if not o.is_floating_point() and name in (
                 "one_hot",
                 "where",
@@ -1120,31 +1117,57 @@ def _head_blocks(ev, params: dict, readings: dict, shapes) -> tuple:
     return tuple(out)
 
 
-def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Reading], list[Block]]:
-    """Role, layout and reason per parameter name seen in ``tr``, and the blocks found."""
-    readings: dict[str, Reading] = {}
-    blocks: list[Block] = []
+@dataclass
+class _Flow:
+    """The trace indexed by parameter: who feeds whom, for reading roles and blocks."""
+
+    uses_by: dict[str, list[Use]]
+    leaf_param: dict[int, str]  # leaves made by a parameter (every linear leaf has one)
+    leaf_use: dict[int, Use]
+    lookups: set[str]
+    logits: set[str]
+    routers: dict[str, dict[str, Any]]  # router param -> scoring flags, "E", "bias_param"
+    # filled by _add_mlp_edges and _add_attention_edges
+    mlp_out: dict[str, list[tuple[Use, list[int]]]] = field(default_factory=dict)  # out -> [(use, in leaves)]
+    mlp_in: dict[str, list[tuple[Use, str]]] = field(default_factory=dict)  # in param -> [(use, out param)]
+    mlp_group: dict[str, set[str]] = field(default_factory=dict)  # param -> every param of its MLP(s)
+    gate_parts: dict[str, list[tuple[int, tuple[int, ...], int]]] = field(
+        default_factory=dict
+    )  # (operand, feats, gate)
+    attn_in: dict[str, list[tuple[int, str, list[tuple[int, ...]]]]] = field(
+        default_factory=dict
+    )  # (event, role, sets)
+    attn_out: dict[str, list[Use]] = field(default_factory=dict)  # param -> uses reading an attention output
+    feeds_linear: set[str] = field(default_factory=set)
+
+
+def _layout_base(u: Use, **kw) -> Layout:
+    return Layout(stacked=u.stacked, transposed=u.orient == "in_out", flat_experts=u.flat_experts, **kw)
+
+
+def _flow(tr: Trace) -> _Flow:
     uses_by: dict[str, list[Use]] = {}
     for u in tr.uses:
         uses_by.setdefault(u.param, []).append(u)
-    leaf_param = {lf.index: lf.param for lf in tr.leaves}
+    leaf_param = {lf.index: lf.param for lf in tr.leaves if lf.param is not None}
     leaf_use = {lf.index: tr.uses[lf.use] for lf in tr.leaves if lf.use is not None}
-
-    def layout_base(u: Use, **kw) -> Layout:
-        return Layout(stacked=u.stacked, transposed=u.orient == "in_out", flat_experts=u.flat_experts, **kw)
-
-    # -- vocabulary ---------------------------------------------------------------------
     lookups = {u.param for u in tr.uses if u.kind == "lookup"}
-    logits = {
+    logit_params = {
         leaf_param[k] for k in tr.logits if leaf_param.get(k) is not None and tr.leaves[k].kind in ("linear", "lookup")
     }
     logits = {
         p
-        for p in logits
+        for p in logit_params
         if tr.vocab is not None and any(u.kind == "linear" and u.features == tr.vocab for u in uses_by[p])
     }
-    # -- routers --------------------------------------------------------------------------
-    routers: dict[str, dict] = {}
+    flow = _Flow(uses_by, leaf_param, leaf_use, lookups, logits, _routers(tr, leaf_param, leaf_use))
+    _add_mlp_edges(tr, flow)
+    _add_attention_edges(tr, flow)
+    return flow
+
+
+def _routers(tr: Trace, leaf_param: dict[int, str], leaf_use: dict[int, Use]) -> dict[str, dict[str, Any]]:
+    routers: dict[str, dict[str, Any]] = {}
     for ev in tr.routers:
         for k, flags in ev.leaves.items():
             p = leaf_param.get(k)
@@ -1164,161 +1187,50 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
             r["sigmoid"] |= "sigmoid" in allf
             r["softmax"] |= "softmax" in allf
             r["bias"] |= "biased" in flags
-    # -- MLPs -----------------------------------------------------------------------------
-    mlp_out: dict[str, list] = {}  # out param -> [(use, in leaves)]
-    mlp_in: dict[str, list] = {}  # in param -> [(use, out param)]
+    return routers
+
+
+def _add_mlp_edges(tr: Trace, flow: _Flow) -> None:
+    leaf_param = flow.leaf_param
     for u in tr.uses:
         if u.kind != "linear" or not u.inputs:
             continue
         ks = list(u.inputs)
-        if not all(tr.leaves[k].kind == "linear" and leaf_param[k] not in routers for k in ks):
+        if not all(tr.leaves[k].kind == "linear" and leaf_param[k] not in flow.routers for k in ks):
             continue
         fl = [u.inputs[k] for k in ks]
         if all(({"act", "gated"} & f) and not ({"reduce", "scores", "topk", "softmax"} & f) for f in fl):
-            mlp_out.setdefault(u.param, []).append((u, ks))
+            flow.mlp_out.setdefault(u.param, []).append((u, ks))
             for k in ks:
-                mlp_in.setdefault(leaf_param[k], []).append((leaf_use[k], u.param))
-    mlp_group: dict[str, set] = {}  # param -> every param of its MLP(s)
-    for out, lst in mlp_out.items():
+                flow.mlp_in.setdefault(leaf_param[k], []).append((flow.leaf_use[k], u.param))
+    for out, lst in flow.mlp_out.items():
         members = {out} | {leaf_param[k] for _, ks in lst for k in ks}
         for q in members:
-            mlp_group.setdefault(q, set()).update(members)
-    gate_parts: dict[str, list] = {}  # param -> [(operand, features)]
+            flow.mlp_group.setdefault(q, set()).update(members)
     for g in tr.gates:
         for j, op in enumerate(g.operands):
             for k, feats in op.items():
-                gate_parts.setdefault(leaf_param[k], []).append((j, feats, g.index))
-    # -- attention ------------------------------------------------------------------------
-    attn_in: dict[str, list] = {}  # param -> [(event, role, head sets)]
+                flow.gate_parts.setdefault(leaf_param[k], []).append((j, feats, g.index))
+
+
+def _add_attention_edges(tr: Trace, flow: _Flow) -> None:
+    leaf_param = flow.leaf_param
     for ev in tr.attention:
         for role, srcs in ev.sources.items():
             for k, sets in srcs.items():
-                attn_in.setdefault(leaf_param[k], []).append((ev.index, role, sets))
-    attn_out: dict[str, list] = {}
+                flow.attn_in.setdefault(leaf_param[k], []).append((ev.index, role, sets))
     for u in tr.uses:
         if u.in_heads is not None:
-            attn_out.setdefault(u.param, []).append(u)
-    feeds_linear = {
+            flow.attn_out.setdefault(u.param, []).append(u)
+    flow.feeds_linear.update(
         leaf_param[k] for u in tr.uses if u.kind == "linear" for k in u.inputs if tr.leaves[k].kind == "linear"
-    }
+    )
 
-    for p, us in uses_by.items():
-        u = us[0]
-        shape = tuple(shapes.get(p, ()))
-        kinds = {x.kind for x in us}
-        if sum(1 for s in shape if s > 1) <= 1 and "lookup" not in kinds:
-            readings[p] = Reading("vector", reason=f"{len(shape)}-D parameter")
-            continue
-        if "lookup" in kinds:
-            if p in logits:
-                readings[p] = Reading("tied_embedding", reason="embedding lookup whose table also makes the logits")
-            else:
-                readings[p] = Reading("embedding", reason="embedding lookup by ids")
-            continue
-        if "conv" in kinds:
-            readings[p] = Reading("matrix", Layout(flatten=len(shape) > 2), f"{u.op} kernel as a matrix [out, in*k]")
-            continue
-        if p in logits:
-            readings[p] = Reading("lm_head", layout_base(u), "linear map to logits over the vocabulary")
-            continue
-        if p in routers:
-            r = routers[p]
-            scoring = (
-                "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
-            )
-            readings[p] = Reading(
-                "router", layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring
-            )
-            continue
-        expert = any(x.routed or x.stacked or x.flat_experts for x in us) or any(
-            x.routed or x.stacked or x.flat_experts for q in mlp_group.get(p, ()) for x in uses_by.get(q, ())
-        )
-        if p in mlp_out:
-            readings[p] = Reading(
-                "expert_out" if expert else "mlp_out",
-                layout_base(u),
-                f"reads {'act(a)*b' if any('gated' in f for uu, ks in mlp_out[p] for f in uu.inputs.values()) else 'act(a)'} of "
-                + ", ".join(sorted({leaf_param[k] for _, ks in mlp_out[p] for k in ks})),
-            )
-            continue
-        if p in mlp_in:
-            outs = sorted({o for _, o in mlp_in[p]})
-            parts = gate_parts.get(p, [])
-            n = u.features
-            fused, order, err = 1, None, None
-            ops = {j for j, _, _ in parts}
-            if len(ops) == 2:
-                s0 = next(f for j, f, _ in parts if j == 0)
-                s1 = next(f for j, f, _ in parts if j == 1)
-                order = _fused_order(s0, s1, n)
-                if order is None:
-                    err = f"fused in-projection whose two gate operands read features {s0[:4]}... and {s1[:4]}...: neither concatenated nor interleaved halves"
-                fused = 2
-            kw = dict(fused=2, interleaved=order == "interleaved") if fused == 2 and order else {}
-            readings[p] = Reading(
-                "expert_in" if expert else "mlp_in",
-                layout_base(u, **kw),
-                f"in-projection{' (fused gate|up, ' + order + ')' if order else ''} of {', '.join(outs)}",
-                error=err,
-            )
-            continue
-        if p in attn_in:
-            n = u.features
-            covered = set()
-            for _, _, sets in attn_in[p]:
-                for s in sets:
-                    covered.update(s)
-            if covered == set(range(n)):
-                fine = [s for _, _, sets in attn_in[p] for s in sets]
-                heads = _blocks_of(fine, n)
-                if heads is None:
-                    coarse = {}
-                    for ev, _, sets in attn_in[p]:
-                        for h, s in enumerate(sets):
-                            coarse.setdefault((ev, h), set()).update(s)
-                    heads = _blocks_of([tuple(sorted(s)) for s in coarse.values()], n)
-                roles = "/".join(sorted({r for _, r, _ in attn_in[p]}))
-                if heads is None:
-                    readings[p] = Reading(
-                        "attention",
-                        layout_base(u),
-                        f"feeds attention {roles}",
-                        error="its rows feed attention heads, but not as equal contiguous blocks per head",
-                    )
-                else:
-                    readings[p] = Reading(
-                        "attention",
-                        layout_base(u, heads=heads, head_axis="out"),
-                        f"feeds attention {roles} ({heads} head blocks of {n // heads})",
-                    )
-                continue
-        if p in attn_out and all(x.in_heads is not None and -1 not in x.in_heads[2] for x in attn_out[p]):
-            _, H, head_of = attn_out[p][0].in_heads
-            n = len(head_of)
-            if head_of == tuple(j // (n // H) for j in range(n)):
-                readings[p] = Reading(
-                    "attention",
-                    layout_base(u, heads=H, head_axis="in"),
-                    f"reads the attention output ({H} heads of {n // H} columns)",
-                )
-            else:
-                readings[p] = Reading(
-                    "attention",
-                    layout_base(u),
-                    "reads the attention output",
-                    error="its columns read attention heads, but not as contiguous blocks per head",
-                )
-            continue
-        if p in attn_in:
-            readings[p] = Reading(
-                "matrix", layout_base(u), "low-rank / mixed projection: part of its rows feed attention"
-            )
-            continue
-        if p in feeds_linear:
-            readings[p] = Reading("matrix", layout_base(u), "low-rank factor: its output feeds another linear map")
-            continue
-        readings[p] = Reading("matrix", layout_base(u), "no structure found", found=False)
 
+def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Reading], list[Block]]:
+    """Role, layout and reason per parameter name seen in ``tr``, and the blocks found."""
+    flow = _flow(tr)
+    readings = {p: _read(p, us, flow, shapes) for p, us in flow.uses_by.items()}
     for p, ops in tr.elementwise.items():
         if p not in readings and p not in tr.opaque:
             readings[p] = Reading(
@@ -1327,19 +1239,167 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
     for u in tr.uses:
         if u.bias and u.bias not in readings:
             readings[u.bias] = Reading("vector", reason=f"bias of {u.param}")
+    blocks: list[Block] = []
+    vocab = _vocab_block(tr, flow, shapes)
+    if vocab is not None:
+        blocks.append(vocab)
+    for blk in _attention_blocks(tr, flow, readings, shapes):
+        if blk not in blocks:
+            blocks.append(blk)
+    mlps = _mlp_blocks(flow, readings, shapes)
+    blocks.extend(mlps)
+    blocks.extend(_moe_blocks(flow, readings, [b for b in mlps if b.experts > 1]))
+    return readings, blocks
 
-    # -- blocks ---------------------------------------------------------------------------
+
+def _read(p: str, us: list[Use], flow: _Flow, shapes: Mapping[str, tuple[int, ...]]) -> Reading:
+    """The reading of one parameter from its uses, the first rule that applies."""
+    u = us[0]
+    shape = tuple(shapes.get(p, ()))
+    kinds = {x.kind for x in us}
+    if sum(1 for s in shape if s > 1) <= 1 and "lookup" not in kinds:
+        return Reading("vector", reason=f"{len(shape)}-D parameter")
+    if "lookup" in kinds:
+        if p in flow.logits:
+            return Reading("tied_embedding", reason="embedding lookup whose table also makes the logits")
+        return Reading("embedding", reason="embedding lookup by ids")
+    if "conv" in kinds:
+        return Reading("matrix", Layout(flatten=len(shape) > 2), f"{u.op} kernel as a matrix [out, in*k]")
+    if p in flow.logits:
+        return Reading("lm_head", _layout_base(u), "linear map to logits over the vocabulary")
+    if p in flow.routers:
+        r = flow.routers[p]
+        scoring = (
+            "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
+        )
+        return Reading("router", _layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring)
+    expert = any(x.routed or x.stacked or x.flat_experts for x in us) or any(
+        x.routed or x.stacked or x.flat_experts for q in flow.mlp_group.get(p, ()) for x in flow.uses_by.get(q, ())
+    )
+    if p in flow.mlp_out:
+        gated = any("gated" in f for uu, _ in flow.mlp_out[p] for f in uu.inputs.values())
+        return Reading(
+            "expert_out" if expert else "mlp_out",
+            _layout_base(u),
+            f"reads {'act(a)*b' if gated else 'act(a)'} of "
+            + ", ".join(sorted({flow.leaf_param[k] for _, ks in flow.mlp_out[p] for k in ks})),
+        )
+    if p in flow.mlp_in:
+        return _read_mlp_in(p, u, flow, expert)
+    # a projection whose rows do not cover the heads falls through to the rules below
+    if p in flow.attn_in and (reading := _read_attention_in(p, u, flow)) is not None:
+        return reading
+    if p in flow.attn_out and all(x.in_heads is not None and -1 not in x.in_heads[2] for x in flow.attn_out[p]):
+        return _read_attention_out(p, u, flow)
+    if p in flow.attn_in:
+        return Reading("matrix", _layout_base(u), "low-rank / mixed projection: part of its rows feed attention")
+    if p in flow.feeds_linear:
+        return Reading("matrix", _layout_base(u), "low-rank factor: its output feeds another linear map")
+    return Reading("matrix", _layout_base(u), "no structure found", found=False)
+
+
+def _read_mlp_in(p: str, u: Use, flow: _Flow, expert: bool) -> Reading:
+    outs = sorted({o for _, o in flow.mlp_in[p]})
+    parts = flow.gate_parts.get(p, [])
+    n = u.features
+    fused, order, err = 1, None, None
+    if len({j for j, _, _ in parts}) == 2:
+        s0 = next(f for j, f, _ in parts if j == 0)
+        s1 = next(f for j, f, _ in parts if j == 1)
+        order = _fused_order(s0, s1, n)
+        if order is None:
+            err = (
+                f"fused in-projection whose two gate operands read features {s0[:4]}... and {s1[:4]}...: "
+                "neither concatenated nor interleaved halves"
+            )
+        fused = 2
+    kw = dict(fused=2, interleaved=order == "interleaved") if fused == 2 and order else {}
+    return Reading(
+        "expert_in" if expert else "mlp_in",
+        _layout_base(u, **kw),
+        f"in-projection{' (fused gate|up, ' + order + ')' if order else ''} of {', '.join(outs)}",
+        error=err,
+    )
+
+
+def _read_attention_in(p: str, u: Use, flow: _Flow) -> Reading | None:
+    """A projection feeding attention q / k / v: its head blocks, or None when its rows do
+    not cover every output feature."""
+    n = u.features
+    srcs = flow.attn_in[p]
+    covered: set[int] = set()
+    for _, _, sets in srcs:
+        for s in sets:
+            covered.update(s)
+    if covered != set(range(n)):
+        return None
+    heads = _blocks_of([s for _, _, sets in srcs for s in sets], n)
+    if heads is None:
+        # per-position sets can split a head: merge each (event, head)'s sets and try again
+        coarse: dict[tuple[int, int], set[int]] = {}
+        for ev, _, sets in srcs:
+            for h, s in enumerate(sets):
+                coarse.setdefault((ev, h), set()).update(s)
+        heads = _blocks_of([tuple(sorted(s)) for s in coarse.values()], n)
+    roles = "/".join(sorted({r for _, r, _ in srcs}))
+    if heads is None:
+        return Reading(
+            "attention",
+            _layout_base(u),
+            f"feeds attention {roles}",
+            error="its rows feed attention heads, but not as equal contiguous blocks per head",
+        )
+    return Reading(
+        "attention",
+        _layout_base(u, heads=heads, head_axis="out"),
+        f"feeds attention {roles} ({heads} head blocks of {n // heads})",
+    )
+
+
+def _read_attention_out(p: str, u: Use, flow: _Flow) -> Reading:
+    in_heads = flow.attn_out[p][0].in_heads
+    assert in_heads is not None, "attn_out holds only uses with in_heads"
+    _, H, head_of = in_heads
+    n = len(head_of)
+    if head_of == tuple(j // (n // H) for j in range(n)):
+        return Reading(
+            "attention",
+            _layout_base(u, heads=H, head_axis="in"),
+            f"reads the attention output ({H} heads of {n // H} columns)",
+        )
+    return Reading(
+        "attention",
+        _layout_base(u),
+        "reads the attention output",
+        error="its columns read attention heads, but not as contiguous blocks per head",
+    )
+
+
+def _vocab_block(tr: Trace, flow: _Flow, shapes: Mapping[str, tuple[int, ...]]) -> VocabBlock | None:
     # the token embedding: the table indexed by the input ids (positions are indexed by an
     # arange the model makes), else the one table of the vocabulary's size
     by_ids = [u.param for u in tr.uses if u.kind == "lookup" and u.by_input]
-    emb = by_ids[0] if len(set(by_ids)) == 1 else next((p for p in lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
-    head = next(iter(logits), None) if len(logits) == 1 else None
-    if emb or head:
-        hb = next((x.bias for x in uses_by.get(head, []) if x.bias), None) if head else None
-        blocks.append(VocabBlock("", embedding=emb, head=head, head_bias=hb))
+    emb = (
+        by_ids[0]
+        if len(set(by_ids)) == 1
+        else next((p for p in flow.lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
+    )
+    head = next(iter(flow.logits), None) if len(flow.logits) == 1 else None
+    if not (emb or head):
+        return None
+    hb = next((x.bias for x in flow.uses_by.get(head, []) if x.bias), None) if head else None
+    return VocabBlock("", embedding=emb, head=head, head_bias=hb)
+
+
+def _attention_blocks(
+    tr: Trace, flow: _Flow, readings: dict[str, Reading], shapes: Mapping[str, tuple[int, ...]]
+) -> list[AttentionBlock]:
+    found = []
     for ev in tr.attention:
-        src = {r: [leaf_param[k] for k in s] for r, s in ev.sources.items()}
-        outs = sorted({p for p, us in attn_out.items() for x in us if x.in_heads[0] == ev.index})
+        src = {r: [flow.leaf_param[k] for k in s] for r, s in ev.sources.items()}
+        outs = sorted(
+            {p for p, us in flow.attn_out.items() for x in us if x.in_heads is not None and x.in_heads[0] == ev.index}
+        )
         if len(outs) != 1 or any(len(set(v)) != 1 for v in src.values()):
             continue
         q, k, v = (src[r][0] for r in "qkv")
@@ -1350,46 +1410,54 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
         slots = {"qkv": q} if q == k == v else ({"q": q, "k": k, "v": v} if len({q, k, v}) == 3 else None)
         if slots is None:
             continue
-        bias = tuple((p, b) for p in dict.fromkeys((q, k, v, outs[0])) for x in uses_by[p][:1] if (b := x.bias))
-        blk = AttentionBlock(
-            _scope([q, k, v, outs[0]]),
-            o=outs[0],
-            hq=ev.heads,
-            hkv=hkv,
-            head_dim=hd,
-            biases=bias,
-            head_blocks=_head_blocks(ev, {"q": q, "k": k, "v": v}, readings, shapes),
-            **slots,
+        bias = tuple((p, b) for p in dict.fromkeys((q, k, v, outs[0])) for x in flow.uses_by[p][:1] if (b := x.bias))
+        found.append(
+            AttentionBlock(
+                _scope([q, k, v, outs[0]]),
+                o=outs[0],
+                hq=ev.heads,
+                hkv=hkv,
+                head_dim=hd,
+                biases=bias,
+                head_blocks=_head_blocks(ev, {"q": q, "k": k, "v": v}, readings, shapes),
+                **slots,
+            )
         )
-        if blk not in blocks:
-            blocks.append(blk)
-    moe_mlps: dict[str, MLPBlock] = {}
-    for out, lst in mlp_out.items():
-        ins = list(dict.fromkeys(leaf_param[k] for _, ks in lst for k in ks))
-        gated_first = sorted(ins, key=lambda p: 0 if any(j == 0 for j, _, _ in gate_parts.get(p, [])) else 1)
-        uo = uses_by[out][0]
+    return found
+
+
+def _mlp_blocks(flow: _Flow, readings: dict[str, Reading], shapes: Mapping[str, tuple[int, ...]]) -> list[MLPBlock]:
+    found = []
+    for out, lst in flow.mlp_out.items():
+        ins = list(dict.fromkeys(flow.leaf_param[k] for _, ks in lst for k in ks))
+        gated_first = sorted(ins, key=lambda p: 0 if any(j == 0 for j, _, _ in flow.gate_parts.get(p, [])) else 1)
+        uo = flow.uses_by[out][0]
         ro = readings[out]
         hidden = ro.layout.logical_shape(shapes[out])[2] if out in shapes else 0
         E = shapes[out][0] if ro.layout.stacked and not ro.layout.flat_experts else (ro.layout.flat_experts or 1)
-        blk = MLPBlock(
-            _scope(gated_first + [out]),
-            ins=tuple(gated_first),
-            out=out,
-            hidden=hidden,
-            experts=E,
-            fused=tuple(readings[p].layout.fused for p in gated_first),
-            in_biases=tuple((p, b) for p in gated_first for x in uses_by[p][:1] if (b := x.bias)),
-            out_bias=uo.bias,
+        found.append(
+            MLPBlock(
+                _scope(gated_first + [out]),
+                ins=tuple(gated_first),
+                out=out,
+                hidden=hidden,
+                experts=E,
+                fused=tuple(readings[p].layout.fused for p in gated_first),
+                in_biases=tuple((p, b) for p in gated_first for x in flow.uses_by[p][:1] if (b := x.bias)),
+                out_bias=uo.bias,
+            )
         )
-        blocks.append(blk)
-        if E > 1:
-            moe_mlps[out] = blk
-    for p, r in routers.items():
+    return found
+
+
+def _moe_blocks(flow: _Flow, readings: dict[str, Reading], moe_mlps: list[MLPBlock]) -> list[MoEBlock]:
+    found = []
+    for p, r in flow.routers.items():
         scope = p.rpartition(".")[0].rpartition(".")[0] if p.count(".") >= 2 else ""
-        mlp = next((b for b in moe_mlps.values() if b.scope.startswith(scope + ".") or not scope), None)
+        mlp = next((b for b in moe_mlps if b.scope.startswith(scope + ".") or not scope), None)
         if mlp is not None and mlp.experts != r["E"]:
             mlp = None
-        blocks.append(
+        found.append(
             MoEBlock(
                 scope,
                 router=p,
@@ -1399,4 +1467,4 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
                 scoring=readings[p].scoring or "softmax",
             )
         )
-    return readings, blocks
+    return found
