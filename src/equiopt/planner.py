@@ -55,7 +55,7 @@ FUSED_ORDER_BY_CLASS = {
 }
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_head", "n_kv_heads")
-OVERRIDE_HINT = 'pass roles={"<regex>": "<role>"} (roles: %s)' % ", ".join(ROLES)
+OVERRIDE_HINT = 'pass roles={{"<regex>": "<role>"}} (roles: {})'.format(", ".join(ROLES))
 
 
 class PlanError(ValueError):
@@ -74,6 +74,12 @@ class PlanEntry:
     reason: str
     aliases: tuple[str, ...] = ()
     param: nn.Parameter | None = field(default=None, compare=False, repr=False)
+
+    def tensor(self) -> nn.Parameter:
+        """The parameter itself (detection always sets it)."""
+        assert self.param is not None, "entries of a plan come from detection, which sets param"
+        return self.param
+
     found: bool = True  # False: a 2-D weight whose flow matches no block ("matrix (no structure found)")
     group: Group | None = None  # the block's group when it differs from the role's (a sigmoid router: no shift)
 
@@ -117,6 +123,9 @@ class _Detector:
         self.role_hints: dict[int, str] = {}
         self.d_model: int | None = None
         self.blocks: list[Block] = []
+        self._expert_list: set[int] = set()  # ids of the experts of ModuleList MoEs
+        self.entry_groups: dict[int, Group] = {}  # routers whose scoring narrows their group (set by _merge)
+        self.scorings: dict[int, str] = {}  # router scoring read by the dataflow (set by _merge)
 
     def _bias_name(self, module: nn.Module, attr: str = "bias") -> str | None:
         b = getattr(module, attr, None)
@@ -268,7 +277,7 @@ class _Detector:
                 continue
             router = routers[0]
             self.decide(router, "router", f"[E={E}, d] weight beside stacked experts {mname}", strong=True)
-            for n, p in module.named_parameters(recurse=False):
+            for _n, p in module.named_parameters(recurse=False):
                 if p.ndim == 2 and p.shape[0] == E:  # gpt-oss gate_up_proj_bias [E, 2h]
                     self.decide(p, "vector", f"stacked per-expert bias of {mname}")
             d = router.shape[1]
@@ -303,77 +312,24 @@ class _Detector:
                         router_bias=self._bias_name(owner) if owner is not None else None,
                     )
                 )
-                self._expert_list = getattr(self, "_expert_list", set()) | {id(m) for m in module}
+                self._expert_list = self._expert_list | {id(m) for m in module}
 
     def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> MLPBlock | None:
-        info = []  # (attr, param, other_dim, d_last)
-        square = [(attr, p) for attr, p in stacked if p.shape[1] == p.shape[2] == d]
-        for attr, p in stacked:
-            a, b = p.shape[1:]
-            if a == d and b == d:
-                continue
-            if a != d and b != d:
-                self.undecided(p, f"neither axis of {tuple(p.shape)} is the model dim d={d}")
-                return
-            info.append((attr, p, a if b == d else b, b == d))
-        if square:
-            # [E, d, d] is a fused gate/up with 2h == d (OLMoE-1B-7B: d 2048, h 1024) when the
-            # one other stacked weight is the [d, h] out-projection; its d axis gives the orientation
-            if len(square) == 1 and len(info) == 1 and 2 * info[0][2] == d:
-                out_d_last = info[0][3]
-                info.append((*square[0], d, not out_d_last))
-            else:
-                for _, p in square:
-                    self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
-                return
-        # in-projections share one orientation, the out-projection has the other
-        by_orient: dict[bool, list] = {True: [], False: []}
-        for item in info:
-            by_orient[item[3]].append(item)
-        if not by_orient[True] or not by_orient[False]:
-            for _, p, _, _ in info:
-                self.undecided(p, f"all stacked weights of {mname} have d on the same axis; cannot tell in from out")
-            return
-        if len(by_orient[True]) == len(by_orient[False]) == 1:
-            (_, p1, k1, _), (_, p0, k0, _) = by_orient[True][0], by_orient[False][0]
-            if k1 == 2 * k0:  # [E, 2h, d] fused in, standard storage
-                d_last_is_in = True
-            elif k0 == 2 * k1:  # [E, d, 2h] fused in, transposed storage
-                d_last_is_in = False
-            else:
-                for p in (p1, p0):
-                    self.undecided(
-                        p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}"
-                    )
-                return
-        else:
-            d_last_is_in = len(by_orient[True]) > len(by_orient[False])
-        ins, outs = by_orient[d_last_is_in], by_orient[not d_last_is_in]
+        info = self._expert_axes(stacked, d)
+        if info is None:
+            return None
+        d_last_is_in = self._expert_orientation(mname, info)
+        if d_last_is_in is None:
+            return None
+        ins, outs = [x for x in info if x[3] == d_last_is_in], [x for x in info if x[3] != d_last_is_in]
         if len(outs) != 1:
             for _, p, _, _ in info:
                 self.undecided(p, f"expected one out-projection among the stacked weights of {mname}")
-            return
+            return None
         h = outs[0][2]
         transposed = not d_last_is_in
-        for attr, p, k, _ in ins:
-            if k == h:
-                layout = Layout(stacked=True, transposed=transposed)
-            elif k % h == 0:
-                order = FUSED_ORDER_BY_CLASS.get(type(module).__name__)
-                if order is None:
-                    self.undecided(
-                        p,
-                        f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
-                        f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
-                        f'+fused{k // h}:concat"}} (or :interleaved)',
-                        role="expert_in",
-                    )
-                    continue
-                layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
-            else:
-                self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
-                continue
-            self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
+        for _attr, p, k, _ in ins:
+            self._decide_expert_in(mname, module, p, k, h, transposed)
         attr, p, _, _ = outs[0]
         self.decide(
             p,
@@ -399,6 +355,74 @@ class _Detector:
             ),
             out_bias=self._bias_name(module, attr + "_bias"),
         )
+
+    def _expert_axes(self, stacked, d: int) -> list[tuple[str, nn.Parameter, int, bool]] | None:
+        """``(attr, param, other_dim, d_last)`` per stacked expert weight, or None (undecided)
+        when an axis cannot be matched to the model dim ``d``."""
+        info = []
+        square = [(attr, p) for attr, p in stacked if p.shape[1] == p.shape[2] == d]
+        for attr, p in stacked:
+            a, b = p.shape[1:]
+            if a == d and b == d:
+                continue
+            if a != d and b != d:
+                self.undecided(p, f"neither axis of {tuple(p.shape)} is the model dim d={d}")
+                return None
+            info.append((attr, p, a if b == d else b, b == d))
+        if square:
+            # [E, d, d] is a fused gate/up with 2h == d (OLMoE-1B-7B: d 2048, h 1024) when the
+            # one other stacked weight is the [d, h] out-projection; its d axis gives the orientation
+            if len(square) == 1 and len(info) == 1 and 2 * info[0][2] == d:
+                out_d_last = info[0][3]
+                info.append((*square[0], d, not out_d_last))
+            else:
+                for _, p in square:
+                    self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
+                return None
+        return info
+
+    def _expert_orientation(self, mname: str, info: list[tuple[str, nn.Parameter, int, bool]]) -> bool | None:
+        """Whether the in-projections store d last, or None (undecided). In-projections share
+        one orientation, the out-projection has the other."""
+        by_orient: dict[bool, list] = {True: [], False: []}
+        for item in info:
+            by_orient[item[3]].append(item)
+        if not by_orient[True] or not by_orient[False]:
+            for _, p, _, _ in info:
+                self.undecided(p, f"all stacked weights of {mname} have d on the same axis; cannot tell in from out")
+            return None
+        if len(by_orient[True]) == len(by_orient[False]) == 1:
+            (_, p1, k1, _), (_, p0, k0, _) = by_orient[True][0], by_orient[False][0]
+            if k1 == 2 * k0:  # [E, 2h, d] fused in, standard storage
+                return True
+            if k0 == 2 * k1:  # [E, d, 2h] fused in, transposed storage
+                return False
+            for p in (p1, p0):
+                self.undecided(p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}")
+            return None
+        return len(by_orient[True]) > len(by_orient[False])
+
+    def _decide_expert_in(
+        self, mname: str, module: nn.Module, p: nn.Parameter, k: int, h: int, transposed: bool
+    ) -> None:
+        if k == h:
+            layout = Layout(stacked=True, transposed=transposed)
+        elif k % h == 0:
+            order = FUSED_ORDER_BY_CLASS.get(type(module).__name__)
+            if order is None:
+                self.undecided(
+                    p,
+                    f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
+                    f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
+                    f'+fused{k // h}:concat"}} (or :interleaved)',
+                    role="expert_in",
+                )
+                return
+            layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
+        else:
+            self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
+            return
+        self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
 
     def attention(self) -> None:
         for mname, module in self.modules.items():
@@ -494,7 +518,7 @@ class _Detector:
         self.decide(mha.out_proj.weight, "attention", why, Layout(heads=mha.num_heads, head_axis="in"), strong=True)
 
     def mlps(self) -> None:
-        expert_list = getattr(self, "_expert_list", set())
+        expert_list = self._expert_list
         for mname, module in self.modules.items():
             lin = [(n, m) for n, m in _linears(module) if id(m.weight) not in self.decisions]
             if len(lin) < 2 or len(lin) != len(_linears(module)):
@@ -561,8 +585,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
         else:
             return model
 
@@ -629,7 +653,7 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
     return out, [], [note]
 
 
-_FAMILY = {"tied_embedding": "embedding"}
+_FAMILY: dict[str | None, str | None] = {"tied_embedding": "embedding"}
 
 
 def _agree(dec: _Decision, r: Reading) -> bool:
@@ -673,7 +697,8 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
         if r.role == "router" and r.scoring not in (None, "softmax"):
             router_groups[pid] = role_group("router").without("shift")
     det.entry_groups = router_groups
-    det.scorings = {pid: readings[det.names[pid][0]].scoring for pid in router_groups}
+    # router_groups holds only routers with a scoring other than softmax, so none is None
+    det.scorings = {pid: sc for pid in router_groups if (sc := readings[det.names[pid][0]].scoring) is not None}
     if conflicts:
         raise PlanError("the structure and the dataflow disagree on:\n" + "\n".join(conflicts))
     return []
@@ -690,7 +715,8 @@ def _detect(
     det.entry_groups, det.scorings = {}, {}
     notes: list[str] = []
     if use_trace:
-        readings, tblocks = None, []
+        readings: dict[str, Reading] | None = None
+        tblocks: list[Block] = []
         try:
             if any(p.device.type == "meta" for p in inner.parameters()):
                 readings, tblocks, more = _shrunk_trace(inner, example)
@@ -766,8 +792,8 @@ def _detect(
         raise PlanError(
             "cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT
         )
-    names = {e.name for e in entries}
-    return entries, [b for b in det.blocks if all(p in names for p in b.params())], notes
+    entry_names = {e.name for e in entries}
+    return entries, [b for b in det.blocks if all(p in entry_names for p in b.params())], notes
 
 
 def _with_stacked_biases(block: Block, det: _Detector) -> Block:
@@ -775,8 +801,14 @@ def _with_stacked_biases(block: Block, det: _Detector) -> Block:
     (``x @ W[e] + b[e]``): take them, as the structural pass does, from the ``<weight>_bias``
     parameter of the module that owns the stacked weight."""
     if isinstance(block, MoEBlock) and block.mlp is not None:
-        return dataclasses.replace(block, mlp=_with_stacked_biases(block.mlp, det))
-    if not isinstance(block, MLPBlock) or block.experts <= 1 or block.in_biases or block.out_bias:
+        return dataclasses.replace(block, mlp=_mlp_with_stacked_biases(block.mlp, det))
+    if isinstance(block, MLPBlock):
+        return _mlp_with_stacked_biases(block, det)
+    return block
+
+
+def _mlp_with_stacked_biases(block: MLPBlock, det: _Detector) -> MLPBlock:
+    if block.experts <= 1 or block.in_biases or block.out_bias:
         return block
     known = {n for ns in det.names.values() for n in ns}
     ins = tuple((p, p + "_bias") for p in block.ins if p + "_bias" in known)
@@ -914,10 +946,10 @@ class Plan:
         return list(out.values())
 
     def layouts(self) -> dict[torch.Tensor, Layout]:
-        return {e.param: e.layout for e in self.entries if e.role != "vector"}
+        return {e.tensor(): e.layout for e in self.entries if e.role != "vector"}
 
     def names(self) -> dict[torch.Tensor, str]:
-        return {e.param: e.name for e in self.entries}
+        return {e.tensor(): e.name for e in self.entries}
 
     def map_label(self, role: str, spec: dict | None = None) -> str:
         s = spec if spec is not None else self.specs[role]
@@ -956,7 +988,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        n = sum(e.param.numel() for e in self.entries)
+        n = sum(e.tensor().numel() for e in self.entries)
         summary = f"{len(self.entries)} trainable tensors, {n:,} parameters, preset {self.preset!r}"
         unfound = sum(1 for e in self.entries if not e.found)
         if unfound:
