@@ -121,7 +121,7 @@ class AttentionBlock(Block):
     #: contiguous default (q heads ``0..Hq-1``; k, v heads ``0..Hkv-1`` of their own
     #: projection, or after the q (and k) heads of a fused ``[q | k | v]``). GPT-NeoX's
     #: per-head ``[q_h; k_h; v_h]`` is ``((0, 3, ...), (1, 4, ...), (2, 5, ...))``.
-    head_blocks: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ()
+    head_blocks: tuple[tuple[int, ...], ...] = ()  # () or (q, k, v)
 
     def params(self) -> tuple[str, ...]:
         return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p)
@@ -149,6 +149,7 @@ class AttentionBlock(Block):
     def symmetries(self) -> tuple[Symmetry, ...]:
         if self.qkv is not None:
             return ()
+        assert self.q is not None and self.k is not None and self.v is not None, "unfused attention names q, k and v"
         return (
             Symmetry(
                 "vo_rotation",
@@ -199,7 +200,7 @@ class MLPBlock(Block):
         when the part enters the MLP linearly (the "up" branch of a gated MLP, any part
         before a positively homogeneous activation); the structure does not say which, so
         it is not among :meth:`symmetries` (the audit measures every part)."""
-        acts = (Act(param, "rows", part=part),)
+        acts: tuple[Act, ...] = (Act(param, "rows", part=part),)
         if (bias := self.in_bias(param)) is not None:
             acts += (Act(bias, "vector", part=part),)
         return Symmetry(
