@@ -92,8 +92,15 @@ class VocabBlock(Block):
         out = []
         if self.head and not self.tied:
             acts = (Act(self.head, "rows"),) + ((Act(self.head_bias, "vector"),) if self.head_bias else ())
-            out.append(Symmetry("logit_shift", Factor("shift", "rows"), acts[:1], gauge=True,
-                                note="softmax cross-entropy is invariant under W -> W + 1 c^T"))
+            out.append(
+                Symmetry(
+                    "logit_shift",
+                    Factor("shift", "rows"),
+                    acts[:1],
+                    gauge=True,
+                    note="softmax cross-entropy is invariant under W -> W + 1 c^T",
+                )
+            )
         return tuple(out)
 
 
@@ -114,7 +121,7 @@ class AttentionBlock(Block):
     #: contiguous default (q heads ``0..Hq-1``; k, v heads ``0..Hkv-1`` of their own
     #: projection, or after the q (and k) heads of a fused ``[q | k | v]``). GPT-NeoX's
     #: per-head ``[q_h; k_h; v_h]`` is ``((0, 3, ...), (1, 4, ...), (2, 5, ...))``.
-    head_blocks: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ()
+    head_blocks: tuple[tuple[int, ...], ...] = ()  # () or (q, k, v)
 
     def params(self) -> tuple[str, ...]:
         return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p)
@@ -126,8 +133,12 @@ class AttentionBlock(Block):
         if not self.head_blocks:
             rep = hq // hkv if hkv and hq % hkv == 0 else 1
             off_k, off_v = (hq, hq + hkv) if self.qkv is not None else (0, 0)
-            return (tuple(range(hq)), tuple(off_k + j for j in range(hkv)), tuple(off_v + j for j in range(hkv)),
-                    tuple(i // rep for i in range(hq)))
+            return (
+                tuple(range(hq)),
+                tuple(off_k + j for j in range(hkv)),
+                tuple(off_v + j for j in range(hkv)),
+                tuple(i // rep for i in range(hq)),
+            )
         qb, kb, vb = self.head_blocks
         if len(kb) == len(qb) and len(vb) == len(qb):  # k / v listed per query head
             kv = list(dict.fromkeys(zip(kb, vb)))
@@ -138,11 +149,22 @@ class AttentionBlock(Block):
     def symmetries(self) -> tuple[Symmetry, ...]:
         if self.qkv is not None:
             return ()
+        assert self.q is not None and self.k is not None and self.v is not None, "unfused attention names q, k and v"
         return (
-            Symmetry("vo_rotation", Factor("orth", "rows"), (Act(self.v, "rows"), Act(self.o, "cols")), gauge=True,
-                     note="per kv head R_j: V_j -> R_j V_j, O_i -> O_i R_j^T for the query heads sharing j"),
-            Symmetry("qk_rope_rotation", Factor("rope_rotation", "rows"), (Act(self.q, "rows"), Act(self.k, "rows")),
-                     gauge=True, note="per kv head rotations inside the RoPE planes, on Q_i and K_j rows"),
+            Symmetry(
+                "vo_rotation",
+                Factor("orth", "rows"),
+                (Act(self.v, "rows"), Act(self.o, "cols")),
+                gauge=True,
+                note="per kv head R_j: V_j -> R_j V_j, O_i -> O_i R_j^T for the query heads sharing j",
+            ),
+            Symmetry(
+                "qk_rope_rotation",
+                Factor("rope_rotation", "rows"),
+                (Act(self.q, "rows"), Act(self.k, "rows")),
+                gauge=True,
+                note="per kv head rotations inside the RoPE planes, on Q_i and K_j rows",
+            ),
         )
 
 
@@ -178,11 +200,16 @@ class MLPBlock(Block):
         when the part enters the MLP linearly (the "up" branch of a gated MLP, any part
         before a positively homogeneous activation); the structure does not say which, so
         it is not among :meth:`symmetries` (the audit measures every part)."""
-        acts = (Act(param, "rows", part=part),)
+        acts: tuple[Act, ...] = (Act(param, "rows", part=part),)
         if (bias := self.in_bias(param)) is not None:
             acts += (Act(bias, "vector", part=part),)
-        return Symmetry("neuron_rescale", Factor("scale", "rows"), acts + (Act(self.out, "cols", inverse=True),),
-                        gauge=True, note="in-projection part row i * s_i, out-projection column i / s_i")
+        return Symmetry(
+            "neuron_rescale",
+            Factor("scale", "rows"),
+            acts + (Act(self.out, "cols", inverse=True),),
+            gauge=True,
+            note="in-projection part row i * s_i, out-projection column i / s_i",
+        )
 
     def rescales(self) -> tuple[Symmetry, ...]:
         """:meth:`rescale` of every in-projection part (see :meth:`parts`)."""
@@ -198,8 +225,12 @@ class MLPBlock(Block):
     def symmetries(self) -> tuple[Symmetry, ...]:
         rows = tuple(Act(p, "rows") for p in self.ins) + tuple(Act(b, "vector") for _, b in self.in_biases)
         return (
-            Symmetry("neuron_perm", Factor("perm", "rows"), rows + (Act(self.out, "cols"),),
-                     note="hidden neurons permuted in every in-projection part and the out-projection columns"),
+            Symmetry(
+                "neuron_perm",
+                Factor("perm", "rows"),
+                rows + (Act(self.out, "cols"),),
+                note="hidden neurons permuted in every in-projection part and the out-projection columns",
+            ),
         )
 
 
@@ -217,12 +248,24 @@ class MoEBlock(Block):
     def symmetries(self) -> tuple[Symmetry, ...]:
         out = []
         if self.mlp is not None:
-            out.append(Symmetry("expert_perm", Factor("perm", "rows"),
-                                (Act(self.router, "rows"),) + tuple(Act(p, "experts") for p in self.mlp.params()),
-                                note="experts relabelled in the router rows and the stacked expert tensors"))
+            out.append(
+                Symmetry(
+                    "expert_perm",
+                    Factor("perm", "rows"),
+                    (Act(self.router, "rows"),) + tuple(Act(p, "experts") for p in self.mlp.params()),
+                    note="experts relabelled in the router rows and the stacked expert tensors",
+                )
+            )
         if self.scoring == "softmax":
-            out.append(Symmetry("router_shift", Factor("shift", "rows"), (Act(self.router, "rows"),), gauge=True,
-                                note="softmax scores are invariant under W -> W + 1 c^T"))
+            out.append(
+                Symmetry(
+                    "router_shift",
+                    Factor("shift", "rows"),
+                    (Act(self.router, "rows"),),
+                    gauge=True,
+                    note="softmax scores are invariant under W -> W + 1 c^T",
+                )
+            )
         return tuple(out)
 
 
@@ -239,11 +282,19 @@ def stacked_experts(moe: MoEBlock, entries) -> tuple[MLPBlock | None, str]:
     ModuleList of MLPs)."""
     if moe.mlp is not None:
         return moe.mlp, ""
-    es = [e for e in entries if e.role in ("expert_in", "expert_out") and e.layout.stacked
-          and e.shape[0] == moe.experts and _under(e.module_name, moe.scope)]
+    es = [
+        e
+        for e in entries
+        if e.role in ("expert_in", "expert_out")
+        and e.layout.stacked
+        and e.shape[0] == moe.experts
+        and _under(e.module_name, moe.scope)
+    ]
     if not es:
-        return None, (f"no stacked [E={moe.experts}, ...] expert weights under {moe.scope!r} (experts as a ModuleList "
-                      "are not supported by the expert permutation)")
+        return None, (
+            f"no stacked [E={moe.experts}, ...] expert weights under {moe.scope!r} (experts as a ModuleList "
+            "are not supported by the expert permutation)"
+        )
     mods = {e.module_name for e in es}
     outs = [e for e in es if e.role == "expert_out"]
     if len(mods) != 1 or len(outs) != 1:
@@ -257,8 +308,15 @@ def stacked_experts(moe: MoEBlock, entries) -> tuple[MLPBlock | None, str]:
         match = [v.name for v in vectors if tuple(v.shape) == (moe.experts, hidden * e.layout.fused)]
         if len(match) == 1 and len(ins) == 1:
             biases.append((e.name, match[0]))
-    return MLPBlock(out.module_name, ins=tuple(e.name for e in ins), out=out.name, hidden=hidden, experts=moe.experts,
-                    fused=tuple(e.layout.fused for e in ins), in_biases=tuple(biases)), ""
+    return MLPBlock(
+        out.module_name,
+        ins=tuple(e.name for e in ins),
+        out=out.name,
+        hidden=hidden,
+        experts=moe.experts,
+        fused=tuple(e.layout.fused for e in ins),
+        in_biases=tuple(biases),
+    ), ""
 
 
 @dataclass

@@ -36,8 +36,7 @@ from torch import nn
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .groups import Factor, Group
 from .layouts import MATRIX, Layout, parse_layout
-from .maps import map_spec
-from .maps import MAP_SPECS
+from .maps import MAP_SPECS, map_spec
 from .presets import resolve
 from .roles import ROLES, role_group
 from .trace import Reading, TraceError, infer, shrink_config
@@ -56,7 +55,7 @@ FUSED_ORDER_BY_CLASS = {
 }
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_head", "n_kv_heads")
-OVERRIDE_HINT = 'pass roles={"<regex>": "<role>"} (roles: %s)' % ", ".join(ROLES)
+OVERRIDE_HINT = 'pass roles={{"<regex>": "<role>"}} (roles: {})'.format(", ".join(ROLES))
 
 
 class PlanError(ValueError):
@@ -75,6 +74,12 @@ class PlanEntry:
     reason: str
     aliases: tuple[str, ...] = ()
     param: nn.Parameter | None = field(default=None, compare=False, repr=False)
+
+    def tensor(self) -> nn.Parameter:
+        """The parameter itself (detection always sets it)."""
+        assert self.param is not None, "entries of a plan come from detection, which sets param"
+        return self.param
+
     found: bool = True  # False: a 2-D weight whose flow matches no block ("matrix (no structure found)")
     group: Group | None = None  # the block's group when it differs from the role's (a sigmoid router: no shift)
 
@@ -118,6 +123,9 @@ class _Detector:
         self.role_hints: dict[int, str] = {}
         self.d_model: int | None = None
         self.blocks: list[Block] = []
+        self._expert_list: set[int] = set()  # ids of the experts of ModuleList MoEs
+        self.entry_groups: dict[int, Group] = {}  # routers whose scoring narrows their group (set by _merge)
+        self.scorings: dict[int, str] = {}  # router scoring read by the dataflow (set by _merge)
 
     def _bias_name(self, module: nn.Module, attr: str = "bias") -> str | None:
         b = getattr(module, attr, None)
@@ -150,8 +158,9 @@ class _Detector:
     def name(self, p: torch.Tensor) -> str:
         return self.names[id(p)][0]
 
-    def decide(self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX, strong: bool = False,
-               found: bool = True) -> None:
+    def decide(
+        self, p: torch.Tensor, role: str, reason: str, layout: Layout = MATRIX, strong: bool = False, found: bool = True
+    ) -> None:
         if id(p) not in self.decisions:
             self.decisions[id(p)] = _Decision(role, layout, reason, strong, found)
 
@@ -174,7 +183,11 @@ class _Detector:
         get_in = getattr(self.model, "get_input_embeddings", None)
         if callable(get_in):
             emb = get_in()
-            if isinstance(getattr(emb, "weight", None), torch.Tensor) and emb.weight.ndim == 2 and emb not in embeddings:
+            if (
+                isinstance(getattr(emb, "weight", None), torch.Tensor)
+                and emb.weight.ndim == 2
+                and emb not in embeddings
+            ):
                 embeddings.append(emb)
         head = None
         get_out = getattr(self.model, "get_output_embeddings", None)
@@ -187,33 +200,49 @@ class _Detector:
             cands = [
                 m.weight
                 for m in self.modules.values()
-                if isinstance(m, nn.Linear) and tuple(m.weight.shape) in shapes and m.weight.shape[0] != m.weight.shape[1]
+                if isinstance(m, nn.Linear)
+                and tuple(m.weight.shape) in shapes
+                and m.weight.shape[0] != m.weight.shape[1]
             ]
             if len(cands) == 1:
                 head, head_reason = cands[0], "nn.Linear with the embedding's [vocab, d] shape"
             elif len(cands) > 1:
                 for c in cands:
-                    self.undecided(c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?")
+                    self.undecided(
+                        c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?"
+                    )
         for emb in embeddings:
             w = emb.weight
             self.d_model = self.d_model or w.shape[-1]
             if head is not None and head is w:
-                self.decide(w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})",
-                            strong=head_reason == "get_output_embeddings()")
+                self.decide(
+                    w,
+                    "tied_embedding",
+                    f"{type(emb).__name__} tied to the LM head ({head_reason})",
+                    strong=head_reason == "get_output_embeddings()",
+                )
             else:
                 self.decide(w, "embedding", type(emb).__name__, strong=True)
         if head is not None and id(head) in self.params:
             self.decide(head, "lm_head", head_reason, strong=head_reason == "get_output_embeddings()")
         token = get_in() if callable(get_in) else None
-        token_w = getattr(token, "weight", None) if token is not None else (embeddings[0].weight if len(embeddings) == 1 else None)
+        token_w = (
+            getattr(token, "weight", None)
+            if token is not None
+            else (embeddings[0].weight if len(embeddings) == 1 else None)
+        )
         head_mod = self._owner(head, self.model) if head is not None else None
         if token_w is not None or head is not None:
-            self.blocks.append(VocabBlock(
-                "",
-                embedding=self.name(token_w) if isinstance(token_w, nn.Parameter) and id(token_w) in self.params else None,
-                head=self.name(head) if head is not None and id(head) in self.params else None,
-                head_bias=self._bias_name(head_mod) if head_mod is not None else None,
-            ))
+            self.blocks.append(
+                VocabBlock(
+                    "",
+                    embedding=self.name(token_w)
+                    if isinstance(token_w, nn.Parameter) and id(token_w) in self.params
+                    else None,
+                    head=self.name(head) if head is not None and id(head) in self.params else None,
+                    head_bias=self._bias_name(head_mod) if head_mod is not None else None,
+                )
+            )
 
     def _stacked(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
@@ -248,16 +277,21 @@ class _Detector:
                 continue
             router = routers[0]
             self.decide(router, "router", f"[E={E}, d] weight beside stacked experts {mname}", strong=True)
-            for n, p in module.named_parameters(recurse=False):
+            for _n, p in module.named_parameters(recurse=False):
                 if p.ndim == 2 and p.shape[0] == E:  # gpt-oss gate_up_proj_bias [E, 2h]
                     self.decide(p, "vector", f"stacked per-expert bias of {mname}")
             d = router.shape[1]
             mlp = self._expert_layouts(mname, module, stacked, d)
             owner = self._owner(router, parent)
-            self.blocks.append(MoEBlock(
-                mname.rpartition(".")[0], router=self.name(router), experts=E,
-                router_bias=self._bias_name(owner) if owner is not None else None, mlp=mlp,
-            ))
+            self.blocks.append(
+                MoEBlock(
+                    mname.rpartition(".")[0],
+                    router=self.name(router),
+                    experts=E,
+                    router_bias=self._bias_name(owner) if owner is not None else None,
+                    mlp=mlp,
+                )
+            )
         # experts as a ModuleList of E identical MLPs beside a router
         for mname, module in self.modules.items():
             if not isinstance(module, nn.ModuleList) or len(module) < 2:
@@ -270,12 +304,62 @@ class _Detector:
             if len(routers) == 1:
                 self.decide(routers[0], "router", f"[E={len(module)}, d] weight beside expert list {mname}")
                 owner = self._owner(routers[0], parent)
-                self.blocks.append(MoEBlock(mname.rpartition(".")[0], router=self.name(routers[0]), experts=len(module),
-                                            router_bias=self._bias_name(owner) if owner is not None else None))
-                self._expert_list = getattr(self, "_expert_list", set()) | {id(m) for m in module}
+                self.blocks.append(
+                    MoEBlock(
+                        mname.rpartition(".")[0],
+                        router=self.name(routers[0]),
+                        experts=len(module),
+                        router_bias=self._bias_name(owner) if owner is not None else None,
+                    )
+                )
+                self._expert_list = self._expert_list | {id(m) for m in module}
 
     def _expert_layouts(self, mname: str, module: nn.Module, stacked, d: int) -> MLPBlock | None:
-        info = []  # (attr, param, other_dim, d_last)
+        info = self._expert_axes(stacked, d)
+        if info is None:
+            return None
+        d_last_is_in = self._expert_orientation(mname, info)
+        if d_last_is_in is None:
+            return None
+        ins, outs = [x for x in info if x[3] == d_last_is_in], [x for x in info if x[3] != d_last_is_in]
+        if len(outs) != 1:
+            for _, p, _, _ in info:
+                self.undecided(p, f"expected one out-projection among the stacked weights of {mname}")
+            return None
+        h = outs[0][2]
+        transposed = not d_last_is_in
+        for _attr, p, k, _ in ins:
+            self._decide_expert_in(mname, module, p, k, h, transposed)
+        attr, p, _, _ = outs[0]
+        self.decide(
+            p,
+            "expert_out",
+            f"stacked experts of {mname}: out-projection",
+            Layout(stacked=True, transposed=transposed),
+            strong=True,
+        )
+        decided = [q for _, q, _, _ in ins if id(q) in self.decisions]
+        if len(decided) != len(ins):
+            return None
+        return MLPBlock(
+            mname,
+            ins=tuple(self.name(q) for q in decided),
+            out=self.name(p),
+            hidden=h,
+            experts=p.shape[0],
+            fused=tuple(self.decisions[id(q)].layout.fused for q in decided),
+            in_biases=tuple(
+                (self.name(q), b)
+                for q, (a, _q, _, _) in zip(decided, ins)
+                if (b := self._bias_name(module, a + "_bias"))
+            ),
+            out_bias=self._bias_name(module, attr + "_bias"),
+        )
+
+    def _expert_axes(self, stacked, d: int) -> list[tuple[str, nn.Parameter, int, bool]] | None:
+        """``(attr, param, other_dim, d_last)`` per stacked expert weight, or None (undecided)
+        when an axis cannot be matched to the model dim ``d``."""
+        info = []
         square = [(attr, p) for attr, p in stacked if p.shape[1] == p.shape[2] == d]
         for attr, p in stacked:
             a, b = p.shape[1:]
@@ -283,7 +367,7 @@ class _Detector:
                 continue
             if a != d and b != d:
                 self.undecided(p, f"neither axis of {tuple(p.shape)} is the model dim d={d}")
-                return
+                return None
             info.append((attr, p, a if b == d else b, b == d))
         if square:
             # [E, d, d] is a fused gate/up with 2h == d (OLMoE-1B-7B: d 2048, h 1024) when the
@@ -294,66 +378,51 @@ class _Detector:
             else:
                 for _, p in square:
                     self.undecided(p, f"cannot tell which axis of {tuple(p.shape)} is the model dim d={d}")
-                return
-        # in-projections share one orientation, the out-projection has the other
+                return None
+        return info
+
+    def _expert_orientation(self, mname: str, info: list[tuple[str, nn.Parameter, int, bool]]) -> bool | None:
+        """Whether the in-projections store d last, or None (undecided). In-projections share
+        one orientation, the out-projection has the other."""
         by_orient: dict[bool, list] = {True: [], False: []}
         for item in info:
             by_orient[item[3]].append(item)
         if not by_orient[True] or not by_orient[False]:
             for _, p, _, _ in info:
                 self.undecided(p, f"all stacked weights of {mname} have d on the same axis; cannot tell in from out")
-            return
+            return None
         if len(by_orient[True]) == len(by_orient[False]) == 1:
             (_, p1, k1, _), (_, p0, k0, _) = by_orient[True][0], by_orient[False][0]
             if k1 == 2 * k0:  # [E, 2h, d] fused in, standard storage
-                d_last_is_in = True
-            elif k0 == 2 * k1:  # [E, d, 2h] fused in, transposed storage
-                d_last_is_in = False
-            else:
-                for p in (p1, p0):
-                    self.undecided(p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}")
-                return
-        else:
-            d_last_is_in = len(by_orient[True]) > len(by_orient[False])
-        ins, outs = by_orient[d_last_is_in], by_orient[not d_last_is_in]
-        if len(outs) != 1:
-            for _, p, _, _ in info:
-                self.undecided(p, f"expected one out-projection among the stacked weights of {mname}")
-            return
-        h = outs[0][2]
-        transposed = not d_last_is_in
-        for attr, p, k, _ in ins:
-            if k == h:
-                layout = Layout(stacked=True, transposed=transposed)
-            elif k % h == 0:
-                order = FUSED_ORDER_BY_CLASS.get(type(module).__name__)
-                if order is None:
-                    self.undecided(
-                        p,
-                        f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
-                        f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
-                        f'+fused{k // h}:concat"}} (or :interleaved)',
-                        role="expert_in",
-                    )
-                    continue
-                layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
-            else:
-                self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
-                continue
-            self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
-        attr, p, _, _ = outs[0]
-        self.decide(p, "expert_out", f"stacked experts of {mname}: out-projection", Layout(stacked=True, transposed=transposed),
-                    strong=True)
-        decided = [q for _, q, _, _ in ins if id(q) in self.decisions]
-        if len(decided) != len(ins):
+                return True
+            if k0 == 2 * k1:  # [E, d, 2h] fused in, transposed storage
+                return False
+            for p in (p1, p0):
+                self.undecided(p, f"cannot tell the in- from the out-projection among the stacked weights of {mname}")
             return None
-        return MLPBlock(
-            mname, ins=tuple(self.name(q) for q in decided), out=self.name(p), hidden=h, experts=p.shape[0],
-            fused=tuple(self.decisions[id(q)].layout.fused for q in decided),
-            in_biases=tuple((self.name(q), b) for q, (a, _q, _, _) in zip(decided, ins)
-                            if (b := self._bias_name(module, a + "_bias"))),
-            out_bias=self._bias_name(module, attr + "_bias"),
-        )
+        return len(by_orient[True]) > len(by_orient[False])
+
+    def _decide_expert_in(
+        self, mname: str, module: nn.Module, p: nn.Parameter, k: int, h: int, transposed: bool
+    ) -> None:
+        if k == h:
+            layout = Layout(stacked=True, transposed=transposed)
+        elif k % h == 0:
+            order = FUSED_ORDER_BY_CLASS.get(type(module).__name__)
+            if order is None:
+                self.undecided(
+                    p,
+                    f"fused in-projection of {type(module).__name__}: concatenated or interleaved parts? "
+                    f'pass layouts={{"{re.escape(self.name(p))}": "stacked{"+transposed" if transposed else ""}'
+                    f'+fused{k // h}:concat"}} (or :interleaved)',
+                    role="expert_in",
+                )
+                return
+            layout = Layout(stacked=True, transposed=transposed, fused=k // h, interleaved=order == "interleaved")
+        else:
+            self.undecided(p, f"in-projection width {k} is not a multiple of the hidden width {h}")
+            return
+        self.decide(p, "expert_in", f"stacked experts of {mname}: in-projection", layout, strong=True)
 
     def attention(self) -> None:
         for mname, module in self.modules.items():
@@ -362,7 +431,13 @@ class _Detector:
                 continue
             hq = _attr(module, HEAD_COUNT_ATTRS)
             lin = _linears(module)
-            if hq is None or len(lin) < 2 or not (hasattr(module, "head_dim") or hasattr(module, "config") or _attr(module, ("n_head", "n_heads"))):
+            if (
+                hq is None
+                or len(lin) < 2
+                or not (
+                    hasattr(module, "head_dim") or hasattr(module, "config") or _attr(module, ("n_head", "n_heads"))
+                )
+            ):
                 continue
             hkv = _attr(module, KV_HEAD_COUNT_ATTRS) or hq
             hd = getattr(module, "head_dim", None)
@@ -384,8 +459,9 @@ class _Detector:
                 ins = [(n, m) for n, m in lin if m is not out and m.in_features == d]
                 widths = [m.out_features for _, m in ins]
                 if len(ins) + 1 == len(lin) and (
-                        (len(ins) == 1 and widths[0] == (hq + 2 * hkv) * hd)
-                        or (len(ins) == 3 and widths[0] == hq * hd and widths[1] == widths[2] == hkv * hd)):
+                    (len(ins) == 1 and widths[0] == (hq + 2 * hkv) * hd)
+                    or (len(ins) == 3 and widths[0] == hq * hd and widths[1] == widths[2] == hkv * hd)
+                ):
                     fit = (oname, out, ins)
                     break
             if fit is None:
@@ -406,27 +482,43 @@ class _Detector:
         elif len(ins) == 3:
             slots.update(zip(("q", "k", "v"), (self.name(m.weight) for m in ins)))
         biases = tuple((self.name(m.weight), b) for m in (*ins, out) if (b := self._bias_name(m)))
-        self.blocks.append(AttentionBlock(scope, o=self.name(out.weight), hq=hq, hkv=hkv, head_dim=hd, biases=biases, **slots))
+        self.blocks.append(
+            AttentionBlock(scope, o=self.name(out.weight), hq=hq, hkv=hkv, head_dim=hd, biases=biases, **slots)
+        )
 
     def _torch_mha(self, mname: str, mha: nn.MultiheadAttention) -> None:
         why = f"nn.MultiheadAttention (H={mha.num_heads})"
         H, hd = mha.num_heads, mha.head_dim
         if mha.in_proj_weight is not None:
-            self.blocks.append(AttentionBlock(mname, o=self.name(mha.out_proj.weight), qkv=self.name(mha.in_proj_weight),
-                                              hq=H, hkv=H, head_dim=hd))
+            self.blocks.append(
+                AttentionBlock(
+                    mname, o=self.name(mha.out_proj.weight), qkv=self.name(mha.in_proj_weight), hq=H, hkv=H, head_dim=hd
+                )
+            )
         elif all(w is not None for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)):
-            self.blocks.append(AttentionBlock(
-                mname, o=self.name(mha.out_proj.weight), q=self.name(mha.q_proj_weight), k=self.name(mha.k_proj_weight),
-                v=self.name(mha.v_proj_weight), hq=H, hkv=H, head_dim=hd))
+            self.blocks.append(
+                AttentionBlock(
+                    mname,
+                    o=self.name(mha.out_proj.weight),
+                    q=self.name(mha.q_proj_weight),
+                    k=self.name(mha.k_proj_weight),
+                    v=self.name(mha.v_proj_weight),
+                    hq=H,
+                    hkv=H,
+                    head_dim=hd,
+                )
+            )
         if mha.in_proj_weight is not None:
-            self.decide(mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"), strong=True)
+            self.decide(
+                mha.in_proj_weight, "attention", why, Layout(heads=3 * mha.num_heads, head_axis="out"), strong=True
+            )
         for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight):
             if w is not None:
                 self.decide(w, "attention", why, Layout(heads=mha.num_heads, head_axis="out"), strong=True)
         self.decide(mha.out_proj.weight, "attention", why, Layout(heads=mha.num_heads, head_axis="in"), strong=True)
 
     def mlps(self) -> None:
-        expert_list = getattr(self, "_expert_list", set())
+        expert_list = self._expert_list
         for mname, module in self.modules.items():
             lin = [(n, m) for n, m in _linears(module) if id(m.weight) not in self.decisions]
             if len(lin) < 2 or len(lin) != len(_linears(module)):
@@ -453,11 +545,17 @@ class _Detector:
             for n, m in ins:
                 self.decide(m.weight, rin, f"{kind} {type(module).__name__}: {n} [h={h}, d={d}]")
             self.decide(out.weight, rout, f"{kind} {type(module).__name__}: {out_name} [d={d}, h={h}]")
-            self.blocks.append(MLPBlock(
-                mname, ins=tuple(self.name(m.weight) for _, m in ins), out=self.name(out.weight), hidden=h,
-                fused=(1,) * len(ins), in_biases=tuple((self.name(m.weight), b) for _, m in ins if (b := self._bias_name(m))),
-                out_bias=self._bias_name(out),
-            ))
+            self.blocks.append(
+                MLPBlock(
+                    mname,
+                    ins=tuple(self.name(m.weight) for _, m in ins),
+                    out=self.name(out.weight),
+                    hidden=h,
+                    fused=(1,) * len(ins),
+                    in_biases=tuple((self.name(m.weight), b) for _, m in ins if (b := self._bias_name(m))),
+                    out_bias=self._bias_name(out),
+                )
+            )
 
     def remaining(self) -> None:
         for pid, p in self.params.items():
@@ -465,7 +563,12 @@ class _Detector:
                 continue
             owner = self._owner(p, self.model)
             if p.ndim < 2 or sum(1 for s in p.shape if s > 1) <= 1:
-                self.decide(p, "vector", f"{p.ndim}-D parameter" + (f" {tuple(p.shape)}" if p.ndim >= 2 else ""), strong=p.ndim < 2)
+                self.decide(
+                    p,
+                    "vector",
+                    f"{p.ndim}-D parameter" + (f" {tuple(p.shape)}" if p.ndim >= 2 else ""),
+                    strong=p.ndim < 2,
+                )
             elif isinstance(owner, nn.modules.conv._ConvNd) and p is owner.weight:
                 self.decide(p, "matrix", f"{type(owner).__name__} kernel as a matrix [out, in*k]", Layout(flatten=True))
             elif p.ndim == 2 and type(owner).__name__ == "Conv1D" and p is getattr(owner, "weight", None):
@@ -482,8 +585,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
         else:
             return model
 
@@ -513,7 +616,7 @@ def _layer_map(name: str, small: set[str]) -> str | None:
     for i in range(len(parts) - 1, -1, -1):
         if parts[i].isdigit():
             for j in range(int(parts[i]), -1, -1):
-                cand = ".".join(parts[:i] + [str(j)] + parts[i + 1:])
+                cand = ".".join(parts[:i] + [str(j)] + parts[i + 1 :])
                 if cand in small:
                     return cand
     return None
@@ -530,7 +633,9 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         with torch.device("cpu"):
             small = type(model)(small_cfg)
     except Exception as err:  # noqa: BLE001 - an architecture whose config does not shrink
-        raise TraceError(f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}") from err
+        raise TraceError(
+            f"could not build a shrunk copy of {type(model).__name__}: {type(err).__name__}: {err}"
+        ) from err
     tr = run_trace(small, example)
     shapes = {n: tuple(p.shape) for n, p in small.named_parameters(remove_duplicate=False)}
     readings, _ = infer(tr, shapes)
@@ -541,16 +646,20 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         if m is not None:
             r = readings[m]
             out[n] = Reading(r.role, r.layout, f"{r.reason} (traced on a shrunk copy)", r.found, r.scoring, r.error)
-    note = (f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
-            f"{tr.seconds:.2f}s): the model was not materialised")
+    note = (
+        f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
+        f"{tr.seconds:.2f}s): the model was not materialised"
+    )
     return out, [], [note]
 
 
-_FAMILY = {"tied_embedding": "embedding"}
+_FAMILY: dict[str | None, str | None] = {"tied_embedding": "embedding"}
 
 
 def _agree(dec: _Decision, r: Reading) -> bool:
-    return _FAMILY.get(dec.role, dec.role) == _FAMILY.get(r.role, r.role) and (dec.role == "vector" or dec.layout == r.layout)
+    return _FAMILY.get(dec.role, dec.role) == _FAMILY.get(r.role, r.role) and (
+        dec.role == "vector" or dec.layout == r.layout
+    )
 
 
 def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[str]:
@@ -575,8 +684,10 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
             dec.reason += f" (dataflow: {r.reason})"
             continue  # the flow found nothing; the structure did
         if dec is not None and dec.strong and not _agree(dec, r):
-            conflicts.append(f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
-                             f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}")
+            conflicts.append(
+                f"  {names[0]}: structure reads {dec.role} {dec.layout.describe()} ({dec.reason}); "
+                f"dataflow reads {r.role} {r.layout.describe()} ({r.reason}); settle it with {override}"
+            )
             continue
         why = f"dataflow: {r.reason}"
         if dec is not None and dec.role is not None and not _agree(dec, r) and dec.found:
@@ -586,13 +697,16 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
         if r.role == "router" and r.scoring not in (None, "softmax"):
             router_groups[pid] = role_group("router").without("shift")
     det.entry_groups = router_groups
-    det.scorings = {pid: readings[det.names[pid][0]].scoring for pid in router_groups}
+    # router_groups holds only routers with a scoring other than softmax, so none is None
+    det.scorings = {pid: sc for pid in router_groups if (sc := readings[det.names[pid][0]].scoring) is not None}
     if conflicts:
         raise PlanError("the structure and the dataflow disagree on:\n" + "\n".join(conflicts))
     return []
 
 
-def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tuple[list[PlanEntry], list[Block], list[str]]:
+def _detect(
+    model, roles, layouts, example=None, use_trace: bool = True
+) -> tuple[list[PlanEntry], list[Block], list[str]]:
     """Entries (see :func:`detect_roles`), the blocks whose parameters are all trainable and
     notes on how the roles were found (a structural fallback is never silent)."""
     inner = unwrap(model)
@@ -601,7 +715,8 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
     det.entry_groups, det.scorings = {}, {}
     notes: list[str] = []
     if use_trace:
-        readings, tblocks = None, []
+        readings: dict[str, Reading] | None = None
+        tblocks: list[Block] = []
         try:
             if any(p.device.type == "meta" for p in inner.parameters()):
                 readings, tblocks, more = _shrunk_trace(inner, example)
@@ -637,10 +752,14 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
             if any(rx.search(n) for n in names):
                 used.add((kind, pattern))
                 if kind == "roles":
-                    decision = _Decision(value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]")
+                    decision = _Decision(
+                        value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]"
+                    )
                 else:
                     role = decision.role or det.role_hints.get(pid)
-                    decision = _Decision(role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]")
+                    decision = _Decision(
+                        role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]"
+                    )
         if decision.role is None:
             problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
             continue
@@ -652,15 +771,29 @@ def _detect(model, roles, layouts, example=None, use_trace: bool = True) -> tupl
                 continue
         module_name = names[0].rpartition(".")[0]
         group = det.entry_groups.get(pid) if decision.role == "router" else None
-        entries.append(PlanEntry(names[0], decision.role, tuple(p.shape), decision.layout, module_name, decision.reason,
-                                 tuple(names[1:]), p, found=decision.found or decision.role != "matrix", group=group))
+        entries.append(
+            PlanEntry(
+                names[0],
+                decision.role,
+                tuple(p.shape),
+                decision.layout,
+                module_name,
+                decision.reason,
+                tuple(names[1:]),
+                p,
+                found=decision.found or decision.role != "matrix",
+                group=group,
+            )
+        )
     unused = [f"{kind}[{pattern!r}]" for kind, pattern, _, _ in overrides if (kind, pattern) not in used]
     if unused:
         raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
     if problems:
-        raise PlanError("cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT)
-    names = {e.name for e in entries}
-    return entries, [b for b in det.blocks if all(p in names for p in b.params())], notes
+        raise PlanError(
+            "cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT
+        )
+    entry_names = {e.name for e in entries}
+    return entries, [b for b in det.blocks if all(p in entry_names for p in b.params())], notes
 
 
 def _with_stacked_biases(block: Block, det: _Detector) -> Block:
@@ -668,8 +801,14 @@ def _with_stacked_biases(block: Block, det: _Detector) -> Block:
     (``x @ W[e] + b[e]``): take them, as the structural pass does, from the ``<weight>_bias``
     parameter of the module that owns the stacked weight."""
     if isinstance(block, MoEBlock) and block.mlp is not None:
-        return dataclasses.replace(block, mlp=_with_stacked_biases(block.mlp, det))
-    if not isinstance(block, MLPBlock) or block.experts <= 1 or block.in_biases or block.out_bias:
+        return dataclasses.replace(block, mlp=_mlp_with_stacked_biases(block.mlp, det))
+    if isinstance(block, MLPBlock):
+        return _mlp_with_stacked_biases(block, det)
+    return block
+
+
+def _mlp_with_stacked_biases(block: MLPBlock, det: _Detector) -> MLPBlock:
+    if block.experts <= 1 or block.in_biases or block.out_bias:
         return block
     known = {n for ns in det.names.values() for n in ns}
     ins = tuple((p, p + "_bias") for p in block.ins if p + "_bias" in known)
@@ -679,8 +818,10 @@ def _with_stacked_biases(block: Block, det: _Detector) -> Block:
 
 def _with_scoring(blocks: list[Block], det: _Detector) -> list[Block]:
     by_name = {det.names[pid][0]: sc for pid, sc in det.scorings.items()}
-    return [dataclasses.replace(b, scoring=by_name[b.router]) if isinstance(b, MoEBlock) and b.router in by_name else b
-            for b in blocks]
+    return [
+        dataclasses.replace(b, scoring=by_name[b.router]) if isinstance(b, MoEBlock) and b.router in by_name else b
+        for b in blocks
+    ]
 
 
 def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], groups: Mapping[str, Group]) -> None:
@@ -699,13 +840,21 @@ def check_compatible(entries: list[PlanEntry], specs: Mapping[str, Mapping], gro
         if not missing and not extra:
             continue
         names = ", ".join(e.name for e in entries if e.role == role)
-        why = (f"not equivariant under {', '.join(f.describe() for f in missing)}" if missing else
-               f"projects out {', '.join(f.describe() for f in extra)}, which the block's loss is not invariant under")
-        problems.append(f"  role {role!r} ({names}): block group {group}; map {s['map']!r} "
-                        f"(center={s['center']}, column_aware={s['column_aware']}) has group {m.group}: {why}")
+        why = (
+            f"not equivariant under {', '.join(f.describe() for f in missing)}"
+            if missing
+            else f"projects out {', '.join(f.describe() for f in extra)}, which the block's loss is not invariant under"
+        )
+        problems.append(
+            f"  role {role!r} ({names}): block group {group}; map {s['map']!r} "
+            f"(center={s['center']}, column_aware={s['column_aware']}) has group {m.group}: {why}"
+        )
     if problems:
-        raise PlanError("incompatible update map(s):\n" + "\n".join(problems)
-                        + "\nchoose a map whose group contains the block's (see equiopt.maps.MAP_SPECS), or 'adamw'")
+        raise PlanError(
+            "incompatible update map(s):\n"
+            + "\n".join(problems)
+            + "\nchoose a map whose group contains the block's (see equiopt.maps.MAP_SPECS), or 'adamw'"
+        )
 
 
 def role_groups(broken: Mapping[str, tuple[Factor, ...]] | None = None) -> dict[str, Group]:
@@ -721,16 +870,25 @@ def role_groups(broken: Mapping[str, tuple[Factor, ...]] | None = None) -> dict[
 
 def resolve_centering(specs: dict[str, dict], groups: Mapping[str, Group]) -> dict[str, dict]:
     """``center=None`` (the default) becomes True exactly on blocks whose group has the row shift."""
-    return {role: {**s, "center": groups[role].has("shift") if s["center"] is None else s["center"]}
-            for role, s in specs.items()}
+    return {
+        role: {**s, "center": groups[role].has("shift") if s["center"] is None else s["center"]}
+        for role, s in specs.items()
+    }
 
 
 class Plan:
     """Roles, layouts and per-role hyperparameters of a model: what :func:`equiopt.build` uses."""
 
-    def __init__(self, entries: list[PlanEntry], specs: dict[str, dict], preset: str,
-                 blocks: list[Block] | None = None, groups: Mapping[str, Group] | None = None,
-                 variants: Mapping[tuple[str, Group], dict] | None = None, notes: list[str] | None = None):
+    def __init__(
+        self,
+        entries: list[PlanEntry],
+        specs: dict[str, dict],
+        preset: str,
+        blocks: list[Block] | None = None,
+        groups: Mapping[str, Group] | None = None,
+        variants: Mapping[tuple[str, Group], dict] | None = None,
+        notes: list[str] | None = None,
+    ):
         self.entries = entries
         self.specs = specs
         self.preset = preset
@@ -788,10 +946,10 @@ class Plan:
         return list(out.values())
 
     def layouts(self) -> dict[torch.Tensor, Layout]:
-        return {e.param: e.layout for e in self.entries if e.role != "vector"}
+        return {e.tensor(): e.layout for e in self.entries if e.role != "vector"}
 
     def names(self) -> dict[torch.Tensor, str]:
-        return {e.param: e.name for e in self.entries}
+        return {e.tensor(): e.name for e in self.entries}
 
     def map_label(self, role: str, spec: dict | None = None) -> str:
         s = spec if spec is not None else self.specs[role]
@@ -816,11 +974,21 @@ class Plan:
             role = e.role if e.found else f"{e.role} (no structure found)"
             if e.group is not None and e.role == "router":
                 role += " (no shift)"
-            rows.append((e.name, "x".join(map(str, e.shape)), role, layout, self.map_label(e.role, s), f"{s['lr']:g}", f"{s['weight_decay']:g}"))
+            rows.append(
+                (
+                    e.name,
+                    "x".join(map(str, e.shape)),
+                    role,
+                    layout,
+                    self.map_label(e.role, s),
+                    f"{s['lr']:g}",
+                    f"{s['weight_decay']:g}",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        n = sum(e.param.numel() for e in self.entries)
+        n = sum(e.tensor().numel() for e in self.entries)
         summary = f"{len(self.entries)} trainable tensors, {n:,} parameters, preset {self.preset!r}"
         unfound = sum(1 for e in self.entries if not e.found)
         if unfound:

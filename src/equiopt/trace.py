@@ -47,6 +47,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,24 +59,144 @@ from .layouts import MATRIX, Layout
 
 __all__ = ["Trace", "TraceError", "Reading", "trace", "infer", "default_inputs", "shrink_config", "preserved"]
 
-LINEAR_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "grouped_mm", "_grouped_mm",
-              "grouped_mm_fallback", "einsum"}
+LINEAR_OPS = {
+    "linear",
+    "matmul",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "addbmm",
+    "grouped_mm",
+    "_grouped_mm",
+    "grouped_mm_fallback",
+    "einsum",
+}
 CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-ACT_OPS = {"silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "elu", "selu", "leaky_relu", "mish", "hardswish",
-           "hardsigmoid", "relu6", "erf", "exp", "clamp", "clip", "clamp_min", "clamp_max", "pow", "sin", "cos",
-           "square", "abs", "gelu_", "silu_", "relu_", "logsigmoid", "glu", "swiglu", "sigmoid_", "tanh_"}
-REDUCE_OPS = {"mean", "sum", "var", "std", "norm", "amax", "amin", "max", "min", "logsumexp", "layer_norm",
-              "rms_norm", "group_norm", "batch_norm", "instance_norm", "softmax", "log_softmax", "_softmax",
-              "cumsum", "prod", "var_mean", "normalize", "linalg_vector_norm", "vector_norm"}
+ACT_OPS = {
+    "silu",
+    "gelu",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "softplus",
+    "elu",
+    "selu",
+    "leaky_relu",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "relu6",
+    "erf",
+    "exp",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
+    "pow",
+    "sin",
+    "cos",
+    "square",
+    "abs",
+    "gelu_",
+    "silu_",
+    "relu_",
+    "logsigmoid",
+    "glu",
+    "swiglu",
+    "sigmoid_",
+    "tanh_",
+}
+REDUCE_OPS = {
+    "mean",
+    "sum",
+    "var",
+    "std",
+    "norm",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "logsumexp",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "batch_norm",
+    "instance_norm",
+    "softmax",
+    "log_softmax",
+    "_softmax",
+    "cumsum",
+    "prod",
+    "var_mean",
+    "normalize",
+    "linalg_vector_norm",
+    "vector_norm",
+}
 SCORING_OPS = {"softmax", "log_softmax", "_softmax", "sigmoid", "sigmoid_"}
-SHAPE_OPS = {"view", "reshape", "transpose", "permute", "contiguous", "t", "T", "mT", "flatten", "unflatten",
-             "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "to", "float", "type", "type_as", "half",
-             "bfloat16", "double", "clone", "detach", "view_as", "reshape_as", "movedim", "swapaxes"}
+SHAPE_OPS = {
+    "view",
+    "reshape",
+    "transpose",
+    "permute",
+    "contiguous",
+    "t",
+    "T",
+    "mT",
+    "flatten",
+    "unflatten",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "expand_as",
+    "repeat",
+    "to",
+    "float",
+    "type",
+    "type_as",
+    "half",
+    "bfloat16",
+    "double",
+    "clone",
+    "detach",
+    "view_as",
+    "reshape_as",
+    "movedim",
+    "swapaxes",
+}
 
 
-POINTWISE_OPS = {"add", "sub", "mul", "div", "truediv", "add_", "sub_", "mul_", "div_", "cat", "concat", "stack",
-                 "where", "masked_fill", "addcmul", "lerp", "maximum", "minimum", "neg", "layer_norm", "rms_norm",
-                 "group_norm", "batch_norm", "instance_norm", "expand", "expand_as", "repeat", "to", "type_as"}
+POINTWISE_OPS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "truediv",
+    "add_",
+    "sub_",
+    "mul_",
+    "div_",
+    "cat",
+    "concat",
+    "stack",
+    "where",
+    "masked_fill",
+    "addcmul",
+    "lerp",
+    "maximum",
+    "minimum",
+    "neg",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "batch_norm",
+    "instance_norm",
+    "expand",
+    "expand_as",
+    "repeat",
+    "to",
+    "type_as",
+}
 
 
 class TraceError(RuntimeError):
@@ -93,7 +214,7 @@ class Leaf:
     index: int
     kind: str  # "linear" | "lookup" | "conv" | "attention"
     param: str | None
-    tensor: Tensor = field(repr=False)
+    tensor: Tensor | None = field(repr=False)  # None once the trace is done (the record keeps indices)
     use: int | None = None  # index into Trace.uses
     event: int | None = None  # attention event index
     feat_axis: int = -1  # the axis of the output features
@@ -219,6 +340,12 @@ class _Recorder(TorchFunctionMode):
             return _PView(self.names[id(t)], stacked=t.ndim == 3, ndim=t.ndim)
         return self.pviews.get(id(t))
 
+    def known_view(self, t) -> _PView:
+        """:meth:`pview` of a tensor the dispatcher already found to be a parameter view."""
+        pv = self.pview(t)
+        assert pv is not None, "only called on a tensor of pvs (or its weight operand): pview() is not None"
+        return pv
+
     def tag(self, t) -> dict[int, frozenset] | None:
         return self.tags.get(id(t)) if isinstance(t, Tensor) else None
 
@@ -237,8 +364,15 @@ class _Recorder(TorchFunctionMode):
                 out[k] = out.get(k, frozenset()) | fl | extra
         return out
 
-    def new_leaf(self, out: Tensor, kind: str, param: str | None, use: int | None = None,
-                 event: int | None = None, feat_axis: int = -1) -> Tensor:
+    def new_leaf(
+        self,
+        out: Tensor,
+        kind: str,
+        param: str | None,
+        use: int | None = None,
+        event: int | None = None,
+        feat_axis: int = -1,
+    ) -> Tensor:
         base = out.detach()
         if base.is_floating_point():
             base.requires_grad_(True)
@@ -270,8 +404,13 @@ class _Recorder(TorchFunctionMode):
         if name == "getitem" and pvs and pvs[0] is args[0]:
             idx = args[1]
             idx_t = [t for t in tree_flatten(idx)[0] if isinstance(t, Tensor)]
-            if idx_t and not any(id(t) in self.tags for t in idx_t) and not idx_t[0].is_floating_point() \
-                    and idx_t[0].dtype != torch.bool and self.pview(args[0]).ndim == 2:
+            if (
+                idx_t
+                and not any(id(t) in self.tags for t in idx_t)
+                and not idx_t[0].is_floating_point()
+                and idx_t[0].dtype != torch.bool
+                and self.known_view(args[0]).ndim == 2
+            ):
                 return self.lookup(func, "getitem", args, kwargs, args[0])
         if not acts:
             return self.param_view(func, name, args, kwargs, pvs)
@@ -290,7 +429,7 @@ class _Recorder(TorchFunctionMode):
     # -- handlers ---------------------------------------------------------------------
     def param_view(self, func, name, args, kwargs, pvs, routed=False):
         out = func(*args, **kwargs)
-        base = self.pview(pvs[0])
+        base = self.known_view(pvs[0])
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for o in outs:
             if not isinstance(o, Tensor):
@@ -313,7 +452,7 @@ class _Recorder(TorchFunctionMode):
 
     def lookup(self, func, name, args, kwargs, w):
         out = func(*args, **kwargs)
-        pv = self.pview(w)
+        pv = self.known_view(w)
         index = args[1] if name == "getitem" else (args[0] if args[0] is not w else args[1])
         by_input = isinstance(index, Tensor) and index.untyped_storage().data_ptr() in self.input_storages
         u = Use(pv.param, "lookup", name, features=out.shape[-1], by_input=by_input)
@@ -325,8 +464,8 @@ class _Recorder(TorchFunctionMode):
     def conv(self, func, name, args, kwargs, pvs):
         det = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
         out = func(*det[0], **det[1])
-        w = self.pview(pvs[0])
-        bias = self.pview(pvs[1]).param if len(pvs) > 1 else None
+        w = self.known_view(pvs[0])
+        bias = self.known_view(pvs[1]).param if len(pvs) > 1 else None
         x = args[0]
         u = Use(w.param, "conv", name, bias=bias, inputs=dict(self.tag(x) or {}), features=out.shape[1])
         self.tr.uses.append(u)
@@ -341,26 +480,38 @@ class _Recorder(TorchFunctionMode):
         ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         acts = [t for t in tensors if id(t) in self.tags]
         if "->" not in eq or len(ops) != 2 or sum(self.pview(t) is not None for t in ops) != 1:
-            return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts) if acts else \
-                self.param_view(func, "einsum", args, kwargs, pvs)
+            return (
+                self.generic(func, "einsum", args, kwargs, tensors, pvs, acts)
+                if acts
+                else self.param_view(func, "einsum", args, kwargs, pvs)
+            )
         lhs, out_s = eq.split("->")
         subs = lhs.split(",")
         wi = 0 if self.pview(ops[0]) is not None else 1
         w, x, ws, xs = ops[wi], ops[1 - wi], subs[wi], subs[1 - wi]
         contracted = [c for c in ws if c in xs and c not in out_s]
         if len(contracted) != 1 or not out_s or out_s[-1] not in ws or out_s[-1] in xs or w.ndim not in (2, 3):
-            return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts) if acts else \
-                self.param_view(func, "einsum", args, kwargs, pvs)
+            return (
+                self.generic(func, "einsum", args, kwargs, tensors, pvs, acts)
+                if acts
+                else self.param_view(func, "einsum", args, kwargs, pvs)
+            )
         pos_in, pos_out = ws.index(contracted[0]), ws.index(out_s[-1])
         if {pos_in, pos_out} != {w.ndim - 2, w.ndim - 1}:
             return self.generic(func, "einsum", args, kwargs, tensors, pvs, acts)
-        return self._linear_use(func, "einsum", args, kwargs, x, w, None, "out_in" if pos_out < pos_in else "in_out", [x, w])
+        return self._linear_use(
+            func, "einsum", args, kwargs, x, w, None, "out_in" if pos_out < pos_in else "in_out", [x, w]
+        )
 
     def linear(self, func, name, args, kwargs, tensors, pvs):
         flat_args = list(args) + [v for v in kwargs.values() if isinstance(v, Tensor)]
         # the weight: the parameter view in the weight position of the op
         if name == "linear":
-            w, x, b = args[1] if len(args) > 1 else kwargs.get("weight"), args[0], (args[2] if len(args) > 2 else kwargs.get("bias"))
+            w, x, b = (
+                args[1] if len(args) > 1 else kwargs.get("weight"),
+                args[0],
+                (args[2] if len(args) > 2 else kwargs.get("bias")),
+            )
             orient_used = "out_in"
         elif name in ("addmm", "baddbmm", "addbmm"):
             b, x, w = args[0], args[1], args[2]
@@ -369,8 +520,13 @@ class _Recorder(TorchFunctionMode):
             a0, a1 = args[0], args[1] if len(args) > 1 else kwargs.get("mat2", kwargs.get("other"))
             if self.pview(a1) is not None and self.pview(a0) is None:
                 x, w = a0, a1
-            elif self.pview(a0) is not None and self.pview(a1) is None and isinstance(a1, Tensor) and a1.ndim >= 2 \
-                    and a1.shape[-1] == 1:
+            elif (
+                self.pview(a0) is not None
+                and self.pview(a1) is None
+                and isinstance(a1, Tensor)
+                and a1.ndim >= 2
+                and a1.shape[-1] == 1
+            ):
                 # W x with x a column ([..., in, 1]): W read as [out, in], features on axis -2
                 return self._linear_use(func, name, args, kwargs, a1, a0, None, "out_in", [a0, a1], feat_axis=-2)
             elif self.pview(a0) is not None and self.pview(a1) is None:
@@ -385,17 +541,34 @@ class _Recorder(TorchFunctionMode):
         return self._linear_use(func, name, args, kwargs, x, w, b, orient_used, flat_args)
 
     def _linear_use(self, func, name, args, kwargs, x, w, b, orient_used, flat_args, feat_axis=-1):
-        wv = self.pview(w)
+        wv = self.known_view(w)
         det = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
         out = func(*det[0], **det[1])
         orient = orient_used if not wv.swapped else ("in_out" if orient_used == "out_in" else "out_in")
         bv = self.pview(b) if isinstance(b, Tensor) else None
         xt = self.tag(x) or {}
-        routed = wv.routed or id(x) in self.routed or any(
-            "topk_idx" in fl for t in flat_args if isinstance(t, Tensor) and t is not x and t is not w
-            for fl in (self.tag(t) or {}).values())
-        u = Use(wv.param, "linear", name, orient, wv.stacked, wv.flat_experts, routed,
-                bv.param if bv is not None else None, inputs=dict(xt), features=out.shape[feat_axis])
+        routed = (
+            wv.routed
+            or id(x) in self.routed
+            or any(
+                "topk_idx" in fl
+                for t in flat_args
+                if isinstance(t, Tensor) and t is not x and t is not w
+                for fl in (self.tag(t) or {}).values()
+            )
+        )
+        u = Use(
+            wv.param,
+            "linear",
+            name,
+            orient,
+            wv.stacked,
+            wv.flat_experts,
+            routed,
+            bv.param if bv is not None else None,
+            inputs=dict(xt),
+            features=out.shape[feat_axis],
+        )
         self.tr.uses.append(u)
         ui = len(self.tr.uses) - 1
         if isinstance(x, Tensor) and x.requires_grad:
@@ -408,7 +581,12 @@ class _Recorder(TorchFunctionMode):
 
     def generic(self, func, name, args, kwargs, tensors, pvs, acts):
         out = func(*args, **kwargs)
-        if name in REDUCE_OPS and isinstance(out, Tensor) and out.is_floating_point() and _reduces_last(name, args, kwargs):
+        if (
+            name in REDUCE_OPS
+            and isinstance(out, Tensor)
+            and out.is_floating_point()
+            and _reduces_last(name, args, kwargs)
+        ):
             # a statistic over features (a norm's mean / variance, a softmax's normalizer) would
             # make every feature depend on every other one: keep the value, let autograd see
             # only the per-feature (diagonal) path, so the probes read the projection's structure
@@ -433,7 +611,7 @@ class _Recorder(TorchFunctionMode):
             gated = self.gate(acts[0], acts[1])
             if gated is not None:
                 flags.add("gated")
-            elif self.tag(acts[0]).keys() == self.tag(acts[1]).keys():
+            elif self.tags[id(acts[0])].keys() == self.tags[id(acts[1])].keys():
                 flags.add("act")  # x * f(x): a pointwise nonlinearity (GELU's tanh form)
         if name == "mul" and len(acts) == 2 and (acts[0].shape != acts[1].shape):
             # x * rsqrt(mean(x^2)): the reduction flag travels; routing weights times expert outputs
@@ -441,11 +619,12 @@ class _Recorder(TorchFunctionMode):
         if pvs and name not in ("getitem",):
             for p in pvs:
                 if name in POINTWISE_OPS:
-                    self.tr.elementwise.setdefault(self.pview(p).param, set()).add(name)
+                    self.tr.elementwise.setdefault(self.known_view(p).param, set()).add(name)
                 else:  # an op the recorder does not model (nn.MultiheadAttention's fused forward)
-                    self.tr.opaque.add(self.pview(p).param)
+                    self.tr.opaque.add(self.known_view(p).param)
         idx_routed = name in ("getitem", "index_select", "gather", "index_add", "index_add_") and any(
-            "topk_idx" in fl for t in tensors[1:] for fl in (self.tag(t) or {}).values())
+            "topk_idx" in fl for t in tensors[1:] for fl in (self.tag(t) or {}).values()
+        )
         outs = out if isinstance(out, (tuple, list)) else (out,)
         src_special = self.special.get(id(acts[0])) if acts else None
         for o in outs:
@@ -453,12 +632,21 @@ class _Recorder(TorchFunctionMode):
                 continue
             if idx_routed or (name in SHAPE_OPS and args and id(args[0]) in self.routed):
                 self.routed.add(id(o))
-            if name == "getitem" and idx_routed:
-                tag = self.merged([args[0]])
-            else:
-                tag = self.merged(acts, frozenset(flags))
-            if not o.is_floating_point() and name in ("one_hot", "where", "nonzero", "argsort", "sort", "eq",
-                                                       "greater", "gt", "argmax", "getitem", "permute", "sum"):
+            tag = self.merged([args[0]]) if name == "getitem" and idx_routed else self.merged(acts, frozenset(flags))
+            if not o.is_floating_point() and name in (
+                "one_hot",
+                "where",
+                "nonzero",
+                "argsort",
+                "sort",
+                "eq",
+                "greater",
+                "gt",
+                "argmax",
+                "getitem",
+                "permute",
+                "sum",
+            ):
                 tag = {k: fl for k, fl in tag.items()}
             self.set_tag(o, tag)
             if src_special is not None and o.ndim == acts[0].ndim and o.shape[:-1] == acts[0].shape[:-1]:
@@ -489,7 +677,7 @@ class _Recorder(TorchFunctionMode):
             return None
         r = self._rand(t)
         n = 1 if axis is None else t.shape[axis]
-        out = []
+        out: list[tuple[int, ...]] = []
         for h in range(n):
             if axis is None:
                 w = r
@@ -497,6 +685,7 @@ class _Recorder(TorchFunctionMode):
                 mask = torch.zeros(t.shape[axis], dtype=t.dtype, device=t.device)
                 mask[h] = 1
                 w = r * mask.view(*([-1] + [1] * (t.ndim - 1 - (axis % t.ndim))))
+            assert leaf.tensor is not None, "leaf tensors are dropped only after the forward"
             g = self._grad(t, w, leaf.tensor)
             if g is None:
                 out.append(())
@@ -512,6 +701,7 @@ class _Recorder(TorchFunctionMode):
         k = att_leaves[0]
         leaf = self.tr.leaves[k]
         A = leaf.tensor  # [B, H, T, hd]
+        assert A is not None, "leaf tensors are dropped only after the forward"
         H = A.shape[-3] if A.ndim >= 3 else 1
         n = x.shape[-1]
         bits = max(1, math.ceil(math.log2(max(n, 2))))
@@ -543,7 +733,7 @@ class _Recorder(TorchFunctionMode):
 
     # -- events -----------------------------------------------------------------------
     def attention(self, func, name, args, kwargs):
-        q, k, v = (args + tuple(kwargs.get(n) for n in ("query", "key", "value")[len(args):]))[:3]
+        q, k, v = (args + tuple(kwargs.get(n) for n in ("query", "key", "value")[len(args) :]))[:3]
         out = func(*args, **kwargs)
         return self.attention_event(name, (q, k, v), out, kT=False)
 
@@ -577,7 +767,7 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def gate(self, a: Tensor, b: Tensor) -> int | None:
-        ta, tb = self.tag(a), self.tag(b)
+        ta, tb = self.tags[id(a)], self.tags[id(b)]  # both are tagged activations (generic's acts)
         if any(self.tr.leaves[k].kind != "linear" for k in (*ta, *tb)):
             return None
         if any({"scores", "topk", "reduce"} & fl for fl in (*ta.values(), *tb.values())):
@@ -656,8 +846,11 @@ def preserved(model: nn.Module):
     py_state = random.getstate()
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    buffers = [(m, n, b, b.detach().clone() if b is not None and b.device.type != "meta" else None)
-               for m in model.modules() for n, b in m._buffers.items()]
+    buffers = [
+        (m, n, b, b.detach().clone() if b is not None and b.device.type != "meta" else None)
+        for m in model.modules()
+        for n, b in m._buffers.items()
+    ]
     attrs = {id(m): dict(m.__dict__) for m in model.modules()}
     try:
         yield
@@ -713,6 +906,7 @@ def default_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict | Non
     if vocab is None:
         return None
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -734,12 +928,16 @@ def trace(model: nn.Module, inputs=None) -> Trace:
         params.setdefault(names[id(p)], p)
     if any(p.device.type == "meta" for p in params.values()):
         raise TraceError("the model is on the meta device (no values to run); plan it through shrink_config()")
-    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params.values()):
+    if any(
+        type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params.values()
+    ):
         raise TraceError("DTensor (FSDP2) parameters: the forward needs collectives")
     if inputs is None:
         inputs = default_inputs(model)
         if inputs is None:
             raise TraceError("no example batch: pass one (example=...) or give the model an nn.Embedding")
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(inputs, Tensor):
         args, kwargs = (inputs,), {}
     elif isinstance(inputs, (tuple, list)):
@@ -762,7 +960,7 @@ def trace(model: nn.Module, inputs=None) -> Trace:
                 out = model(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any failure of a user's forward becomes a note
             raise TraceError(f"the forward failed under the tracer: {type(err).__name__}: {err}") from err
-        leaves = []
+        leaves: list[int] = []
         for o in tree_flatten(_plain(out))[0]:
             if isinstance(o, Tensor) and rec.tr.vocab is not None and o.ndim >= 1 and o.shape[-1] == rec.tr.vocab:
                 leaves.extend(rec.tag(o) or {})
@@ -790,9 +988,26 @@ def _plain(out):
 # ----------------------------------------------------------------------------------------
 # large and meta models: the same architecture, smaller
 # ----------------------------------------------------------------------------------------
-WIDTH_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim", "q_lora_rank", "kv_lora_rank",
-              "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_embd", "n_inner", "d_model", "d_ff",
-              "ffn_dim", "shared_expert_intermediate_size", "d_kv", "dim", "hidden_dim")
+WIDTH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "head_dim",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_embd",
+    "n_inner",
+    "d_model",
+    "d_ff",
+    "ffn_dim",
+    "shared_expert_intermediate_size",
+    "d_kv",
+    "dim",
+    "hidden_dim",
+)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -803,7 +1018,7 @@ def shrink_config(config, width: int = 8, layers: int = 2, vocab: int = 256):
     vocabulary of ``vocab`` tokens. Role and layout readings of the small model carry over by
     name (layer indices collapse onto the pattern)."""
     cfg = copy.deepcopy(config)
-    d = getattr(cfg, "to_dict", lambda: {})()
+    d: dict[str, Any] = getattr(cfg, "to_dict", lambda: {})()
     for key in WIDTH_KEYS:
         v = d.get(key)
         if isinstance(v, int) and v >= 2 * width and v % width == 0:
@@ -819,7 +1034,7 @@ def shrink_config(config, width: int = 8, layers: int = 2, vocab: int = 256):
             if isinstance(lt, list) and lt:
                 seen = list(dict.fromkeys(lt))
                 keep = max(keep, max(lt.index(x) for x in seen) + 1)
-                setattr(cfg, "layer_types", lt[:keep])
+                cfg.layer_types = lt[:keep]
             setattr(cfg, key, keep)
     for key in ("vocab_size",):
         v = d.get(key)
@@ -902,182 +1117,289 @@ def _head_blocks(ev, params: dict, readings: dict, shapes) -> tuple:
     return tuple(out)
 
 
-def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Reading], list[Block]]:
-    """Role, layout and reason per parameter name seen in ``tr``, and the blocks found."""
-    readings: dict[str, Reading] = {}
-    blocks: list[Block] = []
+@dataclass
+class _Flow:
+    """The trace indexed by parameter: who feeds whom, for reading roles and blocks."""
+
+    uses_by: dict[str, list[Use]]
+    leaf_param: dict[int, str]  # leaves made by a parameter (every linear leaf has one)
+    leaf_use: dict[int, Use]
+    lookups: set[str]
+    logits: set[str]
+    routers: dict[str, dict[str, Any]]  # router param -> scoring flags, "E", "bias_param"
+    # filled by _add_mlp_edges and _add_attention_edges
+    mlp_out: dict[str, list[tuple[Use, list[int]]]] = field(default_factory=dict)  # out -> [(use, in leaves)]
+    mlp_in: dict[str, list[tuple[Use, str]]] = field(default_factory=dict)  # in param -> [(use, out param)]
+    mlp_group: dict[str, set[str]] = field(default_factory=dict)  # param -> every param of its MLP(s)
+    gate_parts: dict[str, list[tuple[int, tuple[int, ...], int]]] = field(
+        default_factory=dict
+    )  # (operand, feats, gate)
+    attn_in: dict[str, list[tuple[int, str, list[tuple[int, ...]]]]] = field(
+        default_factory=dict
+    )  # (event, role, sets)
+    attn_out: dict[str, list[Use]] = field(default_factory=dict)  # param -> uses reading an attention output
+    feeds_linear: set[str] = field(default_factory=set)
+
+
+def _layout_base(u: Use, **kw) -> Layout:
+    return Layout(stacked=u.stacked, transposed=u.orient == "in_out", flat_experts=u.flat_experts, **kw)
+
+
+def _flow(tr: Trace) -> _Flow:
     uses_by: dict[str, list[Use]] = {}
     for u in tr.uses:
         uses_by.setdefault(u.param, []).append(u)
-    leaf_param = {lf.index: lf.param for lf in tr.leaves}
+    leaf_param = {lf.index: lf.param for lf in tr.leaves if lf.param is not None}
     leaf_use = {lf.index: tr.uses[lf.use] for lf in tr.leaves if lf.use is not None}
-
-    def layout_base(u: Use, **kw) -> Layout:
-        return Layout(stacked=u.stacked, transposed=u.orient == "in_out", flat_experts=u.flat_experts, **kw)
-
-    # -- vocabulary ---------------------------------------------------------------------
     lookups = {u.param for u in tr.uses if u.kind == "lookup"}
-    logits = {leaf_param[k] for k in tr.logits if leaf_param.get(k) is not None and tr.leaves[k].kind in ("linear", "lookup")}
-    logits = {p for p in logits if tr.vocab is not None and any(u.kind == "linear" and u.features == tr.vocab for u in uses_by[p])}
-    # -- routers --------------------------------------------------------------------------
-    routers: dict[str, dict] = {}
+    logit_params = {
+        leaf_param[k] for k in tr.logits if leaf_param.get(k) is not None and tr.leaves[k].kind in ("linear", "lookup")
+    }
+    logits = {
+        p
+        for p in logit_params
+        if tr.vocab is not None and any(u.kind == "linear" and u.features == tr.vocab for u in uses_by[p])
+    }
+    flow = _Flow(uses_by, leaf_param, leaf_use, lookups, logits, _routers(tr, leaf_param, leaf_use))
+    _add_mlp_edges(tr, flow)
+    _add_attention_edges(tr, flow)
+    return flow
+
+
+def _routers(tr: Trace, leaf_param: dict[int, str], leaf_use: dict[int, Use]) -> dict[str, dict[str, Any]]:
+    routers: dict[str, dict[str, Any]] = {}
     for ev in tr.routers:
         for k, flags in ev.leaves.items():
             p = leaf_param.get(k)
             if p is None or tr.leaves[k].kind != "linear":
                 continue
             allf = tr.leaf_flags.get(k, set())
-            r = routers.setdefault(p, {"sigmoid": False, "softmax": False, "bias": False, "E": leaf_use[k].features,
-                                       "bias_param": leaf_use[k].bias})
+            r = routers.setdefault(
+                p,
+                {
+                    "sigmoid": False,
+                    "softmax": False,
+                    "bias": False,
+                    "E": leaf_use[k].features,
+                    "bias_param": leaf_use[k].bias,
+                },
+            )
             r["sigmoid"] |= "sigmoid" in allf
             r["softmax"] |= "softmax" in allf
             r["bias"] |= "biased" in flags
-    # -- MLPs -----------------------------------------------------------------------------
-    mlp_out: dict[str, list] = {}  # out param -> [(use, in leaves)]
-    mlp_in: dict[str, list] = {}  # in param -> [(use, out param)]
+    return routers
+
+
+def _add_mlp_edges(tr: Trace, flow: _Flow) -> None:
+    leaf_param = flow.leaf_param
     for u in tr.uses:
         if u.kind != "linear" or not u.inputs:
             continue
         ks = list(u.inputs)
-        if not all(tr.leaves[k].kind == "linear" and leaf_param[k] not in routers for k in ks):
+        if not all(tr.leaves[k].kind == "linear" and leaf_param[k] not in flow.routers for k in ks):
             continue
         fl = [u.inputs[k] for k in ks]
         if all(({"act", "gated"} & f) and not ({"reduce", "scores", "topk", "softmax"} & f) for f in fl):
-            mlp_out.setdefault(u.param, []).append((u, ks))
+            flow.mlp_out.setdefault(u.param, []).append((u, ks))
             for k in ks:
-                mlp_in.setdefault(leaf_param[k], []).append((leaf_use[k], u.param))
-    mlp_group: dict[str, set] = {}  # param -> every param of its MLP(s)
-    for out, lst in mlp_out.items():
+                flow.mlp_in.setdefault(leaf_param[k], []).append((flow.leaf_use[k], u.param))
+    for out, lst in flow.mlp_out.items():
         members = {out} | {leaf_param[k] for _, ks in lst for k in ks}
         for q in members:
-            mlp_group.setdefault(q, set()).update(members)
-    gate_parts: dict[str, list] = {}  # param -> [(operand, features)]
+            flow.mlp_group.setdefault(q, set()).update(members)
     for g in tr.gates:
         for j, op in enumerate(g.operands):
             for k, feats in op.items():
-                gate_parts.setdefault(leaf_param[k], []).append((j, feats, g.index))
-    # -- attention ------------------------------------------------------------------------
-    attn_in: dict[str, list] = {}  # param -> [(event, role, head sets)]
+                flow.gate_parts.setdefault(leaf_param[k], []).append((j, feats, g.index))
+
+
+def _add_attention_edges(tr: Trace, flow: _Flow) -> None:
+    leaf_param = flow.leaf_param
     for ev in tr.attention:
         for role, srcs in ev.sources.items():
             for k, sets in srcs.items():
-                attn_in.setdefault(leaf_param[k], []).append((ev.index, role, sets))
-    attn_out: dict[str, list] = {}
+                flow.attn_in.setdefault(leaf_param[k], []).append((ev.index, role, sets))
     for u in tr.uses:
         if u.in_heads is not None:
-            attn_out.setdefault(u.param, []).append(u)
-    feeds_linear = {leaf_param[k] for u in tr.uses if u.kind == "linear" for k in u.inputs
-                    if tr.leaves[k].kind == "linear"}
+            flow.attn_out.setdefault(u.param, []).append(u)
+    flow.feeds_linear.update(
+        leaf_param[k] for u in tr.uses if u.kind == "linear" for k in u.inputs if tr.leaves[k].kind == "linear"
+    )
 
-    for p, us in uses_by.items():
-        u = us[0]
-        shape = tuple(shapes.get(p, ()))
-        kinds = {x.kind for x in us}
-        if sum(1 for s in shape if s > 1) <= 1 and "lookup" not in kinds:
-            readings[p] = Reading("vector", reason=f"{len(shape)}-D parameter")
-            continue
-        if "lookup" in kinds:
-            if p in logits:
-                readings[p] = Reading("tied_embedding", reason="embedding lookup whose table also makes the logits")
-            else:
-                readings[p] = Reading("embedding", reason="embedding lookup by ids")
-            continue
-        if "conv" in kinds:
-            readings[p] = Reading("matrix", Layout(flatten=len(shape) > 2), f"{u.op} kernel as a matrix [out, in*k]")
-            continue
-        if p in logits:
-            readings[p] = Reading("lm_head", layout_base(u), "linear map to logits over the vocabulary")
-            continue
-        if p in routers:
-            r = routers[p]
-            scoring = "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
-            readings[p] = Reading("router", layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring)
-            continue
-        expert = any(x.routed or x.stacked or x.flat_experts for x in us) or any(
-            x.routed or x.stacked or x.flat_experts for q in mlp_group.get(p, ()) for x in uses_by.get(q, ()))
-        if p in mlp_out:
-            readings[p] = Reading("expert_out" if expert else "mlp_out", layout_base(u),
-                                  f"reads {'act(a)*b' if any('gated' in f for uu, ks in mlp_out[p] for f in uu.inputs.values()) else 'act(a)'} of "
-                                  + ", ".join(sorted({leaf_param[k] for _, ks in mlp_out[p] for k in ks})))
-            continue
-        if p in mlp_in:
-            outs = sorted({o for _, o in mlp_in[p]})
-            parts = gate_parts.get(p, [])
-            n = u.features
-            fused, order, err = 1, None, None
-            ops = {j for j, _, _ in parts}
-            if len(ops) == 2:
-                s0 = next(f for j, f, _ in parts if j == 0)
-                s1 = next(f for j, f, _ in parts if j == 1)
-                order = _fused_order(s0, s1, n)
-                if order is None:
-                    err = f"fused in-projection whose two gate operands read features {s0[:4]}... and {s1[:4]}...: neither concatenated nor interleaved halves"
-                fused = 2
-            kw = dict(fused=2, interleaved=order == "interleaved") if fused == 2 and order else {}
-            readings[p] = Reading("expert_in" if expert else "mlp_in", layout_base(u, **kw),
-                                  f"in-projection{' (fused gate|up, ' + order + ')' if order else ''} of {', '.join(outs)}",
-                                  error=err)
-            continue
-        if p in attn_in:
-            n = u.features
-            covered = set()
-            for _, _, sets in attn_in[p]:
-                for s in sets:
-                    covered.update(s)
-            if covered == set(range(n)):
-                fine = [s for _, _, sets in attn_in[p] for s in sets]
-                heads = _blocks_of(fine, n)
-                if heads is None:
-                    coarse = {}
-                    for ev, _, sets in attn_in[p]:
-                        for h, s in enumerate(sets):
-                            coarse.setdefault((ev, h), set()).update(s)
-                    heads = _blocks_of([tuple(sorted(s)) for s in coarse.values()], n)
-                roles = "/".join(sorted({r for _, r, _ in attn_in[p]}))
-                if heads is None:
-                    readings[p] = Reading("attention", layout_base(u), f"feeds attention {roles}",
-                                          error="its rows feed attention heads, but not as equal contiguous blocks per head")
-                else:
-                    readings[p] = Reading("attention", layout_base(u, heads=heads, head_axis="out"),
-                                          f"feeds attention {roles} ({heads} head blocks of {n // heads})")
-                continue
-        if p in attn_out and all(x.in_heads is not None and -1 not in x.in_heads[2] for x in attn_out[p]):
-            _, H, head_of = attn_out[p][0].in_heads
-            n = len(head_of)
-            if head_of == tuple(j // (n // H) for j in range(n)):
-                readings[p] = Reading("attention", layout_base(u, heads=H, head_axis="in"),
-                                      f"reads the attention output ({H} heads of {n // H} columns)")
-            else:
-                readings[p] = Reading("attention", layout_base(u), "reads the attention output",
-                                      error="its columns read attention heads, but not as contiguous blocks per head")
-            continue
-        if p in attn_in:
-            readings[p] = Reading("matrix", layout_base(u), "low-rank / mixed projection: part of its rows feed attention")
-            continue
-        if p in feeds_linear:
-            readings[p] = Reading("matrix", layout_base(u), "low-rank factor: its output feeds another linear map")
-            continue
-        readings[p] = Reading("matrix", layout_base(u), "no structure found", found=False)
 
+def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Reading], list[Block]]:
+    """Role, layout and reason per parameter name seen in ``tr``, and the blocks found."""
+    flow = _flow(tr)
+    readings = {p: _read(p, us, flow, shapes) for p, us in flow.uses_by.items()}
     for p, ops in tr.elementwise.items():
         if p not in readings and p not in tr.opaque:
-            readings[p] = Reading("vector", reason=f"used elementwise ({', '.join(sorted(ops))}), never as a linear map")
+            readings[p] = Reading(
+                "vector", reason=f"used elementwise ({', '.join(sorted(ops))}), never as a linear map"
+            )
     for u in tr.uses:
         if u.bias and u.bias not in readings:
             readings[u.bias] = Reading("vector", reason=f"bias of {u.param}")
+    blocks: list[Block] = []
+    vocab = _vocab_block(tr, flow, shapes)
+    if vocab is not None:
+        blocks.append(vocab)
+    for blk in _attention_blocks(tr, flow, readings, shapes):
+        if blk not in blocks:
+            blocks.append(blk)
+    mlps = _mlp_blocks(flow, readings, shapes)
+    blocks.extend(mlps)
+    blocks.extend(_moe_blocks(flow, readings, [b for b in mlps if b.experts > 1]))
+    return readings, blocks
 
-    # -- blocks ---------------------------------------------------------------------------
+
+def _read(p: str, us: list[Use], flow: _Flow, shapes: Mapping[str, tuple[int, ...]]) -> Reading:
+    """The reading of one parameter from its uses, the first rule that applies."""
+    u = us[0]
+    shape = tuple(shapes.get(p, ()))
+    kinds = {x.kind for x in us}
+    if sum(1 for s in shape if s > 1) <= 1 and "lookup" not in kinds:
+        return Reading("vector", reason=f"{len(shape)}-D parameter")
+    if "lookup" in kinds:
+        if p in flow.logits:
+            return Reading("tied_embedding", reason="embedding lookup whose table also makes the logits")
+        return Reading("embedding", reason="embedding lookup by ids")
+    if "conv" in kinds:
+        return Reading("matrix", Layout(flatten=len(shape) > 2), f"{u.op} kernel as a matrix [out, in*k]")
+    if p in flow.logits:
+        return Reading("lm_head", _layout_base(u), "linear map to logits over the vocabulary")
+    if p in flow.routers:
+        r = flow.routers[p]
+        scoring = (
+            "sigmoid" if r["sigmoid"] else ("softmax+bias" if r["bias"] else "softmax" if r["softmax"] else "none")
+        )
+        return Reading("router", _layout_base(u), f"scores of {r['E']} experts -> {scoring} -> topk", scoring=scoring)
+    expert = any(x.routed or x.stacked or x.flat_experts for x in us) or any(
+        x.routed or x.stacked or x.flat_experts for q in flow.mlp_group.get(p, ()) for x in flow.uses_by.get(q, ())
+    )
+    if p in flow.mlp_out:
+        gated = any("gated" in f for uu, _ in flow.mlp_out[p] for f in uu.inputs.values())
+        return Reading(
+            "expert_out" if expert else "mlp_out",
+            _layout_base(u),
+            f"reads {'act(a)*b' if gated else 'act(a)'} of "
+            + ", ".join(sorted({flow.leaf_param[k] for _, ks in flow.mlp_out[p] for k in ks})),
+        )
+    if p in flow.mlp_in:
+        return _read_mlp_in(p, u, flow, expert)
+    # a projection whose rows do not cover the heads falls through to the rules below
+    if p in flow.attn_in and (reading := _read_attention_in(p, u, flow)) is not None:
+        return reading
+    if p in flow.attn_out and all(x.in_heads is not None and -1 not in x.in_heads[2] for x in flow.attn_out[p]):
+        return _read_attention_out(p, u, flow)
+    if p in flow.attn_in:
+        return Reading("matrix", _layout_base(u), "low-rank / mixed projection: part of its rows feed attention")
+    if p in flow.feeds_linear:
+        return Reading("matrix", _layout_base(u), "low-rank factor: its output feeds another linear map")
+    return Reading("matrix", _layout_base(u), "no structure found", found=False)
+
+
+def _read_mlp_in(p: str, u: Use, flow: _Flow, expert: bool) -> Reading:
+    outs = sorted({o for _, o in flow.mlp_in[p]})
+    parts = flow.gate_parts.get(p, [])
+    n = u.features
+    fused, order, err = 1, None, None
+    if len({j for j, _, _ in parts}) == 2:
+        s0 = next(f for j, f, _ in parts if j == 0)
+        s1 = next(f for j, f, _ in parts if j == 1)
+        order = _fused_order(s0, s1, n)
+        if order is None:
+            err = (
+                f"fused in-projection whose two gate operands read features {s0[:4]}... and {s1[:4]}...: "
+                "neither concatenated nor interleaved halves"
+            )
+        fused = 2
+    kw = dict(fused=2, interleaved=order == "interleaved") if fused == 2 and order else {}
+    return Reading(
+        "expert_in" if expert else "mlp_in",
+        _layout_base(u, **kw),
+        f"in-projection{' (fused gate|up, ' + order + ')' if order else ''} of {', '.join(outs)}",
+        error=err,
+    )
+
+
+def _read_attention_in(p: str, u: Use, flow: _Flow) -> Reading | None:
+    """A projection feeding attention q / k / v: its head blocks, or None when its rows do
+    not cover every output feature."""
+    n = u.features
+    srcs = flow.attn_in[p]
+    covered: set[int] = set()
+    for _, _, sets in srcs:
+        for s in sets:
+            covered.update(s)
+    if covered != set(range(n)):
+        return None
+    heads = _blocks_of([s for _, _, sets in srcs for s in sets], n)
+    if heads is None:
+        # per-position sets can split a head: merge each (event, head)'s sets and try again
+        coarse: dict[tuple[int, int], set[int]] = {}
+        for ev, _, sets in srcs:
+            for h, s in enumerate(sets):
+                coarse.setdefault((ev, h), set()).update(s)
+        heads = _blocks_of([tuple(sorted(s)) for s in coarse.values()], n)
+    roles = "/".join(sorted({r for _, r, _ in srcs}))
+    if heads is None:
+        return Reading(
+            "attention",
+            _layout_base(u),
+            f"feeds attention {roles}",
+            error="its rows feed attention heads, but not as equal contiguous blocks per head",
+        )
+    return Reading(
+        "attention",
+        _layout_base(u, heads=heads, head_axis="out"),
+        f"feeds attention {roles} ({heads} head blocks of {n // heads})",
+    )
+
+
+def _read_attention_out(p: str, u: Use, flow: _Flow) -> Reading:
+    in_heads = flow.attn_out[p][0].in_heads
+    assert in_heads is not None, "attn_out holds only uses with in_heads"
+    _, H, head_of = in_heads
+    n = len(head_of)
+    if head_of == tuple(j // (n // H) for j in range(n)):
+        return Reading(
+            "attention",
+            _layout_base(u, heads=H, head_axis="in"),
+            f"reads the attention output ({H} heads of {n // H} columns)",
+        )
+    return Reading(
+        "attention",
+        _layout_base(u),
+        "reads the attention output",
+        error="its columns read attention heads, but not as contiguous blocks per head",
+    )
+
+
+def _vocab_block(tr: Trace, flow: _Flow, shapes: Mapping[str, tuple[int, ...]]) -> VocabBlock | None:
     # the token embedding: the table indexed by the input ids (positions are indexed by an
     # arange the model makes), else the one table of the vocabulary's size
     by_ids = [u.param for u in tr.uses if u.kind == "lookup" and u.by_input]
-    emb = by_ids[0] if len(set(by_ids)) == 1 else next((p for p in lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
-    head = next(iter(logits), None) if len(logits) == 1 else None
-    if emb or head:
-        hb = next((x.bias for x in uses_by.get(head, []) if x.bias), None) if head else None
-        blocks.append(VocabBlock("", embedding=emb, head=head, head_bias=hb))
+    emb = (
+        by_ids[0]
+        if len(set(by_ids)) == 1
+        else next((p for p in flow.lookups if shapes.get(p, (0,))[0] == tr.vocab), None)
+    )
+    head = next(iter(flow.logits), None) if len(flow.logits) == 1 else None
+    if not (emb or head):
+        return None
+    hb = next((x.bias for x in flow.uses_by.get(head, []) if x.bias), None) if head else None
+    return VocabBlock("", embedding=emb, head=head, head_bias=hb)
+
+
+def _attention_blocks(
+    tr: Trace, flow: _Flow, readings: dict[str, Reading], shapes: Mapping[str, tuple[int, ...]]
+) -> list[AttentionBlock]:
+    found = []
     for ev in tr.attention:
-        src = {r: [leaf_param[k] for k in s] for r, s in ev.sources.items()}
-        outs = sorted({p for p, us in attn_out.items() for x in us if x.in_heads[0] == ev.index})
+        src = {r: [flow.leaf_param[k] for k in s] for r, s in ev.sources.items()}
+        outs = sorted(
+            {p for p, us in flow.attn_out.items() for x in us if x.in_heads is not None and x.in_heads[0] == ev.index}
+        )
         if len(outs) != 1 or any(len(set(v)) != 1 for v in src.values()):
             continue
         q, k, v = (src[r][0] for r in "qkv")
@@ -1088,31 +1410,61 @@ def infer(tr: Trace, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, R
         slots = {"qkv": q} if q == k == v else ({"q": q, "k": k, "v": v} if len({q, k, v}) == 3 else None)
         if slots is None:
             continue
-        bias = tuple((p, b) for p in dict.fromkeys((q, k, v, outs[0])) for x in uses_by[p][:1] if (b := x.bias))
-        blk = AttentionBlock(_scope([q, k, v, outs[0]]), o=outs[0], hq=ev.heads, hkv=hkv, head_dim=hd, biases=bias,
-                             head_blocks=_head_blocks(ev, {"q": q, "k": k, "v": v}, readings, shapes), **slots)
-        if blk not in blocks:
-            blocks.append(blk)
-    moe_mlps: dict[str, MLPBlock] = {}
-    for out, lst in mlp_out.items():
-        ins = list(dict.fromkeys(leaf_param[k] for _, ks in lst for k in ks))
-        gated_first = sorted(ins, key=lambda p: 0 if any(j == 0 for j, _, _ in gate_parts.get(p, [])) else 1)
-        uo = uses_by[out][0]
+        bias = tuple((p, b) for p in dict.fromkeys((q, k, v, outs[0])) for x in flow.uses_by[p][:1] if (b := x.bias))
+        found.append(
+            AttentionBlock(
+                _scope([q, k, v, outs[0]]),
+                o=outs[0],
+                hq=ev.heads,
+                hkv=hkv,
+                head_dim=hd,
+                biases=bias,
+                head_blocks=_head_blocks(ev, {"q": q, "k": k, "v": v}, readings, shapes),
+                **slots,
+            )
+        )
+    return found
+
+
+def _mlp_blocks(flow: _Flow, readings: dict[str, Reading], shapes: Mapping[str, tuple[int, ...]]) -> list[MLPBlock]:
+    found = []
+    for out, lst in flow.mlp_out.items():
+        ins = list(dict.fromkeys(flow.leaf_param[k] for _, ks in lst for k in ks))
+        gated_first = sorted(ins, key=lambda p: 0 if any(j == 0 for j, _, _ in flow.gate_parts.get(p, [])) else 1)
+        uo = flow.uses_by[out][0]
         ro = readings[out]
         hidden = ro.layout.logical_shape(shapes[out])[2] if out in shapes else 0
         E = shapes[out][0] if ro.layout.stacked and not ro.layout.flat_experts else (ro.layout.flat_experts or 1)
-        blk = MLPBlock(_scope(gated_first + [out]), ins=tuple(gated_first), out=out, hidden=hidden, experts=E,
-                       fused=tuple(readings[p].layout.fused for p in gated_first),
-                       in_biases=tuple((p, b) for p in gated_first for x in uses_by[p][:1] if (b := x.bias)),
-                       out_bias=uo.bias)
-        blocks.append(blk)
-        if E > 1:
-            moe_mlps[out] = blk
-    for p, r in routers.items():
+        found.append(
+            MLPBlock(
+                _scope(gated_first + [out]),
+                ins=tuple(gated_first),
+                out=out,
+                hidden=hidden,
+                experts=E,
+                fused=tuple(readings[p].layout.fused for p in gated_first),
+                in_biases=tuple((p, b) for p in gated_first for x in flow.uses_by[p][:1] if (b := x.bias)),
+                out_bias=uo.bias,
+            )
+        )
+    return found
+
+
+def _moe_blocks(flow: _Flow, readings: dict[str, Reading], moe_mlps: list[MLPBlock]) -> list[MoEBlock]:
+    found = []
+    for p, r in flow.routers.items():
         scope = p.rpartition(".")[0].rpartition(".")[0] if p.count(".") >= 2 else ""
-        mlp = next((b for b in moe_mlps.values() if b.scope.startswith(scope + ".") or not scope), None)
+        mlp = next((b for b in moe_mlps if b.scope.startswith(scope + ".") or not scope), None)
         if mlp is not None and mlp.experts != r["E"]:
             mlp = None
-        blocks.append(MoEBlock(scope, router=p, experts=r["E"], router_bias=r["bias_param"], mlp=mlp,
-                               scoring=readings[p].scoring or "softmax"))
-    return readings, blocks
+        found.append(
+            MoEBlock(
+                scope,
+                router=p,
+                experts=r["E"],
+                router_bias=r["bias_param"],
+                mlp=mlp,
+                scoring=readings[p].scoring or "softmax",
+            )
+        )
+    return found

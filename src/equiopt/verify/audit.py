@@ -67,7 +67,12 @@ def relies_on(
     if factor.kind == "perm" and not any(orth <= f for f in m.group.factors):
         return "structure"  # the axis' basis is the map's units (row-wise maps, AdamW)
     split = layout is not None and layout.heads > 1 and spec.get("per_head", False)
-    if factor.kind in ("orth", "rope_rotation") and split and (layout.head_axis == "out") == (factor.axis == "rows"):
+    if (
+        factor.kind in ("orth", "rope_rotation")
+        and split
+        and layout is not None
+        and (layout.head_axis == "out") == (factor.axis == "rows")
+    ):
         return "structure"  # one map per head: the head split is used
     return ""
 
@@ -209,7 +214,7 @@ class Auditor:
     def unchecked(self, results: list[CheckResult]) -> list[dict]:
         """Every trainable tensor of the plan that no measured check acted on, with the reason."""
         measured = {p for c in results if c.verdict != "untested" for p in c.params}
-        untested = {}
+        untested: dict[str, str] = {}
         for c in results:
             if c.verdict == "untested":
                 for p in c.params:
