@@ -189,60 +189,63 @@ class _Detector:
                 and emb not in embeddings
             ):
                 embeddings.append(emb)
-        head = None
-        get_out = getattr(self.model, "get_output_embeddings", None)
-        if callable(get_out):
-            out = get_out()
-            if isinstance(getattr(out, "weight", None), torch.Tensor) and out.weight.ndim == 2:
-                head, head_reason = out.weight, "get_output_embeddings()"
-        if head is None and embeddings:
-            shapes = {tuple(e.weight.shape) for e in embeddings}
-            cands = [
-                m.weight
-                for m in self.modules.values()
-                if isinstance(m, nn.Linear)
-                and tuple(m.weight.shape) in shapes
-                and m.weight.shape[0] != m.weight.shape[1]
-            ]
-            if len(cands) == 1:
-                head, head_reason = cands[0], "nn.Linear with the embedding's [vocab, d] shape"
-            elif len(cands) > 1:
-                for c in cands:
-                    self.undecided(
-                        c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?"
-                    )
+        head, head_reason = self._find_head(embeddings)
+        strong = head_reason == "get_output_embeddings()"
         for emb in embeddings:
             w = emb.weight
             self.d_model = self.d_model or w.shape[-1]
             if head is not None and head is w:
                 self.decide(
-                    w,
-                    "tied_embedding",
-                    f"{type(emb).__name__} tied to the LM head ({head_reason})",
-                    strong=head_reason == "get_output_embeddings()",
+                    w, "tied_embedding", f"{type(emb).__name__} tied to the LM head ({head_reason})", strong=strong
                 )
             else:
                 self.decide(w, "embedding", type(emb).__name__, strong=True)
         if head is not None and id(head) in self.params:
-            self.decide(head, "lm_head", head_reason, strong=head_reason == "get_output_embeddings()")
+            self.decide(head, "lm_head", head_reason, strong=strong)
         token = get_in() if callable(get_in) else None
+        self._vocab_block(token, embeddings, head)
+
+    def _find_head(self, embeddings: list[nn.Embedding]) -> tuple[torch.Tensor | None, str]:
+        """The LM head: ``get_output_embeddings()``, else the one Linear of an embedding's
+        ``[vocab, d]`` shape (several such Linears: each left undecided with the question)."""
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        if callable(get_out):
+            out = get_out()
+            if isinstance(getattr(out, "weight", None), torch.Tensor) and out.weight.ndim == 2:
+                return out.weight, "get_output_embeddings()"
+        if not embeddings:
+            return None, ""
+        shapes = {tuple(e.weight.shape) for e in embeddings}
+        cands = [
+            m.weight
+            for m in self.modules.values()
+            if isinstance(m, nn.Linear) and tuple(m.weight.shape) in shapes and m.weight.shape[0] != m.weight.shape[1]
+        ]
+        if len(cands) == 1:
+            return cands[0], "nn.Linear with the embedding's [vocab, d] shape"
+        for c in cands:
+            self.undecided(c, "several Linear layers have the embedding's [vocab, d] shape; which is the LM head?")
+        return None, ""
+
+    def _vocab_block(self, token, embeddings: list[nn.Embedding], head: torch.Tensor | None) -> None:
         token_w = (
             getattr(token, "weight", None)
             if token is not None
             else (embeddings[0].weight if len(embeddings) == 1 else None)
         )
+        if token_w is None and head is None:
+            return
         head_mod = self._owner(head, self.model) if head is not None else None
-        if token_w is not None or head is not None:
-            self.blocks.append(
-                VocabBlock(
-                    "",
-                    embedding=self.name(token_w)
-                    if isinstance(token_w, nn.Parameter) and id(token_w) in self.params
-                    else None,
-                    head=self.name(head) if head is not None and id(head) in self.params else None,
-                    head_bias=self._bias_name(head_mod) if head_mod is not None else None,
-                )
+        self.blocks.append(
+            VocabBlock(
+                "",
+                embedding=self.name(token_w)
+                if isinstance(token_w, nn.Parameter) and id(token_w) in self.params
+                else None,
+                head=self.name(head) if head is not None and id(head) in self.params else None,
+                head_bias=self._bias_name(head_mod) if head_mod is not None else None,
             )
+        )
 
     def _stacked(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
@@ -713,78 +716,18 @@ def _detect(
     det = _Detector(inner)
     det.run()
     det.entry_groups, det.scorings = {}, {}
-    notes: list[str] = []
-    if use_trace:
-        readings: dict[str, Reading] | None = None
-        tblocks: list[Block] = []
-        try:
-            if any(p.device.type == "meta" for p in inner.parameters()):
-                readings, tblocks, more = _shrunk_trace(inner, example)
-                notes.extend(more)
-            else:
-                tr = run_trace(inner, example)
-                shapes = {n: tuple(p.shape) for n, p in inner.named_parameters(remove_duplicate=False)}
-                readings, tblocks = infer(tr, shapes)
-                notes.extend(tr.notes)
-        except TraceError as err:
-            notes.append(f"not traced ({err}); roles come from the module structure only")
-        if readings is not None:
-            _merge(det, readings, traced=True)
-            traced_names = set(readings)
-            keep = [b for b in det.blocks if not any(p in traced_names for p in b.params())]
-            det.blocks = [_with_stacked_biases(b, det) for b in _with_scoring(keep + list(tblocks), det)]
-    overrides = []
-    for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
-        for pattern, value in table.items():
-            if kind == "roles" and value not in ROLES:
-                raise PlanError(f"roles[{pattern!r}]: unknown role {value!r}; valid roles: {list(ROLES)}")
-            if kind == "layouts" and isinstance(value, str):
-                value = parse_layout(value)
-            overrides.append((kind, pattern, re.compile(pattern), value))
-
-    entries, problems, used = [], [], set()
+    notes = _apply_trace(det, inner, example) if use_trace else []
+    overrides = _compile_overrides(roles, layouts)
+    entries: list[PlanEntry] = []
+    problems: list[str] = []
+    used: set[tuple[str, str]] = set()
     for pid, p in det.params.items():
         if not p.requires_grad:
             continue
-        names = det.names[pid]
-        decision = det.decisions.get(pid, _Decision(None))
-        for kind, pattern, rx, value in overrides:
-            if any(rx.search(n) for n in names):
-                used.add((kind, pattern))
-                if kind == "roles":
-                    decision = _Decision(
-                        value, decision.layout if decision.role == value else MATRIX, f"override roles[{pattern!r}]"
-                    )
-                else:
-                    role = decision.role or det.role_hints.get(pid)
-                    decision = _Decision(
-                        role, value, f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]"
-                    )
-        if decision.role is None:
-            problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
-            continue
-        if decision.role != "vector":
-            try:
-                decision.layout.check(p.shape, names[0])
-            except ValueError as err:
-                problems.append(f"  {err}")
-                continue
-        module_name = names[0].rpartition(".")[0]
-        group = det.entry_groups.get(pid) if decision.role == "router" else None
-        entries.append(
-            PlanEntry(
-                names[0],
-                decision.role,
-                tuple(p.shape),
-                decision.layout,
-                module_name,
-                decision.reason,
-                tuple(names[1:]),
-                p,
-                found=decision.found or decision.role != "matrix",
-                group=group,
-            )
-        )
+        decision = _overridden(det, pid, overrides, used)
+        entry = _entry(det, pid, p, decision, problems)
+        if entry is not None:
+            entries.append(entry)
     unused = [f"{kind}[{pattern!r}]" for kind, pattern, _, _ in overrides if (kind, pattern) not in used]
     if unused:
         raise PlanError(f"override(s) {', '.join(unused)} match no trainable parameter")
@@ -794,6 +737,89 @@ def _detect(
         )
     entry_names = {e.name for e in entries}
     return entries, [b for b in det.blocks if all(p in entry_names for p in b.params())], notes
+
+
+def _apply_trace(det: _Detector, inner: nn.Module, example) -> list[str]:
+    """Run the tracer (on a shrunk copy for meta models) and merge its readings and blocks
+    over the structural ones; returns the notes (a failed trace is a note, not an error)."""
+    notes: list[str] = []
+    readings: dict[str, Reading] | None = None
+    tblocks: list[Block] = []
+    try:
+        if any(p.device.type == "meta" for p in inner.parameters()):
+            readings, tblocks, more = _shrunk_trace(inner, example)
+            notes.extend(more)
+        else:
+            tr = run_trace(inner, example)
+            shapes = {n: tuple(p.shape) for n, p in inner.named_parameters(remove_duplicate=False)}
+            readings, tblocks = infer(tr, shapes)
+            notes.extend(tr.notes)
+    except TraceError as err:
+        notes.append(f"not traced ({err}); roles come from the module structure only")
+    if readings is not None:
+        _merge(det, readings, traced=True)
+        traced_names = set(readings)
+        keep = [b for b in det.blocks if not any(p in traced_names for p in b.params())]
+        det.blocks = [_with_stacked_biases(b, det) for b in _with_scoring(keep + list(tblocks), det)]
+    return notes
+
+
+def _compile_overrides(roles, layouts) -> list[tuple]:
+    """``(kind, pattern, regex, value)`` for every ``roles=`` / ``layouts=`` override."""
+    overrides = []
+    for kind, table in (("roles", roles or {}), ("layouts", layouts or {})):
+        for pattern, value in table.items():
+            if kind == "roles" and value not in ROLES:
+                raise PlanError(f"roles[{pattern!r}]: unknown role {value!r}; valid roles: {list(ROLES)}")
+            if kind == "layouts" and isinstance(value, str):
+                value = parse_layout(value)
+            overrides.append((kind, pattern, re.compile(pattern), value))
+    return overrides
+
+
+def _overridden(det: _Detector, pid: int, overrides: list[tuple], used: set) -> _Decision:
+    """The decision for a parameter after the overrides that match any of its names."""
+    names = det.names[pid]
+    decision = det.decisions.get(pid, _Decision(None))
+    for kind, pattern, rx, value in overrides:
+        if not any(rx.search(n) for n in names):
+            continue
+        used.add((kind, pattern))
+        if kind == "roles":
+            layout = decision.layout if decision.role == value else MATRIX
+            decision = _Decision(value, layout, f"override roles[{pattern!r}]")
+        else:
+            role = decision.role or det.role_hints.get(pid)
+            reason = f"{decision.reason or 'role from structure'}; override layouts[{pattern!r}]"
+            decision = _Decision(role, value, reason)
+    return decision
+
+
+def _entry(det: _Detector, pid: int, p: nn.Parameter, decision: _Decision, problems: list[str]) -> PlanEntry | None:
+    """The plan entry of a decided parameter; an undecided or misfit one adds to ``problems``."""
+    names = det.names[pid]
+    if decision.role is None:
+        problems.append(f"  {names[0]} {tuple(p.shape)}: {det.errors.get(pid, 'no rule applies')}")
+        return None
+    if decision.role != "vector":
+        try:
+            decision.layout.check(p.shape, names[0])
+        except ValueError as err:
+            problems.append(f"  {err}")
+            return None
+    group = det.entry_groups.get(pid) if decision.role == "router" else None
+    return PlanEntry(
+        names[0],
+        decision.role,
+        tuple(p.shape),
+        decision.layout,
+        names[0].rpartition(".")[0],
+        decision.reason,
+        tuple(names[1:]),
+        p,
+        found=decision.found or decision.role != "matrix",
+        group=group,
+    )
 
 
 def _with_stacked_biases(block: Block, det: _Detector) -> Block:
