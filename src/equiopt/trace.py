@@ -580,42 +580,8 @@ class _Recorder(TorchFunctionMode):
         return ret
 
     def generic(self, func, name, args, kwargs, tensors, pvs, acts):
-        out = func(*args, **kwargs)
-        if (
-            name in REDUCE_OPS
-            and isinstance(out, Tensor)
-            and out.is_floating_point()
-            and _reduces_last(name, args, kwargs)
-        ):
-            # a statistic over features (a norm's mean / variance, a softmax's normalizer) would
-            # make every feature depend on every other one: keep the value, let autograd see
-            # only the per-feature (diagonal) path, so the probes read the projection's structure
-            x = args[0]
-            if isinstance(x, Tensor) and x.shape == out.shape and x.requires_grad:
-                out = out.detach() + (x - x.detach()).to(out.dtype)
-            else:
-                out = out.detach()
-        flags = set()
-        if name in ACT_OPS:
-            flags.add("act")
-        if name in SCORING_OPS:
-            flags.add("sigmoid" if name.startswith("sigmoid") else "softmax")
-        if name in REDUCE_OPS and _reduces_last(name, args, kwargs):
-            flags.add("reduce")
-        if name in ("add", "sub", "add_", "sub_") and len(acts) == 1:
-            others = [t for t in tensors if t is not acts[0]]
-            if any(t.ndim >= 1 and t.numel() > 1 for t in others):
-                flags.add("biased")
-        gated = None
-        if name in ("mul", "mul_") and len(acts) == 2 and acts[0].shape == acts[1].shape and acts[0].shape[-1] > 1:
-            gated = self.gate(acts[0], acts[1])
-            if gated is not None:
-                flags.add("gated")
-            elif self.tags[id(acts[0])].keys() == self.tags[id(acts[1])].keys():
-                flags.add("act")  # x * f(x): a pointwise nonlinearity (GELU's tanh form)
-        if name == "mul" and len(acts) == 2 and (acts[0].shape != acts[1].shape):
-            # x * rsqrt(mean(x^2)): the reduction flag travels; routing weights times expert outputs
-            pass
+        out = self._diagonal_statistic(func(*args, **kwargs), name, args, kwargs)
+        flags = self._flags(name, args, kwargs, tensors, acts)
         if pvs and name not in ("getitem",):
             for p in pvs:
                 if name in POINTWISE_OPS:
@@ -633,26 +599,48 @@ class _Recorder(TorchFunctionMode):
             if idx_routed or (name in SHAPE_OPS and args and id(args[0]) in self.routed):
                 self.routed.add(id(o))
             tag = self.merged([args[0]]) if name == "getitem" and idx_routed else self.merged(acts, frozenset(flags))
-            if not o.is_floating_point() and name in (
-                "one_hot",
-                "where",
-                "nonzero",
-                "argsort",
-                "sort",
-                "eq",
-                "greater",
-                "gt",
-                "argmax",
-                "getitem",
-                "permute",
-                "sum",
-            ):
-                tag = {k: fl for k, fl in tag.items()}
             self.set_tag(o, tag)
             if src_special is not None and o.ndim == acts[0].ndim and o.shape[:-1] == acts[0].shape[:-1]:
                 kind = "probs" if name in ("softmax", "_softmax") else src_special[0]
                 self.special[id(o)] = (kind,) + src_special[1:]
         return out
+
+    @staticmethod
+    def _diagonal_statistic(out, name: str, args, kwargs):
+        """A statistic over features (a norm's mean / variance, a softmax's normalizer) would
+        make every feature depend on every other one: keep the value, let autograd see only
+        the per-feature (diagonal) path, so the probes read the projection's structure."""
+        if not (
+            name in REDUCE_OPS
+            and isinstance(out, Tensor)
+            and out.is_floating_point()
+            and _reduces_last(name, args, kwargs)
+        ):
+            return out
+        x = args[0]
+        if isinstance(x, Tensor) and x.shape == out.shape and x.requires_grad:
+            return out.detach() + (x - x.detach()).to(out.dtype)
+        return out.detach()
+
+    def _flags(self, name: str, args, kwargs, tensors, acts) -> set[str]:
+        """What this op adds to the provenance of its inputs' leaves."""
+        flags = set()
+        if name in ACT_OPS:
+            flags.add("act")
+        if name in SCORING_OPS:
+            flags.add("sigmoid" if name.startswith("sigmoid") else "softmax")
+        if name in REDUCE_OPS and _reduces_last(name, args, kwargs):
+            flags.add("reduce")
+        if name in ("add", "sub", "add_", "sub_") and len(acts) == 1:
+            others = [t for t in tensors if t is not acts[0]]
+            if any(t.ndim >= 1 and t.numel() > 1 for t in others):
+                flags.add("biased")
+        if name in ("mul", "mul_") and len(acts) == 2 and acts[0].shape == acts[1].shape and acts[0].shape[-1] > 1:
+            if self.gate(acts[0], acts[1]) is not None:
+                flags.add("gated")
+            elif self.tags[id(acts[0])].keys() == self.tags[id(acts[1])].keys():
+                flags.add("act")  # x * f(x): a pointwise nonlinearity (GELU's tanh form)
+        return flags
 
     def loss_input(self, logits):
         for k in self.tag(logits) or {}:
