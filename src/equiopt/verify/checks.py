@@ -258,6 +258,16 @@ class CheckBuilder:
         names = dict.fromkeys(heads[i][0] for i in which)
         return tuple(n for p in names for n in (p, self.s.bias(blk, p)) if n)
 
+    def _qk_hints(self) -> tuple[str, str]:
+        """Why a q/k rotation check may fail: RoPE (general rotations), the pairing (RoPE planes)."""
+        has_rope = any("rotary" in type(m).__name__.lower() for m in self.w.model.modules())
+        other = "interleaved" if self.rope_pairing == "half" else "half"
+        qk = "RoPE turns q and k by position-dependent angles in fixed 2-planes; a general rotation of a head "
+        qk += "does not commute with it"
+        rope = f"rotations inside the RoPE planes ({self.rope_pairing} pairing) do not commute with this "
+        rope += f"attention; pass rope_pairing='{other}'?"
+        return (qk if has_rope else ""), rope
+
     def attention(self, blk: AttentionBlock) -> list[Check]:
         hq, hd = blk.hq, blk.head_dim
         kinds = ("vo_rotation", "qk_rotation", "qk_rope_rotation")
@@ -289,8 +299,7 @@ class CheckBuilder:
         qk_acts = lambda f: tuple((n, f) for n in qk_names if n in (blk.q, blk.k, blk.qkv))  # noqa: E731
         vo_acts = tuple((n, ORTH) for n in vo_names if n in (blk.v, blk.qkv)) + ((blk.o, Factor("orth", "cols")),)
         sus = lambda names: lambda: self.s.scope_suspects(blk.scope, set(names))  # noqa: E731
-        has_rope = any("rotary" in type(m).__name__.lower() for m in self.w.model.modules())
-        other = "interleaved" if self.rope_pairing == "half" else "half"
+        qk_hint, rope_hint = self._qk_hints()
         out = [
             Check("vo_rotation", blk.scope, vo, vo_names, vo_acts, sus(vo_names)),
             Check(
@@ -300,10 +309,7 @@ class CheckBuilder:
                 qk_names,
                 qk_acts(ORTH),
                 sus(qk_names),
-                hint="RoPE turns q and k by position-dependent angles in fixed 2-planes; a general rotation of a head "
-                "does not commute with it"
-                if has_rope
-                else "",
+                hint=qk_hint,
             ),
             Check(
                 "qk_rope_rotation",
@@ -312,8 +318,7 @@ class CheckBuilder:
                 qk_names,
                 qk_acts(rope),
                 sus(qk_names),
-                hint=f"rotations inside the RoPE planes ({self.rope_pairing} pairing) do not commute with this "
-                f"attention; pass rope_pairing='{other}'?",
+                hint=rope_hint,
             ),
         ]
         if hd % 2:
