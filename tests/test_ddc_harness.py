@@ -2,13 +2,11 @@
 the gauge table in plan.txt, configuration errors, the orbit-drift metrics in metrics.jsonl."""
 
 import math
-import random
 import re
 
 import pytest
 import torch
 
-from equiopt.train import data as D
 from equiopt.train import loop as L
 from equiopt.train.config import SweepOptions
 from equiopt.train.models import ARCHS
@@ -18,24 +16,6 @@ TIMING = ("tokens_per_s", "opt_step_s")
 QUIET = dict(progress=False, log=lambda m: None)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _text(seed, n):
-    rng = random.Random(seed)
-    words = (
-        "the king and queen of a land far away did speak to all their men at night "
-        "while wind and rain fell on every field and hill"
-    ).split()
-    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "a.txt").write_text(_text(0, 1500))
-    (root / "b.txt").write_text(_text(1, 1500))
-    data = D.DataConfig(source=str(root), vocab_size=320, cache=str(tmp_path_factory.mktemp("cache")))
-    return data, D.prepare(data, log=lambda m: None)
 
 
 def _cfg(corpus, tmp_path, **kw):

@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -31,24 +30,6 @@ MODEL = ",".join(f"{k}={v}" for k, v in TINY.items())
 TIMING = ("tokens_per_s", "opt_step_s")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _text(seed, n):
-    rng = random.Random(seed)
-    words = (
-        "the king and queen of a land far away did speak to all their men at night "
-        "while wind and rain fell on every field and hill"
-    ).split()
-    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "a.txt").write_text(_text(0, 1500))
-    (root / "b.txt").write_text(_text(1, 1500))
-    data = D.DataConfig(source=str(root), vocab_size=320, cache=str(tmp_path_factory.mktemp("cache")))
-    return data, D.prepare(data, log=lambda m: None)
 
 
 def _cfg(corpus, out, **kw):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_text
 
 import equiopt
 from equiopt.train import loop as L
@@ -30,15 +30,6 @@ LAUNCH_TIMEOUT = float(os.environ.get("EQUIOPT_DIST_LAUNCH_TIMEOUT", 150))
 TIMING = ("tokens_per_s", "opt_step_s")
 TOL = 1e-5
 MODEL = "hidden_size=32,intermediate_size=48,num_layers=2,num_heads=2,num_kv_heads=1,head_dim=16"
-
-
-def _text(seed, n):
-    rng = random.Random(seed)
-    words = (
-        "the king and queen of a land far away did speak to all their men at night "
-        "while wind and rain fell on every field and hill"
-    ).split()
-    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
 
 
 def _args(root: Path, out: str, *extra: str) -> list[str]:
@@ -89,8 +80,8 @@ def root():
     """Corpus, tokenizer cache and the single-process reference run (in this process)."""
     d = Path(tempfile.mkdtemp(prefix="equiopt-train-dist-"))
     (d / "text").mkdir()
-    (d / "text" / "a.txt").write_text(_text(0, 1500))
-    (d / "text" / "b.txt").write_text(_text(1, 1500))
+    (d / "text" / "a.txt").write_text(synthetic_text(0, 1500))
+    (d / "text" / "b.txt").write_text(synthetic_text(1, 1500))
     from equiopt.cli import main
 
     threads = torch.get_num_threads()

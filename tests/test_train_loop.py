@@ -2,12 +2,10 @@
 
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
 
-from equiopt.train import data as D
 from equiopt.train import loop as L
 from equiopt.train.models import ARCHS, build_model, preset
 
@@ -15,25 +13,7 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num
 TIMING = ("tokens_per_s", "opt_step_s")
 
 
-def _text(seed, n):
-    rng = random.Random(seed)
-    words = (
-        "the king and queen of a land far away did speak to all their men at night "
-        "while wind and rain fell on every field and hill"
-    ).split()
-    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "a.txt").write_text(_text(0, 1500))
-    (root / "b.txt").write_text(_text(1, 1500))
-    data = D.DataConfig(source=str(root), vocab_size=320, cache=str(tmp_path_factory.mktemp("cache")))
-    return data, D.prepare(data, log=lambda m: None)
 
 
 def _cfg(corpus, tmp_path, **kw):
