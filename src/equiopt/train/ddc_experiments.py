@@ -510,7 +510,7 @@ def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
             with torch.no_grad():
                 acc = float((model(xv).argmax(-1) == yv).float().mean())
                 tacc = float((model(xt).argmax(-1) == yt).float().mean())
-            hist.append({"step": step, "train_loss": float(loss), "train_acc": tacc, "val_acc": acc})
+            hist.append({"step": step, "train_loss": loss.item(), "train_acc": tacc, "val_acc": acc})
             if hit is None and acc > opts["target_acc"]:
                 hit = step
                 break  # generalised: the step is what is measured
