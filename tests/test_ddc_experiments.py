@@ -25,8 +25,10 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num
 
 def _text(seed, n):
     rng = random.Random(seed)
-    words = ("the king and queen of a land far away did speak to all their men at night "
-             "while wind and rain fell on every field and hill").split()
+    words = (
+        "the king and queen of a land far away did speak to all their men at night "
+        "while wind and rain fell on every field and hill"
+    ).split()
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
 
 
@@ -39,10 +41,31 @@ def corpus(tmp_path_factory):
 
 
 def test_collapse_end_to_end(corpus, tmp_path):
-    base = TrainConfig(arch="qwen3", steps=12, batch_size=4, seq_len=32, eval_every=2, eval_tokens=256,
-                       ckpt_every=0, warmup=1, schedule="constant", model=TINY, data=corpus, out=str(tmp_path))
-    opts = X.CollapseOptions(optimizers=["adamw", "ddc_adam"], seeds=2, train_tokens=3000, train_eval_tokens=256,
-                             probe_seqs=4, probe_len=16, lr_scales=[0.5, 1.0], sweep_steps=4, jobs=1)
+    base = TrainConfig(
+        arch="qwen3",
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        eval_every=2,
+        eval_tokens=256,
+        ckpt_every=0,
+        warmup=1,
+        schedule="constant",
+        model=TINY,
+        data=corpus,
+        out=str(tmp_path),
+    )
+    opts = X.CollapseOptions(
+        optimizers=["adamw", "ddc_adam"],
+        seeds=2,
+        train_tokens=3000,
+        train_eval_tokens=256,
+        probe_seqs=4,
+        probe_len=16,
+        lr_scales=[0.5, 1.0],
+        sweep_steps=4,
+        jobs=1,
+    )
     s = X.collapse(base, opts, tmp_path, log=lambda m: None)
     rows = s["rows"]
     assert set(rows) == {"adamw", "ddc_adam"} and rows["adamw"]["n"] == 2
@@ -67,14 +90,26 @@ def test_collapse_end_to_end(corpus, tmp_path):
 def test_train_slice_probe_and_train_subset(corpus, tmp_path):
     from equiopt.train.rundir import RunDir
 
-    cfg = TrainConfig(arch="qwen3", steps=2, batch_size=2, seq_len=16, eval_every=2, eval_tokens=64,
-                      model=TINY, data=corpus, out=str(tmp_path / "r"))
+    cfg = TrainConfig(
+        arch="qwen3",
+        steps=2,
+        batch_size=2,
+        seq_len=16,
+        eval_every=2,
+        eval_tokens=64,
+        model=TINY,
+        data=corpus,
+        out=str(tmp_path / "r"),
+    )
     prep = D.prepare(corpus, log=lambda m: None)
     extra = dict(train_tokens=500, train_eval_tokens=64, probe_seqs=3, probe_len=8)
     T = type("_T", (X.CollapseTrainer,), {"extra": extra})
     tr = T(cfg, None, RunDir(cfg.out), prep, lambda m: None)
     assert [len(s) for s in tr.train_w.shards] == [500]
-    assert torch.equal(torch.tensor(np.asarray(tr.train_w.shards[0], dtype=np.int64)), torch.tensor(np.asarray(prep.train[0][:500], dtype=np.int64)))
+    assert torch.equal(
+        torch.tensor(np.asarray(tr.train_w.shards[0], dtype=np.int64)),
+        torch.tensor(np.asarray(prep.train[0][:500], dtype=np.int64)),
+    )
     assert len(tr.sampler.w) == (500 - 1) // 16
     assert tuple(tr.probe_x.shape) == (3, 8) and torch.equal(tr.probe_x[:, 1:], tr.probe_y[:, :-1])
     assert len(tr.train_eval_idx) == 64 // 16
@@ -91,17 +126,48 @@ def test_grok_data_and_labels():
 
 @pytest.mark.parametrize("opt", ["muon", "ddc_muon", "adamw", "ddc_adam"])
 def test_grok_run_trains(opt):
-    d = dict(modulus=11, train_fraction=0.5, depth=3, width=16, hidden=16, steps=30, eval_every=10,
-             lr_scale=1.0, target_acc=0.99)
+    d = dict(
+        modulus=11,
+        train_fraction=0.5,
+        depth=3,
+        width=16,
+        hidden=16,
+        steps=30,
+        eval_every=10,
+        lr_scale=1.0,
+        target_acc=0.99,
+    )
     r = X.grok_run(d, opt, 0)
     assert r["status"] == "done" and r["history"]
     assert r["history"][-1]["train_acc"] > r["history"][0]["train_acc"] or r["history"][-1]["train_acc"] == 1.0
 
 
 def test_grok_command(tmp_path):
-    rc = main(["ddc-grok", "--optimizers", "muon,ddc_muon", "--seeds", "2", "--modulus", "7", "--depth", "2",
-               "--width", "8", "--hidden", "8", "--steps", "10", "--eval-every", "5", "--jobs", "1",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "ddc-grok",
+            "--optimizers",
+            "muon,ddc_muon",
+            "--seeds",
+            "2",
+            "--modulus",
+            "7",
+            "--depth",
+            "2",
+            "--width",
+            "8",
+            "--hidden",
+            "8",
+            "--steps",
+            "10",
+            "--eval-every",
+            "5",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["rows"]["muon"]["seeds"] == 2 and "Fisher exact" in (tmp_path / "summary.md").read_text()

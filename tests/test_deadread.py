@@ -65,7 +65,11 @@ def _per_sample_grads(m, x, y, pname):
 def test_fisher_gram_matches_torch_func_per_sample_gradients():
     m, x, y = _model_and_batch()
     obs_sites = {s.name: s for s in R.find_sites(m)}
-    for site, pname in (("L0.mlp_in", "blocks.0.fc1.weight"), ("L1.mlp_out", "blocks.1.fc2.weight"), ("head", "lm_head.weight")):
+    for site, pname in (
+        ("L0.mlp_in", "blocks.0.fc1.weight"),
+        ("L1.mlp_out", "blocks.1.fc2.weight"),
+        ("head", "lm_head.weight"),
+    ):
         g = _per_sample_grads(m, x, y, pname)
         k_oracle = g @ g.T
         ev = torch.linalg.eigvalsh(k_oracle)
@@ -137,7 +141,9 @@ def test_criterion_rejects_noise_and_constants():
 
 
 def test_fit_trajectory_counts_cells():
-    hist = [{"step": s, "obs": {"a": {"act_smin": max(s, 1) ** -0.5, "dead": 0}}} for s in (0, 10, 20, 40, 80, 160, 320)]
+    hist = [
+        {"step": s, "obs": {"a": {"act_smin": max(s, 1) ** -0.5, "dead": 0}}} for s in (0, 10, 20, 40, 80, 160, 320)
+    ]
     fits = R.fit_trajectory(hist)
     assert fits["a"]["act_smin"]["read"] == {"main": True, "loose": True, "strict": True}
     assert R.count_read(fits) == (1, 2)

@@ -329,7 +329,13 @@ def _audit_run(args) -> int:
 # `equiopt ddc-collapse`'s defaults where they differ from the dataclasses' (the full run:
 # ~10 epochs of a 300k-token slice; results/ddc/collapse/run.sh)
 COLLAPSE_DEFAULTS = dict(
-    steps=3000, batch_size=8, seq_len=128, eval_every=150, eval_tokens=8192, schedule="constant", out="runs/ddc-collapse"
+    steps=3000,
+    batch_size=8,
+    seq_len=128,
+    eval_every=150,
+    eval_tokens=8192,
+    schedule="constant",
+    out="runs/ddc-collapse",
 )
 
 

@@ -64,7 +64,7 @@ def find_sites(model: nn.Module) -> list[Site]:
     """The readout's sites in model order (see the module docstring)."""
     sites: list[Site] = []
     blocks: dict[str, int] = {}
-    for name, mod in model.named_modules():
+    for name, _ in model.named_modules():
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in BLOCK_LISTS and parts[-1].isdigit():
             parent = model.get_submodule(".".join(parts[:-1]))

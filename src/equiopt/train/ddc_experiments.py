@@ -161,8 +161,11 @@ def _collapse_worker(cfg_dict: dict, extra: dict, overwrite: bool) -> dict:
     except Exception as e:  # a diverged run is a result
         final = {"status": f"failed: {e}", "config": cfg.to_dict(), "extra": extra}
     final["run_wall_s"] = time.time() - t0
-    print(f"[ddc-collapse] {cfg.optimizer} seed {cfg.seed} lr_scale {cfg.lr_scale:g}: {final.get('status')} "
-          f"val {final.get('val_loss', float('nan')):.4f} ({final['run_wall_s']:.0f} s)", flush=True)
+    print(
+        f"[ddc-collapse] {cfg.optimizer} seed {cfg.seed} lr_scale {cfg.lr_scale:g}: {final.get('status')} "
+        f"val {final.get('val_loss', float('nan')):.4f} ({final['run_wall_s']:.0f} s)",
+        flush=True,
+    )
     return final
 
 
@@ -241,16 +244,26 @@ def run_metrics(run_dir: Path, fit_from_step: float) -> dict:
         "fits": fits,
         "history": [
             {k: r[k] for k in ("step", "gap", "val_loss", "train_eval_loss")}
-            | {"balance_mean": r["gauge"].get("balance_mean"), "vo_angle": r["gauge"].get("vo_angle"),
-               "head_mean_row_change": r["gauge"].get("head_mean_row_change")}
+            | {
+                "balance_mean": r["gauge"].get("balance_mean"),
+                "vo_angle": r["gauge"].get("vo_angle"),
+                "head_mean_row_change": r["gauge"].get("head_mean_row_change"),
+            }
             for r in rs
         ],
         "readout_s": float(np.mean([r["readout_s"] for r in rs])),
     }
 
 
-def collapse(base: TrainConfig, opts: CollapseOptions, out: Path, *, overwrite: bool = False, log=print,
-             command: str | None = None) -> dict:
+def collapse(
+    base: TrainConfig,
+    opts: CollapseOptions,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    log=print,
+    command: str | None = None,
+) -> dict:
     check_grid([base.arch], opts.optimizers)
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -262,9 +275,20 @@ def collapse(base: TrainConfig, opts: CollapseOptions, out: Path, *, overwrite: 
     if len(opts.lr_scales) > 1:
         specs = [(o, s) for o in opts.optimizers for s in opts.lr_scales]
         args = [
-            (dataclasses.replace(base, optimizer=o, lr_scale=s, seed=1000, steps=opts.sweep_steps,
-                                 eval_every=max(1, opts.sweep_steps // 4), keep_checkpoint=False,
-                                 out=str(out / "sweep" / o / f"lr{s:g}")).to_dict(), extra, overwrite)
+            (
+                dataclasses.replace(
+                    base,
+                    optimizer=o,
+                    lr_scale=s,
+                    seed=1000,
+                    steps=opts.sweep_steps,
+                    eval_every=max(1, opts.sweep_steps // 4),
+                    keep_checkpoint=False,
+                    out=str(out / "sweep" / o / f"lr{s:g}"),
+                ).to_dict(),
+                extra,
+                overwrite,
+            )
             for o, s in specs
         ]
         finals = _run_pool(_collapse_worker, args, opts.jobs)
@@ -284,8 +308,13 @@ def collapse(base: TrainConfig, opts: CollapseOptions, out: Path, *, overwrite: 
     # 2. the runs
     cells = [(o, seed) for o in opts.optimizers for seed in range(opts.seeds)]
     args = [
-        (dataclasses.replace(base, optimizer=o, seed=seed, lr_scale=best[o]["lr_scale"],
-                             out=str(out / "runs" / o / f"seed{seed}")).to_dict(), extra, overwrite)
+        (
+            dataclasses.replace(
+                base, optimizer=o, seed=seed, lr_scale=best[o]["lr_scale"], out=str(out / "runs" / o / f"seed{seed}")
+            ).to_dict(),
+            extra,
+            overwrite,
+        )
         for o, seed in cells
     ]
     finals = _run_pool(_collapse_worker, args, opts.jobs)
@@ -309,8 +338,11 @@ def collapse(base: TrainConfig, opts: CollapseOptions, out: Path, *, overwrite: 
         commit=git_revision(),
         command=command,
     )
-    write_json(out / "summary.json", {**summary, "per_run": {o: [{k: v for k, v in m.items() if k != "fits"}
-                                                            for m in ms] for o, ms in per.items()}}, "summary")
+    write_json(
+        out / "summary.json",
+        {**summary, "per_run": {o: [{k: v for k, v in m.items() if k != "fits"} for m in ms] for o, ms in per.items()}},
+        "summary",
+    )
     write_json(out / "fits.json", {o: [m["fits"] for m in ms] for o, ms in per.items()}, "the readout's fits")
     md = _collapse_markdown(summary, opts, base)
     write_text(out / "summary.md", md, "the report")
@@ -319,8 +351,17 @@ def collapse(base: TrainConfig, opts: CollapseOptions, out: Path, *, overwrite: 
     return summary
 
 
-METRICS = ("gap", "val_min", "val_min_step", "collapse", "val_final", "train_final", "balance_mean",
-           "head_mean_row_change", "vo_angle")
+METRICS = (
+    "gap",
+    "val_min",
+    "val_min_step",
+    "collapse",
+    "val_final",
+    "train_final",
+    "balance_mean",
+    "head_mean_row_change",
+    "vo_angle",
+)
 
 
 def _collapse_summary(per: dict[str, list[dict]], opts: CollapseOptions) -> dict:
@@ -354,13 +395,20 @@ def _collapse_markdown(s: dict, opts: CollapseOptions, base: TrainConfig) -> str
         f"runs {s['wall_s']['runs']:.0f} s, total {s['wall_s']['total']:.0f} s; load average at the end "
         f"{', '.join(f'{x:.2f}' for x in s.get('load_average', []))}.\n"
     )
-    L.append("Learning rates (lr_scale; sweep = min val loss over a "
-             f"{opts.sweep_steps}-step run, seed 1000): " + ", ".join(
-                 f"{o} {v['lr_scale']:g}{' (edge)' if v.get('at_edge') else ''}" for o, v in s["lr"].items()) + "\n")
-    L.append("Mean +- std over seeds (eval mode, fixed train / val subsets; gap = L_val - L_train at the end; "
-             "collapse = L_val(final) - min L_val). Welch p against AdamW / Muon.\n")
-    L.append("| optimizer | gap | p vs adamw | p vs muon | min L_val | at step | collapse | p vs adamw | p vs muon "
-             "| final L_train | balance drift | head mean-row drift | V/O angle |")
+    L.append(
+        "Learning rates (lr_scale; sweep = min val loss over a "
+        f"{opts.sweep_steps}-step run, seed 1000): "
+        + ", ".join(f"{o} {v['lr_scale']:g}{' (edge)' if v.get('at_edge') else ''}" for o, v in s["lr"].items())
+        + "\n"
+    )
+    L.append(
+        "Mean +- std over seeds (eval mode, fixed train / val subsets; gap = L_val - L_train at the end; "
+        "collapse = L_val(final) - min L_val). Welch p against AdamW / Muon.\n"
+    )
+    L.append(
+        "| optimizer | gap | p vs adamw | p vs muon | min L_val | at step | collapse | p vs adamw | p vs muon "
+        "| final L_train | balance drift | head mean-row drift | V/O angle |"
+    )
     L.append("|---|" + "---|" * 12)
     for o, r in rows.items():
         pa, pm = r.get("p_vs_adamw", {}), r.get("p_vs_muon", {})
@@ -370,10 +418,14 @@ def _collapse_markdown(s: dict, opts: CollapseOptions, base: TrainConfig) -> str
             f"{_fmt_p(pm.get('collapse'))} | {_ms(r['train_final'])} | {_ms(r['balance_mean'])} | "
             f"{_ms(r['head_mean_row_change'])} | {_ms(r['vo_angle'])} |"
         )
-    L.append("\nDead-direction readout (docs/dead_directions.md; criterion fixed before these runs). Cells read "
-             "per run, mean +- std over seeds, under the main criterion and the two sensitivity variants:\n")
-    L.append("| optimizer | cells | read (main) | p vs adamw | p vs muon | read (loose) | read (strict) | "
-             "of main reads, slope < 0 |")
+    L.append(
+        "\nDead-direction readout (docs/dead_directions.md; criterion fixed before these runs). Cells read "
+        "per run, mean +- std over seeds, under the main criterion and the two sensitivity variants:\n"
+    )
+    L.append(
+        "| optimizer | cells | read (main) | p vs adamw | p vs muon | read (loose) | read (strict) | "
+        "of main reads, slope < 0 |"
+    )
     L.append("|---|---|---|---|---|---|---|---|")
     for o, r in rows.items():
         L.append(
@@ -381,8 +433,10 @@ def _collapse_markdown(s: dict, opts: CollapseOptions, base: TrainConfig) -> str
             f"{_fmt_p(r.get('p_vs_muon', {}).get('read_main'))} | {_ms(r['read_loose'])} | "
             f"{_ms(r['read_strict'])} | {_ms(r['read_negative_slope'])} |"
         )
-    L.append("\nPlots: `gap.png` (gap over training), `drift.png` (orbit drift), `readout_heatmap.png` "
-             "(fraction of seeds reading each cell). Per-run numbers: `summary.json`; every fit: `fits.json`.\n")
+    L.append(
+        "\nPlots: `gap.png` (gap over training), `drift.png` (orbit drift), `readout_heatmap.png` "
+        "(fraction of seeds reading each cell). Per-run numbers: `summary.json`; every fit: `fits.json`.\n"
+    )
     return "\n".join(L) + "\n"
 
 
@@ -400,7 +454,9 @@ def _collapse_plots(per: dict[str, list[dict]], out: Path) -> None:
             continue
         steps = [h["step"] for h in ms[0]["history"]]
         for j, key in enumerate(("gap", "val_loss")):
-            arr = np.array([[h[key] for h in m["history"]][: len(steps)] for m in ms if len(m["history"]) >= len(steps)])
+            arr = np.array(
+                [[h[key] for h in m["history"]][: len(steps)] for m in ms if len(m["history"]) >= len(steps)]
+            )
             ax[j].plot(steps, arr.mean(0), label=o)
             if len(arr) > 1:
                 ax[j].fill_between(steps, arr.min(0), arr.max(0), alpha=0.2)
@@ -416,8 +472,14 @@ def _collapse_plots(per: dict[str, list[dict]], out: Path) -> None:
             if not ms:
                 continue
             steps = [h["step"] for h in ms[0]["history"]]
-            vals = np.array([[np.nan if h[key] is None else h[key] for h in m["history"]][: len(steps)] for m in ms
-                             if len(m["history"]) >= len(steps)], float)
+            vals = np.array(
+                [
+                    [np.nan if h[key] is None else h[key] for h in m["history"]][: len(steps)]
+                    for m in ms
+                    if len(m["history"]) >= len(steps)
+                ],
+                float,
+            )
             ax[j].plot(steps, np.nanmean(vals, 0), label=o)
         ax[j].set(xlabel="step", title=f"orbit drift: {key}")
     ax[0].legend()
@@ -514,9 +576,16 @@ def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
             if hit is None and acc > opts["target_acc"]:
                 hit = step
                 break  # generalised: the step is what is measured
-    return {"optimizer": optimizer, "seed": seed, "status": status, "grok_step": hit, "history": hist,
-            "final_val_acc": hist[-1]["val_acc"] if hist else math.nan,
-            "final_train_acc": hist[-1]["train_acc"] if hist else math.nan, "wall_s": time.time() - t0}
+    return {
+        "optimizer": optimizer,
+        "seed": seed,
+        "status": status,
+        "grok_step": hit,
+        "history": hist,
+        "final_val_acc": hist[-1]["val_acc"] if hist else math.nan,
+        "final_train_acc": hist[-1]["train_acc"] if hist else math.nan,
+        "wall_s": time.time() - t0,
+    }
 
 
 def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
@@ -546,31 +615,48 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
             "final_train_acc": [r["final_train_acc"] for r in rs],
             "diverged": sum(r["status"] != "done" for r in rs),
         }
-    summary = {"rows": rows, "options": d, "wall_s": wall, "load_average": list(os.getloadavg()),
-               "commit": git_revision(), "command": command}
+    summary = {
+        "rows": rows,
+        "options": d,
+        "wall_s": wall,
+        "load_average": list(os.getloadavg()),
+        "commit": git_revision(),
+        "command": command,
+    }
     write_json(out / "summary.json", {**summary, "runs": res}, "summary")
-    L = ["# ddc-grok: a + b mod p on a deep narrow residual ReLU MLP\n",
-         f"Commit `{summary['commit']}`. Command: `{command}`\n",
-         f"p = {opts.modulus}, train fraction {opts.train_fraction}, depth {opts.depth}, width {opts.width}, "
-         f"hidden {opts.hidden}, full-batch, budget {opts.steps} steps (val accuracy checked every "
-         f"{opts.eval_every}), preset learning rates x {opts.lr_scale:g}; seeds 0..{opts.seeds - 1}. Wall "
-         f"{wall:.0f} s with {opts.jobs} job(s); load average {', '.join(f'{x:.2f}' for x in summary['load_average'])}.\n",
-         "| optimizer | generalised (val acc > "
-         f"{opts.target_acc:.0%}) | steps when they did | final val acc (all seeds) | final train acc | diverged |",
-         "|---|---|---|---|---|---|"]
+    L = [
+        "# ddc-grok: a + b mod p on a deep narrow residual ReLU MLP\n",
+        f"Commit `{summary['commit']}`. Command: `{command}`\n",
+        f"p = {opts.modulus}, train fraction {opts.train_fraction}, depth {opts.depth}, width {opts.width}, "
+        f"hidden {opts.hidden}, full-batch, budget {opts.steps} steps (val accuracy checked every "
+        f"{opts.eval_every}), preset learning rates x {opts.lr_scale:g}; seeds 0..{opts.seeds - 1}. Wall "
+        f"{wall:.0f} s with {opts.jobs} job(s); load average "
+        f"{', '.join(f'{x:.2f}' for x in summary['load_average'])}.\n",
+        "| optimizer | generalised (val acc > "
+        f"{opts.target_acc:.0%}) | steps when they did | final val acc (all seeds) | final train acc | diverged |",
+        "|---|---|---|---|---|---|",
+    ]
     for o, r in rows.items():
-        L.append(f"| {o} | {r['generalised']} / {r['seeds']} | {r['grok_steps'] or '-'} | "
-                 f"{_ms(r['final_val_acc'])} | {_ms(r['final_train_acc'])} | {r['diverged']} |")
+        L.append(
+            f"| {o} | {r['generalised']} / {r['seeds']} | {r['grok_steps'] or '-'} | "
+            f"{_ms(r['final_val_acc'])} | {_ms(r['final_train_acc'])} | {r['diverged']} |"
+        )
     pairs = [("muon", "ddc_muon"), ("adamw", "ddc_adam")]
     for a, b in pairs:
         if a in rows and b in rows:
             from scipy.stats import fisher_exact
 
             ra, rb = rows[a], rows[b]
-            pv = fisher_exact([[ra["generalised"], ra["seeds"] - ra["generalised"]],
-                               [rb["generalised"], rb["seeds"] - rb["generalised"]]]).pvalue
-            L.append(f"\n{b} vs {a}: {rb['generalised']}/{rb['seeds']} vs {ra['generalised']}/{ra['seeds']} "
-                     f"generalised, Fisher exact p = {pv:.2g}.")
+            pv = fisher_exact(
+                [
+                    [ra["generalised"], ra["seeds"] - ra["generalised"]],
+                    [rb["generalised"], rb["seeds"] - rb["generalised"]],
+                ]
+            ).pvalue
+            L.append(
+                f"\n{b} vs {a}: {rb['generalised']}/{rb['seeds']} vs {ra['generalised']}/{ra['seeds']} "
+                f"generalised, Fisher exact p = {pv:.2g}."
+            )
     md = "\n".join(L) + "\n"
     write_text(out / "summary.md", md, "the report")
     log(md)
