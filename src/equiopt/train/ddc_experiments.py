@@ -615,11 +615,12 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
             "final_train_acc": [r["final_train_acc"] for r in rs],
             "diverged": sum(r["status"] != "done" for r in rs),
         }
+    load = list(os.getloadavg())
     summary = {
         "rows": rows,
         "options": d,
         "wall_s": wall,
-        "load_average": list(os.getloadavg()),
+        "load_average": load,
         "commit": git_revision(),
         "command": command,
     }
@@ -631,7 +632,7 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
         f"hidden {opts.hidden}, full-batch, budget {opts.steps} steps (val accuracy checked every "
         f"{opts.eval_every}), preset learning rates x {opts.lr_scale:g}; seeds 0..{opts.seeds - 1}. Wall "
         f"{wall:.0f} s with {opts.jobs} job(s); load average "
-        f"{', '.join(f'{x:.2f}' for x in summary['load_average'])}.\n",
+        f"{', '.join(f'{x:.2f}' for x in load)}.\n",
         "| optimizer | generalised (val acc > "
         f"{opts.target_acc:.0%}) | steps when they did | final val acc (all seeds) | final train acc | diverged |",
         "|---|---|---|---|---|---|",
