@@ -31,6 +31,7 @@ from .planner import plan as make_plan
 from .presets import PRESETS
 from .train.config import CompareOptions, RunOptions, SweepOptions, TrainConfig
 from .train.data import DataError
+from .train.ddc_experiments import CollapseOptions, GrokOptions, collapse, grok
 from .train.experiments import _lr_for, compare, load_lrs, sweep
 from .train.loop import TrainingDiverged, TrainingInterrupted, train
 from .train.options import add_dataclass_options, from_namespace, option
@@ -323,6 +324,53 @@ def _audit_run(args) -> int:
     return audit.run(args)
 
 
+# ----------------------------------------------------------------------------- DDC experiments (issue #15)
+
+# `equiopt ddc-collapse`'s defaults where they differ from the dataclasses' (the full run:
+# ~10 epochs of a 300k-token slice; results/ddc/collapse/run.sh)
+COLLAPSE_DEFAULTS = dict(
+    steps=3000,
+    batch_size=8,
+    seq_len=128,
+    eval_every=150,
+    eval_tokens=8192,
+    schedule="constant",
+    out="runs/ddc-collapse",
+)
+
+
+def add_ddc_collapse_arguments(p: argparse.ArgumentParser) -> None:
+    _options(
+        p,
+        (CollapseOptions, ()),
+        (TrainConfig, ("optimizer", "seed", "dist", "lr_scale", "role_lr_scale")),
+        (RunOptions, ("resume", "stop_after", "lr_from", "progress")),
+        defaults=COLLAPSE_DEFAULTS,
+    )
+
+
+def run_ddc_collapse(args) -> int:
+    """Over-training collapse and the dead-direction readout, per optimizer (issue #15)."""
+    opts = from_namespace(CollapseOptions, args)
+    base = from_namespace(TrainConfig, args)
+    run_opts = from_namespace(RunOptions, args)
+    collapse(base, opts, Path(base.out), overwrite=run_opts.overwrite, command=_command_line())
+    print(f"Report: {Path(base.out) / 'summary.md'} (+ summary.json, fits.json, *.png)")
+    return 0
+
+
+def add_ddc_grok_arguments(p: argparse.ArgumentParser) -> None:
+    _options(p, (GrokOptions, ()))
+
+
+def run_ddc_grok(args) -> int:
+    """Grokking depth: a + b mod p on a deep narrow MLP, seeds generalising per optimizer (issue #15)."""
+    opts = from_namespace(GrokOptions, args)
+    grok(opts, command=_command_line())
+    print(f"Report: {Path(opts.out) / 'summary.md'} (+ summary.json)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": (add_train_arguments, run_train),
     "compare": (add_compare_arguments, run_compare),
@@ -331,6 +379,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "report": (add_report_arguments, run_report),
     "audit": (audit.add_arguments, _audit_run),
     "plan": (add_plan_arguments, run_plan),
+    "ddc-collapse": (add_ddc_collapse_arguments, run_ddc_collapse),
+    "ddc-grok": (add_ddc_grok_arguments, run_ddc_grok),
 }
 
 
