@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import multiprocessing as mp
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import nn
 from .. import deadread as R
 from . import data as D
 from .config import OPTIMIZERS, TrainConfig, check_grid
-from .loop import Trainer, _open_run, _StopSignals, evaluate, git_revision, make_optimizer
+from .loop import Trainer, TrainingDiverged, _open_run, _StopSignals, evaluate, git_revision, make_optimizer
 from .options import csv_list, float_list, option, positive_int
 from .rundir import FINAL, RunDir, write_json, write_text
 
@@ -158,7 +159,7 @@ def _collapse_worker(cfg_dict: dict, extra: dict, overwrite: bool) -> dict:
     t0 = time.time()
     try:
         final = _train_collapse(cfg, extra, overwrite, log=lambda m: None, prepared=prep)
-    except Exception as e:  # a diverged run is a result
+    except (TrainingDiverged, FloatingPointError) as e:  # a diverged run is a result, a bug is not
         final = {"status": f"failed: {e}", "config": cfg.to_dict(), "extra": extra}
     final["run_wall_s"] = time.time() - t0
     print(
@@ -255,6 +256,68 @@ def run_metrics(run_dir: Path, fit_from_step: float) -> dict:
     }
 
 
+def _collapse_sweep(base: TrainConfig, opts: CollapseOptions, out: Path, extra: dict, overwrite: bool) -> dict:
+    """Each optimizer's learning-rate multiplier: the best minimum validation loss over
+    ``opts.lr_scales`` (seed 1000, ``sweep_steps``); the single scale when only one is given."""
+    best: dict[str, dict] = {}
+    if len(opts.lr_scales) <= 1:
+        return {o: {"lr_scale": opts.lr_scales[0], "tried": {}, "at_edge": None} for o in opts.optimizers}
+    specs = [(o, s) for o in opts.optimizers for s in opts.lr_scales]
+    args = [
+        (
+            dataclasses.replace(
+                base,
+                optimizer=o,
+                lr_scale=s,
+                seed=1000,
+                steps=opts.sweep_steps,
+                eval_every=max(1, opts.sweep_steps // 4),
+                keep_checkpoint=False,
+                out=str(out / "sweep" / o / f"lr{s:g}"),
+            ).to_dict(),
+            extra,
+            overwrite,
+        )
+        for o, s in specs
+    ]
+    finals = _run_pool(_collapse_worker, args, opts.jobs)
+    for (o, s), f in zip(specs, finals):
+        rs = _read_jsonl(out / "sweep" / o / f"lr{s:g}" / "readout.jsonl")
+        v = min((r["val_loss"] for r in rs), default=math.inf) if f.get("status") == "done" else math.inf
+        best.setdefault(o, {"tried": {}})["tried"][f"{s:g}"] = v
+    edges = (f"{min(opts.lr_scales):g}", f"{max(opts.lr_scales):g}")
+    for o in opts.optimizers:
+        tried = best[o]["tried"]
+        s = min(tried, key=lambda k: tried[k])
+        best[o].update(lr_scale=float(s), at_edge=s in edges)
+    return best
+
+
+def _collapse_runs(
+    base: TrainConfig, opts: CollapseOptions, out: Path, extra: dict, overwrite: bool, best: dict
+) -> dict[str, list[dict]]:
+    """Every (optimizer, seed) run at its chosen rate; per optimizer, the runs' metrics."""
+    cells = [(o, seed) for o in opts.optimizers for seed in range(opts.seeds)]
+    args = [
+        (
+            dataclasses.replace(
+                base, optimizer=o, seed=seed, lr_scale=best[o]["lr_scale"], out=str(out / "runs" / o / f"seed{seed}")
+            ).to_dict(),
+            extra,
+            overwrite,
+        )
+        for o, seed in cells
+    ]
+    finals = _run_pool(_collapse_worker, args, opts.jobs)
+    per: dict[str, list[dict]] = {o: [] for o in opts.optimizers}
+    for (o, seed), f in zip(cells, finals):
+        m = run_metrics(out / "runs" / o / f"seed{seed}", opts.fit_from * base.steps)
+        if m:
+            m.update(seed=seed, status=f.get("status"), wall_s=f.get("run_wall_s"))
+            per[o].append(m)
+    return per
+
+
 def collapse(
     base: TrainConfig,
     opts: CollapseOptions,
@@ -270,66 +333,13 @@ def collapse(
     base = dataclasses.replace(base, threads=1 if opts.jobs > 1 else base.threads, tensorboard=False)
     D.prepare(base.data, log=log)  # fill the cache once, before the workers
     extra = {k: getattr(opts, k) for k in ("train_tokens", "train_eval_tokens", "probe_seqs", "probe_len")}
-    # 1. the per-optimizer LR sweep (seed 1000, sweep_steps, no readout needed but harmless)
-    best: dict[str, dict] = {}
-    if len(opts.lr_scales) > 1:
-        specs = [(o, s) for o in opts.optimizers for s in opts.lr_scales]
-        args = [
-            (
-                dataclasses.replace(
-                    base,
-                    optimizer=o,
-                    lr_scale=s,
-                    seed=1000,
-                    steps=opts.sweep_steps,
-                    eval_every=max(1, opts.sweep_steps // 4),
-                    keep_checkpoint=False,
-                    out=str(out / "sweep" / o / f"lr{s:g}"),
-                ).to_dict(),
-                extra,
-                overwrite,
-            )
-            for o, s in specs
-        ]
-        finals = _run_pool(_collapse_worker, args, opts.jobs)
-        for (o, s), f in zip(specs, finals):
-            rs = _read_jsonl(out / "sweep" / o / f"lr{s:g}" / "readout.jsonl")
-            v = min((r["val_loss"] for r in rs), default=math.inf) if f.get("status") == "done" else math.inf
-            best.setdefault(o, {"tried": {}})["tried"][f"{s:g}"] = v
-        for o in opts.optimizers:
-            tried = best[o]["tried"]
-            s = min(tried, key=lambda k: tried[k])
-            best[o].update(lr_scale=float(s), at_edge=s in (f"{min(opts.lr_scales):g}", f"{max(opts.lr_scales):g}"))
-    else:
-        for o in opts.optimizers:
-            best[o] = {"lr_scale": opts.lr_scales[0], "tried": {}, "at_edge": None}
+    best = _collapse_sweep(base, opts, out, extra, overwrite)
     write_json(out / "lr.json", best, "the sweep's learning rates")
     t_sweep = time.time() - t_start
-    # 2. the runs
-    cells = [(o, seed) for o in opts.optimizers for seed in range(opts.seeds)]
-    args = [
-        (
-            dataclasses.replace(
-                base, optimizer=o, seed=seed, lr_scale=best[o]["lr_scale"], out=str(out / "runs" / o / f"seed{seed}")
-            ).to_dict(),
-            extra,
-            overwrite,
-        )
-        for o, seed in cells
-    ]
-    finals = _run_pool(_collapse_worker, args, opts.jobs)
+    per = _collapse_runs(base, opts, out, extra, overwrite, best)
     t_runs = time.time() - t_start - t_sweep
-    per: dict[str, list[dict]] = {o: [] for o in opts.optimizers}
-    for (o, seed), f in zip(cells, finals):
-        m = run_metrics(out / "runs" / o / f"seed{seed}", opts.fit_from * base.steps)
-        if m:
-            m.update(seed=seed, status=f.get("status"), wall_s=f.get("run_wall_s"))
-            per[o].append(m)
     summary = _collapse_summary(per, opts)
-    with contextlib.suppress(Exception):
-        import os
-
-        summary["load_average"] = list(os.getloadavg())
+    summary["load_average"] = list(os.getloadavg())
     summary.update(
         wall_s={"sweep": t_sweep, "runs": t_runs, "total": time.time() - t_start},
         lr=best,
@@ -588,21 +598,7 @@ def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
     }
 
 
-def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
-    for o in opts.optimizers:
-        if o not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
-    if not 0 < opts.train_fraction < 1:
-        raise ValueError(f"train_fraction (--train-fraction) must be in (0, 1), got {opts.train_fraction}")
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    d = dataclasses.asdict(opts)
-    cells = [(o, s) for o in opts.optimizers for s in range(opts.seeds)]
-    res = _run_pool(grok_run, [(d, o, s) for o, s in cells], opts.jobs)
-    wall = time.time() - t0
-    import os
-
+def _grok_rows(opts: GrokOptions, res: list[dict]) -> dict[str, dict]:
     rows = {}
     for o in opts.optimizers:
         rs = [r for r in res if r["optimizer"] == o]
@@ -615,17 +611,14 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
             "final_train_acc": [r["final_train_acc"] for r in rs],
             "diverged": sum(r["status"] != "done" for r in rs),
         }
-    load = list(os.getloadavg())
-    summary = {
-        "rows": rows,
-        "options": d,
-        "wall_s": wall,
-        "load_average": load,
-        "commit": git_revision(),
-        "command": command,
-    }
-    write_json(out / "summary.json", {**summary, "runs": res}, "summary")
-    L = [
+    return rows
+
+
+def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, command: str | None) -> str:
+    from scipy.stats import fisher_exact  # heavy optional dependency: only when a report is written
+
+    wall, load = summary["wall_s"], summary["load_average"]
+    lines = [
         "# ddc-grok: a + b mod p on a deep narrow residual ReLU MLP\n",
         f"Commit `{summary['commit']}`. Command: `{command}`\n",
         f"p = {opts.modulus}, train fraction {opts.train_fraction}, depth {opts.depth}, width {opts.width}, "
@@ -638,27 +631,48 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
         "|---|---|---|---|---|---|",
     ]
     for o, r in rows.items():
-        L.append(
+        lines.append(
             f"| {o} | {r['generalised']} / {r['seeds']} | {r['grok_steps'] or '-'} | "
             f"{_ms(r['final_val_acc'])} | {_ms(r['final_train_acc'])} | {r['diverged']} |"
         )
-    pairs = [("muon", "ddc_muon"), ("adamw", "ddc_adam")]
-    for a, b in pairs:
+    for a, b in (("muon", "ddc_muon"), ("adamw", "ddc_adam")):
         if a in rows and b in rows:
-            from scipy.stats import fisher_exact
-
             ra, rb = rows[a], rows[b]
-            pv = fisher_exact(
-                [
-                    [ra["generalised"], ra["seeds"] - ra["generalised"]],
-                    [rb["generalised"], rb["seeds"] - rb["generalised"]],
-                ]
-            ).pvalue
-            L.append(
+            table = [
+                [ra["generalised"], ra["seeds"] - ra["generalised"]],
+                [rb["generalised"], rb["seeds"] - rb["generalised"]],
+            ]
+            pv = fisher_exact(table).pvalue
+            lines.append(
                 f"\n{b} vs {a}: {rb['generalised']}/{rb['seeds']} vs {ra['generalised']}/{ra['seeds']} "
                 f"generalised, Fisher exact p = {pv:.2g}."
             )
-    md = "\n".join(L) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
+    for o in opts.optimizers:
+        if o not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    if not 0 < opts.train_fraction < 1:
+        raise ValueError(f"train_fraction (--train-fraction) must be in (0, 1), got {opts.train_fraction}")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    d = dataclasses.asdict(opts)
+    cells = [(o, s) for o in opts.optimizers for s in range(opts.seeds)]
+    res = _run_pool(grok_run, [(d, o, s) for o, s in cells], opts.jobs)
+    rows = _grok_rows(opts, res)
+    summary = {
+        "rows": rows,
+        "options": d,
+        "wall_s": time.time() - t0,
+        "load_average": list(os.getloadavg()),
+        "commit": git_revision(),
+        "command": command,
+    }
+    write_json(out / "summary.json", {**summary, "runs": res}, "summary")
+    md = _grok_markdown(opts, rows, summary, command)
     write_text(out / "summary.md", md, "the report")
     log(md)
     return summary
