@@ -285,3 +285,29 @@ def test_maps_reductions_let_a_row_shard_compute_the_whole_map():
     assert (
         center_rows(shards[0], sum_rows=lambda v: x.sum(-2, keepdim=True), count=4) - center_rows(x)[:4]
     ).abs().max() > 1e-3
+
+
+def test_plan_prints_each_parameters_gauges():
+    """Issue #14: the plan lists the continuous symmetries its blocks claim per parameter."""
+    p = equiopt.plan(qwen3())
+    assert p.gauges("lm_head.weight") == ["logit_shift"]
+    assert p.gauges("model.layers.0.self_attn.v_proj.weight") == ["vo_rotation"]
+    assert p.gauges("model.layers.0.mlp.up_proj.weight") == ["neuron_rescale?"]
+    assert p.gauges("model.embed_tokens.weight") == []
+    header = str(p).splitlines()[0].split()
+    assert header[-1] == "gauges"
+    tied = equiopt.plan(
+        transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+            )
+        )
+    )
+    vocab = next(b for b in tied.blocks if isinstance(b, VocabBlock))
+    assert "logit_shift" not in tied.gauges(vocab.head)  # a tied head has no shift gauge

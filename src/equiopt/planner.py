@@ -992,8 +992,21 @@ class Plan:
             label += " +nesterov"
         return label
 
+    def gauges(self, name: str) -> list[str]:
+        """The continuous symmetries (gauges) the plan's blocks claim on parameter ``name``;
+        ``neuron_rescale?`` marks a candidate the structure cannot confirm (which in-projection
+        of a gated MLP is linear is measured by the audit and probed by :mod:`equiopt.ddc`)."""
+        out: list[str] = []
+        for b in self.blocks:
+            if name not in b.params():
+                continue
+            out += [sym.name for sym in b.symmetries() if sym.gauge and name in sym.params()]
+            if isinstance(b, MLPBlock) and b.experts == 1:
+                out.append("neuron_rescale?")
+        return list(dict.fromkeys(out))
+
     def table(self) -> str:
-        rows = [("name", "shape", "role", "layout", "map", "lr", "wd")]
+        rows = [("name", "shape", "role", "layout", "map", "lr", "wd", "gauges")]
         for e in self.entries:
             s = self.spec(e)
             layout = "" if e.role == "vector" else e.layout.describe()
@@ -1009,6 +1022,7 @@ class Plan:
                     self.map_label(e.role, s),
                     f"{s['lr']:g}",
                     f"{s['weight_decay']:g}",
+                    ", ".join(self.gauges(e.name)),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
