@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
+from .functional import muon_scale
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .polar import newton_schulz
@@ -520,8 +521,9 @@ def _is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
-def _muon_scale(shape) -> float:
-    return math.sqrt(max(1.0, shape[-2] / shape[-1]))
+def _polar_update(upd: Tensor, group: dict) -> Tensor:
+    """Muon's direction of a (batch of) momentum matrices: Newton-Schulz times sqrt(max(1, rows/cols))."""
+    return newton_schulz(upd, group["ns_steps"]) * muon_scale(upd.shape[-2], upd.shape[-1])
 
 
 class DDCOptimizer(torch.optim.Optimizer):
@@ -647,16 +649,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         ws = [_work(p) for p in params]
         X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
-        states = [self.state[p] for p in params]
-        for st in states:
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(X[0])
-        mom = group["momentum"]
-        buf = torch.stack([st["momentum_buffer"] for st in states])
-        buf.mul_(mom).add_(X)
-        torch._foreach_copy_([st["momentum_buffer"] for st in states], list(buf.unbind(0)))
-        upd = X.add(buf, alpha=mom) if group["nesterov"] else buf
-        U = newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+        U = self._muon_stacked([self.state[p] for p in params], X, group)
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             torch._foreach_mul_(ws, 1 - lr * wd)
@@ -699,19 +692,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         steps = [st["step"].item() for st in st1]
         gU = (gh1 + gh2) / _SQRT2
         dlog = -lr * self._adam_dir_stacked(st1, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
-        if group["rule"] == "adam":
-            u1 = self._adam_dir_stacked([self._adam_state(p) for p in P1], x1, steps, beta1, beta2, eps)
-            u2 = self._adam_dir_stacked([self._adam_state(p) for p in P2], x2, steps, beta1, beta2, eps)
-            ub = (
-                self._adam_dir_stacked([self._adam_state(p) for p in Pb], xb, steps, beta1, beta2, eps)
-                if xb is not None
-                else None
-            )
-        else:
-            X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
-            U1 = self._muon_stacked(st1, X1, group)
-            u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if has_b else (U1, None)
-            u2 = self._muon_stacked([self.state[p] for p in P2], x2, group)
+        u1, u2, ub = self._rescale_directions(group, st1, (P1, P2, Pb), (x1, x2, xb), steps)
         a1 = _safe_div((u1 * W1).sum(2) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(1), n2)
         u1 = u1 - a1[:, :, None] * W1
@@ -725,6 +706,26 @@ class DDCOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(
             P1 + P2 + Pb, list(W1.unbind(0)) + list(W2.unbind(0)) + (list(b.unbind(0)) if b is not None else [])
         )
+
+    def _rescale_directions(
+        self, group: dict, st1: list[dict], params: tuple, xs: tuple, steps: list
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The base rule's directions of the stacked invariant inputs ``xs = (x1, x2, xb)``
+        of in-rows, out-columns and in-biases (``params`` the matching parameter lists):
+        per-coordinate Adam, or Muon on ``[x1 | xb]`` and on ``x2``."""
+        (P1, P2, Pb), (x1, x2, xb) = params, xs
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        if group["rule"] == "adam":
+
+            def adam(ps: list, x: Tensor) -> Tensor:
+                return self._adam_dir_stacked([self._adam_state(p) for p in ps], x, steps, beta1, beta2, eps)
+
+            return adam(P1, x1), adam(P2, x2), (adam(Pb, xb) if xb is not None else None)
+        X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
+        U1 = self._muon_stacked(st1, X1, group)
+        u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if xb is not None else (U1, None)
+        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group), ub
 
     def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
         """The in-weight states of stacked gauges: step counters (advanced, and copied to
@@ -769,7 +770,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf.mul_(mom).add_(x)
         torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+        return _polar_update(upd, group)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
@@ -819,7 +820,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf = state[key]
         buf.mul_(mom).add_(x)
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return newton_schulz(upd, group["ns_steps"]) * _muon_scale(upd.shape)
+        return _polar_update(upd, group)
 
     def _muon_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
