@@ -19,20 +19,18 @@ import time
 from pathlib import Path
 
 import torch
+from bench import MEDIUM  # the step benchmark's ~60M shapes (this folder is on sys.path when run as a script)
 
 import equiopt
 from equiopt import fastpath
 from equiopt.train.models import ModelConfig, build_model, preset
 
-MEDIUM_QWEN3 = dict(
-    vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64
-)
 ROUTES = ("auto", "iterative", "gram")
 
 
 def model_of(name: str) -> torch.nn.Module:
     if name == "qwen3/medium":
-        cfg: ModelConfig = dataclasses.replace(preset("qwen3", "tiny"), **MEDIUM_QWEN3)
+        cfg: ModelConfig = dataclasses.replace(preset("qwen3", "tiny"), **MEDIUM["qwen3"])
     else:
         arch, _ = name.split("/")
         cfg = dataclasses.replace(preset(arch, "tiny"), vocab_size=4096)

@@ -8,13 +8,11 @@ read from equiopt.train.recipes.
 import dataclasses
 import json
 import math
-import random
 
 import pytest
 import torch
 
 from equiopt.presets import resolve
-from equiopt.train import data as D
 from equiopt.train import loop as L
 from equiopt.train.models import build_model
 from equiopt.train.recipes import FIGURES, RECIPES, ReproduceOptions
@@ -276,21 +274,6 @@ def test_one_lambdalr_with_a_curve_per_group():
 
 
 # -- runs: resume continues the schedules; TensorBoard events ------------------------------
-
-
-def _text(seed, n):
-    rng = random.Random(seed)
-    words = "the king and queen of a land far away did speak to all their men at night".split()
-    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "a.txt").write_text(_text(0, 1500))
-    (root / "b.txt").write_text(_text(1, 1500))
-    data = D.DataConfig(source=str(root), vocab_size=320, cache=str(tmp_path_factory.mktemp("cache")))
-    return data, D.prepare(data, log=lambda m: None)
 
 
 def _recipe_cfg(corpus, out, fig="fig5", **kw):
