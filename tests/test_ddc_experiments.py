@@ -16,6 +16,7 @@ from equiopt.cli import main
 from equiopt.train import data as D
 from equiopt.train import ddc_experiments as X
 from equiopt.train.config import TrainConfig
+from equiopt.train.loop import make_optimizer
 from equiopt.train.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,11 +136,38 @@ def test_grok_run_trains(opt):
         steps=30,
         eval_every=10,
         lr_scale=1.0,
+        decay_rate=0.0,
         target_acc=0.99,
     )
     r = X.grok_run(d, opt, 0)
     assert r["status"] == "done" and r["history"]
     assert r["history"][-1]["train_acc"] > r["history"][0]["train_acc"] or r["history"][-1]["train_acc"] == 1.0
+
+
+@pytest.mark.parametrize("opt", ["muon", "ddc_muon", "adamw", "ddc_adam"])
+def test_decay_rate_is_the_per_step_shrink(opt):
+    torch.manual_seed(0)
+    model = X.GrokMLP(7, 8, 8, 2)
+    o, _ = make_optimizer(model, opt)
+    before = [g["weight_decay"] for g in o.param_groups]
+    X.set_decay_rate(o, 2e-3)
+    for wd0, g in zip(before, o.param_groups):
+        if wd0 > 0:
+            assert g["lr"] * g["weight_decay"] == pytest.approx(2e-3, rel=1e-12)
+        else:
+            assert g["weight_decay"] == 0  # undecayed groups stay undecayed
+    assert any(wd0 > 0 for wd0 in before)
+    # with a zero gradient the decoupled decay is the whole step: W <- (1 - rate) W on every
+    # parameter of a decaying group (gauge groups too: their radial and tangent parts are zero)
+    decayed = [p for g in o.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    w0 = [p.detach().clone() for p in decayed]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    o.step()
+    for p, p0 in zip(decayed, w0):
+        torch.testing.assert_close(p.detach(), (1 - 2e-3) * p0, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="decay_rate"):
+        X.set_decay_rate(o, -1.0)
 
 
 def test_grok_command(tmp_path):

@@ -78,6 +78,11 @@ class GrokOptions:
     steps: int = option(3000, parse=positive_int, help="the step budget (full-batch steps)")
     eval_every: int = option(50, parse=positive_int, help="steps between validation-accuracy checks")
     lr_scale: float = option(1.0, help="multiplier of every optimizer's preset learning rates")
+    decay_rate: float = option(
+        0.0,
+        help="per-step weight shrink lr*wd, the same for every optimizer: each param group that decays "
+        "(weight_decay > 0 in its preset) gets weight_decay = decay_rate / lr; 0 keeps the presets' decay",
+    )
     target_acc: float = option(0.99, help="generalised: validation accuracy above this")
     jobs: int = option(2, parse=positive_int, help="runs at once, one process and one thread each")
     out: str = option("runs/ddc-grok", help="output directory")
@@ -560,6 +565,18 @@ def grok_data(p: int, frac: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return x[perm[:n]], y[perm[:n]], x[perm[n:]], y[perm[n:]]
 
 
+def set_decay_rate(opt: torch.optim.Optimizer, rate: float) -> None:
+    """Give every decaying param group the per-step shrink ``rate`` (weight_decay = rate / lr); groups
+    without decay in the preset (vectors, DDC's translation gauges) keep none. ``rate == 0``: no change."""
+    if rate < 0:
+        raise ValueError(f"decay_rate (--decay-rate) must be >= 0, got {rate}")
+    if rate == 0:
+        return
+    for g in opt.param_groups:
+        if g["weight_decay"] > 0:
+            g["weight_decay"] = rate / g["lr"]
+
+
 def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
     torch.set_num_threads(1)
     t0 = time.time()
@@ -568,6 +585,7 @@ def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
     torch.manual_seed(seed)
     model = GrokMLP(p, opts["width"], opts["hidden"], opts["depth"])
     opt, _ = make_optimizer(model, optimizer, opts["lr_scale"])
+    set_decay_rate(opt, opts["decay_rate"])
     hist, hit = [], None
     status = "done"
     for step in range(1, opts["steps"] + 1):
