@@ -199,6 +199,7 @@ def test_grok_command(tmp_path):
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["rows"]["muon"]["seeds"] == 2 and "Fisher exact" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "val_acc.png").stat().st_size > 0
 
 
 def test_welch():

@@ -641,7 +641,13 @@ def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, comm
         f"Commit `{summary['commit']}`. Command: `{command}`\n",
         f"p = {opts.modulus}, train fraction {opts.train_fraction}, depth {opts.depth}, width {opts.width}, "
         f"hidden {opts.hidden}, full-batch, budget {opts.steps} steps (val accuracy checked every "
-        f"{opts.eval_every}), preset learning rates x {opts.lr_scale:g}; seeds 0..{opts.seeds - 1}. Wall "
+        f"{opts.eval_every}), preset learning rates x {opts.lr_scale:g}, "
+        + (
+            f"per-step weight shrink lr*wd = {opts.decay_rate:g} on every decaying group"
+            if opts.decay_rate
+            else "presets' weight decay"
+        )
+        + f"; seeds 0..{opts.seeds - 1}. Wall "
         f"{wall:.0f} s with {opts.jobs} job(s); load average "
         f"{', '.join(f'{x:.2f}' for x in load)}.\n",
         "| optimizer | generalised (val acc > "
@@ -668,6 +674,29 @@ def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, comm
     return "\n".join(lines) + "\n"
 
 
+def _grok_plot(opts: GrokOptions, res: list[dict], out: Path) -> None:
+    """``val_acc.png``: validation accuracy vs step, one panel per optimizer, one line per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(opts.optimizers), figsize=(3.2 * len(opts.optimizers), 3), squeeze=False)
+    for ax, o in zip(axes[0], opts.optimizers):
+        for r in (r for r in res if r["optimizer"] == o):
+            ax.plot([h["step"] for h in r["history"]], [h["val_acc"] for h in r["history"]], lw=1)
+        ax.axhline(opts.target_acc, color="k", ls=":", lw=0.8)
+        ax.set_title(o, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("validation accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "val_acc.png", dpi=110)
+    plt.close(fig)
+
+
 def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
     for o in opts.optimizers:
         if o not in OPTIMIZERS:
@@ -692,5 +721,6 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
     write_json(out / "summary.json", {**summary, "runs": res}, "summary")
     md = _grok_markdown(opts, rows, summary, command)
     write_text(out / "summary.md", md, "the report")
+    _grok_plot(opts, res, out)
     log(md)
     return summary
