@@ -97,6 +97,10 @@ def test_zero_matrix_and_route_choice():
     cpu = torch.device("cpu")
     for cdt in (torch.float32, torch.bfloat16):
         assert fastpath.choose_polar_route(64, 192, 5, False, device=cpu, cdt=cdt, route="gram_ns") == "gram_ns"
+    # asked for, it is taken only where it needs fewer flops: not on square matrices
+    assert (
+        fastpath.choose_polar_route(128, 128, 5, False, device=cpu, cdt=torch.float32, route="gram_ns") == "iterative"
+    )
     # auto never takes it (opt-in)
     for m, n in ((64, 4096), (512, 1536), (128, 128)):
         assert fastpath.choose_polar_route(m, n, 5, False, device=cpu, cdt=torch.float32) != "gram_ns"

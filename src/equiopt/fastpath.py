@@ -467,10 +467,15 @@ def choose_polar_route(
 ) -> str:
     """\"iterative", "gram" or "gram_ns" for wide [m, n] matrices (m <= n). The Gram route needs a
     float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
-    half-precision iterations the iterations are used. "gram_ns" is only taken when forced
-    (``route="gram_ns"``), on any device and dtype; "auto" chooses between the other two."""
-    if route in ("iterative", "gram_ns"):
+    half-precision iterations the iterations are used. "gram_ns" is only taken when asked for
+    (``route="gram_ns"``, any device and dtype), and then only where it needs fewer product
+    flops than the iterations (n >~ 1.5-2 m; square matrices stay on the iterations); "auto"
+    chooses between the other two."""
+    if route == "iterative":
         return route
+    if route == "gram_ns":
+        cheaper = gram_ns_flops(m, n, steps) < polar_flops("iterative", m, n, steps, False)["mm32"]
+        return "gram_ns" if cheaper else "iterative"
     gram_ok = cdt in (torch.float32, torch.float64) and m > 0
     if route == "gram":
         return "gram" if gram_ok else "iterative"
