@@ -505,13 +505,14 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
     for threads in args.thread_list:
         torch.set_num_threads(threads)
         rate = mm_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        rate16 = rate if device.type == "cuda" else mm_rate(device, torch.bfloat16)
         steppers, notes = {}, {}
         for v in args.variant_list:
             opt, notes[v] = make_optimizer(v, model, plan, device)
             if opt is not None:
                 steppers[v] = opt
         rounds = args.rounds if n_params < 20e6 else args.big_rounds
-        log(f"  threads {threads}: fp32 product rate {rate / 1e9:.1f} GFLOP/s; {rounds} rounds")
+        log(f"  threads {threads}: product rate {rate / 1e9:.1f} GFLOP/s (bf16 {rate16 / 1e9:.1f}); {rounds} rounds")
         times = time_steps(model, steppers, grads, rounds, args.budget, device, log)
         variants = {}
         for v in args.variant_list:
@@ -526,7 +527,8 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
                 "floor_s": fl,
                 "numerics": num.get(v),
             }
-        rows.append({"model": name, "params": n_params, "threads": threads, "mm_rate": rate, "variants": variants})
+        row = {"model": name, "params": n_params, "threads": threads, "mm_rate": rate, "mm_rate_bf16": rate16}
+        rows.append({**row, "variants": variants})
         log(render_rows([rows[-1]]))
         del steppers
     return rows
@@ -544,7 +546,7 @@ def render_rows(rows: list[dict]) -> str:
         lines += [
             "",
             f"### {r['model']} ({r['params'] / 1e6:.1f}M parameters), {r['threads']} threads, "
-            f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s",
+            f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s (bf16 {r['mm_rate_bf16'] / 1e9:.0f})",
             "",
             "| variant | NS dtype | step (median) | / equiopt muon | / equiopt paper | floor | floor / step "
             "| sv / mean sv | to fp64 | to UV^T | note |",
@@ -571,6 +573,31 @@ def render_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per model and thread count: the fastest float32 peer at the same map (textbook loop
+    included; heavyball: its own coefficients at the same cost; peers that flatten experts and
+    bf16 variants excluded) against equiopt, and the fraction of the FLOP floor reached."""
+    lines = [
+        "| threads | model | fastest fp32 peer | peer / equiopt muon | peer / equiopt paper "
+        "| muon: floor / step | paper: floor / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v = r["variants"]
+        peers = {
+            k: x["median_s"]
+            for k, x in v.items()
+            if not k.startswith("equiopt") and x["median_s"] and x["ns_dtype"] == "fp32" and "flattens" not in x["note"]
+        }
+        best = min(peers, key=lambda k: peers[k]) if peers else None
+        mu, pa = (v.get(k, {}).get("median_s") for k in ("equiopt_muon", "equiopt_paper"))
+        fl = [_ratio(v.get(k, {}).get("floor_s"), t) for k, t in (("equiopt_muon", mu), ("equiopt_paper", pa))]
+        bt = peers.get(best) if best else None
+        cells = [str(r["threads"]), r["model"], best or "-", _ratio(bt, mu), _ratio(bt, pa), *fl]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(res: dict) -> str:
     head = [
         "# Optimizer step: equiopt against peer Muon implementations (issue #16)",
@@ -589,7 +616,11 @@ def render_markdown(res: dict) -> str:
         "update over their mean, relative distance to the same map in float64 and (rescaled) to "
         "U V^T.",
     ]
-    return "\n".join(head) + "\n" + render_rows(res["runs"]) + "\n"
+    return (
+        "\n".join([*head, "", "## Summary", "", summary(res["runs"]), "", "## Per model"])
+        + render_rows(res["runs"])
+        + "\n"
+    )
 
 
 def main(argv=None) -> None:
