@@ -6,6 +6,8 @@ gradients restored before every step, so every optimizer sees the same numbers) 
 
 * ``equiopt_muon``, ``equiopt_paper``: the presets (fast path, route chosen by the cost model);
   ``equiopt_muon_gram_ns``, ``equiopt_paper_gram_ns``: the same with ``polar_route="gram_ns"``;
+  ``equiopt_muon_bf16``, ``equiopt_paper_bf16``: with ``polar_dtype=torch.bfloat16`` (the peers'
+  shipped dtype; on CPU the presets iterate in float32 unless told);
 * ``textbook_fp32``: :class:`TextbookMuon`, torch.optim.Muon's algorithm in float32, one
   matrix at a time (the logical matrices of equiopt's plan: experts one by one, a fused
   gate/up weight as its parts);
@@ -28,8 +30,8 @@ silently compared. Beside each time: the numerics of the variant's Newton-Schulz
 gradient matrix of the model (its largest MLP input matrix): the singular values of the
 update over their mean, the distance to the same polynomial in float64 and to U V^T; and a
 FLOP floor: the minimum product FLOPs of the map (:func:`floor_flops`) over the machine's
-fp32 product rate measured here (bf16 on CUDA). Writes ``--out``.md/.json. Run on an idle
-machine::
+product rate measured here in the variant's Newton-Schulz dtype (fp32 or bf16). Writes
+``--out``.md/.json. Run on an idle machine::
 
     PYTHONPATH=src python benchmarks/peers.py --threads 1,2
 """
@@ -73,6 +75,8 @@ VARIANTS = (
     "equiopt_paper",
     "equiopt_muon_gram_ns",
     "equiopt_paper_gram_ns",
+    "equiopt_muon_bf16",
+    "equiopt_paper_bf16",
     "textbook_fp32",
     "torch_muon",
     "heavyball",
@@ -253,7 +257,8 @@ def make_optimizer(name: str, model, plan, device: torch.device):
     half = device.type == "cuda"
     if name.startswith("equiopt_"):
         preset = name.split("_")[1]
-        opt = equiopt.build(model, preset=preset, foreach=True)
+        kw = {"polar_dtype": "bfloat16"} if name.endswith("_bf16") else {}
+        opt = equiopt.build(model, preset=preset, foreach=True, **kw)
         fastpath.configure(opt, polar_route="gram_ns" if name.endswith("gram_ns") else "auto")
         return opt, ""
     if name == "textbook_fp32":
@@ -408,9 +413,9 @@ def map_floor(model, preset: str) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _equiopt_map(preset: str, route: str):
+def _equiopt_map(preset: str, route: str, **overrides):
     """The preset's map for an MLP input matrix (in the map's orientation), as the fast path runs it."""
-    group = resolve(preset)["mlp_in"]
+    group = resolve(preset, **overrides)["mlp_in"]
 
     def fn(x):
         return fastpath.map_batch(group, x[None], map_kwargs(group, x), 1.0, route, False)[0]
@@ -422,8 +427,12 @@ def ns_functions(device: torch.device) -> dict:
     """{variant: (map in the benchmarked dtype, the same map in float64)} on a 2-D matrix."""
     out = {}
     for preset in ("muon", "paper"):
-        for route, suffix in (("auto", ""), ("gram_ns", "_gram_ns")):
-            fn, _ = _equiopt_map(preset, route)
+        for route, suffix, kw in (
+            ("auto", "", {}),
+            ("gram_ns", "_gram_ns", {}),
+            ("auto", "_bf16", {"polar_dtype": "bfloat16"}),
+        ):
+            fn, _ = _equiopt_map(preset, route, **kw)
             out[f"equiopt_{preset}{suffix}"] = (fn, _equiopt_map(preset, "iterative")[0])
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     out["textbook_fp32"] = (functools.partial(textbook_ns, dtype=half), newton_schulz)
@@ -485,7 +494,7 @@ def numerics(model, plan, grads, device: torch.device) -> dict[str, dict]:
 
 
 def ns_dtype(variant: str, device: torch.device) -> str:
-    if variant in ("torch_muon", "pto"):
+    if variant in ("torch_muon", "pto") or variant.endswith("_bf16"):
         return "bf16"
     if variant == "heavyball":
         return "bf16 (stochastic rounding)"
@@ -517,7 +526,8 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
         variants = {}
         for v in args.variant_list:
             flat = "flattens" in notes[v]
-            fl = None if flat else floors["paper" if "paper" in v else "muon"] / rate
+            r = rate16 if ns_dtype(v, device).startswith("bf16") else rate  # the floor at the variant's dtype
+            fl = None if flat else floors["paper" if "paper" in v else "muon"] / r
             variants[v] = {
                 "median_s": statistics.median(times[v]) if v in times else None,
                 "times_s": times.get(v, []),
@@ -579,23 +589,35 @@ def summary(rows: list[dict]) -> str:
     bf16 variants excluded) against equiopt, and the fraction of the FLOP floor reached."""
     lines = [
         "| threads | model | fastest fp32 peer | peer / equiopt muon | peer / equiopt paper "
-        "| muon: floor / step | paper: floor / step |",
-        "|---|---|---|---|---|---|---|",
+        "| muon: floor / step | paper: floor / step | fastest bf16 peer | peer / equiopt muon bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["variants"]
-        peers = {
-            k: x["median_s"]
-            for k, x in v.items()
-            if not k.startswith("equiopt") and x["median_s"] and x["ns_dtype"] == "fp32" and "flattens" not in x["note"]
-        }
-        best = min(peers, key=lambda k: peers[k]) if peers else None
-        mu, pa = (v.get(k, {}).get("median_s") for k in ("equiopt_muon", "equiopt_paper"))
-        fl = [_ratio(v.get(k, {}).get("floor_s"), t) for k, t in (("equiopt_muon", mu), ("equiopt_paper", pa))]
-        bt = peers.get(best) if best else None
+        t = {k: x["median_s"] for k, x in v.items()}
+        best, bt = _fastest(v, "fp32")
+        best16, bt16 = _fastest(v, "bf16")
+        mu, pa = t.get("equiopt_muon"), t.get("equiopt_paper")
+        fl = [_ratio(v.get(k, {}).get("floor_s"), t.get(k)) for k in ("equiopt_muon", "equiopt_paper")]
         cells = [str(r["threads"]), r["model"], best or "-", _ratio(bt, mu), _ratio(bt, pa), *fl]
+        cells += [best16 or "-", _ratio(bt16, t.get("equiopt_muon_bf16"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fastest(v: dict, dtype: str) -> tuple[str | None, float | None]:
+    """The fastest peer (not equiopt) whose Newton-Schulz dtype starts with ``dtype`` and that
+    keeps experts as per-expert matrices."""
+    peers = {
+        k: x["median_s"]
+        for k, x in v.items()
+        if not k.startswith("equiopt")
+        and x["median_s"]
+        and x["ns_dtype"].startswith(dtype)
+        and "flattens" not in x["note"]
+    }
+    best = min(peers, key=lambda k: peers[k]) if peers else None
+    return best, peers.get(best) if best else None
 
 
 def render_markdown(res: dict) -> str:
