@@ -27,7 +27,7 @@ Peers orthogonalize the matrices equiopt's ``muon`` preset orthogonalizes; the r
 head, norms, router) goes to torch.optim.AdamW (foreach) beside them, as equiopt's AdamW
 groups. Peers that cannot run experts as per-expert matrices are marked in the table, not
 silently compared. Beside each time: the numerics of the variant's Newton-Schulz on one
-gradient matrix of the model (its largest MLP input matrix): the singular values of the
+gradient matrix of the model (its first MLP input matrix): the singular values of the
 update over their mean, the distance to the same polynomial in float64 and to U V^T; and a
 FLOP floor: the minimum product FLOPs of the map (:func:`floor_flops`) over the machine's
 product rate measured here in the variant's Newton-Schulz dtype (fp32 or bf16). Writes
@@ -459,7 +459,7 @@ def ns_functions(device: torch.device) -> dict:
     return out
 
 
-def numerics(model, plan, grads, device: torch.device) -> dict[str, dict]:
+def numerics(model, plan, grads, device: torch.device, names) -> dict[str, dict]:
     """Per variant, on the model's first MLP input matrix (expert 0's gate part on MoE): the
     singular values of the update over their mean (min, max), the relative Frobenius distance
     to the same map evaluated in float64, and to U V^T of the polar map's input (after the
@@ -468,16 +468,19 @@ def numerics(model, plan, grads, device: torch.device) -> dict[str, dict]:
     e = next(e for e in plan.entries if e.role in ("mlp_in", "expert_in"))
     g = _matrices(grads[[id(p) for p in params].index(id(e.tensor()))], e.layout.fused)[0].float()
     res = {}
+    uvs: dict[bool, torch.Tensor] = {}  # U V^T of the polar map's input (paper: row-normalized, map orientation)
     for name, (fn, fn64) in ns_functions(device).items():
-        x = g
-        if name.startswith("equiopt_paper"):
-            x = g.T if resolve("paper")["mlp_in"]["column_aware"] else g
+        if name not in names:
+            continue
+        paper = name.startswith("equiopt_paper")
+        x = g.T if paper and resolve("paper")["mlp_in"]["column_aware"] else g
         x64 = x.double()
         u = fn(x).double()
         ref = fn64(x64).double()
         s = torch.linalg.svdvals(u)
-        polar_in = maps.row_norm(x64) if name.startswith("equiopt_paper") else x64
-        uv = svd_polar(polar_in).to(u.device)
+        if paper not in uvs:
+            uvs[paper] = svd_polar(maps.row_norm(x64) if paper else x64).to(u.device)
+        uv = uvs[paper]
         res[name] = {
             "sv_min": float(s.min() / s.mean()),
             "sv_max": float(s.max() / s.mean()),
@@ -508,7 +511,7 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
     grads = fixed_grads(model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{name}: {n_params / 1e6:.1f}M parameters")
-    num = numerics(model, plan, grads, device)
+    num = numerics(model, plan, grads, device, args.variant_list)
     floors = {"muon": map_floor(model, "muon"), "paper": map_floor(model, "paper")}
     rows = []
     for threads in args.thread_list:
