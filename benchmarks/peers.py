@@ -286,7 +286,7 @@ def _peer_optimizer(name: str, muon, rest, has3d: bool, half: bool):
 
             opt = heavyball.Muon(muon, lr=lr, betas=(mu, 0.99), weight_decay=wd, nesterov=True)
             patches = [(hu, "stochastic_round_", _keep_fp32_round(hu.stochastic_round_))] if fp32 else []
-            note = "; ".join(filter(None, ["own 5-step coefficients (same cost)", note]))
+            note = "; ".join(filter(None, ["own 5-step coefficients and momentum form (same cost)", note]))
         elif name.startswith("pto"):
             import pytorch_optimizer.optimizer.muon.base as pbase
             from pytorch_optimizer import Muon as PtoMuon
@@ -648,6 +648,18 @@ def render_markdown(res: dict) -> str:
     )
 
 
+def cpu_name() -> str:
+    """The CPU model and its bf16 / AMX instruction flags (bf16 products are fast where they exist)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "cpu"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "cpu")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    bf16 = sorted(f for f in set(flags) if "bf16" in f or f.startswith("amx"))
+    return f"{name} ({', '.join(bf16) or 'no bf16 instructions'})"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated ({', '.join(MODELS)}, micro)")
@@ -672,7 +684,7 @@ def main(argv=None) -> None:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpus": os.cpu_count(),
         "threads": args.thread_list,
         "load_start": _load(),
