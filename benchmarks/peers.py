@@ -61,6 +61,7 @@ from equiopt import fastpath, maps
 from equiopt.functional import map_kwargs
 from equiopt.polar import NEWTON_SCHULZ_COEFFS, newton_schulz, svd_polar
 from equiopt.presets import DEFAULTS, PRESETS, resolve
+from equiopt.train.models import ModelConfig, build_model
 
 MUON_ROLES = ("attention", "mlp_in", "mlp_out", "expert_in", "expert_out", "matrix")
 # peer -> pip requirement (bounded: the benchmark's set-up installs them; see pyproject's `bench` extra).
@@ -308,9 +309,7 @@ def _peer_optimizer(name: str, muon, rest, has3d: bool, half: bool):
 
 def build(name: str, device: torch.device):
     """The benchmark model ``name`` (bench.py's builders; qwen3/tiny with a 24576 vocabulary: 7.1M)."""
-    import transformers
-
-    from equiopt.train.models import ModelConfig, build_model
+    import transformers  # the train extra's; slow to import, as in bench.py
 
     transformers.logging.set_verbosity_error()
     if name == "dense1024":
