@@ -33,7 +33,7 @@ FLOP floor: the minimum product FLOPs of the map (:func:`floor_flops`) over the 
 product rate measured here in the variant's Newton-Schulz dtype (fp32 or bf16). Writes
 ``--out``.md/.json. Run on an idle machine::
 
-    PYTHONPATH=src python benchmarks/peers.py --threads 1,2
+    PYTHONPATH=src python benchmarks/peers.py            # --threads 1,2, all models, ~15-25 min idle
 """
 
 from __future__ import annotations
@@ -663,7 +663,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated ({', '.join(MODELS)}, micro)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--threads", default="2", help="comma-separated torch thread counts (CPU)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 iterations everywhere, as the peers)")
     ap.add_argument("--rounds", type=int, default=9, help="timed rounds on models under 20M parameters")
     ap.add_argument("--big-rounds", type=int, default=4, help="timed rounds on larger models")
