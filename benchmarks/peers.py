@@ -379,21 +379,23 @@ def mm_rate(device: torch.device, dtype: torch.dtype) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def floor_flops(m: int, n: int, steps: int, nuclear: bool) -> int:
+def floor_flops(m: int, n: int, steps: int, nuclear: bool, symmetric: bool = True) -> int:
     """Minimum product FLOPs of ``steps`` quintic polar steps on one [m, n] matrix: the cheaper of
-    the standard iteration (per step X X^T m^2 n, A^2 m^3, B X 2 m^2 n) and Gram Newton-Schulz
-    without restarts (X X^T m^2 n, R X 2 m^2 n, per step A^2, R Q, A Q, (A Q) Q m^3 each), both
-    on the small side and with every symmetric result (a product of commuting symmetric
-    matrices) at half the cost of a general product; plus 4/3 m^3 for the eigenvalues of the
-    Gram (nuclear-norm factor) counted at the product rate. A lower bound, not what any
-    variant runs."""
+    the standard iteration (per step X X^T, A^2, B X) and Gram Newton-Schulz without restarts
+    (X X^T, R X, per step A^2, R Q, A Q, (A Q) Q), both on the small side, 2 FLOPs per
+    multiply-add; ``symmetric``: every symmetric result (X X^T, and products of commuting
+    symmetric matrices) at half the cost of a general product, as a symmetric BLAS routine
+    would need (torch does not reach one on CPU: ``symmetric=False`` is the floor of general
+    products). Plus 4/3 m^3 for the Gram's eigenvalues (nuclear-norm factor) counted at the
+    product rate. A lower bound, not what any variant runs."""
     m, n = min(m, n), max(m, n)
-    std = steps * (3 * m * m * n + m**3)
-    gram = 3 * m * m * n + (4 * steps - 3) * m**3 if steps else 0
+    h = 1 if symmetric else 2  # cost of a symmetric m x m result per m^2 * inner dimension
+    std = steps * ((h + 2) * m * m * n + h * m**3)
+    gram = (h + 2) * m * m * n + (4 * steps - 3) * h * m**3 if steps else 0
     return min(std, gram) + ((4 * m**3) // 3 if nuclear else 0)
 
 
-def map_floor(model, preset: str) -> int:
+def map_floor(model, preset: str, symmetric: bool = True) -> int:
     """Floor FLOPs of the preset's polar maps over the whole model (row norms: bandwidth, not counted)."""
     opt = equiopt.build(model, preset=preset)
     total = 0
@@ -403,7 +405,7 @@ def map_floor(model, preset: str) -> int:
         steps = len(fastpath.polar_coeffs(group["polar_method"], group["polar_steps"]))
         nuclear = group["map"] != "polar" and float(group["alpha"]) != 0.0
         for b in fastpath.plan_buckets(opt, group, group["params"]):
-            total += b.count * floor_flops(*b.shape, steps, nuclear)
+            total += b.count * floor_flops(*b.shape, steps, nuclear, symmetric)
     return total
 
 
@@ -511,7 +513,8 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{name}: {n_params / 1e6:.1f}M parameters")
     num = numerics(model, plan, grads, device, args.variant_list)
-    floors = {"muon": map_floor(model, "muon"), "paper": map_floor(model, "paper")}
+    floors = {k: map_floor(model, k) for k in ("muon", "paper")}
+    floors_gemm = {k: map_floor(model, k, symmetric=False) for k in ("muon", "paper")}
     rows = []
     for threads in args.thread_list:
         torch.set_num_threads(threads)
@@ -529,7 +532,8 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
         for v in args.variant_list:
             flat = "flattens" in notes[v]
             r = rate16 if ns_dtype(v, device).startswith("bf16") else rate  # the floor at the variant's dtype
-            fl = None if flat else floors["paper" if "paper" in v else "muon"] / r
+            key = "paper" if "paper" in v else "muon"
+            fl, fl_gemm = (None, None) if flat else (floors[key] / r, floors_gemm[key] / r)
             variants[v] = {
                 "median_s": statistics.median(times[v]) if v in times else None,
                 "times_s": times.get(v, []),
@@ -537,6 +541,7 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
                 "note": notes[v],
                 "ns_dtype": ns_dtype(v, device),
                 "floor_s": fl,
+                "floor_gemm_s": fl_gemm,
                 "numerics": num.get(v),
             }
         row = {"model": name, "params": n_params, "threads": threads, "mm_rate": rate, "mm_rate_bf16": rate16}
@@ -560,7 +565,7 @@ def render_rows(rows: list[dict]) -> str:
             f"### {r['model']} ({r['params'] / 1e6:.1f}M parameters), {r['threads']} threads, "
             f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s (bf16 {r['mm_rate_bf16'] / 1e9:.0f})",
             "",
-            "| variant | NS dtype | step (median) | / equiopt muon | / equiopt paper | floor | floor / step "
+            "| variant | NS dtype | step (median) | / equiopt muon | / equiopt paper | floor (gemm) | floor / step "
             "| sv / mean sv | to fp64 | to UV^T | note |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -574,7 +579,7 @@ def render_rows(rows: list[dict]) -> str:
                 f"{t * 1e3:.1f} ms (n={len(x['times_s'])})" if t else "not run",
                 _ratio(t, base["equiopt_muon"]),
                 _ratio(t, base["equiopt_paper"]),
-                f"{x['floor_s'] * 1e3:.1f} ms" if x["floor_s"] else "-",
+                f"{x['floor_s'] * 1e3:.1f} ({x['floor_gemm_s'] * 1e3:.1f}) ms" if x["floor_s"] else "-",
                 _ratio(x["floor_s"], t),
                 sv,
                 f"{nm['to_fp64']:.1e}" if nm else "-",
@@ -635,7 +640,8 @@ def render_markdown(res: dict) -> str:
         "Step: median over interleaved rounds (warm-up excluded), same parameters and gradients "
         "for every variant; peers run Muon on the matrices equiopt's `muon` preset orthogonalizes "
         "and torch AdamW (foreach) on the rest. Ratios: this row's time / equiopt's (>1: equiopt "
-        "faster). Floor: minimum product FLOPs of the map (`floor_flops`) at the product rate "
+        "faster). Floor: minimum product FLOPs of the map (`floor_flops`; symmetric results at half cost, "
+        "in parentheses with general products only) at the product rate "
         "measured here. Numerics on one MLP input matrix of the model: singular values of the "
         "update over their mean, relative distance to the same map in float64 and (rescaled) to "
         "U V^T.",
