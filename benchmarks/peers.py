@@ -326,12 +326,16 @@ def fixed_grads(model, seed: int = 1) -> list[torch.Tensor]:
     return [(torch.randn(p.shape, generator=g) * 1e-2).to(p.device, p.dtype) for p in model.parameters()]
 
 
-def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device, log) -> dict[str, list[float]]:
-    """Step times per variant: a warm-up step each (state allocation; its time sets how many of
-    the ``rounds`` fit in ``budget`` seconds, at least one), then rounds interleaved round-robin
-    with the order rotated every round; parameters and gradients restored before every step."""
+def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device, log, check=()):
+    """({variant: step times}, {variant: first-step agreement}). A warm-up step each (state
+    allocation; its time sets how many of the ``rounds`` fit in ``budget`` seconds, at least
+    one), then rounds interleaved round-robin with the order rotated every round; parameters
+    and gradients restored before every step. Agreement: max over the parameters in ``check``
+    of max |delta - delta_ref| / max |delta_ref|, the warm-up (first) step's parameter change
+    against equiopt_muon's (the same map gives ~1e-6 in float32, bf16 ~1e-2)."""
     params = list(model.parameters())
     saved = [p.detach().clone() for p in params]
+    idx = [i for i, p in enumerate(params) if any(p is c for c in check)]
 
     def one(opt) -> float:
         with torch.no_grad():
@@ -344,8 +348,15 @@ def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device,
         _sync(device)
         return time.perf_counter() - t0
 
-    names = list(steppers)
-    warm = {k: one(steppers[k]) for k in names}
+    names = sorted(steppers, key=lambda k: k != "equiopt_muon")  # the reference first
+    warm, agree, ref = {}, {}, None
+    for k in names:
+        warm[k] = one(steppers[k])
+        with torch.no_grad():
+            delta = [params[i] - saved[i] for i in idx]
+            ref = delta if k == "equiopt_muon" else ref
+            if ref is not None and delta:
+                agree[k] = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(delta, ref))
     n = {k: max(1, min(rounds, int(budget // max(warm[k], 1e-9)))) for k in names}
     log("    warm-up: " + ", ".join(f"{k} {warm[k] * 1e3:.0f} ms (x{n[k]})" for k in names))
     times: dict[str, list[float]] = {k: [] for k in names}
@@ -356,7 +367,7 @@ def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device,
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    return times
+    return times, agree
 
 
 def mm_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -527,7 +538,8 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
                 steppers[v] = opt
         rounds = args.rounds if n_params < 20e6 else args.big_rounds
         log(f"  threads {threads}: product rate {rate / 1e9:.1f} GFLOP/s (bf16 {rate16 / 1e9:.1f}); {rounds} rounds")
-        times = time_steps(model, steppers, grads, rounds, args.budget, device, log)
+        muon_params = _split(model, plan)[0]
+        times, agree = time_steps(model, steppers, grads, rounds, args.budget, device, log, muon_params)
         variants = {}
         for v in args.variant_list:
             flat = "flattens" in notes[v]
@@ -542,6 +554,7 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
                 "ns_dtype": ns_dtype(v, device),
                 "floor_s": fl,
                 "floor_gemm_s": fl_gemm,
+                "first_step_vs_muon": agree.get(v),
                 "numerics": num.get(v),
             }
         row = {"model": name, "params": n_params, "threads": threads, "mm_rate": rate, "mm_rate_bf16": rate16}
@@ -566,8 +579,8 @@ def render_rows(rows: list[dict]) -> str:
             f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s (bf16 {r['mm_rate_bf16'] / 1e9:.0f})",
             "",
             "| variant | NS dtype | step (median) | / equiopt muon | / equiopt paper | floor (gemm) | floor / step "
-            "| sv / mean sv | to fp64 | to UV^T | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| sv / mean sv | to fp64 | to UV^T | 1st step vs muon | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, x in v.items():
             t = x["median_s"]
@@ -584,6 +597,7 @@ def render_rows(rows: list[dict]) -> str:
                 sv,
                 f"{nm['to_fp64']:.1e}" if nm else "-",
                 f"{nm['to_uvt']:.2f}" if nm else "-",
+                f"{x['first_step_vs_muon']:.1e}" if x.get("first_step_vs_muon") is not None else "-",
                 x["note"],
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -644,7 +658,8 @@ def render_markdown(res: dict) -> str:
         "in parentheses with general products only) at the product rate "
         "measured here. Numerics on one MLP input matrix of the model: singular values of the "
         "update over their mean, relative distance to the same map in float64 and (rescaled) to "
-        "U V^T.",
+        "U V^T. 1st step vs muon: the first step's change of the matrix parameters against equiopt "
+        "`muon`'s (max |difference| / max |change|, worst parameter): ~1e-6 is the same map in float32.",
     ]
     return (
         "\n".join([*head, "", "## Summary", "", summary(res["runs"]), "", "## Per model"])
