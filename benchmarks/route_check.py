@@ -1,7 +1,8 @@
 """Does the polar-route cost model pay for itself? (issue #16)
 
 Times the `paper` and `muon` optimizer steps of the benchmark models with the route the cost
-model picks (`auto`) and with each route forced (`iterative`, `gram`), interleaved in one
+model picks (`auto`) and with each route forced (`iterative`, `gram`, and the opt-in Gram
+Newton-Schulz `gram_ns`, which `auto` never takes), interleaved in one
 process on fixed synthetic gradients, at the given thread counts; prints a table and writes it
 to ``--out``. Run on an idle machine::
 
@@ -25,7 +26,7 @@ import equiopt
 from equiopt import fastpath
 from equiopt.train.models import ModelConfig, build_model, preset
 
-ROUTES = ("auto", "iterative", "gram")
+ROUTES = ("auto", "iterative", "gram", "gram_ns")
 
 
 def model_of(name: str) -> torch.nn.Module:
@@ -50,7 +51,8 @@ def step_times(model: torch.nn.Module, preset_name: str, repeats: int) -> dict[s
     with torch.no_grad():
         saved = [p.detach().clone() for p in model.parameters()]
     for i in range(repeats + 1):
-        order = ROUTES[i % 3 :] + ROUTES[: i % 3]
+        k = i % len(ROUTES)
+        order = ROUTES[k:] + ROUTES[:k]
         for route in order:
             for p, g in zip(model.parameters(), grads):
                 p.grad = g
@@ -86,7 +88,8 @@ def main() -> None:
                 print(
                     f"threads {threads} {name} {pre}: "
                     + ", ".join(f"{r} {v * 1e3:.1f} ms" for r, v in med.items())
-                    + f"; auto / best forced {med['auto'] / best_forced:.3f}",
+                    + f"; auto / best forced {med['auto'] / best_forced:.3f}"
+                    + f"; gram_ns / auto {med['gram_ns'] / med['auto']:.3f}",
                     flush=True,
                 )
     load1 = os.getloadavg()
@@ -98,12 +101,15 @@ def main() -> None:
         f"medians of interleaved optimizer steps on fixed synthetic gradients; load average "
         f"{load0[0]:.2f} at start, {load1[0]:.2f} at end.",
         "",
-        "| threads | model | preset | auto | iterative | gram | auto / best forced |",
-        "|---|---|---|---|---|---|---|",
+        "auto / best forced: of `iterative` and `gram`, the two routes `auto` chooses between; "
+        "gram_ns / auto: the opt-in Gram Newton-Schulz route against the default (<1: gram_ns faster).",
+        "",
+        "| threads | model | preset | auto | iterative | gram | gram_ns | auto / best forced | gram_ns / auto |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for threads, name, pre, med, ratio in rows:
         cells = " | ".join(f"{med[r] * 1e3:.1f} ms" for r in ROUTES)
-        lines.append(f"| {threads} | {name} | {pre} | {cells} | {ratio:.3f} |")
+        lines.append(f"| {threads} | {name} | {pre} | {cells} | {ratio:.3f} | {med['gram_ns'] / med['auto']:.3f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

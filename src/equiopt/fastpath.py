@@ -27,6 +27,14 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   m = 128, n ~ 2 m at m = 256-512, e.g. the 512 x 1536 hybrid MLP maps; the presets'
   per-head [32 or 64, d] blocks stay on the iterations); :func:`choose_polar_route` decides
   by a cost model fitted with ``benchmarks/calibrate_routes.py`` (see ``COST``).
+* **Gram Newton-Schulz** (opt-in, ``polar_route="gram_ns"``) -- the same iterations run on
+  the small ``m x m`` Gram ``A = X X^T`` instead of on ``X``: every iterate is ``R_t X`` with
+  ``R_t`` a polynomial in ``A``, so ``Q_t = a I + b A_t + c A_t^2``, ``R <- R Q_t``,
+  ``A_{t+1} = A_t Q_t^2`` cost ``O(m^3)`` per step and ``X`` is touched by products only at
+  the start, at the restarts and at the end (:func:`_gram_iterate`). Fewer FLOPs when
+  ``n`` is about 2 ``m`` or more (512 x 1536, 5 steps: 0.74x of the standard iteration with
+  the restart); float32 rounding of the Gram is amplified by the polynomial's slope at 0, so
+  the iterate is re-formed (``X <- R X``, ``A <- X X^T``) before steps 2, 5, 8, ...
 * **cache-sized batches** -- a shape bucket is cut at parameter boundaries beyond 1 MiB
   (stacking large matrices only costs a copy and streams the batch through memory);
   one parameter's experts / heads / parts are never split.
@@ -70,7 +78,7 @@ __all__ = [
 
 _ITER_EPS = 1e-7  # the normalization epsilon of equiopt.polar's iterations
 _ITERATIVE = ("newton_schulz", "polar_express")
-POLAR_ROUTES = ("auto", "iterative", "gram")
+POLAR_ROUTES = ("auto", "iterative", "gram", "gram_ns")
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,9 @@ class FastPathOptions:
     stack_bytes: stacked batches are cut at parameter boundaries beyond this many bytes
         (1 MiB: about the L2 cache of this machine's two cores; measured in
         ``benchmarks/calibrate_routes.py --chunks``).
-    polar_route: "auto" (cost model), "iterative" or "gram" for Polar Express / Newton-Schulz.
+    polar_route: "auto" (cost model: "iterative" or "gram"), "iterative", "gram" or "gram_ns"
+        (the iterations on the small Gram matrix, :func:`_gram_iterate`; opt-in) for Polar
+        Express / Newton-Schulz.
     compile: run the per-shape kernels through ``torch.compile`` (opt-in).
     compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" traces without
         code generation, used by the tests).
@@ -207,8 +217,10 @@ def iterative_polar(
     compute_dtype: torch.dtype | None = None,
     inplace: bool = False,
     compiled: bool = False,
+    gram_ns: bool = False,
 ) -> Tensor:
-    """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations.
+    """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations
+    (``gram_ns``: the iterations on the Gram matrix, :func:`_gram_iterate`).
 
     ``X`` [N, m, n], any orientation (the work is on the wide one, m <= n, as in
     :mod:`equiopt.polar`); the result has X's shape and dtype and is contiguous. ``X`` is not
@@ -249,7 +261,8 @@ def iterative_polar(
         Y = Y * factor if factor is not None else Y
         return Y.mT.contiguous() if flip else Y
     f = None if factor is None else factor.to(cdt)
-    Y = (_compiled_kernel("iterate") if compiled else _iterate)(Y, A, coeffs, f, flip)
+    kernel = "gram_iterate" if gram_ns else "iterate"
+    Y = (_compiled_kernel(kernel) if compiled else _KERNELS[kernel])(Y, A, coeffs, f, flip)
     return Y.to(out_dtype)
 
 
@@ -270,6 +283,42 @@ def _iterate(Y: Tensor, A: Tensor | None, coeffs, factor: Tensor | None, flip: b
         Y = torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
         A = None
     return Y
+
+
+#: Gram Newton-Schulz re-forms the iterate and its Gram before these steps (2, 5, 8, ...):
+#: without it float32 rounding of A_t, amplified on the small singular directions by the
+#: polynomial's slope at 0 (~prod a_t), left the result up to 3e-4 (Newton-Schulz) / 1e-3
+#: (Polar Express) from the float64 iterations on spectra down to 1e-6; with it <= 7e-5 for 5
+#: steps and <= 2e-4 for 8 (the float32 standard iterations: <= 1.4e-5 / 2.2e-4).
+def gram_ns_restart(t: int) -> bool:
+    return t >= 2 and (t - 2) % 3 == 0
+
+
+def _gram_iterate(Y: Tensor, A: Tensor | None, coeffs, factor: Tensor | None, flip: bool) -> Tensor:
+    """The same polynomial steps as :func:`_iterate`, on the m x m Gram (Gram Newton-Schulz).
+
+    Every iterate is Y_t = R_t Y with R_t a polynomial in A = Y Y^T, so Y_{t+1} = Q_t Y_t with
+    Q_t = a I + b A_t + c A_t^2, R_{t+1} = R_t Q_t and A_{t+1} = Y_{t+1} Y_{t+1}^T =
+    A_t Q_t^2 (all polynomials in A commute): per step 3-4 m x m products instead of two
+    [m, m] x [m, n] ones. At :func:`gram_ns_restart` steps Y <- R Y, A <- Y Y^T, R <- I. The
+    result is (factor * R) Y, or Y^T (factor * R) when ``flip`` (R is symmetric)."""
+    if A is None:
+        A = torch.bmm(Y, Y.mT)
+    R = None
+    last = len(coeffs) - 1
+    for t, (a, b, c) in enumerate(coeffs):
+        if R is not None and gram_ns_restart(t):
+            Y = torch.bmm(R, Y)
+            A, R = torch.bmm(Y, Y.mT), None
+        Q = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        R = Q if R is None else torch.bmm(R, Q)
+        if t < last and not gram_ns_restart(t + 1):
+            A = torch.bmm(torch.bmm(A, Q), Q)
+    assert R is not None  # coeffs is not empty (iterative_polar returns before)
+    if factor is not None:
+        R = R * factor
+    return torch.bmm(Y.mT, R) if flip else torch.bmm(R, Y)
 
 
 def _lin_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -368,12 +417,34 @@ def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
     plus, with the nuclear factor, one eigvalsh(m) (counted as 4/3 m^3).
     gram: G = X X^T (2 m^2 n), eigh(m) (counted as 9 m^3), W diag W^T (2 m^3), F X (2 m^2 n),
     all float64.
+    gram_ns: the products of :func:`_gram_iterate` (:func:`gram_ns_flops`), plus the eigvalsh.
     Returns {"mm32", "mm64", "eig"} flop counts.
     """
+    eig = (4 * m**3) // 3 if nuclear else 0
     if route == "iterative":
-        mm = steps * (4 * m * m * n + 2 * m**3)
-        return {"mm32": mm, "mm64": 0, "eig": (4 * m**3) // 3 if nuclear else 0}
+        return {"mm32": steps * (4 * m * m * n + 2 * m**3), "mm64": 0, "eig": eig}
+    if route == "gram_ns":
+        return {"mm32": gram_ns_flops(m, n, steps), "mm64": 0, "eig": eig}
     return {"mm32": 0, "mm64": 4 * m * m * n + 2 * m**3, "eig": 9 * m**3}
+
+
+def gram_ns_flops(m: int, n: int, steps: int) -> int:
+    """Matrix-product flops of :func:`_gram_iterate` on one wide [m, n] matrix (general
+    products, 2 flops per multiply-add): the Gram and the final R X (2 m^2 n each), per restart
+    R Y and Y Y^T (4 m^2 n), per step A^2 and R Q (2 m^3 each; R Q not on a segment's first
+    step) and A Q Q (4 m^3; not before a restart nor after the last step)."""
+    if steps <= 0:
+        return 0
+    mn, m3 = 2 * m * m * n, 2 * m**3
+    total, first = 2 * mn, True
+    for t in range(steps):
+        if not first and gram_ns_restart(t):
+            total, first = total + 2 * mn, True
+        total += m3 + (0 if first else m3)
+        first = False
+        if t < steps - 1 and not gram_ns_restart(t + 1):
+            total += 2 * m3
+    return total
 
 
 def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: int = 1) -> float:
@@ -382,7 +453,7 @@ def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: 
     ratio = CALIBRATION_THREADS / max(1, torch.get_num_threads())
     eig_ratio = ratio**EIGH_THREAD_EXPONENT
     t = (f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]) * ratio
-    if route == "iterative":
+    if route in ("iterative", "gram_ns"):
         t += steps * COST["iter_step"]
         if nuclear:
             t += (COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]) * eig_ratio
@@ -394,11 +465,17 @@ def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: 
 def choose_polar_route(
     m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype, route: str = "auto"
 ) -> str:
-    """\"iterative" or "gram" for wide [m, n] matrices (m <= n). The Gram route needs a
+    """\"iterative", "gram" or "gram_ns" for wide [m, n] matrices (m <= n). The Gram route needs a
     float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
-    half-precision iterations the iterations are used."""
+    half-precision iterations the iterations are used. "gram_ns" is only taken when asked for
+    (``route="gram_ns"``, any device and dtype), and then only where it needs fewer product
+    flops than the iterations (n >~ 1.5-2 m; square matrices stay on the iterations); "auto"
+    chooses between the other two."""
     if route == "iterative":
-        return "iterative"
+        return route
+    if route == "gram_ns":
+        cheaper = gram_ns_flops(m, n, steps) < polar_flops("iterative", m, n, steps, False)["mm32"]
+        return "gram_ns" if cheaper else "iterative"
     gram_ok = cdt in (torch.float32, torch.float64) and m > 0
     if route == "gram":
         return "gram" if gram_ok else "iterative"
@@ -438,8 +515,9 @@ def _polar_batch(
     which = choose_polar_route(min(m, n), max(m, n), k, alpha is not None, device=X.device, cdt=work_dt, route=route)
     if which == "gram" and cdt in (None, X.dtype):
         return spectral_polar(X, method, steps, alpha=alpha, scale=scale)
+    gram_ns = which == "gram_ns"
     return iterative_polar(
-        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, compiled=compiled
+        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, compiled=compiled, gram_ns=gram_ns
     )
 
 
@@ -647,6 +725,7 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
 _COMPILED: dict = {}
 _KERNELS: dict[str, Callable[..., Tensor]] = {
     "iterate": _iterate,
+    "gram_iterate": _gram_iterate,
     "row_norm": _row_norm,
     "centered_row_norm": _centered_row_norm,
 }
