@@ -1,0 +1,159 @@
+"""Norm-channel scale gauges of equiopt.ddc (issue #14): discovery by hooks and a float64
+probe, trajectory equivariance with the norm scales together with the neuron scales, head
+shift and rotations, the overlap of a neuron gauge (rows) and a norm gauge (columns), the
+orbit coordinate, fast == reference, state_dict.
+
+Oracles are independent of equiopt.ddc: the gauge transformations are written out on named
+parameters; AdamW is torch.optim.AdamW, Muon is equiopt's ``muon`` preset. float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_ddc import (
+    FAIL,
+    OPTS,
+    TOL,
+    batches,
+    load,
+    qwen3,
+    qwen_elements,
+    qwen_loss,
+    qwen_transform,
+    rel_err,
+    snapshot,
+    trajectory,
+)
+from torch import nn
+
+from equiopt.ddc import NormGauge, configure, ddc_optimizer, describe, norm_readers, probe_norm
+from equiopt.groups import Factor
+
+
+# ----------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------
+class LNBlock(nn.Module):
+    """pre-LayerNorm (gain + bias) residual block read by two Linears: a ReLU MLP whose
+    in-projection (no bias) is in a neuron gauge (rows) and the norm gauge (columns), and a
+    side projection with a bias (columns only)."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, h, bias=False)
+        self.fc2 = nn.Linear(h, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.ln(x)
+        return x + self.fc2(torch.relu(self.fc1(y))) + self.proj(y)
+
+
+class LNLM(nn.Module):
+    def __init__(self, V=32, d=16, h=24, L=2, tied=False):
+        super().__init__()
+        self.embed = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList([LNBlock(d, h) for _ in range(L)])
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, V, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.norm(x))
+
+    def loss(self, ids):
+        logits = self(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def ln_lm(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = LNLM(**kw).double()
+    with torch.no_grad():  # non-trivial gains and biases (LayerNorm starts at 1 and 0)
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+# ----------------------------------------------------------------------------------------
+# gauge elements written out on named parameters (the oracle)
+# ----------------------------------------------------------------------------------------
+QWEN_NORMS = {"input_layernorm": ("q_proj", "k_proj", "v_proj"), "post_attention_layernorm": ("gate_proj", "up_proj")}
+
+
+def norm_scales(n_layers, n_norms, d, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [[Factor("scale").sample((1, d, 1), g)[0] for _ in range(n_norms)] for _ in range(n_layers)]
+
+
+def qwen_norm_transform(params, t):
+    out = dict(params)
+    for i, ts in enumerate(t):
+        for (norm, readers), tj in zip(QWEN_NORMS.items(), ts):
+            p = f"model.layers.{i}."
+            out[p + norm + ".weight"] = params[p + norm + ".weight"] * tj
+            for r in readers:
+                mod = "self_attn." if r.endswith(("q_proj", "k_proj", "v_proj")) else "mlp."
+                name = p + mod + r + ".weight"
+                out[name] = out[name] / tj[None, :]  # out: the neuron rescale may act on the rows too
+    return out
+
+
+def ln_transform(params, el, which):
+    out = dict(params)
+    for i, (s, t) in enumerate(zip(el["rescale"], el["norm"])):
+        p = f"blocks.{i}."
+        if "rescale" in which:
+            out[p + "fc1.weight"] = out[p + "fc1.weight"] * s[:, None]
+            out[p + "fc2.weight"] = out[p + "fc2.weight"] / s[None, :]
+        if "norm" in which:
+            out[p + "ln.weight"] = out[p + "ln.weight"] * t
+            out[p + "ln.bias"] = out[p + "ln.bias"] * t
+            out[p + "fc1.weight"] = out[p + "fc1.weight"] / t[None, :]
+            out[p + "proj.weight"] = out[p + "proj.weight"] / t[None, :]
+    if "shift" in which:
+        out["lm_head.weight"] = out["lm_head.weight"] + el["shift"][None, :]
+    return out
+
+
+def norm_equivariance_error(kind, make_opt, which, seed=0):
+    """max over 10 steps of ||T(theta_t) - theta'_t|| / ||theta'_t||, theta'_0 = T(theta_0)."""
+    if kind == "qwen3":
+        a = qwen3(seed)
+        el = qwen_elements(a)
+        t = norm_scales(a.config.num_hidden_layers, 2, a.config.hidden_size)
+
+        def T(ps):
+            ps = qwen_transform(ps, el, [w for w in which if w != "norm"], a.config)
+            return qwen_norm_transform(ps, t) if "norm" in which else ps
+
+        V = a.config.vocab_size
+    else:
+        a = ln_lm(seed)
+        g = torch.Generator().manual_seed(2)
+        el = {
+            "rescale": [Factor("scale").sample((1, 24, 1), g)[0] for _ in a.blocks],
+            "norm": [Factor("scale").sample((1, 16, 1), g)[0] for _ in a.blocks],
+            "shift": Factor("shift", "rows").sample((1, 32, 16), g)[0],
+        }
+        T = lambda ps: ln_transform(ps, el, which)  # noqa: E731
+        V = 32
+    b = copy.deepcopy(a)
+    if kind == "qwen3":
+        b.loss = lambda ids: qwen_loss(b, ids)
+    load(b, T(snapshot(a)))
+    data = batches(V)
+    with torch.no_grad():  # the transformation is a symmetry of the function
+        assert abs(a.loss(data[0]).item() - b.loss(data[0]).item()) < 1e-12
+    ta, tb = trajectory(a, make_opt, data), trajectory(b, make_opt, data)
+    return max(rel_err(T(x), y) for x, y in zip(ta, tb))
