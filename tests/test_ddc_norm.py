@@ -96,8 +96,10 @@ def norm_scales(n_layers, n_norms, d, seed=3):
     return [[Factor("scale").sample((1, d, 1), g)[0] for _ in range(n_norms)] for _ in range(n_layers)]
 
 
-def qwen_norm_transform(params, t):
+def qwen_norm_transform(params, t, t_final):
     out = dict(params)
+    out["model.norm.weight"] = params["model.norm.weight"] * t_final
+    out["lm_head.weight"] = params["lm_head.weight"] / t_final[None, :]  # after the shift, if any
     for i, ts in enumerate(t):
         for (norm, readers), tj in zip(QWEN_NORMS.items(), ts):
             p = f"model.layers.{i}."
@@ -123,6 +125,10 @@ def ln_transform(params, el, which):
             out[p + "proj.weight"] = out[p + "proj.weight"] / t[None, :]
     if "shift" in which:
         out["lm_head.weight"] = out["lm_head.weight"] + el["shift"][None, :]
+    if "norm" in which:  # the final LayerNorm, read by the (translated) head
+        out["norm.weight"] = out["norm.weight"] * el["final"]
+        out["norm.bias"] = out["norm.bias"] * el["final"]
+        out["lm_head.weight"] = out["lm_head.weight"] / el["final"][None, :]
     return out
 
 
@@ -132,10 +138,11 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
         a = qwen3(seed)
         el = qwen_elements(a)
         t = norm_scales(a.config.num_hidden_layers, 2, a.config.hidden_size)
+        t_final = norm_scales(1, 1, a.config.hidden_size, seed=4)[0][0]
 
         def T(ps):
             ps = qwen_transform(ps, el, [w for w in which if w != "norm"], a.config)
-            return qwen_norm_transform(ps, t) if "norm" in which else ps
+            return qwen_norm_transform(ps, t, t_final) if "norm" in which else ps
 
         V = a.config.vocab_size
     else:
@@ -145,6 +152,7 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
             "rescale": [Factor("scale").sample((1, 24, 1), g)[0] for _ in a.blocks],
             "norm": [Factor("scale").sample((1, 16, 1), g)[0] for _ in a.blocks],
             "shift": Factor("shift", "rows").sample((1, 32, 16), g)[0],
+            "final": Factor("scale").sample((1, 16, 1), g)[0],
         }
         T = lambda ps: ln_transform(ps, el, which)  # noqa: E731
         V = 32

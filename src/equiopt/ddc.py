@@ -313,14 +313,17 @@ def _param(the_plan: Plan, name: str) -> Tensor:
 
 
 def _axes(g: Gauge) -> list[tuple[Tensor, str]]:
-    """What a gauge holds of each member: ``rows`` (neuron in-projection), ``cols``
-    (neuron out-projection, norm readers) or the ``whole`` tensor (biases, gains, shifts)."""
+    """What a gauge holds of each member: ``rows`` (neuron in-projection, translated head /
+    router), ``cols`` (neuron out-projection, norm readers) or the ``whole`` tensor (biases,
+    gains)."""
     if isinstance(g, RescaleGauge):
         return [(g.in_weight, "rows"), (g.out_weight, "cols")] + (
             [(g.in_bias, "whole")] if g.in_bias is not None else []
         )
     if isinstance(g, NormGauge):
         return [(p, "whole") for p in (g.gain, g.bias) if p is not None] + [(w, "cols") for w in g.readers]
+    if isinstance(g, ShiftGauge):  # W -> W + 1 c^T moves along the rows; a column scale can join it
+        return [(g.weight, "rows")] + ([(g.bias, "whole")] if g.bias is not None else [])
     return [(p, "whole") for p in g.params]
 
 
@@ -527,11 +530,10 @@ def _probe_ids(the_plan: Plan) -> Tensor | None:
 def _reader_conflict(claims: _Claims, w: Tensor, name: str) -> str | None:
     """Why reader ``w`` cannot take a norm-channel (column) gauge, or None."""
     for g in claims.gauges:
-        if g.kind == "shift" and any(p is w for p in g.params):
+        if isinstance(g, ShiftGauge) and g.weight is w and g.bias is not None:
             return (
-                f"its reader {name} is in the {g.name.split(':')[0]} gauge (translated rows): a column scale "
-                "of a translated matrix would need centered column radii and a mean-keeping radial step "
-                "(not implemented); the translation is kept"
+                f"its reader {name} is in the {g.name.split(':')[0]} gauge with a bias: the column scale of a "
+                "translated matrix with a bias is not combined (the translation is kept)"
             )
         if g.kind == "rescale" and g.in_weight is w and g.in_bias is not None:
             return (
@@ -571,6 +573,14 @@ def _norm_reason(
         reason = _reader_conflict(claims, w, ids_of[id(w)])
         if reason is not None:
             return "norm-channel gauge not claimed: " + reason
+    ws = {id(model.get_submodule(r).weight) for r in readers}
+    shifted = any(g.kind == "shift" and id(g.params[0]) in ws for g in claims.gauges)
+    rows = any(isinstance(g, RescaleGauge) and id(g.in_weight) in ws for g in claims.gauges)
+    if shifted and rows:
+        return (
+            "norm-channel gauge not claimed: its readers include a translated matrix (head / router) and a "
+            "neuron-gauged one; they step in different param_groups"
+        )
     return None
 
 
@@ -761,18 +771,22 @@ class _Unit:
     """One conditioned matrix of a scaling-gauge group: the columns of ``params`` side by
     side (a weight [m, n], then its in-bias or a LayerNorm bias as one more column; a gain
     as one column), with the gauge acting on its rows (``row``, sign +1) and on its first
-    ``ncol`` columns (``col``, sign -1). ``vector``: the base rule is Adam (gains)."""
+    ``ncol`` columns (``col``, sign -1). ``vector``: the base rule is Adam (gains).
+    ``center``: the rows are also translated (a head / router in a shift gauge): the unit is
+    the centered matrix, its mean row is kept."""
 
     params: tuple[Tensor, ...]
     row: Gauge | None = None
     col: Gauge | None = None
     ncol: int = 0
     vector: bool = False
+    center: bool = False
 
 
-def _scale_units(gauges: list[Gauge]) -> list[_Unit]:
+def _scale_units(gauges: list[Gauge], centered: set[int]) -> list[_Unit]:
     """The units of a group's neuron-rescale and norm-channel gauges; a weight whose rows are
-    in a neuron gauge and whose columns are read from a norm is one unit with both."""
+    in a neuron gauge and whose columns are read from a norm is one unit with both; a reader
+    in ``centered`` (ids of translated heads / routers) is a centered unit."""
     units: dict[int, _Unit] = {}
     for g in gauges:
         if isinstance(g, RescaleGauge):
@@ -786,7 +800,7 @@ def _scale_units(gauges: list[Gauge]) -> list[_Unit]:
             units[id(g.gain)] = _Unit(own, row=g, vector=True)
             for w in g.readers:
                 u = units.setdefault(id(w), _Unit((w,)))
-                u.col, u.ncol = g, w.shape[1]
+                u.col, u.ncol, u.center = g, w.shape[1], id(w) in centered
     return list(units.values())
 
 
@@ -911,9 +925,10 @@ class DDCOptimizer(torch.optim.Optimizer):
                 continue
             groups = {id(group_of.get(id(p))) for p in gauge.params}
             grp = group_of.get(id(gauge.params[0]))
-            want = "shift" if gauge.kind == "shift" else "rescale"  # norm gauges step with the rescale ones
+            want = _group_kind(gauge, self.gauges)
             if len(groups) != 1 or grp is None or grp["ddc"] != want:
                 raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={want!r}")
+        self._centered = {id(g.params[0]) for g in self.gauges if g.kind == "shift"}
         self._gauges_of: dict[int, list] = {}
         for g in self.gauges:
             if g.kind != "rotation":
@@ -973,8 +988,14 @@ class DDCOptimizer(torch.optim.Optimizer):
                     for gauge in seen:
                         self._rescale_step(gauge, group)
             elif group["ddc"] == "shift":
+                norms = list(
+                    {id(g): g for p in group["params"] for g in self._gauges_of[id(p)] if g.kind == "norm"}.values()
+                )
+                if norms:  # a norm gauge read by the translated head: its members step together
+                    self._scale_step(norms, group)
+                held = {id(p) for g in norms for p in g.params}
                 for p in group["params"]:
-                    if p.grad is not None:
+                    if p.grad is not None and id(p) not in held:
                         self._adam_step(p, group, center=True)
             else:
                 live = [p for p in group["params"] if p.grad is not None]
@@ -996,7 +1017,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         "Norm-channel gauges"): per unit the invariant input ``x = R * G`` and log-gradients,
         per gauge the radial log-steps, per unit the base direction, re-projection and
         ``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``."""
-        units = _scale_units(gauges)
+        units = _scale_units(gauges, self._centered)
         if all(p.grad is None for u in units for p in u.params):
             return
         prep = {id(u.params[0]): self._unit_prepare(u, group) for u in units}
@@ -1028,6 +1049,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         ws = [_work(p) for p in unit.params]
         M = _columns(ws).clone()
         G = _columns([_grad(p, w) for p, w in zip(unit.params, ws)])
+        mean = M.mean(0, keepdim=True) if unit.center else None
+        if mean is not None:  # translation-invariant: the centered matrix (its mean row is kept)
+            M = M - mean
         if group["weight_decay"] != 0:
             M.mul_(1 - group["lr"] * group["weight_decay"])
         GM = G * M
@@ -1035,6 +1059,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         return dict(
             ws=ws,
             M=M,
+            mean=mean,
             R=R,
             x=R * G,
             h_row=GM.sum(1) if unit.row is not None else None,
@@ -1055,6 +1080,8 @@ class DDCOptimizer(torch.optim.Optimizer):
                 blocks.append(_adam_dir(self._adam_state(p), xb, beta1, beta2, group["eps"]))
                 j += n
             U = _columns(blocks)
+        if unit.center:
+            U = U - U.mean(0, keepdim=True)
         Wh = _safe_div(M, R.expand_as(M))
         U = _tangent(U, Wh, unit)
         if dl_row is not None:
@@ -1064,6 +1091,8 @@ class DDCOptimizer(torch.optim.Optimizer):
             e[: unit.ncol] = torch.exp(dl_col)
             M = M * e[None, :]
         M = M - group["lr"] * R * U
+        if pr["mean"] is not None:
+            M = M + pr["mean"]
         j = 0
         for p, w in zip(unit.params, pr["ws"]):
             n = p.shape[1] if p.ndim == 2 else 1
@@ -1328,20 +1357,29 @@ class DDCOptimizer(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------
 # construction
 # ----------------------------------------------------------------------------------------
+def _group_kind(g: Gauge, found: list[Gauge]) -> str:
+    """The param_group (``ddc``) a gauge steps in: ``shift`` for translations and for a norm
+    gauge read by a translated head / router (centered columns), ``rescale`` otherwise."""
+    if isinstance(g, NormGauge):
+        shifted = {id(s.params[0]) for s in found if s.kind == "shift"}
+        return "shift" if any(id(w) in shifted for w in g.readers) else "rescale"
+    return "shift" if g.kind == "shift" else "rescale"
+
+
 def _partition(the_plan: Plan, found: list[Gauge], base: str) -> tuple[dict[str, list[Tensor]], dict[Tensor, str]]:
     """The plan's parameters by how they are updated: ``rescale`` / ``shift`` (held by such a
     gauge), ``muon`` (Muon matrices), ``adam_mat`` (AdamW, decayed) and ``vec`` (AdamW, no
     decay), in plan order; and the name of every parameter."""
-    in_gauge: dict[int, Gauge] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
+    in_gauge = {id(p): _group_kind(g, found) for g in found if g.kind != "rotation" for p in g.params}
     parts: dict[str, list[Tensor]] = {k: [] for k in ("rescale", "shift", "muon", "adam_mat", "vec")}
     names: dict[Tensor, str] = {}
     for e in the_plan.entries:
         p = e.param
         assert p is not None, f"plan entry {e.name!r} carries no parameter"  # equiopt.plan sets every one
         names[p] = e.name
-        g = in_gauge.get(id(p))
-        if g is not None:
-            parts["shift" if g.kind == "shift" else "rescale"].append(p)
+        kind = in_gauge.get(id(p))
+        if kind is not None:
+            parts[kind].append(p)
         elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
             parts["muon"].append(p)
         elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
