@@ -18,6 +18,7 @@ from test_ddc import (
     OPTS,
     TOL,
     batches,
+    llama,
     load,
     qwen3,
     qwen_elements,
@@ -29,8 +30,9 @@ from test_ddc import (
 )
 from torch import nn
 
-from equiopt.ddc import NormGauge, configure, ddc_optimizer, describe, norm_readers, probe_norm
+from equiopt.ddc import NormGauge, ddc_optimizer, describe, norm_readers, probe_norm
 from equiopt.groups import Factor
+from equiopt.polar import newton_schulz
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def ln_transform(params, el, which):
 
 def norm_equivariance_error(kind, make_opt, which, seed=0):
     """max over 10 steps of ||T(theta_t) - theta'_t|| / ||theta'_t||, theta'_0 = T(theta_0)."""
-    if kind == "qwen3":
-        a = qwen3(seed)
+    if kind in ("qwen3", "llama"):
+        a = qwen3(seed) if kind == "qwen3" else llama(seed)
         el = qwen_elements(a)
         t = norm_scales(a.config.num_hidden_layers, 2, a.config.hidden_size)
         t_final = norm_scales(1, 1, a.config.hidden_size, seed=4)[0][0]
@@ -157,7 +159,7 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
         T = lambda ps: ln_transform(ps, el, which)  # noqa: E731
         V = 32
     b = copy.deepcopy(a)
-    if kind == "qwen3":
+    if kind in ("qwen3", "llama"):
         b.loss = lambda ids: qwen_loss(b, ids)
     load(b, T(snapshot(a)))
     data = batches(V)
@@ -165,3 +167,110 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
         assert abs(a.loss(data[0]).item() - b.loss(data[0]).item()) < 1e-12
     ta, tb = trajectory(a, make_opt, data), trajectory(b, make_opt, data)
     return max(rel_err(T(x), y) for x, y in zip(ta, tb))
+
+
+# ----------------------------------------------------------------------------------------
+# discovery: hooks find the direct readers, the float64 probe verifies the gauge
+# ----------------------------------------------------------------------------------------
+def test_hooks_find_the_readers_on_qwen3():
+    m = qwen3()
+    found = norm_readers(copy.deepcopy(m), torch.randint(0, 64, (2, 8)))
+    p = "model.layers.0."
+    assert found[p + "input_layernorm"] == [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"]
+    assert found[p + "post_attention_layernorm"] == [p + "mlp.gate_proj", p + "mlp.up_proj"]
+    assert found["model.norm"] == ["lm_head"]  # through HF's no-op slice hidden_states[:, 0:]
+    assert found[p + "self_attn.q_norm"] == []  # read by RoPE / attention, not by a Linear
+    ids = torch.randint(0, 64, (2, 8))
+    for norm, readers in found.items():
+        if readers:
+            assert probe_norm(m, norm, readers, ids) < 1e-14, norm
+    # a reader left out is caught by the probe
+    assert probe_norm(m, p + "input_layernorm", [p + "self_attn.q_proj", p + "self_attn.k_proj"], ids) > 1e-3
+    opt = ddc_optimizer(m, "adam")
+    gauges = {g.name: g for g in opt.gauges if isinstance(g, NormGauge)}
+    assert sorted(gauges) == sorted(
+        [f"norm_scale:model.layers.{i}.{n}" for i in range(2) for n in QWEN_NORMS] + ["norm_scale:model.norm"]
+    )
+    assert gauges["norm_scale:model.norm"].names == ("model.norm.weight", "lm_head.weight")
+    assert "no nn.Linear reads" in describe(opt)  # q_norm / k_norm
+
+
+def test_probe_rejects_the_tied_head():
+    """The final norm's only reader is the head, tied to the embedding: scaling its columns
+    scales the embedding's too, so the probe fails and the gauge is not claimed (correct:
+    with a tied head there is no norm-channel gauge on the final norm)."""
+    m = ln_lm(tied=True)
+    ids = torch.randint(0, 32, (2, 8))
+    assert norm_readers(copy.deepcopy(m), ids)["norm"] == ["lm_head"]
+    assert probe_norm(m, "norm", ["lm_head"], ids) > 1e-3
+    opt = ddc_optimizer(m, "adam")
+    names = {g.name for g in opt.gauges}
+    assert "norm_scale:norm" not in names and "norm_scale:blocks.0.ln" in names
+    row = next(line for line in describe(opt).splitlines() if line.startswith("norm.weight"))
+    assert "norm-channel probe failed" in row
+
+
+class OnePlusNorm(nn.Module):
+    """Gemma-style RMSNorm with gain ``1 + w``: scaling ``w`` is not a channel scale."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((d,), 0.3))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+def test_probe_rejects_a_one_plus_w_gain():
+    m = ln_lm()
+    m.norm = OnePlusNorm(16).double()
+    opt = ddc_optimizer(m, "adam")
+    assert "norm_scale:norm" not in {g.name for g in opt.gauges}
+    assert "norm-channel probe failed" in describe(opt)
+
+
+# ----------------------------------------------------------------------------------------
+# trajectory equivariance (10 steps, float64), and optimizers that fail it
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", [("norm",), ("norm", "rescale", "shift")])
+@pytest.mark.parametrize("opt", ["ddc_adam", "ddc_muon"])
+def test_layernorm_model_equivariant(opt, which):
+    """LayerNorm gain + bias, an overlapped reader (fc1: neuron rows, norm columns), a
+    column-only reader with a bias, the final norm read by the translated head."""
+    assert norm_equivariance_error("ln", OPTS[opt], which) < TOL
+
+
+def test_qwen3_norm_gauges_equivariant():
+    assert norm_equivariance_error("qwen3", OPTS["ddc_adam"], ("norm", "rescale", "shift")) < TOL
+    assert norm_equivariance_error("qwen3", OPTS["ddc_muon"], ("norm", "rescale", "shift", "rotation")) < TOL
+
+
+def test_baselines_fail_norm_gauges():
+    for kind in ("ln", "qwen3"):
+        assert norm_equivariance_error(kind, OPTS["adamw"], ("norm",)) > FAIL
+        assert norm_equivariance_error(kind, OPTS["muon"], ("norm",)) > FAIL
+
+
+def test_rotation_rows_with_norm_columns():
+    """V rows (V/O rotation) and Q/K rows (RoPE-plane rotation) with columns in the input
+    norm's gauge (tiny Llama, no q/k norm): per-column radii are invariant under the left
+    orthogonal action, so x = G diag(c) rotates with G and the polar map stays equivariant."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    G = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    R = Factor("orth").sample((2, 8, 1), g)  # two heads of 8 rows
+    Q = torch.block_diag(R[0], R[1])
+    t = Factor("scale").sample((1, 8, 1), g)[0]
+    W2, G2 = Q @ W / t[None, :], Q @ G * t[None, :]
+    x, x2 = G * W.norm(dim=0), G2 * W2.norm(dim=0)
+    assert (x2 - Q @ x).norm() / x.norm() < 1e-14
+    assert (newton_schulz(x2, 5) - Q @ newton_schulz(x, 5)).norm() / x.norm() < 1e-12
+    # the Lean per-row radius is not invariant under the column action
+    rho, rho2 = W.norm(dim=1, keepdim=True), W2.norm(dim=1, keepdim=True)
+    assert ((rho2 * G2) - Q @ (rho * G)).norm() / (rho * G).norm() > 1e-2
+    names = {g.name for g in ddc_optimizer(llama(), "muon").gauges}
+    assert {"qk_rope_rotation:model.layers.0.self_attn", "norm_scale:model.layers.0.input_layernorm"} <= names
+    which = ("norm", "rescale", "shift", "rotation", "qk")
+    assert norm_equivariance_error("llama", OPTS["ddc_muon"], which) < TOL
+    assert norm_equivariance_error("llama", OPTS["ddc_adam"], ("norm", "rescale", "shift")) < TOL
+    assert norm_equivariance_error("llama", OPTS["ddc_adam"], ("norm", "qk")) > FAIL  # Adam: no rotations
