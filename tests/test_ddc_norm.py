@@ -30,7 +30,7 @@ from test_ddc import (
 )
 from torch import nn
 
-from equiopt.ddc import NormGauge, ddc_optimizer, describe, norm_readers, probe_norm
+from equiopt.ddc import NormGauge, configure, ddc_optimizer, describe, norm_readers, probe_norm
 from equiopt.groups import Factor
 from equiopt.polar import newton_schulz
 
@@ -274,3 +274,110 @@ def test_rotation_rows_with_norm_columns():
     assert norm_equivariance_error("llama", OPTS["ddc_muon"], which) < TOL
     assert norm_equivariance_error("llama", OPTS["ddc_adam"], ("norm", "rescale", "shift")) < TOL
     assert norm_equivariance_error("llama", OPTS["ddc_adam"], ("norm", "qk")) > FAIL  # Adam: no rotations
+
+
+# ----------------------------------------------------------------------------------------
+# orbit coordinate
+# ----------------------------------------------------------------------------------------
+def norm_orbit_drift(make_opt, steps=20):
+    """max |psi_j(t) - psi_j(0)| over the input norms' channels and the final norm's, with
+    psi_j = log|g_j| - 1/k sum_r log||W_r[:, j]|| (k readers; the head's columns centered):
+    the gauge moves psi_j by 2 log t_j."""
+    m = qwen3()
+
+    def coord():
+        out = []
+        for i in range(2):
+            p = f"model.layers.{i}."
+            g = m.get_parameter(p + "input_layernorm.weight").detach()
+            cols = [
+                m.get_parameter(p + f"self_attn.{r}.weight").detach().norm(dim=0).log()
+                for r in "qkv"
+                for r in [r + "_proj"]
+            ]
+            out.append(g.abs().log() - sum(cols) / 3)
+        head = m.lm_head.weight.detach()
+        out.append(m.model.norm.weight.detach().abs().log() - (head - head.mean(0)).norm(dim=0).log())
+        return torch.stack(out)
+
+    c0 = coord()
+    opt = make_opt(m)
+    for ids in batches(64, steps):
+        opt.zero_grad()
+        m.loss(ids).backward()
+        opt.step()
+    return (coord() - c0).abs().max().item()
+
+
+def test_norm_orbit_coordinate_conserved_to_second_order():
+    """Weight decay scales every side alike and the radial step is orthogonal to the
+    weighted orbit direction (gain 1, readers 1/k), so only the tangential steps move psi,
+    O(lr^2) per step: halving lr divides the drift by ~4; under AdamW it is O(lr): ~2."""
+    lr = 4e-3
+    d1 = norm_orbit_drift(lambda m: ddc_optimizer(m, "adam", lr=lr))
+    d2 = norm_orbit_drift(lambda m: ddc_optimizer(m, "adam", lr=lr / 2))
+    a1 = norm_orbit_drift(lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.1))
+    a2 = norm_orbit_drift(lambda m: torch.optim.AdamW(m.parameters(), lr=lr / 2, weight_decay=0.1))
+    assert 3.0 < d1 / d2 < 5.0, (d1, d2)
+    assert 1.5 < a1 / a2 < 2.5, (a1, a2)
+    assert a1 > 20 * d1, (a1, d1)
+
+
+# ----------------------------------------------------------------------------------------
+# plumbing: fast path == reference path, state_dict, state size
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["adam", "muon"])
+@pytest.mark.parametrize("kind", ["ln", "qwen3"])
+def test_fast_path_equals_reference_with_norms(base, kind):
+    make = ln_lm if kind == "ln" else qwen3
+    a, b = make(), make()
+    oa = configure(ddc_optimizer(a, base, lr=1e-2), stack_adam_gauges=True)
+    ob = configure(ddc_optimizer(b, base, lr=1e-2), batched=False)
+    assert any(isinstance(g, NormGauge) for g in oa.gauges)
+    for ids in batches(32 if kind == "ln" else 64, 6):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m.loss(ids).backward()
+            o.step()
+    assert rel_err(snapshot(a), snapshot(b)) < 1e-12
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for k in sa[i]:
+            assert torch.allclose(sa[i][k], sb[i][k], rtol=1e-9, atol=1e-12), (i, k)
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_state_dict_round_trip_with_norms(base):
+    data = batches(64, 6)
+    m = qwen3()
+    opt = ddc_optimizer(m, base)
+    for ids in data[:3]:
+        opt.zero_grad()
+        m.loss(ids).backward()
+        opt.step()
+    m2 = copy.deepcopy(m)
+    m2.loss = lambda ids: qwen_loss(m2, ids)
+    opt2 = ddc_optimizer(m2, base)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for model, o in ((m, opt), (m2, opt2)):
+        for ids in data[3:]:
+            o.zero_grad()
+            model.loss(ids).backward()
+            o.step()
+    for (n, p), q in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), n
+    gain = opt.state[m.model.norm.weight]
+    assert gain["radial_exp_avg"].shape == (32,) and "col_radial_exp_avg" in opt.state[m.lm_head.weight]
+
+
+def test_state_size_counts_every_side():
+    m = ln_lm()
+    opt = ddc_optimizer(m, "adam")
+    for ids in batches(32, 1):
+        m.loss(ids).backward()
+        opt.step()
+    radial = sum(t.numel() for s in opt.state.values() for k, t in s.items() if "radial_" in k)
+    # 2 neuron gauges x 24 modes; 2 block norms x 16 channels x (gain + fc1 + proj); final norm x (gain + head)
+    assert radial == opt.state_modes() == 2 * (2 * 24 + 2 * 16 * 3 + 16 * 2)
