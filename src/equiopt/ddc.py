@@ -217,6 +217,14 @@ def _is_norm_like(module: nn.Module) -> bool:
     )
 
 
+def _weight(model: nn.Module, name: str) -> Tensor:
+    """The ``weight`` parameter of submodule ``name``."""
+    w = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"module {name!r} has no weight tensor")
+    return w
+
+
 def _output_tensor(out) -> Tensor:
     """The tensor a model returns: itself, ``.logits`` (HF), or the first element of a tuple."""
     if hasattr(out, "logits"):
@@ -267,9 +275,8 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: i
     ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and column ``j`` of every reader's
     weight divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
     on a float64 copy (:func:`derive_gauges` does)."""
-    mod = m.get_submodule(norm)
-    own = dict(mod.named_parameters(recurse=False))
-    ws = [m.get_submodule(r).weight for r in readers]
+    own: dict[str, Tensor] = dict(m.get_submodule(norm).named_parameters(recurse=False))
+    ws = [_weight(m, r) for r in readers]
     saved = [p.clone() for p in list(own.values()) + ws]
     y0 = _output_tensor(m(ids))
     gen = torch.Generator().manual_seed(seed)
@@ -279,8 +286,8 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: i
     for w in ws:
         w.div_(t.to(w.dtype)[None, :])
     y1 = _output_tensor(m(ids))
-    for p, s in zip(list(own.values()) + ws, saved):
-        p.copy_(s)
+    for p, old in zip(list(own.values()) + ws, saved):
+        p.copy_(old)
     return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
 
 
@@ -535,7 +542,7 @@ def _reader_conflict(claims: _Claims, w: Tensor, name: str) -> str | None:
                 f"its reader {name} is in the {g.name.split(':')[0]} gauge with a bias: the column scale of a "
                 "translated matrix with a bias is not combined (the translation is kept)"
             )
-        if g.kind == "rescale" and g.in_weight is w and g.in_bias is not None:
+        if isinstance(g, RescaleGauge) and g.in_weight is w and g.in_bias is not None:
             return (
                 f"its reader {name} has a bias and its rows are in {g.name}: the balanced radius of "
                 "[W | b] is undefined for a zero bias (not combined)"
@@ -567,13 +574,13 @@ def _norm_reason(
         )
     ids_of = {id(e.param): e.name for e in the_plan.entries}
     for r in readers:
-        w = model.get_submodule(r).weight
+        w = _weight(model, r)
         if id(w) not in ids_of:
             return f"its reader {r} is not a parameter of the plan"
         reason = _reader_conflict(claims, w, ids_of[id(w)])
         if reason is not None:
             return "norm-channel gauge not claimed: " + reason
-    ws = {id(model.get_submodule(r).weight) for r in readers}
+    ws = {id(_weight(model, r)) for r in readers}
     shifted = any(g.kind == "shift" and id(g.params[0]) in ws for g in claims.gauges)
     rows = any(isinstance(g, RescaleGauge) and id(g.in_weight) in ws for g in claims.gauges)
     if shifted and rows:
@@ -592,6 +599,10 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
     if not norms:
         return
     ids = _probe_ids(the_plan)
+    if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
+        for _, mod in norms:
+            why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
+        return
     m64 = copy.deepcopy(model).to(torch.float64).eval()
     try:
         found = norm_readers(m64, ids) if ids is not None else None
@@ -602,19 +613,20 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
         why_all = "norm-channel probe needs token ids (no token embedding in the plan)"
     for name, mod in norms:
         own = [p for p in (mod.weight, getattr(mod, "bias", None)) if isinstance(p, Tensor)]
+        rs = found.get(name) if found is not None else None
         if found is None or ids is None:
             reason: str | None = why_all
-        elif name not in found:
+        elif rs is None:
             reason = "norm-channel gauge: the norm is called more than once (or never) in one forward"
         elif not claims.free(*own):
             reason = "norm-channel gauge: the gain is in another gauge or tied"
         else:
-            reason = _norm_reason(the_plan, model, m64, name, found[name], ids, claims, tol)
-        if reason is not None:
+            reason = _norm_reason(the_plan, model, m64, name, rs, ids, claims, tol)
+        if reason is not None or rs is None:
             for p in own:
-                why.setdefault(ids_of[id(p)], reason)
+                why.setdefault(ids_of[id(p)], reason or "")
             continue
-        readers = tuple(model.get_submodule(r).weight for r in found[name])
+        readers = tuple(_weight(model, r) for r in rs)
         bias = own[1] if len(own) > 1 else None
         names = tuple(ids_of[id(p)] for p in own + list(readers))
         claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names))
