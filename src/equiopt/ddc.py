@@ -604,8 +604,9 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
             why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
         return
     m64 = copy.deepcopy(model).to(torch.float64).eval()
-    if hasattr(m64, "set_experts_implementation"):  # HF MoE: grouped_mm kernels take no float64
-        m64.set_experts_implementation("eager")
+    eager = getattr(m64, "set_experts_implementation", None)
+    if callable(eager):  # HF MoE: the grouped_mm kernels take no float64
+        eager("eager")
     try:
         found = norm_readers(m64, ids) if ids is not None else None
     except (RuntimeError, TypeError, ValueError) as err:  # the model cannot run on [2, 8] ids
