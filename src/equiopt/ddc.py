@@ -14,6 +14,12 @@ Gauges found from an :func:`equiopt.plan` (``plan.blocks``):
   homogeneous gives no gauge. Needs the model (not only the plan).
 * **translation** (:class:`ShiftGauge`): ``W -> W + 1 c^T`` on an untied LM head (softmax
   cross-entropy) and on a softmax MoE router (with its bias, if any: ``b -> b + c0 1``).
+* **norm-channel scale** (:class:`NormGauge`): for every module owning exactly a 1-D gain
+  (RMSNorm / LayerNorm, + its bias), the ``nn.Linear`` modules that read its output directly
+  (:func:`norm_readers`: forward hooks on one float64 forward) and a float64 probe of the
+  whole model (:func:`probe_norm`): gain entry ``j`` times ``t_j``, column ``j`` of every
+  reader divided by it. A reader's rows may be in a neuron gauge (balanced radius ``r c^T``,
+  :func:`balance`), a rotation (per-column radii) or the logit shift (centered columns).
 * **rotation** (:class:`RotationGauge`, Muon base only): per kv head ``V_j -> R_j V_j``,
   ``O_i -> O_i R_j^T``. The whole-matrix polar map is equivariant under these block-diagonal
   orthogonal actions, so they need no extra state; they are recorded (and tested). Q/K
@@ -32,6 +38,12 @@ One step (Lean numbering of ``design/ddc.md``), on a rescale gauge with sides
 6. base update ``u`` on ``x`` (Adam per coordinate, or the polar map of the whole
    ``diag(rho) G_tan`` matrix for Muon), re-projected ``u <- u - <u, W>/rho^2 W``;
 7. ``W <- exp(dlogrho) W - lr rho u``.
+
+Norm-channel gauges (``1 + k`` sides per channel: the gain entry, column ``j`` of each of ``k``
+readers) and weights in two gauges step together per unit (``DDCOptimizer._scale_step``):
+per-side scalar Adam on the log-gradients with the gauge mode removed, the motion along the
+orbit removed (weights 1 for the gain, ``1/k`` per reader), the base rule on ``x = R * G``,
+``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``; see docs/ddc.md.
 
 Translation gauges: the base AdamW step without weight decay, with the orbit component of
 the update (its mean over the vocabulary / expert rows) removed. Every other parameter gets
