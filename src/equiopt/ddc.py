@@ -855,25 +855,27 @@ def _orbit_coeffs(U: Tensor, Wh: Tensor, ncol: int) -> tuple[Tensor, Tensor]:
     return (rr - Q @ b) / Dr, b
 
 
-def _tangent(U: Tensor, Wh: Tensor, unit: _Unit) -> Tensor:
-    """``U`` with its component along the unit's gauge orbits removed (``Wh = W / R``)."""
-    if unit.row is not None and unit.col is not None:
+def _tangent(U: Tensor, M: Tensor, R: Tensor, sq: Tensor | None, unit: _Unit) -> Tensor:
+    """``U`` with its component along the unit's gauge orbits removed, in normalized
+    coordinates ``W_hat = M / R``: per row / per column ``U - <U, M>/||M||^2 M`` (``sq``: the
+    squared norms), or the least-squares ``(a, b)`` of :func:`_orbit_coeffs` for both."""
+    if sq is None:
+        Wh = M / R
         a, b = _orbit_coeffs(U, Wh, unit.ncol)
         return U - a[:, None] * Wh - torch.nn.functional.pad(Wh[:, : unit.ncol] * b, (0, Wh.shape[1] - unit.ncol))
     if unit.row is not None:
-        return U - _safe_div((U * Wh).sum(1), (Wh * Wh).sum(1))[:, None] * Wh
-    return U - _safe_div((U * Wh).sum(0), (Wh * Wh).sum(0))[None, :] * Wh
+        return U - _safe_div((U * M).sum(1), sq)[:, None] * M
+    return U - _safe_div((U * M).sum(0), sq)[None, :] * M
 
 
-def _radius(M: Tensor, unit: _Unit) -> Tensor:
-    """The unit's radius, shaped like ``M``'s broadcast: row norms, column norms, or the
-    balanced ``r c^T`` when both rows and columns are in a gauge."""
+def _radius(M: Tensor, unit: _Unit) -> tuple[Tensor, Tensor | None]:
+    """The unit's radius, broadcastable to ``M``: row norms [m, 1], column norms [1, n] (with
+    the squared norms as a vector), or the balanced ``r c^T`` when both are in a gauge."""
     if unit.row is not None and unit.col is not None:
         r, c = balance(M)
-        return r[:, None] * c[None, :]
-    if unit.row is not None:
-        return M.norm(dim=1, keepdim=True)
-    return M.norm(dim=0, keepdim=True)
+        return r[:, None] * c[None, :], None
+    sq = (M * M).sum(1 if unit.row is not None else 0)
+    return (sq.sqrt()[:, None] if unit.row is not None else sq.sqrt()[None, :]), sq
 
 
 def _norm_radial(hs: list[Tensor], states: list[dict], lr: float, group: dict) -> Tensor:
@@ -1074,20 +1076,21 @@ class DDCOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
         ws = [_work(p) for p in unit.params]
-        M = _columns(ws).clone()
+        M = _columns(ws)
         G = _columns([_grad(p, w) for p, w in zip(unit.params, ws)])
         mean = M.mean(0, keepdim=True) if unit.center else None
         if mean is not None:  # translation-invariant: the centered matrix (its mean row is kept)
             M = M - mean
         if group["weight_decay"] != 0:
-            M.mul_(1 - group["lr"] * group["weight_decay"])
+            M = M * (1 - group["lr"] * group["weight_decay"])
         GM = G * M
-        R = _radius(M, unit)
+        R, sq = _radius(M, unit)
         return dict(
             ws=ws,
             M=M,
             mean=mean,
             R=R,
+            sq=sq,
             x=R * G,
             h_row=GM.sum(1) if unit.row is not None else None,
             h_col=GM[:, : unit.ncol].sum(0) if unit.col is not None else None,
@@ -1109,17 +1112,14 @@ class DDCOptimizer(torch.optim.Optimizer):
             U = _columns(blocks)
         if unit.center:
             U = U - U.mean(0, keepdim=True)
-        Wh = _safe_div(M, R.expand_as(M))
-        U = _tangent(U, Wh, unit)
-        if dl_row is not None:
-            M = M * torch.exp(dl_row)[:, None]
+        U = _tangent(U, M, R, pr["sq"], unit)
+        e = torch.ones_like(M[:1])
         if dl_col is not None:
-            e = torch.ones(M.shape[1], dtype=M.dtype, device=M.device)
-            e[: unit.ncol] = torch.exp(dl_col)
-            M = M * e[None, :]
-        M = M - group["lr"] * R * U
+            e[0, : unit.ncol] = torch.exp(dl_col)
+        M = M * (e if dl_row is None else torch.exp(dl_row)[:, None] * e)
+        M.addcmul_(R, U, value=-group["lr"])
         if pr["mean"] is not None:
-            M = M + pr["mean"]
+            M.add_(pr["mean"])
         j = 0
         for p, w in zip(unit.params, pr["ws"]):
             n = p.shape[1] if p.ndim == 2 else 1
