@@ -381,3 +381,51 @@ def test_state_size_counts_every_side():
     radial = sum(t.numel() for s in opt.state.values() for k, t in s.items() if "radial_" in k)
     # 2 neuron gauges x 24 modes; 2 block norms x 16 channels x (gain + fc1 + proj); final norm x (gain + head)
     assert radial == opt.state_modes() == 2 * (2 * 24 + 2 * 16 * 3 + 16 * 2)
+
+
+def test_bf16_params_with_norm_gauges():
+    """bf16 parameters: the scaling-gauge units work on float32 copies, state is float32, the
+    parameters keep their dtype; equal to a float32 run that rounds to bf16 after each step."""
+    torch.manual_seed(0)
+    m16 = LNLM().to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    o16, o32 = ddc_optimizer(m16, "muon", lr=1e-2), ddc_optimizer(m32, "muon", lr=1e-2)
+    assert any(isinstance(g, NormGauge) for g in o16.gauges)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for p16, p32 in zip(m16.parameters(), m32.parameters()):
+            gr = (torch.randn(p16.shape, generator=g) * 0.1).to(torch.bfloat16)
+            p16.grad, p32.grad = gr, gr.float()
+        o16.step()
+        o32.step()
+        with torch.no_grad():
+            for p in m32.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32)
+    assert all(t.dtype == torch.float32 for st in o16.state.values() for k, t in st.items())
+
+
+def test_biased_overlap_is_declined_with_a_reason():
+    """A LayerNorm read by a ReLU in-projection with a bias: the norm gauge is not claimed
+    (the balanced radius of [W | b] is undefined for a zero bias), the neuron gauge is kept."""
+    m = ln_lm()
+    for blk in m.blocks:
+        blk.fc1 = nn.Linear(16, 24).double()
+    opt = ddc_optimizer(m, "adam")
+    names = {g.name for g in opt.gauges}
+    assert "neuron_rescale:blocks.0" in names and "norm_scale:blocks.0.ln" not in names
+    assert "norm_scale:norm" in names  # the final norm (head) is unaffected
+    row = next(line for line in describe(opt).splitlines() if line.startswith("blocks.0.ln.weight"))
+    assert "has a bias and its rows are in neuron_rescale:blocks.0" in row
+
+
+def test_gauge_table_lists_norm_gauges():
+    import equiopt
+    from equiopt.ddc import gauge_table
+
+    m = qwen3()
+    text = gauge_table(equiopt.plan(m, "adamw"), m, "muon")
+    assert "norm_scale:model.layers.0.input_layernorm (gain)" in text
+    assert "neuron_rescale:model.layers.0.mlp (rows); norm_scale:model.layers.0.post_attention_layernorm (cols)" in text
+    assert "norm_scale:model.norm (cols)" in text and "logit_shift (rows)" in text

@@ -615,7 +615,7 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
         for _, mod in norms:
             why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
         return
-    m64 = copy.deepcopy(model).to(torch.float64).eval()
+    m64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()  # one copy, on the CPU
     eager = getattr(m64, "set_experts_implementation", None)
     if callable(eager):  # HF MoE: the grouped_mm kernels take no float64
         eager("eager")
