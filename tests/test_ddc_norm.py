@@ -30,7 +30,8 @@ from test_ddc import (
 )
 from torch import nn
 
-from equiopt.ddc import NormGauge, configure, ddc_optimizer, describe, norm_readers, probe_norm
+import equiopt
+from equiopt.ddc import NormGauge, configure, ddc_optimizer, describe, gauge_table, norm_readers, probe_norm
 from equiopt.groups import Factor
 from equiopt.polar import newton_schulz
 
@@ -421,9 +422,6 @@ def test_biased_overlap_is_declined_with_a_reason():
 
 
 def test_gauge_table_lists_norm_gauges():
-    import equiopt
-    from equiopt.ddc import gauge_table
-
     m = qwen3()
     text = gauge_table(equiopt.plan(m, "adamw"), m, "muon")
     assert "norm_scale:model.layers.0.input_layernorm (gain)" in text
