@@ -607,7 +607,11 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
     """Norm-channel scale gauges: every norm-like module whose direct nn.Linear readers (found
     by hooks on one float64 forward) pass :func:`probe_norm`."""
     ids_of = {id(e.param): e.name for e in the_plan.entries}
-    norms = [(n, m) for n, m in model.named_modules() if _is_norm_like(m) and id(m.weight) in ids_of]
+    norms = [
+        (n, m)
+        for n, m in model.named_modules()
+        if _is_norm_like(m) and all(id(p) in ids_of for p in m.parameters(recurse=False))
+    ]
     if not norms:
         return
     ids = _probe_ids(the_plan)
