@@ -1565,9 +1565,11 @@ def _table_rows(the_plan: Plan, model, base: str, found: list, why: dict[str, st
     return rows
 
 
-def _rule_of(group: dict) -> str:
+def _rule_of(group: dict, in_norm_gauge: bool = False, translated: bool = False) -> str:
     if group["ddc"] == "rescale":
         return f"ddc-{group['rule']}"
+    if group["ddc"] == "shift" and in_norm_gauge:  # the final norm and the head it feeds
+        return "ddc-adam centered" if translated else "ddc-adam"
     if group["ddc"] == "shift":
         return "adamw centered"
     return "muon" if group["rule"] == "muon" else "adamw"
@@ -1605,8 +1607,11 @@ def describe(opt: DDCOptimizer) -> str:
     params = {n: p for p, n in opt.names.items()}
     rows: list[tuple[str, ...]] = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
     for name, shape, role, text in opt.table_rows:
-        g = group_of.get(id(params.get(name)))
-        rule, lr, wd = ("-", "-", "-") if g is None else (_rule_of(g), f"{g['lr']:g}", f"{g['weight_decay']:g}")
+        p = params.get(name)
+        g = group_of.get(id(p))
+        normed = any(x.kind == "norm" for x in opt._gauges_of.get(id(p), []))
+        rule = "-" if g is None else _rule_of(g, normed, id(p) in opt._centered)
+        lr, wd = ("-", "-") if g is None else (f"{g['lr']:g}", f"{g['weight_decay']:g}")
         rows.append((name, shape, role, rule, lr, wd, text))
     claimed = sum(not t.startswith("none") for *_, t in opt.table_rows)
     kinds: dict[str, int] = {}
