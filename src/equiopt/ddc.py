@@ -1070,9 +1070,10 @@ class DDCOptimizer(torch.optim.Optimizer):
                 dl[(id(g.gain), "row")] = d[0]
                 for w, dw in zip(g.readers, d[1:]):
                     dl[(id(w), "col")] = dw
+        dirs = self._unit_directions(units, prep, group)
         for u in units:
             key = id(u.params[0])
-            self._unit_update(u, prep[key], dl.get((key, "row")), dl.get((key, "col")), group)
+            self._unit_update(u, prep[key], dirs[key], dl.get((key, "row")), dl.get((key, "col")), group)
 
     def _unit_prepare(self, unit: _Unit, group: dict) -> dict:
         """Step counters, weight decay, radius, log-gradients and invariant input of a unit."""
@@ -1100,20 +1101,38 @@ class DDCOptimizer(torch.optim.Optimizer):
             h_col=GM[:, : unit.ncol].sum(0) if unit.col is not None else None,
         )
 
-    def _unit_update(self, unit: _Unit, pr: dict, dl_row: Tensor | None, dl_col: Tensor | None, group: dict) -> None:
-        """Base direction of the invariant input, re-projection off the orbit, the step."""
-        x, M, R = pr["x"], pr["M"], pr["R"]
+    def _unit_directions(self, units: list[_Unit], prep: dict, group: dict) -> dict[int, Tensor]:
+        """The base rule's direction of every unit's invariant input ``x``: Muon's (stacked per
+        shape on the fast path, one call per unit on the reference path) for matrices under
+        DDC-Muon, otherwise Adam per parameter (column block)."""
         beta1, beta2 = group["betas"]
-        if group["rule"] == "muon" and not unit.vector:
-            U = self._muon_direction(x, self.state[unit.params[0]], group)
+        out: dict[int, Tensor] = {}
+        muon = [u for u in units if group["rule"] == "muon" and not u.vector]
+        if self.batched:
+            for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device)):
+                X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
+                U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
+                out.update((id(u.params[0]), Ui) for u, Ui in zip(bucket, U.unbind(0)))
         else:
-            blocks, j = [], 0
-            for p in unit.params:
+            for u in muon:
+                out[id(u.params[0])] = self._muon_direction(prep[id(u.params[0])]["x"], self.state[u.params[0]], group)
+        for u in units:
+            if id(u.params[0]) in out:
+                continue
+            x, blocks, j = prep[id(u.params[0])]["x"], [], 0
+            for p in u.params:
                 n = p.shape[1] if p.ndim == 2 else 1
                 xb = x[:, j : j + n] if p.ndim == 2 else x[:, j]
                 blocks.append(_adam_dir(self._adam_state(p), xb, beta1, beta2, group["eps"]))
                 j += n
-            U = _columns(blocks)
+            out[id(u.params[0])] = _columns(blocks)
+        return out
+
+    def _unit_update(
+        self, unit: _Unit, pr: dict, U: Tensor, dl_row: Tensor | None, dl_col: Tensor | None, group: dict
+    ) -> None:
+        """Re-projection of the base direction ``U`` off the unit's orbits, then the step."""
+        M, R = pr["M"], pr["R"]
         if unit.center:
             U = U - U.mean(0, keepdim=True)
         U = _tangent(U, M, R, pr["sq"], unit)
