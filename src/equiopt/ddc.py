@@ -14,6 +14,12 @@ Gauges found from an :func:`equiopt.plan` (``plan.blocks``):
   homogeneous gives no gauge. Needs the model (not only the plan).
 * **translation** (:class:`ShiftGauge`): ``W -> W + 1 c^T`` on an untied LM head (softmax
   cross-entropy) and on a softmax MoE router (with its bias, if any: ``b -> b + c0 1``).
+* **norm-channel scale** (:class:`NormGauge`): for every module owning exactly a 1-D gain
+  (RMSNorm / LayerNorm, + its bias), the ``nn.Linear`` modules that read its output directly
+  (:func:`norm_readers`: forward hooks on one float64 forward) and a float64 probe of the
+  whole model (:func:`probe_norm`): gain entry ``j`` times ``t_j``, column ``j`` of every
+  reader divided by it. A reader's rows may be in a neuron gauge (balanced radius ``r c^T``,
+  :func:`balance`), a rotation (per-column radii) or the logit shift (centered columns).
 * **rotation** (:class:`RotationGauge`, Muon base only): per kv head ``V_j -> R_j V_j``,
   ``O_i -> O_i R_j^T``. The whole-matrix polar map is equivariant under these block-diagonal
   orthogonal actions, so they need no extra state; they are recorded (and tested). Q/K
@@ -32,6 +38,12 @@ One step (Lean numbering of ``design/ddc.md``), on a rescale gauge with sides
 6. base update ``u`` on ``x`` (Adam per coordinate, or the polar map of the whole
    ``diag(rho) G_tan`` matrix for Muon), re-projected ``u <- u - <u, W>/rho^2 W``;
 7. ``W <- exp(dlogrho) W - lr rho u``.
+
+Norm-channel gauges (``1 + k`` sides per channel: the gain entry, column ``j`` of each of ``k``
+readers) and weights in two gauges step together per unit (``DDCOptimizer._scale_step``):
+per-side scalar Adam on the log-gradients with the gauge mode removed, the motion along the
+orbit removed (weights 1 for the gain, ``1/k`` per reader), the base rule on ``x = R * G``,
+``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``; see docs/ddc.md.
 
 Translation gauges: the base AdamW step without weight decay, with the orbit component of
 the update (its mean over the vocabulary / expert rows) removed. Every other parameter gets
@@ -59,6 +71,7 @@ from .polar import newton_schulz
 
 __all__ = [
     "DDCOptimizer",
+    "NormGauge",
     "RescaleGauge",
     "RotationGauge",
     "ShiftGauge",
@@ -68,6 +81,8 @@ __all__ = [
     "configure",
     "describe",
     "gauge_table",
+    "norm_readers",
+    "probe_norm",
     "probe_rescale",
 ]
 
@@ -76,6 +91,7 @@ MUON_LR = 4e-2  # the same scan: lr_scale 2 of 2e-2 (AdamW parts of DDC-Muon: AD
 ADAM_MATRIX_WD = 0.1
 MUON_MATRIX_WD = 1e-3
 PROBE_TOL = 1e-9
+GAUGE_KINDS = ("rescale", "shift", "norm", "rotation")
 _SQRT2 = math.sqrt(2.0)
 # roles that Muon conventions leave to AdamW
 _ADAM_ROLES_UNDER_MUON = ("embedding", "tied_embedding", "lm_head", "router", "vector")
@@ -145,6 +161,29 @@ class RotationGauge:
         return 0
 
 
+@dataclass
+class NormGauge:
+    """Norm-channel scale: entry ``j`` of a norm's ``gain`` (and of its ``bias``, LayerNorm)
+    times ``t_j``, column ``j`` of every Linear that reads the norm's output (``readers``)
+    divided by ``t_j``; one gauge mode per channel, with ``1 + len(readers)`` sides."""
+
+    name: str
+    gain: Tensor
+    readers: tuple[Tensor, ...]
+    bias: Tensor | None = None
+    names: tuple[str, ...] = ()  # gain, bias (if any), readers
+
+    kind = "norm"
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return tuple(p for p in (self.gain, self.bias) if p is not None) + tuple(self.readers)
+
+    @property
+    def modes(self) -> int:
+        return self.gain.shape[0]
+
+
 def _module_param(module: nn.Module, rel: str) -> Tensor:
     return dict(module.named_parameters())[rel]
 
@@ -177,6 +216,93 @@ def probe_rescale(
     return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
 
 
+def _is_norm_like(module: nn.Module) -> bool:
+    """A module that owns exactly a 1-D ``weight`` (and possibly a 1-D ``bias`` of the same
+    shape): RMSNorm / LayerNorm with a per-channel gain. Structure only; the probe decides."""
+    own = dict(module.named_parameters(recurse=False))
+    w, b = own.get("weight"), own.get("bias")
+    return (
+        w is not None
+        and w.ndim == 1
+        and set(own) <= {"weight", "bias"}
+        and (b is None or tuple(b.shape) == tuple(w.shape))
+    )
+
+
+def _weight(model: nn.Module, name: str) -> Tensor:
+    """The ``weight`` parameter of submodule ``name``."""
+    w = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"module {name!r} has no weight tensor")
+    return w
+
+
+def _output_tensor(out) -> Tensor:
+    """The tensor a model returns: itself, ``.logits`` (HF), or the first element of a tuple."""
+    if hasattr(out, "logits"):
+        out = out.logits
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model output is {type(out).__name__}, not a tensor")
+    return out
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are the same values in memory (the same tensor, or a no-op view of it
+    such as HF's ``hidden_states[:, slice(0, None)]``)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    )
+
+
+def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
+    """``{norm module name: [names of the nn.Linear modules whose input is its output]}`` for
+    every norm-like module of ``m`` called exactly once in one forward on ``ids`` (forward
+    hooks compare the norm's output and each Linear's input as tensors, not by name)."""
+    outs: dict[str, list[Tensor]] = {}
+    ins: dict[str, list[Tensor]] = {}
+    hooks = []
+    for name, mod in m.named_modules():
+        if _is_norm_like(mod):
+            hooks.append(mod.register_forward_hook(lambda _m, _a, y, n=name: outs.setdefault(n, []).append(y)))
+        elif isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(lambda _m, a, n=name: ins.setdefault(n, []).append(a[0])))
+    try:
+        with torch.no_grad():
+            _output_tensor(m(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    found: dict[str, list[str]] = {}
+    for norm, ys in outs.items():
+        if len(ys) == 1 and isinstance(ys[0], Tensor):
+            found[norm] = [lin for lin, xs in ins.items() if any(_same_view(x, ys[0]) for x in xs)]
+    return found
+
+
+@torch.no_grad()
+def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: int = 0) -> float:
+    """Relative change of ``m(ids)`` when channel ``j`` of the gain (and bias) of module
+    ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and column ``j`` of every reader's
+    weight divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
+    on a float64 copy (:func:`derive_gauges` does)."""
+    own: dict[str, Tensor] = dict(m.get_submodule(norm).named_parameters(recurse=False))
+    ws = [_weight(m, r) for r in readers]
+    saved = [p.clone() for p in list(own.values()) + ws]
+    y0 = _output_tensor(m(ids))
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.exp((torch.rand(own["weight"].shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
+    for p in own.values():
+        p.mul_(t.to(p.dtype))
+    for w in ws:
+        w.div_(t.to(w.dtype)[None, :])
+    y1 = _output_tensor(m(ids))
+    for p, old in zip(list(own.values()) + ws, saved):
+        p.copy_(old)
+    return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
+
+
 def _rel(name: str, scope: str) -> str:
     return name[len(scope) + 1 :] if scope else name
 
@@ -194,7 +320,7 @@ def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
     )
 
 
-Gauge = RescaleGauge | ShiftGauge | RotationGauge
+Gauge = RescaleGauge | ShiftGauge | RotationGauge | NormGauge
 
 
 def _param(the_plan: Plan, name: str) -> Tensor:
@@ -205,21 +331,47 @@ def _param(the_plan: Plan, name: str) -> Tensor:
     return p
 
 
+def _axes(g: Gauge) -> list[tuple[Tensor, str]]:
+    """What a gauge holds of each member: ``rows`` (neuron in-projection, translated head /
+    router), ``cols`` (neuron out-projection, norm readers) or the ``whole`` tensor (biases,
+    gains)."""
+    if isinstance(g, RescaleGauge):
+        return [(g.in_weight, "rows"), (g.out_weight, "cols")] + (
+            [(g.in_bias, "whole")] if g.in_bias is not None else []
+        )
+    if isinstance(g, NormGauge):
+        return [(p, "whole") for p in (g.gain, g.bias) if p is not None] + [(w, "cols") for w in g.readers]
+    if isinstance(g, ShiftGauge):  # W -> W + 1 c^T moves along the rows; a column scale can join it
+        return [(g.weight, "rows")] + ([(g.bias, "whole")] if g.bias is not None else [])
+    return [(p, "whole") for p in g.params]
+
+
 class _Claims:
-    """The gauges found so far and the parameters they hold: a parameter is claimed by at
-    most one rescale/shift gauge, and a tied (aliased) parameter by none."""
+    """The gauges found so far and what they hold, per axis: a parameter's rows and its
+    columns can be in two different scaling gauges (the overlap rule, docs/ddc.md), a
+    ``whole`` claim excludes every other; a tied (aliased) parameter is claimed by none.
+    Rotations are recorded but hold nothing (the polar map needs no state)."""
 
     def __init__(self, the_plan: Plan):
         self.gauges: list[Gauge] = []
-        self.taken: set[int] = set()
+        self.taken: dict[int, set[str]] = {}
         self.aliased = {id(e.param) for e in the_plan.entries if e.aliases}
 
-    def free(self, *ps: Tensor | None) -> bool:
-        return all(p is not None and id(p) not in self.taken and id(p) not in self.aliased for p in ps)
+    def free(self, *ps: Tensor | None, axis: str = "whole") -> bool:
+        """Every ``p`` is a parameter, untied, and ``axis`` of it (``whole``: all of it) is free."""
+
+        def ok(p: Tensor | None) -> bool:
+            if p is None or id(p) in self.aliased:
+                return False
+            held = self.taken.get(id(p), set())
+            return not held if axis == "whole" else not held & {axis, "whole"}
+
+        return all(ok(p) for p in ps)
 
     def take(self, g: Gauge) -> None:
         self.gauges.append(g)
-        self.taken.update(id(p) for p in g.params)
+        for p, axis in _axes(g):
+            self.taken.setdefault(id(p), set()).add(axis)
 
 
 def _claim_shift(the_plan: Plan, block: Block, claims: _Claims) -> None:
@@ -303,7 +455,7 @@ def _claim_rescale(
     in_name, bias_name = chosen
     w_in = _param(the_plan, in_name)
     b_in = _param(the_plan, bias_name) if bias_name else None
-    if claims.free(w_in, out, *([b_in] if b_in is not None else [])):
+    if claims.free(w_in, axis="rows") and claims.free(out, axis="cols") and (b_in is None or claims.free(b_in)):
         claims.take(
             RescaleGauge(
                 f"neuron_rescale:{b.scope}",
@@ -318,7 +470,7 @@ def _claim_rescale(
             if n:
                 why.setdefault(
                     n,
-                    "neuron rescale overlaps another gauge or a tied parameter (overlaps are not combined yet)",
+                    "neuron rescale: a member is in another gauge (a translation) or tied",
                 )
 
 
@@ -334,7 +486,7 @@ def _claim_vo(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[
                 f"V/O rotation not claimed: the v bias {bias_of[block.v]} rotates with V but is "
                 "updated by AdamW (per coordinate)",
             )
-    elif claims.free(v, o):
+    elif claims.free(v, axis="rows") and claims.free(o, axis="cols"):
         claims.gauges.append(  # not taken: rotations need no state and overlap nothing
             RotationGauge(
                 f"vo_rotation:{block.scope}", "vo_rotation", (v, o), (block.v, block.o), block.hkv, block.head_dim
@@ -353,7 +505,7 @@ def _claim_qk(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[
         reason = "Q/K RoPE rotation broken by the per-channel q/k norm gain"
     else:
         q, k = _param(the_plan, block.q), _param(the_plan, block.k)
-        if claims.free(q, k):
+        if claims.free(q, k, axis="rows"):
             claims.gauges.append(
                 RotationGauge(
                     f"qk_rope_rotation:{block.scope}",
@@ -385,18 +537,133 @@ def _claim_rotations(the_plan: Plan, block: AttentionBlock, base: str, claims: _
     _claim_qk(the_plan, block, claims, why)
 
 
+def _probe_ids(the_plan: Plan) -> Tensor | None:
+    """Token ids for the norm-channel probe forward: from the plan's token embedding."""
+    for b in the_plan.blocks:
+        if isinstance(b, VocabBlock) and b.embedding:
+            vocab = _param(the_plan, b.embedding).shape[0]
+            return torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    return None
+
+
+def _reader_conflict(claims: _Claims, w: Tensor, name: str) -> str | None:
+    """Why reader ``w`` cannot take a norm-channel (column) gauge, or None."""
+    for g in claims.gauges:
+        if isinstance(g, ShiftGauge) and g.weight is w and g.bias is not None:
+            return (
+                f"its reader {name} is in the {g.name.split(':')[0]} gauge with a bias: the column scale of a "
+                "translated matrix with a bias is not combined (the translation is kept)"
+            )
+        if isinstance(g, RescaleGauge) and g.in_weight is w and g.in_bias is not None:
+            return (
+                f"its reader {name} has a bias and its rows are in {g.name}: the balanced radius of "
+                "[W | b] is undefined for a zero bias (not combined)"
+            )
+    if not claims.free(w, axis="cols"):
+        return f"the columns of its reader {name} are in another gauge or tied"
+    return None
+
+
+def _norm_reason(
+    the_plan: Plan,
+    model: nn.Module,
+    m64: nn.Module,
+    norm: str,
+    readers: list[str],
+    ids: Tensor,
+    claims: _Claims,
+    tol: float,
+) -> str | None:
+    """Why the norm-like module ``norm`` gets no norm-channel gauge, or None to claim it."""
+    if not readers:
+        return "norm-channel gauge: no nn.Linear reads this norm's output directly"
+    err = probe_norm(m64, norm, readers, ids)
+    if not err <= tol:
+        return (
+            f"norm-channel probe failed (output changes by {err:.1e} relative) with readers "
+            f"{', '.join(readers)}: its output also reaches something not scaled back (a tied head, "
+            "a non-Linear reader such as stacked experts, a (1 + w) gain)"
+        )
+    ids_of = {id(e.param): e.name for e in the_plan.entries}
+    for r in readers:
+        w = _weight(model, r)
+        if id(w) not in ids_of:
+            return f"its reader {r} is not a parameter of the plan"
+        reason = _reader_conflict(claims, w, ids_of[id(w)])
+        if reason is not None:
+            return "norm-channel gauge not claimed: " + reason
+    ws = {id(_weight(model, r)) for r in readers}
+    shifted = any(g.kind == "shift" and id(g.params[0]) in ws for g in claims.gauges)
+    rows = any(isinstance(g, RescaleGauge) and id(g.in_weight) in ws for g in claims.gauges)
+    if shifted and rows:
+        return (
+            "norm-channel gauge not claimed: its readers include a translated matrix (head / router) and a "
+            "neuron-gauged one; they step in different param_groups"
+        )
+    return None
+
+
+def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str]) -> None:
+    """Norm-channel scale gauges: every norm-like module whose direct nn.Linear readers (found
+    by hooks on one float64 forward) pass :func:`probe_norm`."""
+    ids_of = {id(e.param): e.name for e in the_plan.entries}
+    norms = [
+        (n, m)
+        for n, m in model.named_modules()
+        if _is_norm_like(m) and all(id(p) in ids_of for p in m.parameters(recurse=False))
+    ]
+    if not norms:
+        return
+    ids = _probe_ids(the_plan)
+    if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
+        for _, mod in norms:
+            why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
+        return
+    m64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()  # one copy, on the CPU
+    eager = getattr(m64, "set_experts_implementation", None)
+    if callable(eager):  # HF MoE: the grouped_mm kernels take no float64
+        eager("eager")
+    try:
+        found = norm_readers(m64, ids) if ids is not None else None
+    except (RuntimeError, TypeError, ValueError) as err:  # the model cannot run on [2, 8] ids
+        found, ids = None, None
+        why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
+    else:
+        why_all = "norm-channel probe needs token ids (no token embedding in the plan)"
+    for name, mod in norms:
+        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if isinstance(p, Tensor)]
+        rs = found.get(name) if found is not None else None
+        if found is None or ids is None:
+            reason: str | None = why_all
+        elif rs is None:
+            reason = "norm-channel gauge: the norm is called more than once (or never) in one forward"
+        elif not claims.free(*own):
+            reason = "norm-channel gauge: the gain is in another gauge or tied"
+        else:
+            reason = _norm_reason(the_plan, model, m64, name, rs, ids, claims, tol)
+        if reason is not None or rs is None:
+            for p in own:
+                why.setdefault(ids_of[id(p)], reason or "")
+            continue
+        readers = tuple(_weight(model, r) for r in rs)
+        bias = own[1] if len(own) > 1 else None
+        names = tuple(ids_of[id(p)] for p in own + list(readers))
+        claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names))
+
+
 def derive_gauges(
     the_plan: Plan,
     model: nn.Module | None = None,
     base: str = "adam",
-    kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
+    kinds: tuple[str, ...] = GAUGE_KINDS,
     tol: float = PROBE_TOL,
     why: dict[str, str] | None = None,
 ) -> list[Gauge]:
-    """The gauges of a planned model (see the module docstring); ``model`` is needed for the
-    rescale probe (without it no rescale gauge is claimed, with a warning). A parameter is
-    claimed by at most one gauge: a rescale gauge whose members another gauge already holds
-    is dropped (overlaps are documented in docs/ddc.md, not combined in this landing).
+    """The gauges of a planned model (see the module docstring), claimed in the order shift,
+    rescale, norm, rotation; ``model`` is needed for the rescale and norm-channel probes
+    (without it neither is claimed, with a warning). Claims are per axis (:class:`_Claims`):
+    a weight's rows can be in a neuron gauge and its columns in a norm-channel gauge (the
+    overlap rule of docs/ddc.md); a gauge whose members are taken otherwise is dropped.
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
     (:func:`gauge_table` completes it for every other parameter)."""
     why = {} if why is None else why
@@ -408,7 +675,8 @@ def derive_gauges(
         mlps = _rescale_candidates(the_plan, why)
         if mlps and model is None:
             warnings.warn(
-                "ddc: no model given, neuron rescale gauges cannot be probed and are not claimed", stacklevel=2
+                "ddc: no model given, neuron rescale (and norm-channel) gauges cannot be probed and are not claimed",
+                stacklevel=2,
             )
             for b in mlps:
                 for n in b.params():
@@ -417,6 +685,8 @@ def derive_gauges(
             modules = dict(model.named_modules())
             for b in mlps:
                 _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
+    if "norm" in kinds and model is not None:
+        _claim_norms(the_plan, model, claims, tol, why)
     if "rotation" in kinds:
         for block in the_plan.blocks:
             if isinstance(block, AttentionBlock):
@@ -526,6 +796,119 @@ def _polar_update(upd: Tensor, group: dict) -> Tensor:
     return newton_schulz(upd, group["ns_steps"]) * muon_scale(upd.shape[-2], upd.shape[-1])
 
 
+# -- the diagonal-scaling gauges with norm channels (docs/ddc.md "Norm-channel gauges") ----
+@dataclass
+class _Unit:
+    """One conditioned matrix of a scaling-gauge group: the columns of ``params`` side by
+    side (a weight [m, n], then its in-bias or a LayerNorm bias as one more column; a gain
+    as one column), with the gauge acting on its rows (``row``, sign +1) and on its first
+    ``ncol`` columns (``col``, sign -1). ``vector``: the base rule is Adam (gains).
+    ``center``: the rows are also translated (a head / router in a shift gauge): the unit is
+    the centered matrix, its mean row is kept."""
+
+    params: tuple[Tensor, ...]
+    row: Gauge | None = None
+    col: Gauge | None = None
+    ncol: int = 0
+    vector: bool = False
+    center: bool = False
+
+
+def _scale_units(gauges: list[Gauge], centered: set[int]) -> list[_Unit]:
+    """The units of a group's neuron-rescale and norm-channel gauges; a weight whose rows are
+    in a neuron gauge and whose columns are read from a norm is one unit with both; a reader
+    in ``centered`` (ids of translated heads / routers) is a centered unit."""
+    units: dict[int, _Unit] = {}
+    for g in gauges:
+        if isinstance(g, RescaleGauge):
+            ins = (g.in_weight,) + ((g.in_bias,) if g.in_bias is not None else ())
+            units.setdefault(id(g.in_weight), _Unit(ins)).row = g
+            out = units.setdefault(id(g.out_weight), _Unit((g.out_weight,)))
+            out.col, out.ncol = g, g.out_weight.shape[1]
+    for g in gauges:
+        if isinstance(g, NormGauge):
+            own = (g.gain,) + ((g.bias,) if g.bias is not None else ())
+            units[id(g.gain)] = _Unit(own, row=g, vector=True)
+            for w in g.readers:
+                u = units.setdefault(id(w), _Unit((w,)))
+                u.col, u.ncol, u.center = g, w.shape[1], id(w) in centered
+    return list(units.values())
+
+
+def _columns(ts: list[Tensor]) -> Tensor:
+    """Tensors [m, n] or [m] side by side as one [m, *] matrix (a copy unless a single matrix)."""
+    if len(ts) == 1 and ts[0].ndim == 2:
+        return ts[0]
+    return torch.cat([t if t.ndim == 2 else t[:, None] for t in ts], 1)
+
+
+def _orbit_coeffs(U: Tensor, Wh: Tensor, ncol: int) -> tuple[Tensor, Tensor]:
+    """Least-squares ``(a, b)`` of ``U ~ diag(a) Wh + Wh[:, :ncol] diag(b)`` (the orbit tangent
+    of a matrix in a row and a column gauge, normalized coordinates): eliminate ``a``, solve the
+    ``ncol x ncol`` Schur complement. When every column is gauged its null vector ``1`` (the
+    pair ``a = 1, b = -1`` that moves nothing) is deflated, which gives ``1^T b = 0``."""
+    W2 = Wh * Wh
+    Q, Dr = W2[:, :ncol], W2.sum(1)
+    P = U * Wh
+    rr, rc = P.sum(1), P[:, :ncol].sum(0)
+    S = torch.diag(Q.sum(0)) - Q.T @ (Q / Dr[:, None])
+    rhs = rc - Q.T @ (rr / Dr)
+    if ncol == Wh.shape[1]:
+        S = S + S.diagonal().mean() / ncol
+    b = torch.linalg.solve(S, rhs)
+    return (rr - Q @ b) / Dr, b
+
+
+def _tangent(U: Tensor, M: Tensor, R: Tensor, sq: Tensor | None, unit: _Unit) -> Tensor:
+    """``U`` with its component along the unit's gauge orbits removed, in normalized
+    coordinates ``W_hat = M / R``: per row / per column ``U - <U, M>/||M||^2 M`` (``sq``: the
+    squared norms), or the least-squares ``(a, b)`` of :func:`_orbit_coeffs` for both."""
+    if sq is None:
+        Wh = M / R
+        a, b = _orbit_coeffs(U, Wh, unit.ncol)
+        return U - a[:, None] * Wh - torch.nn.functional.pad(Wh[:, : unit.ncol] * b, (0, Wh.shape[1] - unit.ncol))
+    if unit.row is not None:
+        return U - _safe_div((U * M).sum(1), sq)[:, None] * M
+    return U - _safe_div((U * M).sum(0), sq)[None, :] * M
+
+
+def _radius(M: Tensor, unit: _Unit) -> tuple[Tensor, Tensor | None]:
+    """The unit's radius, broadcastable to ``M``: row norms [m, 1], column norms [1, n] (with
+    the squared norms as a vector), or the balanced ``r c^T`` when both are in a gauge."""
+    if unit.row is not None and unit.col is not None:
+        r, c = balance(M)
+        return r[:, None] * c[None, :], None
+    sq = (M * M).sum(1 if unit.row is not None else 0)
+    return (sq.sqrt()[:, None] if unit.row is not None else sq.sqrt()[None, :]), sq
+
+
+def _norm_radial(hs: list[Tensor], states: list[dict], lr: float, group: dict) -> Tensor:
+    """Radial log-steps of one norm-channel gauge, one row per side (gain first, then the
+    readers): Adam per side on the log-gradient with the gauge mode removed, then the motion
+    along the orbit removed in the weighted sense (gain weight 1, each of k readers 1/k), so
+    ``log rho_gain - mean_r log rho_r`` does not move."""
+    beta1, beta2 = group["betas"]
+    H = torch.stack(hs)
+    k = H.shape[0] - 1
+    sigma = torch.full((k + 1, 1), -1.0, dtype=H.dtype, device=H.device)
+    sigma[0] = 1.0
+    H = H - sigma * (sigma * H).sum(0) / (k + 1)
+    prefixes = ["radial_"] + ["col_radial_"] * k
+    dl = -lr * torch.stack(
+        [_adam_dir(_radial_state(st, h, p), h, beta1, beta2, group["eps"], p) for st, h, p in zip(states, H, prefixes)]
+    )
+    w = torch.full_like(sigma, 1.0 / k)
+    w[0] = 1.0
+    return dl - sigma * (w * sigma * dl).sum(0) / w.sum()
+
+
+def _radial_state(state: dict, like: Tensor, prefix: str) -> dict:
+    if prefix + "exp_avg" not in state:
+        state[prefix + "exp_avg"] = torch.zeros_like(like)
+        state[prefix + "exp_avg_sq"] = torch.zeros_like(like)
+    return state
+
+
 class DDCOptimizer(torch.optim.Optimizer):
     """Dead-Direction Conditioner over Adam or Muon (see the module docstring).
 
@@ -575,9 +958,15 @@ class DDCOptimizer(torch.optim.Optimizer):
                 continue
             groups = {id(group_of.get(id(p))) for p in gauge.params}
             grp = group_of.get(id(gauge.params[0]))
-            if len(groups) != 1 or grp is None or grp["ddc"] != gauge.kind:
-                raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={gauge.kind!r}")
-        self._gauge_of = {id(p): g for g in self.gauges if g.kind != "rotation" for p in g.params}
+            want = _group_kind(gauge, self.gauges)
+            if len(groups) != 1 or grp is None or grp["ddc"] != want:
+                raise ValueError(f"{gauge.name}: its parameters must share one param_group with ddc={want!r}")
+        self._centered = {id(g.params[0]) for g in self.gauges if g.kind == "shift"}
+        self._gauges_of: dict[int, list] = {}
+        for g in self.gauges:
+            if g.kind != "rotation":
+                for p in g.params:
+                    self._gauges_of.setdefault(id(p), []).append(g)
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
 
@@ -595,8 +984,13 @@ class DDCOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
 
     def state_modes(self) -> int:
-        """Scalars of DDC state beyond the base rule's (two per rescale mode)."""
-        return sum(2 * g.modes for g in self.gauges if g.kind == "rescale")
+        """Scalars of DDC state beyond the base rule's: two per rescale mode, two per side
+        (gain and each reader) of every norm-channel mode."""
+        return sum(
+            2 * g.modes * (1 + len(g.readers) if isinstance(g, NormGauge) else 1)
+            for g in self.gauges
+            if g.kind in ("rescale", "norm")
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -606,11 +1000,14 @@ class DDCOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if group["ddc"] == "rescale":
-                seen: list[RescaleGauge] = []
+                seen: list = []
                 for p in group["params"]:
-                    g = self._gauge_of[id(p)]
-                    if not any(g is s for s in seen):
-                        seen.append(g)
+                    for g in self._gauges_of[id(p)]:
+                        if not any(g is s for s in seen):
+                            seen.append(g)
+                if any(g.kind == "norm" for g in seen):  # coupled through shared readers: one step
+                    self._scale_step(seen, group)
+                    continue
                 # stacked only under Muon (one batched Newton-Schulz per shape); the stacked Adam
                 # gauge step measured slower than the per-gauge one on CPU (results/ddc_bench)
                 if self.batched and (group["rule"] == "muon" or self.stack_adam_gauges):
@@ -624,8 +1021,14 @@ class DDCOptimizer(torch.optim.Optimizer):
                     for gauge in seen:
                         self._rescale_step(gauge, group)
             elif group["ddc"] == "shift":
+                norms = list(
+                    {id(g): g for p in group["params"] for g in self._gauges_of[id(p)] if g.kind == "norm"}.values()
+                )
+                if norms:  # a norm gauge read by the translated head: its members step together
+                    self._scale_step(norms, group)
+                held = {id(p) for g in norms for p in g.params}
                 for p in group["params"]:
-                    if p.grad is not None:
+                    if p.grad is not None and id(p) not in held:
                         self._adam_step(p, group, center=True)
             else:
                 live = [p for p in group["params"] if p.grad is not None]
@@ -640,6 +1043,112 @@ class DDCOptimizer(torch.optim.Optimizer):
                 for p in adam:
                     self._adam_step(p, group)
         return loss
+
+    # -- scaling gauges with norm channels (one path: reference and fast alike) -------------
+    def _scale_step(self, gauges: list[Gauge], group: dict) -> None:
+        """One step of a group's neuron-rescale and norm-channel gauges (docs/ddc.md
+        "Norm-channel gauges"): per unit the invariant input ``x = R * G`` and log-gradients,
+        per gauge the radial log-steps, per unit the base direction, re-projection and
+        ``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``."""
+        units = _scale_units(gauges, self._centered)
+        if all(p.grad is None for u in units for p in u.params):
+            return
+        prep = {id(u.params[0]): self._unit_prepare(u, group) for u in units}
+        dl: dict[tuple[int, str], Tensor] = {}
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        for g in gauges:
+            if isinstance(g, RescaleGauge):  # the Lean pair: one scalar Adam state per neuron
+                gU = (prep[id(g.in_weight)]["h_row"] + prep[id(g.out_weight)]["h_col"]) / _SQRT2
+                st = _radial_state(self.state[g.in_weight], gU, "radial_")
+                d = -lr * _adam_dir(st, gU, beta1, beta2, group["eps"], prefix="radial_") / _SQRT2
+                dl[(id(g.in_weight), "row")] = dl[(id(g.out_weight), "col")] = d
+            elif isinstance(g, NormGauge):  # 1 + k sides: Adam per side, orbit motion removed
+                hs = [prep[id(g.gain)]["h_row"]] + [prep[id(w)]["h_col"] for w in g.readers]
+                states = [self.state[g.gain]] + [self.state[w] for w in g.readers]
+                d = _norm_radial(hs, states, lr, group)
+                dl[(id(g.gain), "row")] = d[0]
+                for w, dw in zip(g.readers, d[1:]):
+                    dl[(id(w), "col")] = dw
+        dirs = self._unit_directions(units, prep, group)
+        for u in units:
+            key = id(u.params[0])
+            self._unit_update(u, prep[key], dirs[key], dl.get((key, "row")), dl.get((key, "col")), group)
+
+    def _unit_prepare(self, unit: _Unit, group: dict) -> dict:
+        """Step counters, weight decay, radius, log-gradients and invariant input of a unit."""
+        for p in unit.params:
+            st = self.state[p]
+            st["step"] = st.get("step", torch.tensor(0.0)) + 1
+        ws = [_work(p) for p in unit.params]
+        M = _columns(ws)
+        G = _columns([_grad(p, w) for p, w in zip(unit.params, ws)])
+        mean = M.mean(0, keepdim=True) if unit.center else None
+        if mean is not None:  # translation-invariant: the centered matrix (its mean row is kept)
+            M = M - mean
+        if group["weight_decay"] != 0:
+            M = M * (1 - group["lr"] * group["weight_decay"])
+        GM = G * M
+        R, sq = _radius(M, unit)
+        return dict(
+            ws=ws,
+            M=M,
+            mean=mean,
+            R=R,
+            sq=sq,
+            x=R * G,
+            h_row=GM.sum(1) if unit.row is not None else None,
+            h_col=GM[:, : unit.ncol].sum(0) if unit.col is not None else None,
+        )
+
+    def _unit_directions(self, units: list[_Unit], prep: dict, group: dict) -> dict[int, Tensor]:
+        """The base rule's direction of every unit's invariant input ``x``: Muon's (stacked per
+        shape on the fast path, one call per unit on the reference path) for matrices under
+        DDC-Muon, otherwise Adam per parameter (column block)."""
+        beta1, beta2 = group["betas"]
+        out: dict[int, Tensor] = {}
+        muon = [u for u in units if group["rule"] == "muon" and not u.vector]
+        if self.batched:
+            for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device)):
+                X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
+                U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
+                out.update((id(u.params[0]), Ui) for u, Ui in zip(bucket, U.unbind(0)))
+        else:
+            for u in muon:
+                out[id(u.params[0])] = self._muon_direction(prep[id(u.params[0])]["x"], self.state[u.params[0]], group)
+        for u in units:
+            if id(u.params[0]) in out:
+                continue
+            x, blocks, j = prep[id(u.params[0])]["x"], [], 0
+            for p in u.params:
+                n = p.shape[1] if p.ndim == 2 else 1
+                xb = x[:, j : j + n] if p.ndim == 2 else x[:, j]
+                blocks.append(_adam_dir(self._adam_state(p), xb, beta1, beta2, group["eps"]))
+                j += n
+            out[id(u.params[0])] = _columns(blocks)
+        return out
+
+    def _unit_update(
+        self, unit: _Unit, pr: dict, U: Tensor, dl_row: Tensor | None, dl_col: Tensor | None, group: dict
+    ) -> None:
+        """Re-projection of the base direction ``U`` off the unit's orbits, then the step."""
+        M, R = pr["M"], pr["R"]
+        if unit.center:
+            U = U - U.mean(0, keepdim=True)
+        U = _tangent(U, M, R, pr["sq"], unit)
+        e = torch.ones_like(M[:1])
+        if dl_col is not None:
+            e[0, : unit.ncol] = torch.exp(dl_col)
+        M = M * (e if dl_row is None else torch.exp(dl_row)[:, None] * e)
+        M.addcmul_(R, U, value=-group["lr"])
+        if pr["mean"] is not None:
+            M.add_(pr["mean"])
+        j = 0
+        for p, w in zip(unit.params, pr["ws"]):
+            n = p.shape[1] if p.ndim == 2 else 1
+            w.copy_(M[:, j : j + n] if p.ndim == 2 else M[:, j])
+            j += n
+            _write_back(p, w)
 
     # -- the fast path (configure(opt, batched=True), the default) ----------------------
     def _muon_batched(self, params: list[Tensor], group: dict) -> None:
@@ -898,20 +1407,29 @@ class DDCOptimizer(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------
 # construction
 # ----------------------------------------------------------------------------------------
+def _group_kind(g: Gauge, found: list[Gauge]) -> str:
+    """The param_group (``ddc``) a gauge steps in: ``shift`` for translations and for a norm
+    gauge read by a translated head / router (centered columns), ``rescale`` otherwise."""
+    if isinstance(g, NormGauge):
+        shifted = {id(s.params[0]) for s in found if s.kind == "shift"}
+        return "shift" if any(id(w) in shifted for w in g.readers) else "rescale"
+    return "shift" if g.kind == "shift" else "rescale"
+
+
 def _partition(the_plan: Plan, found: list[Gauge], base: str) -> tuple[dict[str, list[Tensor]], dict[Tensor, str]]:
     """The plan's parameters by how they are updated: ``rescale`` / ``shift`` (held by such a
     gauge), ``muon`` (Muon matrices), ``adam_mat`` (AdamW, decayed) and ``vec`` (AdamW, no
     decay), in plan order; and the name of every parameter."""
-    in_gauge: dict[int, Gauge] = {id(p): g for g in found if g.kind != "rotation" for p in g.params}
+    in_gauge = {id(p): _group_kind(g, found) for g in found if g.kind != "rotation" for p in g.params}
     parts: dict[str, list[Tensor]] = {k: [] for k in ("rescale", "shift", "muon", "adam_mat", "vec")}
     names: dict[Tensor, str] = {}
     for e in the_plan.entries:
         p = e.param
         assert p is not None, f"plan entry {e.name!r} carries no parameter"  # equiopt.plan sets every one
         names[p] = e.name
-        g = in_gauge.get(id(p))
-        if g is not None:
-            parts["rescale" if g.kind == "rescale" else "shift"].append(p)
+        kind = in_gauge.get(id(p))
+        if kind is not None:
+            parts[kind].append(p)
         elif base == "muon" and p.ndim >= 2 and e.role not in _ADAM_ROLES_UNDER_MUON:
             parts["muon"].append(p)
         elif p.ndim >= 2 and e.role != "vector":  # [E, out] expert biases are vectors: no decay
@@ -958,7 +1476,7 @@ def ddc_optimizer(
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
-    gauges: tuple[str, ...] = ("rescale", "shift", "rotation"),
+    gauges: tuple[str, ...] = GAUGE_KINDS,
     probe_tol: float = PROBE_TOL,
     lr_scale: float = 1.0,
 ) -> DDCOptimizer:
@@ -1018,6 +1536,9 @@ def _gauge_label(g, name: str) -> str:
         return f"{g.name} ({side})"
     if g.kind == "shift":
         return f"{g.name.split(':')[0]} ({'bias' if g.bias is not None and name == g.names[-1] else 'rows'})"
+    if g.kind == "norm":
+        side = "gain" if name == g.names[0] else ("bias" if g.bias is not None and name == g.names[1] else "cols")
+        return f"{g.name} ({side})"
     return f"{g.name} (polar-map equivariance)"
 
 
@@ -1028,7 +1549,7 @@ def _no_gauge_reason(e, model, base: str, why: dict[str, str]) -> str:
         return "tied to " + ", ".join(e.aliases) + ": the input embedding breaks the logit shift"
     role = e.role
     if role == "embedding":
-        return "token embedding: no continuous gauge acts on it alone (norm-channel gauges not implemented)"
+        return "token embedding: no continuous gauge acts on it alone"
     if role == "tied_embedding":
         return "tied embedding / head: the input embedding breaks the logit shift"
     if role == "lm_head":
@@ -1039,9 +1560,9 @@ def _no_gauge_reason(e, model, base: str, why: dict[str, str]) -> str:
         return "stacked / fused experts: the per-expert neuron rescale is not handled yet"
     if role == "vector":
         kind = _module_kind(model, e.module_name)
-        if "norm" in kind.lower():
-            return f"{kind} gain: norm-channel scale gauge not implemented yet"
-        return "vector (bias, sink, gain): no gauge claimed"
+        if model is None:
+            return "vector: no model given, the norm-channel probe could not run"
+        return f"vector ({kind or 'bias, sink, gain'}): no gauge claimed"
     return "no gauge found for this block"
 
 
@@ -1063,9 +1584,11 @@ def _table_rows(the_plan: Plan, model, base: str, found: list, why: dict[str, st
     return rows
 
 
-def _rule_of(group: dict) -> str:
+def _rule_of(group: dict, in_norm_gauge: bool = False, translated: bool = False) -> str:
     if group["ddc"] == "rescale":
         return f"ddc-{group['rule']}"
+    if group["ddc"] == "shift" and in_norm_gauge:  # the final norm and the head it feeds
+        return "ddc-adam centered" if translated else "ddc-adam"
     if group["ddc"] == "shift":
         return "adamw centered"
     return "muon" if group["rule"] == "muon" else "adamw"
@@ -1103,8 +1626,11 @@ def describe(opt: DDCOptimizer) -> str:
     params = {n: p for p, n in opt.names.items()}
     rows: list[tuple[str, ...]] = [("name", "shape", "role", "rule", "lr", "wd", "gauges")]
     for name, shape, role, text in opt.table_rows:
-        g = group_of.get(id(params.get(name)))
-        rule, lr, wd = ("-", "-", "-") if g is None else (_rule_of(g), f"{g['lr']:g}", f"{g['weight_decay']:g}")
+        p = params.get(name)
+        g = group_of.get(id(p))
+        normed = any(x.kind == "norm" for x in opt._gauges_of.get(id(p), []))
+        rule = "-" if g is None else _rule_of(g, normed, id(p) in opt._centered)
+        lr, wd = ("-", "-") if g is None else (f"{g['lr']:g}", f"{g['weight_decay']:g}")
         rows.append((name, shape, role, rule, lr, wd, text))
     claimed = sum(not t.startswith("none") for *_, t in opt.table_rows)
     kinds: dict[str, int] = {}
@@ -1123,7 +1649,7 @@ def gauge_table(
     the_plan: Plan,
     model: nn.Module | None = None,
     base: str = "adam",
-    kinds: tuple[str, ...] = ("rescale", "shift", "rotation"),
+    kinds: tuple[str, ...] = GAUGE_KINDS,
 ) -> str:
     """The gauges of every parameter of a plan as DDC over ``base`` would claim them (the
     table :func:`describe` prints, without an optimizer): what ``equiopt.plan`` can print for
