@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import equiopt
+from equiopt import ddc
 from equiopt.ddc import DDCOptimizer, RescaleGauge, balance, configure, ddc_optimizer, probe_rescale
 from equiopt.groups import Factor
 
@@ -370,10 +371,16 @@ def test_orbit_coordinate_conserved_to_second_order():
 # ----------------------------------------------------------------------------------------
 # base rule off the gauges
 # ----------------------------------------------------------------------------------------
-def test_no_gauge_is_adamw_bitwise():
+@pytest.mark.parametrize("path", ["reference", "fast", "fast_chunked"])
+def test_no_gauge_is_adamw_bitwise(path, monkeypatch):
+    """Both paths are bit-identical to torch's single-tensor AdamW: the reference path per
+    tensor, the fast path as multi-tensor calls on small tensors and in row chunks on large
+    ones (``fast_chunked``: every matrix in chunks of 100 elements)."""
+    if path == "fast_chunked":
+        monkeypatch.setattr(ddc, "_CHUNK", 100)
     m = relu_lm(act=nn.GELU(), tied=True)  # GELU: no rescale gauge; tied head: no shift
     ref = copy.deepcopy(m)
-    opt = configure(ddc_optimizer(m, "adam", lr=1e-2), batched=False)  # the reference path: foreach=False
+    opt = configure(ddc_optimizer(m, "adam", lr=1e-2), batched=path != "reference")
     assert opt.gauges == []
     mats = [p for p in ref.parameters() if p.ndim >= 2]
     vecs = [p for p in ref.parameters() if p.ndim < 2]

@@ -31,6 +31,7 @@ from test_ddc import (
 from torch import nn
 
 import equiopt
+from equiopt import ddc
 from equiopt.ddc import NormGauge, balance, configure, ddc_optimizer, describe, gauge_table, norm_readers, probe_norm
 from equiopt.groups import Factor
 from equiopt.polar import newton_schulz
@@ -388,6 +389,52 @@ def test_fast_path_equals_reference_with_norms(base, kind):
         assert sa[i].keys() == sb[i].keys()
         for k in sa[i]:
             assert torch.allclose(sa[i][k], sb[i][k], rtol=1e-9, atol=1e-12), (i, k)
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_fast_path_in_row_chunks_equals_reference(base, monkeypatch):
+    """The fast path's two-pass row-chunked Adam units (and chunked AdamW) with chunks of 40
+    elements, so every weight is split: equal to the reference to 1e-12 (float64, Qwen3)."""
+    monkeypatch.setattr(ddc, "_CHUNK", 40)
+    a, b = qwen3(), qwen3()
+    oa, ob = ddc_optimizer(a, base, lr=1e-2), configure(ddc_optimizer(b, base, lr=1e-2), batched=False)
+    for ids in batches(64, 4):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m.loss(ids).backward()
+            o.step()
+    assert rel_err(snapshot(a), snapshot(b)) < 1e-12
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for k in sa[i]:
+            assert torch.allclose(sa[i][k], sb[i][k], rtol=1e-9, atol=1e-12), (i, k)
+
+
+@pytest.mark.parametrize("ncol", [12, 9])
+def test_schur_by_conjugate_gradients_equals_the_dense_solve(ncol):
+    """The fast path solves the overlap's Schur system by conjugate gradients; the
+    coefficients equal the dense solve's to 1e-12 (float64; all columns gauged, null vector
+    deflated, and a trailing ungauged column)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(20, 12, generator=g, dtype=torch.float64) * torch.rand(20, 1, generator=g, dtype=torch.float64)
+    r, c = balance(W)
+    Wh = W / (r[:, None] * c[None, :])
+    U = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    a1, b1 = ddc._orbit_coeffs(U, Wh, ncol)
+    a2, b2 = ddc._orbit_coeffs(U, Wh, ncol, iterative=True)
+    assert rel_err({"a": a1, "b": b1}, {"a": a2, "b": b2}) < 1e-12
+
+
+def test_balance_tolerance_follows_the_dtype():
+    """float32 weights are balanced to 1e-2 of float32's epsilon (float64 ones to 1e-15): the
+    factors agree with the float64 balancing to float32 rounding."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(30, 10, generator=g, dtype=torch.float64) * torch.rand(30, 1, generator=g, dtype=torch.float64)
+    r64, c64 = balance(W)
+    r32, c32 = balance(W.float())
+    R64, R32 = r64[:, None] * c64[None, :], (r32[:, None] * c32[None, :]).double()
+    assert ((R32 - R64).abs() / R64).max() < 1e-6
 
 
 @pytest.mark.parametrize("base", ["adam", "muon"])

@@ -694,26 +694,30 @@ def derive_gauges(
     return claims.gauges
 
 
-def balance(w: Tensor, iters: int = 500, tol: float = 1e-15) -> tuple[Tensor, Tensor]:
+def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tensor, Tensor]:
     """Diagonal balancing of ``w`` [m, n] (the radius of a weight in two rescale gauges, one
     on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
     > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
-    ``w**2`` in log space). ``r c^T`` is unique for a matrix without zero rows/columns whose
-    square has total support (e.g. every entry nonzero), hence equivariant:
-    ``balance(diag(s) w diag(1/t))`` gives ``diag(s) r c^T diag(1/t)``. Returns ``r`` and
-    ``c`` with equal geometric means."""
+    ``w**2`` in log space, float64, until the log-factors move by less than ``tol`` relative;
+    default ``1e-15`` for float64 ``w``, ``1e-2`` of the machine epsilon for lower precision).
+    ``r c^T`` is unique for a matrix without zero rows/columns whose square has total support
+    (e.g. every entry nonzero), hence equivariant: ``balance(diag(s) w diag(1/t))`` gives
+    ``diag(s) r c^T diag(1/t)``. Returns ``r`` and ``c`` with equal geometric means."""
     w2 = (w * w).to(torch.float64)
     m, n = w2.shape
-    lr_ = torch.zeros(m, dtype=torch.float64)
-    lc = torch.zeros(n, dtype=torch.float64)
+    if tol is None:
+        tol = 1e-15 if w.dtype == torch.float64 else 1e-2 * torch.finfo(w.dtype).eps
+    lr_ = torch.zeros(m, dtype=torch.float64, device=w.device)
+    lc = torch.zeros(n, dtype=torch.float64, device=w.device)
     for _ in range(iters):
-        lr_new = 0.5 * torch.log((w2 * torch.exp(-2 * lc)[None, :]).mean(1))
-        lc_new = 0.5 * torch.log((w2 * torch.exp(-2 * lr_new)[:, None]).mean(0))
+        lr_new = 0.5 * torch.log(torch.mv(w2, torch.exp(-2 * lc)) / n)
+        lc_new = 0.5 * torch.log(torch.mv(w2.T, torch.exp(-2 * lr_new)) / m)
         shift = (lr_new.mean() - lc_new.mean()) / 2
         lr_new, lc_new = lr_new - shift, lc_new + shift
-        done = max((lr_new - lr_).abs().max().item(), (lc_new - lc).abs().max().item()) < tol
+        moved = torch.maximum((lr_new - lr_).abs().max(), (lc_new - lc).abs().max())
+        scale = 1 + torch.maximum(lr_new.abs().max(), lc_new.abs().max())
         lr_, lc = lr_new, lc_new
-        if done:
+        if (moved < tol * scale).item():
             break
     return torch.exp(lr_).to(w.dtype), torch.exp(lc).to(w.dtype)
 
@@ -842,21 +846,58 @@ def _columns(ts: list[Tensor]) -> Tensor:
     return torch.cat([t if t.ndim == 2 else t[:, None] for t in ts], 1)
 
 
-def _orbit_coeffs(U: Tensor, Wh: Tensor, ncol: int) -> tuple[Tensor, Tensor]:
+def _orbit_coeffs(U: Tensor, Wh: Tensor, ncol: int, iterative: bool = False) -> tuple[Tensor, Tensor]:
     """Least-squares ``(a, b)`` of ``U ~ diag(a) Wh + Wh[:, :ncol] diag(b)`` (the orbit tangent
     of a matrix in a row and a column gauge, normalized coordinates): eliminate ``a``, solve the
     ``ncol x ncol`` Schur complement. When every column is gauged its null vector ``1`` (the
-    pair ``a = 1, b = -1`` that moves nothing) is deflated, which gives ``1^T b = 0``."""
+    pair ``a = 1, b = -1`` that moves nothing) is deflated, which gives ``1^T b = 0``.
+    ``iterative``: conjugate gradients (:func:`_schur_cg`) instead of the dense solve."""
     W2 = Wh * Wh
     Q, Dr = W2[:, :ncol], W2.sum(1)
     P = U * Wh
     rr, rc = P.sum(1), P[:, :ncol].sum(0)
-    S = torch.diag(Q.sum(0)) - Q.T @ (Q / Dr[:, None])
     rhs = rc - Q.T @ (rr / Dr)
-    if ncol == Wh.shape[1]:
-        S = S + S.diagonal().mean() / ncol
-    b = torch.linalg.solve(S, rhs)
+    if iterative:
+        b = _schur_cg(Q, Dr, rhs, ncol == Wh.shape[1])
+    else:
+        S = torch.diag(Q.sum(0)) - Q.T @ (Q / Dr[:, None])
+        if ncol == Wh.shape[1]:
+            S = S + S.diagonal().mean() / ncol
+        b = torch.linalg.solve(S, rhs)
     return (rr - Q @ b) / Dr, b
+
+
+def _schur_cg(Q: Tensor, Dr: Tensor, rhs: Tensor, deflate: bool, iters: int = 100) -> Tensor:
+    """The solution ``b`` of :func:`_orbit_coeffs`' Schur system ``S b = rhs``,
+    ``S = diag(1^T Q) - Q^T diag(1/Dr) Q``, by preconditioned conjugate gradients on
+    matrix-vector products (the fast path: no ``ncol x ncol`` Gram matrix). For a balanced
+    matrix ``S`` is close to ``m I`` off its null vector ``1``, so a few iterations reach the
+    rounding level. ``deflate``: ``S + delta 1 1^T`` (``rhs`` is orthogonal to ``1``, so the
+    solution is the one with ``1^T b = 0`` for any ``delta > 0``). Falls back to the dense
+    solve if the residual does not reach ``64 eps |rhs|``."""
+    qs = Q.sum(0)
+    delta = qs.mean() / Q.shape[1] if deflate else torch.zeros((), dtype=Q.dtype, device=Q.device)
+
+    def S(v: Tensor) -> Tensor:
+        return qs * v - Q.T @ ((Q @ v) / Dr) + delta * v.sum()
+
+    diag = qs + delta
+    tol2 = (64 * torch.finfo(Q.dtype).eps) ** 2 * (rhs @ rhs)
+    b = rhs / diag
+    r = rhs - S(b)
+    z = r / diag
+    p, rz = z, r @ z
+    for _ in range(iters):
+        if (r @ r <= tol2).item():
+            return b
+        Sp = S(p)
+        alpha = rz / (p @ Sp)
+        b, r = b + alpha * p, r - alpha * Sp
+        z = r / diag
+        rz, rz_old = r @ z, rz
+        p = z + (rz / rz_old) * p
+    dense = torch.diag(qs) - Q.T @ (Q / Dr[:, None]) + delta
+    return torch.linalg.solve(dense, rhs)
 
 
 def _tangent(U: Tensor, M: Tensor, R: Tensor, sq: Tensor | None, unit: _Unit) -> Tensor:
@@ -900,6 +941,36 @@ def _norm_radial(hs: list[Tensor], states: list[dict], lr: float, group: dict) -
     w = torch.full_like(sigma, 1.0 / k)
     w[0] = 1.0
     return dl - sigma * (w * sigma * dl).sum(0) / w.sum()
+
+
+_CHUNK = 1 << 19  # elements per row chunk of the fast path (temporaries stay small and cached)
+
+
+def _row_chunks(M: Tensor) -> list[slice]:
+    rows = max(1, _CHUNK // max(1, M.shape[1]))
+    return [slice(i, i + rows) for i in range(0, M.shape[0], rows)]
+
+
+def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per column of ``M`` [m, n]: ``||M_j||^2``, ``<G_j, M_j>`` and (``center``) the column
+    sums of ``M`` and ``G``, accumulated over row chunks."""
+    n = M.shape[1]
+    sq, gw = M.new_zeros(n), M.new_zeros(n)
+    msum, gsum = (M.new_zeros(n), M.new_zeros(n)) if center else (None, None)
+    for sl in _row_chunks(M):
+        Mi, Gi = M[sl], G[sl]
+        sq.add_((Mi * Mi).sum(0))
+        gw.add_((Gi * Mi).sum(0))
+        if msum is not None and gsum is not None:
+            msum.add_(Mi.sum(0))
+            gsum.add_(Gi.sum(0))
+    return sq, gw, msum, gsum
+
+
+def _chunked(u: _Unit, pr: dict, muon: bool) -> bool:
+    """Whether the fast path steps unit ``u`` in row chunks: a single weight in a one-sided
+    gauge whose base rule is Adam."""
+    return "R" not in pr and len(u.params) == 1 and u.params[0].ndim == 2 and not (muon and not u.vector)
 
 
 def _radial_state(state: dict, like: Tensor, prefix: str) -> dict:
@@ -1040,8 +1111,11 @@ class DDCOptimizer(torch.optim.Optimizer):
                 else:
                     for p in muon:
                         self._muon_step(p, group)
-                for p in adam:
-                    self._adam_step(p, group)
+                if self.batched:
+                    self._adam_multi(adam, group)
+                else:
+                    for p in adam:
+                        self._adam_step(p, group)
         return loss
 
     # -- scaling gauges with norm channels (one path: reference and fast alike) -------------
@@ -1052,6 +1126,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         ``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``."""
         units = _scale_units(gauges, self._centered)
         if all(p.grad is None for u in units for p in u.params):
+            return
+        if self.batched:
+            self._scale_fast(units, gauges, group)
             return
         prep = {id(u.params[0]): self._unit_prepare(u, group) for u in units}
         dl: dict[tuple[int, str], Tensor] = {}
@@ -1151,6 +1228,236 @@ class DDCOptimizer(torch.optim.Optimizer):
             _write_back(p, w)
 
     # -- the fast path (configure(opt, batched=True), the default) ----------------------
+    def _scale_fast(self, units: list[_Unit], gauges: list[Gauge], group: dict) -> None:
+        """:meth:`_scale_step` on the fast path: the same step up to rounding, with the weight
+        decay, Adam's bias corrections and the re-projection folded into per-column (per-row)
+        factors (``W <- W diag(F) - s U diag(rho)``), the radial states of equal-size gauges
+        stacked, Newton-Schulz stacked per shape, the overlap's Schur system by conjugate
+        gradients, and single weights under Adam stepped in row chunks (no full-size
+        temporaries: on CPU a fresh large tensor costs several passes over it)."""
+        prep = {id(u.params[0]): self._fast_prepare(u, group) for u in units}
+        dl = self._fast_radial(gauges, prep, group)
+        muon = group["rule"] == "muon"
+        chunked = [u for u in units if _chunked(u, prep[id(u.params[0])], muon)]
+        for u in chunked:
+            key = id(u.params[0])
+            self._fast_adam_cols(u, prep[key], dl.get((key, "row" if prep[key]["T"] else "col")), group)
+        rest = [u for u in units if not _chunked(u, prep[id(u.params[0])], muon)]
+        dirs = self._fast_directions(rest, prep, group)
+        for u in rest:
+            key = id(u.params[0])
+            U, kappa = dirs[key]
+            self._fast_update(u, prep[key], U, kappa, dl.get((key, "row")), dl.get((key, "col")), group)
+
+    def _fast_prepare(self, unit: _Unit, group: dict) -> dict:
+        """:meth:`_unit_prepare` of the fast path, without the invariant input (built where it
+        is used). ``M`` is the weight itself (or its columns side by side): the decay
+        ``a = 1 - lr wd`` enters as a factor of the radius, the log-gradients and the update; a
+        centered unit's column sums come from the weight's; a unit with rows only is handled
+        through its transpose, as a column unit."""
+        for p in unit.params:
+            st = self.state[p]
+            st["step"] = st.get("step", torch.tensor(0.0)) + 1
+        ws = [_work(p) for p in unit.params]
+        M = _columns(ws)
+        G = _columns([_grad(p, w) for p, w in zip(unit.params, ws)])
+        a = 1 - group["lr"] * group["weight_decay"]
+        pr: dict = dict(ws=ws, M=M, G=G, a=a, mean=None, T=unit.col is None, h_row=None, h_col=None)
+        if unit.row is not None and unit.col is not None:
+            r, c = balance(M)  # of the undecayed weight: r c^T scales with it
+            GM = G * M
+            pr.update(R=torch.outer(r, c), h_row=a * GM.sum(1), h_col=a * GM[:, : unit.ncol].sum(0))
+            return pr
+        Mc, Gc = (M.T, G.T) if pr["T"] else (M, G)
+        sq, gw, msum, gsum = _col_sums(Mc, Gc, unit.center)
+        if msum is not None and gsum is not None:  # centered: C = W - 1 mean^T, ||C_j||^2 and <G_j, C_j> from W's
+            mean = msum / Mc.shape[0]
+            sq, gw, pr["mean"] = sq - Mc.shape[0] * mean * mean, gw - mean * gsum, mean
+        pr.update(sq=sq, rho=sq.sqrt())
+        pr["h_row" if pr["T"] else "h_col"] = a * gw
+        return pr
+
+    def _fast_x(self, pr: dict, out: Tensor | None = None) -> Tensor:
+        """The invariant input ``x = R * G`` of a prepared unit (into ``out`` if given)."""
+        if "R" in pr:
+            x = torch.mul(pr["G"], pr["R"], out=out) if out is not None else pr["G"] * pr["R"]
+            return x.mul_(pr["a"]) if pr["a"] != 1 else x
+        Gc = pr["G"].T if pr["T"] else pr["G"]
+        scale = pr["a"] * pr["rho"]
+        x = torch.mul(Gc, scale, out=out.T if pr["T"] else out) if out is not None else Gc * scale
+        return x.T if pr["T"] else x
+
+    def _fast_adam_cols(self, unit: _Unit, pr: dict, dl: Tensor | None, group: dict) -> None:
+        """Adam direction, re-projection and step of a single weight in a one-sided gauge
+        (column unit; rows only: its transpose) in two passes over row chunks: the moments and
+        ``<U, W>`` per column, then ``W <- W diag(F) - s U diag(rho)`` with ``U`` recomputed
+        from the moments (bitwise the same)."""
+        assert dl is not None
+        p, (beta1, beta2) = unit.params[0], group["betas"]
+        st = self._adam_state(p)
+        t = st["step"].item()
+        bc2 = (1 - beta2**t) ** 0.5
+        kappa, eps = bc2 / (1 - beta1**t), group["eps"] * bc2
+        T = pr["T"]
+        Mc, Gc, mc, vc = (t_.T if T else t_ for t_ in (pr["M"], pr["G"], st["exp_avg"], st["exp_avg_sq"]))
+        scale, n = pr["a"] * pr["rho"], Mc.shape[1]
+        uw, usum, chunks = Mc.new_zeros(n), Mc.new_zeros(n), _row_chunks(Mc)
+        for sl in chunks:
+            x = Gc[sl] * scale
+            m_, v_ = mc[sl], vc[sl]
+            m_.lerp_(x, 1 - beta1)
+            v_.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+            U = torch.div(m_, torch.sqrt(v_, out=x).add_(eps), out=x)
+            uw.add_((U * Mc[sl]).sum(0))
+            if unit.center:
+                usum.add_(U.sum(0))
+        F, row, s = self._fold(pr, uw, usum, dl, kappa, group)
+        for sl in chunks:
+            if len(chunks) > 1:  # else U is still the one of the first pass
+                U = torch.sqrt(vc[sl]).add_(eps)
+                U = torch.div(mc[sl], U, out=U)
+            Mi = Mc[sl]
+            (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, pr["rho"], value=-s)
+        _write_back(p, pr["ws"][0])
+
+    @staticmethod
+    def _fold(
+        pr: dict, uw: Tensor, usum: Tensor, dl: Tensor, kappa: float, group: dict
+    ) -> tuple[Tensor, Tensor | None, float]:
+        """The factors of a column unit's folded step ``W <- W diag(F) + 1 row^T - s U diag(rho)``
+        from ``uw = <U, W>`` and ``usum = 1^T U`` per column (``U`` the unscaled direction, Adam's
+        times ``kappa``): the re-projection ``U - <U, W>/||W||^2 W`` is a multiple of ``W`` per
+        column; a centered unit keeps its mean row and centers ``U`` (``row``)."""
+        a, lr, rho = pr["a"], group["lr"], pr["rho"]
+        s = a * lr * kappa
+        if pr["mean"] is not None:  # <U - 1 Ubar^T, C> = <U, W> - mean * sum_i U_i
+            uw = uw - pr["mean"] * usum
+        F = a * (torch.exp(dl) + lr * kappa * rho * _safe_div(uw, pr["sq"]))
+        if pr["mean"] is None:
+            return F, None, s
+        return F, (1 - F) * pr["mean"] + s * rho * usum / pr["M"].shape[1 if pr["T"] else 0], s
+
+    def _fast_radial(self, gauges: list[Gauge], prep: dict, group: dict) -> dict[tuple[int, str], Tensor]:
+        """The radial log-steps of :meth:`_scale_step`, with the scalar Adam states of
+        equal-size gauges stacked (rescale gauges per width; norm gauges per reader count and
+        width)."""
+        lr, eps = group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        dl: dict[tuple[int, str], Tensor] = {}
+        resc = [g for g in gauges if isinstance(g, RescaleGauge)]
+        for bucket in _buckets(resc, lambda g: tuple(prep[id(g.in_weight)]["h_row"].shape)):
+            gU = torch.stack([prep[id(g.in_weight)]["h_row"] + prep[id(g.out_weight)]["h_col"] for g in bucket])
+            gU = gU / _SQRT2
+            sts = [_radial_state(self.state[g.in_weight], gU[0], "radial_") for g in bucket]
+            steps = [st["step"].item() for st in sts]
+            d = -lr * self._adam_dir_stacked(sts, gU, steps, beta1, beta2, eps, "radial_") / _SQRT2
+            for g, di in zip(bucket, d.unbind(0)):
+                dl[(id(g.in_weight), "row")] = dl[(id(g.out_weight), "col")] = di
+        norms = [g for g in gauges if isinstance(g, NormGauge)]
+        for bucket in _buckets(norms, lambda g: (len(g.readers), tuple(prep[id(g.gain)]["h_row"].shape))):
+            hs = [h for g in bucket for h in [prep[id(g.gain)]["h_row"]] + [prep[id(w)]["h_col"] for w in g.readers]]
+            sides = [p for g in bucket for p in (g.gain, *g.readers)]
+            d = self._norm_radial_stacked(torch.stack(hs).unflatten(0, (len(bucket), -1)), sides, lr, group)
+            for g, dg in zip(bucket, d.unbind(0)):
+                for p, dp in zip((g.gain, *g.readers), dg.unbind(0)):
+                    dl[(id(p), "row" if p is g.gain else "col")] = dp
+        return dl
+
+    def _norm_radial_stacked(self, H: Tensor, sides: list[Tensor], lr: float, group: dict) -> Tensor:
+        """:func:`_norm_radial` of ``B`` norm gauges with ``k`` readers each: ``H`` [B, 1 + k, n]
+        (gain first), ``sides`` the matching parameters (their states hold the radial Adam)."""
+        beta1, beta2 = group["betas"]
+        B, k1, n = H.shape
+        sigma = torch.full((1, k1, 1), -1.0, dtype=H.dtype, device=H.device)
+        sigma[0, 0] = 1.0
+        H = H - sigma * (sigma * H).sum(1, keepdim=True) / k1
+        flat = H.reshape(B * k1, n)
+        prefixes = (["radial_"] + ["col_radial_"] * (k1 - 1)) * B
+        states = [_radial_state(self.state[p], flat[0], pre) for p, pre in zip(sides, prefixes)]
+        steps = [st["step"].item() for st in states]
+        dl = -lr * self._adam_dir_stacked(states, flat, steps, beta1, beta2, group["eps"], prefixes).reshape(B, k1, n)
+        w = torch.full_like(sigma, 1.0 / (k1 - 1))
+        w[0, 0] = 1.0
+        return dl - sigma * (w * sigma * dl).sum(1, keepdim=True) / w.sum()
+
+    def _fast_directions(self, units: list[_Unit], prep: dict, group: dict) -> dict[int, tuple[Tensor, float]]:
+        """The base directions of the fast path with their scale ``kappa``: Muon stacked per
+        shape (``kappa = 1``); Adam as one multi-tensor update over every column block of every
+        unit, returned as ``m / (sqrt(v) + eps sqrt(1 - b2^t))`` with
+        ``kappa = sqrt(1 - b2^t) / (1 - b1^t)`` (their product is Adam's
+        ``m_hat / (sqrt(v_hat) + eps)``; :meth:`_fast_update` applies ``kappa`` in its scalars)."""
+        beta1, beta2 = group["betas"]
+        out: dict[int, tuple[Tensor, float]] = {}
+        muon = [u for u in units if group["rule"] == "muon" and not u.vector]
+        for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["G"].shape), u.params[0].device)):
+            G0 = prep[id(bucket[0].params[0])]["G"]
+            X = G0.new_empty((len(bucket),) + G0.shape)
+            for u, Xi in zip(bucket, X.unbind(0)):
+                self._fast_x(prep[id(u.params[0])], out=Xi)
+            U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
+            out.update((id(u.params[0]), (Ui, 1.0)) for u, Ui in zip(bucket, U.unbind(0)))
+        blocks: list[tuple[_Unit, Tensor, Tensor]] = []
+        for u in units:
+            if id(u.params[0]) not in out:
+                x, j = self._fast_x(prep[id(u.params[0])]), 0
+                for p in u.params:
+                    n = p.shape[1] if p.ndim == 2 else 1
+                    blocks.append((u, p, x[:, j : j + n] if p.ndim == 2 else x[:, j]))
+                    j += n
+        if not blocks:
+            return out
+        states = [self._adam_state(p) for _, p, _ in blocks]
+        ms, vs, xs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [b[2] for b in blocks]
+        torch._foreach_lerp_(ms, xs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, xs, xs, value=1 - beta2)
+        bc2 = [(1 - beta2 ** st["step"].item()) ** 0.5 for st in states]
+        kap = [b2 / (1 - beta1 ** st["step"].item()) for b2, st in zip(bc2, states)]
+        for x, v, m, b2 in zip(xs, vs, ms, bc2):  # x is dead: the direction is written into it
+            torch.div(m, torch.sqrt(v, out=x).add_(group["eps"] * b2), out=x)
+        Us = xs
+        by_unit: dict[int, list[tuple[Tensor, float]]] = {}
+        for (u, _, _), Ui, k in zip(blocks, Us, kap):
+            by_unit.setdefault(id(u.params[0]), []).append((Ui, k))
+        for key, parts in by_unit.items():
+            if len(parts) == 1 and parts[0][0].ndim == 2:
+                out[key] = parts[0]
+            else:  # a gain (+ bias) or a weight with its in-bias: small, kappa applied here
+                out[key] = (_columns([Ui * k for Ui, k in parts]), 1.0)
+        return out
+
+    def _fast_update(
+        self, unit: _Unit, pr: dict, U: Tensor, kappa: float, dl_row: Tensor | None, dl_col: Tensor | None, group: dict
+    ) -> None:
+        """The re-projection and step of the fast path, folded into the weight's factors: a
+        column unit takes ``W <- W diag(F) - s U diag(rho)`` with
+        ``F = a (e^dl + lr kappa rho <U, W>/||W||^2)`` (the re-projection is a multiple of
+        ``W`` per column) and ``s = a lr kappa``; a centered unit adds one row vector (the kept
+        mean row and the centering of ``U``); a unit in two gauges has the matrix
+        ``F = a (e^dl_row e^dl_col^T + lr kappa (a_i + b_j))`` and ``R`` in place of ``rho``."""
+        M, a, lr = pr["M"], pr["a"], group["lr"]
+        s = a * lr * kappa
+        if "R" in pr:
+            assert dl_row is not None and dl_col is not None
+            ca, cb = _orbit_coeffs(U, M / pr["R"], unit.ncol, iterative=True)
+            pad = M.shape[1] - unit.ncol
+            e_col = torch.nn.functional.pad(torch.exp(dl_col), (0, pad), value=1.0)
+            F = torch.outer(torch.exp(dl_row), e_col)
+            F.add_(ca[:, None] + torch.nn.functional.pad(cb, (0, pad))[None, :], alpha=lr * kappa)
+            M.mul_(F.mul_(a) if a != 1 else F).addcmul_(pr["R"], U, value=-s)
+        else:
+            Mc, Uc, dl = (M.T, U.T, dl_row) if pr["T"] else (M, U, dl_col)
+            assert dl is not None
+            F, row, s = self._fold(pr, (Uc * Mc).sum(0), Uc.sum(0), dl, kappa, group)
+            (torch.addcmul(row, Mc, F, out=Mc) if row is not None else Mc.mul_(F)).addcmul_(Uc, pr["rho"], value=-s)
+        j = 0
+        for p, w in zip(unit.params, pr["ws"]):
+            n = p.shape[1] if p.ndim == 2 else 1
+            if M is not w:
+                w.copy_(M[:, j : j + n] if p.ndim == 2 else M[:, j])
+            j += n
+            _write_back(p, w)
+
     def _muon_batched(self, params: list[Tensor], group: dict) -> None:
         """Muon on equal-shape matrices as one stacked Newton-Schulz call."""
         if len(params) == 1:
@@ -1253,17 +1560,23 @@ class DDCOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _adam_dir_stacked(
-        states: list[dict], x: Tensor, steps: list[float], beta1: float, beta2: float, eps: float, prefix: str = ""
+        states: list[dict],
+        x: Tensor,
+        steps: list[float],
+        beta1: float,
+        beta2: float,
+        eps: float,
+        prefix: str | list[str] = "",
     ) -> Tensor:
-        """:func:`_adam_dir` of a stack (one state per slice, written back)."""
-        m = torch.stack([s[prefix + "exp_avg"] for s in states])
-        v = torch.stack([s[prefix + "exp_avg_sq"] for s in states])
+        """:func:`_adam_dir` of a stack (one state per slice, written back; ``prefix`` one
+        for all or one per slice)."""
+        pre = [prefix] * len(states) if isinstance(prefix, str) else prefix
+        ms = [s[p + "exp_avg"] for s, p in zip(states, pre)]
+        vs = [s[p + "exp_avg_sq"] for s, p in zip(states, pre)]
+        m, v = torch.stack(ms), torch.stack(vs)
         m.lerp_(x, 1 - beta1)
         v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-        torch._foreach_copy_(
-            [s[prefix + "exp_avg"] for s in states] + [s[prefix + "exp_avg_sq"] for s in states],
-            list(m.unbind(0)) + list(v.unbind(0)),
-        )
+        torch._foreach_copy_(ms + vs, list(m.unbind(0)) + list(v.unbind(0)))
         shape = (-1,) + (1,) * (x.ndim - 1)
         bc1 = torch.tensor([1 - beta1**t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
@@ -1292,9 +1605,10 @@ class DDCOptimizer(torch.optim.Optimizer):
             state[prefix + "exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
-    def _adam_step(self, p: Tensor, group: dict, center: bool = False) -> None:
+    def _adam_step(self, p: Tensor, group: dict, center: bool = False, chunked: bool = False) -> None:
         """torch.optim.AdamW's single-tensor step (bit-identical); ``center`` removes the
-        update's mean over rows (dim -2; a vector's mean) for a translation gauge."""
+        update's mean over rows (dim -2; a vector's mean) for a translation gauge. ``chunked``
+        (fast path): a matrix is stepped in row chunks, the same operations per element."""
         assert p.grad is not None  # step() passes only parameters with a gradient here
         if p.grad.is_sparse:
             raise RuntimeError("DDCOptimizer does not support sparse gradients")
@@ -1304,23 +1618,57 @@ class DDCOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         w = _work(p)
         grad = _grad(p, w)
-        if wd != 0:
-            w.mul_(1 - lr * wd)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step = state["step"].item()
-        bc1 = 1 - beta1**step
         bc2_sqrt = (1 - beta2**step) ** 0.5
-        step_size = lr / bc1
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        if not center:
-            w.addcdiv_(m, denom, value=-step_size)
-        else:
-            u = m / denom
+        step_size = lr / (1 - beta1**step)
+        if center:
+            if wd != 0:
+                w.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            u = m / (v.sqrt() / bc2_sqrt).add_(eps)
             u = u - u.mean(dim=-2 if u.ndim >= 2 else -1, keepdim=True)
             w.add_(u, alpha=-step_size)
+        else:
+            chunks = _row_chunks(w) if chunked and w.ndim == 2 else [slice(None)]
+            for sl in chunks:
+                wi, gi, mi, vi = w[sl], grad[sl], m[sl], v[sl]
+                if wd != 0:
+                    wi.mul_(1 - lr * wd)
+                mi.lerp_(gi, 1 - beta1)
+                vi.mul_(beta2).addcmul_(gi, gi, value=1 - beta2)
+                wi.addcdiv_(mi, (vi.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
         _write_back(p, w)
+
+    def _adam_multi(self, params: list[Tensor], group: dict) -> None:
+        """The fast path's AdamW over plain tensors, per element the operations of
+        :meth:`_adam_step` (bit-identical to it): float32/64 tensors of at most ``_CHUNK``
+        elements as multi-tensor calls, larger ones in row chunks (no full-size temporary)."""
+        small = [p for p in params if p.numel() <= _CHUNK and p.dtype in _FULL and p.grad is not None]
+        for p in params:
+            if not any(p is q for q in small):
+                self._adam_step(p, group, chunked=True)
+        if not small:
+            return
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        states = [self._adam_state(p) for p in small]
+        grads = [p.grad for p in small if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("DDCOptimizer does not support sparse gradients")
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        steps = [st["step"].item() for st in states]
+        if wd != 0:
+            torch._foreach_mul_(small, 1 - lr * wd)
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(small, ms, denom, [-lr / (1 - beta1**t) for t in steps])
 
     def _muon_direction(self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer") -> Tensor:
         mom = group["momentum"]
