@@ -698,7 +698,7 @@ def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tens
     """Diagonal balancing of ``w`` [m, n] (the radius of a weight in two rescale gauges, one
     on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
     > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
-    ``w**2`` in log space, float64, until the log-factors move by less than ``tol`` relative;
+    ``w**2``, float64, matrix-vector products, until ``log c`` moves by less than ``tol``;
     default ``1e-15`` for float64 ``w``, ``1e-2`` of the machine epsilon for lower precision).
     ``r c^T`` is unique for a matrix without zero rows/columns whose square has total support
     (e.g. every entry nonzero), hence equivariant: ``balance(diag(s) w diag(1/t))`` gives
@@ -707,19 +707,17 @@ def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tens
     m, n = w2.shape
     if tol is None:
         tol = 1e-15 if w.dtype == torch.float64 else 1e-2 * torch.finfo(w.dtype).eps
-    lr_ = torch.zeros(m, dtype=torch.float64, device=w.device)
-    lc = torch.zeros(n, dtype=torch.float64, device=w.device)
+    c2 = torch.ones(n, dtype=torch.float64, device=w.device)  # squared factors
     for _ in range(iters):
-        lr_new = 0.5 * torch.log(torch.mv(w2, torch.exp(-2 * lc)) / n)
-        lc_new = 0.5 * torch.log(torch.mv(w2.T, torch.exp(-2 * lr_new)) / m)
-        shift = (lr_new.mean() - lc_new.mean()) / 2
-        lr_new, lc_new = lr_new - shift, lc_new + shift
-        moved = torch.maximum((lr_new - lr_).abs().max(), (lc_new - lc).abs().max())
-        scale = 1 + torch.maximum(lr_new.abs().max(), lc_new.abs().max())
-        lr_, lc = lr_new, lc_new
-        if (moved < tol * scale).item():
+        r2 = torch.mv(w2, c2.reciprocal()).div_(n)
+        c2_new = torch.mv(w2.T, r2.reciprocal()).div_(m)
+        moved = (c2_new / c2).log_().abs_().max()  # the change of log c; r follows c
+        c2 = c2_new
+        if (moved < 2 * tol).item():
             break
-    return torch.exp(lr_).to(w.dtype), torch.exp(lc).to(w.dtype)
+    r2 = torch.mv(w2, c2.reciprocal()).div_(n)
+    shift = (r2.log().mean() - c2.log().mean()) / 4  # equal geometric means of r and c
+    return (0.5 * r2.log() - shift).exp().to(w.dtype), (0.5 * c2.log() + shift).exp().to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -944,26 +942,28 @@ def _norm_radial(hs: list[Tensor], states: list[dict], lr: float, group: dict) -
 
 
 _CHUNK = 1 << 19  # elements per row chunk of the fast path (temporaries stay small and cached)
+_STACK = 1 << 16  # weights of at most this many elements are stacked with their equals (fewer calls)
 
 
 def _row_chunks(M: Tensor) -> list[slice]:
-    rows = max(1, _CHUNK // max(1, M.shape[1]))
-    return [slice(i, i + rows) for i in range(0, M.shape[0], rows)]
+    """Slices of the rows (dim -2) of ``M`` [..., m, n], about ``_CHUNK`` elements each."""
+    rows = max(1, _CHUNK // max(1, M.numel() // max(1, M.shape[-2])))
+    return [slice(i, i + rows) for i in range(0, M.shape[-2], rows)]
 
 
 def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Per column of ``M`` [m, n]: ``||M_j||^2``, ``<G_j, M_j>`` and (``center``) the column
-    sums of ``M`` and ``G``, accumulated over row chunks."""
-    n = M.shape[1]
-    sq, gw = M.new_zeros(n), M.new_zeros(n)
-    msum, gsum = (M.new_zeros(n), M.new_zeros(n)) if center else (None, None)
+    """Per column of ``M`` [..., m, n]: ``||M_j||^2``, ``<G_j, M_j>`` and (``center``) the
+    column sums of ``M`` and ``G``, accumulated over row chunks."""
+    shape = M.shape[:-2] + M.shape[-1:]
+    sq, gw = M.new_zeros(shape), M.new_zeros(shape)
+    msum, gsum = (M.new_zeros(shape), M.new_zeros(shape)) if center else (None, None)
     for sl in _row_chunks(M):
-        Mi, Gi = M[sl], G[sl]
-        sq.add_((Mi * Mi).sum(0))
-        gw.add_((Gi * Mi).sum(0))
+        Mi, Gi = M[..., sl, :], G[..., sl, :]
+        sq.add_((Mi * Mi).sum(-2))
+        gw.add_((Gi * Mi).sum(-2))
         if msum is not None and gsum is not None:
-            msum.add_(Mi.sum(0))
-            gsum.add_(Gi.sum(0))
+            msum.add_(Mi.sum(-2))
+            gsum.add_(Gi.sum(-2))
     return sq, gw, msum, gsum
 
 
@@ -1235,32 +1235,63 @@ class DDCOptimizer(torch.optim.Optimizer):
         stacked, Newton-Schulz stacked per shape, the overlap's Schur system by conjugate
         gradients, and single weights under Adam stepped in row chunks (no full-size
         temporaries: on CPU a fresh large tensor costs several passes over it)."""
-        prep = {id(u.params[0]): self._fast_prepare(u, group) for u in units}
-        dl = self._fast_radial(gauges, prep, group)
         muon = group["rule"] == "muon"
-        chunked = [u for u in units if _chunked(u, prep[id(u.params[0])], muon)]
+        prep, stacks = self._fast_prepare_all(units, group, muon)
+        dl = self._fast_radial(gauges, prep, group)
+        for bucket, pr in stacks:  # equal-shape small weights under Adam, stacked
+            dls = torch.stack([dl[(id(u.params[0]), "col")] for u in bucket])
+            self._fast_adam_cols([u.params[0] for u in bucket], pr, dls, group)
+        stacked = {id(u.params[0]) for bucket, _ in stacks for u in bucket}
+        chunked = [u for u in units if id(u.params[0]) not in stacked and _chunked(u, prep[id(u.params[0])], muon)]
         for u in chunked:
             key = id(u.params[0])
-            self._fast_adam_cols(u, prep[key], dl.get((key, "row" if prep[key]["T"] else "col")), group)
-        rest = [u for u in units if not _chunked(u, prep[id(u.params[0])], muon)]
+            self._fast_adam_cols([u.params[0]], prep[key], dl.get((key, "row" if prep[key]["T"] else "col")), group)
+        rest = [u for u in units if id(u.params[0]) not in stacked and not _chunked(u, prep[id(u.params[0])], muon)]
         dirs = self._fast_directions(rest, prep, group)
         for u in rest:
             key = id(u.params[0])
             U, kappa = dirs[key]
             self._fast_update(u, prep[key], U, kappa, dl.get((key, "row")), dl.get((key, "col")), group)
 
-    def _fast_prepare(self, unit: _Unit, group: dict) -> dict:
+    def _fast_prepare_all(self, units: list[_Unit], group: dict, muon: bool) -> tuple[dict, list]:
+        """:meth:`_fast_prepare` of every unit; small (``_STACK``) single weights under Adam in a
+        column-only gauge with the same shape and step count are prepared as one stacked
+        unit (``stacks``: (units, stacked prep)), each member's prep then holds its log-gradient."""
+        prep: dict = {}
+        stacks = []
+        for bucket in _buckets(units, lambda u: self._stack_key(u, muon)):
+            if len(bucket) < 2 or not isinstance(self._stack_key(bucket[0], muon), tuple):
+                prep.update((id(u.params[0]), self._fast_prepare(u, group)) for u in bucket)
+                continue
+            pr = self._fast_prepare(_Unit(tuple(u.params[0] for u in bucket), col=bucket[0].col), group, stacked=True)
+            stacks.append((bucket, pr))
+            prep.update((id(u.params[0]), dict(h_row=None, h_col=h, T=False)) for u, h in zip(bucket, pr["h_col"]))
+        return prep, stacks
+
+    def _stack_key(self, u: _Unit, muon: bool) -> tuple | int:
+        """The bucket of a unit the fast path stacks with its equals (an id: stepped alone)."""
+        p = u.params[0]
+        if not (len(u.params) == 1 and p.ndim == 2 and u.row is None and not u.center and p.dtype in _FULL):
+            return id(p)
+        if (muon and not u.vector) or p.numel() > _STACK or p.grad is None:
+            return id(p)
+        st = self.state[p]
+        return (tuple(p.shape), p.dtype, p.device, float(st["step"]) if "step" in st else 0.0)
+
+    def _fast_prepare(self, unit: _Unit, group: dict, stacked: bool = False) -> dict:
         """:meth:`_unit_prepare` of the fast path, without the invariant input (built where it
         is used). ``M`` is the weight itself (or its columns side by side): the decay
         ``a = 1 - lr wd`` enters as a factor of the radius, the log-gradients and the update; a
         centered unit's column sums come from the weight's; a unit with rows only is handled
-        through its transpose, as a column unit."""
+        through its transpose, as a column unit. ``stacked``: ``unit.params`` are equal-shape
+        float32/64 weights of column units, stacked into one [B, m, n] unit."""
         for p in unit.params:
             st = self.state[p]
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
         ws = [_work(p) for p in unit.params]
-        M = _columns(ws)
-        G = _columns([_grad(p, w) for p, w in zip(unit.params, ws)])
+        M = torch.stack(ws) if stacked else _columns(ws)
+        gs = [_grad(p, w) for p, w in zip(unit.params, ws)]
+        G = torch.stack(gs) if stacked else _columns(gs)
         a = 1 - group["lr"] * group["weight_decay"]
         pr: dict = dict(ws=ws, M=M, G=G, a=a, mean=None, T=unit.col is None, h_row=None, h_col=None)
         if unit.row is not None and unit.col is not None:
@@ -1287,38 +1318,44 @@ class DDCOptimizer(torch.optim.Optimizer):
         x = torch.mul(Gc, scale, out=out.T if pr["T"] else out) if out is not None else Gc * scale
         return x.T if pr["T"] else x
 
-    def _fast_adam_cols(self, unit: _Unit, pr: dict, dl: Tensor | None, group: dict) -> None:
+    def _fast_adam_cols(self, params: list[Tensor], pr: dict, dl: Tensor | None, group: dict) -> None:
         """Adam direction, re-projection and step of a single weight in a one-sided gauge
-        (column unit; rows only: its transpose) in two passes over row chunks: the moments and
-        ``<U, W>`` per column, then ``W <- W diag(F) - s U diag(rho)`` with ``U`` recomputed
-        from the moments (bitwise the same)."""
+        (column unit; rows only: its transpose), or of a stack of equal-shape ones (``params``:
+        the weights of ``pr``), in two passes over row chunks: the moments and ``<U, W>`` per
+        column, then ``W <- W diag(F) - s U diag(rho)`` with ``U`` recomputed from the moments
+        (bitwise the same)."""
         assert dl is not None
-        p, (beta1, beta2) = unit.params[0], group["betas"]
-        st = self._adam_state(p)
-        t = st["step"].item()
+        beta1, beta2 = group["betas"]
+        states = [self._adam_state(p) for p in params]
+        t = states[0]["step"].item()  # stacked weights share their step count (_stack_key)
         bc2 = (1 - beta2**t) ** 0.5
         kappa, eps = bc2 / (1 - beta1**t), group["eps"] * bc2
-        T = pr["T"]
-        Mc, Gc, mc, vc = (t_.T if T else t_ for t_ in (pr["M"], pr["G"], st["exp_avg"], st["exp_avg_sq"]))
-        scale, n = pr["a"] * pr["rho"], Mc.shape[1]
-        uw, usum, chunks = Mc.new_zeros(n), Mc.new_zeros(n), _row_chunks(Mc)
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        m0, v0 = (torch.stack(ms), torch.stack(vs)) if len(params) > 1 else (ms[0], vs[0])
+        Mc, Gc, mc, vc = (t_.T if pr["T"] else t_ for t_ in (pr["M"], pr["G"], m0, v0))
+        scale, rho, center = (pr["a"] * pr["rho"]).unsqueeze(-2), pr["rho"].unsqueeze(-2), pr["mean"] is not None
+        uw, usum, chunks = torch.zeros_like(pr["sq"]), torch.zeros_like(pr["sq"]), _row_chunks(Mc)
         for sl in chunks:
-            x = Gc[sl] * scale
-            m_, v_ = mc[sl], vc[sl]
+            x = Gc[..., sl, :] * scale
+            m_, v_ = mc[..., sl, :], vc[..., sl, :]
             m_.lerp_(x, 1 - beta1)
             v_.mul_(beta2).addcmul_(x, x, value=1 - beta2)
             U = torch.div(m_, torch.sqrt(v_, out=x).add_(eps), out=x)
-            uw.add_((U * Mc[sl]).sum(0))
-            if unit.center:
-                usum.add_(U.sum(0))
+            uw.add_((U * Mc[..., sl, :]).sum(-2))
+            if center:
+                usum.add_(U.sum(-2))
         F, row, s = self._fold(pr, uw, usum, dl, kappa, group)
+        F = F.unsqueeze(-2)
         for sl in chunks:
             if len(chunks) > 1:  # else U is still the one of the first pass
-                U = torch.sqrt(vc[sl]).add_(eps)
-                U = torch.div(mc[sl], U, out=U)
-            Mi = Mc[sl]
-            (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, pr["rho"], value=-s)
-        _write_back(p, pr["ws"][0])
+                U = torch.sqrt(vc[..., sl, :]).add_(eps)
+                U = torch.div(mc[..., sl, :], U, out=U)
+            Mi = Mc[..., sl, :]
+            (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, rho, value=-s)
+        if len(params) > 1:
+            torch._foreach_copy_(pr["ws"] + ms + vs, list(Mc.unbind(0)) + list(mc.unbind(0)) + list(vc.unbind(0)))
+        else:
+            _write_back(params[0], pr["ws"][0])
 
     @staticmethod
     def _fold(
