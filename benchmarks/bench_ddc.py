@@ -2,16 +2,16 @@
 
     python benchmarks/bench_ddc.py                   # tiny (4 families) + qwen3 medium (~59M)
     python benchmarks/bench_ddc.py --sizes tiny --repeats 5   # quicker
+    python benchmarks/bench_ddc.py --archs qwen3 --threads 1 --out /tmp/ddc_bench   # the docs' numbers
 
 In one process, on the harness's tiny models and one ~60M model (``benchmarks/bench.py``'s
-``medium`` shapes; random weights, no download), fp32, 2 threads: fixed synthetic gradients,
+``medium`` shapes; random weights, no download), fp32, 2 threads (``--threads``): fixed synthetic gradients,
 only ``optimizer.step()`` timed, variants interleaved round-robin (one step of each per
 round, so the load of a shared machine hits every variant alike), median over rounds.
 
 * ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
   ``ddc_adam``;
-* ``ddc_adam``: ``equiopt.build(model, preset="ddc_adam")`` (its default path; for DDC-Adam the
-  same code as the reference, the stacked gauge step being opt-in);
+* ``ddc_adam``: ``ddc.ddc_optimizer(model, "adam")`` on its default (fast) path;
   ``ddc_adam_ref``: the same optimizer on the per-gauge / per-parameter reference path;
 * ``muon``: ``equiopt.build(model, preset="muon", foreach=True)``, the base of ``ddc_muon``;
 * ``ddc_muon`` / ``ddc_muon_ref``.
@@ -121,9 +121,8 @@ def render(results: dict) -> str:
         lines.append(f"| {r['arch']}/{r['size']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {sb} |")
     lines += [
         "",
-        "Target: DDC step within 1.5x of its base rule's. `ddc_adam` and `ddc_adam_ref` run the same "
-        "code (the stacked DDC-Adam gauge step is opt-in, `configure(opt, stack_adam_gauges=True)`: it measured "
-        "slower on CPU), so their difference is this shared machine's timing noise.",
+        "Target: DDC step within 1.5x of its base rule's. `_ref`: the reference path "
+        "(`ddc.configure(opt, batched=False)`), the same step up to rounding.",
     ]
     return "\n".join(lines) + "\n"
 

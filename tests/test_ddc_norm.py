@@ -415,7 +415,7 @@ def test_fast_path_in_row_chunks_equals_reference(base, monkeypatch):
 def test_schur_by_conjugate_gradients_equals_the_dense_solve(ncol):
     """The fast path solves the overlap's Schur system by conjugate gradients; the
     coefficients equal the dense solve's to 1e-12 (float64; all columns gauged, null vector
-    deflated, and a trailing ungauged column)."""
+    deflated, and a trailing ungauged column), also for a stack of matrices."""
     g = torch.Generator().manual_seed(3)
     W = torch.randn(20, 12, generator=g, dtype=torch.float64) * torch.rand(20, 1, generator=g, dtype=torch.float64)
     r, c = balance(W)
@@ -424,6 +424,16 @@ def test_schur_by_conjugate_gradients_equals_the_dense_solve(ncol):
     a1, b1 = ddc._orbit_coeffs(U, Wh, ncol)
     a2, b2 = ddc._orbit_coeffs(U, Wh, ncol, iterative=True)
     assert rel_err({"a": a1, "b": b1}, {"a": a2, "b": b2}) < 1e-12
+    # stacked (the fast path's equal-shape units): balance and the coefficients per member
+    W3 = torch.stack([W, W.flip(0) * 3.0])
+    r3, c3 = balance(W3)
+    assert torch.allclose(r3[0][:, None] * c3[0][None, :], r[:, None] * c[None, :], rtol=1e-12, atol=0)
+    Wh3 = W3 / (r3[..., :, None] * c3[..., None, :])
+    U3 = torch.stack([U, U.flip(1)])
+    a3, b3 = ddc._orbit_coeffs(U3, Wh3, ncol, iterative=True)
+    for k in range(2):
+        ak, bk = ddc._orbit_coeffs(U3[k], Wh3[k], ncol)
+        assert rel_err({"a": ak, "b": bk}, {"a": a3[k], "b": b3[k]}) < 1e-12
 
 
 def test_balance_tolerance_follows_the_dtype():

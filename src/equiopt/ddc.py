@@ -695,7 +695,7 @@ def derive_gauges(
 
 
 def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tensor, Tensor]:
-    """Diagonal balancing of ``w`` [m, n] (the radius of a weight in two rescale gauges, one
+    """Diagonal balancing of ``w`` [..., m, n] (the radius of a weight in two rescale gauges, one
     on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
     > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
     ``w**2``, float64, matrix-vector products, until ``log c`` moves by less than ``tol``;
@@ -704,19 +704,19 @@ def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tens
     (e.g. every entry nonzero), hence equivariant: ``balance(diag(s) w diag(1/t))`` gives
     ``diag(s) r c^T diag(1/t)``. Returns ``r`` and ``c`` with equal geometric means."""
     w2 = (w * w).to(torch.float64)
-    m, n = w2.shape
+    m, n = w2.shape[-2:]
     if tol is None:
         tol = 1e-15 if w.dtype == torch.float64 else 1e-2 * torch.finfo(w.dtype).eps
-    c2 = torch.ones(n, dtype=torch.float64, device=w.device)  # squared factors
+    c2 = w2.new_ones(w2.shape[:-2] + (n,))  # squared factors
     for _ in range(iters):
-        r2 = torch.mv(w2, c2.reciprocal()).div_(n)
-        c2_new = torch.mv(w2.T, r2.reciprocal()).div_(m)
+        r2 = _mv(w2, c2.reciprocal()).div_(n)
+        c2_new = _mv(w2.mT, r2.reciprocal()).div_(m)
         moved = (c2_new / c2).log_().abs_().max()  # the change of log c; r follows c
         c2 = c2_new
         if (moved < 2 * tol).item():
             break
-    r2 = torch.mv(w2, c2.reciprocal()).div_(n)
-    shift = (r2.log().mean() - c2.log().mean()) / 4  # equal geometric means of r and c
+    r2 = _mv(w2, c2.reciprocal()).div_(n)
+    shift = (r2.log().mean(-1, keepdim=True) - c2.log().mean(-1, keepdim=True)) / 4  # equal geometric means
     return (0.5 * r2.log() - shift).exp().to(w.dtype), (0.5 * c2.log() + shift).exp().to(w.dtype)
 
 
@@ -845,56 +845,66 @@ def _columns(ts: list[Tensor]) -> Tensor:
 
 
 def _orbit_coeffs(U: Tensor, Wh: Tensor, ncol: int, iterative: bool = False) -> tuple[Tensor, Tensor]:
-    """Least-squares ``(a, b)`` of ``U ~ diag(a) Wh + Wh[:, :ncol] diag(b)`` (the orbit tangent
+    """Least-squares ``(a, b)`` of ``U ~ diag(a) Wh + Wh[:, :ncol] diag(b)`` (batched; the orbit tangent
     of a matrix in a row and a column gauge, normalized coordinates): eliminate ``a``, solve the
     ``ncol x ncol`` Schur complement. When every column is gauged its null vector ``1`` (the
     pair ``a = 1, b = -1`` that moves nothing) is deflated, which gives ``1^T b = 0``.
     ``iterative``: conjugate gradients (:func:`_schur_cg`) instead of the dense solve."""
     W2 = Wh * Wh
-    Q, Dr = W2[:, :ncol], W2.sum(1)
+    Q, Dr = W2[..., :ncol], W2.sum(-1)
     P = U * Wh
-    rr, rc = P.sum(1), P[:, :ncol].sum(0)
-    rhs = rc - Q.T @ (rr / Dr)
+    rr, rc = P.sum(-1), P[..., :ncol].sum(-2)
+    rhs = rc - _mv(Q.mT, rr / Dr)
+    deflate = ncol == Wh.shape[-1]
     if iterative:
-        b = _schur_cg(Q, Dr, rhs, ncol == Wh.shape[1])
+        b = _schur_cg(Q, Dr, rhs, deflate)
     else:
-        S = torch.diag(Q.sum(0)) - Q.T @ (Q / Dr[:, None])
-        if ncol == Wh.shape[1]:
-            S = S + S.diagonal().mean() / ncol
+        S = torch.diag_embed(Q.sum(-2)) - Q.mT @ (Q / Dr.unsqueeze(-1))
+        if deflate:
+            S = S + S.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] / ncol
         b = torch.linalg.solve(S, rhs)
-    return (rr - Q @ b) / Dr, b
+    return (rr - _mv(Q, b)) / Dr, b
+
+
+def _mv(A: Tensor, v: Tensor) -> Tensor:
+    """``A v`` for a (batch of) matrices and vectors, as ``v^T A^T`` (a batched product with a
+    vector on the right is several times slower on CPU)."""
+    return (v.unsqueeze(-2) @ A.mT).squeeze(-2)
 
 
 def _schur_cg(Q: Tensor, Dr: Tensor, rhs: Tensor, deflate: bool, iters: int = 100) -> Tensor:
-    """The solution ``b`` of :func:`_orbit_coeffs`' Schur system ``S b = rhs``,
+    """The solution ``b`` of :func:`_orbit_coeffs`' Schur system ``S b = rhs`` (batched),
     ``S = diag(1^T Q) - Q^T diag(1/Dr) Q``, by preconditioned conjugate gradients on
     matrix-vector products (the fast path: no ``ncol x ncol`` Gram matrix). For a balanced
     matrix ``S`` is close to ``m I`` off its null vector ``1``, so a few iterations reach the
     rounding level. ``deflate``: ``S + delta 1 1^T`` (``rhs`` is orthogonal to ``1``, so the
     solution is the one with ``1^T b = 0`` for any ``delta > 0``). Falls back to the dense
     solve if the residual does not reach ``64 eps |rhs|``."""
-    qs = Q.sum(0)
-    delta = qs.mean() / Q.shape[1] if deflate else torch.zeros((), dtype=Q.dtype, device=Q.device)
+    qs = Q.sum(-2)
+    delta = qs.mean(-1, keepdim=True) / Q.shape[-1] if deflate else torch.zeros_like(qs[..., :1])
 
     def S(v: Tensor) -> Tensor:
-        return qs * v - Q.T @ ((Q @ v) / Dr) + delta * v.sum()
+        return qs * v - _mv(Q.mT, _mv(Q, v) / Dr) + delta * v.sum(-1, keepdim=True)
+
+    def dot(x: Tensor, y: Tensor) -> Tensor:
+        return (x * y).sum(-1, keepdim=True)
 
     diag = qs + delta
-    tol2 = (64 * torch.finfo(Q.dtype).eps) ** 2 * (rhs @ rhs)
+    tol2 = (64 * torch.finfo(Q.dtype).eps) ** 2 * dot(rhs, rhs)
     b = rhs / diag
     r = rhs - S(b)
     z = r / diag
-    p, rz = z, r @ z
+    p, rz = z, dot(r, z)
     for _ in range(iters):
-        if (r @ r <= tol2).item():
+        if (dot(r, r) <= tol2).all().item():
             return b
         Sp = S(p)
-        alpha = rz / (p @ Sp)
+        alpha = _safe_div(rz, dot(p, Sp))
         b, r = b + alpha * p, r - alpha * Sp
         z = r / diag
-        rz, rz_old = r @ z, rz
-        p = z + (rz / rz_old) * p
-    dense = torch.diag(qs) - Q.T @ (Q / Dr[:, None]) + delta
+        rz, rz_old = dot(r, z), rz
+        p = z + _safe_div(rz, rz_old) * p
+    dense = torch.diag_embed(qs) - Q.mT @ (Q / Dr.unsqueeze(-1)) + delta.unsqueeze(-1)
     return torch.linalg.solve(dense, rhs)
 
 
@@ -965,6 +975,13 @@ def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tenso
             msum.add_(Mi.sum(-2))
             gsum.add_(Gi.sum(-2))
     return sq, gw, msum, gsum
+
+
+def _member_stack(ts: list[Tensor | None]) -> Tensor | None:
+    """The members' tensors of a stacked unit as one (the tensor itself for a single unit)."""
+    if any(t is None for t in ts):
+        return None
+    return ts[0] if len(ts) == 1 else torch.stack([t for t in ts if t is not None])
 
 
 def _chunked(u: _Unit, pr: dict, muon: bool) -> bool:
@@ -1231,79 +1248,69 @@ class DDCOptimizer(torch.optim.Optimizer):
     def _scale_fast(self, units: list[_Unit], gauges: list[Gauge], group: dict) -> None:
         """:meth:`_scale_step` on the fast path: the same step up to rounding, with the weight
         decay, Adam's bias corrections and the re-projection folded into per-column (per-row)
-        factors (``W <- W diag(F) - s U diag(rho)``), the radial states of equal-size gauges
-        stacked, Newton-Schulz stacked per shape, the overlap's Schur system by conjugate
-        gradients, and single weights under Adam stepped in row chunks (no full-size
-        temporaries: on CPU a fresh large tensor costs several passes over it)."""
+        factors (``W <- W diag(F) - s U diag(rho)``), small equal-shape units stacked into one,
+        the radial states of equal-size gauges stacked, Newton-Schulz stacked per shape, the
+        overlap's Schur system by conjugate gradients, and single weights under Adam stepped in
+        row chunks (no full-size temporaries: on CPU a fresh large tensor costs several passes
+        over it)."""
         muon = group["rule"] == "muon"
-        prep, stacks = self._fast_prepare_all(units, group, muon)
-        dl = self._fast_radial(gauges, prep, group)
-        for bucket, pr in stacks:  # equal-shape small weights under Adam, stacked
-            dls = torch.stack([dl[(id(u.params[0]), "col")] for u in bucket])
-            self._fast_adam_cols([u.params[0] for u in bucket], pr, dls, group)
-        stacked = {id(u.params[0]) for bucket, _ in stacks for u in bucket}
-        chunked = [u for u in units if id(u.params[0]) not in stacked and _chunked(u, prep[id(u.params[0])], muon)]
-        for u in chunked:
-            key = id(u.params[0])
-            self._fast_adam_cols([u.params[0]], prep[key], dl.get((key, "row" if prep[key]["T"] else "col")), group)
-        rest = [u for u in units if id(u.params[0]) not in stacked and not _chunked(u, prep[id(u.params[0])], muon)]
-        dirs = self._fast_directions(rest, prep, group)
-        for u in rest:
-            key = id(u.params[0])
-            U, kappa = dirs[key]
-            self._fast_update(u, prep[key], U, kappa, dl.get((key, "row")), dl.get((key, "col")), group)
-
-    def _fast_prepare_all(self, units: list[_Unit], group: dict, muon: bool) -> tuple[dict, list]:
-        """:meth:`_fast_prepare` of every unit; small (``_STACK``) single weights under Adam in a
-        column-only gauge with the same shape and step count are prepared as one stacked
-        unit (``stacks``: (units, stacked prep)), each member's prep then holds its log-gradient."""
+        packs = [(b, self._fast_prepare(b, group)) for b in _buckets(units, lambda u: self._stack_key(u, muon))]
         prep: dict = {}
-        stacks = []
-        for bucket in _buckets(units, lambda u: self._stack_key(u, muon)):
-            if len(bucket) < 2 or not isinstance(self._stack_key(bucket[0], muon), tuple):
-                prep.update((id(u.params[0]), self._fast_prepare(u, group)) for u in bucket)
-                continue
-            pr = self._fast_prepare(_Unit(tuple(u.params[0] for u in bucket), col=bucket[0].col), group, stacked=True)
-            stacks.append((bucket, pr))
-            prep.update((id(u.params[0]), dict(h_row=None, h_col=h, T=False)) for u, h in zip(bucket, pr["h_col"]))
-        return prep, stacks
+        for bucket, pr in packs:  # each member's log-gradients, for the radial step
+            for i, u in enumerate(bucket):
+                hs = {k: pr[k] if pr[k] is None or len(bucket) == 1 else pr[k][i] for k in ("h_row", "h_col")}
+                prep[id(u.params[0])] = hs
+        dl = self._fast_radial(gauges, prep, group)
+        rest = []
+        for bucket, pr in packs:
+            d = {side: _member_stack([dl.get((id(u.params[0]), side)) for u in bucket]) for side in ("row", "col")}
+            if _chunked(bucket[0], pr, muon):
+                self._fast_adam_cols([u.params[0] for u in bucket], pr, d["row" if pr["T"] else "col"], group)
+            else:
+                rest.append((bucket, pr, d))
+        dirs = self._fast_directions([(b, pr) for b, pr, _ in rest], group)
+        for (bucket, pr, d), (U, kappa) in zip(rest, dirs):
+            self._fast_update(bucket[0], pr, U, kappa, d["row"], d["col"], group)
 
     def _stack_key(self, u: _Unit, muon: bool) -> tuple | int:
-        """The bucket of a unit the fast path stacks with its equals (an id: stepped alone)."""
+        """The bucket of a unit that the fast path stacks with its equals (same kind, shapes,
+        dtype, device and step count, at most ``_STACK`` elements); an id: stepped alone."""
         p = u.params[0]
-        if not (len(u.params) == 1 and p.ndim == 2 and u.row is None and not u.center and p.dtype in _FULL):
-            return id(p)
-        if (muon and not u.vector) or p.numel() > _STACK or p.grad is None:
+        if u.center or p.numel() > _STACK or any(q.dtype not in _FULL or q.grad is None for q in u.params):
             return id(p)
         st = self.state[p]
-        return (tuple(p.shape), p.dtype, p.device, float(st["step"]) if "step" in st else 0.0)
+        kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector)
+        return kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device, float(st.get("step", 0.0)))
 
-    def _fast_prepare(self, unit: _Unit, group: dict, stacked: bool = False) -> dict:
+    def _fast_prepare(self, units: list[_Unit], group: dict) -> dict:
         """:meth:`_unit_prepare` of the fast path, without the invariant input (built where it
-        is used). ``M`` is the weight itself (or its columns side by side): the decay
-        ``a = 1 - lr wd`` enters as a factor of the radius, the log-gradients and the update; a
-        centered unit's column sums come from the weight's; a unit with rows only is handled
-        through its transpose, as a column unit. ``stacked``: ``unit.params`` are equal-shape
-        float32/64 weights of column units, stacked into one [B, m, n] unit."""
-        for p in unit.params:
-            st = self.state[p]
-            st["step"] = st.get("step", torch.tensor(0.0)) + 1
-        ws = [_work(p) for p in unit.params]
-        M = torch.stack(ws) if stacked else _columns(ws)
-        gs = [_grad(p, w) for p, w in zip(unit.params, ws)]
-        G = torch.stack(gs) if stacked else _columns(gs)
+        is used), for one unit or a stack of equal ones (``M`` [B, m, n]). A single unit's ``M``
+        is the weight itself (or its columns side by side): the decay ``a = 1 - lr wd`` enters
+        as a factor of the radius, the log-gradients and the update; a centered unit's column
+        sums come from the weight's; a unit with rows only is handled through its transpose,
+        as a column unit."""
+        u0 = units[0]
+        wss = [[_work(p) for p in u.params] for u in units]
+        for u in units:
+            for p in u.params:
+                st = self.state[p]
+                st["step"] = st.get("step", torch.tensor(0.0)) + 1
+        Ms = [_columns(ws) for ws in wss]
+        Gs = [_columns([_grad(p, w) for p, w in zip(u.params, ws)]) for u, ws in zip(units, wss)]
+        M, G = (torch.stack(Ms), torch.stack(Gs)) if len(units) > 1 else (Ms[0], Gs[0])
         a = 1 - group["lr"] * group["weight_decay"]
-        pr: dict = dict(ws=ws, M=M, G=G, a=a, mean=None, T=unit.col is None, h_row=None, h_col=None)
-        if unit.row is not None and unit.col is not None:
+        pr: dict = dict(members=[u.params for u in units], wss=wss, M=M, G=G, a=a, mean=None, T=u0.col is None)
+        pr.update(h_row=None, h_col=None)
+        if u0.row is not None and u0.col is not None:
             r, c = balance(M)  # of the undecayed weight: r c^T scales with it
             GM = G * M
-            pr.update(R=torch.outer(r, c), h_row=a * GM.sum(1), h_col=a * GM[:, : unit.ncol].sum(0))
+            pr.update(R=r.unsqueeze(-1) * c.unsqueeze(-2), h_row=a * GM.sum(-1), h_col=a * GM[..., : u0.ncol].sum(-2))
             return pr
-        Mc, Gc = (M.T, G.T) if pr["T"] else (M, G)
-        sq, gw, msum, gsum = _col_sums(Mc, Gc, unit.center)
+        Mc, Gc = (M.mT, G.mT) if pr["T"] else (M, G)
+        sq, gw, msum, gsum = _col_sums(Mc, Gc, u0.center)
         if msum is not None and gsum is not None:  # centered: C = W - 1 mean^T, ||C_j||^2 and <G_j, C_j> from W's
-            mean = msum / Mc.shape[0]
-            sq, gw, pr["mean"] = sq - Mc.shape[0] * mean * mean, gw - mean * gsum, mean
+            mean = msum / Mc.shape[-2]
+            sq, gw, pr["mean"] = sq - Mc.shape[-2] * mean * mean, gw - mean * gsum, mean
         pr.update(sq=sq, rho=sq.sqrt())
         pr["h_row" if pr["T"] else "h_col"] = a * gw
         return pr
@@ -1313,10 +1320,10 @@ class DDCOptimizer(torch.optim.Optimizer):
         if "R" in pr:
             x = torch.mul(pr["G"], pr["R"], out=out) if out is not None else pr["G"] * pr["R"]
             return x.mul_(pr["a"]) if pr["a"] != 1 else x
-        Gc = pr["G"].T if pr["T"] else pr["G"]
-        scale = pr["a"] * pr["rho"]
-        x = torch.mul(Gc, scale, out=out.T if pr["T"] else out) if out is not None else Gc * scale
-        return x.T if pr["T"] else x
+        Gc = pr["G"].mT if pr["T"] else pr["G"]
+        scale = (pr["a"] * pr["rho"]).unsqueeze(-2)
+        x = torch.mul(Gc, scale, out=out.mT if pr["T"] else out) if out is not None else Gc * scale
+        return x.mT if pr["T"] else x
 
     def _fast_adam_cols(self, params: list[Tensor], pr: dict, dl: Tensor | None, group: dict) -> None:
         """Adam direction, re-projection and step of a single weight in a one-sided gauge
@@ -1332,7 +1339,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         kappa, eps = bc2 / (1 - beta1**t), group["eps"] * bc2
         ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         m0, v0 = (torch.stack(ms), torch.stack(vs)) if len(params) > 1 else (ms[0], vs[0])
-        Mc, Gc, mc, vc = (t_.T if pr["T"] else t_ for t_ in (pr["M"], pr["G"], m0, v0))
+        Mc, Gc, mc, vc = (t_.mT if pr["T"] else t_ for t_ in (pr["M"], pr["G"], m0, v0))
         scale, rho, center = (pr["a"] * pr["rho"]).unsqueeze(-2), pr["rho"].unsqueeze(-2), pr["mean"] is not None
         uw, usum, chunks = torch.zeros_like(pr["sq"]), torch.zeros_like(pr["sq"]), _row_chunks(Mc)
         for sl in chunks:
@@ -1353,9 +1360,23 @@ class DDCOptimizer(torch.optim.Optimizer):
             Mi = Mc[..., sl, :]
             (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, rho, value=-s)
         if len(params) > 1:
-            torch._foreach_copy_(pr["ws"] + ms + vs, list(Mc.unbind(0)) + list(mc.unbind(0)) + list(vc.unbind(0)))
-        else:
-            _write_back(params[0], pr["ws"][0])
+            torch._foreach_copy_(ms + vs, list(m0.unbind(0)) + list(v0.unbind(0)))
+        self._fast_write_back(pr)
+
+    @staticmethod
+    def _fast_write_back(pr: dict) -> None:
+        """Copy a prepared unit's ``M`` (a stack, or the columns of several parameters) back
+        into its parameters."""
+        members = pr["members"]
+        for i, (params, ws) in enumerate(zip(members, pr["wss"])):
+            M = pr["M"][i] if len(members) > 1 else pr["M"]
+            j = 0
+            for p, w in zip(params, ws):
+                n = p.shape[1] if p.ndim == 2 else 1
+                if M is not w:
+                    w.copy_(M[:, j : j + n] if p.ndim == 2 else M[:, j])
+                j += n
+                _write_back(p, w)
 
     @staticmethod
     def _fold(
@@ -1372,7 +1393,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         F = a * (torch.exp(dl) + lr * kappa * rho * _safe_div(uw, pr["sq"]))
         if pr["mean"] is None:
             return F, None, s
-        return F, (1 - F) * pr["mean"] + s * rho * usum / pr["M"].shape[1 if pr["T"] else 0], s
+        return F, (1 - F) * pr["mean"] + s * rho * usum / pr["M"].shape[-1 if pr["T"] else -2], s
 
     def _fast_radial(self, gauges: list[Gauge], prep: dict, group: dict) -> dict[tuple[int, str], Tensor]:
         """The radial log-steps of :meth:`_scale_step`, with the scalar Adam states of
@@ -1417,83 +1438,74 @@ class DDCOptimizer(torch.optim.Optimizer):
         w[0, 0] = 1.0
         return dl - sigma * (w * sigma * dl).sum(1, keepdim=True) / w.sum()
 
-    def _fast_directions(self, units: list[_Unit], prep: dict, group: dict) -> dict[int, tuple[Tensor, float]]:
-        """The base directions of the fast path with their scale ``kappa``: Muon stacked per
-        shape (``kappa = 1``); Adam as one multi-tensor update over every column block of every
-        unit, returned as ``m / (sqrt(v) + eps sqrt(1 - b2^t))`` with
-        ``kappa = sqrt(1 - b2^t) / (1 - b1^t)`` (their product is Adam's
-        ``m_hat / (sqrt(v_hat) + eps)``; :meth:`_fast_update` applies ``kappa`` in its scalars)."""
+    def _fast_directions(self, packs: list[tuple[list[_Unit], dict]], group: dict) -> list[tuple[Tensor, float]]:
+        """The base directions of prepared (stacks of) units with their scale ``kappa``: Muon
+        stacked per shape (``kappa = 1``); Adam as one multi-tensor update over every column
+        block of every member, written into its input ``x``, as
+        ``m / (sqrt(v) + eps sqrt(1 - b2^t))`` with ``kappa = sqrt(1 - b2^t) / (1 - b1^t)``
+        (their product is Adam's ``m_hat / (sqrt(v_hat) + eps)``; :meth:`_fast_update` applies
+        ``kappa`` in its scalars)."""
         beta1, beta2 = group["betas"]
         out: dict[int, tuple[Tensor, float]] = {}
-        muon = [u for u in units if group["rule"] == "muon" and not u.vector]
-        for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["G"].shape), u.params[0].device)):
-            G0 = prep[id(bucket[0].params[0])]["G"]
-            X = G0.new_empty((len(bucket),) + G0.shape)
-            for u, Xi in zip(bucket, X.unbind(0)):
-                self._fast_x(prep[id(u.params[0])], out=Xi)
-            U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
-            out.update((id(u.params[0]), (Ui, 1.0)) for u, Ui in zip(bucket, U.unbind(0)))
-        blocks: list[tuple[_Unit, Tensor, Tensor]] = []
-        for u in units:
-            if id(u.params[0]) not in out:
-                x, j = self._fast_x(prep[id(u.params[0])]), 0
+        muon = [i for i, (b, _) in enumerate(packs) if group["rule"] == "muon" and not b[0].vector]
+        for bucket in _buckets(muon, lambda i: (tuple(packs[i][1]["G"].shape[-2:]), packs[i][1]["G"].device)):
+            sizes = [len(packs[i][0]) for i in bucket]
+            G0 = packs[bucket[0]][1]["G"]
+            X = G0.new_empty((sum(sizes),) + G0.shape[-2:])
+            for i, Xi in zip(bucket, X.split(sizes)):
+                self._fast_x(packs[i][1], out=Xi if len(packs[i][0]) > 1 else Xi[0])
+            states = [self.state[u.params[0]] for i in bucket for u in packs[i][0]]
+            U = self._muon_stacked(states, X, group)
+            out.update((i, (Ui if len(packs[i][0]) > 1 else Ui[0], 1.0)) for i, Ui in zip(bucket, U.split(sizes)))
+        blocks: list[tuple[Tensor, Tensor]] = []  # (parameter, its block of x)
+        adam = [i for i in range(len(packs)) if i not in out]
+        for i in adam:
+            bucket, pr = packs[i]
+            x = self._fast_x(pr)
+            t = self.state[bucket[0].params[0]]["step"].item()  # shared by members and parameters (_stack_key)
+            out[i] = (x, (1 - beta2**t) ** 0.5 / (1 - beta1**t))
+            for k, u in enumerate(bucket):
+                xk, j = (x[k] if len(bucket) > 1 else x), 0
                 for p in u.params:
                     n = p.shape[1] if p.ndim == 2 else 1
-                    blocks.append((u, p, x[:, j : j + n] if p.ndim == 2 else x[:, j]))
+                    blocks.append((p, xk[:, j : j + n] if p.ndim == 2 else xk[:, j]))
                     j += n
-        if not blocks:
-            return out
-        states = [self._adam_state(p) for _, p, _ in blocks]
-        ms, vs, xs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [b[2] for b in blocks]
-        torch._foreach_lerp_(ms, xs, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, xs, xs, value=1 - beta2)
-        bc2 = [(1 - beta2 ** st["step"].item()) ** 0.5 for st in states]
-        kap = [b2 / (1 - beta1 ** st["step"].item()) for b2, st in zip(bc2, states)]
-        for x, v, m, b2 in zip(xs, vs, ms, bc2):  # x is dead: the direction is written into it
-            torch.div(m, torch.sqrt(v, out=x).add_(group["eps"] * b2), out=x)
-        Us = xs
-        by_unit: dict[int, list[tuple[Tensor, float]]] = {}
-        for (u, _, _), Ui, k in zip(blocks, Us, kap):
-            by_unit.setdefault(id(u.params[0]), []).append((Ui, k))
-        for key, parts in by_unit.items():
-            if len(parts) == 1 and parts[0][0].ndim == 2:
-                out[key] = parts[0]
-            else:  # a gain (+ bias) or a weight with its in-bias: small, kappa applied here
-                out[key] = (_columns([Ui * k for Ui, k in parts]), 1.0)
-        return out
+        if blocks:
+            states = [self._adam_state(p) for p, _ in blocks]
+            ms, vs, xs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [b[1] for b in blocks]
+            torch._foreach_lerp_(ms, xs, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, xs, xs, value=1 - beta2)
+            for x, v, m, st in zip(xs, vs, ms, states):  # x is dead: the direction is written into it
+                torch.div(m, torch.sqrt(v, out=x).add_(group["eps"] * (1 - beta2 ** st["step"].item()) ** 0.5), out=x)
+        return [out[i] for i in range(len(packs))]
 
     def _fast_update(
         self, unit: _Unit, pr: dict, U: Tensor, kappa: float, dl_row: Tensor | None, dl_col: Tensor | None, group: dict
     ) -> None:
-        """The re-projection and step of the fast path, folded into the weight's factors: a
-        column unit takes ``W <- W diag(F) - s U diag(rho)`` with
-        ``F = a (e^dl + lr kappa rho <U, W>/||W||^2)`` (the re-projection is a multiple of
-        ``W`` per column) and ``s = a lr kappa``; a centered unit adds one row vector (the kept
-        mean row and the centering of ``U``); a unit in two gauges has the matrix
+        """The re-projection and step of the fast path, folded into the weight's factors (of
+        one unit or a stack, ``unit`` its first member): a column unit takes
+        ``W <- W diag(F) - s U diag(rho)`` (:meth:`_fold`); a unit in two gauges the matrix
         ``F = a (e^dl_row e^dl_col^T + lr kappa (a_i + b_j))`` and ``R`` in place of ``rho``."""
         M, a, lr = pr["M"], pr["a"], group["lr"]
         s = a * lr * kappa
         if "R" in pr:
             assert dl_row is not None and dl_col is not None
             ca, cb = _orbit_coeffs(U, M / pr["R"], unit.ncol, iterative=True)
-            pad = M.shape[1] - unit.ncol
+            pad = M.shape[-1] - unit.ncol
             e_col = torch.nn.functional.pad(torch.exp(dl_col), (0, pad), value=1.0)
-            F = torch.outer(torch.exp(dl_row), e_col)
-            F.add_(ca[:, None] + torch.nn.functional.pad(cb, (0, pad))[None, :], alpha=lr * kappa)
+            F = torch.exp(dl_row).unsqueeze(-1) * e_col.unsqueeze(-2)
+            F.add_(ca.unsqueeze(-1) + torch.nn.functional.pad(cb, (0, pad)).unsqueeze(-2), alpha=lr * kappa)
             M.mul_(F.mul_(a) if a != 1 else F).addcmul_(pr["R"], U, value=-s)
         else:
-            Mc, Uc, dl = (M.T, U.T, dl_row) if pr["T"] else (M, U, dl_col)
+            Mc, Uc, dl = (M.mT, U.mT, dl_row) if pr["T"] else (M, U, dl_col)
             assert dl is not None
-            F, row, s = self._fold(pr, (Uc * Mc).sum(0), Uc.sum(0), dl, kappa, group)
-            (torch.addcmul(row, Mc, F, out=Mc) if row is not None else Mc.mul_(F)).addcmul_(Uc, pr["rho"], value=-s)
-        j = 0
-        for p, w in zip(unit.params, pr["ws"]):
-            n = p.shape[1] if p.ndim == 2 else 1
-            if M is not w:
-                w.copy_(M[:, j : j + n] if p.ndim == 2 else M[:, j])
-            j += n
-            _write_back(p, w)
+            usum = Uc.sum(-2) if pr["mean"] is not None else Uc.new_zeros(())
+            F, row, s = self._fold(pr, (Uc * Mc).sum(-2), usum, dl, kappa, group)
+            F = F.unsqueeze(-2)
+            rho = pr["rho"].unsqueeze(-2)
+            (torch.addcmul(row, Mc, F, out=Mc) if row is not None else Mc.mul_(F)).addcmul_(Uc, rho, value=-s)
+        self._fast_write_back(pr)
 
     def _muon_batched(self, params: list[Tensor], group: dict) -> None:
         """Muon on equal-shape matrices as one stacked Newton-Schulz call."""
@@ -1988,14 +2000,17 @@ def _format(rows: list[tuple[str, ...]], footer: str) -> str:
 
 
 def configure(opt: DDCOptimizer, *, batched: bool | None = None, stack_adam_gauges: bool | None = None) -> DDCOptimizer:
-    """Execution options: ``batched`` (default True) runs the Muon parts stacked: equal-shape
-    rescale gauges of DDC-Muon as one computation and equal-shape Muon matrices as one batched
-    Newton-Schulz call; False is the per-gauge, per-parameter reference path
-    (``_rescale_step``, ``_muon_step``). The AdamW parts use the single-tensor AdamW on both
-    paths (bit-identical to ``torch.optim.AdamW(foreach=False)``): the stacked / multi-tensor
-    variants measured slower on CPU (``results/ddc_bench/bench.md``). ``stack_adam_gauges``
-    (default False) also stacks the DDC-Adam rescale gauges (fewer kernel launches, more
-    copies: for accelerators; tested equal to the reference)."""
+    """Execution options: ``batched`` (default True) is the fast path: equal-shape rescale
+    gauges of DDC-Muon as one computation, equal-shape Muon matrices as one batched
+    Newton-Schulz call, the scaling-gauge step with norm channels folded, stacked and in row
+    chunks (``DDCOptimizer._scale_fast``; equal to the reference up to rounding), and AdamW off
+    the gauges as multi-tensor calls on small tensors and in row chunks on large ones (per
+    element the single-tensor operations: bit-identical to
+    ``torch.optim.AdamW(foreach=False)``); False is the per-gauge, per-parameter reference path
+    (``_rescale_step``, ``_unit_prepare`` / ``_unit_update``, ``_muon_step``, single-tensor
+    AdamW). ``stack_adam_gauges`` (default False) also stacks the DDC-Adam rescale gauges of
+    groups without norm channels (fewer kernel launches, more copies: for accelerators; tested
+    equal to the reference)."""
     if batched is not None:
         opt.batched = bool(batched)
     if stack_adam_gauges is not None:
