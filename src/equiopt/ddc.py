@@ -1294,7 +1294,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         for u in units:
             for p in u.params:
                 st = self.state[p]
-                st["step"] = st.get("step", torch.tensor(0.0)) + 1
+                st["step"] = st["step"] + 1 if "step" in st else torch.tensor(1.0)
         Ms = [_columns(ws) for ws in wss]
         Gs = [_columns([_grad(p, w) for p, w in zip(u.params, ws)]) for u, ws in zip(units, wss)]
         M, G = (torch.stack(Ms), torch.stack(Gs)) if len(units) > 1 else (Ms[0], Gs[0])
