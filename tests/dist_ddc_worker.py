@@ -6,8 +6,10 @@ without torch.distributed).
 
 For each (arch, base) in CASES: DDP training of a tiny HF model with ``ddc_optimizer`` for
 STEPS steps, every rank on its half of the same global batch; rank 0 writes
-``OUT_DIR/ddp_<arch>_<base>.pt`` (the parameters after the run). Then FSDP2: the refusal
-message of ``ddc_optimizer`` on a ``fully_shard`` ed model goes to ``OUT_DIR/fsdp2.txt``.
+``OUT_DIR/ddp_<arch>_<base>.pt`` (the parameters after the run). Then FSDP2 (``fully_shard``,
+DTensor parameters, the optimizer built with ``model=`` an unsharded replica): qwen3 with both
+bases, ``OUT_DIR/fsdp2_qwen3_<base>.pt`` (the gathered parameters); the message of
+``ddc_optimizer`` on an FSDP2 model without a replica goes to ``OUT_DIR/fsdp2.txt``.
 ``OUT_DIR/done`` at the very end.
 """
 
@@ -25,6 +27,7 @@ from equiopt.ddc import ddc_optimizer
 from equiopt.train.models import ModelConfig, build_model
 
 CASES = (("qwen3", "adam"), ("qwen3", "muon"), ("olmoe", "adam"), ("olmoe", "muon"))
+FSDP2_BASES = ("adam", "muon")
 STEPS = 4
 BATCH, SEQ, VOCAB = 4, 16, 64
 
@@ -82,11 +85,19 @@ def run(out: Path) -> None:
             torch.save(
                 {n: p.detach().clone() for n, p in D.unwrap(model).named_parameters()}, out / f"ddp_{arch}_{base}.pt"
             )
+    for base in FSDP2_BASES:  # FSDP2: DTensor parameters; plan and probes on an unsharded replica
+        model = D.wrap_model(model_for("qwen3"), "fsdp2")
+        opt = ddc_optimizer(model, base, model=model_for("qwen3"))
+        assert {g.kind for g in opt.gauges} >= {"shift", "rescale", "norm"}, opt.gauges
+        train(model, opt, slice(rank * per, (rank + 1) * per))
+        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(full, out / f"fsdp2_qwen3_{base}.pt")
     model = D.wrap_model(model_for("qwen3"), "fsdp2")
     try:
         ddc_optimizer(model, "adam")
         msg = "accepted"
-    except NotImplementedError as e:
+    except ValueError as e:
         msg = str(e)
     if rank == 0:
         (out / "fsdp2.txt").write_text(msg)

@@ -55,13 +55,15 @@ and AdamW on vectors, embeddings, heads and routers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import overload
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import distribute_tensor
 
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .functional import muon_scale
@@ -738,6 +740,16 @@ def _adam_dir(state: dict, x: Tensor, beta1: float, beta2: float, eps: float, pr
 _FULL = (torch.float32, torch.float64)
 
 
+def _is_dtensor(p: Tensor) -> bool:
+    return hasattr(p, "device_mesh") and hasattr(p, "placements")
+
+
+def _plain_shards(p: Tensor) -> bool:
+    """A DTensor DDC can step (FSDP2): one mesh dimension, ``Shard(0)`` or ``Replicate()``."""
+    pl = tuple(cast(Any, p).placements)
+    return len(pl) == 1 and (pl[0].is_replicate() or (pl[0].is_shard() and cast(Any, pl[0]).dim == 0))
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     """State and arithmetic dtype of a parameter: its own for float32/float64, float32 for
     bf16/fp16 (the parameter keeps its dtype; each step rounds the fp32 result into it)."""
@@ -749,17 +761,29 @@ def _work(p: Tensor) -> Tensor: ...
 @overload
 def _work(p: None) -> None: ...
 def _work(p: Tensor | None) -> Tensor | None:
-    """``p`` itself (float32/64: updated in place) or a float32 working copy (bf16/fp16)."""
+    """``p`` itself (float32/64: updated in place), a float32 working copy (bf16/fp16), or for
+    a DTensor (FSDP2) the whole gathered tensor (every rank then computes the whole update)."""
+    if p is not None and _is_dtensor(p):
+        full = cast(Any, p).full_tensor().detach()
+        return full if full.dtype in _FULL else full.float()
     return p if p is None or p.dtype in _FULL else p.detach().float()
 
 
 def _grad(p: Tensor, work: Tensor) -> Tensor:
-    g = p.grad if p.grad is not None else torch.zeros_like(p)
+    g = p.grad if p.grad is not None else torch.zeros_like(work)
+    if _is_dtensor(g):
+        g = cast(Any, g).full_tensor()
     return g if g.dtype == work.dtype else g.to(work.dtype)
 
 
 def _write_back(p: Tensor | None, work: Tensor | None) -> None:
-    if p is not None and work is not None and work is not p:  # work is None only when p is
+    if p is None or work is None or work is p:  # work is None only when p is
+        return
+    if _is_dtensor(p):  # this rank's shard of the whole result (the same on every rank)
+        d = cast(Any, p)
+        mine = distribute_tensor(work.to(p.dtype), d.device_mesh, d.placements, src_data_rank=None)
+        d.to_local().copy_(mine.to_local())
+    else:
         p.copy_(work)
 
 
@@ -785,12 +809,8 @@ def _rescale_key(g) -> tuple:
         g.in_bias is not None,
         g.in_weight.dtype,
         g.in_weight.device,
-        all(p.dtype == g.in_weight.dtype and p.dtype in _FULL for p in ps),
+        all(p.dtype == g.in_weight.dtype and p.dtype in _FULL and not _is_dtensor(p) for p in ps),
     )
-
-
-def _is_dtensor(p: Tensor) -> bool:
-    return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
 def _polar_update(upd: Tensor, group: dict) -> Tensor:
@@ -1034,11 +1054,10 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.table_rows = list(table or [])
         for g in self.param_groups:
             for p in g["params"]:
-                if _is_dtensor(p):
+                if _is_dtensor(p) and not _plain_shards(p):
                     raise NotImplementedError(
-                        f"DDCOptimizer: parameter {self.names.get(p, tuple(p.shape))!r} is a DTensor (FSDP2 / "
-                        "tensor-parallel sharding); FSDP2 is not supported by DDC yet (its per-neuron norms, "
-                        "vocabulary means and polar maps need whole gauge blocks). Use DDP, or a non-DDC optimizer"
+                        f"DDCOptimizer: parameter {self.names.get(p, tuple(p.shape))!r} is a DTensor with placements "
+                        f"{cast(Any, p).placements}; DDC supports FSDP2's Shard(0) / Replicate() on one mesh dimension"
                     )
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for gauge in self.gauges:
@@ -1276,7 +1295,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         """The bucket of a unit that the fast path stacks with its equals (same kind, shapes,
         dtype, device and step count, at most ``_STACK`` elements); an id: stepped alone."""
         p = u.params[0]
-        if u.center or p.numel() > _STACK or any(q.dtype not in _FULL or q.grad is None for q in u.params):
+        plain = all(q.dtype in _FULL and q.grad is not None and not _is_dtensor(q) for q in u.params)
+        if u.center or p.numel() > _STACK or not plain:
             return id(p)
         st = self.state[p]
         kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector)
@@ -1650,8 +1670,12 @@ class DDCOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
         if prefix + "exp_avg" not in state:
             dt = _state_dtype(p)
-            state[prefix + "exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            state[prefix + "exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            if _is_dtensor(p):  # FSDP2: whole (unsharded) state, as the gathered step uses it
+                state[prefix + "exp_avg"] = torch.zeros(p.shape, dtype=dt, device=cast(Any, p).to_local().device)
+                state[prefix + "exp_avg_sq"] = torch.zeros_like(state[prefix + "exp_avg"])
+            else:
+                state[prefix + "exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                state[prefix + "exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
     def _adam_step(self, p: Tensor, group: dict, center: bool = False, chunked: bool = False) -> None:
@@ -1694,7 +1718,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         """The fast path's AdamW over plain tensors, per element the operations of
         :meth:`_adam_step` (bit-identical to it): float32/64 tensors of at most ``_CHUNK``
         elements as multi-tensor calls, larger ones in row chunks (no full-size temporary)."""
-        small = [p for p in params if p.numel() <= _CHUNK and p.dtype in _FULL and p.grad is not None]
+        small = [
+            p for p in params if p.numel() <= _CHUNK and p.dtype in _FULL and p.grad is not None and not _is_dtensor(p)
+        ]
         for p in params:
             if not any(p is q for q in small):
                 self._adam_step(p, group, chunked=True)
@@ -1888,10 +1914,20 @@ def ddc_optimizer(
     AdamW on embeddings (and other non-Muon 2-D weights); vectors and translation gauges 0.
     ``gauges``: the gauge kinds to claim. ``lr_scale`` multiplies ``lr`` and ``adam_lr``
     (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
-    and the probe; FSDP2 (DTensor parameters) is refused (``NotImplementedError``).
+    and the probe. FSDP2 (DTensor parameters): pass ``model=`` an unsharded replica with the
+    same parameter names (the plan and the probes run on it; FSDP2 models cannot be copied);
+    each step gathers the gauge blocks (docs/ddc.md "Execution, numerics, distribution").
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
+    target = None
+    if isinstance(model_or_plan, nn.Module) and any(_is_dtensor(p) for p in model_or_plan.parameters()):
+        if model is None or any(_is_dtensor(p) for p in model.parameters()):
+            raise ValueError(
+                "ddc_optimizer: an FSDP2 (DTensor) model needs model= an unsharded replica with the same "
+                "parameter names (e.g. built from the same config): the plan and the probes run on it"
+            )
+        target, model_or_plan, model = model_or_plan, model, None
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
     else:
@@ -1912,7 +1948,29 @@ def ddc_optimizer(
     parts, names = _partition(the_plan, found, base)
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
+    if target is not None:
+        assert model is not None
+        groups, found, names = _onto(target, model, groups, found, names)
     return DDCOptimizer(groups, found, base, names, table)
+
+
+def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list, names: dict) -> tuple:
+    """The param_groups, gauges and names built on ``replica`` with every parameter replaced by
+    ``target``'s of the same name (an FSDP2 model: its DTensor parameters)."""
+    mine = dict(unwrap(target).named_parameters())
+    theirs = dict(unwrap(replica).named_parameters())
+    if mine.keys() != theirs.keys():
+        raise ValueError("ddc_optimizer: model= must have the same parameter names as the FSDP2 model")
+    to = {id(p): mine[n] for n, p in theirs.items()}
+
+    def m(v):
+        if isinstance(v, Tensor):
+            return to[id(v)]
+        return type(v)(m(x) for x in v) if isinstance(v, (tuple, list)) else v
+
+    found = [dataclasses.replace(g, **{f.name: m(getattr(g, f.name)) for f in dataclasses.fields(g)}) for g in found]
+    groups = [{**g, "params": [to[id(p)] for p in g["params"]]} for g in groups]
+    return groups, found, {to[id(p)]: n for p, n in names.items()}
 
 
 # ----------------------------------------------------------------------------------------
