@@ -91,8 +91,15 @@ def run(out: Path) -> None:
         assert {g.kind for g in opt.gauges} >= {"shift", "rescale", "norm"}, opt.gauges
         train(model, opt, slice(rank * per, (rank + 1) * per))
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        # parameters whose Adam state is the local shard's (stepped on their local rows)
+        local = [
+            n
+            for n, p in model.named_parameters()
+            if "exp_avg" in opt.state[p] and opt.state[p]["exp_avg"].shape != p.shape
+        ]
         if rank == 0:
             torch.save(full, out / f"fsdp2_qwen3_{base}.pt")
+            (out / f"fsdp2_qwen3_{base}_local.txt").write_text("\n".join(local))
     model = D.wrap_model(model_for("qwen3"), "fsdp2")
     try:
         ddc_optimizer(model, "adam")

@@ -239,5 +239,14 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
         den = sum(float(ref[k].pow(2).sum()) for k in ref)
         assert math.sqrt(num / den) < 1e-6, (base, math.sqrt(num / den))
         print(f"fsdp2 qwen3 {base}: relative parameter difference {math.sqrt(num / den):.1e}")
+        local = (out / f"fsdp2_qwen3_{base}_local.txt").read_text().split()
+        # AdamW tensors and (DDC-Adam) the column-norm units step on their local rows, sharded state
+        want = {"model.embed_tokens.weight", "lm_head.weight"}
+        want |= (
+            {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+            if base == "adam"
+            else set()
+        )
+        assert want <= set(local), (base, local)
     msg = (out / "fsdp2.txt").read_text()
     assert "needs model= an unsharded replica" in msg, msg

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, cast, overload
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import distribute_tensor
 
@@ -744,6 +745,21 @@ def _is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
+def _row_sharded(p: Tensor) -> bool:
+    """A float32/64 DTensor sharded on dim 0 (FSDP2): stepped on its local rows where the step
+    allows it (AdamW; Adam column units with all-reduced column statistics)."""
+    if not _is_dtensor(p) or p.dtype not in _FULL:
+        return False
+    pl = tuple(cast(Any, p).placements)
+    return len(pl) == 1 and pl[0].is_shard() and cast(Any, pl[0]).dim == 0
+
+
+def _all_reduce(t: Tensor, p: Tensor) -> Tensor:
+    """Sum of ``t`` over the shards of the DTensor ``p`` (its mesh's process group), in place."""
+    dist.all_reduce(t, group=cast(Any, p).device_mesh.get_group())
+    return t
+
+
 def _plain_shards(p: Tensor) -> bool:
     """A DTensor DDC can step (FSDP2): one mesh dimension, ``Shard(0)`` or ``Replicate()``."""
     pl = tuple(cast(Any, p).placements)
@@ -1309,18 +1325,24 @@ class DDCOptimizer(torch.optim.Optimizer):
         as a factor of the radius, the log-gradients and the update; a centered unit's column
         sums come from the weight's; a unit with rows only is handled through its transpose,
         as a column unit."""
-        u0 = units[0]
-        wss = [[_work(p) for p in u.params] for u in units]
+        u0, p0 = units[0], units[0].params[0]
+        one = len(units) == 1 and len(u0.params) == 1 and u0.row is None and group["rule"] != "muon"
+        shard = p0 if one and _row_sharded(p0) else None  # FSDP2: local rows, column sums all-reduced
         for u in units:
             for p in u.params:
                 st = self.state[p]
                 st["step"] = st["step"] + 1 if "step" in st else torch.tensor(1.0)
+        if shard is not None:
+            wss = [[cast(Any, p0).to_local()]]
+            Gs = [cast(Any, p0.grad).to_local() if p0.grad is not None else torch.zeros_like(wss[0][0])]
+        else:
+            wss = [[_work(p) for p in u.params] for u in units]
+            Gs = [_columns([_grad(p, w) for p, w in zip(u.params, ws)]) for u, ws in zip(units, wss)]
         Ms = [_columns(ws) for ws in wss]
-        Gs = [_columns([_grad(p, w) for p, w in zip(u.params, ws)]) for u, ws in zip(units, wss)]
         M, G = (torch.stack(Ms), torch.stack(Gs)) if len(units) > 1 else (Ms[0], Gs[0])
         a = 1 - group["lr"] * group["weight_decay"]
         pr: dict = dict(members=[u.params for u in units], wss=wss, M=M, G=G, a=a, mean=None, T=u0.col is None)
-        pr.update(h_row=None, h_col=None)
+        pr.update(h_row=None, h_col=None, shard=shard, rows=p0.shape[0])
         if u0.row is not None and u0.col is not None:
             r, c = balance(M)  # of the undecayed weight: r c^T scales with it
             GM = G * M
@@ -1328,9 +1350,13 @@ class DDCOptimizer(torch.optim.Optimizer):
             return pr
         Mc, Gc = (M.mT, G.mT) if pr["T"] else (M, G)
         sq, gw, msum, gsum = _col_sums(Mc, Gc, u0.center)
+        if shard is not None:  # sums over the rows of every shard
+            sums = _all_reduce(torch.stack([t for t in (sq, gw, msum, gsum) if t is not None]), shard)
+            sq, gw = sums[0], sums[1]
+            msum, gsum = (sums[2], sums[3]) if msum is not None else (None, None)
         if msum is not None and gsum is not None:  # centered: C = W - 1 mean^T, ||C_j||^2 and <G_j, C_j> from W's
-            mean = msum / Mc.shape[-2]
-            sq, gw, pr["mean"] = sq - Mc.shape[-2] * mean * mean, gw - mean * gsum, mean
+            mean = msum / pr["rows"]
+            sq, gw, pr["mean"] = sq - pr["rows"] * mean * mean, gw - mean * gsum, mean
         pr.update(sq=sq, rho=sq.sqrt())
         pr["h_row" if pr["T"] else "h_col"] = a * gw
         return pr
@@ -1353,7 +1379,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         (bitwise the same)."""
         assert dl is not None
         beta1, beta2 = group["betas"]
-        states = [self._adam_state(p) for p in params]
+        states = [self._adam_state(p, local=pr["shard"] is not None) for p in params]
         t = states[0]["step"].item()  # stacked weights share their step count (_stack_key)
         bc2 = (1 - beta2**t) ** 0.5
         kappa, eps = bc2 / (1 - beta1**t), group["eps"] * bc2
@@ -1371,6 +1397,8 @@ class DDCOptimizer(torch.optim.Optimizer):
             uw.add_((U * Mc[..., sl, :]).sum(-2))
             if center:
                 usum.add_(U.sum(-2))
+        if pr["shard"] is not None:
+            uw, usum = _all_reduce(torch.stack([uw, usum]), pr["shard"]).unbind(0)
         F, row, s = self._fold(pr, uw, usum, dl, kappa, group)
         F = F.unsqueeze(-2)
         for sl in chunks:
@@ -1381,7 +1409,8 @@ class DDCOptimizer(torch.optim.Optimizer):
             (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, rho, value=-s)
         if len(params) > 1:
             torch._foreach_copy_(ms + vs, list(m0.unbind(0)) + list(v0.unbind(0)))
-        self._fast_write_back(pr)
+        if pr["shard"] is None:  # else the step went into the local shard itself
+            self._fast_write_back(pr)
 
     @staticmethod
     def _fast_write_back(pr: dict) -> None:
@@ -1413,7 +1442,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         F = a * (torch.exp(dl) + lr * kappa * rho * _safe_div(uw, pr["sq"]))
         if pr["mean"] is None:
             return F, None, s
-        return F, (1 - F) * pr["mean"] + s * rho * usum / pr["M"].shape[-1 if pr["T"] else -2], s
+        return F, (1 - F) * pr["mean"] + s * rho * usum / pr["rows"], s  # centered units are column units
 
     def _fast_radial(self, gauges: list[Gauge], prep: dict, group: dict) -> dict[tuple[int, str], Tensor]:
         """The radial log-steps of :meth:`_scale_step`, with the scalar Adam states of
@@ -1664,14 +1693,17 @@ class DDCOptimizer(torch.optim.Optimizer):
         return _polar_update(upd, group)
 
     # -- base rules -------------------------------------------------------------------
-    def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
+    def _adam_state(self, p: Tensor, prefix: str = "", local: bool = False) -> dict:
+        """AdamW's state of ``p``; for a DTensor the local shard's (``local``: the step runs on
+        the local rows) or the whole tensor's (the gathered step)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         if prefix + "exp_avg" not in state:
             dt = _state_dtype(p)
             if _is_dtensor(p):  # FSDP2: whole (unsharded) state, as the gathered step uses it
-                state[prefix + "exp_avg"] = torch.zeros(p.shape, dtype=dt, device=cast(Any, p).to_local().device)
+                shape = cast(Any, p).to_local().shape if local else p.shape
+                state[prefix + "exp_avg"] = torch.zeros(shape, dtype=dt, device=cast(Any, p).to_local().device)
                 state[prefix + "exp_avg_sq"] = torch.zeros_like(state[prefix + "exp_avg"])
             else:
                 state[prefix + "exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -1687,10 +1719,11 @@ class DDCOptimizer(torch.optim.Optimizer):
             raise RuntimeError("DDCOptimizer does not support sparse gradients")
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        state = self._adam_state(p)
+        local = _row_sharded(p) and not center  # FSDP2: elementwise on the local rows
+        state = self._adam_state(p, local=local)
         state["step"] += 1
-        w = _work(p)
-        grad = _grad(p, w)
+        w = cast(Any, p).to_local() if local else _work(p)
+        grad = cast(Any, p.grad).to_local() if local else _grad(p, w)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         step = state["step"].item()
         bc2_sqrt = (1 - beta2**step) ** 0.5
@@ -1712,7 +1745,8 @@ class DDCOptimizer(torch.optim.Optimizer):
                 mi.lerp_(gi, 1 - beta1)
                 vi.mul_(beta2).addcmul_(gi, gi, value=1 - beta2)
                 wi.addcdiv_(mi, (vi.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
-        _write_back(p, w)
+        if not local:
+            _write_back(p, w)
 
     def _adam_multi(self, params: list[Tensor], group: dict) -> None:
         """The fast path's AdamW over plain tensors, per element the operations of
@@ -1920,14 +1954,7 @@ def ddc_optimizer(
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
-    target = None
-    if isinstance(model_or_plan, nn.Module) and any(_is_dtensor(p) for p in model_or_plan.parameters()):
-        if model is None or any(_is_dtensor(p) for p in model.parameters()):
-            raise ValueError(
-                "ddc_optimizer: an FSDP2 (DTensor) model needs model= an unsharded replica with the same "
-                "parameter names (e.g. built from the same config): the plan and the probes run on it"
-            )
-        target, model_or_plan, model = model_or_plan, model, None
+    target, model_or_plan, model = _sharded_target(model_or_plan, model)
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
     else:
@@ -1952,6 +1979,19 @@ def ddc_optimizer(
         assert model is not None
         groups, found, names = _onto(target, model, groups, found, names)
     return DDCOptimizer(groups, found, base, names, table)
+
+
+def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) -> tuple:
+    """``(target, model_or_plan, model)``: for an FSDP2 (DTensor) model the model itself as the
+    target and its unsharded replica ``model`` to plan and probe; otherwise no target."""
+    if not isinstance(model_or_plan, nn.Module) or not any(_is_dtensor(p) for p in model_or_plan.parameters()):
+        return None, model_or_plan, model
+    if model is None or any(_is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            "ddc_optimizer: an FSDP2 (DTensor) model needs model= an unsharded replica with the same "
+            "parameter names (e.g. built from the same config): the plan and the probes run on it"
+        )
+    return model_or_plan, model, None
 
 
 def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list, names: dict) -> tuple:
