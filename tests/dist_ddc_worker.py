@@ -7,8 +7,9 @@ without torch.distributed).
 For each (arch, base) in CASES: DDP training of a tiny HF model with ``ddc_optimizer`` for
 STEPS steps, every rank on its half of the same global batch; rank 0 writes
 ``OUT_DIR/ddp_<arch>_<base>.pt`` (the parameters after the run). Then FSDP2 (``fully_shard``,
-DTensor parameters, the optimizer built with ``model=`` an unsharded replica): qwen3 with both
-bases, ``OUT_DIR/fsdp2_qwen3_<base>.pt`` (the gathered parameters); the message of
+DTensor parameters, the optimizer built with ``model=`` an unsharded replica): the same cases,
+``OUT_DIR/fsdp2_<arch>_<base>.pt`` (the gathered parameters) and ``..._local.txt`` (the
+parameters whose Adam state is their local shard's); the message of
 ``ddc_optimizer`` on an FSDP2 model without a replica goes to ``OUT_DIR/fsdp2.txt``.
 ``OUT_DIR/done`` at the very end.
 """
@@ -27,7 +28,7 @@ from equiopt.ddc import ddc_optimizer
 from equiopt.train.models import ModelConfig, build_model
 
 CASES = (("qwen3", "adam"), ("qwen3", "muon"), ("olmoe", "adam"), ("olmoe", "muon"))
-FSDP2_BASES = ("adam", "muon")
+FSDP2_CASES = CASES
 STEPS = 4
 BATCH, SEQ, VOCAB = 4, 16, 64
 
@@ -85,10 +86,10 @@ def run(out: Path) -> None:
             torch.save(
                 {n: p.detach().clone() for n, p in D.unwrap(model).named_parameters()}, out / f"ddp_{arch}_{base}.pt"
             )
-    for base in FSDP2_BASES:  # FSDP2: DTensor parameters; plan and probes on an unsharded replica
-        model = D.wrap_model(model_for("qwen3"), "fsdp2")
-        opt = ddc_optimizer(model, base, model=model_for("qwen3"))
-        assert {g.kind for g in opt.gauges} >= {"shift", "rescale", "norm"}, opt.gauges
+    for arch, base in FSDP2_CASES:  # FSDP2: DTensor parameters; plan and probes on an unsharded replica
+        model = D.wrap_model(model_for(arch), "fsdp2")
+        opt = ddc_optimizer(model, base, model=model_for(arch))
+        assert {g.kind for g in opt.gauges} >= {"shift", "norm"}, opt.gauges
         train(model, opt, slice(rank * per, (rank + 1) * per))
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         # parameters whose Adam state is the local shard's (stepped on their local rows)
@@ -98,8 +99,8 @@ def run(out: Path) -> None:
             if "exp_avg" in opt.state[p] and opt.state[p]["exp_avg"].shape != p.shape
         ]
         if rank == 0:
-            torch.save(full, out / f"fsdp2_qwen3_{base}.pt")
-            (out / f"fsdp2_qwen3_{base}_local.txt").write_text("\n".join(local))
+            torch.save(full, out / f"fsdp2_{arch}_{base}.pt")
+            (out / f"fsdp2_{arch}_{base}_local.txt").write_text("\n".join(local))
     model = D.wrap_model(model_for("qwen3"), "fsdp2")
     try:
         ddc_optimizer(model, "adam")
