@@ -750,7 +750,9 @@ def _trainable_channels(channels: list[NormChannel], entries: list[PlanEntry]) -
         members = [c.gain, *([c.bias] if c.bias else []), *c.readers]
         if all(m in names for m in members):
             bias = names[c.bias] if c.bias else None
-            out.append(dataclasses.replace(c, gain=names[c.gain], bias=bias, readers=tuple(names[r] for r in c.readers)))
+            out.append(
+                dataclasses.replace(c, gain=names[c.gain], bias=bias, readers=tuple(names[r] for r in c.readers))
+            )
     return out
 
 

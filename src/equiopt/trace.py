@@ -57,7 +57,18 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .layouts import MATRIX, Layout
 
-__all__ = ["Trace", "TraceError", "Reading", "trace", "infer", "default_inputs", "shrink_config", "preserved", "NormChannel", "norm_channels"]
+__all__ = [
+    "Trace",
+    "TraceError",
+    "Reading",
+    "trace",
+    "infer",
+    "default_inputs",
+    "shrink_config",
+    "preserved",
+    "NormChannel",
+    "norm_channels",
+]
 
 LINEAR_OPS = {
     "linear",
@@ -452,6 +463,18 @@ class _Recorder(TorchFunctionMode):
         return self.generic(func, name, args, kwargs, tensors, pvs, acts)
 
     # -- 1-D gains: which linear maps read a tensor scaled by one -----------------------
+    @staticmethod
+    def _starts_gain(name: str, acts: list, pvs: list, views: list[_PView], outs: list[Tensor]) -> bool:
+        """``act * g`` or a norm op with a weight (and bias): 1-D parameters on the last axis."""
+        return (
+            name in ("mul", "layer_norm", "rms_norm")
+            and len(acts) == 1
+            and 1 <= len(views) <= 2
+            and all(v.ndim == 1 for v in views)
+            and bool(outs)
+            and outs[0].shape[-1:] == pvs[0].shape[-1:]
+        )
+
     def follow_gains(self, name: str, flat: list, out, pvs: list, acts: list, gains: set) -> None:
         """After an op: mark its outputs scaled by a gain (``x * g``, a norm with a weight,
         a shape op on a scaled tensor, ``+ b`` of a 1-D bias); any other use of a scaled
@@ -466,10 +489,9 @@ class _Recorder(TorchFunctionMode):
                     self.tr.gain_escapes.setdefault(g, set()).add(f"{name} of the gain")
             return
         if not gains:
-            if name in ("mul", "layer_norm", "rms_norm") and len(acts) == 1 and one_d and len(views) == len(one_d):
-                if outs and outs[0].shape[-1:] == pvs[0].shape[-1:] and len(one_d) <= 2:
-                    new = (one_d[0], one_d[1] if len(one_d) > 1 else None)
-                    self.tr.gain_starts[new[0]] = self.tr.gain_starts.get(new[0], 0) + 1
+            if self._starts_gain(name, acts, pvs, views, outs):
+                new = (one_d[0], one_d[1] if len(one_d) > 1 else None)
+                self.tr.gain_starts[new[0]] = self.tr.gain_starts.get(new[0], 0) + 1
         elif len(gains) == 1 and (len(acts) == 1 or name in SHAPE_OPS):
             (g,) = gains
             tensor_index = any(isinstance(t, Tensor) for t in flat[1:])
@@ -1134,9 +1156,7 @@ def norm_channels(tr: Trace) -> list[NormChannel]:
         first = dict.fromkeys(r.reader for r in rs)  # a reader used twice on the same input counts once
         orient = {r.reader: r.orient for r in rs}
         out.append(
-            NormChannel(
-                gain, rs[0].bias, tuple(first), tuple(orient[n] for n in first), not why, "; ".join(why)
-            )
+            NormChannel(gain, rs[0].bias, tuple(first), tuple(orient[n] for n in first), not why, "; ".join(why))
         )
     return out
 
