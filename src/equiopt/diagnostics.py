@@ -37,7 +37,14 @@ the Dead-Direction Conditioner (:mod:`equiopt.ddc`) removes:
   initial head ``(V_j0 [| b_j0], O_q0)`` onto the current one (``q``: the query heads reading
   ``j``). It is equivariant: applying a gauge rotation ``R`` now gives ``R Q_j``, so a pure
   gauge move by ``R`` reads as ``R``'s angle (``sqrt(mean_k phi_k^2)`` over its eigenvalues
-  ``e^{i phi_k}``). Mean over heads per layer; aggregate mean and max over layers.
+  ``e^{i phi_k}``). Mean over heads per layer; aggregate mean and max over layers;
+* ``norm_channel_drift`` / ``norm_channel_drift_max`` (per norm: ``/<gain name>``): the RMS
+  over channels ``j`` of ``psi_j(t) - psi_j(0)``, ``psi_j = log|g_j| - (1/k) sum_r
+  log||W_r[:, j]||`` over the ``k`` linear maps reading the norm's output (a norm-channel gauge
+  ``t`` moves it by ``2 log t_j``); mean and max over norms. Norms and readers are the plan's
+  confirmed norm channels (:attr:`equiopt.Plan.norm_channels`, from the traced dataflow); a
+  reader in a shift gauge enters by its centered columns, an overlapped one (the up part of a
+  tracked rescale pair) by its balanced radius less ``mean_i log||W_down[:, i]||`` (docs/ddc.md).
 
 The blocks come from the plan (:attr:`equiopt.Plan.blocks`): MLPs and stacked experts
 (:class:`~equiopt.blocks.MLPBlock`), routers (:class:`~equiopt.blocks.MoEBlock`), the LM

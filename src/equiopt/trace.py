@@ -28,7 +28,10 @@ Recorded events (see :class:`Trace`):
   operand (fused ``chunk``/``split``/``[..., ::2]`` parts);
 * ``router``: ``topk`` over scores, with the scoring (softmax / sigmoid / a correction bias);
 * ``logits``: a leaf whose last axis is the vocabulary reaching the model's output,
-  ``cross_entropy`` or ``log_softmax``.
+  ``cross_entropy`` or ``log_softmax``;
+* ``gain_reads``: a linear map whose input is a tensor scaled by a 1-D gain (``x * g``, a
+  norm with a weight), through shape ops; any other use of such a tensor is an escape
+  (:func:`norm_channels`: the norm-channel gauge candidates).
 
 :func:`infer` turns a :class:`Trace` into a :class:`Reading` (role, layout, why) per
 parameter and the blocks found (:mod:`equiopt.blocks`). Tracing never changes the model:
