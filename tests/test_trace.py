@@ -154,6 +154,12 @@ def test_meta_model_is_planned_without_materialising_it():
     assert plan.entry("model.layers.15.self_attn.o_proj.weight").layout == Layout(heads=32, head_axis="in")
     assert plan.role("model.layers.9.mlp.down_proj.weight") == "mlp_out"
     assert plan.role("lm_head.weight") == "lm_head"
+    # norm channels carried from the copy at each layer's own indices
+    post = {c.gain: c for c in plan.norm_channels}["model.layers.9.post_attention_layernorm.weight"]
+    assert post.certain and post.readers == ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight")
+    assert len(plan.norm_channels) == 2 * 16 + 1 and plan.gauges("model.layers.15.self_attn.v_proj.weight") == [
+        "norm_channel"
+    ]
     assert seconds < 60
 
 

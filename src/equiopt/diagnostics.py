@@ -234,8 +234,8 @@ def overlapped_log_radius(up: Tensor, down_cols: Tensor) -> Tensor:
     projection column norms ``down_cols`` [h]) in a norm-channel coordinate: ``mean_i log R_ij
     - mean_i log ||down[:, i]||`` with ``R = r c^T`` the balanced radius of ``up``
     (:func:`equiopt.ddc.balance`); the neuron gauge moves both terms alike (docs/ddc.md)."""
-    r, c = balance(up.detach().double())
-    return c.log() + r.log().mean() - down_cols.double().clamp_min(1e-300).log().mean()
+    r, c = balance(up.detach().double().cpu())  # balance works on the CPU
+    return c.log() + r.log().mean() - down_cols.double().cpu().clamp_min(1e-300).log().mean()
 
 
 def norm_channel_coordinate(gain: Tensor, sides: Sequence[Tensor]) -> Tensor:

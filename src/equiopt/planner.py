@@ -626,9 +626,44 @@ def _layer_map(name: str, small: set[str]) -> str | None:
     return None
 
 
-def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, list[str]]:
+def _renamed(small_gain: str, full_gain: str, name: str) -> str | None:
+    """``name`` (a small-copy parameter of the same layer as ``small_gain``) with the layer
+    indices by which ``full_gain`` differs from ``small_gain``; None when the names do not align."""
+    a, b, parts = small_gain.split("."), full_gain.split("."), name.split(".")
+    if len(a) != len(b):
+        return None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            if not (x.isdigit() and y.isdigit()) or i >= len(parts) or parts[i] != x:
+                return None
+            parts[i] = y
+    return ".".join(parts)
+
+
+def _carried_channels(channels: list[NormChannel], full: list[str], small: set[str]) -> list[NormChannel]:
+    """Norm channels of a shrunk copy carried to the full model: each full gain that maps onto
+    a small one (:func:`_layer_map`) takes its bias and readers at the same layer indices."""
+    by_gain = {c.gain: c for c in channels}
+    known = set(full)
+    out = []
+    for n in full:
+        c = by_gain.get(_layer_map(n, small) or "")
+        if c is None:
+            continue
+        members = [c.bias, *c.readers] if c.bias else list(c.readers)
+        mapped = [_renamed(c.gain, n, m) for m in members]
+        if not all(x in known and _layer_map(x, small) == m for x, m in zip(mapped, members)):
+            continue
+        names = [x for x in mapped if x is not None]
+        bias, readers = (names[0], names[1:]) if c.bias else (None, names)
+        out.append(dataclasses.replace(c, gain=n, bias=bias, readers=tuple(readers)))
+    return out
+
+
+def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, list[str], list[NormChannel]]:
     """Trace a small model of the same architecture (the model itself is on the meta device
-    or too large to run): readings carried over by name, blocks left to the structure."""
+    or too large to run): readings and norm channels carried over by name, blocks left to
+    the structure."""
     config = getattr(model, "config", None)
     if config is None:
         raise TraceError("meta-device model without a config: no smaller copy to run")
@@ -654,7 +689,7 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
         f"{tr.seconds:.2f}s): the model was not materialised"
     )
-    return out, [], [note]
+    return out, [], [note], _carried_channels(norm_channels(tr), full, set(shapes))
 
 
 _FAMILY: dict[str | None, str | None] = {"tied_embedding": "embedding"}
@@ -764,7 +799,7 @@ def _apply_trace(det: _Detector, inner: nn.Module, example) -> list[str]:
     tblocks: list[Block] = []
     try:
         if any(p.device.type == "meta" for p in inner.parameters()):
-            readings, tblocks, more = _shrunk_trace(inner, example)
+            readings, tblocks, more, det.norm_channels = _shrunk_trace(inner, example)
             notes.extend(more)
         else:
             tr = run_trace(inner, example)
