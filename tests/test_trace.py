@@ -272,6 +272,8 @@ class _NormLM(nn.Module):
     def forward(self, ids):
         x = self.embed(ids)
         y = self.norm(x)
+        if self.mode == "dropout":  # a diagonal mask (identity in eval): the gauge holds
+            y = F.dropout(y, 0.1, self.training)
         if self.mode == "residual":  # the normed value also enters the residual stream
             x = x + y
         if self.mode == "twice":  # one norm called twice
@@ -290,6 +292,8 @@ def test_norm_channels_confirmed_and_unconfirmed():
     assert got["norm.weight"].readers == ("a.weight", "b.weight") and got["norm.weight"].certain
     assert got["gain"].readers == ("head.weight",) and got["gain"].certain  # through reshape and a slice
     assert got["gain"].orients == ("out_in",) and got["gain"].bias is None
+    drop = {c.gain: c for c in norm_channels(trace(_NormLM("dropout")))}["norm.weight"]
+    assert drop.certain and drop.readers == ("a.weight", "b.weight")
     res = {c.gain: c for c in norm_channels(trace(_NormLM("residual")))}["norm.weight"]
     assert not res.certain and "add" in res.why
     twice = {c.gain: c for c in norm_channels(trace(_NormLM("twice")))}["norm.weight"]

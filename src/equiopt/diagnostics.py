@@ -98,6 +98,7 @@ __all__ = [
     "rotation_angle",
     "vo_procrustes",
     "column_log_radius",
+    "overlapped_log_radius",
     "norm_channel_coordinate",
 ]
 
@@ -233,7 +234,9 @@ def overlapped_log_radius(up: Tensor, down_cols: Tensor) -> Tensor:
     """The side of an in-projection ``up`` [h, d] whose rows are in a neuron rescale gauge (out-
     projection column norms ``down_cols`` [h]) in a norm-channel coordinate: ``mean_i log R_ij
     - mean_i log ||down[:, i]||`` with ``R = r c^T`` the balanced radius of ``up``
-    (:func:`equiopt.ddc.balance`); the neuron gauge moves both terms alike (docs/ddc.md)."""
+    (:func:`equiopt.ddc.balance`): blind to the radial motion of DDC's neuron step (``up``
+    rows and ``down`` columns scaled alike), moved by ``2 mean_i log s_i`` by a neuron
+    rescale ``s`` (docs/ddc.md)."""
     r, c = balance(up.detach().double().cpu())  # balance works on the CPU
     return c.log() + r.log().mean() - down_cols.double().cpu().clamp_min(1e-300).log().mean()
 

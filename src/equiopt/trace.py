@@ -495,10 +495,12 @@ class _Recorder(TorchFunctionMode):
             if self._starts_gain(name, acts, pvs, views, outs):
                 new = (one_d[0], one_d[1] if len(one_d) > 1 else None)
                 self.tr.gain_starts[new[0]] = self.tr.gain_starts.get(new[0], 0) + 1
-        elif len(gains) == 1 and (len(acts) == 1 or name in SHAPE_OPS):
+        elif len(gains) == 1 and (len(acts) == 1 or name in SHAPE_OPS or name == "dropout"):
             (g,) = gains
             tensor_index = any(isinstance(t, Tensor) for t in flat[1:])
-            if (name in SHAPE_OPS and id(flat[0]) in self.gained) or (name == "getitem" and not tensor_index):
+            # dropout: a random diagonal mask, it commutes with a channel scale (identity in eval)
+            passes = name in SHAPE_OPS or name == "dropout"
+            if (passes and id(flat[0]) in self.gained) or (name == "getitem" and not tensor_index):
                 new = g
             elif name == "add" and g[1] is None and len(one_d) == 1 and len(views) == 1:
                 new = (g[0], one_d[0])
