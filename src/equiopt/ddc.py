@@ -57,6 +57,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import overload
 
@@ -65,9 +66,13 @@ from torch import Tensor, nn
 
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .functional import muon_scale
+from .layouts import MATRIX
+from .maps import hybrid
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .polar import newton_schulz
+from .presets import DEFAULTS, PRESETS
+from .roles import ROLE_TABLE, ROLES
 
 __all__ = [
     "DDCOptimizer",
@@ -796,6 +801,33 @@ def _polar_update(upd: Tensor, group: dict) -> Tensor:
     return newton_schulz(upd, group["ns_steps"]) * muon_scale(upd.shape[-2], upd.shape[-1])
 
 
+# -- the paper's maps lifted into DDC-Muon's conditioning (rules=, docs/ddc.md "Lifting") ----
+@dataclass(frozen=True)
+class _Lift:
+    """The paper's ``hybrid`` map in place of Muon's polar map on one parameter's (conditioned)
+    Nesterov momentum: row-aware (``column_aware=False``, an in-projection ``[x_A | x_b]``) or
+    column-aware (an out-projection ``x_B``), with the paper preset's options (no Muon scale)."""
+
+    column_aware: bool
+    order: str = "row_then_polar"
+    alpha: float = 1.0
+    eps: float = 1e-8
+    polar_method: str = "polar_express"
+    polar_steps: int | None = None
+
+
+def _lifted_update(upd: Tensor, lift: _Lift) -> Tensor:
+    """``maps.hybrid`` of a (batch of) momentum matrices, on ``upd^T`` when column-aware."""
+    x = upd.mT if lift.column_aware else upd
+    u = hybrid(x, order=lift.order, alpha=lift.alpha, eps=lift.eps, method=lift.polar_method, steps=lift.polar_steps)
+    return u.mT if lift.column_aware else u
+
+
+def _direction(upd: Tensor, group: dict, lift: _Lift | None) -> Tensor:
+    """The DDC-Muon base map of a Nesterov momentum: Muon's polar map, or a lifted paper map."""
+    return _polar_update(upd, group) if lift is None else _lifted_update(upd, lift)
+
+
 # -- the diagonal-scaling gauges with norm channels (docs/ddc.md "Norm-channel gauges") ----
 @dataclass
 class _Unit:
@@ -969,6 +1001,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                     self._gauges_of.setdefault(id(p), []).append(g)
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
+        self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
@@ -1035,7 +1068,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 muon = [p for p in live if group["rule"] == "muon" and p.ndim >= 2]
                 adam = [p for p in live if not (group["rule"] == "muon" and p.ndim >= 2)]
                 if self.batched:
-                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device)):
+                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device, self.lifts.get(id(p)))):
                         self._muon_batched(bucket, group)
                 else:
                     for p in muon:
@@ -1109,13 +1142,20 @@ class DDCOptimizer(torch.optim.Optimizer):
         out: dict[int, Tensor] = {}
         muon = [u for u in units if group["rule"] == "muon" and not u.vector]
         if self.batched:
-            for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device)):
+            for bucket in _buckets(
+                muon,
+                lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device, self.lifts.get(id(u.params[0]))),
+            ):
                 X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
-                U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
+                U = self._muon_stacked(
+                    [self.state[u.params[0]] for u in bucket], X, group, lift=self.lifts.get(id(bucket[0].params[0]))
+                )
                 out.update((id(u.params[0]), Ui) for u, Ui in zip(bucket, U.unbind(0)))
         else:
             for u in muon:
-                out[id(u.params[0])] = self._muon_direction(prep[id(u.params[0])]["x"], self.state[u.params[0]], group)
+                out[id(u.params[0])] = self._muon_direction(
+                    prep[id(u.params[0])]["x"], self.state[u.params[0]], group, lift=self.lifts.get(id(u.params[0]))
+                )
         for u in units:
             if id(u.params[0]) in out:
                 continue
@@ -1158,7 +1198,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         ws = [_work(p) for p in params]
         X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
-        U = self._muon_stacked([self.state[p] for p in params], X, group)
+        U = self._muon_stacked([self.state[p] for p in params], X, group, lift=self.lifts.get(id(params[0])))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             torch._foreach_mul_(ws, 1 - lr * wd)
@@ -1232,9 +1272,16 @@ class DDCOptimizer(torch.optim.Optimizer):
 
             return adam(P1, x1), adam(P2, x2), (adam(Pb, xb) if xb is not None else None)
         X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
-        U1 = self._muon_stacked(st1, X1, group)
+        U1 = self._muon_stacked(st1, X1, group, lift=self._bucket_lift(P1))
         u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if xb is not None else (U1, None)
-        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group), ub
+        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group, lift=self._bucket_lift(P2)), ub
+
+    def _bucket_lift(self, params: list[Tensor]) -> _Lift | None:
+        """The lifted map shared by a stacked bucket (lifts are per role: one per bucket)."""
+        lifts = {self.lifts.get(id(p)) for p in params}
+        if len(lifts) != 1:
+            raise ValueError("DDCOptimizer: a stacked rescale bucket mixes lifted and unlifted maps; use batched=False")
+        return lifts.pop()
 
     def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
         """The in-weight states of stacked gauges: step counters (advanced, and copied to
@@ -1269,7 +1316,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
 
-    def _muon_stacked(self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer") -> Tensor:
+    def _muon_stacked(
+        self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+    ) -> Tensor:
         """:meth:`_muon_direction` of a stack (one momentum buffer per slice, written back)."""
         mom = group["momentum"]
         for st in states:
@@ -1279,7 +1328,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf.mul_(mom).add_(x)
         torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _polar_update(upd, group)
+        return _direction(upd, group, lift)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "") -> dict:
@@ -1322,19 +1371,21 @@ class DDCOptimizer(torch.optim.Optimizer):
             w.add_(u, alpha=-step_size)
         _write_back(p, w)
 
-    def _muon_direction(self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer") -> Tensor:
+    def _muon_direction(
+        self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+    ) -> Tensor:
         mom = group["momentum"]
         if key not in state:
             state[key] = torch.zeros_like(x)
         buf = state[key]
         buf.mul_(mom).add_(x)
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _polar_update(upd, group)
+        return _direction(upd, group, lift)
 
     def _muon_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         w = _work(p)
-        u = self._muon_direction(_grad(p, w), state, group)
+        u = self._muon_direction(_grad(p, w), state, group, lift=self.lifts.get(id(p)))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             w.mul_(1 - lr * wd)
@@ -1386,9 +1437,9 @@ class DDCOptimizer(torch.optim.Optimizer):
             ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if Pb is not None and xb is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
             X1 = torch.cat([x1, xb[:, None]], 1) if xb is not None else x1
-            U1 = self._muon_direction(X1, st1, group)
+            U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
-            u2 = self._muon_direction(x2, self.state[P2], group)
+            u2 = self._muon_direction(x2, self.state[P2], group, lift=self.lifts.get(id(P2)))
         a1 = _safe_div((u1 * W1).sum(1) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
@@ -1462,6 +1513,73 @@ def _param_groups(
     return [dict(params=parts[key], **spec, **common) for key, spec in specs if parts[key]]
 
 
+#: why a role takes no paper map under DDC-Muon (``rules=``); mlp_in / mlp_out lift ``hybrid``
+_NOT_LIFTED = {
+    "attention": "DDC-Muon claims V/O and Q/K rotation gauges there, which need a map equivariant under "
+    "row rotations O(rows) x O(cols): only the polar map (DDC-Muon's own) is",
+    "matrix": "a general matrix's group is O(out) x O(in): only the polar map (DDC-Muon's own) is compatible",
+    "embedding": "DDC-Muon updates it with AdamW, as Muon does; the paper's row_norm is not lifted there",
+    "tied_embedding": "DDC-Muon updates it with AdamW, as Muon does; the paper's row_norm is not lifted there",
+    "lm_head": "DDC-Muon updates it with centered AdamW (the translation gauge); the centered paper maps would "
+    "add nothing to the translation conditioning and are not lifted",
+    "router": "DDC-Muon updates it with centered AdamW (the translation gauge); the centered paper maps would "
+    "add nothing to the translation conditioning and are not lifted",
+    "expert_in": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
+    "expert_out": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
+    "vector": "vectors are AdamW (or radial Adam in a norm-channel gauge): a matrix map means nothing there",
+}
+_LIFT_KEYS = ("order", "alpha", "eps", "polar_method", "polar_steps")
+
+
+def _role_lift(role: str, rule: str | Mapping) -> _Lift | None:
+    """The lift of one ``rules`` entry (``None``: DDC-Muon's polar map is kept), or ValueError."""
+    if role not in ROLES:
+        raise ValueError(f"rules: unknown role {role!r}; valid roles: {list(ROLES)}")
+    spec = {"map": rule} if isinstance(rule, str) else dict(rule)
+    name = spec.pop("map", None)
+    extra = sorted(set(spec) - set(_LIFT_KEYS))
+    if extra:
+        raise ValueError(
+            f"rules[{role!r}]: {extra} mean nothing under DDC (its param_groups are gauge kinds with one lr and "
+            f"weight decay each; use lr=, adam_lr=, weight_decay=, lr_scale=); a rule takes 'map' and {list(_LIFT_KEYS)}"
+        )
+    if name == "polar" and not spec and role not in _ADAM_ROLES_UNDER_MUON:
+        return None  # the map DDC-Muon already runs there
+    if role in _NOT_LIFTED:
+        raise ValueError(f"rules[{role!r}] = {name!r} refused under DDC-Muon: {_NOT_LIFTED[role]}")
+    if name != "hybrid":
+        raise ValueError(
+            f"rules[{role!r}] = {name!r} refused under DDC-Muon: on {role} only the paper's map 'hybrid' is lifted "
+            "into the conditioning ('polar' keeps DDC-Muon's own map)"
+        )
+    paper = PRESETS["paper"][role]
+    opts = {k: paper.get(k, DEFAULTS[k]) for k in _LIFT_KEYS} | spec
+    return _Lift(column_aware=ROLE_TABLE[role].column_aware, **opts)
+
+
+def _lifts(the_plan: Plan, parts: dict[str, list[Tensor]], base: str, rules: Mapping | None) -> dict[int, _Lift]:
+    """``rules`` resolved to the lifted map of every parameter (by id): each plain 2-D weight of a
+    lifted role steps under Muon in DDC-Muon (a gauge's conditioned input, or the raw momentum)."""
+    if not rules:
+        return {}
+    if base != "muon":
+        raise ValueError(
+            "rules= refused with base='adam': the paper's maps are matrix maps of a momentum and lift into "
+            "DDC-Muon's base step; DDC-Adam's base is per-coordinate Adam (use base='muon')"
+        )
+    by_role = {role: _role_lift(role, rule) for role, rule in rules.items()}
+    muon = {id(p) for p in parts["rescale"] + parts["muon"]}
+    out: dict[int, _Lift] = {}
+    for e in the_plan.entries:
+        lift = by_role.get(e.role)
+        if lift is None:
+            continue
+        if e.layout != MATRIX or e.tensor().ndim != 2 or id(e.param) not in muon:
+            raise ValueError(f"rules[{e.role!r}]: {e.name} (layout {e.layout}) is not a plain matrix stepped by Muon")
+        out[id(e.param)] = lift
+    return out
+
+
 def ddc_optimizer(
     model_or_plan: nn.Module | Plan,
     base: str = "adam",
@@ -1479,6 +1597,7 @@ def ddc_optimizer(
     gauges: tuple[str, ...] = GAUGE_KINDS,
     probe_tol: float = PROBE_TOL,
     lr_scale: float = 1.0,
+    rules: Mapping[str, str | Mapping] | None = None,
 ) -> DDCOptimizer:
     """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
@@ -1492,6 +1611,9 @@ def ddc_optimizer(
     ``gauges``: the gauge kinds to claim. ``lr_scale`` multiplies ``lr`` and ``adam_lr``
     (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
     and the probe; FSDP2 (DTensor parameters) is refused (``NotImplementedError``).
+    ``rules``: ``{role: map}`` lifts a paper map into DDC-Muon's conditioning (``{"mlp_in": "hybrid",
+    "mlp_out": "hybrid"}``; a map may be ``{"map": "hybrid", "alpha": ...}``); refused (``ValueError``)
+    where it would mean nothing or break a gauge (docs/ddc.md "Lifting the paper's maps").
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
@@ -1515,7 +1637,9 @@ def ddc_optimizer(
     parts, names = _partition(the_plan, found, base)
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
-    return DDCOptimizer(groups, found, base, names, table)
+    opt = DDCOptimizer(groups, found, base, names, table)
+    opt.lifts = _lifts(the_plan, parts, base, rules)
+    return opt
 
 
 # ----------------------------------------------------------------------------------------
@@ -1630,6 +1754,7 @@ def describe(opt: DDCOptimizer) -> str:
         g = group_of.get(id(p))
         normed = any(x.kind == "norm" for x in opt._gauges_of.get(id(p), []))
         rule = "-" if g is None else _rule_of(g, normed, id(p) in opt._centered)
+        rule += " hybrid (lifted)" if id(p) in opt.lifts else ""
         lr, wd = ("-", "-") if g is None else (f"{g['lr']:g}", f"{g['weight_decay']:g}")
         rows.append((name, shape, role, rule, lr, wd, text))
     claimed = sum(not t.startswith("none") for *_, t in opt.table_rows)
