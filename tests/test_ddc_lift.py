@@ -22,6 +22,7 @@ from test_ddc import (
     relu_lm,
     snapshot,
 )
+from test_ddc_norm import norm_equivariance_error
 from torch import nn
 
 import equiopt
@@ -55,6 +56,17 @@ def test_lifted_ddc_muon_qwen3_equivariant():
     assert equivariance_error("qwen3", lifted(), ("rescale", "shift", "rotation")) < TOL
 
 
+def test_lifted_with_the_papers_alpha_equivariant():
+    # alpha = 1 (the paper's nuclear-norm factor): ~16x larger steps here, rounding grows to ~2e-13
+    rules = {r: {"map": "hybrid", "alpha": 1.0} for r in LIFT}
+    assert equivariance_error("relu", lambda m: ddc_optimizer(m, "muon", rules=rules), ("rescale", "shift")) < TOL
+
+
+def test_lifted_with_norm_channels_equivariant():
+    assert norm_equivariance_error("ln", lifted(), ("norm", "rescale", "shift")) < TOL
+    assert norm_equivariance_error("qwen3", lifted(), ("norm", "rescale", "shift", "rotation")) < TOL
+
+
 def test_paper_preset_fails_the_same_test():
     assert equivariance_error("relu", paper, ("rescale", "shift")) > FAIL
     assert equivariance_error("qwen3", paper, ("rescale", "shift")) > FAIL
@@ -71,11 +83,13 @@ def test_build_passes_rules_through():
 # ----------------------------------------------------------------------------------------
 # the lifted direction against equiopt.maps (a gauge-free MLP: GELU has no rescale gauge)
 # ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
 @pytest.mark.parametrize("batched", [True, False])
-def test_gauge_free_direction_is_hybrid_of_nesterov_momentum(batched):
+def test_gauge_free_direction_is_hybrid_of_nesterov_momentum(batched, alpha):
     m = relu_lm(act=nn.GELU(), tied=True)  # no rescale, no logit shift: fc1 / fc2 step as plain Muon
     lr, wd, mu = 2e-2, 1e-3, 0.95
-    opt = configure(ddc_optimizer(m, "muon", lr=lr, weight_decay=wd, rules=LIFT), batched=batched)
+    rules = {r: {"map": "hybrid", "alpha": alpha} for r in LIFT}
+    opt = configure(ddc_optimizer(m, "muon", lr=lr, weight_decay=wd, rules=rules), batched=batched)
     assert not opt.gauges
     mats = {n: p for n, p in m.named_parameters() if n.endswith(("fc1.weight", "fc2.weight"))}
     bufs = {n: torch.zeros_like(p) for n, p in mats.items()}
@@ -88,11 +102,44 @@ def test_gauge_free_direction_is_hybrid_of_nesterov_momentum(batched):
             g = p.grad
             bufs[n] = mu * bufs[n] + g
             upd = g + mu * bufs[n]
-            u = hybrid(upd) if n.endswith("fc1.weight") else col_hybrid(upd)
+            u = hybrid(upd, alpha=alpha) if n.endswith("fc1.weight") else col_hybrid(upd, alpha=alpha)
             expect[n] = p.detach() * (1 - lr * wd) - lr * u
         opt.step()
         for n, p in mats.items():
             assert rel_err({n: p.detach()}, {n: expect[n]}) < 1e-13, n
+
+
+def _first_rescale_step(W1, g1, W2, g2, lr, wd, eps, mu):
+    """docs/ddc.md "One step" written out for a neuron gauge's first step (Adam / momentum
+    state zero) with hybrid in place of the polar map; ``W1``, ``g1``: ``[W_in | b_in]``."""
+    W1, W2 = W1 * (1 - lr * wd), W2 * (1 - lr * wd)
+    n1, n2 = (W1 * W1).sum(1), (W2 * W2).sum(0)
+    gh1, gh2 = (g1 * W1).sum(1), (g2 * W2).sum(0)
+    x1 = n1.sqrt()[:, None] * (g1 - (gh1 / n1)[:, None] * W1)
+    x2 = (g2 - (gh2 / n2)[None, :] * W2) * n2.sqrt()[None, :]
+    gU = (gh1 + gh2) / 2**0.5
+    dlog = -lr * gU / (gU.abs() + eps) / 2**0.5  # bias-corrected Adam, first step
+    u1 = hybrid((1 + mu) * x1, alpha=0.0)  # Nesterov momentum of a zero buffer: (1 + mu) x
+    u2 = column_aware(hybrid)((1 + mu) * x2, alpha=0.0)
+    u1 = u1 - ((u1 * W1).sum(1) / n1)[:, None] * W1
+    u2 = u2 - ((u2 * W2).sum(0) / n2)[None, :] * W2
+    W1 = dlog.exp()[:, None] * W1 - lr * n1.sqrt()[:, None] * u1
+    return W1, dlog.exp()[None, :] * W2 - lr * u2 * n2.sqrt()[None, :]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_gauged_direction_is_hybrid_of_the_conditioned_momentum(batched):
+    m = relu_lm()
+    lr, wd, mu = 4e-2, 1e-3, 0.95
+    opt = configure(ddc_optimizer(m, "muon", lr=lr, weight_decay=wd, rules=LIFT), batched=batched)
+    m.loss(batches(32, 1)[0]).backward()
+    fc1, fc2 = m.blocks[0].fc1, m.blocks[0].fc2
+    W1 = torch.cat([fc1.weight, fc1.bias[:, None]], 1).detach()
+    g1 = torch.cat([fc1.weight.grad, fc1.bias.grad[:, None]], 1)
+    e1, e2 = _first_rescale_step(W1, g1, fc2.weight.detach(), fc2.weight.grad, lr, wd, 1e-8, mu)
+    opt.step()
+    got = {"in": torch.cat([fc1.weight, fc1.bias[:, None]], 1).detach(), "out": fc2.weight.detach()}
+    assert rel_err(got, {"in": e1, "out": e2}) < 1e-13
 
 
 def test_polar_rule_and_no_rules_are_the_default_bitwise():
@@ -153,11 +200,19 @@ def test_make_optimizer_passes_rules_and_refuses_role_lrs():
 
 def test_hybrid_options_reach_the_map():
     m = relu_lm(act=nn.GELU(), tied=True)
-    rules = {"mlp_in": {"map": "hybrid", "alpha": 0.0, "order": "polar_then_row"}}
+    rules = {"mlp_in": {"map": "hybrid", "alpha": 1.0, "order": "polar_then_row"}, "mlp_out": "hybrid"}
     opt = ddc_optimizer(m, "muon", rules=rules)
     lift = opt.lifts[id(m.blocks[0].fc1.weight)]
-    assert (lift.alpha, lift.order, lift.column_aware) == (0.0, "polar_then_row", False)
-    assert id(m.blocks[0].fc2.weight) not in opt.lifts
+    assert (lift.alpha, lift.order, lift.column_aware) == (1.0, "polar_then_row", False)
+    lift = opt.lifts[id(m.blocks[0].fc2.weight)]  # the paper's MLP options, alpha 0
+    assert (lift.alpha, lift.order, lift.polar_method, lift.column_aware) == (
+        0.0,
+        "row_then_polar",
+        "polar_express",
+        True,
+    )
+    opt = ddc_optimizer(m, "muon", rules={"mlp_out": "hybrid"})
+    assert id(m.blocks[0].fc1.weight) not in opt.lifts and id(m.blocks[0].fc2.weight) in opt.lifts
 
 
 # ----------------------------------------------------------------------------------------

@@ -806,11 +806,12 @@ def _polar_update(upd: Tensor, group: dict) -> Tensor:
 class _Lift:
     """The paper's ``hybrid`` map in place of Muon's polar map on one parameter's (conditioned)
     Nesterov momentum: row-aware (``column_aware=False``, an in-projection ``[x_A | x_b]``) or
-    column-aware (an out-projection ``x_B``), with the paper preset's options (no Muon scale)."""
+    column-aware (an out-projection ``x_B``), with the paper preset's options (no Muon scale)
+    except ``alpha`` (0 by default: no nuclear-norm factor, see ``_LIFT_ALPHA``)."""
 
     column_aware: bool
     order: str = "row_then_polar"
-    alpha: float = 1.0
+    alpha: float = 0.0
     eps: float = 1e-8
     polar_method: str = "polar_express"
     polar_steps: int | None = None
@@ -1144,7 +1145,11 @@ class DDCOptimizer(torch.optim.Optimizer):
         if self.batched:
             for bucket in _buckets(
                 muon,
-                lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device, self.lifts.get(id(u.params[0]))),
+                lambda u: (
+                    tuple(prep[id(u.params[0])]["x"].shape),
+                    u.params[0].device,
+                    self.lifts.get(id(u.params[0])),
+                ),
             ):
                 X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
                 U = self._muon_stacked(
@@ -1529,6 +1534,9 @@ _NOT_LIFTED = {
     "vector": "vectors are AdamW (or radial Adam in a norm-channel gauge): a matrix map means nothing there",
 }
 _LIFT_KEYS = ("order", "alpha", "eps", "polar_method", "polar_steps")
+# the paper's alpha = 1 scales the step by ||rn(x)||_* (up to sqrt(h d)), which its preset offsets by a
+# per-role lr (1e-3); DDC has one lr per gauge group (shared with gains and norm readers): alpha = 0
+_LIFT_ALPHA = 0.0
 
 
 def _role_lift(role: str, rule: str | Mapping) -> _Lift | None:
@@ -1541,7 +1549,8 @@ def _role_lift(role: str, rule: str | Mapping) -> _Lift | None:
     if extra:
         raise ValueError(
             f"rules[{role!r}]: {extra} mean nothing under DDC (its param_groups are gauge kinds with one lr and "
-            f"weight decay each; use lr=, adam_lr=, weight_decay=, lr_scale=); a rule takes 'map' and {list(_LIFT_KEYS)}"
+            f"weight decay each; use lr=, adam_lr=, weight_decay=, lr_scale=); a rule takes 'map' and "
+            f"{list(_LIFT_KEYS)}"
         )
     if name == "polar" and not spec and role not in _ADAM_ROLES_UNDER_MUON:
         return None  # the map DDC-Muon already runs there
@@ -1553,7 +1562,7 @@ def _role_lift(role: str, rule: str | Mapping) -> _Lift | None:
             "into the conditioning ('polar' keeps DDC-Muon's own map)"
         )
     paper = PRESETS["paper"][role]
-    opts = {k: paper.get(k, DEFAULTS[k]) for k in _LIFT_KEYS} | spec
+    opts = {k: paper.get(k, DEFAULTS[k]) for k in _LIFT_KEYS} | {"alpha": _LIFT_ALPHA} | spec
     return _Lift(column_aware=ROLE_TABLE[role].column_aware, **opts)
 
 
