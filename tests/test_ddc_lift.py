@@ -238,3 +238,18 @@ def test_state_dict_round_trip_bitwise():
     for (n, p), q in zip(m.named_parameters(), m2.parameters()):
         assert torch.equal(p, q), n
     assert rel_err(snapshot(m), snapshot(m2)) == 0.0
+
+
+def test_a_checkpoint_with_other_lifts_is_refused():
+    m = qwen3()
+    lifted, plain = ddc_optimizer(m, "muon", rules=LIFT), ddc_optimizer(m, "muon")
+    sd = lifted.state_dict()
+    assert sd["ddc_lifts"] and plain.state_dict()["ddc_lifts"] == {}
+    with pytest.raises(ValueError, match="lifted maps"):
+        plain.load_state_dict(copy.deepcopy(sd))  # would silently fall back to the polar map
+    with pytest.raises(ValueError, match="lifted maps"):
+        lifted.load_state_dict(copy.deepcopy(plain.state_dict()))
+    other = ddc_optimizer(m, "muon", rules={"mlp_in": {"map": "hybrid", "alpha": 1.0}, "mlp_out": "hybrid"})
+    with pytest.raises(ValueError, match="lifted maps"):
+        other.load_state_dict(copy.deepcopy(sd))
+    lifted.load_state_dict(copy.deepcopy(sd))  # the same rules: accepted

@@ -55,6 +55,7 @@ and AdamW on vectors, embeddings, heads and routers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
@@ -1004,10 +1005,29 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
 
+    def _lift_record(self) -> dict[int, dict]:
+        """{parameter index in param_groups order: the lifted map's options} (configuration that
+        the momentum state depends on: a checkpoint must be resumed with the same lifts)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return {i: dataclasses.asdict(self.lifts[id(p)]) for i, p in enumerate(params) if id(p) in self.lifts}
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` plus ``"ddc_lifts"``, the paper maps lifted by
+        ``rules=`` (checked by :meth:`load_state_dict`)."""
+        return {**super().state_dict(), "ddc_lifts": self._lift_record()}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
-        parameter stays float32 (torch casts floating state to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
+        parameter stays float32 (torch casts floating state to the parameter's dtype), and a
+        checkpoint whose lifted maps (``rules=``) differ from this optimizer's is refused."""
+        saved = {int(k): v for k, v in state_dict.get("ddc_lifts", {}).items()}
+        if saved != self._lift_record():
+            raise ValueError(
+                f"DDCOptimizer.load_state_dict: the checkpoint's lifted maps (rules=) {saved or 'none'} differ "
+                f"from this optimizer's {self._lift_record() or 'none'} (parameter index -> map options); "
+                "build the optimizer with the rules the checkpoint was trained with"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "ddc_lifts"})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
