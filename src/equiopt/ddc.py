@@ -75,6 +75,9 @@ from .polar import newton_schulz
 from .presets import DEFAULTS, PRESETS
 from .roles import ROLE_TABLE, ROLES
 
+#: A probe forward's input: token ids, or a batch dict passed to the model as keywords.
+ProbeInput = Tensor | Mapping[str, Tensor]
+
 __all__ = [
     "DDCOptimizer",
     "NormGauge",
@@ -244,9 +247,12 @@ def _weight(model: nn.Module, name: str) -> Tensor:
 
 
 def _output_tensor(out) -> Tensor:
-    """The tensor a model returns: itself, ``.logits`` (HF), or the first element of a tuple."""
+    """The tensor a model returns: itself, ``.logits`` (HF), the first field of another HF
+    output (``last_hidden_state``; a ``ModelOutput`` is a mapping), or a tuple's first element."""
     if hasattr(out, "logits"):
         out = out.logits
+    elif isinstance(out, Mapping) and out:
+        out = next(iter(out.values()))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor):
@@ -262,10 +268,29 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
+def _forward(m: nn.Module, inputs: ProbeInput):
+    """``m(**inputs)`` for a batch dict (the planner's ``example=``), ``m(inputs)`` for ids."""
+    return m(**inputs) if isinstance(inputs, Mapping) else m(inputs)
+
+
+def _probe_input(example: ProbeInput) -> ProbeInput:
+    """``example`` on the CPU, its floating tensors in float64 (the probes' model copy)."""
+
+    def conv(t):
+        return t.to(device="cpu", dtype=torch.float64) if t.is_floating_point() else t.to("cpu")
+
+    return (
+        {k: conv(v) if isinstance(v, Tensor) else v for k, v in example.items()}
+        if isinstance(example, Mapping)
+        else conv(example)
+    )
+
+
+def norm_readers(m: nn.Module, ids: ProbeInput) -> dict[str, list[str]]:
     """``{norm module name: [names of the nn.Linear modules whose input is its output]}`` for
-    every norm-like module of ``m`` called exactly once in one forward on ``ids`` (forward
-    hooks compare the norm's output and each Linear's input as tensors, not by name)."""
+    every norm-like module of ``m`` called exactly once in one forward on ``ids`` (token ids,
+    or a batch dict passed as keywords; forward hooks compare the norm's output and each
+    Linear's input as tensors, not by name)."""
     outs: dict[str, list[Tensor]] = {}
     ins: dict[str, list[Tensor]] = {}
     hooks = []
@@ -276,7 +301,7 @@ def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
             hooks.append(mod.register_forward_pre_hook(lambda _m, a, n=name: ins.setdefault(n, []).append(a[0])))
     try:
         with torch.no_grad():
-            _output_tensor(m(ids))
+            _output_tensor(_forward(m, ids))
     finally:
         for h in hooks:
             h.remove()
@@ -288,7 +313,7 @@ def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: int = 0) -> float:
+def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, seed: int = 0) -> float:
     """Relative change of ``m(ids)`` when channel ``j`` of the gain (and bias) of module
     ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and column ``j`` of every reader's
     weight divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
@@ -296,14 +321,14 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: i
     own: dict[str, Tensor] = dict(m.get_submodule(norm).named_parameters(recurse=False))
     ws = [_weight(m, r) for r in readers]
     saved = [p.clone() for p in list(own.values()) + ws]
-    y0 = _output_tensor(m(ids))
+    y0 = _output_tensor(_forward(m, ids))
     gen = torch.Generator().manual_seed(seed)
     t = torch.exp((torch.rand(own["weight"].shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
     for p in own.values():
         p.mul_(t.to(p.dtype))
     for w in ws:
         w.div_(t.to(w.dtype)[None, :])
-    y1 = _output_tensor(m(ids))
+    y1 = _output_tensor(_forward(m, ids))
     for p, old in zip(list(own.values()) + ws, saved):
         p.copy_(old)
     return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
@@ -543,8 +568,11 @@ def _claim_rotations(the_plan: Plan, block: AttentionBlock, base: str, claims: _
     _claim_qk(the_plan, block, claims, why)
 
 
-def _probe_ids(the_plan: Plan) -> Tensor | None:
-    """Token ids for the norm-channel probe forward: from the plan's token embedding."""
+def _probe_ids(the_plan: Plan, example: ProbeInput | None = None) -> ProbeInput | None:
+    """The norm-channel probe's forward input: ``example`` (float64, CPU) when given, else
+    [2, 8] token ids from the plan's token embedding, else None."""
+    if example is not None:
+        return _probe_input(example)
     for b in the_plan.blocks:
         if isinstance(b, VocabBlock) and b.embedding:
             vocab = _param(the_plan, b.embedding).shape[0]
@@ -576,7 +604,7 @@ def _norm_reason(
     m64: nn.Module,
     norm: str,
     readers: list[str],
-    ids: Tensor,
+    ids: ProbeInput,
     claims: _Claims,
     tol: float,
 ) -> str | None:
@@ -609,7 +637,9 @@ def _norm_reason(
     return None
 
 
-def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str]) -> None:
+def _claim_norms(
+    the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str], example: ProbeInput | None
+) -> None:
     """Norm-channel scale gauges: every norm-like module whose direct nn.Linear readers (found
     by hooks on one float64 forward) pass :func:`probe_norm`."""
     ids_of = {id(e.param): e.name for e in the_plan.entries}
@@ -620,7 +650,7 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
     ]
     if not norms:
         return
-    ids = _probe_ids(the_plan)
+    ids = _probe_ids(the_plan, example)
     if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
         for _, mod in norms:
             why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
@@ -635,7 +665,7 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
         found, ids = None, None
         why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
     else:
-        why_all = "norm-channel probe needs token ids (no token embedding in the plan)"
+        why_all = "norm-channel probe needs an input (no token embedding in the plan: pass example=)"
     for name, mod in norms:
         own = [p for p in (mod.weight, getattr(mod, "bias", None)) if isinstance(p, Tensor)]
         rs = found.get(name) if found is not None else None
@@ -664,6 +694,7 @@ def derive_gauges(
     kinds: tuple[str, ...] = GAUGE_KINDS,
     tol: float = PROBE_TOL,
     why: dict[str, str] | None = None,
+    example: ProbeInput | None = None,
 ) -> list[Gauge]:
     """The gauges of a planned model (see the module docstring), claimed in the order shift,
     rescale, norm, rotation; ``model`` is needed for the rescale and norm-channel probes
@@ -671,7 +702,8 @@ def derive_gauges(
     a weight's rows can be in a neuron gauge and its columns in a norm-channel gauge (the
     overlap rule of docs/ddc.md); a gauge whose members are taken otherwise is dropped.
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
-    (:func:`gauge_table` completes it for every other parameter)."""
+    (:func:`gauge_table` completes it for every other parameter). ``example``: the norm probe's
+    forward input (a batch dict or ids; default: token ids from the plan's embedding)."""
     why = {} if why is None else why
     claims = _Claims(the_plan)
     if "shift" in kinds:
@@ -692,7 +724,7 @@ def derive_gauges(
             for b in mlps:
                 _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
     if "norm" in kinds and model is not None:
-        _claim_norms(the_plan, model, claims, tol, why)
+        _claim_norms(the_plan, model, claims, tol, why, example)
     if "rotation" in kinds:
         for block in the_plan.blocks:
             if isinstance(block, AttentionBlock):
@@ -1627,6 +1659,7 @@ def ddc_optimizer(
     probe_tol: float = PROBE_TOL,
     lr_scale: float = 1.0,
     rules: Mapping[str, str | Mapping] | None = None,
+    example: ProbeInput | None = None,
 ) -> DDCOptimizer:
     """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
@@ -1643,18 +1676,20 @@ def ddc_optimizer(
     ``rules``: ``{role: map}`` lifts a paper map into DDC-Muon's conditioning (``{"mlp_in": "hybrid",
     "mlp_out": "hybrid"}``; a map may be ``{"map": "hybrid", "alpha": ...}``); refused (``ValueError``)
     where it would mean nothing or break a gauge (docs/ddc.md "Lifting the paper's maps").
+    ``example``: a batch (dict of keyword inputs, or token ids) for the planner's trace and the
+    norm-channel probe, as ``equiopt.plan(example=)``; models without a token embedding need it.
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
     else:
-        the_plan = make_plan(model_or_plan, "adamw")
+        the_plan = make_plan(model_or_plan, "adamw", example=example)
         model = model_or_plan if model is None else model
     if model is not None:
         model = unwrap(model)
     why: dict[str, str] = {}
-    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why)
+    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
     lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
     adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
     lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
