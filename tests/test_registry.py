@@ -290,9 +290,13 @@ def test_maps_reductions_let_a_row_shard_compute_the_whole_map():
 def test_plan_prints_each_parameters_gauges():
     """Issue #14: the plan lists the continuous symmetries its blocks claim per parameter."""
     p = equiopt.plan(qwen3())
-    assert p.gauges("lm_head.weight") == ["logit_shift"]
-    assert p.gauges("model.layers.0.self_attn.v_proj.weight") == ["vo_rotation"]
-    assert p.gauges("model.layers.0.mlp.up_proj.weight") == ["neuron_rescale?"]
+    assert p.gauges("lm_head.weight") == ["logit_shift", "norm_channel"]  # reads the final norm
+    assert p.gauges("model.layers.0.self_attn.v_proj.weight") == ["vo_rotation", "norm_channel"]
+    assert p.gauges("model.layers.0.mlp.up_proj.weight") == ["neuron_rescale?", "norm_channel"]
+    assert p.gauges("model.layers.0.mlp.down_proj.weight") == ["neuron_rescale?"]  # reads no norm
+    assert p.gauges("model.layers.0.input_layernorm.weight") == ["norm_channel"]
+    assert p.gauges("model.norm.weight") == ["norm_channel"]
+    assert p.gauges("model.layers.0.self_attn.q_norm.weight") == []  # read by RoPE / attention, no linear map
     assert p.gauges("model.embed_tokens.weight") == []
     header = str(p).splitlines()[0].split()
     assert header[-1] == "gauges"
@@ -311,3 +315,8 @@ def test_plan_prints_each_parameters_gauges():
     )
     vocab = next(b for b in tied.blocks if isinstance(b, VocabBlock))
     assert "logit_shift" not in tied.gauges(vocab.head)  # a tied head has no shift gauge
+    # Gemma's (1 + w) gains and the final norm read by the tied embedding: not confirmed
+    assert tied.gauges("model.layers.0.input_layernorm.weight") == ["norm_channel?"]
+    assert tied.gauges("model.layers.0.self_attn.q_proj.weight")[-1] == "norm_channel?"
+    assert tied.gauges("model.norm.weight") == ["norm_channel?"]
+    assert "norm_channel?" in tied.gauges(vocab.head)

@@ -154,6 +154,12 @@ def test_meta_model_is_planned_without_materialising_it():
     assert plan.entry("model.layers.15.self_attn.o_proj.weight").layout == Layout(heads=32, head_axis="in")
     assert plan.role("model.layers.9.mlp.down_proj.weight") == "mlp_out"
     assert plan.role("lm_head.weight") == "lm_head"
+    # norm channels carried from the copy at each layer's own indices
+    post = {c.gain: c for c in plan.norm_channels}["model.layers.9.post_attention_layernorm.weight"]
+    assert post.certain and post.readers == ("model.layers.9.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight")
+    assert len(plan.norm_channels) == 2 * 16 + 1 and plan.gauges("model.layers.15.self_attn.v_proj.weight") == [
+        "norm_channel"
+    ]
     assert seconds < 60
 
 
@@ -246,3 +252,87 @@ def test_cli_plan_from_config(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert re.search(r"c_attn\.weight\s+32x96\s+attention\s+transposed\+heads12:out", out)
+
+
+# ----------------------------------------------------------------------------------------
+# norm channels: a 1-D gain and the linear maps reading its output (equiopt.trace.norm_channels)
+# ----------------------------------------------------------------------------------------
+class _NormLM(nn.Module):
+    """embed -> RMSNorm(s) -> two readers; ``mode`` breaks the gauge in one structural way."""
+
+    def __init__(self, mode="plain", d=8, V=16):
+        super().__init__()
+        self.mode = mode
+        self.embed = nn.Embedding(V, d)
+        self.norm = nn.RMSNorm(d)
+        self.gain = nn.Parameter(torch.rand(d) + 0.5)  # a hand-written gain: x * g (or x * (1 + g))
+        self.a, self.b = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, V, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        y = self.norm(x)
+        if self.mode == "dropout":  # a diagonal mask (identity in eval): the gauge holds
+            y = F.dropout(y, 0.1, self.training)
+        if self.mode == "residual":  # the normed value also enters the residual stream
+            x = x + y
+        if self.mode == "twice":  # one norm called twice
+            x = x + self.a(self.norm(x))
+        x = x + self.a(y) + self.b(y)
+        g = 1 + self.gain if self.mode == "offset" else self.gain
+        z = F.rms_norm(x, (x.shape[-1],)) * g
+        return self.head(z.reshape(z.shape)[:, :])
+
+
+def test_norm_channels_confirmed_and_unconfirmed():
+    from equiopt.trace import norm_channels
+
+    torch.manual_seed(0)
+    got = {c.gain: c for c in norm_channels(trace(_NormLM()))}
+    assert got["norm.weight"].readers == ("a.weight", "b.weight") and got["norm.weight"].certain
+    assert got["gain"].readers == ("head.weight",) and got["gain"].certain  # through reshape and a slice
+    assert got["gain"].orients == ("out_in",) and got["gain"].bias is None
+    drop = {c.gain: c for c in norm_channels(trace(_NormLM("dropout")))}["norm.weight"]
+    assert drop.certain and drop.readers == ("a.weight", "b.weight")
+    res = {c.gain: c for c in norm_channels(trace(_NormLM("residual")))}["norm.weight"]
+    assert not res.certain and "add" in res.why
+    twice = {c.gain: c for c in norm_channels(trace(_NormLM("twice")))}["norm.weight"]
+    assert not twice.certain and "scales 2 tensors" in twice.why
+    off = {c.gain: c for c in norm_channels(trace(_NormLM("offset")))}["gain"]
+    assert not off.certain and "add of the gain" in off.why
+
+
+def test_norm_channels_of_hf_models():
+    """LayerNorm (gain + bias) read by GPT-2's Conv1D (x @ W: in_out); the tied final norm and
+    the routed experts' gather are not confirmed; q/k norms feed RoPE, not a linear map."""
+    from equiopt.trace import norm_channels
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
+    got = {c.gain: c for c in norm_channels(trace(gpt2))}
+    ln1 = got["transformer.h.0.ln_1.weight"]
+    assert ln1.certain and ln1.bias == "transformer.h.0.ln_1.bias" and ln1.orients == ("in_out",)
+    assert ln1.readers == ("transformer.h.0.attn.c_attn.weight",)
+    assert not got["transformer.ln_f.weight"].certain and "tied or shared" in got["transformer.ln_f.weight"].why
+    moe = transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
+    got = {c.gain: c for c in norm_channels(trace(moe))}
+    assert got["model.layers.0.input_layernorm.weight"].certain
+    assert got["model.layers.0.input_layernorm.weight"].readers == tuple(
+        f"model.layers.0.self_attn.{r}_proj.weight" for r in "qkv"
+    )
+    post = got["model.layers.0.post_attention_layernorm.weight"]
+    assert not post.certain and post.readers == ("model.layers.0.mlp.gate.weight",)  # the router; experts gather
+    assert "model.layers.0.self_attn.q_norm.weight" not in got

@@ -58,6 +58,7 @@ import copy
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast, overload
 
@@ -68,9 +69,16 @@ from torch.distributed.tensor import distribute_tensor
 
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .functional import muon_scale
+from .layouts import MATRIX
+from .maps import hybrid
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .polar import newton_schulz
+from .presets import DEFAULTS, PRESETS
+from .roles import ROLE_TABLE, ROLES
+
+#: A probe forward's input: token ids, or a batch dict passed to the model as keywords.
+ProbeInput = Tensor | Mapping[str, Tensor]
 
 __all__ = [
     "DDCOptimizer",
@@ -241,9 +249,12 @@ def _weight(model: nn.Module, name: str) -> Tensor:
 
 
 def _output_tensor(out) -> Tensor:
-    """The tensor a model returns: itself, ``.logits`` (HF), or the first element of a tuple."""
+    """The tensor a model returns: itself, ``.logits`` (HF), the first field of another HF
+    output (``last_hidden_state``; a ``ModelOutput`` is a mapping), or a tuple's first element."""
     if hasattr(out, "logits"):
         out = out.logits
+    elif isinstance(out, Mapping) and out:
+        out = next(iter(out.values()))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, Tensor):
@@ -259,10 +270,29 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
+def _forward(m: nn.Module, inputs: ProbeInput):
+    """``m(**inputs)`` for a batch dict (the planner's ``example=``), ``m(inputs)`` for ids."""
+    return m(**inputs) if isinstance(inputs, Mapping) else m(inputs)
+
+
+def _probe_input(example: ProbeInput) -> ProbeInput:
+    """``example`` on the CPU, its floating tensors in float64 (the probes' model copy)."""
+
+    def conv(t):
+        return t.to(device="cpu", dtype=torch.float64) if t.is_floating_point() else t.to("cpu")
+
+    return (
+        {k: conv(v) if isinstance(v, Tensor) else v for k, v in example.items()}
+        if isinstance(example, Mapping)
+        else conv(example)
+    )
+
+
+def norm_readers(m: nn.Module, ids: ProbeInput) -> dict[str, list[str]]:
     """``{norm module name: [names of the nn.Linear modules whose input is its output]}`` for
-    every norm-like module of ``m`` called exactly once in one forward on ``ids`` (forward
-    hooks compare the norm's output and each Linear's input as tensors, not by name)."""
+    every norm-like module of ``m`` called exactly once in one forward on ``ids`` (token ids,
+    or a batch dict passed as keywords; forward hooks compare the norm's output and each
+    Linear's input as tensors, not by name)."""
     outs: dict[str, list[Tensor]] = {}
     ins: dict[str, list[Tensor]] = {}
     hooks = []
@@ -273,7 +303,7 @@ def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
             hooks.append(mod.register_forward_pre_hook(lambda _m, a, n=name: ins.setdefault(n, []).append(a[0])))
     try:
         with torch.no_grad():
-            _output_tensor(m(ids))
+            _output_tensor(_forward(m, ids))
     finally:
         for h in hooks:
             h.remove()
@@ -285,7 +315,7 @@ def norm_readers(m: nn.Module, ids: Tensor) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: int = 0) -> float:
+def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, seed: int = 0) -> float:
     """Relative change of ``m(ids)`` when channel ``j`` of the gain (and bias) of module
     ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and column ``j`` of every reader's
     weight divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
@@ -293,14 +323,14 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: Tensor, seed: i
     own: dict[str, Tensor] = dict(m.get_submodule(norm).named_parameters(recurse=False))
     ws = [_weight(m, r) for r in readers]
     saved = [p.clone() for p in list(own.values()) + ws]
-    y0 = _output_tensor(m(ids))
+    y0 = _output_tensor(_forward(m, ids))
     gen = torch.Generator().manual_seed(seed)
     t = torch.exp((torch.rand(own["weight"].shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
     for p in own.values():
         p.mul_(t.to(p.dtype))
     for w in ws:
         w.div_(t.to(w.dtype)[None, :])
-    y1 = _output_tensor(m(ids))
+    y1 = _output_tensor(_forward(m, ids))
     for p, old in zip(list(own.values()) + ws, saved):
         p.copy_(old)
     return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
@@ -540,8 +570,11 @@ def _claim_rotations(the_plan: Plan, block: AttentionBlock, base: str, claims: _
     _claim_qk(the_plan, block, claims, why)
 
 
-def _probe_ids(the_plan: Plan) -> Tensor | None:
-    """Token ids for the norm-channel probe forward: from the plan's token embedding."""
+def _probe_ids(the_plan: Plan, example: ProbeInput | None = None) -> ProbeInput | None:
+    """The norm-channel probe's forward input: ``example`` (float64, CPU) when given, else
+    [2, 8] token ids from the plan's token embedding, else None."""
+    if example is not None:
+        return _probe_input(example)
     for b in the_plan.blocks:
         if isinstance(b, VocabBlock) and b.embedding:
             vocab = _param(the_plan, b.embedding).shape[0]
@@ -573,7 +606,7 @@ def _norm_reason(
     m64: nn.Module,
     norm: str,
     readers: list[str],
-    ids: Tensor,
+    ids: ProbeInput,
     claims: _Claims,
     tol: float,
 ) -> str | None:
@@ -606,7 +639,9 @@ def _norm_reason(
     return None
 
 
-def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str]) -> None:
+def _claim_norms(
+    the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str], example: ProbeInput | None
+) -> None:
     """Norm-channel scale gauges: every norm-like module whose direct nn.Linear readers (found
     by hooks on one float64 forward) pass :func:`probe_norm`."""
     ids_of = {id(e.param): e.name for e in the_plan.entries}
@@ -617,7 +652,7 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
     ]
     if not norms:
         return
-    ids = _probe_ids(the_plan)
+    ids = _probe_ids(the_plan, example)
     if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
         for _, mod in norms:
             why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
@@ -632,7 +667,7 @@ def _claim_norms(the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, 
         found, ids = None, None
         why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
     else:
-        why_all = "norm-channel probe needs token ids (no token embedding in the plan)"
+        why_all = "norm-channel probe needs an input (no token embedding in the plan: pass example=)"
     for name, mod in norms:
         own = [p for p in (mod.weight, getattr(mod, "bias", None)) if isinstance(p, Tensor)]
         rs = found.get(name) if found is not None else None
@@ -661,6 +696,7 @@ def derive_gauges(
     kinds: tuple[str, ...] = GAUGE_KINDS,
     tol: float = PROBE_TOL,
     why: dict[str, str] | None = None,
+    example: ProbeInput | None = None,
 ) -> list[Gauge]:
     """The gauges of a planned model (see the module docstring), claimed in the order shift,
     rescale, norm, rotation; ``model`` is needed for the rescale and norm-channel probes
@@ -668,7 +704,8 @@ def derive_gauges(
     a weight's rows can be in a neuron gauge and its columns in a norm-channel gauge (the
     overlap rule of docs/ddc.md); a gauge whose members are taken otherwise is dropped.
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
-    (:func:`gauge_table` completes it for every other parameter)."""
+    (:func:`gauge_table` completes it for every other parameter). ``example``: the norm probe's
+    forward input (a batch dict or ids; default: token ids from the plan's embedding)."""
     why = {} if why is None else why
     claims = _Claims(the_plan)
     if "shift" in kinds:
@@ -689,7 +726,7 @@ def derive_gauges(
             for b in mlps:
                 _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
     if "norm" in kinds and model is not None:
-        _claim_norms(the_plan, model, claims, tol, why)
+        _claim_norms(the_plan, model, claims, tol, why, example)
     if "rotation" in kinds:
         for block in the_plan.blocks:
             if isinstance(block, AttentionBlock):
@@ -832,6 +869,34 @@ def _rescale_key(g) -> tuple:
 def _polar_update(upd: Tensor, group: dict) -> Tensor:
     """Muon's direction of a (batch of) momentum matrices: Newton-Schulz times sqrt(max(1, rows/cols))."""
     return newton_schulz(upd, group["ns_steps"]) * muon_scale(upd.shape[-2], upd.shape[-1])
+
+
+# -- the paper's maps lifted into DDC-Muon's conditioning (rules=, docs/ddc.md "Lifting") ----
+@dataclass(frozen=True)
+class _Lift:
+    """The paper's ``hybrid`` map in place of Muon's polar map on one parameter's (conditioned)
+    Nesterov momentum: row-aware (``column_aware=False``, an in-projection ``[x_A | x_b]``) or
+    column-aware (an out-projection ``x_B``), with the paper preset's options (no Muon scale)
+    except ``alpha`` (0 by default: no nuclear-norm factor, see ``_LIFT_ALPHA``)."""
+
+    column_aware: bool
+    order: str = "row_then_polar"
+    alpha: float = 0.0
+    eps: float = 1e-8
+    polar_method: str = "polar_express"
+    polar_steps: int | None = None
+
+
+def _lifted_update(upd: Tensor, lift: _Lift) -> Tensor:
+    """``maps.hybrid`` of a (batch of) momentum matrices, on ``upd^T`` when column-aware."""
+    x = upd.mT if lift.column_aware else upd
+    u = hybrid(x, order=lift.order, alpha=lift.alpha, eps=lift.eps, method=lift.polar_method, steps=lift.polar_steps)
+    return u.mT if lift.column_aware else u
+
+
+def _direction(upd: Tensor, group: dict, lift: _Lift | None) -> Tensor:
+    """The DDC-Muon base map of a Nesterov momentum: Muon's polar map, or a lifted paper map."""
+    return _polar_update(upd, group) if lift is None else _lifted_update(upd, lift)
 
 
 # -- the diagonal-scaling gauges with norm channels (docs/ddc.md "Norm-channel gauges") ----
@@ -1092,11 +1157,31 @@ class DDCOptimizer(torch.optim.Optimizer):
                     self._gauges_of.setdefault(id(p), []).append(g)
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
+        self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
+
+    def _lift_record(self) -> dict[int, dict]:
+        """{parameter index in param_groups order: the lifted map's options} (configuration that
+        the momentum state depends on: a checkpoint must be resumed with the same lifts)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return {i: dataclasses.asdict(self.lifts[id(p)]) for i, p in enumerate(params) if id(p) in self.lifts}
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` plus ``"ddc_lifts"``, the paper maps lifted by
+        ``rules=`` (checked by :meth:`load_state_dict`)."""
+        return {**super().state_dict(), "ddc_lifts": self._lift_record()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
-        parameter stays float32 (torch casts floating state to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
+        parameter stays float32 (torch casts floating state to the parameter's dtype), and a
+        checkpoint whose lifted maps (``rules=``) differ from this optimizer's is refused."""
+        saved = {int(k): v for k, v in state_dict.get("ddc_lifts", {}).items()}
+        if saved != self._lift_record():
+            raise ValueError(
+                f"DDCOptimizer.load_state_dict: the checkpoint's lifted maps (rules=) {saved or 'none'} differ "
+                f"from this optimizer's {self._lift_record() or 'none'} (parameter index -> map options); "
+                "build the optimizer with the rules the checkpoint was trained with"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "ddc_lifts"})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
@@ -1158,7 +1243,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 muon = [p for p in live if group["rule"] == "muon" and p.ndim >= 2]
                 adam = [p for p in live if not (group["rule"] == "muon" and p.ndim >= 2)]
                 if self.batched:
-                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device)):
+                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device, self.lifts.get(id(p)))):
                         self._muon_batched(bucket, group)
                 else:
                     for p in muon:
@@ -1238,13 +1323,24 @@ class DDCOptimizer(torch.optim.Optimizer):
         out: dict[int, Tensor] = {}
         muon = [u for u in units if group["rule"] == "muon" and not u.vector]
         if self.batched:
-            for bucket in _buckets(muon, lambda u: (tuple(prep[id(u.params[0])]["x"].shape), u.params[0].device)):
+            for bucket in _buckets(
+                muon,
+                lambda u: (
+                    tuple(prep[id(u.params[0])]["x"].shape),
+                    u.params[0].device,
+                    self.lifts.get(id(u.params[0])),
+                ),
+            ):
                 X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
-                U = self._muon_stacked([self.state[u.params[0]] for u in bucket], X, group)
+                U = self._muon_stacked(
+                    [self.state[u.params[0]] for u in bucket], X, group, lift=self.lifts.get(id(bucket[0].params[0]))
+                )
                 out.update((id(u.params[0]), Ui) for u, Ui in zip(bucket, U.unbind(0)))
         else:
             for u in muon:
-                out[id(u.params[0])] = self._muon_direction(prep[id(u.params[0])]["x"], self.state[u.params[0]], group)
+                out[id(u.params[0])] = self._muon_direction(
+                    prep[id(u.params[0])]["x"], self.state[u.params[0]], group, lift=self.lifts.get(id(u.params[0]))
+                )
         for u in units:
             if id(u.params[0]) in out:
                 continue
@@ -1315,7 +1411,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         if u.center or p.numel() > _STACK or not plain:
             return id(p)
         st = self.state[p]
-        kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector)
+        kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector, self.lifts.get(id(p)))
         return kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device, float(st.get("step", 0.0)))
 
     def _fast_prepare(self, units: list[_Unit], group: dict) -> dict:
@@ -1497,14 +1593,22 @@ class DDCOptimizer(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         out: dict[int, tuple[Tensor, float]] = {}
         muon = [i for i, (b, _) in enumerate(packs) if group["rule"] == "muon" and not b[0].vector]
-        for bucket in _buckets(muon, lambda i: (tuple(packs[i][1]["G"].shape[-2:]), packs[i][1]["G"].device)):
+
+        def key(i: int) -> tuple:  # members of one pack share their lift (_stack_key)
+            return (
+                tuple(packs[i][1]["G"].shape[-2:]),
+                packs[i][1]["G"].device,
+                self.lifts.get(id(packs[i][0][0].params[0])),
+            )
+
+        for bucket in _buckets(muon, key):
             sizes = [len(packs[i][0]) for i in bucket]
             G0 = packs[bucket[0]][1]["G"]
             X = G0.new_empty((sum(sizes),) + G0.shape[-2:])
             for i, Xi in zip(bucket, X.split(sizes)):
                 self._fast_x(packs[i][1], out=Xi if len(packs[i][0]) > 1 else Xi[0])
             states = [self.state[u.params[0]] for i in bucket for u in packs[i][0]]
-            U = self._muon_stacked(states, X, group)
+            U = self._muon_stacked(states, X, group, lift=key(bucket[0])[2])
             out.update((i, (Ui if len(packs[i][0]) > 1 else Ui[0], 1.0)) for i, Ui in zip(bucket, U.split(sizes)))
         blocks: list[tuple[Tensor, Tensor]] = []  # (parameter, its block of x)
         adam = [i for i in range(len(packs)) if i not in out]
@@ -1563,7 +1667,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         ws = [_work(p) for p in params]
         X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
-        U = self._muon_stacked([self.state[p] for p in params], X, group)
+        U = self._muon_stacked([self.state[p] for p in params], X, group, lift=self.lifts.get(id(params[0])))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             torch._foreach_mul_(ws, 1 - lr * wd)
@@ -1637,9 +1741,16 @@ class DDCOptimizer(torch.optim.Optimizer):
 
             return adam(P1, x1), adam(P2, x2), (adam(Pb, xb) if xb is not None else None)
         X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
-        U1 = self._muon_stacked(st1, X1, group)
+        U1 = self._muon_stacked(st1, X1, group, lift=self._bucket_lift(P1))
         u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if xb is not None else (U1, None)
-        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group), ub
+        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group, lift=self._bucket_lift(P2)), ub
+
+    def _bucket_lift(self, params: list[Tensor]) -> _Lift | None:
+        """The lifted map shared by a stacked bucket (lifts are per role: one per bucket)."""
+        lifts = {self.lifts.get(id(p)) for p in params}
+        if len(lifts) != 1:
+            raise ValueError("DDCOptimizer: a stacked rescale bucket mixes lifted and unlifted maps; use batched=False")
+        return lifts.pop()
 
     def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
         """The in-weight states of stacked gauges: step counters (advanced, and copied to
@@ -1680,7 +1791,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
 
-    def _muon_stacked(self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer") -> Tensor:
+    def _muon_stacked(
+        self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+    ) -> Tensor:
         """:meth:`_muon_direction` of a stack (one momentum buffer per slice, written back)."""
         mom = group["momentum"]
         for st in states:
@@ -1690,7 +1803,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf.mul_(mom).add_(x)
         torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _polar_update(upd, group)
+        return _direction(upd, group, lift)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "", local: bool = False) -> dict:
@@ -1779,19 +1892,21 @@ class DDCOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(small, ms, denom, [-lr / (1 - beta1**t) for t in steps])
 
-    def _muon_direction(self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer") -> Tensor:
+    def _muon_direction(
+        self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+    ) -> Tensor:
         mom = group["momentum"]
         if key not in state:
             state[key] = torch.zeros_like(x)
         buf = state[key]
         buf.mul_(mom).add_(x)
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _polar_update(upd, group)
+        return _direction(upd, group, lift)
 
     def _muon_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         w = _work(p)
-        u = self._muon_direction(_grad(p, w), state, group)
+        u = self._muon_direction(_grad(p, w), state, group, lift=self.lifts.get(id(p)))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             w.mul_(1 - lr * wd)
@@ -1843,9 +1958,9 @@ class DDCOptimizer(torch.optim.Optimizer):
             ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if Pb is not None and xb is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
             X1 = torch.cat([x1, xb[:, None]], 1) if xb is not None else x1
-            U1 = self._muon_direction(X1, st1, group)
+            U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
-            u2 = self._muon_direction(x2, self.state[P2], group)
+            u2 = self._muon_direction(x2, self.state[P2], group, lift=self.lifts.get(id(P2)))
         a1 = _safe_div((u1 * W1).sum(1) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
@@ -1919,6 +2034,77 @@ def _param_groups(
     return [dict(params=parts[key], **spec, **common) for key, spec in specs if parts[key]]
 
 
+#: why a role takes no paper map under DDC-Muon (``rules=``); mlp_in / mlp_out lift ``hybrid``
+_NOT_LIFTED = {
+    "attention": "DDC-Muon claims V/O and Q/K rotation gauges there, which need a map equivariant under "
+    "row rotations O(rows) x O(cols): only the polar map (DDC-Muon's own) is",
+    "matrix": "a general matrix's group is O(out) x O(in): only the polar map (DDC-Muon's own) is compatible",
+    "embedding": "DDC-Muon updates it with AdamW, as Muon does; the paper's row_norm is not lifted there",
+    "tied_embedding": "DDC-Muon updates it with AdamW, as Muon does; the paper's row_norm is not lifted there",
+    "lm_head": "DDC-Muon updates it with centered AdamW (the translation gauge); the centered paper maps would "
+    "add nothing to the translation conditioning and are not lifted",
+    "router": "DDC-Muon updates it with centered AdamW (the translation gauge); the centered paper maps would "
+    "add nothing to the translation conditioning and are not lifted",
+    "expert_in": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
+    "expert_out": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
+    "vector": "vectors are AdamW (or radial Adam in a norm-channel gauge): a matrix map means nothing there",
+}
+_LIFT_KEYS = ("order", "alpha", "eps", "polar_method", "polar_steps")
+# the paper's alpha = 1 scales the step by ||rn(x)||_* (up to sqrt(h d)), which its preset offsets by a
+# per-role lr (1e-3); DDC has one lr per gauge group (shared with gains and norm readers): alpha = 0
+_LIFT_ALPHA = 0.0
+
+
+def _role_lift(role: str, rule: str | Mapping) -> _Lift | None:
+    """The lift of one ``rules`` entry (``None``: DDC-Muon's polar map is kept), or ValueError."""
+    if role not in ROLES:
+        raise ValueError(f"rules: unknown role {role!r}; valid roles: {list(ROLES)}")
+    spec = {"map": rule} if isinstance(rule, str) else dict(rule)
+    name = spec.pop("map", None)
+    extra = sorted(set(spec) - set(_LIFT_KEYS))
+    if extra:
+        raise ValueError(
+            f"rules[{role!r}]: {extra} mean nothing under DDC (its param_groups are gauge kinds with one lr and "
+            f"weight decay each; use lr=, adam_lr=, weight_decay=, lr_scale=); a rule takes 'map' and "
+            f"{list(_LIFT_KEYS)}"
+        )
+    if name == "polar" and not spec and role not in _ADAM_ROLES_UNDER_MUON:
+        return None  # the map DDC-Muon already runs there
+    if role in _NOT_LIFTED:
+        raise ValueError(f"rules[{role!r}] = {name!r} refused under DDC-Muon: {_NOT_LIFTED[role]}")
+    if name != "hybrid":
+        raise ValueError(
+            f"rules[{role!r}] = {name!r} refused under DDC-Muon: on {role} only the paper's map 'hybrid' is lifted "
+            "into the conditioning ('polar' keeps DDC-Muon's own map)"
+        )
+    paper = PRESETS["paper"][role]
+    opts = {k: paper.get(k, DEFAULTS[k]) for k in _LIFT_KEYS} | {"alpha": _LIFT_ALPHA} | spec
+    return _Lift(column_aware=ROLE_TABLE[role].column_aware, **opts)
+
+
+def _lifts(the_plan: Plan, parts: dict[str, list[Tensor]], base: str, rules: Mapping | None) -> dict[int, _Lift]:
+    """``rules`` resolved to the lifted map of every parameter (by id): each plain 2-D weight of a
+    lifted role steps under Muon in DDC-Muon (a gauge's conditioned input, or the raw momentum)."""
+    if not rules:
+        return {}
+    if base != "muon":
+        raise ValueError(
+            "rules= refused with base='adam': the paper's maps are matrix maps of a momentum and lift into "
+            "DDC-Muon's base step; DDC-Adam's base is per-coordinate Adam (use base='muon')"
+        )
+    by_role = {role: _role_lift(role, rule) for role, rule in rules.items()}
+    muon = {id(p) for p in parts["rescale"] + parts["muon"]}
+    out: dict[int, _Lift] = {}
+    for e in the_plan.entries:
+        lift = by_role.get(e.role)
+        if lift is None:
+            continue
+        if e.layout != MATRIX or e.tensor().ndim != 2 or id(e.param) not in muon:
+            raise ValueError(f"rules[{e.role!r}]: {e.name} (layout {e.layout}) is not a plain matrix stepped by Muon")
+        out[id(e.param)] = lift
+    return out
+
+
 def ddc_optimizer(
     model_or_plan: nn.Module | Plan,
     base: str = "adam",
@@ -1936,6 +2122,8 @@ def ddc_optimizer(
     gauges: tuple[str, ...] = GAUGE_KINDS,
     probe_tol: float = PROBE_TOL,
     lr_scale: float = 1.0,
+    rules: Mapping[str, str | Mapping] | None = None,
+    example: ProbeInput | None = None,
 ) -> DDCOptimizer:
     """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
@@ -1950,7 +2138,12 @@ def ddc_optimizer(
     (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
     and the probe. FSDP2 (DTensor parameters): pass ``model=`` an unsharded replica with the
     same parameter names (the plan and the probes run on it; FSDP2 models cannot be copied);
-    each step gathers the gauge blocks (docs/ddc.md "Execution, numerics, distribution").
+    see docs/ddc.md "Execution, numerics, distribution" for what steps on the shards.
+    ``rules``: ``{role: map}`` lifts a paper map into DDC-Muon's conditioning (``{"mlp_in": "hybrid",
+    "mlp_out": "hybrid"}``; a map may be ``{"map": "hybrid", "alpha": ...}``); refused (``ValueError``)
+    where it would mean nothing or break a gauge (docs/ddc.md "Lifting the paper's maps").
+    ``example``: a batch (dict of keyword inputs, or token ids) for the planner's trace and the
+    norm-channel probe, as ``equiopt.plan(example=)``; models without a token embedding need it.
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
@@ -1958,12 +2151,12 @@ def ddc_optimizer(
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
     else:
-        the_plan = make_plan(model_or_plan, "adamw")
+        the_plan = make_plan(model_or_plan, "adamw", example=example)
         model = model_or_plan if model is None else model
     if model is not None:
         model = unwrap(model)
     why: dict[str, str] = {}
-    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why)
+    found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
     lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
     adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
     lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
@@ -1975,10 +2168,13 @@ def ddc_optimizer(
     parts, names = _partition(the_plan, found, base)
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
+    lifts = _lifts(the_plan, parts, base, rules)
     if target is not None:
         assert model is not None
-        groups, found, names = _onto(target, model, groups, found, names)
-    return DDCOptimizer(groups, found, base, names, table)
+        groups, found, names, lifts = _onto(target, model, groups, found, names, lifts)
+    opt = DDCOptimizer(groups, found, base, names, table)
+    opt.lifts = lifts
+    return opt
 
 
 def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) -> tuple:
@@ -1994,9 +2190,9 @@ def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) ->
     return model_or_plan, model, None
 
 
-def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list, names: dict) -> tuple:
-    """The param_groups, gauges and names built on ``replica`` with every parameter replaced by
-    ``target``'s of the same name (an FSDP2 model: its DTensor parameters)."""
+def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list, names: dict, lifts: dict) -> tuple:
+    """The param_groups, gauges, names and lifts built on ``replica`` with every parameter
+    replaced by ``target``'s of the same name (an FSDP2 model: its DTensor parameters)."""
     mine = dict(unwrap(target).named_parameters())
     theirs = dict(unwrap(replica).named_parameters())
     if mine.keys() != theirs.keys():
@@ -2010,7 +2206,7 @@ def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list
 
     found = [dataclasses.replace(g, **{f.name: m(getattr(g, f.name)) for f in dataclasses.fields(g)}) for g in found]
     groups = [{**g, "params": [to[id(p)] for p in g["params"]]} for g in groups]
-    return groups, found, {to[id(p)]: n for p, n in names.items()}
+    return groups, found, {to[id(p)]: n for p, n in names.items()}, {id(to[i]): lf for i, lf in lifts.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -2128,6 +2324,7 @@ def describe(opt: DDCOptimizer) -> str:
         g = group_of.get(id(p))
         normed = any(x.kind == "norm" for x in opt._gauges_of.get(id(p), []))
         rule = "-" if g is None else _rule_of(g, normed, id(p) in opt._centered)
+        rule += " hybrid (lifted)" if id(p) in opt.lifts else ""
         lr, wd = ("-", "-") if g is None else (f"{g['lr']:g}", f"{g['weight_decay']:g}")
         rows.append((name, shape, role, rule, lr, wd, text))
     claimed = sum(not t.startswith("none") for *_, t in opt.table_rows)

@@ -37,7 +37,14 @@ the Dead-Direction Conditioner (:mod:`equiopt.ddc`) removes:
   initial head ``(V_j0 [| b_j0], O_q0)`` onto the current one (``q``: the query heads reading
   ``j``). It is equivariant: applying a gauge rotation ``R`` now gives ``R Q_j``, so a pure
   gauge move by ``R`` reads as ``R``'s angle (``sqrt(mean_k phi_k^2)`` over its eigenvalues
-  ``e^{i phi_k}``). Mean over heads per layer; aggregate mean and max over layers.
+  ``e^{i phi_k}``). Mean over heads per layer; aggregate mean and max over layers;
+* ``norm_channel_drift`` / ``norm_channel_drift_max`` (per norm: ``/<gain name>``): the RMS
+  over channels ``j`` of ``psi_j(t) - psi_j(0)``, ``psi_j = log|g_j| - (1/k) sum_r
+  log||W_r[:, j]||`` over the ``k`` linear maps reading the norm's output (a norm-channel gauge
+  ``t`` moves it by ``2 log t_j``); mean and max over norms. Norms and readers are the plan's
+  confirmed norm channels (:attr:`equiopt.Plan.norm_channels`, from the traced dataflow); a
+  reader in a shift gauge enters by its centered columns, an overlapped one (the up part of a
+  tracked rescale pair) by its balanced radius less ``mean_i log||W_down[:, i]||`` (docs/ddc.md).
 
 The blocks come from the plan (:attr:`equiopt.Plan.blocks`): MLPs and stacked experts
 (:class:`~equiopt.blocks.MLPBlock`), routers (:class:`~equiopt.blocks.MoEBlock`), the LM
@@ -75,7 +82,9 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, MLPBlock, MoEBlock, Symmetry, VocabBlock, stacked_experts
+from .ddc import balance
 from .planner import plan as make_plan
+from .trace import NormChannel
 
 __all__ = [
     "DiagnosticsTracker",
@@ -88,6 +97,9 @@ __all__ = [
     "rescale_coordinate",
     "rotation_angle",
     "vo_procrustes",
+    "column_log_radius",
+    "overlapped_log_radius",
+    "norm_channel_coordinate",
 ]
 
 #: Keys of the model-level aggregates in every record (per-block keys add ``/<block name>``).
@@ -207,6 +219,36 @@ def vo_procrustes(v: Tensor, o: Tensor, v0: Tensor, o0: Tensor, hkv: int, hd: in
     return u @ vh
 
 
+def column_log_radius(w: Tensor, orient: str, centered: bool = False) -> Tensor:
+    """``log ||W[:, j]||`` per input feature ``j`` of a linear map's weight stored as
+    ``orient`` (``"out_in"``: ``[out, in]``; ``"in_out"``), in float64; ``centered``: of
+    ``W - 1 m^T`` (``m`` the mean over outputs), the radius of a translated head / router."""
+    w = w.detach().double()
+    w = w if orient == "out_in" else w.T
+    if centered:
+        w = w - w.mean(0, keepdim=True)
+    return w.norm(dim=0).clamp_min(1e-300).log()
+
+
+def overlapped_log_radius(up: Tensor, down_cols: Tensor) -> Tensor:
+    """The side of an in-projection ``up`` [h, d] whose rows are in a neuron rescale gauge (out-
+    projection column norms ``down_cols`` [h]) in a norm-channel coordinate: ``mean_i log R_ij
+    - mean_i log ||down[:, i]||`` with ``R = r c^T`` the balanced radius of ``up``
+    (:func:`equiopt.ddc.balance`): blind to the radial motion of DDC's neuron step (``up``
+    rows and ``down`` columns scaled alike), moved by ``2 mean_i log s_i`` by a neuron
+    rescale ``s`` (docs/ddc.md)."""
+    r, c = balance(up.detach().double().cpu())  # balance works on the CPU
+    return c.log() + r.log().mean() - down_cols.double().cpu().clamp_min(1e-300).log().mean()
+
+
+def norm_channel_coordinate(gain: Tensor, sides: Sequence[Tensor]) -> Tensor:
+    """``psi_j = log|g_j| - (1/k) sum_r side_r,j`` over the ``k`` readers' log column radii
+    (:func:`column_log_radius`, :func:`overlapped_log_radius`): the orbit coordinate of norm
+    channel ``j``; the gauge (``g_j t_j``, reader columns ``/ t_j``) moves it by ``2 log t_j``."""
+    g = gain.detach().double().abs().clamp_min(1e-300).log()
+    return g - torch.stack([x.to(g.device) for x in sides]).mean(0)
+
+
 GAUGE_AGGREGATES = (
     "balance_mean",
     "balance_max",
@@ -216,6 +258,8 @@ GAUGE_AGGREGATES = (
     "router_mean_row_change",
     "vo_angle",
     "vo_angle_max",
+    "norm_channel_drift",
+    "norm_channel_drift_max",
 )
 
 
@@ -240,12 +284,39 @@ class GaugeDrift:
         self.attn = [b for b in self.plan.blocks if isinstance(b, AttentionBlock) and b.qkv is None and b.v and b.o]
         # v bias per attention scope (b.v is set for every block of self.attn)
         self._v_bias: dict[str, str | None] = {b.scope: dict(b.biases).get(b.v or "") for b in self.attn}
+        self.norms: list[NormChannel] = [c for c in self.plan.norm_channels if c.certain]
+        self._overlap = self._overlapped_readers(mlps)
         with torch.no_grad():
             self.init = self._coordinates()
             self.vo0 = {b.scope: self._vo(b) for b in self.attn}
 
     def _w(self, name: str) -> Tensor:
         return _full(self.params[name].detach())
+
+    def _overlapped_readers(self, mlps: list[MLPBlock]) -> dict[str, str]:
+        """``{in-projection: out-projection}`` of the dense, unfused MLPs whose up part (the
+        rows of the rescale pair :attr:`rescales` tracks) reads a norm: an overlapped reader."""
+        readers = {r for c in self.norms for r in c.readers}
+        out = {}
+        for b in mlps:
+            up, _ = b.up_part()
+            if up in readers and b.experts == 1 and self.layouts[up].fused == 1 and not self.layouts[up].stacked:
+                out[up] = b.out
+        return out
+
+    def _norm_coordinate(self, c: NormChannel) -> Tensor:
+        """psi [d] of norm channel ``c`` (:func:`norm_channel_coordinate`): readers in a
+        shift gauge centered, overlapped readers by their balanced radius."""
+        shifted = {sym.params()[0] for sym in self.shifts}
+        sides = []
+        for r, orient in zip(c.readers, c.orients):
+            if r in self._overlap:
+                down = self.layouts[self._overlap[r]].to_logical(self._w(self._overlap[r]))[0]
+                up = self._w(r) if orient == "out_in" else self._w(r).T
+                sides.append(overlapped_log_radius(up, down.double().norm(dim=0)))
+            else:
+                sides.append(column_log_radius(self._w(r), orient, centered=r in shifted))
+        return norm_channel_coordinate(self._w(c.gain), sides).cpu()
 
     def _vo(self, b: AttentionBlock) -> tuple[Tensor, Tensor]:
         """(V [| v bias], O) on the CPU in float32 (the init copy stays off the accelerator)."""
@@ -271,6 +342,8 @@ class GaugeDrift:
             out["rescale:" + scope] = rescale_coordinate(sym, ts, self.layouts).double().cpu()
         for sym in self.shifts:
             out["shift:" + sym.params()[0]] = self._mean_row(sym.params()[0])
+        for c in self.norms:
+            out["norm:" + c.gain] = self._norm_coordinate(c)
         return out
 
     @torch.no_grad()
@@ -305,6 +378,19 @@ class GaugeDrift:
             angles.append(float(a.mean()))
         if angles:
             out["vo_angle"], out["vo_angle_max"] = sum(angles) / len(angles), max(angles)
+        out.update(self._norm_drift(now))
+        return out
+
+    def _norm_drift(self, now: Mapping[str, Tensor]) -> dict[str, float]:
+        """``norm_channel_drift/<gain>``: RMS over channels of ``psi_j(t) - psi_j(0)``; mean and
+        max over norms."""
+        out: dict[str, float] = {}
+        for c in self.norms:
+            d = now["norm:" + c.gain] - self.init["norm:" + c.gain]
+            out[f"norm_channel_drift/{c.gain}"] = float(d.pow(2).mean().sqrt())
+        vals = list(out.values())
+        if vals:
+            out["norm_channel_drift"], out["norm_channel_drift_max"] = sum(vals) / len(vals), max(vals)
         return out
 
 

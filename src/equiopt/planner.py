@@ -39,7 +39,7 @@ from .layouts import MATRIX, Layout, parse_layout
 from .maps import MAP_SPECS, map_spec
 from .presets import resolve
 from .roles import ROLES, role_group
-from .trace import Reading, TraceError, infer, shrink_config
+from .trace import NormChannel, Reading, TraceError, infer, norm_channels, shrink_config
 from .trace import trace as run_trace
 
 __all__ = ["Plan", "PlanEntry", "PlanError", "plan", "detect_roles"]
@@ -124,6 +124,7 @@ class _Detector:
         self.d_model: int | None = None
         self.blocks: list[Block] = []
         self._expert_list: set[int] = set()  # ids of the experts of ModuleList MoEs
+        self.norm_channels: list[NormChannel] = []  # set by _apply_trace
         self.entry_groups: dict[int, Group] = {}  # routers whose scoring narrows their group (set by _merge)
         self.scorings: dict[int, str] = {}  # router scoring read by the dataflow (set by _merge)
 
@@ -625,9 +626,44 @@ def _layer_map(name: str, small: set[str]) -> str | None:
     return None
 
 
-def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, list[str]]:
+def _renamed(small_gain: str, full_gain: str, name: str) -> str | None:
+    """``name`` (a small-copy parameter of the same layer as ``small_gain``) with the layer
+    indices by which ``full_gain`` differs from ``small_gain``; None when the names do not align."""
+    a, b, parts = small_gain.split("."), full_gain.split("."), name.split(".")
+    if len(a) != len(b):
+        return None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            if not (x.isdigit() and y.isdigit()) or i >= len(parts) or parts[i] != x:
+                return None
+            parts[i] = y
+    return ".".join(parts)
+
+
+def _carried_channels(channels: list[NormChannel], full: list[str], small: set[str]) -> list[NormChannel]:
+    """Norm channels of a shrunk copy carried to the full model: each full gain that maps onto
+    a small one (:func:`_layer_map`) takes its bias and readers at the same layer indices."""
+    by_gain = {c.gain: c for c in channels}
+    known = set(full)
+    out = []
+    for n in full:
+        c = by_gain.get(_layer_map(n, small) or "")
+        if c is None:
+            continue
+        members = [c.bias, *c.readers] if c.bias else list(c.readers)
+        mapped = [_renamed(c.gain, n, m) for m in members]
+        if not all(x in known and _layer_map(x, small) == m for x, m in zip(mapped, members)):
+            continue
+        names = [x for x in mapped if x is not None]
+        bias, readers = (names[0], names[1:]) if c.bias else (None, names)
+        out.append(dataclasses.replace(c, gain=n, bias=bias, readers=tuple(readers)))
+    return out
+
+
+def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, list[str], list[NormChannel]]:
     """Trace a small model of the same architecture (the model itself is on the meta device
-    or too large to run): readings carried over by name, blocks left to the structure."""
+    or too large to run): readings and norm channels carried over by name, blocks left to
+    the structure."""
     config = getattr(model, "config", None)
     if config is None:
         raise TraceError("meta-device model without a config: no smaller copy to run")
@@ -653,7 +689,7 @@ def _shrunk_trace(model: nn.Module, example) -> tuple[dict[str, Reading], list, 
         f"traced a shrunk copy ({sum(p.numel() for p in small.parameters()):,} parameters, "
         f"{tr.seconds:.2f}s): the model was not materialised"
     )
-    return out, [], [note]
+    return out, [], [note], _carried_channels(norm_channels(tr), full, set(shapes))
 
 
 _FAMILY: dict[str | None, str | None] = {"tied_embedding": "embedding"}
@@ -709,9 +745,10 @@ def _merge(det: _Detector, readings: dict[str, Reading], traced: bool) -> list[s
 
 def _detect(
     model, roles, layouts, example=None, use_trace: bool = True
-) -> tuple[list[PlanEntry], list[Block], list[str]]:
-    """Entries (see :func:`detect_roles`), the blocks whose parameters are all trainable and
-    notes on how the roles were found (a structural fallback is never silent)."""
+) -> tuple[list[PlanEntry], list[Block], list[str], list[NormChannel]]:
+    """Entries (see :func:`detect_roles`), the blocks whose parameters are all trainable,
+    notes on how the roles were found (a structural fallback is never silent) and the traced
+    norm channels (:func:`equiopt.trace.norm_channels`) whose members are all trainable."""
     inner = unwrap(model)
     det = _Detector(inner)
     det.run()
@@ -736,7 +773,22 @@ def _detect(
             "cannot decide the role of:\n" + "\n".join(problems) + "\nTo decide it yourself, " + OVERRIDE_HINT
         )
     entry_names = {e.name for e in entries}
-    return entries, [b for b in det.blocks if all(p in entry_names for p in b.params())], notes
+    blocks = [b for b in det.blocks if all(p in entry_names for p in b.params())]
+    return entries, blocks, notes, _trainable_channels(det.norm_channels, entries)
+
+
+def _trainable_channels(channels: list[NormChannel], entries: list[PlanEntry]) -> list[NormChannel]:
+    """The norm channels whose gain, bias and readers are all trainable entries, by entry name."""
+    names = {n: e.name for e in entries for n in (e.name, *e.aliases)}
+    out = []
+    for c in channels:
+        members = [c.gain, *([c.bias] if c.bias else []), *c.readers]
+        if all(m in names for m in members):
+            bias = names[c.bias] if c.bias else None
+            out.append(
+                dataclasses.replace(c, gain=names[c.gain], bias=bias, readers=tuple(names[r] for r in c.readers))
+            )
+    return out
 
 
 def _apply_trace(det: _Detector, inner: nn.Module, example) -> list[str]:
@@ -747,12 +799,13 @@ def _apply_trace(det: _Detector, inner: nn.Module, example) -> list[str]:
     tblocks: list[Block] = []
     try:
         if any(p.device.type == "meta" for p in inner.parameters()):
-            readings, tblocks, more = _shrunk_trace(inner, example)
+            readings, tblocks, more, det.norm_channels = _shrunk_trace(inner, example)
             notes.extend(more)
         else:
             tr = run_trace(inner, example)
             shapes = {n: tuple(p.shape) for n, p in inner.named_parameters(remove_duplicate=False)}
             readings, tblocks = infer(tr, shapes)
+            det.norm_channels = norm_channels(tr)
             notes.extend(tr.notes)
     except TraceError as err:
         notes.append(f"not traced ({err}); roles come from the module structure only")
@@ -914,6 +967,7 @@ class Plan:
         groups: Mapping[str, Group] | None = None,
         variants: Mapping[tuple[str, Group], dict] | None = None,
         notes: list[str] | None = None,
+        norm_channels: list[NormChannel] | None = None,
     ):
         self.entries = entries
         self.specs = specs
@@ -925,6 +979,10 @@ class Plan:
         self.variants: dict[tuple[str, Group], dict] = dict(variants or {})
         #: how the roles were found where it is not the default (a structural fallback, a shrunk trace)
         self.notes: list[str] = list(notes or [])
+        #: traced norm-channel gauge candidates (:class:`equiopt.trace.NormChannel`): a norm's
+        #: gain (and bias) and the linear maps reading its output; ``certain`` where the flow
+        #: confirms the gauge, else the DDC optimizer's probe decides
+        self.norm_channels: list[NormChannel] = list(norm_channels or [])
         self._by_name = {}
         for e in entries:
             for n in (e.name, *e.aliases):
@@ -995,7 +1053,9 @@ class Plan:
     def gauges(self, name: str) -> list[str]:
         """The continuous symmetries (gauges) the plan's blocks claim on parameter ``name``;
         ``neuron_rescale?`` marks a candidate the structure cannot confirm (which in-projection
-        of a gated MLP is linear is measured by the audit and probed by :mod:`equiopt.ddc`)."""
+        of a gated MLP is linear is measured by the audit and probed by :mod:`equiopt.ddc`);
+        ``norm_channel`` on a norm's gain / bias and the linear maps reading its output
+        (:attr:`norm_channels`), ``norm_channel?`` where the traced flow cannot confirm it."""
         out: list[str] = []
         for b in self.blocks:
             if name not in b.params():
@@ -1003,6 +1063,9 @@ class Plan:
             out += [sym.name for sym in b.symmetries() if sym.gauge and name in sym.params()]
             if isinstance(b, MLPBlock) and b.experts == 1:
                 out.append("neuron_rescale?")
+        for c in self.norm_channels:
+            if name in (c.gain, c.bias, *c.readers):
+                out.append("norm_channel" if c.certain else "norm_channel?")
         return list(dict.fromkeys(out))
 
     def table(self) -> str:
@@ -1077,14 +1140,14 @@ def plan(
     groups = role_groups(broken)
     raw = resolve(preset, rules=rules, lr=lr, lr_scale=lr_scale, **overrides)
     specs = resolve_centering(raw, groups)
-    entries, blocks, notes = _detect(model, roles, layouts, example, trace)
+    entries, blocks, notes, channels = _detect(model, roles, layouts, example, trace)
     check_compatible([e for e in entries if e.group is None], specs, groups)
     variants = {}
     for key in dict.fromkeys((e.role, e.group) for e in entries if e.group is not None):
         role, group = key
         variants[key] = _variant_spec(raw[role], group, explicit=role in user_rules)
         check_compatible([e for e in entries if (e.role, e.group) == key], {role: variants[key]}, {role: group})
-    return Plan(entries, specs, preset, blocks, groups, variants, notes)
+    return Plan(entries, specs, preset, blocks, groups, variants, notes, channels)
 
 
 # a map that projects out the row shift -> the same map without it (for blocks without the shift)

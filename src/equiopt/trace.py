@@ -28,7 +28,10 @@ Recorded events (see :class:`Trace`):
   operand (fused ``chunk``/``split``/``[..., ::2]`` parts);
 * ``router``: ``topk`` over scores, with the scoring (softmax / sigmoid / a correction bias);
 * ``logits``: a leaf whose last axis is the vocabulary reaching the model's output,
-  ``cross_entropy`` or ``log_softmax``.
+  ``cross_entropy`` or ``log_softmax``;
+* ``gain_reads``: a linear map whose input is a tensor scaled by a 1-D gain (``x * g``, a
+  norm with a weight), through shape ops; any other use of such a tensor is an escape
+  (:func:`norm_channels`: the norm-channel gauge candidates).
 
 :func:`infer` turns a :class:`Trace` into a :class:`Reading` (role, layout, why) per
 parameter and the blocks found (:mod:`equiopt.blocks`). Tracing never changes the model:
@@ -57,7 +60,18 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .layouts import MATRIX, Layout
 
-__all__ = ["Trace", "TraceError", "Reading", "trace", "infer", "default_inputs", "shrink_config", "preserved"]
+__all__ = [
+    "Trace",
+    "TraceError",
+    "Reading",
+    "trace",
+    "infer",
+    "default_inputs",
+    "shrink_config",
+    "preserved",
+    "NormChannel",
+    "norm_channels",
+]
 
 LINEAR_OPS = {
     "linear",
@@ -264,6 +278,17 @@ class RouterEvent:
 
 
 @dataclass
+class GainRead:
+    """A linear map whose input is a tensor scaled by a 1-D gain (and shifted by a 1-D bias)."""
+
+    gain: str
+    bias: str | None
+    reader: str
+    orient: str  # the reader's Use.orient: "out_in" (input features on its last axis) or "in_out"
+    plain: bool  # a plain 2-D weight (not stacked, flattened experts or routed)
+
+
+@dataclass
 class Trace:
     """Everything the recorder saw. ``names``: parameter id -> name (first name)."""
 
@@ -279,6 +304,11 @@ class Trace:
     vocab: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # 1-D gains (a norm's weight, ``x * g``): every tensor scaled by one is followed through
+    # shape ops to its consumers; see :func:`norm_channels`
+    gain_reads: list[GainRead] = field(default_factory=list)  # a linear map reading a gained tensor
+    gain_starts: dict[str, int] = field(default_factory=dict)  # gain -> tensors it scaled (calls)
+    gain_escapes: dict[str, set] = field(default_factory=dict)  # gain -> other ops its output met
 
     def uses_of(self, name: str) -> list[Use]:
         return [u for u in self.uses if u.param == name]
@@ -331,6 +361,8 @@ class _Recorder(TorchFunctionMode):
         self.keep: list = []  # strong refs: ids stay unique while tracing
         self.gen = gen
         self.input_storages: set[int] = set()  # storages of the example's integer inputs
+        self.gained: dict[int, tuple[str, str | None]] = {}  # id -> (gain, bias) it is scaled by
+        self.gain_read = False  # the current op is a linear map reading a gained tensor
 
     # -- tags -------------------------------------------------------------------------
     def pview(self, t) -> _PView | None:
@@ -393,6 +425,13 @@ class _Recorder(TorchFunctionMode):
         if not pvs and not acts:
             return func(*args, **kwargs)
         name = _short(func)
+        gains = {self.gained[id(t)] for t in tensors if id(t) in self.gained}
+        self.gain_read = False
+        out = self.dispatch(func, name, args, kwargs, tensors, pvs, acts)
+        self.follow_gains(name, flat, out, pvs, acts, gains)
+        return out
+
+    def dispatch(self, func, name, args, kwargs, tensors, pvs, acts):
         if name == "einsum" and pvs:
             return self.einsum(func, args, kwargs, tensors, pvs)
         if name in LINEAR_OPS and pvs and name != "einsum":
@@ -425,6 +464,53 @@ class _Recorder(TorchFunctionMode):
         if name in ("cross_entropy", "nll_loss", "log_softmax"):
             self.loss_input(args[0])
         return self.generic(func, name, args, kwargs, tensors, pvs, acts)
+
+    # -- 1-D gains: which linear maps read a tensor scaled by one -----------------------
+    @staticmethod
+    def _starts_gain(name: str, acts: list, pvs: list, views: list[_PView], outs: list[Tensor]) -> bool:
+        """``act * g`` or a norm op with a weight (and bias): 1-D parameters on the last axis."""
+        return (
+            name in ("mul", "layer_norm", "rms_norm")
+            and len(acts) == 1
+            and 1 <= len(views) <= 2
+            and all(v.ndim == 1 for v in views)
+            and bool(outs)
+            and outs[0].shape[-1:] == pvs[0].shape[-1:]
+        )
+
+    def follow_gains(self, name: str, flat: list, out, pvs: list, acts: list, gains: set) -> None:
+        """After an op: mark its outputs scaled by a gain (``x * g``, a norm with a weight,
+        a shape op on a scaled tensor, ``+ b`` of a 1-D bias); any other use of a scaled
+        tensor, or a gain transformed before use (``1 + g``), is an escape."""
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, Tensor)]
+        views = [self.known_view(p) for p in pvs]
+        one_d = [v.param for v in views if v.ndim == 1]
+        new: tuple[str, str | None] | None = None
+        if not acts:
+            if name not in SHAPE_OPS and name != "getitem":
+                for g in one_d:
+                    self.tr.gain_escapes.setdefault(g, set()).add(f"{name} of the gain")
+            return
+        if not gains:
+            if self._starts_gain(name, acts, pvs, views, outs):
+                new = (one_d[0], one_d[1] if len(one_d) > 1 else None)
+                self.tr.gain_starts[new[0]] = self.tr.gain_starts.get(new[0], 0) + 1
+        elif len(gains) == 1 and (len(acts) == 1 or name in SHAPE_OPS or name == "dropout"):
+            (g,) = gains
+            tensor_index = any(isinstance(t, Tensor) for t in flat[1:])
+            # dropout: a random diagonal mask, it commutes with a channel scale (identity in eval)
+            passes = name in SHAPE_OPS or name == "dropout"
+            if (passes and id(flat[0]) in self.gained) or (name == "getitem" and not tensor_index):
+                new = g
+            elif name == "add" and g[1] is None and len(one_d) == 1 and len(views) == 1:
+                new = (g[0], one_d[0])
+        if new is not None:
+            for o in outs:
+                self.gained[id(o)] = new
+                self.keep.append(o)
+        elif gains and not self.gain_read and outs:
+            for g in gains:
+                self.tr.gain_escapes.setdefault(g[0], set()).add(name)
 
     # -- handlers ---------------------------------------------------------------------
     def param_view(self, func, name, args, kwargs, pvs, routed=False):
@@ -571,6 +657,11 @@ class _Recorder(TorchFunctionMode):
         )
         self.tr.uses.append(u)
         ui = len(self.tr.uses) - 1
+        if id(x) in self.gained:
+            gain, bias = self.gained[id(x)]
+            plain = not (wv.stacked or wv.flat_experts or routed)
+            self.tr.gain_reads.append(GainRead(gain, bias, wv.param, orient, plain))
+            self.gain_read = True
         if isinstance(x, Tensor) and x.requires_grad:
             att = [k for k in xt if self.tr.leaves[k].kind == "attention"]
             if att:
@@ -1029,6 +1120,50 @@ def shrink_config(config, width: int = 8, layers: int = 2, vocab: int = 256):
         if isinstance(v, int) and v > vocab:
             setattr(cfg, key, vocab)
     return cfg
+
+
+@dataclass(frozen=True)
+class NormChannel:
+    """A 1-D gain (a norm's weight; LayerNorm: with its bias) whose scaled output linear maps
+    read: scaling channel ``j`` of the gain (and bias) by ``t_j`` and dividing input column
+    ``j`` of every reader by it is a candidate gauge. ``certain``: the traced flow confirms
+    it (the gain scales one tensor, used as is, that reaches only plain 2-D linear maps,
+    through shape ops); else ``why`` says what the flow cannot confirm (the DDC optimizer's
+    float64 probe decides). ``orients``: each reader's :attr:`Use.orient`."""
+
+    gain: str
+    bias: str | None
+    readers: tuple[str, ...]
+    orients: tuple[str, ...]
+    certain: bool
+    why: str = ""
+
+
+def norm_channels(tr: Trace) -> list[NormChannel]:
+    """The norm-channel candidates of a trace, one per gain with at least one reader."""
+    reads: dict[str, list[GainRead]] = {}
+    for r in tr.gain_reads:
+        reads.setdefault(r.gain, []).append(r)
+    out = []
+    for gain, rs in reads.items():
+        why = []
+        if tr.gain_starts.get(gain, 0) != 1:
+            why.append(f"the gain scales {tr.gain_starts.get(gain, 0)} tensors in one forward")
+        if tr.gain_escapes.get(gain):
+            why.append(f"its output (or the gain) also meets {', '.join(sorted(tr.gain_escapes[gain]))}")
+        if not all(r.plain for r in rs):
+            why.append("a reader is a stacked / routed expert weight")
+        shared = sorted({r.reader for r in rs if len(tr.uses_of(r.reader)) > sum(q.reader == r.reader for q in rs)})
+        if shared:
+            why.append(f"{', '.join(shared)} also used elsewhere (tied or shared)")
+        if len({r.bias for r in rs}) > 1:
+            why.append("its readers see different biases")
+        first = dict.fromkeys(r.reader for r in rs)  # a reader used twice on the same input counts once
+        orient = {r.reader: r.orient for r in rs}
+        out.append(
+            NormChannel(gain, rs[0].bias, tuple(first), tuple(orient[n] for n in first), not why, "; ".join(why))
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------

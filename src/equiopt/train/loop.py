@@ -137,12 +137,14 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     preset_name, base_rules = OPTIMIZERS[name]
     if preset_name in equiopt.DDC_PRESETS:  # roles for the harness (router probe); DDC finds the gauges
-        if role_lr_scale or role_lr or rules or roles or layouts:
+        if role_lr_scale or role_lr or roles or layouts:
             raise ValueError(
-                f"{name}: per-role rules, learning rates and overrides do not apply (DDC groups are gauge kinds)"
+                f"{name}: per-role learning rates and overrides do not apply (DDC groups are gauge kinds); "
+                "per-role rules lift the paper's maps (ddc_muon, docs/ddc.md)"
             )
         plan = equiopt.plan(model, "adamw")
-        opt = ddc.ddc_optimizer(plan, equiopt.DDC_PRESETS[preset_name], model=Dd.unwrap(model), lr_scale=lr_scale)
+        base = equiopt.DDC_PRESETS[preset_name]
+        opt = ddc.ddc_optimizer(plan, base, model=Dd.unwrap(model), lr_scale=lr_scale, rules=rules or None)
         return opt, plan
     merged = {**base_rules, **(rules or {})}
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
