@@ -2136,9 +2136,8 @@ def ddc_optimizer(
     AdamW on embeddings (and other non-Muon 2-D weights); vectors and translation gauges 0.
     ``gauges``: the gauge kinds to claim. ``lr_scale`` multiplies ``lr`` and ``adam_lr``
     (given or default). A model wrapped in DDP or ``torch.compile`` is unwrapped for the plan
-    and the probe. FSDP2 (DTensor parameters): pass ``model=`` an unsharded replica with the
-    same parameter names (the plan and the probes run on it; FSDP2 models cannot be copied);
-    see docs/ddc.md "Execution, numerics, distribution" for what steps on the shards.
+    and the probe. FSDP2 (DTensor parameters): ``model=`` an unsharded replica, same parameter
+    names, for the plan and the probes (docs/ddc.md "Execution, numerics, distribution").
     ``rules``: ``{role: map}`` lifts a paper map into DDC-Muon's conditioning (``{"mlp_in": "hybrid",
     "mlp_out": "hybrid"}``; a map may be ``{"map": "hybrid", "alpha": ...}``); refused (``ValueError``)
     where it would mean nothing or break a gauge (docs/ddc.md "Lifting the paper's maps").
@@ -2157,10 +2156,7 @@ def ddc_optimizer(
         model = unwrap(model)
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
-    lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
-    adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
-    lr, adam_lr = lr * float(lr_scale), adam_lr * float(lr_scale)
-    wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
+    lr, adam_lr, wd = _rates(base, lr, adam_lr, weight_decay, lr_scale)
     common: dict[str, object] = dict(
         betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps
     )
@@ -2169,12 +2165,21 @@ def ddc_optimizer(
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
     lifts = _lifts(the_plan, parts, base, rules)
-    if target is not None:
-        assert model is not None
+    if target is not None:  # FSDP2: built on the replica, mapped onto the DTensor parameters
         groups, found, names, lifts = _onto(target, model, groups, found, names, lifts)
     opt = DDCOptimizer(groups, found, base, names, table)
     opt.lifts = lifts
     return opt
+
+
+def _rates(
+    base: str, lr: float | None, adam_lr: float | None, weight_decay: float | None, lr_scale: float
+) -> tuple[float, float, float]:
+    """``ddc_optimizer``'s ``lr``, ``adam_lr`` (both times ``lr_scale``) and weight decay."""
+    lr = (ADAM_LR if base == "adam" else MUON_LR) if lr is None else float(lr)
+    adam_lr = (lr if base == "adam" else ADAM_LR) if adam_lr is None else float(adam_lr)
+    wd = (ADAM_MATRIX_WD if base == "adam" else MUON_MATRIX_WD) if weight_decay is None else float(weight_decay)
+    return lr * float(lr_scale), adam_lr * float(lr_scale), wd
 
 
 def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) -> tuple:
@@ -2190,9 +2195,12 @@ def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) ->
     return model_or_plan, model, None
 
 
-def _onto(target: nn.Module, replica: nn.Module, groups: list[dict], found: list, names: dict, lifts: dict) -> tuple:
+def _onto(
+    target: nn.Module, replica: nn.Module | None, groups: list[dict], found: list, names: dict, lifts: dict
+) -> tuple:
     """The param_groups, gauges, names and lifts built on ``replica`` with every parameter
     replaced by ``target``'s of the same name (an FSDP2 model: its DTensor parameters)."""
+    assert replica is not None
     mine = dict(unwrap(target).named_parameters())
     theirs = dict(unwrap(replica).named_parameters())
     if mine.keys() != theirs.keys():
