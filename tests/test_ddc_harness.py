@@ -85,8 +85,6 @@ def test_resume_after_kill_is_bit_identical(arch, opt, corpus, tmp_path):
 
 
 def test_config_errors(corpus, tmp_path):
-    with pytest.raises(ValueError, match="fsdp2"):
-        _cfg(corpus, tmp_path, optimizer="ddc_adam", dist="fsdp2")
     with pytest.raises(ValueError, match="role_lr_scale"):
         _cfg(corpus, tmp_path, optimizer="ddc_muon", role_lr_scale={"embedding": 2.0})
     with pytest.raises(ValueError, match="role-grid"):

@@ -125,6 +125,28 @@ def test_matches_single_process(root, runs, mode):
     assert fn["status"] == "done" and abs(f1["val_loss"] - fn["val_loss"]) < TOL
 
 
+@pytest.mark.parametrize("optimizer", ["ddc_adam", "ddc_muon"])
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ddc_under_fsdp2_matches_single_process(root, optimizer):
+    """DDC under ``--dist fsdp2``: gauges planned and probed on an unsharded replica, mapped onto
+    the DTensor parameters; the same losses as one process on the whole batch."""
+    from equiopt.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(_args(root, f"{optimizer}_single", "--optimizer", optimizer)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    launch(root, f"{optimizer}_fsdp2", "--dist", "fsdp2", "--optimizer", optimizer)
+    one = L.read_metrics(root / f"{optimizer}_single")
+    many = L.read_metrics(root / f"{optimizer}_fsdp2")
+    assert [r["step"] for r in many] == [r["step"] for r in one] == [2, 4]
+    for a, b in zip(one, many):
+        assert abs(a["val_loss"] - b["val_loss"]) < TOL, (a["step"], a["val_loss"], b["val_loss"])
+        assert abs(a["train_loss"] - b["train_loss"]) < TOL
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_fsdp2_killed_and_resumed_continues_identically(root, runs):

@@ -266,11 +266,6 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.dist not in DIST_MODES:
             raise ValueError(f"unknown dist mode {self.dist!r}; choose one of {', '.join(DIST_MODES)}")
-        if self.optimizer in DDC_OPTIMIZERS and self.dist == "fsdp2":
-            raise ValueError(
-                f"optimizer {self.optimizer!r} does not support --dist fsdp2 yet (DDC needs whole gauge "
-                "blocks: per-neuron norms, vocabulary means, polar maps); use --dist ddp"
-            )
         if self.optimizer in DDC_OPTIMIZERS and self.role_lr_scale:
             raise self._err(
                 "role_lr_scale",

@@ -51,6 +51,7 @@ from .. import distributed as Dd
 from . import data as D
 from . import metrics as M
 from .config import (
+    DDC_OPTIMIZERS,
     DIST_MODES,
     MODEL_OVERRIDES,
     OPTIMIZERS,
@@ -129,10 +130,12 @@ def make_optimizer(
     role_lr: dict[str, float] | None = None,
     roles: dict[str, str] | None = None,
     layouts: dict[str, str] | None = None,
+    replica: torch.nn.Module | None = None,
 ):
     """(optimizer, plan) for one of ``OPTIMIZERS``; learning rates = preset (or ``role_lr``, absolute)
     x lr_scale x role scale. ``rules`` (per role) replace the optimizer's rules for those roles;
-    ``roles`` / ``layouts`` are the planner's overrides (recipes set all four)."""
+    ``roles`` / ``layouts`` are the planner's overrides (recipes set all four). ``replica``: an
+    unsharded copy of an FSDP2 model, on which DDC plans and probes its gauges."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     preset_name, base_rules = OPTIMIZERS[name]
@@ -144,7 +147,10 @@ def make_optimizer(
             )
         plan = equiopt.plan(model, "adamw")
         base = equiopt.DDC_PRESETS[preset_name]
-        opt = ddc.ddc_optimizer(plan, base, model=Dd.unwrap(model), lr_scale=lr_scale, rules=rules or None)
+        if replica is not None:  # FSDP2: gauges from the replica, mapped onto the DTensor parameters
+            opt = ddc.ddc_optimizer(Dd.unwrap(model), base, model=replica, lr_scale=lr_scale, rules=rules or None)
+        else:
+            opt = ddc.ddc_optimizer(plan, base, model=Dd.unwrap(model), lr_scale=lr_scale, rules=rules or None)
         return opt, plan
     merged = {**base_rules, **(rules or {})}
     scale = {r: lr_scale * (role_lr_scale or {}).get(r, 1.0) for r in equiopt.ROLES}
@@ -532,6 +538,10 @@ class Trainer:
         cfg = self.cfg
         self.mcfg = cfg.model_config(vocab_size)
         model = build_model(self.mcfg, seed=cfg.seed).to(self.device)
+        # DDC under FSDP2 plans and probes on an unsharded copy (the same seed: the same weights)
+        replica = (
+            build_model(self.mcfg, seed=cfg.seed) if cfg.dist == "fsdp2" and cfg.optimizer in DDC_OPTIMIZERS else None
+        )
         if self.info is not None:
             # MoE: an expert no token of this rank's slice reached has no gradient on this rank
             model = Dd.wrap_model(model, cfg.dist, find_unused_parameters=self.mcfg.is_moe)
@@ -545,6 +555,7 @@ class Trainer:
             role_lr=cfg.role_lr,
             roles=cfg.roles,
             layouts=cfg.layouts,
+            replica=replica,
         )
         # orbit drift of every gauge since init, logged under "gauge" for every optimizer (the
         # model is freshly built from the seed here, also when the run resumes)
