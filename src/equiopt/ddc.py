@@ -1158,6 +1158,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
+        self._stacks: dict[tuple, tuple[Tensor, list[int]]] = {}  # _stack_views' buffers
 
     def _lift_record(self) -> dict[int, dict]:
         """{parameter index in param_groups order: the lifted map's options} (configuration that
@@ -1182,6 +1183,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 "build the optimizer with the rules the checkpoint was trained with"
             )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "ddc_lifts"})
+        self._stacks.clear()
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
@@ -1479,8 +1481,11 @@ class DDCOptimizer(torch.optim.Optimizer):
         t = states[0]["step"].item()  # stacked weights share their step count (_stack_key)
         bc2 = (1 - beta2**t) ** 0.5
         kappa, eps = bc2 / (1 - beta1**t), group["eps"] * bc2
-        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        m0, v0 = (torch.stack(ms), torch.stack(vs)) if len(params) > 1 else (ms[0], vs[0])
+        if len(params) > 1:  # views of kept stacks: updated in place
+            m0 = self._stack_views([(st, "exp_avg") for st in states])
+            v0 = self._stack_views([(st, "exp_avg_sq") for st in states])
+        else:
+            m0, v0 = states[0]["exp_avg"], states[0]["exp_avg_sq"]
         Mc, Gc, mc, vc = (t_.mT if pr["T"] else t_ for t_ in (pr["M"], pr["G"], m0, v0))
         scale, rho, center = (pr["a"] * pr["rho"]).unsqueeze(-2), pr["rho"].unsqueeze(-2), pr["mean"] is not None
         uw, usum, chunks = torch.zeros_like(pr["sq"]), torch.zeros_like(pr["sq"]), _row_chunks(Mc)
@@ -1503,8 +1508,6 @@ class DDCOptimizer(torch.optim.Optimizer):
                 U = torch.div(mc[..., sl, :], U, out=U)
             Mi = Mc[..., sl, :]
             (torch.addcmul(row, Mi, F, out=Mi) if row is not None else Mi.mul_(F)).addcmul_(U, rho, value=-s)
-        if len(params) > 1:
-            torch._foreach_copy_(ms + vs, list(m0.unbind(0)) + list(v0.unbind(0)))
         if pr["shard"] is None:  # else the step went into the local shard itself
             self._fast_write_back(pr)
 
@@ -1767,8 +1770,25 @@ class DDCOptimizer(torch.optim.Optimizer):
                 st["radial_exp_avg_sq"] = torch.zeros_like(n1[0])
         return st1
 
-    @staticmethod
+    def _stack_views(self, entries: list[tuple[dict, str]]) -> Tensor:
+        """The state tensors ``state[key]`` of ``entries`` as one stacked buffer [B, ...] that
+        the entries are views of, kept between steps (a stacked step updates them in place:
+        no stacking and copying back per step); re-stacked when an entry was replaced (new
+        state, ``load_state_dict``)."""
+        ts = [st[k] for st, k in entries]
+        key = tuple((id(st), k) for st, k in entries)
+        hit = self._stacks.get(key)
+        if hit is not None and all(t._base is hit[0] for t in ts) and [t.data_ptr() for t in ts] == hit[1]:
+            return hit[0]
+        buf = torch.stack(ts)
+        views = buf.unbind(0)
+        for (st, k), v in zip(entries, views):
+            st[k] = v
+        self._stacks[key] = (buf, [v.data_ptr() for v in views])
+        return buf
+
     def _adam_dir_stacked(
+        self,
         states: list[dict],
         x: Tensor,
         steps: list[float],
@@ -1777,15 +1797,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         eps: float,
         prefix: str | list[str] = "",
     ) -> Tensor:
-        """:func:`_adam_dir` of a stack (one state per slice, written back; ``prefix`` one
-        for all or one per slice)."""
+        """:func:`_adam_dir` of a stack (one state per slice, kept as views of one buffer:
+        :meth:`_stack_views`; ``prefix`` one for all or one per slice)."""
         pre = [prefix] * len(states) if isinstance(prefix, str) else prefix
-        ms = [s[p + "exp_avg"] for s, p in zip(states, pre)]
-        vs = [s[p + "exp_avg_sq"] for s, p in zip(states, pre)]
-        m, v = torch.stack(ms), torch.stack(vs)
+        m = self._stack_views([(s, p + "exp_avg") for s, p in zip(states, pre)])
+        v = self._stack_views([(s, p + "exp_avg_sq") for s, p in zip(states, pre)])
         m.lerp_(x, 1 - beta1)
         v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-        torch._foreach_copy_(ms + vs, list(m.unbind(0)) + list(v.unbind(0)))
         shape = (-1,) + (1,) * (x.ndim - 1)
         bc1 = torch.tensor([1 - beta1**t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
@@ -1794,14 +1812,13 @@ class DDCOptimizer(torch.optim.Optimizer):
     def _muon_stacked(
         self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
     ) -> Tensor:
-        """:meth:`_muon_direction` of a stack (one momentum buffer per slice, written back)."""
+        """:meth:`_muon_direction` of a stack (one momentum buffer per slice, views of one kept buffer)."""
         mom = group["momentum"]
         for st in states:
             if key not in st:
                 st[key] = torch.zeros_like(x[0])
-        buf = torch.stack([st[key] for st in states])
+        buf = self._stack_views([(st, key) for st in states])  # the buffers are views of it
         buf.mul_(mom).add_(x)
-        torch._foreach_copy_([st[key] for st in states], list(buf.unbind(0)))
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
         return _direction(upd, group, lift)
 
