@@ -1613,28 +1613,44 @@ class DDCOptimizer(torch.optim.Optimizer):
             states = [self.state[u.params[0]] for i in bucket for u in packs[i][0]]
             U = self._muon_stacked(states, X, group, lift=key(bucket[0])[2])
             out.update((i, (Ui if len(packs[i][0]) > 1 else Ui[0], 1.0)) for i, Ui in zip(bucket, U.split(sizes)))
-        blocks: list[tuple[Tensor, Tensor]] = []  # (parameter, its block of x)
-        adam = [i for i in range(len(packs)) if i not in out]
-        for i in adam:
+        blocks: list[tuple[Tensor, Tensor, Tensor, float]] = []  # (m, v, a block of x, its step)
+        for i in [i for i in range(len(packs)) if i not in out]:
             bucket, pr = packs[i]
             x = self._fast_x(pr)
             t = self.state[bucket[0].params[0]]["step"].item()  # shared by members and parameters (_stack_key)
             out[i] = (x, (1 - beta2**t) ** 0.5 / (1 - beta1**t))
-            for k, u in enumerate(bucket):
-                xk, j = (x[k] if len(bucket) > 1 else x), 0
-                for p in u.params:
-                    n = p.shape[1] if p.ndim == 2 else 1
-                    blocks.append((p, xk[:, j : j + n] if p.ndim == 2 else xk[:, j]))
-                    j += n
+            blocks += self._adam_blocks(bucket, x, t)
         if blocks:
-            states = [self._adam_state(p) for p, _ in blocks]
-            ms, vs, xs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [b[1] for b in blocks]
+            ms, vs, xs = [b[0] for b in blocks], [b[1] for b in blocks], [b[2] for b in blocks]
             torch._foreach_lerp_(ms, xs, 1 - beta1)
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, xs, xs, value=1 - beta2)
-            for x, v, m, st in zip(xs, vs, ms, states):  # x is dead: the direction is written into it
-                torch.div(m, torch.sqrt(v, out=x).add_(group["eps"] * (1 - beta2 ** st["step"].item()) ** 0.5), out=x)
+            for m, v, x, t in blocks:  # x is dead: the direction is written into it
+                torch.div(m, torch.sqrt(v, out=x).add_(group["eps"] * (1 - beta2**t) ** 0.5), out=x)
         return [out[i] for i in range(len(packs))]
+
+    def _adam_blocks(self, bucket: list[_Unit], x: Tensor, t: float) -> list[tuple[Tensor, Tensor, Tensor, float]]:
+        """Adam's ``(m, v, block of x, step)`` of a prepared (stack of) unit(s) with input ``x``
+        and step ``t``: one block when every unit is one parameter (a stack's moments as views
+        of kept buffers, :meth:`_stack_views`), else one per parameter (column block)."""
+        if all(len(u.params) == 1 for u in bucket):
+            states = [self._adam_state(u.params[0]) for u in bucket]
+            if len(bucket) == 1:
+                m, v = states[0]["exp_avg"], states[0]["exp_avg_sq"]
+            else:
+                m = self._stack_views([(st, "exp_avg") for st in states])
+                v = self._stack_views([(st, "exp_avg_sq") for st in states])
+            return [(m, v, x.view(m.shape), t)]
+        blocks = []
+        for k, u in enumerate(bucket):
+            xk, j = (x[k] if len(bucket) > 1 else x), 0
+            for p in u.params:
+                n = p.shape[1] if p.ndim == 2 else 1
+                st = self._adam_state(p)
+                xb = xk[:, j : j + n] if p.ndim == 2 else xk[:, j]
+                blocks.append((st["exp_avg"], st["exp_avg_sq"], xb, st["step"].item()))
+                j += n
+        return blocks
 
     def _fast_update(
         self, unit: _Unit, pr: dict, U: Tensor, kappa: float, dl_row: Tensor | None, dl_col: Tensor | None, group: dict
