@@ -1158,7 +1158,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
-        self._stacks: dict[tuple, tuple[Tensor, list[int]]] = {}  # _stack_views' buffers
+        self._units: dict[tuple, list[_Unit]] = {}  # _scale_step's units per gauge list
+        self._stacks: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}  # _stack_views' buffers, views
 
     def _lift_record(self) -> dict[int, dict]:
         """{parameter index in param_groups order: the lifted map's options} (configuration that
@@ -1263,7 +1264,10 @@ class DDCOptimizer(torch.optim.Optimizer):
         "Norm-channel gauges"): per unit the invariant input ``x = R * G`` and log-gradients,
         per gauge the radial log-steps, per unit the base direction, re-projection and
         ``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``."""
-        units = _scale_units(gauges, self._centered)
+        key = tuple(id(g) for g in gauges)
+        if key not in self._units:  # the gauges are fixed: their units too
+            self._units[key] = _scale_units(gauges, self._centered)
+        units = self._units[key]
         if all(p.grad is None for u in units for p in u.params):
             return
         if self.batched:
@@ -1791,16 +1795,15 @@ class DDCOptimizer(torch.optim.Optimizer):
         the entries are views of, kept between steps (a stacked step updates them in place:
         no stacking and copying back per step); re-stacked when an entry was replaced (new
         state, ``load_state_dict``)."""
-        ts = [st[k] for st, k in entries]
         key = tuple((id(st), k) for st, k in entries)
         hit = self._stacks.get(key)
-        if hit is not None and all(t._base is hit[0] for t in ts) and [t.data_ptr() for t in ts] == hit[1]:
+        if hit is not None and all(st[k] is v for (st, k), v in zip(entries, hit[1])):
             return hit[0]
-        buf = torch.stack(ts)
+        buf = torch.stack([st[k] for st, k in entries])
         views = buf.unbind(0)
         for (st, k), v in zip(entries, views):
             st[k] = v
-        self._stacks[key] = (buf, [v.data_ptr() for v in views])
+        self._stacks[key] = (buf, views)
         return buf
 
     def _adam_dir_stacked(
