@@ -1159,6 +1159,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
         self._units: dict[tuple, list[_Unit]] = {}  # _scale_step's units per gauge list
+        self._projections: dict[tuple, tuple[Tensor, Tensor]] = {}  # _radial_projections
         self._stacks: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}  # _stack_views' buffers, views
 
     def _lift_record(self) -> dict[int, dict]:
@@ -1519,15 +1520,20 @@ class DDCOptimizer(torch.optim.Optimizer):
     def _fast_write_back(pr: dict) -> None:
         """Copy a prepared unit's ``M`` (a stack, or the columns of several parameters) back
         into its parameters."""
-        members = pr["members"]
-        for i, (params, ws) in enumerate(zip(members, pr["wss"])):
-            M = pr["M"][i] if len(members) > 1 else pr["M"]
-            j = 0
+        members, M = pr["members"], pr["M"]
+        if len(members) > 1 and all(len(ws) == 1 for ws in pr["wss"]):  # a stack of single parameters: one call
+            ws = [w for (w,) in pr["wss"]]
+            torch._foreach_copy_(ws, list(M.view((len(ws),) + ws[0].shape).unbind(0)))
+        else:
+            for i, (params, ws) in enumerate(zip(members, pr["wss"])):
+                Mi, j = (M[i] if len(members) > 1 else M), 0
+                for p, w in zip(params, ws):
+                    n = p.shape[1] if p.ndim == 2 else 1
+                    if Mi is not w:
+                        w.copy_(Mi[:, j : j + n] if p.ndim == 2 else Mi[:, j])
+                    j += n
+        for params, ws in zip(members, pr["wss"]):
             for p, w in zip(params, ws):
-                n = p.shape[1] if p.ndim == 2 else 1
-                if M is not w:
-                    w.copy_(M[:, j : j + n] if p.ndim == 2 else M[:, j])
-                j += n
                 _write_back(p, w)
 
     @staticmethod
@@ -1578,17 +1584,27 @@ class DDCOptimizer(torch.optim.Optimizer):
         (gain first), ``sides`` the matching parameters (their states hold the radial Adam)."""
         beta1, beta2 = group["betas"]
         B, k1, n = H.shape
-        sigma = torch.full((1, k1, 1), -1.0, dtype=H.dtype, device=H.device)
-        sigma[0, 0] = 1.0
-        H = H - sigma * (sigma * H).sum(1, keepdim=True) / k1
-        flat = H.reshape(B * k1, n)
+        off, back = self._radial_projections(k1, H)
+        flat = torch.matmul(off, H).reshape(B * k1, n)  # the gauge mode removed
         prefixes = (["radial_"] + ["col_radial_"] * (k1 - 1)) * B
         states = [_radial_state(self.state[p], flat[0], pre) for p, pre in zip(sides, prefixes)]
         steps = [st["step"].item() for st in states]
-        dl = -lr * self._adam_dir_stacked(states, flat, steps, beta1, beta2, group["eps"], prefixes).reshape(B, k1, n)
-        w = torch.full_like(sigma, 1.0 / (k1 - 1))
-        w[0, 0] = 1.0
-        return dl - sigma * (w * sigma * dl).sum(1, keepdim=True) / w.sum()
+        d = self._adam_dir_stacked(states, flat, steps, beta1, beta2, group["eps"], prefixes).reshape(B, k1, n)
+        return torch.matmul(back, d).mul_(-lr)  # the orbit motion removed
+
+    def _radial_projections(self, k1: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The projections of :func:`_norm_radial` for ``k1`` sides (gain first), as matrices
+        (cached): ``I - sigma sigma^T / k1`` (the gauge mode off the log-gradients) and
+        ``I - sigma (w sigma)^T / 1^T w`` (the weighted orbit motion off the log-steps)."""
+        key = (k1, like.dtype, like.device)
+        if key not in self._projections:
+            sigma = torch.full((k1, 1), -1.0, dtype=like.dtype, device=like.device)
+            sigma[0] = 1.0
+            w = torch.full_like(sigma, 1.0 / (k1 - 1))
+            w[0] = 1.0
+            eye = torch.eye(k1, dtype=like.dtype, device=like.device)
+            self._projections[key] = (eye - sigma @ sigma.T / k1, eye - sigma @ (w * sigma).T / w.sum())
+        return self._projections[key]
 
     def _fast_directions(self, packs: list[tuple[list[_Unit], dict]], group: dict) -> list[tuple[Tensor, float]]:
         """The base directions of prepared (stacks of) units with their scale ``kappa``: Muon
@@ -1823,6 +1839,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         v = self._stack_views([(s, p + "exp_avg_sq") for s, p in zip(states, pre)])
         m.lerp_(x, 1 - beta1)
         v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        if all(t == steps[0] for t in steps):  # the usual case: one step count, scalar corrections
+            return (m / (1 - beta1 ** steps[0])) / ((v.sqrt() / (1 - beta2 ** steps[0]) ** 0.5).add_(eps))
         shape = (-1,) + (1,) * (x.ndim - 1)
         bc1 = torch.tensor([1 - beta1**t for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
         bc2 = torch.tensor([(1 - beta2**t) ** 0.5 for t in steps], dtype=x.dtype, device=x.device).reshape(shape)
