@@ -471,6 +471,34 @@ def test_state_dict_round_trip_with_norms(base):
     assert gain["radial_exp_avg"].shape == (32,) and "col_radial_exp_avg" in opt.state[m.lm_head.weight]
 
 
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_stacked_state_views_survive_reloading(base):
+    """The fast path keeps the moments of a stack of units as one buffer with the parameters'
+    state entries as views of it (no per-step stacking): reloading an optimizer's own state
+    mid-run, or replacing its entries by copies (new tensors: re-stacked at the next step),
+    leaves the trajectory and the state bitwise unchanged."""
+    data = batches(64, 6)
+    a, b = qwen3(), qwen3()
+    oa, ob = ddc_optimizer(a, base), ddc_optimizer(b, base)
+    for i, ids in enumerate(data):
+        if i == 3:
+            ob.load_state_dict(copy.deepcopy(ob.state_dict()))
+        if i == 4:  # entries replaced in the same state dicts
+            for st in ob.state.values():
+                st.update({k: t.clone() for k, t in st.items()})
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m.loss(ids).backward()
+            o.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert any(t._base is not None for s in ob.state.values() for t in s.values())  # views of stacks
+
+
 def test_state_size_counts_every_side():
     m = ln_lm()
     opt = ddc_optimizer(m, "adam")
