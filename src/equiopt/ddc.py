@@ -1159,6 +1159,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
         self._units: dict[tuple, list[_Unit]] = {}  # _scale_step's units per gauge list
+        self._unit_keys: dict[tuple, tuple] = {}  # _stack_key's fixed part per unit
         self._projections: dict[tuple, tuple[Tensor, Tensor]] = {}  # _radial_projections
         self._stacks: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}  # _stack_views' buffers, views
 
@@ -1414,12 +1415,17 @@ class DDCOptimizer(torch.optim.Optimizer):
         """The bucket of a unit that the fast path stacks with its equals (same kind, shapes,
         dtype, device and step count, at most ``_STACK`` elements); an id: stepped alone."""
         p = u.params[0]
-        plain = all(q.dtype in _FULL and q.grad is not None and not _is_dtensor(q) for q in u.params)
-        if u.center or p.numel() > _STACK or not plain:
+        cache = (id(u), muon, tuple(q.dtype for q in u.params))  # units are kept (_scale_step)
+        if cache not in self._unit_keys:  # () for a unit stepped alone
+            plain = all(q.dtype in _FULL and not _is_dtensor(q) for q in u.params)
+            lift = self.lifts.get(id(p))
+            kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector, lift)
+            stack = not u.center and p.numel() <= _STACK and plain
+            self._unit_keys[cache] = kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device) if stack else ()
+        key = self._unit_keys[cache]
+        if not key or any(q.grad is None for q in u.params):
             return id(p)
-        st = self.state[p]
-        kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector, self.lifts.get(id(p)))
-        return kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device, float(st.get("step", 0.0)))
+        return key + (float(self.state[p].get("step", 0.0)),)
 
     def _fast_prepare(self, units: list[_Unit], group: dict) -> dict:
         """:meth:`_unit_prepare` of the fast path, without the invariant input (built where it
