@@ -1266,10 +1266,10 @@ class DDCOptimizer(torch.optim.Optimizer):
         "Norm-channel gauges"): per unit the invariant input ``x = R * G`` and log-gradients,
         per gauge the radial log-steps, per unit the base direction, re-projection and
         ``W <- diag(e^dl_row) W diag(e^dl_col) - lr R * u``."""
-        key = tuple(id(g) for g in gauges)
-        if key not in self._units:  # the gauges are fixed: their units too
-            self._units[key] = _scale_units(gauges, self._centered)
-        units = self._units[key]
+        ids = tuple(id(g) for g in gauges)
+        if ids not in self._units:  # the gauges are fixed: their units too
+            self._units[ids] = _scale_units(gauges, self._centered)
+        units = self._units[ids]
         if all(p.grad is None for u in units for p in u.params):
             return
         if self.batched:
@@ -1421,7 +1421,9 @@ class DDCOptimizer(torch.optim.Optimizer):
             lift = self.lifts.get(id(p))
             kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector, lift)
             stack = not u.center and p.numel() <= _STACK and plain
-            self._unit_keys[cache] = kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device) if stack else ()
+            self._unit_keys[cache] = (
+                kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device) if stack else ()
+            )
         key = self._unit_keys[cache]
         if not key or any(q.grad is None for q in u.params):
             return id(p)
