@@ -1823,6 +1823,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         hit = self._stacks.get(key)
         if hit is not None and all(st[k] is v for (st, k), v in zip(entries, hit[1])):
             return hit[0]
+        mine = set(key)  # stacks sharing an entry are stale (a bucket changed): dropped
+        for other in [o for o in self._stacks if mine.intersection(o)]:
+            del self._stacks[other]
         buf = torch.stack([st[k] for st, k in entries])
         views = buf.unbind(0)
         for (st, k), v in zip(entries, views):
