@@ -841,7 +841,8 @@ def _write_back(p: Tensor | None, work: Tensor | None) -> None:
 
 
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
+    """``a / b`` where ``b > 0``, else 0 (the quotient's inf / nan at ``b = 0`` is not selected)."""
+    return torch.where(b > 0, a / b, 0.0)
 
 
 def _buckets(items: list, key) -> list[list]:
