@@ -1066,17 +1066,14 @@ def _row_chunks(M: Tensor) -> list[slice]:
 def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Per column of ``M`` [..., m, n]: ``||M_j||^2``, ``<G_j, M_j>`` and (``center``) the
     column sums of ``M`` and ``G``, accumulated over row chunks."""
-    shape = M.shape[:-2] + M.shape[-1:]
-    sq, gw = M.new_zeros(shape), M.new_zeros(shape)
-    msum, gsum = (M.new_zeros(shape), M.new_zeros(shape)) if center else (None, None)
+    sums: list[Tensor] = []
     for sl in _row_chunks(M):
         Mi, Gi = M[..., sl, :], G[..., sl, :]
-        sq.add_((Mi * Mi).sum(-2))
-        gw.add_((Gi * Mi).sum(-2))
-        if msum is not None and gsum is not None:
-            msum.add_(Mi.sum(-2))
-            gsum.add_(Gi.sum(-2))
-    return sq, gw, msum, gsum
+        parts = [(Mi * Mi).sum(-2), (Gi * Mi).sum(-2)] + ([Mi.sum(-2), Gi.sum(-2)] if center else [])
+        sums = [t.add_(part) for t, part in zip(sums, parts)] if sums else parts
+    if not sums:  # no rows (an empty shard)
+        sums = [M.new_zeros(M.shape[:-2] + M.shape[-1:]) for _ in range(4 if center else 2)]
+    return sums[0], sums[1], (sums[2] if center else None), (sums[3] if center else None)
 
 
 def _member_stack(ts: list[Tensor | None]) -> Tensor | None:
@@ -1503,15 +1500,16 @@ class DDCOptimizer(torch.optim.Optimizer):
         Mc, Gc, mc, vc = (t_.mT if pr["T"] else t_ for t_ in (pr["M"], pr["G"], m0, v0))
         scale, rho, center = (pr["a"] * pr["rho"]).unsqueeze(-2), pr["rho"].unsqueeze(-2), pr["mean"] is not None
         uw, usum, chunks = torch.zeros_like(pr["sq"]), torch.zeros_like(pr["sq"]), _row_chunks(Mc)
-        for sl in chunks:
+        for i, sl in enumerate(chunks):
             x = Gc[..., sl, :] * scale
             m_, v_ = mc[..., sl, :], vc[..., sl, :]
             m_.lerp_(x, 1 - beta1)
             v_.mul_(beta2).addcmul_(x, x, value=1 - beta2)
             U = torch.div(m_, torch.sqrt(v_, out=x).add_(eps), out=x)
-            uw.add_((U * Mc[..., sl, :]).sum(-2))
+            part = (U * Mc[..., sl, :]).sum(-2)
+            uw = uw.add_(part) if i else part
             if center:
-                usum.add_(U.sum(-2))
+                usum = usum.add_(U.sum(-2)) if i else U.sum(-2)
         if pr["shard"] is not None:
             uw, usum = _all_reduce(torch.stack([uw, usum]), pr["shard"]).unbind(0)
         F, row, s = self._fold(pr, uw, usum, dl, kappa, group)
