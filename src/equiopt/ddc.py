@@ -1693,9 +1693,10 @@ class DDCOptimizer(torch.optim.Optimizer):
             ca, cb = _orbit_coeffs(U, M / pr["R"], unit.ncol, iterative=True)
             pad = M.shape[-1] - unit.ncol
             e_col = torch.nn.functional.pad(torch.exp(dl_col), (0, pad), value=1.0)
-            F = torch.exp(dl_row).unsqueeze(-1) * e_col.unsqueeze(-2)
-            F.add_(ca.unsqueeze(-1) + torch.nn.functional.pad(cb, (0, pad)).unsqueeze(-2), alpha=lr * kappa)
-            M.mul_(F.mul_(a) if a != 1 else F).addcmul_(pr["R"], U, value=-s)
+            # F = a (e_row e_col^T + lr kappa (ca 1^T + 1 cb^T)) as one rank-3 product
+            left = torch.stack([torch.exp(dl_row).mul_(a), ca * s, torch.full_like(ca, s)], -1)
+            right = torch.stack([e_col, torch.ones_like(e_col), torch.nn.functional.pad(cb, (0, pad))], -2)
+            M.mul_(torch.matmul(left, right)).addcmul_(pr["R"], U, value=-s)
         else:
             Mc, Uc, dl = (M.mT, U.mT, dl_row) if pr["T"] else (M, U, dl_col)
             assert dl is not None
