@@ -202,6 +202,34 @@ def test_grok_command(tmp_path):
     assert (tmp_path / "val_acc.png").stat().st_size > 0
 
 
+def test_grok_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
+    opts = X.GrokOptions(
+        optimizers=["muon", "adamw"], seeds=2, modulus=7, depth=2, width=8, hidden=8, steps=10, eval_every=5, jobs=1
+    )
+    opts.out = str(tmp_path)
+    first = X.grok(opts, log=lambda m: None)
+    kept = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*.json"))
+    assert kept == ["runs/adamw/seed0.json", "runs/adamw/seed1.json", "runs/muon/seed0.json", "runs/muon/seed1.json"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a kept run was trained again")
+
+    monkeypatch.setattr(X, "grok_run", no_training)
+    again = X.grok(opts, log=lambda m: None)  # every run kept: nothing trains
+    assert again["rows"] == first["rows"]
+    monkeypatch.undo()
+    (tmp_path / "runs" / "adamw" / "seed1.json").unlink()  # an interrupted run: only it trains
+    seen = []
+    real = X.grok_run
+    monkeypatch.setattr(X, "grok_run", lambda o, opt, seed: seen.append((opt, seed)) or real(o, opt, seed))
+    X.grok(opts, log=lambda m: None)
+    assert seen == [("adamw", 1)]
+    opts.steps = 11  # other settings: every run trains again
+    seen.clear()
+    X.grok(opts, log=lambda m: None)
+    assert len(seen) == 4
+
+
 def test_welch():
     assert X.welch_p([1.0], [2.0, 3.0]) is None
     p = X.welch_p([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])

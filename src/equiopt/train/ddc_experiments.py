@@ -616,6 +616,28 @@ def grok_run(opts: dict, optimizer: str, seed: int) -> dict:
     }
 
 
+#: GrokOptions fields that do not change a single run's result (a finished run is reused across them)
+_GROK_RUN_INDEPENDENT = ("optimizers", "seeds", "jobs", "out")
+
+
+def grok_cell(opts: dict, optimizer: str, seed: int) -> dict:
+    """:func:`grok_run`, its result kept in ``<out>/runs/<optimizer>/seed<seed>.json`` as soon as
+    it finishes; a kept result of the same run settings is returned instead of training again
+    (an interrupted ``ddc-grok`` resumes with the runs it had not finished). A kept result of
+    other settings is replaced, and the replacement is logged."""
+    path = Path(opts["out"]) / "runs" / optimizer / f"seed{seed}.json"
+    settings = {k: v for k, v in opts.items() if k not in _GROK_RUN_INDEPENDENT}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == settings:
+            return kept["result"]
+        print(f"[ddc-grok] {path}: kept for other settings, run again and replaced", flush=True)
+    result = grok_run(opts, optimizer, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"settings": settings, "result": result}, "the run's result")
+    return result
+
+
 def _grok_rows(opts: GrokOptions, res: list[dict]) -> dict[str, dict]:
     rows = {}
     for o in opts.optimizers:
@@ -708,7 +730,7 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
     t0 = time.time()
     d = dataclasses.asdict(opts)
     cells = [(o, s) for o in opts.optimizers for s in range(opts.seeds)]
-    res = _run_pool(grok_run, [(d, o, s) for o, s in cells], opts.jobs)
+    res = _run_pool(grok_cell, [(d, o, s) for o, s in cells], opts.jobs)
     rows = _grok_rows(opts, res)
     summary = {
         "rows": rows,
