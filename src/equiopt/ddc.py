@@ -2211,21 +2211,11 @@ def ddc_optimizer(
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
-    target, model_or_plan, model = _sharded_target(model_or_plan, model)
-    if isinstance(model_or_plan, Plan):
-        the_plan = model_or_plan
-    else:
-        the_plan = make_plan(model_or_plan, "adamw", example=example)
-        model = model_or_plan if model is None else model
-    if model is not None:
-        model = unwrap(model)
+    target, the_plan, model = _plan_and_model(model_or_plan, model, example)
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
     lr, adam_lr, wd = _rates(base, lr, adam_lr, weight_decay, lr_scale)
-    common: dict[str, object] = dict(
-        betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps
-    )
-
+    common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
     parts, names = _partition(the_plan, found, base)
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
@@ -2235,6 +2225,20 @@ def ddc_optimizer(
     opt = DDCOptimizer(groups, found, base, names, table)
     opt.lifts = lifts
     return opt
+
+
+def _plan_and_model(
+    model_or_plan: nn.Module | Plan, model: nn.Module | None, example: ProbeInput | None
+) -> tuple[nn.Module | None, Plan, nn.Module | None]:
+    """``ddc_optimizer``'s ``(FSDP2 target or None, plan, unwrapped model for the probes)``: a
+    plan is used as given; a module is planned with the AdamW preset (an FSDP2 module's replica)."""
+    target, model_or_plan, model = _sharded_target(model_or_plan, model)
+    if isinstance(model_or_plan, Plan):
+        the_plan = model_or_plan
+    else:
+        the_plan = make_plan(model_or_plan, "adamw", example=example)
+        model = model_or_plan if model is None else model
+    return target, the_plan, (unwrap(model) if model is not None else None)
 
 
 def _rates(
