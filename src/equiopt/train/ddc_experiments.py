@@ -455,13 +455,21 @@ def _collapse_markdown(s: dict, opts: CollapseOptions, base: TrainConfig) -> str
     return "\n".join(L) + "\n"
 
 
-def _collapse_plots(per: dict[str, list[dict]], out: Path) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (plots are then skipped)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _collapse_plots(per: dict[str, list[dict]], out: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for o, ms in per.items():
@@ -698,12 +706,8 @@ def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, comm
 
 def _grok_plot(opts: GrokOptions, res: list[dict], out: Path) -> None:
     """``val_acc.png``: validation accuracy vs step, one panel per optimizer, one line per seed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(opts.optimizers), figsize=(3.2 * len(opts.optimizers), 3), squeeze=False)
     for ax, o in zip(axes[0], opts.optimizers):
