@@ -860,9 +860,6 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
             results["models"].append(_bench_model(arch, size, vs, args, rates, log, device))
     results["machine"]["load_after"] = _load()
     results["wall_s"] = time.perf_counter() - t0
-    from equiopt import fastpath
-
-    results["cost_model"] = dict(fastpath.COST)
     md = render_markdown(results)
     stem = "results/bench" if device.type == "cpu" else "results/bench_cuda"
     out_md = args.out_md if args.out_md is not None else (None if args.quick else stem + ".md")

@@ -1,12 +1,13 @@
-"""Measure the two routes of the polynomial polar maps (iterations vs Gram eigh) per shape
-and fit the cost model of :mod:`equiopt.fastpath` (``COST``).
+"""Time the routes of the polynomial polar maps per shape: the standard iterations, Gram
+Newton-Schulz and the float64 Gram-eigh route (:mod:`equiopt.fastpath`).
 
     python benchmarks/calibrate_routes.py [--threads N] [--quick]
 
 Prints, per wide shape [m, n] and batch N, the best-of-repeats time of each route (with and
-without the nuclear-norm factor of the hybrid / scaled polar maps), the faster route, the
-route the current cost model picks, and least-squares constants for ``fastpath.COST``.
-Best-of-repeats (not the median) is used: it estimates the unloaded cost on a shared machine.
+without the nuclear-norm factor of the hybrid / scaled polar maps), the fastest route and the
+route ``choose_polar_route`` picks ("auto": fewest product flops), and how often the pick is
+within 10% of the fastest. Best-of-repeats (not the median) estimates the unloaded cost on a
+shared machine.
 """
 
 import argparse
@@ -54,69 +55,38 @@ def main():
                 continue
             N = max(1, min(64, int(2e6 // (m * n))))
             shapes.append((N, m, n))
-    rows = []
-    print(f"threads {torch.get_num_threads()}")
+    print(f"threads {torch.get_num_threads()}; best-of-{a.reps} ms per batch; pick = choose_polar_route")
     print(
-        f"{'N':>4} {'m':>4} {'n':>5} | {'iter':>9} {'gram':>9} | {'iter+nuc':>9} {'gram+nuc':>9} | "
-        "best  model | best+nuc model"
+        f"{'N':>4} {'m':>4} {'n':>5} nuc | {'iterative':>9} {'gram_ns':>9} {'gram':>9} | "
+        "fastest   pick      pick/fastest"
     )
+    near = total = 0
     for N, m, n in shapes:
         x = torch.randn(N, m, n)
-        t = {}
         for nuc in (False, True):
-            alpha = 1.0 if nuc else None
-            t["iter", nuc] = best(
-                lambda x=x, alpha=alpha: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), a.reps
+            t = route_times(x, 1.0 if nuc else None, a.reps)
+            pick = fastpath.choose_polar_route(m, n, 5, nuc, device=x.device, cdt=x.dtype)
+            fastest = min(t, key=t.__getitem__)
+            near, total = near + (t[pick] <= 1.1 * t[fastest]), total + 1
+            print(
+                f"{N:4d} {m:4d} {n:5d} {'yes' if nuc else 'no ':>3} | "
+                + " ".join(f"{t[r] * 1e3:8.3f}m" for r in ROUTES)
+                + f" | {fastest:9s} {pick:9s} {t[pick] / t[fastest]:.2f}",
+                flush=True,
             )
-            t["gram", nuc] = best(
-                lambda x=x, alpha=alpha: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), a.reps
-            )
-        pick = [fastpath.choose_polar_route(m, n, 5, nuc, device=x.device, cdt=x.dtype) for nuc in (False, True)]
-        fast = ["gram" if t["gram", nuc] < t["iter", nuc] else "iterative" for nuc in (False, True)]
-        print(
-            f"{N:4d} {m:4d} {n:5d} | {t['iter', False] * 1e3:8.3f}m {t['gram', False] * 1e3:8.3f}m | "
-            f"{t['iter', True] * 1e3:8.3f}m {t['gram', True] * 1e3:8.3f}m | {fast[0][:4]} {pick[0][:4]} | "
-            f"{fast[1][:4]} {pick[1][:4]}",
-            flush=True,
-        )
-        rows.append((N, m, n, t))
-    fit(rows)
+    print(f"the pick is within 10% of the fastest route in {near} of {total} cases")
 
 
-def fit(rows):
-    """Non-negative least squares on relative errors for the constants of ``fastpath.COST``:
-    iter = mm32 F_it + steps iter_step [+ eigvalsh_a m^3 + eigvalsh_b];
-    gram = mm64 F_gr + eigh_a m^3 + eigh_q m^2 + eigh_b (per matrix). Prints the constants and
-    how often the fitted model picks the measured faster route."""
-    import numpy as np
-    from scipy.optimize import nnls
+ROUTES = ("iterative", "gram_ns", "gram")
 
-    names = ["mm32", "iter_step", "eigvalsh_a", "eigvalsh_b", "mm64", "eigh_a", "eigh_q", "eigh_b"]
-    A, cases = [], []
-    for N, m, n, t in rows:
-        f_it = fastpath.polar_flops("iterative", m, n, 5, False)["mm32"]
-        f_gr = fastpath.polar_flops("gram", m, n, 5, False)["mm64"]
-        it = [f_it, 5, 0, 0, 0, 0, 0, 0]
-        it_nuc = [f_it, 5, m**3, 1, 0, 0, 0, 0]
-        gr = [0, 0, 0, 0, f_gr, m**3, m**2, 1]
-        for feat, key in ((it, ("iter", False)), (it_nuc, ("iter", True)), (gr, ("gram", False)), (gr, ("gram", True))):
-            A.append(np.array(feat, dtype=float) / (t[key] / N))  # relative error of the per-matrix time
-        cases.append((m, n, t, N, it, it_nuc, gr))
-    A = np.array(A)
-    col = A.max(axis=0)
-    col[col == 0] = 1
-    sol, _ = nnls(A / col, np.ones(len(A)))
-    sol = sol / col
-    print("fitted COST:")
-    for k, v in zip(names, sol):
-        print(f"  {k}: {v:.4g}" + (f"  (= {1 / v / 1e9:.1f} GFLOP/s)" if k.startswith("mm") and v > 0 else ""))
-    agree = total = 0
-    for _m, _n, t, _N, it, it_nuc, gr in cases:
-        for nuc, feat in ((False, it), (True, it_nuc)):
-            pred_iter, pred_gram = float(np.dot(feat, sol)), float(np.dot(gr, sol))
-            total += 1
-            agree += (pred_iter < pred_gram) == (t["iter", nuc] < t["gram", nuc])
-    print(f"fitted model picks the faster route in {agree} of {total} cases")
+
+def route_times(x, alpha, reps) -> dict:
+    """Best-of-``reps`` seconds of each route on the batch ``x`` (``alpha``: nuclear factor)."""
+    return {
+        "iterative": best(lambda: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha), reps),
+        "gram_ns": best(lambda: fastpath.iterative_polar(x, "polar_express", None, alpha=alpha, gram_ns=True), reps),
+        "gram": best(lambda: fastpath.spectral_polar(x, "polar_express", None, alpha=alpha), reps),
+    }
 
 
 def chunks(a):

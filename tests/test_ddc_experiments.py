@@ -217,6 +217,9 @@ def test_grok_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(X, "grok_run", no_training)
     again = X.grok(opts, log=lambda m: None)  # every run kept: nothing trains
     assert again["rows"] == first["rows"]
+    assert (first["reused_runs"], again["reused_runs"], again["run_count"]) == (0, 4, 4)
+    assert again["run_seconds"] == first["run_seconds"]  # the kept runs' own time, not this invocation's
+    assert "4 of 4 runs reused" in (tmp_path / "summary.md").read_text()
     monkeypatch.undo()
     (tmp_path / "runs" / "adamw" / "seed1.json").unlink()  # an interrupted run: only it trains
     seen = []
@@ -228,6 +231,27 @@ def test_grok_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
     seen.clear()
     X.grok(opts, log=lambda m: None)
     assert len(seen) == 4
+
+
+def test_grok_pair_statistics():
+    """The comparison line: Fisher on the counts, Mann-Whitney on the steps with the seeds that
+    did not generalise ranked beyond the budget, Welch on the steps of those that did; checked
+    against scipy called on the explicit lists."""
+    from scipy.stats import fisher_exact, mannwhitneyu, ttest_ind
+
+    opts = X.GrokOptions(steps=3000, eval_every=50)
+    ra = {"generalised": 3, "seeds": 4, "grok_steps": [1000, 1200, 1500]}
+    rb = {"generalised": 4, "seeds": 4, "grok_steps": [600, 650, 700, 800]}
+    line = X._grok_pair(opts, ra, rb, "muon", "ddc_muon", fisher_exact)
+    p_mw = mannwhitneyu([600, 650, 700, 800], [1000, 1200, 1500, 3050]).pvalue
+    p_w = ttest_ind([600, 650, 700, 800], [1000, 1200, 1500], equal_var=False).pvalue
+    assert f"4/4 vs 3/4 generalised, Fisher exact p = {fisher_exact([[3, 1], [4, 0]]).pvalue:.2g}" in line
+    assert f"Mann-Whitney p = {p_mw:.2g}" in line and f"Welch p = {p_w:.2g}" in line
+    assert "688 vs 1233" in line
+    none = {"generalised": 0, "seeds": 4, "grok_steps": []}
+    line = X._grok_pair(opts, ra, none, "adamw", "ddc_adam", fisher_exact)
+    assert "Mann-Whitney" in line and "Welch" not in line  # no steps to average on one side
+    assert "Mann-Whitney" not in X._grok_pair(opts, none, none, "adamw", "ddc_adam", fisher_exact)
 
 
 def test_welch():

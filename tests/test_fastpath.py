@@ -298,14 +298,19 @@ def test_extreme_scales_match(magnitude):
 
 
 def test_route_choice():
-    """The cost model picks the Gram route for small Gram sides with n >> m, iterations for
-    large square ones; non-CPU devices / half precision always iterate."""
+    """auto: Gram Newton-Schulz where it needs fewer product flops than the iterations (wide
+    matrices), the iterations on square ones; non-CPU devices / half precision always iterate;
+    the float64 eigh route only when asked for."""
     cpu = torch.device("cpu")
-    assert fastpath.choose_polar_route(64, 4096, 5, True, device=cpu, cdt=torch.float32) == "gram"
+    assert fastpath.choose_polar_route(64, 4096, 5, True, device=cpu, cdt=torch.float32) == "gram_ns"
+    assert fastpath.choose_polar_route(512, 1536, 5, False, device=cpu, cdt=torch.float64) == "gram_ns"
     assert fastpath.choose_polar_route(1024, 1024, 5, False, device=cpu, cdt=torch.float32) == "iterative"
+    assert fastpath.choose_polar_route(512, 512, 5, True, device=cpu, cdt=torch.float32) == "iterative"
     assert fastpath.choose_polar_route(8, 512, 5, True, device=cpu, cdt=torch.bfloat16) == "iterative"
     assert fastpath.choose_polar_route(8, 512, 5, True, device=torch.device("meta"), cdt=torch.float32) == "iterative"
     assert fastpath.choose_polar_route(8, 512, 5, True, device=cpu, cdt=torch.float32, route="iterative") == "iterative"
+    assert fastpath.choose_polar_route(8, 512, 5, True, device=cpu, cdt=torch.float32, route="gram") == "gram"
+    assert fastpath.choose_polar_route(8, 512, 5, True, device=cpu, cdt=torch.bfloat16, route="gram") == "iterative"
     with pytest.raises(ValueError):
         fastpath.FastPathOptions(polar_route="fastest")
 
@@ -406,9 +411,9 @@ def test_batched_eigvalsh_equals_one_call_bitwise(shape):
         torch.set_num_threads(threads)
 
 
-def test_route_cost_model_favours_iterations_with_more_threads():
-    """Products scale with threads, eigh hardly: a shape that takes the iterations at few
-    threads keeps them at more threads, and (128 x 1024, nuclear) switches to them."""
+def test_route_choice_is_a_flop_count_independent_of_threads():
+    """The choice follows the flop counts alone: the same at 1, 2 and 16 threads, and
+    gram_ns exactly where gram_ns_flops < the iterations' product flops."""
     cpu = torch.device("cpu")
     shapes = [(m, r * m) for m in (16, 32, 64, 128, 256, 512) for r in (1, 2, 4, 8, 16)]
     threads = torch.get_num_threads()
@@ -419,12 +424,8 @@ def test_route_cost_model_favours_iterations_with_more_threads():
             picks[t] = {s: fastpath.choose_polar_route(*s, 5, True, device=cpu, cdt=torch.float32) for s in shapes}
     finally:
         torch.set_num_threads(threads)
-    for s in shapes:
-        order = [picks[t][s] for t in (1, 2, 16)]
-        assert order in (
-            ["gram"] * 3,
-            ["iterative"] * 3,
-            ["gram", "iterative", "iterative"],
-            ["gram", "gram", "iterative"],
-        ), (s, order)
-    assert picks[2][(128, 1024)] == "gram" and picks[16][(128, 1024)] == "iterative"
+    assert picks[1] == picks[2] == picks[16]
+    for (m, n), route in picks[1].items():
+        fewer = fastpath.gram_ns_flops(m, n, 5) < fastpath.polar_flops("iterative", m, n, 5, False)["mm32"]
+        assert route == ("gram_ns" if fewer else "iterative"), (m, n)
+    assert (picks[1][(64, 64)], picks[1][(64, 256)]) == ("iterative", "gram_ns")

@@ -101,9 +101,14 @@ def test_zero_matrix_and_route_choice():
     assert (
         fastpath.choose_polar_route(128, 128, 5, False, device=cpu, cdt=torch.float32, route="gram_ns") == "iterative"
     )
-    # auto never takes it (opt-in)
-    for m, n in ((64, 4096), (512, 1536), (128, 128)):
-        assert fastpath.choose_polar_route(m, n, 5, False, device=cpu, cdt=torch.float32) != "gram_ns"
+    # auto takes it on CPU in float32/float64 where it needs fewer flops, never in bf16 or off CPU
+    for m, n in ((64, 4096), (512, 1536)):
+        assert fastpath.choose_polar_route(m, n, 5, False, device=cpu, cdt=torch.float32) == "gram_ns"
+        assert fastpath.choose_polar_route(m, n, 5, False, device=cpu, cdt=torch.bfloat16) == "iterative"
+        assert (
+            fastpath.choose_polar_route(m, n, 5, False, device=torch.device("meta"), cdt=torch.float32) == "iterative"
+        )
+    assert fastpath.choose_polar_route(128, 128, 5, False, device=cpu, cdt=torch.float32) == "iterative"
 
 
 def test_flop_count_below_iterations_for_wide_matrices():

@@ -22,12 +22,11 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   ``steps`` rounds of ``[m, n]`` products and yields the exact nuclear norm for free. It is
   the SAME map as the iterations (not the exact polar factor), more accurate than the
   float32 iterations, and its cost does not depend on the number of steps (8 steps, a
-  converged U V^T, cost what 5 do). It is cheaper when ``n`` is a few times ``m`` and
-  ``m`` is moderate (on this 2-core CPU at 2 threads, with the nuclear norm: from n ~ 4 m at
-  m = 128, n ~ 2 m at m = 256-512, e.g. the 512 x 1536 hybrid MLP maps; the presets'
-  per-head [32 or 64, d] blocks stay on the iterations); :func:`choose_polar_route` decides
-  by a cost model fitted with ``benchmarks/calibrate_routes.py`` (see ``COST``).
-* **Gram Newton-Schulz** (opt-in, ``polar_route="gram_ns"``) -- the same iterations run on
+  converged U V^T, cost what 5 do). Opt-in (``polar_route="gram"``): on this CPU it is
+  at best a few percent faster than Gram Newton-Schulz (512 x 1536 with the nuclear norm) and
+  up to 2x slower on square and small matrices.
+* **Gram Newton-Schulz** (the default for wide float32/float64 matrices on CPU) -- the same
+  iterations run on
   the small ``m x m`` Gram ``A = X X^T`` instead of on ``X``: every iterate is ``R_t X`` with
   ``R_t`` a polynomial in ``A``, so ``Q_t = a I + b A_t + c A_t^2``, ``R <- R Q_t``,
   ``A_{t+1} = A_t Q_t^2`` cost ``O(m^3)`` per step and ``X`` is touched by products only at
@@ -91,8 +90,9 @@ class FastPathOptions:
     stack_bytes: stacked batches are cut at parameter boundaries beyond this many bytes
         (1 MiB: about the L2 cache of this machine's two cores; measured in
         ``benchmarks/calibrate_routes.py --chunks``).
-    polar_route: "auto" (cost model: "iterative" or "gram"), "iterative", "gram" or "gram_ns"
-        (the iterations on the small Gram matrix, :func:`_gram_iterate`; opt-in) for Polar
+    polar_route: "auto" (fewest product flops: "gram_ns" or "iterative",
+        :func:`choose_polar_route`), "iterative", "gram" (float64 eigh) or "gram_ns"
+        (the iterations on the small Gram matrix, :func:`_gram_iterate`) for Polar
         Express / Newton-Schulz.
     compile: run the per-shape kernels through ``torch.compile`` (opt-in).
     compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" traces without
@@ -377,37 +377,8 @@ def spectral_polar(
 
 
 # ----------------------------------------------------------------------------------------
-# route choice: a cost model of this machine
+# route choice: fewest product flops
 # ----------------------------------------------------------------------------------------
-
-# Cost model of the two routes on CPU, seconds per unit: fp32 / fp64 matrix-product flops,
-# a per-matrix cost of each polynomial step (small-matrix call overhead), and eigendecompositions
-# of the m x m Gram, eigh(m) ~ eigh_a m^3 + eigh_q m^2 + eigh_b per matrix (float64, with
-# vectors; eigvalsh_* float32, without). Only the ratios matter for the choice.
-# Relative-error non-negative least-squares fit (benchmarks/calibrate_routes.py) on the idle
-# 2-core development CPU, 2 threads, 2026-11-22: the fit picks the faster route on 59 of the 64
-# measured (shape, nuclear) cases, the five misses within 20% of a tie. eigh is ~m^2 over the
-# calibrated sizes (m <= GRAM_MAX_M); beyond them it is not extrapolated: iterations.
-COST = {
-    "mm32": 1.992e-11,
-    "iter_step": 1.886e-06,
-    "mm64": 4.644e-11,
-    "eigh_a": 0.0,
-    "eigh_q": 1.360e-07,
-    "eigh_b": 1.389e-05,
-    "eigvalsh_a": 1.925e-10,
-    "eigvalsh_b": 1.185e-05,
-}
-#: Largest small side m of the calibration; the Gram route is not chosen automatically above it.
-GRAM_MAX_M = 512
-#: torch threads of the calibration. Matrix products scale with the thread count, LAPACK's
-#: eigendecompositions much less (eigvalsh(512): x1.3 from 1 to 2 threads, threads^0.38):
-#: the product terms are scaled by (CALIBRATION_THREADS / threads), the eigh terms by that
-#: ratio to the power EIGH_THREAD_EXPONENT, so that on a many-core CPU the iterations win more
-#: often. `polar_route="iterative"|"gram"` forces a route; benchmarks/calibrate_routes.py
-#: refits the constants for another machine.
-CALIBRATION_THREADS = 2
-EIGH_THREAD_EXPONENT = 0.38
 
 
 def polar_flops(route: str, m: int, n: int, steps: int, nuclear: bool) -> dict:
@@ -447,43 +418,32 @@ def gram_ns_flops(m: int, n: int, steps: int) -> int:
     return total
 
 
-def route_seconds(route: str, m: int, n: int, steps: int, nuclear: bool, count: int = 1) -> float:
-    """Cost-model time of ``count`` wide [m, n] matrices at the current torch thread count."""
-    f = polar_flops(route, m, n, steps, nuclear)
-    ratio = CALIBRATION_THREADS / max(1, torch.get_num_threads())
-    eig_ratio = ratio**EIGH_THREAD_EXPONENT
-    t = (f["mm32"] * COST["mm32"] + f["mm64"] * COST["mm64"]) * ratio
-    if route in ("iterative", "gram_ns"):
-        t += steps * COST["iter_step"]
-        if nuclear:
-            t += (COST["eigvalsh_a"] * m**3 + COST["eigvalsh_b"]) * eig_ratio
-    else:
-        t += (COST["eigh_a"] * m**3 + COST["eigh_q"] * m**2 + COST["eigh_b"]) * eig_ratio
-    return t * count
-
-
 def choose_polar_route(
     m: int, n: int, steps: int, nuclear: bool, *, device: torch.device, cdt: torch.dtype, route: str = "auto"
 ) -> str:
-    """\"iterative", "gram" or "gram_ns" for wide [m, n] matrices (m <= n). The Gram route needs a
-    float32/float64 computation on CPU (it runs float64 eigh); on other devices and for
-    half-precision iterations the iterations are used. "gram_ns" is only taken when asked for
-    (``route="gram_ns"``, any device and dtype), and then only where it needs fewer product
-    flops than the iterations (n >~ 1.5-2 m; square matrices stay on the iterations); "auto"
-    chooses between the other two."""
+    """\"iterative", "gram" or "gram_ns" for wide [m, n] matrices (m <= n).
+
+    "auto": on CPU with float32/float64 iterations, "gram_ns" where it needs fewer product
+    flops than the standard iterations (:func:`gram_ns_flops`: n >~ 1.5-2 m; square matrices
+    stay on the iterations), else "iterative". A flop count, not a machine fit: measured on the
+    benchmark shapes at 1 and 2 threads (``results/route_check.md``) it is the fastest route
+    or within a few percent of it, where the former fitted cost model (iterations vs the
+    float64 eigh route) went stale on a CPU with a 4x faster fp32 product rate and picked the
+    eigh route on square 512 matrices (x1.2-1.35 slower) and on whole models (the 59M Qwen3
+    `muon` step at 2 threads x1.9 slower). Other
+    devices and half precision iterate (unmeasured there). ``nuclear`` does not change the
+    choice. "gram_ns" when asked for: only where it needs fewer flops; "gram" (the float64
+    eigh route, the most accurate) and "iterative" when asked for."""
+    del nuclear  # both candidates compute the nuclear factor from the same first Gram matrix
+    fewer = gram_ns_flops(m, n, steps) < polar_flops("iterative", m, n, steps, False)["mm32"]
     if route == "iterative":
         return route
     if route == "gram_ns":
-        cheaper = gram_ns_flops(m, n, steps) < polar_flops("iterative", m, n, steps, False)["mm32"]
-        return "gram_ns" if cheaper else "iterative"
+        return "gram_ns" if fewer else "iterative"
     gram_ok = cdt in (torch.float32, torch.float64) and m > 0
     if route == "gram":
         return "gram" if gram_ok else "iterative"
-    if not gram_ok or device.type != "cpu" or m > GRAM_MAX_M:
-        return "iterative"
-    it = route_seconds("iterative", m, n, steps, nuclear)
-    gr = route_seconds("gram", m, n, steps, nuclear)
-    return "gram" if gr < it else "iterative"
+    return "gram_ns" if fewer and gram_ok and device.type == "cpu" else "iterative"
 
 
 # ----------------------------------------------------------------------------------------

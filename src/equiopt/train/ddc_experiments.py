@@ -638,7 +638,7 @@ def grok_cell(opts: dict, optimizer: str, seed: int) -> dict:
     if path.exists():
         kept = json.loads(path.read_text())
         if kept.get("settings") == settings:
-            return kept["result"]
+            return kept["result"] | {"reused": True}
         print(f"[ddc-grok] {path}: kept for other settings, run again and replaced", flush=True)
     result = grok_run(opts, optimizer, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -679,7 +679,7 @@ def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, comm
         )
         + f"; seeds 0..{opts.seeds - 1}. Wall "
         f"{wall:.0f} s with {opts.jobs} job(s); load average "
-        f"{', '.join(f'{x:.2f}' for x in load)}.\n",
+        f"{', '.join(f'{x:.2f}' for x in load)}; " + _grok_reuse_note(summary) + "\n",
         "| optimizer | generalised (val acc > "
         f"{opts.target_acc:.0%}) | steps when they did | final val acc (all seeds) | final train acc | diverged |",
         "|---|---|---|---|---|---|",
@@ -691,17 +691,47 @@ def _grok_markdown(opts: GrokOptions, rows: dict[str, dict], summary: dict, comm
         )
     for a, b in (("muon", "ddc_muon"), ("adamw", "ddc_adam")):
         if a in rows and b in rows:
-            ra, rb = rows[a], rows[b]
-            table = [
-                [ra["generalised"], ra["seeds"] - ra["generalised"]],
-                [rb["generalised"], rb["seeds"] - rb["generalised"]],
-            ]
-            pv = fisher_exact(table).pvalue
-            lines.append(
-                f"\n{b} vs {a}: {rb['generalised']}/{rb['seeds']} vs {ra['generalised']}/{ra['seeds']} "
-                f"generalised, Fisher exact p = {pv:.2g}."
-            )
+            lines.append("\n" + _grok_pair(opts, rows[a], rows[b], a, b, fisher_exact))
     return "\n".join(lines) + "\n"
+
+
+def _grok_pair(opts: GrokOptions, ra: dict, rb: dict, a: str, b: str, fisher_exact) -> str:
+    """One comparison line: the fraction generalised (Fisher exact), the step to generalise
+    with the seeds that did not counted beyond the budget (Mann-Whitney U, two-sided: a rank
+    test that needs no value for them), and the mean step of those that did (Welch)."""
+    from scipy.stats import mannwhitneyu
+
+    table = [[ra["generalised"], ra["seeds"] - ra["generalised"]], [rb["generalised"], rb["seeds"] - rb["generalised"]]]
+    line = (
+        f"{b} vs {a}: {rb['generalised']}/{rb['seeds']} vs {ra['generalised']}/{ra['seeds']} "
+        f"generalised, Fisher exact p = {fisher_exact(table).pvalue:.2g}"
+    )
+    beyond = opts.steps + opts.eval_every
+
+    def steps(r: dict) -> list[int]:
+        return r["grok_steps"] + [beyond] * (r["seeds"] - r["generalised"])
+
+    if ra["seeds"] and rb["seeds"] and (ra["generalised"] or rb["generalised"]):
+        line += f"; step to generalise, Mann-Whitney p = {mannwhitneyu(steps(rb), steps(ra)).pvalue:.2g}"
+    if ra["generalised"] >= 2 and rb["generalised"] >= 2:
+        line += (
+            f"; mean step of those that did {np.mean(rb['grok_steps']):.0f} vs {np.mean(ra['grok_steps']):.0f}, "
+            f"Welch p = {_fmt_p(welch_p(rb['grok_steps'], ra['grok_steps']))}"
+        )
+    return line + "."
+
+
+def _grok_reuse_note(summary: dict) -> str:
+    """How much of the report this invocation trained: runs kept from an earlier invocation are
+    reused, so its wall time covers only the others; the runs' own time is their sum."""
+    reused, total = summary["reused_runs"], summary["run_count"]
+    run_s = summary["run_seconds"]
+    if not reused:
+        return f"{total} runs trained, {run_s:.0f} s of run time in total (1 thread each)."
+    return (
+        f"{reused} of {total} runs reused from an earlier invocation (wall above: the other runs only); "
+        f"{run_s:.0f} s of run time in total over all {total} runs (1 thread each)."
+    )
 
 
 def _grok_plot(opts: GrokOptions, res: list[dict], out: Path) -> None:
@@ -743,6 +773,9 @@ def grok(opts: GrokOptions, *, log=print, command: str | None = None) -> dict:
         "load_average": list(os.getloadavg()),
         "commit": git_revision(),
         "command": command,
+        "run_count": len(res),
+        "reused_runs": sum(bool(r.get("reused")) for r in res),
+        "run_seconds": sum(r["wall_s"] for r in res),
     }
     write_json(out / "summary.json", {**summary, "runs": res}, "summary")
     md = _grok_markdown(opts, rows, summary, command)
