@@ -231,6 +231,10 @@ def test_grok_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
     seen.clear()
     X.grok(opts, log=lambda m: None)
     assert len(seen) == 4
+    seen.clear()
+    monkeypatch.setattr(X, "git_revision", lambda: "another-commit")  # other code: every run trains again
+    X.grok(opts, log=lambda m: None)
+    assert len(seen) == 4
 
 
 def test_grok_pair_statistics():

@@ -20,5 +20,5 @@ PYTHONPATH=src "$PY" -m equiopt ddc-collapse \
   --eval-every 150 --eval-tokens 8192 --train-eval-tokens 8192 --ckpt-every 600 \
   --probe-seqs 16 --probe-len 64 --lr-scales 0.5,1,2 --sweep-steps 300 --jobs 2 \
   --out "$OUT" "$@"
-echo "wall $(( $(date +%s) - START )) s; load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$DEST/wall.txt"
+echo "$(git rev-parse --short HEAD): wall $(( $(date +%s) - START )) s; load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$DEST/wall.txt"
 cp "$OUT"/summary.md "$OUT"/summary.json "$OUT"/fits.json "$OUT"/lr.json "$OUT"/*.png "$DEST"/

@@ -630,11 +630,12 @@ _GROK_RUN_INDEPENDENT = ("optimizers", "seeds", "jobs", "out")
 
 def grok_cell(opts: dict, optimizer: str, seed: int) -> dict:
     """:func:`grok_run`, its result kept in ``<out>/runs/<optimizer>/seed<seed>.json`` as soon as
-    it finishes; a kept result of the same run settings is returned instead of training again
-    (an interrupted ``ddc-grok`` resumes with the runs it had not finished). A kept result of
-    other settings is replaced, and the replacement is logged."""
+    it finishes; a kept result of the same run settings and code (the git commit, "+dirty" for
+    a modified tree) is returned instead of training again (an interrupted ``ddc-grok`` resumes
+    with the runs it had not finished). A kept result of other settings or other code is
+    replaced, and the replacement is logged."""
     path = Path(opts["out"]) / "runs" / optimizer / f"seed{seed}.json"
-    settings = {k: v for k, v in opts.items() if k not in _GROK_RUN_INDEPENDENT}
+    settings = {k: v for k, v in opts.items() if k not in _GROK_RUN_INDEPENDENT} | {"commit": git_revision()}
     if path.exists():
         kept = json.loads(path.read_text())
         if kept.get("settings") == settings:
