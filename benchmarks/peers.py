@@ -4,8 +4,10 @@ For each benchmark model it times the whole optimizer step (median over rounds i
 round-robin across the optimizers in one process, the warm-up step excluded; parameters and
 gradients restored before every step, so every optimizer sees the same numbers) of
 
-* ``equiopt_muon``, ``equiopt_paper``: the presets (fast path, route chosen by the cost model);
-  ``equiopt_muon_gram_ns``, ``equiopt_paper_gram_ns``: the same with ``polar_route="gram_ns"``;
+* ``equiopt_muon``, ``equiopt_paper``: the presets (fast path, the default route per shape:
+  Gram Newton-Schulz where it needs fewer product flops, else the iterations);
+  ``equiopt_muon_iterative``, ``equiopt_paper_iterative``: the same with
+  ``polar_route="iterative"`` (the standard iterations on every shape: what the route buys);
   ``equiopt_muon_bf16``, ``equiopt_paper_bf16``: with ``polar_dtype=torch.bfloat16`` (the peers'
   shipped dtype; on CPU the presets iterate in float32 unless told);
 * ``textbook_fp32``: :class:`TextbookMuon`, torch.optim.Muon's algorithm in float32, one
@@ -74,8 +76,8 @@ PEERS = {
 VARIANTS = (
     "equiopt_muon",
     "equiopt_paper",
-    "equiopt_muon_gram_ns",
-    "equiopt_paper_gram_ns",
+    "equiopt_muon_iterative",
+    "equiopt_paper_iterative",
     "equiopt_muon_bf16",
     "equiopt_paper_bf16",
     "textbook_fp32",
@@ -260,7 +262,7 @@ def make_optimizer(name: str, model, plan, device: torch.device):
         preset = name.split("_")[1]
         kw = {"polar_dtype": "bfloat16"} if name.endswith("_bf16") else {}
         opt = equiopt.build(model, preset=preset, foreach=True, **kw)
-        fastpath.configure(opt, polar_route="gram_ns" if name.endswith("gram_ns") else "auto")
+        fastpath.configure(opt, polar_route="iterative" if name.endswith("_iterative") else "auto")
         return opt, ""
     if name == "textbook_fp32":
         dt = torch.bfloat16 if half else torch.float32
@@ -441,7 +443,7 @@ def ns_functions(device: torch.device) -> dict:
     for preset in ("muon", "paper"):
         for route, suffix, kw in (
             ("auto", "", {}),
-            ("gram_ns", "_gram_ns", {}),
+            ("iterative", "_iterative", {}),
             ("auto", "_bf16", {"polar_dtype": "bfloat16"}),
         ):
             fn, _ = _equiopt_map(preset, route, **kw)
