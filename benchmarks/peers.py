@@ -32,7 +32,10 @@ silently compared. Beside each time: the numerics of the variant's Newton-Schulz
 gradient matrix of the model (its first MLP input matrix): the singular values of the
 update over their mean, the distance to the same polynomial in float64 and to U V^T; and a
 FLOP floor: the minimum product FLOPs of the map (:func:`floor_flops`) over the machine's
-product rate measured here in the variant's Newton-Schulz dtype (fp32 or bf16). Writes
+product rate measured here in the variant's Newton-Schulz dtype (fp32 or bf16), and a roofline
+floor: that plus the whole step's minimum memory traffic (:func:`step_bytes`) over the copy
+bandwidth measured here (AdamW on embeddings and heads is bandwidth-bound and has no
+product FLOPs). Writes
 ``--out``.md/.json. Run on an idle machine::
 
     PYTHONPATH=src python benchmarks/peers.py            # --threads 1,2, all models, ~15-25 min idle
@@ -63,6 +66,7 @@ from equiopt import fastpath, maps
 from equiopt.functional import map_kwargs
 from equiopt.polar import NEWTON_SCHULZ_COEFFS, newton_schulz, svd_polar
 from equiopt.presets import DEFAULTS, PRESETS, resolve
+from equiopt.train.loop import git_revision
 from equiopt.train.models import ModelConfig, build_model
 
 MUON_ROLES = ("attention", "mlp_in", "mlp_out", "expert_in", "expert_out", "matrix")
@@ -408,6 +412,36 @@ def floor_flops(m: int, n: int, steps: int, nuclear: bool, symmetric: bool = Tru
     return min(std, gram) + ((4 * m**3) // 3 if nuclear else 0)
 
 
+#: float32 values a step must read and write per parameter at least: AdamW reads the parameter,
+#: gradient and two moments and writes three; a momentum map (polar, hybrid, row norms) reads
+#: the parameter, gradient and momentum and writes two. The update itself may stay in cache.
+STEP_FLOATS = {"adamw": 7, "momentum": 5}
+
+
+def step_bytes(model, preset: str) -> int:
+    """Minimum bytes the preset's whole step moves (:data:`STEP_FLOATS`, float32 state)."""
+    opt = equiopt.build(model, preset=preset)
+    return sum(
+        4 * STEP_FLOATS["adamw" if g["map"] == "adamw" else "momentum"] * sum(p.numel() for p in g["params"])
+        for g in opt.param_groups
+    )
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of one large copy (read + write; best of 5 after a warm-up)."""
+    n = 32 * 2**20  # floats: 128 MiB per buffer, well beyond the caches
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4 * n / best
+
+
 def map_floor(model, preset: str, symmetric: bool = True) -> int:
     """Floor FLOPs of the preset's polar maps over the whole model (row norms: bandwidth, not counted)."""
     opt = equiopt.build(model, preset=preset)
@@ -528,11 +562,13 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
     num = numerics(model, plan, grads, device, args.variant_list)
     floors = {k: map_floor(model, k) for k in ("muon", "paper")}
     floors_gemm = {k: map_floor(model, k, symmetric=False) for k in ("muon", "paper")}
+    nbytes = {k: step_bytes(model, k) for k in ("muon", "paper")}
     rows = []
     for threads in args.thread_list:
         torch.set_num_threads(threads)
         rate = mm_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         rate16 = rate if device.type == "cuda" else mm_rate(device, torch.bfloat16)
+        bw = copy_bandwidth(device)
         steppers, notes = {}, {}
         for v in args.variant_list:
             opt, notes[v] = make_optimizer(v, model, plan, device)
@@ -548,6 +584,9 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
             r = rate16 if ns_dtype(v, device).startswith("bf16") else rate  # the floor at the variant's dtype
             key = "paper" if "paper" in v else "muon"
             fl, fl_gemm = (None, None) if flat else (floors[key] / r, floors_gemm[key] / r)
+            # roofline floor: the map's FLOP floor plus the step's minimum traffic at the copy bandwidth
+            # (a sum: the products and the bandwidth-bound parts touch different tensors one after another)
+            roof = None if fl is None else fl + nbytes[key] / bw
             variants[v] = {
                 "median_s": statistics.median(times[v]) if v in times else None,
                 "times_s": times.get(v, []),
@@ -556,10 +595,19 @@ def bench_model(name: str, args, device: torch.device, log) -> list[dict]:
                 "ns_dtype": ns_dtype(v, device),
                 "floor_s": fl,
                 "floor_gemm_s": fl_gemm,
+                "roofline_s": roof,
                 "first_step_vs_muon": agree.get(v),
                 "numerics": num.get(v),
             }
-        row = {"model": name, "params": n_params, "threads": threads, "mm_rate": rate, "mm_rate_bf16": rate16}
+        row = {
+            "model": name,
+            "params": n_params,
+            "threads": threads,
+            "mm_rate": rate,
+            "mm_rate_bf16": rate16,
+            "copy_bw": bw,
+            "step_bytes": nbytes,
+        }
         rows.append({**row, "variants": variants})
         log(render_rows([rows[-1]]))
         del steppers
@@ -578,11 +626,12 @@ def render_rows(rows: list[dict]) -> str:
         lines += [
             "",
             f"### {r['model']} ({r['params'] / 1e6:.1f}M parameters), {r['threads']} threads, "
-            f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s (bf16 {r['mm_rate_bf16'] / 1e9:.0f})",
+            f"product rate {r['mm_rate'] / 1e9:.0f} GFLOP/s (bf16 {r['mm_rate_bf16'] / 1e9:.0f}), "
+            f"copy bandwidth {r.get('copy_bw', 0) / 1e9:.1f} GB/s",
             "",
             "| variant | NS dtype | step (median) | / equiopt muon | / equiopt paper | floor (gemm) | floor / step "
-            "| sv / mean sv | to fp64 | to UV^T | 1st step vs muon | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| roofline | roofline / step | sv / mean sv | to fp64 | to UV^T | 1st step vs muon | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, x in v.items():
             t = x["median_s"]
@@ -596,6 +645,8 @@ def render_rows(rows: list[dict]) -> str:
                 _ratio(t, base["equiopt_paper"]),
                 f"{x['floor_s'] * 1e3:.1f} ({x['floor_gemm_s'] * 1e3:.1f}) ms" if x["floor_s"] else "-",
                 _ratio(x["floor_s"], t),
+                f"{x['roofline_s'] * 1e3:.1f} ms" if x.get("roofline_s") else "-",
+                _ratio(x.get("roofline_s"), t),
                 sv,
                 f"{nm['to_fp64']:.1e}" if nm else "-",
                 f"{nm['to_uvt']:.2f}" if nm else "-",
@@ -612,8 +663,9 @@ def summary(rows: list[dict]) -> str:
     bf16 variants excluded) against equiopt, and the fraction of the FLOP floor reached."""
     lines = [
         "| threads | model | fastest fp32 peer | peer / equiopt muon | peer / equiopt paper "
-        "| muon: floor / step | paper: floor / step | fastest bf16 peer | peer / equiopt muon bf16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| muon: floor / step | paper: floor / step | muon: roofline / step | paper: roofline / step "
+        "| fastest bf16 peer | peer / equiopt muon bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["variants"]
@@ -622,6 +674,7 @@ def summary(rows: list[dict]) -> str:
         best16, bt16 = _fastest(v, "bf16")
         mu, pa = t.get("equiopt_muon"), t.get("equiopt_paper")
         fl = [_ratio(v.get(k, {}).get("floor_s"), t.get(k)) for k in ("equiopt_muon", "equiopt_paper")]
+        fl += [_ratio(v.get(k, {}).get("roofline_s"), t.get(k)) for k in ("equiopt_muon", "equiopt_paper")]
         cells = [str(r["threads"]), r["model"], best or "-", _ratio(bt, mu), _ratio(bt, pa), *fl]
         cells += [best16 or "-", _ratio(bt16, t.get("equiopt_muon_bf16"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -658,6 +711,8 @@ def render_markdown(res: dict) -> str:
         "and torch AdamW (foreach) on the rest. Ratios: this row's time / equiopt's (>1: equiopt "
         "faster). Floor: minimum product FLOPs of the map (`floor_flops`; symmetric results at half cost, "
         "in parentheses with general products only) at the product rate "
+        "measured here. Roofline: that floor plus the step's minimum memory traffic (`STEP_FLOATS`: 7 "
+        "float32 values per AdamW parameter, 5 per momentum-map parameter) at the copy bandwidth "
         "measured here. Numerics on one MLP input matrix of the model: singular values of the "
         "update over their mean, relative distance to the same map in float64 and (rescaled) to "
         "U V^T. 1st step vs muon: the first step's change of the matrix parameters against equiopt "
@@ -700,9 +755,7 @@ def main(argv=None) -> None:
     out = Path(args.out or ("results/bench_peers_cuda" if device.type == "cuda" else "results/bench_peers"))
     res = {
         "command": "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": git_revision(),  # "+dirty" for a modified tree
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "python": platform.python_version(),
