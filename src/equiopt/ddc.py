@@ -67,13 +67,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import distribute_tensor
 
+from . import fastpath
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .functional import muon_scale
 from .layouts import MATRIX
 from .maps import hybrid
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
-from .polar import newton_schulz
 from .presets import DEFAULTS, PRESETS
 from .roles import ROLE_TABLE, ROLES
 
@@ -868,8 +868,18 @@ def _rescale_key(g) -> tuple:
 
 
 def _polar_update(upd: Tensor, group: dict) -> Tensor:
-    """Muon's direction of a (batch of) momentum matrices: Newton-Schulz times sqrt(max(1, rows/cols))."""
-    return newton_schulz(upd, group["ns_steps"]) * muon_scale(upd.shape[-2], upd.shape[-1])
+    """Muon's direction of a (batch of) momentum matrices [..., m, n]: Newton-Schulz times
+    sqrt(max(1, rows/cols)), evaluated by the fast path's route for the shape (the `muon`
+    preset's: :func:`equiopt.fastpath.choose_polar_route`, Gram Newton-Schulz on wide float32 /
+    float64 matrices on CPU, else the standard iterations; the same polynomial)."""
+    m, n = upd.shape[-2:]
+    x = upd.reshape(-1, m, n)
+    steps = len(fastpath.polar_coeffs("newton_schulz", group["ns_steps"]))
+    route = fastpath.choose_polar_route(min(m, n), max(m, n), steps, False, device=x.device, cdt=x.dtype)
+    out = fastpath.iterative_polar(
+        x, "newton_schulz", group["ns_steps"], scale=muon_scale(m, n), gram_ns=route == "gram_ns"
+    )
+    return out.reshape(upd.shape)
 
 
 # -- the paper's maps lifted into DDC-Muon's conditioning (rules=, docs/ddc.md "Lifting") ----
