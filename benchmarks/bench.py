@@ -625,19 +625,11 @@ _MATMUL_OPS = (
 
 def _profile_split(step) -> tuple[float, float]:
     """(seconds in matrix products / eigh, seconds in everything else) of one step (profiler
-    self times; eigvalsh batches are not split over threads in this step, see
-    :func:`equiopt.fastpath.batched_eigvalsh`)."""
+    self times)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from equiopt import fastpath
-
-    # the profiler sees only this thread: eigvalsh batches run here for the profiled step
-    split, fastpath.EIGVALSH_SPLIT_MAX_M = fastpath.EIGVALSH_SPLIT_MAX_M, 0
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-    finally:
-        fastpath.EIGVALSH_SPLIT_MAX_M = split
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
     mat = other = 0.0
     for ev in prof.key_averages():
         t = ev.self_cpu_time_total / 1e6

@@ -397,20 +397,6 @@ def test_compiled_kernels_equal_eager(name):
     compare_group(opt, opt.param_groups[0], [p.grad.clone() for p in params], "compiled")
 
 
-@pytest.mark.parametrize("shape", [(9, 96, 96), (3, 16, 16), (5, 130, 130)])
-def test_batched_eigvalsh_equals_one_call_bitwise(shape):
-    """The thread split solves each matrix with the same LAPACK call as the single batched call."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(shape[0], shape[1], 2 * shape[2], generator=g)
-    A = X @ X.mT
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert torch.equal(fastpath.batched_eigvalsh(A), torch.linalg.eigvalsh(A))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_route_choice_is_a_flop_count_independent_of_threads():
     """The choice follows the flop counts alone: the same at 1, 2 and 16 threads, and
     gram_ns exactly where gram_ns_flops < the iterations' product flops."""

@@ -42,6 +42,10 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   in the wide orientation by the normalization and the last step writes the result in the
   input's orientation.
 * **compile** (opt-in) -- the per-shape kernels can be wrapped in ``torch.compile``.
+* no thread pool: small eigvalsh batches used to be split over Python threads; on this CPU
+  (MKL) any LAPACK call from another thread left later eigvalsh calls in the process 3-10x
+  slower, and the OLMoE tiny `muon` step ran 1.4x faster without the pool
+  (``results/eigvalsh_pool.md``), so it was removed.
 
 Options: per param_group keys ``"batched"`` (default True: this module; False: the
 reference path) and ``"compile"`` (default False) when the group has them; the
@@ -52,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -169,29 +172,6 @@ def _normalizer(method: str, fro: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-#: Below this size LAPACK's symmetric eigenvalue solver runs on one core (unblocked
-#: tridiagonalization) and torch's batched CPU call walks the batch serially; measured on the
-#: 2-core development CPU: [96, 96, 96] float32 34.2 ms as one call vs 17.5 ms split over two
-#: threads; from m = 128 the library threads itself and a split gains nothing (x0.88-0.98).
-EIGVALSH_SPLIT_MAX_M = 127
-_EIG_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker count -> pool, created on first use
-
-
-def batched_eigvalsh(A: Tensor) -> Tensor:
-    """torch.linalg.eigvalsh of a batch [N, m, m]; on CPU with m <= EIGVALSH_SPLIT_MAX_M the
-    batch is cut into torch.get_num_threads() contiguous parts solved on that many Python
-    threads (torch releases the GIL): the same LAPACK call per matrix, so the same bits."""
-    k = torch.get_num_threads()
-    N, m = A.shape[0], A.shape[-1]
-    if A.device.type != "cpu" or m > EIGVALSH_SPLIT_MAX_M or k < 2 or N < 2 * k:
-        return torch.linalg.eigvalsh(A)
-    pool = _EIG_POOLS.get(k)
-    if pool is None:
-        pool = _EIG_POOLS[k] = ThreadPoolExecutor(max_workers=k, thread_name_prefix="equiopt-eigvalsh")
-    futures = [pool.submit(torch.linalg.eigvalsh, x) for x in A.tensor_split(k)]
-    return torch.cat([f.result() for f in futures])
-
-
 def _nuclear_from_eigs(lam: Tensor, size: int, dtype: torch.dtype, rcond: float | None = None) -> Tensor:
     """sum sqrt(lam) over eigenvalues above the cutoff of :func:`equiopt.polar.gram_nuclear_norm`
     (lam_max * size * finfo(dtype).eps, dtype = the matrices' dtype)."""
@@ -249,7 +229,7 @@ def iterative_polar(
     A = None
     if alpha is not None and coeffs:
         A = torch.bmm(Y, Y.mT)
-        lam = batched_eigvalsh(A.to(_lin_dtype(out_dtype)))
+        lam = torch.linalg.eigvalsh(A.to(_lin_dtype(out_dtype)))
         nuc = _nuclear_from_eigs(lam, m, out_dtype) * nu.reshape(N).to(lam.dtype)
         factor = _nuclear_scale(nuc.to(out_dtype), float(alpha)).reshape(N, 1, 1)
     elif alpha is not None:
