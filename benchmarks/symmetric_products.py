@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench import _median_time  # the step benchmark's timer (same folder)
 
 SHAPES = ((2, 512, 1536), (8, 128, 512), (16, 64, 512), (64, 32, 128), (4, 256, 512))
 
 
 def median_ms(fn, reps: int = 15) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * _median_time(fn, reps)[0]
 
 
 def row(N: int, m: int, n: int) -> list[float]:
