@@ -9,7 +9,7 @@ cd "$(git rev-parse --show-toplevel)"
 bash scripts/setup.sh
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/ddc-collapse}
-DEST=results/ddc/collapse/full
+DEST=${DEST:-results/ddc/collapse/full}
 mkdir -p "$DEST"
 git rev-parse HEAD > "$DEST/commit.txt"
 git status --porcelain --untracked-files=no | grep -q . && echo "+dirty" >> "$DEST/commit.txt" || true
