@@ -369,6 +369,55 @@ def test_reproduce_options_are_checked():
         ReproduceOptions(figure="fig9")
 
 
+@pytest.mark.parametrize(
+    "losses, expected",
+    [
+        ({0.5: 3.0, 1.0: 2.0, 2.0: 1.0}, 4.0),  # best at the top: one ratio beyond
+        ({0.5: 1.0, 1.0: 2.0, 2.0: 3.0}, 0.25),  # best at the bottom
+        ({0.5: 2.0, 1.0: 1.0, 2.0: 3.0}, None),  # interior
+        ({0.5: 2.0, 1.0: 1.5, 2.0: math.inf}, None),  # top diverged, best interior
+        ({0.5: math.inf, 1.0: math.inf}, 0.25),  # all diverged: go lower
+        ({1.0: 1.0}, None),  # one point has no edge direction
+        ({0.25: 2.0, 0.5: 1.0, 1.0: 3.0, 2.0: 4.0}, None),
+    ],
+)
+def test_edge_extension(losses, expected):
+    from equiopt.train.experiments import edge_extension
+
+    assert edge_extension(losses) == expected
+
+
+def test_reproduce_sweep_extends_winning_edges(tmp_path, monkeypatch):
+    """Synthetic losses (no training), optimum per variant: x4 and x0.5 outside the grid [1, 2], x1 on it."""
+    from equiopt.train import recipes as R
+
+    optimum = {"rownorm-router": 4.0, "left-spectral-router": 0.5, "adamw-router": 1.0}
+    calls = []
+
+    def fake_run_many(cfgs, **kw):
+        calls.append(sorted((c.variant, c.lr_scale) for c in cfgs))
+        return [{"status": "done", "val_loss": (math.log(c.lr_scale / optimum[c.variant])) ** 2} for c in cfgs]
+
+    monkeypatch.setattr(R, "run_many", fake_run_many)
+    opts = ReproduceOptions(figure="fig5", variants=list(optimum), lr_scales=[1.0, 2.0], extend_edges=3)
+    chosen = R._sweep_variants(opts, tmp_path, {"log": lambda m: None})
+    assert chosen == optimum
+    # round 1: one step past each winning edge (adamw-router's x1 sits on the lower edge of [1, 2])
+    assert calls[1] == [("adamw-router", 0.5), ("left-spectral-router", 0.5), ("rownorm-router", 4.0)]
+    assert calls[2] == [("left-spectral-router", 0.25), ("rownorm-router", 8.0)]
+    assert len(calls) == 3  # every best is interior after round 2
+    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
+    assert best["rownorm-router"]["at_grid_edge"] is False and best["adamw-router"]["at_grid_edge"] is False
+    assert [p[0] for p in best["rownorm-router"]["points"]] == [1.0, 2.0, 4.0, 8.0]
+    stopped = ReproduceOptions(figure="fig5", variants=["rownorm-router"], lr_scales=[0.5, 1.0], extend_edges=0)
+    calls.clear()
+    assert R._sweep_variants(stopped, tmp_path / "b", {"log": lambda m: None}) == {"rownorm-router": 1.0}
+    assert (
+        len(calls) == 1
+        and json.loads((tmp_path / "b" / "sweep" / "best.json").read_text())["rownorm-router"]["at_grid_edge"]
+    )
+
+
 def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch):
     from equiopt import cli
 

@@ -2,7 +2,8 @@
 # The paper's block-wise comparisons at CPU scale (results/reproduce, issue #13): the Qwen3
 # figure-3 grid (embedding/head rule x MLP rule, 6 variants) and the OLMoE figure-5 router grid
 # (4 variants). Per variant: an LR sweep of the recipe's per-role learning rates (global
-# multiplier 0.5 / 1 / 2, seed 1000, the full horizon), then 3 seeds at the chosen multiplier.
+# multiplier 0.5 / 1 / 2, seed 1000, the full horizon; a winning edge is extended by one more
+# factor of 2, up to twice), then 3 seeds at the chosen multiplier.
 # CPU scale (equiopt.train.recipes): d 128, 4 layers, the figure's experts/top-k and role
 # structure, 640 steps x 32 x 128 tokens = 2.62M tokens per run (21x the 123k of results/compare),
 # per-role schedules of the paper (matrix roles: constant then linear decay to 0 over the last

@@ -170,6 +170,22 @@ def _round(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def edge_extension(losses: dict[float, float]) -> float | None:
+    """The next learning-rate multiplier to try when the best of ``losses`` (multiplier -> final
+    validation loss, inf = diverged) sits on the edge of the tried grid: one step past that edge
+    by the grid's end ratio (``s_max**2 / s_prev`` or ``s_min**2 / s_next``; below the grid when
+    every point diverged); None when the best is interior or fewer than two points were tried."""
+    tried = sorted(losses)
+    if len(tried) < 2:
+        return None
+    best = min(tried, key=lambda s: losses[s])  # the smallest multiplier when all are inf
+    if best == tried[-1] and math.isfinite(losses[best]):
+        return _round(tried[-1] * tried[-1] / tried[-2])
+    if best == tried[0]:
+        return _round(tried[0] * tried[0] / tried[1])
+    return None
+
+
 def _for_jobs(base: TrainConfig, jobs: int) -> TrainConfig:
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -262,12 +278,9 @@ class _Sweep:
         for _ in range(extend_edges if len(lr_scales) > 1 else 0):
             specs = []
             for a, o in pairs:
-                t = tried[(a, o)]
-                best_s = min(t, key=lambda s: losses[(a, o, s)])
-                if best_s == t[-1] and math.isfinite(losses[(a, o, best_s)]):
-                    specs.append((a, o, _round(t[-1] * t[-1] / t[-2]), {}))
-                elif best_s == t[0]:
-                    specs.append((a, o, _round(t[0] * t[0] / t[1]), {}))
+                nxt = edge_extension({s: losses[(a, o, s)] for s in tried[(a, o)]})
+                if nxt is not None:
+                    specs.append((a, o, nxt, {}))
             if not specs:
                 break
             log(

@@ -60,7 +60,7 @@ from typing import Any
 from . import data as D
 from .config import TrainConfig
 from .data import DataConfig
-from .experiments import _for_jobs, run_many
+from .experiments import _for_jobs, edge_extension, run_many
 from .models import preset
 from .options import csv_list, float_list, option, positive_int
 from .report import write_report
@@ -546,6 +546,9 @@ class ReproduceOptions:
         help="data source (default: the scale's; paper scale: a folder of headerless .bin "
         "shards of fineweb-edu 10B in the model's tokenizer)",
     )
+    extend_edges: int = option(
+        2, metavar="N", help="when a variant's best sweep scale is on the grid's edge, extend past it, up to N times"
+    )
     jobs: int = option(1, parse=positive_int, help="runs trained at once, one thread each (CPU)")
     threads: int = option(0, help="torch CPU threads per run, 0 = torch's default")
     device: str = option("cpu", help="cpu or cuda[:i]")
@@ -564,7 +567,7 @@ class ReproduceOptions:
             raise ValueError(f"scale (--scale) must be one of {', '.join(SCALES)}, got {self.scale!r}")
         for v in self.variants:
             recipe.variant(v)
-        for name in ("steps", "batch_size", "eval_every", "eval_tokens", "threads"):
+        for name in ("steps", "batch_size", "eval_every", "eval_tokens", "threads", "extend_edges"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 0, got {getattr(self, name)}")
         if any(not (math.isfinite(s) and s > 0) for s in self.lr_scales):
@@ -605,32 +608,43 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _sweep_round(opts: ReproduceOptions, out: Path, run: dict, points: dict, todo: list[tuple[str, float]]) -> None:
+    """Train the (variant, lr_scale) pairs of ``todo`` at seed 1000 (runs under ``out/sweep``) and
+    add their final validation losses (inf when diverged) to ``points[variant][lr_scale]``."""
+    cfgs = []
+    for v, s in todo:
+        (c,) = dataclasses.replace(opts, variants=[v]).configs([1000], out / "sweep", tag=f"lr{s:g}")
+        cfgs.append(_for_jobs(dataclasses.replace(c, lr_scale=s, keep_checkpoint=False), opts.jobs))
+    for c, f in zip(cfgs, run_many(cfgs, desc="sweep", **run)):
+        points.setdefault(c.variant, {})[c.lr_scale] = f["val_loss"] if f["status"] == "done" else math.inf
+
+
 def _sweep_variants(opts: ReproduceOptions, out: Path, run: dict) -> dict[str, float]:
-    """Each variant's best ``lr_scale`` over ``opts.lr_scales`` (seed 1000, runs under
-    ``out/sweep``); writes ``out/sweep/best.json``."""
-    sweep_cfgs = []
-    for s in opts.lr_scales:
-        sweep_cfgs += [
-            dataclasses.replace(c, lr_scale=s, keep_checkpoint=False)
-            for c in opts.configs([1000], out / "sweep", tag=f"lr{s:g}")
-        ]
-    sweep_cfgs = [_for_jobs(c, opts.jobs) for c in sweep_cfgs]
-    finals = run_many(sweep_cfgs, desc="sweep", **run)
-    points: dict[str, list[tuple[float, float]]] = {}
-    for c, f in zip(sweep_cfgs, finals):
-        loss = f["val_loss"] if f["status"] == "done" else math.inf
-        points.setdefault(c.variant, []).append((c.lr_scale, loss))
+    """Each variant's best ``lr_scale`` over ``opts.lr_scales``, the grid extended past a winning
+    edge up to ``opts.extend_edges`` times (seed 1000, runs under ``out/sweep``); writes
+    ``out/sweep/best.json``."""
+    variants = opts.variants or opts.recipe.variant_names
+    points: dict[str, dict[float, float]] = {}
+    todo = [(v, s) for s in opts.lr_scales for v in variants]
+    for _ in range(opts.extend_edges + 1):
+        _sweep_round(opts, out, run, points, todo)
+        todo = [(v, nxt) for v in variants if (nxt := edge_extension(points[v])) is not None]
+        if not todo:
+            break
+        run["log"]("[sweep] best lr_scale on the grid's edge: trying " + ", ".join(f"{v} x{s:g}" for v, s in todo))
     chosen, best = {}, {}
-    for v, pts in points.items():
+    for v in variants:
+        pts = sorted(points[v].items())
         s, loss = min(pts, key=lambda p: p[1])
         chosen[v] = s
         best[v] = {
             "lr_scale": s,
             "val_loss": loss,
             "points": pts,
-            "at_grid_edge": len(pts) > 1 and s in (min(p[0] for p in pts), max(p[0] for p in pts)),
+            "at_grid_edge": len(pts) > 1 and s in (pts[0][0], pts[-1][0]),
         }
     if _rank0():
+        (out / "sweep").mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep" / "best.json", best, "the sweep's best learning rates")
     return chosen
 
