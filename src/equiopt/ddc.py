@@ -70,7 +70,7 @@ from torch.distributed.tensor import distribute_tensor
 from . import fastpath
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
 from .functional import muon_scale
-from .layouts import MATRIX
+from .layouts import MATRIX, Layout
 from .maps import hybrid
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
@@ -85,6 +85,7 @@ __all__ = [
     "NormGauge",
     "RescaleGauge",
     "RotationGauge",
+    "StackedRescaleGauge",
     "ShiftGauge",
     "balance",
     "derive_gauges",
@@ -94,7 +95,9 @@ __all__ = [
     "gauge_table",
     "norm_readers",
     "probe_norm",
+    "part_rows",
     "probe_rescale",
+    "probe_stacked_rescale",
 ]
 
 ADAM_LR = 6e-3  # harness LR scan (docs/ddc.md "Default learning rates"): lr_scale 2 of 3e-3
@@ -131,6 +134,52 @@ class RescaleGauge:
     @property
     def modes(self) -> int:
         return self.in_weight.shape[0]
+
+
+@dataclass
+class StackedRescaleGauge:
+    """Neuron rescale inside stacked / fused / transposed MLP weights (OLMoE's and Qwen3-MoE's
+    ``experts.gate_up_proj [E, 2h, d]`` with ``down_proj [E, d, h]``, Phi-3's fused
+    ``gate_up_proj``): row ``i`` of part ``part`` of expert ``e``'s logical in-projection
+    (:func:`part_rows`) times ``s_{e,i}``, column ``i`` of expert ``e``'s logical
+    out-projection divided by it; one gauge mode per (expert, neuron). The other parts of the
+    in-projection (the gate) are in no gauge and get the base rule inside the same step."""
+
+    name: str
+    in_weight: Tensor
+    out_weight: Tensor
+    in_layout: Layout
+    out_layout: Layout
+    part: int
+    names: tuple[str, ...] = ()
+
+    kind = "rescale"
+    in_bias = None  # in-projection biases are not claimed (derive_gauges gives the reason)
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        return (self.in_weight, self.out_weight)
+
+    @property
+    def modes(self) -> int:
+        return math.prod(part_rows(self.in_weight, self.in_layout, self.part).shape[:2])
+
+
+def part_rows(t: Tensor, layout: Layout, part: int = 0) -> Tensor:
+    """Part ``part`` of the logical matrices of a stored ``t`` as a view ``[E, m, n]`` (E = 1
+    unless stacked; rows = neurons): transposed storage read as ``[..., out, in]``, fused parts
+    concatenated (rows ``part*m:(part+1)*m``) or interleaved (rows ``part::fused``). Writing
+    into the view writes ``t``. Head splits, flattened kernels and flat experts are refused."""
+    if layout.heads > 1 or layout.flatten or layout.flat_experts:
+        raise ValueError(f"part_rows: layout {layout.describe()} is not a stacked / fused / transposed matrix")
+    y = t if layout.stacked else t.unsqueeze(0)
+    if layout.transposed:
+        y = y.mT
+    k = layout.fused
+    if k == 1:
+        return y
+    m = y.shape[1] // k
+    return y.unflatten(1, (m, k))[:, :, part] if layout.interleaved else y.unflatten(1, (k, m))[:, part]
 
 
 @dataclass
@@ -336,6 +385,37 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, see
     return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
 
 
+@torch.no_grad()
+def probe_stacked_rescale(
+    m: nn.Module,
+    in_name: str,
+    in_layout: Layout,
+    part: int,
+    out_name: str,
+    out_layout: Layout,
+    ids: ProbeInput,
+    seed: int = 0,
+) -> float:
+    """Relative change of ``m(ids)`` when row ``i`` of part ``part`` of every logical
+    in-projection of parameter ``in_name`` (:func:`part_rows`) is multiplied by a random
+    ``s_{e,i}`` in [0.5, 2] and column ``i`` of the out-projection ``out_name`` of the same
+    expert divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
+    on a float64 copy (:func:`derive_gauges` does)."""
+    params = dict(m.named_parameters())
+    w_in, w_out = params[in_name], params[out_name]
+    saved = [w_in.clone(), w_out.clone()]
+    rows, cols = part_rows(w_in, in_layout, part), part_rows(w_out, out_layout)
+    y0 = _output_tensor(_forward(m, ids))
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.exp((torch.rand(rows.shape[:2], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
+    rows.mul_(s.to(rows.dtype)[:, :, None])
+    cols.div_(s.to(cols.dtype)[:, None, :])
+    y1 = _output_tensor(_forward(m, ids))
+    w_in.copy_(saved[0])
+    w_out.copy_(saved[1])
+    return float((y1 - y0).norm() / y0.norm().clamp_min(1e-300))
+
+
 def _rel(name: str, scope: str) -> str:
     return name[len(scope) + 1 :] if scope else name
 
@@ -353,7 +433,7 @@ def _qk_norm_present(the_plan: Plan, block: AttentionBlock) -> bool:
     )
 
 
-Gauge = RescaleGauge | ShiftGauge | RotationGauge | NormGauge
+Gauge = RescaleGauge | StackedRescaleGauge | ShiftGauge | RotationGauge | NormGauge
 
 
 def _param(the_plan: Plan, name: str) -> Tensor:
@@ -374,6 +454,8 @@ def _axes(g: Gauge) -> list[tuple[Tensor, str]]:
         )
     if isinstance(g, NormGauge):
         return [(p, "whole") for p in (g.gain, g.bias) if p is not None] + [(w, "cols") for w in g.readers]
+    if isinstance(g, StackedRescaleGauge):  # steps alone (its own path): nothing else may share them
+        return [(g.in_weight, "whole"), (g.out_weight, "whole")]
     if isinstance(g, ShiftGauge):  # W -> W + 1 c^T moves along the rows; a column scale can join it
         return [(g.weight, "rows")] + ([(g.bias, "whole")] if g.bias is not None else [])
     return [(p, "whole") for p in g.params]
@@ -432,19 +514,18 @@ def _claim_shift(the_plan: Plan, block: Block, claims: _Claims) -> None:
             )
 
 
-def _rescale_candidates(the_plan: Plan, why: dict[str, str]) -> list[MLPBlock]:
-    """The dense MLPs (one expert, no fused gate_up) whose neuron rescale can be probed; the
-    parameters of the other MLPs get their reason in ``why``."""
-    mlps = [b for b in the_plan.blocks if isinstance(b, MLPBlock) and b.experts == 1 and set(b.fused or (1,)) == {1}]
+def _rescale_candidates(the_plan: Plan) -> tuple[list[MLPBlock], list[MLPBlock]]:
+    """The MLPs whose neuron rescale can be probed: ``(dense, stacked)``; dense = one expert,
+    no fused in-projection, plain ``[out, in]`` storage (:class:`RescaleGauge`, probed on the
+    block's module); stacked = every other (:class:`StackedRescaleGauge`, probed on the model)."""
+    dense: list[MLPBlock] = []
+    stacked: list[MLPBlock] = []
     for b in the_plan.blocks:
-        if isinstance(b, MLPBlock) and b not in mlps:
-            for n in b.params():
-                why.setdefault(
-                    n,
-                    "stacked or fused experts / gate_up: the neuron rescale inside the stacked tensor "
-                    "is not handled yet",
-                )
-    return mlps
+        if not isinstance(b, MLPBlock):
+            continue
+        plain = b.experts == 1 and all(the_plan.entry(n).layout == MATRIX for n in b.params())
+        (dense if plain else stacked).append(b)
+    return dense, stacked
 
 
 def _probe_choice(module: nn.Module, b: MLPBlock, tol: float, why: dict[str, str]) -> tuple[str, str | None] | None:
@@ -505,6 +586,46 @@ def _claim_rescale(
                     n,
                     "neuron rescale: a member is in another gauge (a translation) or tied",
                 )
+
+
+def _claim_stacked(
+    the_plan: Plan, b: MLPBlock, m64: nn.Module, ids: ProbeInput, claims: _Claims, tol: float, why: dict[str, str]
+) -> None:
+    """The neuron rescale gauge of a stacked / fused MLP ``b``: the last in-projection part whose
+    whole-model probe (:func:`probe_stacked_rescale` on the float64 copy ``m64``) passes."""
+    out_layout = the_plan.entry(b.out).layout
+    chosen = None
+    for name, part in b.parts():
+        layout = the_plan.entry(name).layout
+        try:
+            err = probe_stacked_rescale(m64, name, layout, part, b.out, out_layout, ids)
+        except ValueError as e:  # part_rows: a layout without plain neuron rows (head split, flat experts)
+            why.setdefault(name, f"neuron rescale: {e}")
+            continue
+        except (RuntimeError, TypeError):  # the model cannot run forward on the probe input
+            err = math.inf
+        if err <= tol:
+            chosen = (name, part, layout)
+        else:
+            why[name] = (
+                f"rescale probe of part {part} failed (output changes by {err:.1e} relative): the activation "
+                "after it is not positively homogeneous"
+            )
+    if chosen is None:
+        why.setdefault(b.out, "no in-projection part of its MLP passed the rescale probe")
+        return
+    name, part, layout = chosen
+    if b.in_bias(name) is not None:
+        for n in (name, b.out):
+            why[n] = "neuron rescale of a stacked / fused in-projection with a bias is not handled"
+        return
+    w_in, w_out = _param(the_plan, name), _param(the_plan, b.out)
+    if not claims.free(w_in, w_out):
+        for n in (name, b.out):
+            why.setdefault(n, "neuron rescale: a member is in another gauge or tied")
+        return
+    gauge = StackedRescaleGauge(f"neuron_rescale:{b.scope}", w_in, w_out, layout, out_layout, part, (name, b.out))
+    claims.take(gauge)
 
 
 def _claim_vo(the_plan: Plan, block: AttentionBlock, claims: _Claims, why: dict[str, str]) -> None:
@@ -640,10 +761,16 @@ def _norm_reason(
 
 
 def _claim_norms(
-    the_plan: Plan, model: nn.Module, claims: _Claims, tol: float, why: dict[str, str], example: ProbeInput | None
+    the_plan: Plan,
+    model: nn.Module,
+    probe: tuple[nn.Module, ProbeInput | None] | str,
+    claims: _Claims,
+    tol: float,
+    why: dict[str, str],
 ) -> None:
     """Norm-channel scale gauges: every norm-like module whose direct nn.Linear readers (found
-    by hooks on one float64 forward) pass :func:`probe_norm`."""
+    by hooks on one float64 forward) pass :func:`probe_norm`. ``probe``: the float64 model copy
+    and its input (:func:`_probe_model`), or why there is none."""
     ids_of = {id(e.param): e.name for e in the_plan.entries}
     norms = [
         (n, m)
@@ -652,26 +779,22 @@ def _claim_norms(
     ]
     if not norms:
         return
-    ids = _probe_ids(the_plan, example)
-    if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
-        for _, mod in norms:
-            why.setdefault(ids_of[id(mod.weight)], "DTensor (FSDP2) parameters: the norm-channel probe did not run")
-        return
-    m64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()  # one copy, on the CPU
-    eager = getattr(m64, "set_experts_implementation", None)
-    if callable(eager):  # HF MoE: the grouped_mm kernels take no float64
-        eager("eager")
-    try:
-        found = norm_readers(m64, ids) if ids is not None else None
-    except (RuntimeError, TypeError, ValueError) as err:  # the model cannot run on [2, 8] ids
-        found, ids = None, None
-        why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
-    else:
-        why_all = "norm-channel probe needs an input (no token embedding in the plan: pass example=)"
+    m64, ids = (None, None) if isinstance(probe, str) else probe
+    found = None
+    why_all = (
+        probe
+        if isinstance(probe, str)
+        else "norm-channel probe needs an input (no token embedding in the plan: pass example=)"
+    )
+    if m64 is not None and ids is not None:
+        try:
+            found = norm_readers(m64, ids)
+        except (RuntimeError, TypeError, ValueError) as err:  # the model cannot run on [2, 8] ids
+            why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
     for name, mod in norms:
         own = [p for p in (mod.weight, getattr(mod, "bias", None)) if isinstance(p, Tensor)]
         rs = found.get(name) if found is not None else None
-        if found is None or ids is None:
+        if found is None or m64 is None or ids is None:
             reason: str | None = why_all
         elif rs is None:
             reason = "norm-channel gauge: the norm is called more than once (or never) in one forward"
@@ -689,6 +812,20 @@ def _claim_norms(
         claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names))
 
 
+def _probe_model(
+    the_plan: Plan, model: nn.Module, example: ProbeInput | None
+) -> tuple[nn.Module, ProbeInput | None] | str:
+    """The whole-model probes' float64 CPU copy of ``model`` (eager MoE kernels) and its input
+    (:func:`_probe_ids`), or why there is none (FSDP2 DTensors are not copied)."""
+    if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2: no copy; the optimizer refuses it
+        return "DTensor (FSDP2) parameters: the whole-model probes did not run"
+    m64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    eager = getattr(m64, "set_experts_implementation", None)
+    if callable(eager):  # HF MoE: the grouped_mm kernels take no float64
+        eager("eager")
+    return m64, _probe_ids(the_plan, example)
+
+
 def derive_gauges(
     the_plan: Plan,
     model: nn.Module | None = None,
@@ -704,29 +841,38 @@ def derive_gauges(
     a weight's rows can be in a neuron gauge and its columns in a norm-channel gauge (the
     overlap rule of docs/ddc.md); a gauge whose members are taken otherwise is dropped.
     ``why``: filled with ``{parameter name: reason}`` for candidates that were not claimed
-    (:func:`gauge_table` completes it for every other parameter). ``example``: the norm probe's
-    forward input (a batch dict or ids; default: token ids from the plan's embedding)."""
+    (:func:`gauge_table` completes it for every other parameter). ``example``: the whole-model
+    probes' forward input (a batch dict or ids; default: token ids from the plan's embedding)."""
     why = {} if why is None else why
     claims = _Claims(the_plan)
     if "shift" in kinds:
         for block in the_plan.blocks:
             _claim_shift(the_plan, block, claims)
-    if "rescale" in kinds:
-        mlps = _rescale_candidates(the_plan, why)
-        if mlps and model is None:
-            warnings.warn(
-                "ddc: no model given, neuron rescale (and norm-channel) gauges cannot be probed and are not claimed",
-                stacklevel=2,
-            )
-            for b in mlps:
+    dense, stacked = _rescale_candidates(the_plan) if "rescale" in kinds else ([], [])
+    if (dense or stacked) and model is None:
+        warnings.warn(
+            "ddc: no model given, neuron rescale (and norm-channel) gauges cannot be probed and are not claimed",
+            stacklevel=2,
+        )
+        for b in dense + stacked:
+            for n in b.params():
+                why.setdefault(n, "no model given: the rescale probe could not run")
+    if model is None:
+        probe: tuple[nn.Module, ProbeInput | None] | str = "no model given"
+    else:
+        probe = _probe_model(the_plan, model, example) if stacked or "norm" in kinds else "not needed"
+        modules = dict(model.named_modules())
+        for b in dense:
+            _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
+        for b in stacked:
+            if isinstance(probe, str) or probe[1] is None:
+                reason = probe if isinstance(probe, str) else "the rescale probe needs an input (pass example=)"
                 for n in b.params():
-                    why.setdefault(n, "no model given: the rescale probe could not run")
-        elif mlps and model is not None:
-            modules = dict(model.named_modules())
-            for b in mlps:
-                _claim_rescale(the_plan, b, modules.get(b.scope), claims, tol, why)
+                    why.setdefault(n, f"neuron rescale: {reason}")
+            else:
+                _claim_stacked(the_plan, b, probe[0], probe[1], claims, tol, why)
     if "norm" in kinds and model is not None:
-        _claim_norms(the_plan, model, claims, tol, why, example)
+        _claim_norms(the_plan, model, probe, claims, tol, why)
     if "rotation" in kinds:
         for block in the_plan.blocks:
             if isinstance(block, AttentionBlock):
@@ -1226,6 +1372,10 @@ class DDCOptimizer(torch.optim.Optimizer):
                     for g in self._gauges_of[id(p)]:
                         if not any(g is s for s in seen):
                             seen.append(g)
+                for g in seen:  # batched over experts already, and disjoint from the others
+                    if isinstance(g, StackedRescaleGauge):
+                        self._stacked_rescale_step(g, group)
+                seen = [g for g in seen if not isinstance(g, StackedRescaleGauge)]
                 if any(g.kind == "norm" for g in seen):  # coupled through shared readers: one step
                     self._scale_step(seen, group)
                     continue
@@ -2050,6 +2200,59 @@ class DDCOptimizer(torch.optim.Optimizer):
         for p, w in ((P1, W1), (P2, W2), (Pb, b)):
             _write_back(p, w)
 
+    def _stacked_rescale_step(self, gauge: StackedRescaleGauge, group: dict) -> None:
+        """:meth:`_rescale_step` on the logical views of a :class:`StackedRescaleGauge`
+        (``W1 = part_rows(W_in) [E, h, d]``, ``W2 = part_rows(W_out) [E, d_out, h]``, every
+        expert at once): per (expert, neuron) radius, radial Adam state and tangential input.
+        The base rule runs on the whole stored tensors, whose gauged rows / columns carry the
+        invariant inputs ``x = rho g_tan`` and whose other rows (the gate part) the gradient:
+        per element for Adam, per stored expert matrix for Muon (as off the gauges)."""
+        P1, P2 = gauge.in_weight, gauge.out_weight
+        if P1.grad is None and P2.grad is None:
+            return
+        S1, S2 = _work(P1), _work(P2)  # stored layout
+        G1, G2 = _grad(P1, S1), _grad(P2, S2)
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if wd != 0:  # every member alike, the gate part as the base rule decays it
+            S1.mul_(1 - lr * wd)
+            S2.mul_(1 - lr * wd)
+
+        def rows(t: Tensor) -> Tensor:  # [E, h, d]
+            return part_rows(t, gauge.in_layout, gauge.part)
+
+        def cols(t: Tensor) -> Tensor:  # [E, d_out, h]
+            return part_rows(t, gauge.out_layout)
+
+        W1, W2, g1, g2 = rows(S1), cols(S2), rows(G1), cols(G2)
+        n1, n2 = (W1 * W1).sum(-1), (W2 * W2).sum(-2)  # [E, h]
+        gh1, gh2 = (g1 * W1).sum(-1), (g2 * W2).sum(-2)
+        rho1, rho2 = n1.sqrt(), n2.sqrt()
+        X1, X2 = G1.clone(), G2.clone()  # the base rule's inputs in the stored layout
+        rows(X1).copy_(rho1[..., None] * (g1 - _safe_div(gh1, n1)[..., None] * W1))
+        cols(X2).copy_((g2 - _safe_div(gh2, n2)[:, None, :] * W2) * rho2[:, None, :])
+        st1 = self.state[P1]
+        st1["step"] = st1.get("step", torch.tensor(0.0)) + 1
+        self.state[P2]["step"] = st1["step"].clone()
+        gU = (gh1 + gh2) / _SQRT2  # radial mode; the gauge mode (gh1 - gh2) is not moved
+        dlog = -lr * _adam_dir(_radial_state(st1, gU, "radial_"), gU, beta1, beta2, eps, prefix="radial_") / _SQRT2
+        if group["rule"] == "adam":
+            U1 = _adam_dir(self._adam_state(P1), X1, beta1, beta2, eps)
+            U2 = _adam_dir(self._adam_state(P2), X2, beta1, beta2, eps)
+        else:
+            U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
+            U2 = self._muon_direction(X2, self.state[P2], group, lift=self.lifts.get(id(P2)))
+        u1, u2 = rows(U1), cols(U2)
+        u1.sub_(_safe_div((u1 * W1).sum(-1), n1)[..., None] * W1).mul_(rho1[..., None])  # re-projected, x rho
+        u2.sub_(_safe_div((u2 * W2).sum(-2), n2)[:, None, :] * W2).mul_(rho2[:, None, :])
+        e = torch.exp(dlog)
+        W1.mul_(e[..., None])
+        W2.mul_(e[:, None, :])
+        S1.sub_(lr * U1)
+        S2.sub_(lr * U2)
+        _write_back(P1, S1)
+        _write_back(P2, S2)
+
 
 # ----------------------------------------------------------------------------------------
 # construction
@@ -2120,8 +2323,10 @@ _NOT_LIFTED = {
     "add nothing to the translation conditioning and are not lifted",
     "router": "DDC-Muon updates it with centered AdamW (the translation gauge); the centered paper maps would "
     "add nothing to the translation conditioning and are not lifted",
-    "expert_in": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
-    "expert_out": "stacked / fused experts carry no DDC gauge and DDC's Muon path does not read their layout",
+    "expert_in": "DDC-Muon's polar map takes each stored expert matrix whole (experts' fused gate|up as one matrix); "
+    "the paper's per-part hybrid is not lifted there",
+    "expert_out": "DDC-Muon's polar map takes each stored expert matrix whole; the paper's column-aware hybrid "
+    "is not lifted there",
     "vector": "vectors are AdamW (or radial Adam in a norm-channel gauge): a matrix map means nothing there",
 }
 _LIFT_KEYS = ("order", "alpha", "eps", "polar_method", "polar_steps")
@@ -2309,6 +2514,8 @@ def _module_kind(model: nn.Module | None, module_name: str) -> str:
 
 
 def _gauge_label(g, name: str) -> str:
+    if isinstance(g, StackedRescaleGauge):
+        return f"{g.name} ({'cols' if name == g.names[-1] else f'rows of part {g.part}'}, per expert)"
     if g.kind == "rescale":
         side = "cols" if name == g.names[-1] else ("bias" if g.in_bias is not None and name == g.names[1] else "rows")
         return f"{g.name} ({side})"
@@ -2335,7 +2542,7 @@ def _no_gauge_reason(e, model, base: str, why: dict[str, str]) -> str:
     if role == "router":
         return "router: no shift gauge (scoring is not softmax)"
     if role in ("expert_in", "expert_out"):
-        return "stacked / fused experts: the per-expert neuron rescale is not handled yet"
+        return "stacked / fused experts: no per-expert neuron rescale gauge claimed"
     if role == "vector":
         kind = _module_kind(model, e.module_name)
         if model is None:
