@@ -331,3 +331,28 @@ def test_hf_olmoe_experts_equivariant_at_router_precision():
         errs[name] = max(rel_err(T(p), q) for p, q in zip(run(x, OPTS[name]), run(y, OPTS[name])))
     assert errs["ddc_adam"] < 1e-5 and errs["ddc_muon"] < 1e-5, errs
     assert errs["adamw"] > FAIL and errs["muon"] > FAIL, errs
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_bf16_params_step_like_fp32_rounded(base):
+    """Same gradients: the bf16 model's step equals the fp32 step on the same values rounded to
+    bf16 (fp32 working copy and state), the stacked gauge included."""
+    torch.manual_seed(0)
+    m16 = MoELM().to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    o16, o32 = ddc_optimizer(m16, base, lr=1e-2), ddc_optimizer(m32, base, lr=1e-2)
+    assert sum(isinstance(g, StackedRescaleGauge) for g in o16.gauges) == 2
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for p16, p32 in zip(m16.parameters(), m32.parameters()):
+            gr = (torch.randn(p16.shape, generator=g) * 0.1).to(torch.bfloat16)
+            p16.grad, p32.grad = gr, gr.float()
+        o16.step()
+        o32.step()
+        with torch.no_grad():
+            for p in m32.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    for (n, p16), p32 in zip(m16.named_parameters(), m32.parameters()):
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32), n
+    gu = o16.state[m16.moes[0].gate_up]
+    assert all(t.dtype == torch.float32 for k, t in gu.items() if k != "step")
