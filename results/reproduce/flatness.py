@@ -1,0 +1,76 @@
+"""How flat each run's validation-loss curve is at its end (issue #13: "long enough that the
+validation loss curve has flattened"), from the runs' ``metrics.jsonl``.
+
+    python results/reproduce/flatness.py runs/reproduce/fig5-cpu [--out results/reproduce/fig5-cpu/flatness.md]
+
+Per variant (mean over the seed runs ``runs/<variant>/seed*``): the final validation loss, its
+drop over the last quarter of the evaluations' steps and over the last evaluation interval.
+Reads files only (no torch, no training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def curve(run: Path) -> list[tuple[int, float]]:
+    """(step, validation loss) of every evaluation record of one run, in step order."""
+    points = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("val_loss") is not None:
+            points[rec["step"]] = rec["val_loss"]  # a resumed run may repeat a step: the last wins
+    return sorted(points.items())
+
+
+def at_or_before(points: list[tuple[int, float]], step: float) -> float:
+    return [v for s, v in points if s <= step][-1]
+
+
+def flatness(points: list[tuple[int, float]]) -> dict[str, float]:
+    last_step, last = points[-1]
+    return {
+        "final": last,
+        "drop_last_quarter": at_or_before(points, 0.75 * last_step) - last,
+        "drop_last_interval": points[-2][1] - last,
+        "steps": last_step,
+        "interval": last_step - points[-2][0],
+    }
+
+
+def table(root: Path) -> str:
+    rows = [
+        "| variant | seeds | steps | final val loss | drop over the last 25% of steps | drop over the last interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for vdir in sorted(p for p in (root / "runs").iterdir() if p.is_dir()):
+        runs = sorted(r for r in vdir.glob("seed*") if (r / "metrics.jsonl").exists())
+        if not runs:
+            continue
+        fs = [flatness(curve(r)) for r in runs]
+        mean = {k: statistics.fmean(f[k] for f in fs) for k in fs[0]}
+        rows.append(
+            f"| {vdir.name.replace('__', '/')} | {len(fs)} | {fs[0]['steps']} | {mean['final']:.4f} | "
+            f"{mean['drop_last_quarter']:.4f} | {mean['drop_last_interval']:.4f} (last {fs[0]['interval']} steps) |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", type=Path, help="a reproduce output directory (holds runs/<variant>/seed*)")
+    ap.add_argument("--out", type=Path, help="also write the table here (refuses to overwrite)")
+    args = ap.parse_args()
+    text = table(args.root)
+    print(text, end="")
+    if args.out is not None:
+        if args.out.exists():
+            raise SystemExit(f"--out {args.out} exists; remove it or choose another path")
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
