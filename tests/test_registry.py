@@ -298,6 +298,11 @@ def test_plan_prints_each_parameters_gauges():
     assert p.gauges("model.norm.weight") == ["norm_channel"]
     assert p.gauges("model.layers.0.self_attn.q_norm.weight") == []  # read by RoPE / attention, no linear map
     assert p.gauges("model.embed_tokens.weight") == []
+    moe = equiopt.plan(olmoe())
+    experts = "model.layers.0.mlp.experts."
+    assert "neuron_rescale?" in moe.gauges(experts + "gate_up_proj") and "neuron_rescale?" in moe.gauges(
+        experts + "down_proj"
+    )  # per expert, probed by equiopt.ddc (StackedRescaleGauge)
     header = str(p).splitlines()[0].split()
     assert header[-1] == "gauges"
     tied = equiopt.plan(

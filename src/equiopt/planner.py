@@ -1061,7 +1061,7 @@ class Plan:
             if name not in b.params():
                 continue
             out += [sym.name for sym in b.symmetries() if sym.gauge and name in sym.params()]
-            if isinstance(b, MLPBlock) and b.experts == 1:
+            if isinstance(b, MLPBlock):  # dense or stacked: the probe decides (per expert for stacked)
                 out.append("neuron_rescale?")
         for c in self.norm_channels:
             if name in (c.gain, c.bias, *c.readers):
