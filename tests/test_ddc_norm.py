@@ -18,6 +18,7 @@ from test_ddc import (
     OPTS,
     TOL,
     batches,
+    bf16_rounded_steps,
     llama,
     load,
     qwen3,
@@ -537,16 +538,7 @@ def test_bf16_params_with_norm_gauges():
     m32 = copy.deepcopy(m16).float()
     o16, o32 = ddc_optimizer(m16, "muon", lr=1e-2), ddc_optimizer(m32, "muon", lr=1e-2)
     assert any(isinstance(g, NormGauge) for g in o16.gauges)
-    g = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        for p16, p32 in zip(m16.parameters(), m32.parameters()):
-            gr = (torch.randn(p16.shape, generator=g) * 0.1).to(torch.bfloat16)
-            p16.grad, p32.grad = gr, gr.float()
-        o16.step()
-        o32.step()
-        with torch.no_grad():
-            for p in m32.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
+    bf16_rounded_steps(m16, m32, o16, o32)
     for p16, p32 in zip(m16.parameters(), m32.parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32)
     assert all(t.dtype == torch.float32 for st in o16.state.values() for k, t in st.items())

@@ -14,6 +14,17 @@ import math
 
 import pytest
 import torch
+from test_ddc import (  # the oracles' helpers; TOL 1e-10 after 10 float64 steps, FAIL 1e-3
+    FAIL,
+    OPTS,
+    TOL,
+    assert_drift_orders,
+    bf16_rounded_steps,
+    load,
+    rel_err,
+    snapshot,
+    trajectory,
+)
 from torch import nn
 
 import equiopt
@@ -21,8 +32,6 @@ from equiopt import ddc
 from equiopt.ddc import StackedRescaleGauge, ddc_optimizer, part_rows
 from equiopt.layouts import Layout
 
-TOL = 1e-10  # float64 trajectory after 10 steps, as tests/test_ddc.py (measured below 1e-13)
-FAIL = 1e-3
 V = 48
 
 
@@ -130,30 +139,6 @@ def transform(params, s, transposed=False):
     return out
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def load(model, params):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(params[n])
-
-
-def rel_err(a, b):
-    return math.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in b) / sum((b[n] ** 2).sum() for n in b))
-
-
-def trajectory(model, make_opt, data):
-    opt, out = make_opt(model), []
-    for ids in data:
-        opt.zero_grad()
-        model.loss(ids).backward()
-        opt.step()
-        out.append(snapshot(model))
-    return out
-
-
 def equivariance_error(make_opt, transposed=False):
     a = moe_lm(transposed=transposed)
     s = scales(a)
@@ -164,14 +149,6 @@ def equivariance_error(make_opt, transposed=False):
         assert abs(a.loss(data[0]).item() - b.loss(data[0]).item()) < 1e-12
     ta, tb = trajectory(a, make_opt, data), trajectory(b, make_opt, data)
     return max(rel_err(transform(x, s, transposed), y) for x, y in zip(ta, tb))
-
-
-OPTS = {
-    "ddc_adam": lambda m: ddc_optimizer(m, "adam", lr=1e-2),
-    "ddc_muon": lambda m: ddc_optimizer(m, "muon"),
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
-    "muon": lambda m: equiopt.build(m, preset="muon"),
-}
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,14 +246,7 @@ def orbit_drift(make_opt, steps=20):
 def test_orbit_coordinate_conserved_to_second_order():
     """As tests/test_ddc.py: only the tangential step moves the coordinate, by O(lr^2) per step
     under DDC (halving lr divides the drift by ~4); AdamW moves it by O(lr) (~2)."""
-    lr = 4e-3
-    d1 = orbit_drift(lambda m: ddc_optimizer(m, "adam", lr=lr))
-    d2 = orbit_drift(lambda m: ddc_optimizer(m, "adam", lr=lr / 2))
-    a1 = orbit_drift(lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.1))
-    a2 = orbit_drift(lambda m: torch.optim.AdamW(m.parameters(), lr=lr / 2, weight_decay=0.1))
-    assert 3.0 < d1 / d2 < 5.0, (d1, d2)
-    assert 1.5 < a1 / a2 < 2.5, (a1, a2)
-    assert a1 > 20 * d1, (a1, d1)
+    assert_drift_orders(orbit_drift)
 
 
 # ----------------------------------------------------------------------------------------
@@ -373,16 +343,7 @@ def test_bf16_params_step_like_fp32_rounded(base):
     m32 = copy.deepcopy(m16).float()
     o16, o32 = ddc_optimizer(m16, base, lr=1e-2), ddc_optimizer(m32, base, lr=1e-2)
     assert sum(isinstance(g, StackedRescaleGauge) for g in o16.gauges) == 2
-    g = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        for p16, p32 in zip(m16.parameters(), m32.parameters()):
-            gr = (torch.randn(p16.shape, generator=g) * 0.1).to(torch.bfloat16)
-            p16.grad, p32.grad = gr, gr.float()
-        o16.step()
-        o32.step()
-        with torch.no_grad():
-            for p in m32.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
+    bf16_rounded_steps(m16, m32, o16, o32)
     for (n, p16), p32 in zip(m16.named_parameters(), m32.parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p16.float(), p32), n
     gu = o16.state[m16.moes[0].gate_up]
