@@ -162,7 +162,8 @@ class StackedRescaleGauge:
 
     @property
     def modes(self) -> int:
-        return math.prod(part_rows(self.in_weight, self.in_layout, self.part).shape[:2])
+        b, m, _ = self.in_layout.logical_shape(self.in_weight.shape)  # b = E * fused parts
+        return b // self.in_layout.fused * m
 
 
 def _neuron_factor(t: Tensor, layout: Layout, axis: str) -> Tensor:
@@ -2221,8 +2222,18 @@ class DDCOptimizer(torch.optim.Optimizer):
         P1, P2 = gauge.in_weight, gauge.out_weight
         if P1.grad is None and P2.grad is None:
             return
-        S1, S2 = _work(P1), _work(P2)  # stored layout
-        G1, G2 = _grad(P1, S1), _grad(P2, S2)
+        # FSDP2 with experts sharded along E (Shard(0) of both stacked tensors): every quantity is
+        # per expert, so the step runs on the local experts, no communication
+        local = gauge.in_layout.stacked and gauge.out_layout.stacked and _row_sharded(P1) and _row_sharded(P2)
+        if local:
+            S1, S2 = cast(Any, P1).to_local(), cast(Any, P2).to_local()
+            G1, G2 = (
+                cast(Any, p.grad).to_local() if p.grad is not None else torch.zeros_like(w)
+                for p, w in ((P1, S1), (P2, S2))
+            )
+        else:
+            S1, S2 = _work(P1), _work(P2)  # stored layout (FSDP2 otherwise: gathered)
+            G1, G2 = _grad(P1, S1), _grad(P2, S2)
         lr, k = group["lr"], 1 - group["lr"] * group["weight_decay"]
         beta1, beta2 = group["betas"]
         ins, outs = gauge.in_layout, gauge.out_layout
@@ -2244,7 +2255,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         gU = k * (gh1 + gh2) / _SQRT2  # radial mode; the gauge mode (gh1 - gh2) is not moved
         dlog = -lr * _adam_dir(_radial_state(st1, gU, "radial_"), gU, beta1, beta2, group["eps"], "radial_") / _SQRT2
         if group["rule"] == "adam":
-            (U1, c1), (U2, c2) = self._adam_scaled_dir(P1, X1, group), self._adam_scaled_dir(P2, X2, group)
+            (U1, c1), (U2, c2) = (self._adam_scaled_dir(P, X, group, local) for P, X in ((P1, X1), (P2, X2)))
         else:
             U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
             U2 = self._muon_direction(X2, self.state[P2], group, lift=self.lifts.get(id(P2)))
@@ -2256,13 +2267,15 @@ class DDCOptimizer(torch.optim.Optimizer):
         for S, U, R, c, W, ee in ((S1, U1, R1, c1, W1, e[..., None]), (S2, U2, R2, c2, W2, e[:, None, :])):
             W.mul_(ee)  # k e^dl W on the gauged part, k W elsewhere, then - lr R u
             S.mul_(k).addcmul_(U, R, value=-lr * c)
-        _write_back(P1, S1)
-        _write_back(P2, S2)
+        if not local:  # else the step went into the local shards themselves
+            _write_back(P1, S1)
+            _write_back(P2, S2)
 
-    def _adam_scaled_dir(self, p: Tensor, x: Tensor, group: dict) -> tuple[Tensor, float]:
+    def _adam_scaled_dir(self, p: Tensor, x: Tensor, group: dict, local: bool = False) -> tuple[Tensor, float]:
         """Adam's direction of ``x`` as ``(m / (sqrt(v) + eps sqrt(bc2)), sqrt(bc2) / bc1)``: the
-        product is ``m_hat / (sqrt(v_hat) + eps)``, in two passes fewer than :func:`_adam_dir`."""
-        state = self._adam_state(p)
+        product is ``m_hat / (sqrt(v_hat) + eps)``, in two passes fewer than :func:`_adam_dir`;
+        ``local``: the state of a DTensor's local shard."""
+        state = self._adam_state(p, local=local)
         beta1, beta2 = group["betas"]
         m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"].item()
         m.lerp_(x, 1 - beta1)
