@@ -176,6 +176,30 @@ def test_config_errors(corpus, tmp_path):
         _cfg(corpus, tmp_path, warmup=50).validate()
 
 
+def test_bf16_autocast_on_cpu(corpus, tmp_path, monkeypatch):
+    """``autocast="bf16"`` runs the CPU forward and backward under bfloat16 autocast (weights and
+    optimizer float32): the losses differ from the float32 run's, by bf16 rounding only; the
+    default keeps CPU runs float32 (a run recorded before the option existed still matches)."""
+    seen = []
+    real = torch.autocast
+    monkeypatch.setattr(L.torch, "autocast", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    f32 = _cfg(corpus, tmp_path / "f32", steps=4, eval_every=4, ckpt_every=0)
+    L.train(f32, progress=False, log=lambda m: None, prepared=corpus[1])
+    assert not seen  # auto on CPU: no autocast
+    b16 = _cfg(corpus, tmp_path / "b16", steps=4, eval_every=4, ckpt_every=0, autocast="bf16")
+    L.train(b16, progress=False, log=lambda m: None, prepared=corpus[1])
+    assert seen and all(a == ("cpu",) and k == {"dtype": torch.bfloat16} for a, k in seen)
+    a, b = L.read_metrics(f32.out)[-1], L.read_metrics(b16.out)[-1]
+    assert a["val_loss"] != b["val_loss"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a["val_loss"], b["val_loss"])
+    assert all(
+        p.dtype == torch.float32 for p in torch.load(f"{b16.out}/checkpoint.pt", weights_only=False)["model"].values()
+    )
+    saved = {k: v for k, v in f32.to_dict().items() if k != "autocast"}  # a record from before the option
+    assert L.config_diff(saved, f32.to_dict()) == [] and L.config_diff(saved, b16.to_dict()) == ["autocast"]
+    with pytest.raises(ValueError, match="autocast"):
+        _cfg(corpus, tmp_path, autocast="fp8").validate()
+
+
 def test_lr_schedule_and_optimizer_names():
     cfg = L.TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
     f = L.lr_lambda(cfg)

@@ -110,7 +110,15 @@ class CollapseTrainer(Trainer):
 
     def evaluate_and_log(self, done: int) -> float:
         val = super().evaluate_and_log(done)
-        ev = evaluate(self.eval_model, self.train_w, self.train_eval_idx, self.cfg.batch_size, None, self.device)
+        ev = evaluate(
+            self.eval_model,
+            self.train_w,
+            self.train_eval_idx,
+            self.cfg.batch_size,
+            None,
+            self.device,
+            self.cfg.autocast,
+        )
         t0 = time.perf_counter()
         obs = R.observe(self.inner, self.probe_x.to(self.device), self.probe_y.to(self.device))
         rec = {

@@ -342,15 +342,24 @@ class _Window:
         self.__dict__.update(d)
 
 
-def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: str, mode: str = "auto"):
+    """bfloat16 autocast (``TrainConfig.autocast``): ``auto`` on CUDA only, ``bf16`` on CPU too,
+    ``none`` never. CPU runs are float32 unless asked: recorded CPU runs keep their numerics."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if mode == "bf16" or (mode == "auto" and kind == "cuda"):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate(
-    model, windows: D.Windows, idx: np.ndarray, batch_size: int, probe: RouterProbe | None, device: str = "cpu"
+    model,
+    windows: D.Windows,
+    idx: np.ndarray,
+    batch_size: int,
+    probe: RouterProbe | None,
+    device: str = "cpu",
+    autocast: str = "auto",
 ) -> dict:
     model.eval()
     total, count = 0.0, 0
@@ -361,7 +370,7 @@ def evaluate(
     try:
         for a in range(0, len(idx), batch_size):
             t = windows.get(idx[a : a + batch_size]).to(device)
-            with _autocast(device):
+            with _autocast(device, autocast):
                 logits = model(input_ids=t[:, :-1]).logits.float()
             y = t[:, 1:]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
@@ -694,7 +703,7 @@ class Trainer:
         cfg = self.cfg
         lo, hi = self.rows
         x, y = (t[lo:hi].to(self.device) for t in self.sampler.batch(step))
-        with _autocast(self.device):
+        with _autocast(self.device, cfg.autocast):
             outp = self.model(input_ids=x)
         logits = outp.logits
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
@@ -742,7 +751,7 @@ class Trainer:
 
     def evaluate_and_log(self, done: int) -> float:
         cfg, w = self.cfg, self.window
-        ev = evaluate(self.eval_model, self.val_w, self.eval_idx, cfg.batch_size, self.probe, self.device)
+        ev = evaluate(self.eval_model, self.val_w, self.eval_idx, cfg.batch_size, self.probe, self.device, cfg.autocast)
         rec = {
             "step": done,
             "tokens": done * cfg.batch_size * cfg.seq_len,

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data as D
-from .config import TrainConfig
+from .config import AUTOCAST_MODES, TrainConfig
 from .data import DataConfig
 from .experiments import _for_jobs, edge_extension, run_many
 from .models import preset
@@ -552,6 +552,11 @@ class ReproduceOptions:
     jobs: int = option(1, parse=positive_int, help="runs trained at once, one thread each (CPU)")
     threads: int = option(0, help="torch CPU threads per run, 0 = torch's default")
     device: str = option("cpu", help="cpu or cuda[:i]")
+    autocast: str = option(
+        "auto",
+        choices=AUTOCAST_MODES,
+        help="bfloat16 autocast of forward/backward: auto = on CUDA only, bf16 = on CPU too, none",
+    )
     dist: str = option(
         "none",
         choices=("none", "ddp", "fsdp2"),
@@ -581,7 +586,12 @@ class ReproduceOptions:
         return Path(self.out or f"runs/reproduce/{self.figure}-{self.scale}")
 
     def overrides(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"threads": self.threads, "device": self.device, "dist": self.dist}
+        kw: dict[str, Any] = {
+            "threads": self.threads,
+            "device": self.device,
+            "dist": self.dist,
+            "autocast": self.autocast,
+        }
         for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
             if getattr(self, name):
                 kw[name] = getattr(self, name)
