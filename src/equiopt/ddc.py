@@ -12,6 +12,11 @@ Gauges found from an :func:`equiopt.plan` (``plan.blocks``):
   *found by a float64 probe* of the block's module (ReLU / LeakyReLU MLPs: the in-projection;
   SwiGLU: the up projection, never the gate), so an activation that is not positively
   homogeneous gives no gauge. Needs the model (not only the plan).
+* **neuron rescale inside stacked / fused weights** (:class:`StackedRescaleGauge`): for every
+  other MLP block (stacked experts ``[E, 2h, d]``, a fused gate_up, transposed storage), row
+  ``i`` of one in-projection part of expert ``e`` (:func:`part_rows`) times ``s_{e,i}``,
+  column ``i`` of expert ``e``'s out-projection divided by it; found by a float64 probe of the
+  whole model (:func:`probe_stacked_rescale`) per part, stepped for all experts at once.
 * **translation** (:class:`ShiftGauge`): ``W -> W + 1 c^T`` on an untied LM head (softmax
   cross-entropy) and on a softmax MoE router (with its bias, if any: ``b -> b + c0 1``).
 * **norm-channel scale** (:class:`NormGauge`): for every module owning exactly a 1-D gain
