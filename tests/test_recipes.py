@@ -424,34 +424,32 @@ def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch)
     monkeypatch.setenv("EQUIOPT_CACHE", corpus[0].cache)
     out = tmp_path / "rep"
     variants = "rownorm-embed-head/hybrid-mlp,adamw-embed-head/hybrid-mlp"
-    rc = cli.main(
-        [
-            "reproduce",
-            "fig3",
-            "--scale",
-            "cpu",
-            "--seeds",
-            "2",
-            "--variants",
-            variants,
-            "--steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--eval-every",
-            "3",
-            "--eval-tokens",
-            "256",
-            "--data",
-            corpus[0].source,
-            "--lr-scales",
-            "0.5,1",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    argv = [
+        "reproduce",
+        "fig3",
+        "--scale",
+        "cpu",
+        "--seeds",
+        "2",
+        "--variants",
+        variants,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "256",
+        "--data",
+        corpus[0].source,
+        "--lr-scales",
+        "0.5,1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
     md = (out / "summary.md").read_text()
     assert "rownorm-embed-head/hybrid-mlp" in md and "Block-wise contrasts" in md
     summary = json.loads((out / "summary.json").read_text())["summary"]["qwen3"]
@@ -462,3 +460,9 @@ def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch)
     run = json.loads((out / "runs" / "adamw-embed-head__hybrid-mlp" / "seed1" / "config.json").read_text())
     assert run["variant"] == "adamw-embed-head/hybrid-mlp" and run["steps"] == 3
     assert run["role_lr"]["embedding"] == 1e-1 and run["rules"]["embedding"]["map"] == "adamw"
+    # A rerun (a restarted run.sh) reuses every finished run: the recorded configs, whose AdamW
+    # betas came back from JSON as lists, match the recipe's tuples; nothing is retrained.
+    finals = sorted(out.glob("**/final.json"))
+    stamps = [f.stat().st_mtime_ns for f in finals]
+    assert len(finals) >= 8 and cli.main(argv) == 0
+    assert [f.stat().st_mtime_ns for f in finals] == stamps

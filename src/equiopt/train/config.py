@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -357,10 +358,18 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("out", "steps")
 
 
+def _as_recorded(config: dict) -> dict:
+    """``config`` as a run directory's JSON gives it back (tuples become lists)."""
+    return json.loads(json.dumps(config))
+
+
 def config_diff(saved: dict, mine: dict, ignore: tuple[str, ...] = ("out",)) -> list[str]:
     """Keys (``data.*`` spelled out) whose values differ, ``ignore`` aside; a field the saved
-    config predates counts as holding its default, so runs recorded by an older harness match."""
-    defaults = {**TrainConfig().to_dict(), "data": dataclasses.asdict(DataConfig())}
+    config predates counts as holding its default, so runs recorded by an older harness match.
+    Both sides are compared in their recorded (JSON) form: a tuple in ``mine`` (AdamW ``betas``)
+    equals the list that ``config.json`` gives back."""
+    saved, mine = _as_recorded(saved), _as_recorded(mine)
+    defaults = _as_recorded({**TrainConfig().to_dict(), "data": dataclasses.asdict(DataConfig())})
     diff = []
     for k in sorted(set(saved) | set(mine)):
         if k in ignore:
