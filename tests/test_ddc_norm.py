@@ -90,6 +90,56 @@ def ln_lm(seed=0, **kw):
     return m
 
 
+def gpt2(seed=0):
+    """Tiny Hugging Face GPT-2 (float64, untied head, no dropout): LayerNorms read by Conv1D
+    weights stored ``[in, out]`` (c_attn, c_fc), the final LayerNorm by the nn.Linear head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        tie_word_embeddings=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    m = GPT2LMHeadModel(cfg).double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+    m.loss = lambda ids: qwen_loss(m, ids)
+    return m
+
+
+GPT2_NORMS = {"ln_1": "attn.c_attn", "ln_2": "mlp.c_fc"}
+
+
+def gpt2_norm_transform(params, t, t_final, shift=None):
+    """Norm-channel scales of GPT-2: gain and bias times ``t``, row ``j`` of the stored
+    ``[in, out]`` Conv1D reader divided by ``t_j``; the final norm against the head's columns
+    (after the head's logit shift ``shift``, if given)."""
+    out = dict(params)
+    for i, ts in enumerate(t):
+        for (norm, reader), tj in zip(GPT2_NORMS.items(), ts):
+            p = f"transformer.h.{i}."
+            for side in ("weight", "bias"):
+                out[p + norm + "." + side] = params[p + norm + "." + side] * tj
+            out[p + reader + ".weight"] = params[p + reader + ".weight"] / tj[:, None]
+    for side in ("weight", "bias"):
+        out["transformer.ln_f." + side] = params["transformer.ln_f." + side] * t_final
+    head = params["lm_head.weight"] + (shift[None, :] if shift is not None else 0)
+    out["lm_head.weight"] = head / t_final[None, :]
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # gauge elements written out on named parameters (the oracle)
 # ----------------------------------------------------------------------------------------
@@ -150,6 +200,13 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
             return qwen_norm_transform(ps, t, t_final) if "norm" in which else ps
 
         V = a.config.vocab_size
+    elif kind == "gpt2":
+        a = gpt2(seed)
+        t = norm_scales(2, 2, 16)
+        t_final = norm_scales(1, 1, 16, seed=4)[0][0]
+        shift = Factor("shift", "rows").sample((1, 64, 16), torch.Generator().manual_seed(2))[0]
+        T = lambda ps: gpt2_norm_transform(ps, t, t_final, shift if "shift" in which else None)  # noqa: E731
+        V = 64
     else:
         a = ln_lm(seed)
         g = torch.Generator().manual_seed(2)
@@ -162,7 +219,7 @@ def norm_equivariance_error(kind, make_opt, which, seed=0):
         T = lambda ps: ln_transform(ps, el, which)  # noqa: E731
         V = 32
     b = copy.deepcopy(a)
-    if kind in ("qwen3", "llama"):
+    if kind in ("qwen3", "llama", "gpt2"):
         b.loss = lambda ids: qwen_loss(b, ids)
     load(b, T(snapshot(a)))
     data = batches(V)
@@ -195,7 +252,7 @@ def test_hooks_find_the_readers_on_qwen3():
         [f"norm_scale:model.layers.{i}.{n}" for i in range(2) for n in QWEN_NORMS] + ["norm_scale:model.norm"]
     )
     assert gauges["norm_scale:model.norm"].names == ("model.norm.weight", "lm_head.weight")
-    assert "no nn.Linear reads" in describe(opt)  # q_norm / k_norm
+    assert "no linear map (nn.Linear, a weight stored [in, out]) reads" in describe(opt)  # q_norm / k_norm
 
 
 def test_probe_rejects_the_tied_head():
@@ -211,6 +268,28 @@ def test_probe_rejects_the_tied_head():
     assert "norm_scale:norm" not in names and "norm_scale:blocks.0.ln" in names
     row = next(line for line in describe(opt).splitlines() if line.startswith("norm.weight"))
     assert "norm-channel probe failed" in row
+
+
+def test_conv1d_readers_found_and_probed_on_gpt2():
+    """GPT-2's LayerNorms are read by Conv1D weights stored [in, out]: the hooks find them
+    (the plan's layout marks them transposed), the probe scales their stored rows, and the
+    gauges are claimed with the readers' rows as the scaled side."""
+    m = gpt2()
+    ids = torch.randint(0, 64, (2, 8))
+    p = "transformer.h.0."
+    conv = {p + "attn.c_attn", p + "mlp.c_fc", "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"}
+    found = norm_readers(copy.deepcopy(m), ids, transposed=conv)
+    assert found[p + "ln_1"] == [p + "attn.c_attn"] and found[p + "ln_2"] == [p + "mlp.c_fc"]
+    assert found["transformer.ln_f"] == ["lm_head"]
+    assert norm_readers(copy.deepcopy(m), ids)[p + "ln_1"] == []  # nn.Linear only
+    assert probe_norm(m, p + "ln_1", [p + "attn.c_attn"], ids, transposed={p + "attn.c_attn"}) < 1e-14
+    opt = ddc_optimizer(m, "adam")
+    gauges = {g.name: g for g in opt.gauges if isinstance(g, NormGauge)}
+    assert sorted(gauges) == sorted(
+        [f"norm_scale:transformer.h.{i}.{n}" for i in range(2) for n in GPT2_NORMS] + ["norm_scale:transformer.ln_f"]
+    )
+    assert gauges[f"norm_scale:{p}ln_1"].reader_sides == ("row",)
+    assert gauges["norm_scale:transformer.ln_f"].reader_sides == ("col",)
 
 
 class OnePlusNorm(nn.Module):
@@ -248,8 +327,14 @@ def test_qwen3_norm_gauges_equivariant():
     assert norm_equivariance_error("qwen3", OPTS["ddc_muon"], ("norm", "rescale", "shift", "rotation")) < TOL
 
 
+@pytest.mark.parametrize("opt", ["ddc_adam", "ddc_muon"])
+def test_gpt2_conv1d_norm_gauges_equivariant(opt):
+    """Norm-channel scales on Conv1D readers (stored rows) with the logit shift of the head."""
+    assert norm_equivariance_error("gpt2", OPTS[opt], ("norm", "shift")) < TOL
+
+
 def test_baselines_fail_norm_gauges():
-    for kind in ("ln", "qwen3"):
+    for kind in ("ln", "qwen3", "gpt2"):
         assert norm_equivariance_error(kind, OPTS["adamw"], ("norm",)) > FAIL
         assert norm_equivariance_error(kind, OPTS["muon"], ("norm",)) > FAIL
 
@@ -371,9 +456,9 @@ def test_overlapped_orbit_coordinate_without_weight_decay():
 # plumbing: fast path == reference path, state_dict, state size
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("base", ["adam", "muon"])
-@pytest.mark.parametrize("kind", ["ln", "qwen3"])
+@pytest.mark.parametrize("kind", ["ln", "qwen3", "gpt2"])
 def test_fast_path_equals_reference_with_norms(base, kind):
-    make = ln_lm if kind == "ln" else qwen3
+    make = {"ln": ln_lm, "qwen3": qwen3, "gpt2": gpt2}[kind]
     a, b = make(), make()
     oa = configure(ddc_optimizer(a, base, lr=1e-2), stack_adam_gauges=True)
     ob = configure(ddc_optimizer(b, base, lr=1e-2), batched=False)

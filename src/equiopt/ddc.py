@@ -63,7 +63,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, cast, overload
 
@@ -239,16 +239,25 @@ class RotationGauge:
 @dataclass
 class NormGauge:
     """Norm-channel scale: entry ``j`` of a norm's ``gain`` (and of its ``bias``, LayerNorm)
-    times ``t_j``, column ``j`` of every Linear that reads the norm's output (``readers``)
-    divided by ``t_j``; one gauge mode per channel, with ``1 + len(readers)`` sides."""
+    times ``t_j``, input column ``j`` of every linear map that reads the norm's output
+    (``readers``) divided by ``t_j``; one gauge mode per channel, with ``1 + len(readers)``
+    sides. ``transposed``: per reader, whether it is stored ``[in, out]`` (GPT-2's Conv1D), so
+    the gauge scales its stored rows; empty: every reader is stored ``[out, in]``."""
 
     name: str
     gain: Tensor
     readers: tuple[Tensor, ...]
     bias: Tensor | None = None
     names: tuple[str, ...] = ()  # gain, bias (if any), readers
+    transposed: tuple[bool, ...] = ()
 
     kind = "norm"
+
+    @property
+    def reader_sides(self) -> tuple[str, ...]:
+        """The stored side of each reader that the gauge scales: ``"col"`` or ``"row"``."""
+        flags = self.transposed or (False,) * len(self.readers)
+        return tuple("row" if t else "col" for t in flags)
 
     @property
     def params(self) -> tuple[Tensor, ...]:
@@ -352,18 +361,19 @@ def _probe_input(example: ProbeInput) -> ProbeInput:
     )
 
 
-def norm_readers(m: nn.Module, ids: ProbeInput) -> dict[str, list[str]]:
-    """``{norm module name: [names of the nn.Linear modules whose input is its output]}`` for
+def norm_readers(m: nn.Module, ids: ProbeInput, transposed: Collection[str] = ()) -> dict[str, list[str]]:
+    """``{norm module name: [names of the reader modules whose input is its output]}`` for
     every norm-like module of ``m`` called exactly once in one forward on ``ids`` (token ids,
     or a batch dict passed as keywords; forward hooks compare the norm's output and each
-    Linear's input as tensors, not by name)."""
+    reader's input as tensors, not by name). Readers: every nn.Linear and the modules named in
+    ``transposed`` (a weight stored ``[in, out]``, GPT-2's Conv1D: the plan's layout says so)."""
     outs: dict[str, list[Tensor]] = {}
     ins: dict[str, list[Tensor]] = {}
     hooks = []
     for name, mod in m.named_modules():
         if _is_norm_like(mod):
             hooks.append(mod.register_forward_hook(lambda _m, _a, y, n=name: outs.setdefault(n, []).append(y)))
-        elif isinstance(mod, nn.Linear):
+        elif isinstance(mod, nn.Linear) or name in transposed:
             hooks.append(mod.register_forward_pre_hook(lambda _m, a, n=name: ins.setdefault(n, []).append(a[0])))
     try:
         with torch.no_grad():
@@ -379,11 +389,14 @@ def norm_readers(m: nn.Module, ids: ProbeInput) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, seed: int = 0) -> float:
+def probe_norm(
+    m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, seed: int = 0, transposed: Collection[str] = ()
+) -> float:
     """Relative change of ``m(ids)`` when channel ``j`` of the gain (and bias) of module
-    ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and column ``j`` of every reader's
-    weight divided by it; ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run it
-    on a float64 copy (:func:`derive_gauges` does)."""
+    ``norm`` is multiplied by random ``t_j`` in [0.5, 2] and input column ``j`` of every
+    reader's weight divided by it (row ``j`` of the stored ``[in, out]`` weight of a reader
+    named in ``transposed``); ``m`` is restored afterwards. ``~1e-16`` for an exact gauge. Run
+    it on a float64 copy (:func:`derive_gauges` does)."""
     own: dict[str, Tensor] = dict(m.get_submodule(norm).named_parameters(recurse=False))
     ws = [_weight(m, r) for r in readers]
     saved = [p.clone() for p in list(own.values()) + ws]
@@ -392,8 +405,8 @@ def probe_norm(m: nn.Module, norm: str, readers: list[str], ids: ProbeInput, see
     t = torch.exp((torch.rand(own["weight"].shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
     for p in own.values():
         p.mul_(t.to(p.dtype))
-    for w in ws:
-        w.div_(t.to(w.dtype)[None, :])
+    for r, w in zip(readers, ws):
+        w.div_(t.to(w.dtype)[:, None] if r in transposed else t.to(w.dtype)[None, :])
     y1 = _output_tensor(_forward(m, ids))
     for p, old in zip(list(own.values()) + ws, saved):
         p.copy_(old)
@@ -718,8 +731,19 @@ def _probe_ids(the_plan: Plan, example: ProbeInput | None = None) -> ProbeInput 
     return None
 
 
-def _reader_conflict(claims: _Claims, w: Tensor, name: str) -> str | None:
+def _transposed_modules(the_plan: Plan) -> set[str]:
+    """Names of the modules whose 2-D ``weight`` the plan reads as stored ``[in, out]``."""
+    return {
+        e.name.removesuffix(".weight")
+        for e in the_plan.entries
+        if e.name.endswith(".weight") and e.layout.transposed and len(e.shape) == 2 and not e.layout.flat_experts
+    }
+
+
+def _reader_conflict(claims: _Claims, w: Tensor, name: str, transposed: bool) -> str | None:
     """Why reader ``w`` cannot take a norm-channel (column) gauge, or None."""
+    if transposed and not claims.free(w):  # its unit scales stored rows alone (_scale_units)
+        return f"its reader {name} is stored [in, out] and in another gauge (not combined)"
     for g in claims.gauges:
         if isinstance(g, ShiftGauge) and g.weight is w and g.bias is not None:
             return (
@@ -745,11 +769,13 @@ def _norm_reason(
     ids: ProbeInput,
     claims: _Claims,
     tol: float,
+    transposed: Collection[str] = (),
 ) -> str | None:
-    """Why the norm-like module ``norm`` gets no norm-channel gauge, or None to claim it."""
+    """Why the norm-like module ``norm`` gets no norm-channel gauge, or None to claim it
+    (``transposed``: the readers stored ``[in, out]``)."""
     if not readers:
-        return "norm-channel gauge: no nn.Linear reads this norm's output directly"
-    err = probe_norm(m64, norm, readers, ids)
+        return "norm-channel gauge: no linear map (nn.Linear, a weight stored [in, out]) reads its output directly"
+    err = probe_norm(m64, norm, readers, ids, transposed=transposed)
     if not err <= tol:
         return (
             f"norm-channel probe failed (output changes by {err:.1e} relative) with readers "
@@ -761,7 +787,7 @@ def _norm_reason(
         w = _weight(model, r)
         if id(w) not in ids_of:
             return f"its reader {r} is not a parameter of the plan"
-        reason = _reader_conflict(claims, w, ids_of[id(w)])
+        reason = _reader_conflict(claims, w, ids_of[id(w)], r in transposed)
         if reason is not None:
             return "norm-channel gauge not claimed: " + reason
     ws = {id(_weight(model, r)) for r in readers}
@@ -801,9 +827,10 @@ def _claim_norms(
         if isinstance(probe, str)
         else "norm-channel probe needs an input (no token embedding in the plan: pass example=)"
     )
+    tmods = _transposed_modules(the_plan)
     if m64 is not None and ids is not None:
         try:
-            found = norm_readers(m64, ids)
+            found = norm_readers(m64, ids, tmods)
         except (RuntimeError, TypeError, ValueError) as err:  # the model cannot run on [2, 8] ids
             why_all = f"norm-channel probe could not run the model forward ({type(err).__name__})"
     for name, mod in norms:
@@ -816,7 +843,7 @@ def _claim_norms(
         elif not claims.free(*own):
             reason = "norm-channel gauge: the gain is in another gauge or tied"
         else:
-            reason = _norm_reason(the_plan, model, m64, name, rs, ids, claims, tol)
+            reason = _norm_reason(the_plan, model, m64, name, rs, ids, claims, tol, tmods)
         if reason is not None or rs is None:
             for p in own:
                 why.setdefault(ids_of[id(p)], reason or "")
@@ -824,7 +851,8 @@ def _claim_norms(
         readers = tuple(_weight(model, r) for r in rs)
         bias = own[1] if len(own) > 1 else None
         names = tuple(ids_of[id(p)] for p in own + list(readers))
-        claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names))
+        flags = tuple(r in tmods for r in rs)
+        claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names, flags if any(flags) else ()))
 
 
 def _probe_model(
@@ -1104,9 +1132,12 @@ def _scale_units(gauges: list[Gauge], centered: set[int]) -> list[_Unit]:
         if isinstance(g, NormGauge):
             own = (g.gain,) + ((g.bias,) if g.bias is not None else ())
             units[id(g.gain)] = _Unit(own, row=g, vector=True)
-            for w in g.readers:
+            for w, side in zip(g.readers, g.reader_sides):
                 u = units.setdefault(id(w), _Unit((w,)))
-                u.col, u.ncol, u.center = g, w.shape[1], id(w) in centered
+                if side == "row":  # stored [in, out]: a unit with rows only (no other gauge, _reader_conflict)
+                    u.row = g
+                else:
+                    u.col, u.ncol, u.center = g, w.shape[1], id(w) in centered
     return list(units.values())
 
 
@@ -1459,12 +1490,13 @@ class DDCOptimizer(torch.optim.Optimizer):
                 d = -lr * _adam_dir(st, gU, beta1, beta2, group["eps"], prefix="radial_") / _SQRT2
                 dl[(id(g.in_weight), "row")] = dl[(id(g.out_weight), "col")] = d
             elif isinstance(g, NormGauge):  # 1 + k sides: Adam per side, orbit motion removed
-                hs = [prep[id(g.gain)]["h_row"]] + [prep[id(w)]["h_col"] for w in g.readers]
+                sides = g.reader_sides
+                hs = [prep[id(g.gain)]["h_row"]] + [prep[id(w)]["h_" + s] for w, s in zip(g.readers, sides)]
                 states = [self.state[g.gain]] + [self.state[w] for w in g.readers]
                 d = _norm_radial(hs, states, lr, group)
                 dl[(id(g.gain), "row")] = d[0]
-                for w, dw in zip(g.readers, d[1:]):
-                    dl[(id(w), "col")] = dw
+                for w, s, dw in zip(g.readers, sides, d[1:]):
+                    dl[(id(w), s)] = dw
         dirs = self._unit_directions(units, prep, group)
         for u in units:
             key = id(u.params[0])
@@ -1753,12 +1785,13 @@ class DDCOptimizer(torch.optim.Optimizer):
                 dl[(id(g.in_weight), "row")] = dl[(id(g.out_weight), "col")] = di
         norms = [g for g in gauges if isinstance(g, NormGauge)]
         for bucket in _buckets(norms, lambda g: (len(g.readers), tuple(prep[id(g.gain)]["h_row"].shape))):
-            hs = [h for g in bucket for h in [prep[id(g.gain)]["h_row"]] + [prep[id(w)]["h_col"] for w in g.readers]]
-            sides = [p for g in bucket for p in (g.gain, *g.readers)]
-            d = self._norm_radial_stacked(torch.stack(hs).unflatten(0, (len(bucket), -1)), sides, lr, group)
-            for g, dg in zip(bucket, d.unbind(0)):
-                for p, dp in zip((g.gain, *g.readers), dg.unbind(0)):
-                    dl[(id(p), "row" if p is g.gain else "col")] = dp
+            keys = [(p, s) for g in bucket for p, s in zip((g.gain, *g.readers), ("row", *g.reader_sides))]
+            hs = [prep[id(p)]["h_" + s] for p, s in keys]
+            d = self._norm_radial_stacked(
+                torch.stack(hs).unflatten(0, (len(bucket), -1)), [p for p, _ in keys], lr, group
+            )
+            for (p, s), dp in zip(keys, d.flatten(0, 1).unbind(0)):
+                dl[(id(p), s)] = dp
         return dl
 
     def _norm_radial_stacked(self, H: Tensor, sides: list[Tensor], lr: float, group: dict) -> Tensor:
