@@ -17,6 +17,7 @@ from test_ddc import (
     FAIL,
     OPTS,
     TOL,
+    _ns,
     batches,
     bf16_rounded_steps,
     llama,
@@ -290,6 +291,27 @@ def test_conv1d_readers_found_and_probed_on_gpt2():
     )
     assert gauges[f"norm_scale:{p}ln_1"].reader_sides == ("row",)
     assert gauges["norm_scale:transformer.ln_f"].reader_sides == ("col",)
+
+
+def test_muon_shape_factor_of_conv1d_weights_is_the_logical_one():
+    """DDC-Muon on a Conv1D weight outside every gauge (GPT-2's mlp.c_proj, stored [64, 16],
+    the logical [out, in] = [16, 64] matrix): Muon's factor sqrt(max(1, out/in)) = 1, as the
+    ``muon`` preset reads the layout; the stored shape would give 2. Oracle: Newton-Schulz of
+    the logical momentum by the test's own loop (test_ddc._ns), float64, one step."""
+    m = gpt2()
+    name = "transformer.h.0.mlp.c_proj.weight"
+    w0 = m.get_parameter(name).detach().clone()
+    opt = ddc_optimizer(m, "muon", lr=2e-2, weight_decay=1e-3)
+    assert "none: base rule" in next(line for line in describe(opt).splitlines() if line.startswith(name))
+    m.loss(batches(64, 1)[0]).backward()
+    g = m.get_parameter(name).grad.detach().clone()
+    opt.step()
+    logical = _ns(g.T + 0.95 * g.T) * max(1.0, 16 / 64) ** 0.5  # Nesterov momentum after one step
+    expected = w0 * (1 - 2e-2 * 1e-3) - 2e-2 * logical.T
+    got = m.get_parameter(name).detach()
+    assert ((got - expected).norm() / (expected - w0).norm()).item() < 1e-10
+    stored = w0 * (1 - 2e-2 * 1e-3) - 2e-2 * 2.0 * logical.T  # the stored-shape factor: fails
+    assert ((got - stored).norm() / (stored - w0).norm()).item() > 0.4
 
 
 class OnePlusNorm(nn.Module):

@@ -1056,18 +1056,18 @@ def _rescale_key(g) -> tuple:
     )
 
 
-def _polar_update(upd: Tensor, group: dict) -> Tensor:
+def _polar_update(upd: Tensor, group: dict, transposed: bool = False) -> Tensor:
     """Muon's direction of a (batch of) momentum matrices [..., m, n]: Newton-Schulz times
-    sqrt(max(1, rows/cols)), evaluated by the fast path's route for the shape (the `muon`
+    sqrt(max(1, out/in)) of the logical ``[out, in]`` matrix (``transposed``: stored ``[in,
+    out]``, so ``out = n``), evaluated by the fast path's route for the shape (the `muon`
     preset's: :func:`equiopt.fastpath.choose_polar_route`, Gram Newton-Schulz on wide float32 /
     float64 matrices on CPU, else the standard iterations; the same polynomial)."""
     m, n = upd.shape[-2:]
     x = upd.reshape(-1, m, n)
     steps = len(fastpath.polar_coeffs("newton_schulz", group["ns_steps"]))
     route = fastpath.choose_polar_route(min(m, n), max(m, n), steps, False, device=x.device, cdt=x.dtype)
-    out = fastpath.iterative_polar(
-        x, "newton_schulz", group["ns_steps"], scale=muon_scale(m, n), gram_ns=route == "gram_ns"
-    )
+    scale = muon_scale(n, m) if transposed else muon_scale(m, n)
+    out = fastpath.iterative_polar(x, "newton_schulz", group["ns_steps"], scale=scale, gram_ns=route == "gram_ns")
     return out.reshape(upd.shape)
 
 
@@ -1094,9 +1094,10 @@ def _lifted_update(upd: Tensor, lift: _Lift) -> Tensor:
     return u.mT if lift.column_aware else u
 
 
-def _direction(upd: Tensor, group: dict, lift: _Lift | None) -> Tensor:
-    """The DDC-Muon base map of a Nesterov momentum: Muon's polar map, or a lifted paper map."""
-    return _polar_update(upd, group) if lift is None else _lifted_update(upd, lift)
+def _direction(upd: Tensor, group: dict, lift: _Lift | None, transposed: bool = False) -> Tensor:
+    """The DDC-Muon base map of a Nesterov momentum: Muon's polar map (``transposed``: of a
+    weight stored ``[in, out]``), or a lifted paper map (plain ``[out, in]`` matrices only)."""
+    return _polar_update(upd, group, transposed) if lift is None else _lifted_update(upd, lift)
 
 
 # -- the diagonal-scaling gauges with norm channels (docs/ddc.md "Norm-channel gauges") ----
@@ -1358,10 +1359,16 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.batched = True  # configure(opt, batched=False): the reference path
         self.stack_adam_gauges = False  # configure(opt, stack_adam_gauges=True): stacked DDC-Adam gauges
         self.lifts: dict[int, _Lift] = {}  # id(param) -> the paper map lifted there (ddc_optimizer(rules=))
+        self.stored_in_out: set[int] = set()  # ids of weights stored [in, out] (Conv1D): Muon's shape factor
         self._units: dict[tuple, list[_Unit]] = {}  # _scale_step's units per gauge list
         self._unit_keys: dict[tuple, tuple] = {}  # _stack_key's fixed part per unit
         self._projections: dict[tuple, tuple[Tensor, Tensor]] = {}  # _radial_projections
         self._stacks: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}  # _stack_views' buffers, views
+
+    def _map(self, p: Tensor) -> dict:
+        """The direction map options of ``p`` for :func:`_direction`: its lifted paper map
+        (``rules=``) and whether it is stored ``[in, out]``."""
+        return {"lift": self.lifts.get(id(p)), "transposed": id(p) in self.stored_in_out}
 
     def _lift_record(self) -> dict[int, dict]:
         """{parameter index in param_groups order: the lifted map's options} (configuration that
@@ -1452,7 +1459,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 muon = [p for p in live if group["rule"] == "muon" and p.ndim >= 2]
                 adam = [p for p in live if not (group["rule"] == "muon" and p.ndim >= 2)]
                 if self.batched:
-                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device, self.lifts.get(id(p)))):
+                    for bucket in _buckets(muon, lambda p: (tuple(p.shape), p.dtype, p.device, *self._map(p).values())):
                         self._muon_batched(bucket, group)
                 else:
                     for p in muon:
@@ -1541,18 +1548,18 @@ class DDCOptimizer(torch.optim.Optimizer):
                 lambda u: (
                     tuple(prep[id(u.params[0])]["x"].shape),
                     u.params[0].device,
-                    self.lifts.get(id(u.params[0])),
+                    tuple(self._map(u.params[0]).values()),
                 ),
             ):
                 X = torch.stack([prep[id(u.params[0])]["x"] for u in bucket])
                 U = self._muon_stacked(
-                    [self.state[u.params[0]] for u in bucket], X, group, lift=self.lifts.get(id(bucket[0].params[0]))
+                    [self.state[u.params[0]] for u in bucket], X, group, **self._map(bucket[0].params[0])
                 )
                 out.update((id(u.params[0]), Ui) for u, Ui in zip(bucket, U.unbind(0)))
         else:
             for u in muon:
                 out[id(u.params[0])] = self._muon_direction(
-                    prep[id(u.params[0])]["x"], self.state[u.params[0]], group, lift=self.lifts.get(id(u.params[0]))
+                    prep[id(u.params[0])]["x"], self.state[u.params[0]], group, **self._map(u.params[0])
                 )
         for u in units:
             if id(u.params[0]) in out:
@@ -1623,8 +1630,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         cache = (id(u), muon, tuple(q.dtype for q in u.params))  # units are kept (_scale_step)
         if cache not in self._unit_keys:  # () for a unit stepped alone
             plain = all(q.dtype in _FULL and not _is_dtensor(q) for q in u.params)
-            lift = self.lifts.get(id(p))
-            kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector, lift)
+            kind = (u.row is not None, u.col is not None, u.ncol, u.vector, muon and not u.vector)
+            kind += tuple(self._map(p).values())
             stack = not u.center and p.numel() <= _STACK and plain
             self._unit_keys[cache] = (
                 kind + (tuple(tuple(q.shape) for q in u.params), p.dtype, p.device) if stack else ()
@@ -1836,17 +1843,17 @@ class DDCOptimizer(torch.optim.Optimizer):
             return (
                 tuple(packs[i][1]["G"].shape[-2:]),
                 packs[i][1]["G"].device,
-                self.lifts.get(id(packs[i][0][0].params[0])),
+                self._map(packs[i][0][0].params[0]),
             )
 
-        for bucket in _buckets(muon, key):
+        for bucket in _buckets(muon, lambda i: key(i)[:2] + tuple(key(i)[2].values())):
             sizes = [len(packs[i][0]) for i in bucket]
             G0 = packs[bucket[0]][1]["G"]
             X = G0.new_empty((sum(sizes),) + G0.shape[-2:])
             for i, Xi in zip(bucket, X.split(sizes)):
                 self._fast_x(packs[i][1], out=Xi if len(packs[i][0]) > 1 else Xi[0])
             states = [self.state[u.params[0]] for i in bucket for u in packs[i][0]]
-            U = self._muon_stacked(states, X, group, lift=key(bucket[0])[2])
+            U = self._muon_stacked(states, X, group, **key(bucket[0])[2])
             out.update((i, (Ui if len(packs[i][0]) > 1 else Ui[0], 1.0)) for i, Ui in zip(bucket, U.split(sizes)))
         blocks: list[tuple[Tensor, Tensor, Tensor, float]] = []  # (m, v, a block of x, its step)
         for i in [i for i in range(len(packs)) if i not in out]:
@@ -1922,7 +1929,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             return
         ws = [_work(p) for p in params]
         X = torch.stack([_grad(p, w) for p, w in zip(params, ws)])
-        U = self._muon_stacked([self.state[p] for p in params], X, group, lift=self.lifts.get(id(params[0])))
+        U = self._muon_stacked([self.state[p] for p in params], X, group, **self._map(params[0]))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             torch._foreach_mul_(ws, 1 - lr * wd)
@@ -1996,16 +2003,16 @@ class DDCOptimizer(torch.optim.Optimizer):
 
             return adam(P1, x1), adam(P2, x2), (adam(Pb, xb) if xb is not None else None)
         X1 = torch.cat([x1, xb[:, :, None]], 2) if xb is not None else x1
-        U1 = self._muon_stacked(st1, X1, group, lift=self._bucket_lift(P1))
+        U1 = self._muon_stacked(st1, X1, group, **self._bucket_map(P1))
         u1, ub = (U1[:, :, :-1], U1[:, :, -1]) if xb is not None else (U1, None)
-        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group, lift=self._bucket_lift(P2)), ub
+        return u1, self._muon_stacked([self.state[p] for p in P2], x2, group, **self._bucket_map(P2)), ub
 
-    def _bucket_lift(self, params: list[Tensor]) -> _Lift | None:
-        """The lifted map shared by a stacked bucket (lifts are per role: one per bucket)."""
-        lifts = {self.lifts.get(id(p)) for p in params}
-        if len(lifts) != 1:
+    def _bucket_map(self, params: list[Tensor]) -> dict:
+        """The direction map shared by a stacked bucket (lifts are per role: one per bucket)."""
+        maps = {tuple(self._map(p).items()) for p in params}
+        if len(maps) != 1:
             raise ValueError("DDCOptimizer: a stacked rescale bucket mixes lifted and unlifted maps; use batched=False")
-        return lifts.pop()
+        return dict(maps.pop())
 
     def _rescale_states(self, live: list[RescaleGauge], n1: Tensor) -> list[dict]:
         """The in-weight states of stacked gauges: step counters (advanced, and copied to
@@ -2066,7 +2073,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         return (m / bc1) / ((v.sqrt() / bc2).add_(eps))
 
     def _muon_stacked(
-        self, states: list[dict], x: Tensor, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+        self,
+        states: list[dict],
+        x: Tensor,
+        group: dict,
+        key: str = "momentum_buffer",
+        lift: _Lift | None = None,
+        transposed: bool = False,
     ) -> Tensor:
         """:meth:`_muon_direction` of a stack (one momentum buffer per slice, views of one kept buffer)."""
         mom = group["momentum"]
@@ -2076,7 +2089,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf = self._stack_views([(st, key) for st in states])  # the buffers are views of it
         buf.mul_(mom).add_(x)
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _direction(upd, group, lift)
+        return _direction(upd, group, lift, transposed)
 
     # -- base rules -------------------------------------------------------------------
     def _adam_state(self, p: Tensor, prefix: str = "", local: bool = False) -> dict:
@@ -2166,7 +2179,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         torch._foreach_addcdiv_(small, ms, denom, [-lr / (1 - beta1**t) for t in steps])
 
     def _muon_direction(
-        self, x: Tensor, state: dict, group: dict, key: str = "momentum_buffer", lift: _Lift | None = None
+        self,
+        x: Tensor,
+        state: dict,
+        group: dict,
+        key: str = "momentum_buffer",
+        lift: _Lift | None = None,
+        transposed: bool = False,
     ) -> Tensor:
         mom = group["momentum"]
         if key not in state:
@@ -2174,12 +2193,12 @@ class DDCOptimizer(torch.optim.Optimizer):
         buf = state[key]
         buf.mul_(mom).add_(x)
         upd = x.add(buf, alpha=mom) if group["nesterov"] else buf
-        return _direction(upd, group, lift)
+        return _direction(upd, group, lift, transposed)
 
     def _muon_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         w = _work(p)
-        u = self._muon_direction(_grad(p, w), state, group, lift=self.lifts.get(id(p)))
+        u = self._muon_direction(_grad(p, w), state, group, **self._map(p))
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             w.mul_(1 - lr * wd)
@@ -2231,9 +2250,9 @@ class DDCOptimizer(torch.optim.Optimizer):
             ub = _adam_dir(self._adam_state(Pb), xb, beta1, beta2, eps) if Pb is not None and xb is not None else None
         else:  # muon: polar of the whole invariant matrix [x1 | xb] and of x2
             X1 = torch.cat([x1, xb[:, None]], 1) if xb is not None else x1
-            U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
+            U1 = self._muon_direction(X1, st1, group, **self._map(P1))
             u1, ub = (U1[:, :-1], U1[:, -1]) if b is not None else (U1, None)
-            u2 = self._muon_direction(x2, self.state[P2], group, lift=self.lifts.get(id(P2)))
+            u2 = self._muon_direction(x2, self.state[P2], group, **self._map(P2))
         a1 = _safe_div((u1 * W1).sum(1) + (ub * b if ub is not None and b is not None else 0), n1)
         a2 = _safe_div((u2 * W2).sum(0), n2)
         u1 = u1 - a1[:, None] * W1
@@ -2295,8 +2314,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         if group["rule"] == "adam":
             (U1, c1), (U2, c2) = (self._adam_scaled_dir(P, X, group, local) for P, X in ((P1, X1), (P2, X2)))
         else:
-            U1 = self._muon_direction(X1, st1, group, lift=self.lifts.get(id(P1)))
-            U2 = self._muon_direction(X2, self.state[P2], group, lift=self.lifts.get(id(P2)))
+            U1 = self._muon_direction(X1, st1, group, **self._map(P1))
+            U2 = self._muon_direction(X2, self.state[P2], group, **self._map(P2))
             c1 = c2 = 1.0
         u1, u2 = part_rows(U1, ins, gauge.part), part_rows(U2, outs)  # re-projected off W
         u1.addcmul_(W1, (-_safe_div((u1 * W1).sum(-1), n1))[..., None])
@@ -2503,10 +2522,11 @@ def ddc_optimizer(
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
     lifts = _lifts(the_plan, parts, base, rules)
+    stored_in_out = {id(e.param): True for e in the_plan.entries if e.layout.transposed and e.param is not None}
     if target is not None:  # FSDP2: built on the replica, mapped onto the DTensor parameters
-        groups, found, names, lifts = _onto(target, model, groups, found, names, lifts)
+        groups, found, names, lifts, stored_in_out = _onto(target, model, groups, found, names, lifts, stored_in_out)
     opt = DDCOptimizer(groups, found, base, names, table)
-    opt.lifts = lifts
+    opt.lifts, opt.stored_in_out = lifts, set(stored_in_out)
     return opt
 
 
@@ -2548,10 +2568,17 @@ def _sharded_target(model_or_plan: nn.Module | Plan, model: nn.Module | None) ->
 
 
 def _onto(
-    target: nn.Module, replica: nn.Module | None, groups: list[dict], found: list, names: dict, lifts: dict
+    target: nn.Module,
+    replica: nn.Module | None,
+    groups: list[dict],
+    found: list,
+    names: dict,
+    lifts: dict,
+    stored_in_out: dict,
 ) -> tuple:
-    """The param_groups, gauges, names and lifts built on ``replica`` with every parameter
-    replaced by ``target``'s of the same name (an FSDP2 model: its DTensor parameters)."""
+    """The param_groups, gauges, names, lifts and ``[in, out]`` marks built on ``replica`` with
+    every parameter replaced by ``target``'s of the same name (an FSDP2 model: its DTensor
+    parameters)."""
     assert replica is not None
     mine = dict(unwrap(target).named_parameters())
     theirs = dict(unwrap(replica).named_parameters())
@@ -2566,7 +2593,10 @@ def _onto(
 
     found = [dataclasses.replace(g, **{f.name: m(getattr(g, f.name)) for f in dataclasses.fields(g)}) for g in found]
     groups = [{**g, "params": [to[id(p)] for p in g["params"]]} for g in groups]
-    return groups, found, {to[id(p)]: n for p, n in names.items()}, {id(to[i]): lf for i, lf in lifts.items()}
+    def by_id(d: dict) -> dict:
+        return {id(to[i]): v for i, v in d.items()}
+
+    return groups, found, {to[id(p)]: n for p, n in names.items()}, by_id(lifts), by_id(stored_in_out)
 
 
 # ----------------------------------------------------------------------------------------
