@@ -452,6 +452,8 @@ def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch)
     assert cli.main(argv) == 0
     md = (out / "summary.md").read_text()
     assert "rownorm-embed-head/hybrid-mlp" in md and "Block-wise contrasts" in md
+    others = md.split("## Block-wise contrasts, the other observables")[1].split("##")[0]
+    assert "logit_max_abs" in others and "router_load_cv" not in others  # dense: no routing metrics
     summary = json.loads((out / "summary.json").read_text())["summary"]["qwen3"]
     assert set(summary) == set(variants.split(","))
     assert summary["adamw-embed-head/hybrid-mlp"]["val_loss"]["n"] == 2
@@ -466,3 +468,29 @@ def test_reproduce_cli_runs_a_grid_with_contrasts(corpus, tmp_path, monkeypatch)
     stamps = [f.stat().st_mtime_ns for f in finals]
     assert len(finals) >= 8 and cli.main(argv) == 0
     assert [f.stat().st_mtime_ns for f in finals] == stamps
+
+
+def test_contrast_metrics_table_differences_and_welch_p():
+    """Each cell is mean(a) - mean(b) with scipy's Welch p of the two samples (independent
+    oracle: the values written here); a metric one side lacks is '-', one no pair has is left out."""
+    from scipy.stats import ttest_ind
+
+    from equiopt.train.report import contrast_metrics_table
+
+    def cell(values):
+        return {"values": values, "mean": sum(values) / len(values), "n": len(values)}
+
+    summary = {
+        "olmoe": {
+            "a": {"router_load_cv": cell([0.4, 0.45, 0.5]), "logit_max_abs": cell([20.0, 21.0, 22.0])},
+            "b": {"router_load_cv": cell([1.0, 1.1, 1.05])},
+            "c": {"router_load_cv": cell([0.8, 0.9, 0.7]), "logit_max_abs": cell([20.5, 20.0, 21.5])},
+        }
+    }
+    pairs = [("a", "b"), ("a", "c"), ("a", "missing")]
+    rows = contrast_metrics_table(summary, pairs, ["router_load_cv", "logit_max_abs", "x"])
+    assert rows[0] == "| arch | a | b | router_load_cv | logit_max_abs |" and len(rows) == 4
+    p = ttest_ind([0.4, 0.45, 0.5], [1.0, 1.1, 1.05], equal_var=False).pvalue
+    assert rows[2] == f"| olmoe | a | b | {0.45 - 1.05:+.3f} (p {p:.1e}) | - |"
+    p2 = ttest_ind([20.0, 21.0, 22.0], [20.5, 20.0, 21.5], equal_var=False).pvalue
+    assert rows[3].endswith(f"| {21.0 - 20.666666666666668:+.3f} (p {p2:.3f}) |")

@@ -317,6 +317,10 @@ def write_report(
     if pairs:
         md.append("\n## Block-wise contrasts (final validation loss)\n")
         md += pairs
+        others = contrast_metrics_table(summary, contrasts or [], [c for c in TABLE_COLUMNS if c != "val_loss"])
+        if others:
+            md.append("\n## Block-wise contrasts, the other observables (a - b, Welch p)\n")
+            md += others
     diverged = [r for r in runs if r["status"] != "done"]
     if diverged:
         md.append("\n## Diverged runs\n")
@@ -355,4 +359,29 @@ def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]
                 rows += ["| arch | a | b | a - b (nats) | p (Welch) | n (a, b) |", "|---|---|---|---|---|---|"]
             p = _welch(ca["values"], cb["values"])
             rows.append(f"| {arch} | {a} | {b} | {ca['mean'] - cb['mean']:+.4f} | {_fmt_p(p)} | {ca['n']}, {cb['n']} |")
+    return rows
+
+
+def contrast_metrics_table(summary: dict, contrasts: list[tuple[str, str]], metrics: list[str]) -> list[str]:
+    """Markdown rows: per architecture and pair (a, b), ``mean(a) - mean(b)`` and its Welch p
+    for each of ``metrics`` that both sides recorded (a metric no pair has is left out)."""
+    found = [
+        (arch, a, b, cells[a], cells[b])
+        for arch, cells in summary.items()
+        for a, b in contrasts
+        if a in cells and b in cells
+    ]
+    cols = [m for m in metrics if any(ca.get(m) and cb.get(m) for _, _, _, ca, cb in found)]
+    if not found or not cols:
+        return []
+    rows = ["| arch | a | b | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for arch, a, b, ca, cb in found:
+        cells = []
+        for m in cols:
+            ma, mb = ca.get(m), cb.get(m)
+            ok = ma is not None and mb is not None
+            cells.append(
+                f"{ma['mean'] - mb['mean']:+.3f} (p {_fmt_p(_welch(ma['values'], mb['values']))})" if ok else "-"
+            )
+        rows.append(f"| {arch} | {a} | {b} | " + " | ".join(cells) + " |")
     return rows
