@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -254,7 +255,7 @@ def plot(runs: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
                 if i == 0 and j == 0:
                     ax.legend(fontsize=7)
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 55 * len(archs_)), fontsize=10)  # ~55 characters fit a 4.2-inch panel
         fig.tight_layout()
         p = out / fig_name
         fig.savefig(p, dpi=110)
