@@ -1018,6 +1018,12 @@ def _grad(p: Tensor, work: Tensor) -> Tensor:
     return g if g.dtype == work.dtype else g.to(work.dtype)
 
 
+def _local_shard(p: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's shard of an FSDP2 (DTensor) parameter and of its gradient (zeros without one)."""
+    w = cast(Any, p).to_local()
+    return w, (cast(Any, p.grad).to_local() if p.grad is not None else torch.zeros_like(w))
+
+
 def _write_back(p: Tensor | None, work: Tensor | None) -> None:
     if p is None or work is None or work is p:  # work is None only when p is
         return
@@ -1656,8 +1662,8 @@ class DDCOptimizer(torch.optim.Optimizer):
                 st = self.state[p]
                 st["step"] = st["step"] + 1 if "step" in st else torch.tensor(1.0)
         if shard is not None:
-            wss = [[cast(Any, p0).to_local()]]
-            Gs = [cast(Any, p0.grad).to_local() if p0.grad is not None else torch.zeros_like(wss[0][0])]
+            w0, g0 = _local_shard(p0)
+            wss, Gs = [[w0]], [g0]
         else:
             wss = [[_work(p) for p in u.params] for u in units]
             Gs = [_columns([_grad(p, w) for p, w in zip(u.params, ws)]) for u, ws in zip(units, wss)]
@@ -2121,8 +2127,11 @@ class DDCOptimizer(torch.optim.Optimizer):
         local = _row_sharded(p) and not center  # FSDP2: elementwise on the local rows
         state = self._adam_state(p, local=local)
         state["step"] += 1
-        w = cast(Any, p).to_local() if local else _work(p)
-        grad = cast(Any, p.grad).to_local() if local else _grad(p, w)
+        if local:
+            w, grad = _local_shard(p)
+        else:
+            w = _work(p)
+            grad = _grad(p, w)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         step = state["step"].item()
         bc2_sqrt = (1 - beta2**step) ** 0.5
@@ -2283,11 +2292,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         # per expert, so the step runs on the local experts, no communication
         local = gauge.in_layout.stacked and gauge.out_layout.stacked and _row_sharded(P1) and _row_sharded(P2)
         if local:
-            S1, S2 = cast(Any, P1).to_local(), cast(Any, P2).to_local()
-            G1, G2 = (
-                cast(Any, p.grad).to_local() if p.grad is not None else torch.zeros_like(w)
-                for p, w in ((P1, S1), (P2, S2))
-            )
+            (S1, G1), (S2, G2) = _local_shard(P1), _local_shard(P2)
         else:
             S1, S2 = _work(P1), _work(P2)  # stored layout (FSDP2 otherwise: gathered)
             G1, G2 = _grad(P1, S1), _grad(P2, S2)
@@ -2593,6 +2598,7 @@ def _onto(
 
     found = [dataclasses.replace(g, **{f.name: m(getattr(g, f.name)) for f in dataclasses.fields(g)}) for g in found]
     groups = [{**g, "params": [to[id(p)] for p in g["params"]]} for g in groups]
+
     def by_id(d: dict) -> dict:
         return {id(to[i]): v for i, v in d.items()}
 
