@@ -1,11 +1,13 @@
 """How flat each run's validation-loss curve is at its end (issue #13: "long enough that the
 validation loss curve has flattened"), from the runs' ``metrics.jsonl``.
 
-    python results/reproduce/flatness.py runs/reproduce/fig5-cpu [--out results/reproduce/fig5-cpu/flatness.md]
+    python results/reproduce/flatness.py runs/reproduce/fig5-cpu [--against adamw-router] [--out FILE]
 
 Per variant (mean over the seed runs ``runs/<variant>/seed*``): the final validation loss, its
 drop over the last quarter of the evaluations' steps and over the last evaluation interval.
-Reads files only (no torch, no training).
+With ``--against V``: every other variant's gap to V (mean over seeds, V's mean subtracted) at
+a quarter, half, three quarters and the end of the run: whether the orderings are still moving
+while the losses fall. Reads files only (no torch, no training).
 """
 
 from __future__ import annotations
@@ -41,19 +43,49 @@ def flatness(points: list[tuple[int, float]]) -> dict[str, float]:
     }
 
 
+def variant_runs(root: Path) -> dict[str, list[Path]]:
+    """{variant: its seed runs with metrics} under ``root/runs``."""
+    out = {}
+    for vdir in sorted(p for p in (root / "runs").iterdir() if p.is_dir()):
+        runs = sorted(r for r in vdir.glob("seed*") if (r / "metrics.jsonl").exists())
+        if runs:
+            out[vdir.name.replace("__", "/")] = runs
+    return out
+
+
+def gap_table(root: Path, against: str) -> str:
+    """Mean validation-loss gap of every variant to ``against`` at 25/50/75/100% of the steps."""
+    runs = variant_runs(root)
+    if against not in runs:
+        raise SystemExit(f"--against {against!r}: no such variant under {root}/runs ({', '.join(runs)})")
+    curves = {v: [curve(r) for r in rs] for v, rs in runs.items()}
+    last = curves[against][0][-1][0]
+    fractions = (0.25, 0.5, 0.75, 1.0)
+
+    def mean_at(v: str, step: float) -> float:
+        return statistics.fmean(at_or_before(c, step) for c in curves[v])
+
+    rows = [
+        f"| variant minus {against} | " + " | ".join(f"step {round(f * last)}" for f in fractions) + " |",
+        "|---|" + "---|" * len(fractions),
+    ]
+    for v in curves:
+        if v != against:
+            gaps = [mean_at(v, f * last) - mean_at(against, f * last) for f in fractions]
+            rows.append(f"| {v} | " + " | ".join(f"{g:+.4f}" for g in gaps) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def table(root: Path) -> str:
     rows = [
         "| variant | seeds | steps | final val loss | drop over the last 25% of steps | drop over the last interval |",
         "|---|---|---|---|---|---|",
     ]
-    for vdir in sorted(p for p in (root / "runs").iterdir() if p.is_dir()):
-        runs = sorted(r for r in vdir.glob("seed*") if (r / "metrics.jsonl").exists())
-        if not runs:
-            continue
+    for name, runs in variant_runs(root).items():
         fs = [flatness(curve(r)) for r in runs]
         mean = {k: statistics.fmean(f[k] for f in fs) for k in fs[0]}
         rows.append(
-            f"| {vdir.name.replace('__', '/')} | {len(fs)} | {fs[0]['steps']} | {mean['final']:.4f} | "
+            f"| {name} | {len(fs)} | {fs[0]['steps']} | {mean['final']:.4f} | "
             f"{mean['drop_last_quarter']:.4f} | {mean['drop_last_interval']:.4f} (last {fs[0]['interval']} steps) |"
         )
     return "\n".join(rows) + "\n"
@@ -62,9 +94,12 @@ def table(root: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path, help="a reproduce output directory (holds runs/<variant>/seed*)")
+    ap.add_argument("--against", help="also tabulate every variant's gap to this one along the run")
     ap.add_argument("--out", type=Path, help="also write the table here (refuses to overwrite)")
     args = ap.parse_args()
     text = table(args.root)
+    if args.against:
+        text += "\n" + gap_table(args.root, args.against)
     print(text, end="")
     if args.out is not None:
         if args.out.exists():
