@@ -369,6 +369,26 @@ def test_reproduce_options_are_checked():
         ReproduceOptions(figure="fig9")
 
 
+def test_reproduce_takes_a_previous_sweeps_choice(tmp_path, monkeypatch):
+    """--lr-from-sweep: the seeds run at each variant's multiplier from a best.json, no sweep
+    runs; a missing file or variant is an error naming it; it excludes --lr-scales."""
+    from equiopt.train import recipes as R
+
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"rownorm-router": {"lr_scale": 4.0}, "adamw-router": {"lr_scale": 2.0}}))
+    opts = ReproduceOptions(figure="fig5", variants=["rownorm-router", "adamw-router"], lr_from_sweep=str(best))
+    assert R._swept(opts) == {"rownorm-router": 4.0, "adamw-router": 2.0}
+    cfgs = opts.configs([0, 1], tmp_path / "out", R._swept(opts))
+    assert sorted((c.variant, c.lr_scale) for c in cfgs) == [("adamw-router", 2.0)] * 2 + [("rownorm-router", 4.0)] * 2
+    with pytest.raises(ValueError, match="left-spectral-router"):
+        R._swept(dataclasses.replace(opts, variants=["left-spectral-router"]))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        R._swept(dataclasses.replace(opts, lr_from_sweep=str(tmp_path / "nope.json")))
+    with pytest.raises(ValueError, match="exclude"):
+        ReproduceOptions(figure="fig5", lr_from_sweep=str(best), lr_scales=[1.0])
+    assert R._swept(ReproduceOptions(figure="fig5")) == {}
+
+
 @pytest.mark.parametrize(
     "losses, expected",
     [

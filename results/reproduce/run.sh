@@ -14,7 +14,10 @@
 # (a restart from a newer commit keeps the older line; every run's env.json has its own commit).
 # Knobs: SEEDS, STEPS, LR_SCALES, JOBS, OUT, FIGURES, AUTOCAST (auto = bf16 on CUDA only, float32
 # on the CPU; bf16 = bf16 autocast on the CPU too, ~1.9x faster forward+backward for fig3 there,
-# see results/autocast_cpu.md; one setting per figure, so its comparisons are at equal precision).
+# see results/autocast_cpu.md; one setting per figure, so its comparisons are at equal precision),
+# LR_FROM_SWEEP (no sweep: the seeds at the multipliers of a previous sweep's best.json, "{FIG}"
+# replaced by the figure, e.g. a longer horizon:
+#   OUT=runs/reproduce-long STEPS=2560 LR_FROM_SWEEP=runs/reproduce/{FIG}-cpu/sweep/best.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${PYTHON:-}" ]; then bash scripts/setup.sh; fi
@@ -33,7 +36,8 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then COM
 echo "$(date -u +%FT%TZ) $COMMIT" >> "$OUT/commit.txt"
 for FIG in $FIGURES; do
   date
-  time "$PY" -m equiopt reproduce "$FIG" --scale cpu --seeds "$SEEDS" --steps "$STEPS" --lr-scales "$LR_SCALES" \
+  if [ -n "${LR_FROM_SWEEP:-}" ]; then LR_ARGS=(--lr-from-sweep "${LR_FROM_SWEEP//\{FIG\}/$FIG}"); else LR_ARGS=(--lr-scales "$LR_SCALES"); fi
+  time "$PY" -m equiopt reproduce "$FIG" --scale cpu --seeds "$SEEDS" --steps "$STEPS" "${LR_ARGS[@]}" \
     --jobs "$JOBS" --autocast "$AUTOCAST" --no-progress --out "$OUT/$FIG-cpu"
 done
 date

@@ -535,6 +535,12 @@ class ReproduceOptions:
         "(seed 1000, same horizon) and train the seeds at the best one; "
         "empty = the recipe's learning rates",
     )
+    lr_from_sweep: str = option(
+        "",
+        metavar="BEST_JSON",
+        help="train the seeds at the multipliers a previous sweep chose (its sweep/best.json), "
+        "without sweeping (e.g. a longer horizon at the rates chosen at the shorter one)",
+    )
     steps: int = option(0, help="training steps (0 = the scale's)")
     batch_size: int = option(0, help="global batch in sequences (0 = the scale's)")
     eval_every: int = option(0, help="steps between evaluations (0 = the scale's)")
@@ -577,6 +583,8 @@ class ReproduceOptions:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 0, got {getattr(self, name)}")
         if any(not (math.isfinite(s) and s > 0) for s in self.lr_scales):
             raise ValueError(f"lr_scales (--lr-scales) must be positive numbers, got {self.lr_scales}")
+        if self.lr_from_sweep and self.lr_scales:
+            raise ValueError("--lr-from-sweep and --lr-scales exclude each other: take a sweep's choice or sweep")
 
     @property
     def recipe(self) -> Recipe:
@@ -659,6 +667,21 @@ def _sweep_variants(opts: ReproduceOptions, out: Path, run: dict) -> dict[str, f
     return chosen
 
 
+def _swept(opts: ReproduceOptions) -> dict[str, float]:
+    """Each variant's multiplier from ``opts.lr_from_sweep`` (a ``sweep/best.json``), or {}."""
+    if not opts.lr_from_sweep:
+        return {}
+    path = Path(opts.lr_from_sweep)
+    if not path.is_file():
+        raise FileNotFoundError(f"--lr-from-sweep {path}: no such file (a previous run's sweep/best.json)")
+    best = json.loads(path.read_text())
+    variants = opts.variants or opts.recipe.variant_names
+    missing = [v for v in variants if not isinstance(best.get(v), dict) or "lr_scale" not in best[v]]
+    if missing:
+        raise ValueError(f"--lr-from-sweep {path}: no lr_scale for variant(s) {', '.join(missing)}")
+    return {v: float(best[v]["lr_scale"]) for v in variants}
+
+
 def reproduce(
     opts: ReproduceOptions, *, overwrite: bool = False, progress: bool = True, log=print, command: str | None = None
 ) -> dict:
@@ -670,7 +693,7 @@ def reproduce(
     probe = [_for_jobs(c, opts.jobs) for c in probe]
     prepared = D.prepare(probe[0].data, log=log)
     run = dict(jobs=opts.jobs, overwrite=overwrite, progress=progress, log=log, prepared=prepared)
-    chosen = _sweep_variants(opts, out, run) if opts.lr_scales else {}
+    chosen = _sweep_variants(opts, out, run) if opts.lr_scales else _swept(opts)
     cfgs = [_for_jobs(c, opts.jobs) for c in opts.configs(list(range(opts.seeds)), out, chosen)]
     run_many(cfgs, desc=opts.figure, **run)
     if not _rank0():
@@ -686,7 +709,7 @@ def reproduce(
     ]
     if chosen:
         notes.append(
-            "lr_scale per variant from the sweep (out/sweep/best.json): "
+            f"lr_scale per variant from the sweep ({opts.lr_from_sweep or 'out/sweep/best.json'}): "
             + ", ".join(f"{v} x{s:g}" for v, s in chosen.items())
         )
     rep = write_report(
