@@ -69,9 +69,10 @@ def gap_table(root: Path, against: str) -> str:
         f"| variant minus {against} | " + " | ".join(f"step {round(f * last)}" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
     ]
+    ref = [mean_at(against, f * last) for f in fractions]
     for v in curves:
         if v != against:
-            gaps = [mean_at(v, f * last) - mean_at(against, f * last) for f in fractions]
+            gaps = [mean_at(v, f * last) - r for f, r in zip(fractions, ref)]
             rows.append(f"| {v} | " + " | ".join(f"{g:+.4f}" for g in gaps) + " |")
     return "\n".join(rows) + "\n"
 

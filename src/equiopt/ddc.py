@@ -851,8 +851,7 @@ def _claim_norms(
         readers = tuple(_weight(model, r) for r in rs)
         bias = own[1] if len(own) > 1 else None
         names = tuple(ids_of[id(p)] for p in own + list(readers))
-        flags = tuple(r in tmods for r in rs)
-        claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names, flags if any(flags) else ()))
+        claims.take(NormGauge(f"norm_scale:{name}", own[0], readers, bias, names, tuple(r in tmods for r in rs)))
 
 
 def _probe_model(
@@ -1845,21 +1844,18 @@ class DDCOptimizer(torch.optim.Optimizer):
         out: dict[int, tuple[Tensor, float]] = {}
         muon = [i for i, (b, _) in enumerate(packs) if group["rule"] == "muon" and not b[0].vector]
 
-        def key(i: int) -> tuple:  # members of one pack share their lift (_stack_key)
-            return (
-                tuple(packs[i][1]["G"].shape[-2:]),
-                packs[i][1]["G"].device,
-                self._map(packs[i][0][0].params[0]),
-            )
+        def key(i: int) -> tuple:  # members of one pack share their direction map (_stack_key)
+            G = packs[i][1]["G"]
+            return (tuple(G.shape[-2:]), G.device, *self._map(packs[i][0][0].params[0]).values())
 
-        for bucket in _buckets(muon, lambda i: key(i)[:2] + tuple(key(i)[2].values())):
+        for bucket in _buckets(muon, key):
             sizes = [len(packs[i][0]) for i in bucket]
             G0 = packs[bucket[0]][1]["G"]
             X = G0.new_empty((sum(sizes),) + G0.shape[-2:])
             for i, Xi in zip(bucket, X.split(sizes)):
                 self._fast_x(packs[i][1], out=Xi if len(packs[i][0]) > 1 else Xi[0])
             states = [self.state[u.params[0]] for i in bucket for u in packs[i][0]]
-            U = self._muon_stacked(states, X, group, **key(bucket[0])[2])
+            U = self._muon_stacked(states, X, group, **self._map(packs[bucket[0]][0][0].params[0]))
             out.update((i, (Ui if len(packs[i][0]) > 1 else Ui[0], 1.0)) for i, Ui in zip(bucket, U.split(sizes)))
         blocks: list[tuple[Tensor, Tensor, Tensor, float]] = []  # (m, v, a block of x, its step)
         for i in [i for i in range(len(packs)) if i not in out]:
