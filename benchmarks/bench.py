@@ -370,7 +370,8 @@ class _Pair:
             yield from o.state.values()
 
 
-def _torch_adamw(model):
+def _torch_adamw(model, fused: bool = False):
+    """torch.optim.AdamW (wd 0.1 on 2-D weights): multi-tensor (``foreach``), or ``fused``."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
@@ -378,7 +379,8 @@ def _torch_adamw(model):
         lr=3e-3,
         betas=(0.9, 0.95),
         eps=1e-8,
-        foreach=True,
+        foreach=not fused,
+        fused=fused or None,
     )
 
 

@@ -391,13 +391,10 @@ def assert_drift_orders(drift, lr=4e-3):
 # ----------------------------------------------------------------------------------------
 # base rule off the gauges
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["reference", "fast", "fast_chunked"])
-def test_no_gauge_is_adamw_bitwise(path, monkeypatch):
-    """Both paths are bit-identical to torch's single-tensor AdamW: the reference path per
-    tensor, the fast path as multi-tensor calls on small tensors and in row chunks on large
-    ones (``fast_chunked``: every matrix in chunks of 100 elements)."""
-    if path == "fast_chunked":
-        monkeypatch.setattr(ddc, "_CHUNK", 100)
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_no_gauge_is_adamw_bitwise(path):
+    """Both paths are bit-identical to torch's AdamW: the reference path per tensor to the
+    single-tensor AdamW, the fast path to the fused one (``fused=True``, the same kernel)."""
     m = relu_lm(act=nn.GELU(), tied=True)  # GELU: no rescale gauge; tied head: no shift
     ref = copy.deepcopy(m)
     opt = configure(ddc_optimizer(m, "adam", lr=1e-2), batched=path != "reference")
@@ -410,6 +407,7 @@ def test_no_gauge_is_adamw_bitwise(path, monkeypatch):
         betas=(0.9, 0.95),
         eps=1e-8,
         foreach=False,
+        fused=path == "fast",
     )
     for ids in batches(32):
         for model, o in ((m, opt), (ref, torch_opt)):
@@ -418,6 +416,24 @@ def test_no_gauge_is_adamw_bitwise(path, monkeypatch):
             o.step()
         for (n, p), q in zip(m.named_parameters(), ref.parameters()):
             assert torch.equal(p, q), n
+
+
+def test_fused_adam_direction_is_adams_and_refuses_gapped_views():
+    """The fast path's column-unit Adam (torch's fused kernel from ``p = 0``, ``lr = -1``)
+    returns ``m_hat / (sqrt(v_hat) + eps)`` and updates the moments as Adam does (float64,
+    explicit formula as the oracle); ``_fusable`` refuses row slices of a stack, which the
+    kernel (it walks raw memory) would mix up, and takes contiguous and transposed tensors."""
+    g = torch.Generator().manual_seed(0)
+    x, m, v = (torch.randn(2, 6, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    v = v.abs()
+    group = {"betas": (0.9, 0.95), "eps": 1e-8}
+    m_ref, v_ref = 0.9 * m + 0.1 * x, 0.95 * v + 0.05 * x * x
+    u_ref = (m_ref / (1 - 0.9**3)) / ((v_ref / (1 - 0.95**3)).sqrt() + 1e-8)
+    u = ddc._fused_adam_direction(x, m, v, torch.tensor(3.0), group)
+    assert rel_err({"u": u, "m": m, "v": v}, {"u": u_ref, "m": m_ref, "v": v_ref}) < 1e-15
+    assert ddc._fusable(x, m, v) and ddc._fusable(x.mT, m.mT, v.mT)
+    assert not ddc._fusable(x[:, 1:4], m[:, 1:4], v[:, 1:4])
+    assert not ddc._fusable(x, m.mT.contiguous().mT, v)  # equal values, another memory order
 
 
 def _ns(x, steps=5):

@@ -1284,6 +1284,41 @@ def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tenso
     return sums[0], sums[1], (sums[2] if center else None), (sums[3] if center else None)
 
 
+def _fusable(*ts: Tensor) -> bool:
+    """Whether torch's fused Adam kernel may take ``ts`` together: it walks raw memory, so
+    every tensor must be dense (no gaps) with the same strides (checked: it silently mixes
+    elements of row slices of a stack)."""
+    t0 = ts[0]
+    same = all(t.dtype == t0.dtype and t.shape == t0.shape and t.stride() == t0.stride() for t in ts)
+    return same and t0.dtype in _FULL and (t0.is_contiguous() or t0.mT.is_contiguous())
+
+
+def _fused_adam_direction(x: Tensor, m: Tensor, v: Tensor, step: Tensor, group: dict) -> Tensor:
+    """Adam's moments of input ``x`` updated in place and its direction
+    ``m_hat / (sqrt(v_hat) + eps)`` returned, by torch's fused Adam kernel in one pass (on the
+    CPU its square root is ~2x faster than ``torch.sqrt``'s, results/ddc_bench): the kernel's
+    ``p <- p - lr m_hat / (sqrt(v_hat) + eps)`` from ``p = 0`` with ``lr = -1``. ``step``: the
+    count after this step (the kernel reads it, does not increment it)."""
+    beta1, beta2 = group["betas"]
+    u = torch.zeros_like(x)
+    torch._fused_adam_(
+        [u],
+        [x],
+        [m],
+        [v],
+        [],
+        [step.to(x.device)],
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=group["eps"],
+        amsgrad=False,
+        maximize=False,
+    )
+    return u
+
+
 def _member_stack(ts: list[Tensor | None]) -> Tensor | None:
     """The members' tensors of a stacked unit as one (the tensor itself for a single unit)."""
     if any(t is None for t in ts):
@@ -1704,7 +1739,8 @@ class DDCOptimizer(torch.optim.Optimizer):
         (column unit; rows only: its transpose), or of a stack of equal-shape ones (``params``:
         the weights of ``pr``), in two passes over row chunks: the moments and ``<U, W>`` per
         column, then ``W <- W diag(F) - s U diag(rho)`` with ``U`` recomputed from the moments
-        (bitwise the same)."""
+        (bitwise the same). A weight in one chunk takes its moments and ``U`` from torch's fused
+        Adam kernel (:func:`_fused_adam_direction`)."""
         assert dl is not None
         beta1, beta2 = group["betas"]
         states = [self._adam_state(p, local=pr["shard"] is not None) for p in params]
@@ -1722,9 +1758,12 @@ class DDCOptimizer(torch.optim.Optimizer):
         for i, sl in enumerate(chunks):
             x = Gc[..., sl, :] * scale
             m_, v_ = mc[..., sl, :], vc[..., sl, :]
-            m_.lerp_(x, 1 - beta1)
-            v_.mul_(beta2).addcmul_(x, x, value=1 - beta2)
-            U = torch.div(m_, torch.sqrt(v_, out=x).add_(eps), out=x)
+            if len(chunks) == 1 and _fusable(x, m_, v_):  # U = Adam's m_hat / (sqrt(v_hat) + eps)
+                U, kappa = _fused_adam_direction(x, m_, v_, states[0]["step"], group), 1.0
+            else:
+                m_.lerp_(x, 1 - beta1)
+                v_.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+                U = torch.div(m_, torch.sqrt(v_, out=x).add_(eps), out=x)
             part = (U * Mc[..., sl, :]).sum(-2)
             uw = uw.add_(part) if i else part
             if center:
@@ -2153,35 +2192,39 @@ class DDCOptimizer(torch.optim.Optimizer):
             _write_back(p, w)
 
     def _adam_multi(self, params: list[Tensor], group: dict) -> None:
-        """The fast path's AdamW over plain tensors, per element the operations of
-        :meth:`_adam_step` (bit-identical to it): float32/64 tensors of at most ``_CHUNK``
-        elements as multi-tensor calls, larger ones in row chunks (no full-size temporary)."""
-        small = [
-            p for p in params if p.numel() <= _CHUNK and p.dtype in _FULL and p.grad is not None and not _is_dtensor(p)
-        ]
+        """The fast path's AdamW over plain float32/64 tensors: torch's fused AdamW kernel per
+        (device, dtype), the step of ``torch.optim.AdamW(fused=True)`` bit for bit (one pass per
+        tensor, no temporaries; measured faster than the multi-tensor calls it replaced,
+        results/ddc_bench); other tensors (bf16 / fp16, FSDP2 shards) per tensor
+        (:meth:`_adam_step`)."""
+        plain = [p for p in params if p.dtype in _FULL and not _is_dtensor(p)]
         for p in params:
-            if not any(p is q for q in small):
+            if not any(p is q for q in plain):
                 self._adam_step(p, group, chunked=True)
-        if not small:
-            return
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        states = [self._adam_state(p) for p in small]
-        grads = [p.grad for p in small if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError("DDCOptimizer does not support sparse gradients")
-        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        torch._foreach_add_([st["step"] for st in states], 1)
-        steps = [st["step"].item() for st in states]
-        if wd != 0:
-            torch._foreach_mul_(small, 1 - lr * wd)
-        torch._foreach_lerp_(ms, grads, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(small, ms, denom, [-lr / (1 - beta1**t) for t in steps])
+        for bucket in _buckets(plain, lambda p: (p.device, p.dtype)):
+            states = [self._adam_state(p) for p in bucket]
+            grads = [cast(Tensor, p.grad) for p in bucket]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("DDCOptimizer does not support sparse gradients")
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(
+                bucket,
+                grads,
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [],
+                [t.to(bucket[0].device) for t in steps],  # the kernel reads the counts where it runs
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
 
     def _muon_direction(
         self,
