@@ -7,7 +7,11 @@ Per variant (mean over the seed runs ``runs/<variant>/seed*``): the final valida
 drop over the last quarter of the evaluations' steps and over the last evaluation interval.
 With ``--against V``: every other variant's gap to V (mean over seeds, V's mean subtracted) at
 a quarter, half, three quarters and the end of the run: whether the orderings are still moving
-while the losses fall. Reads files only (no torch, no training).
+while the losses fall. With ``--shorter ROOT2`` (the same grid at a shorter horizon, e.g. half
+the steps): per variant the final loss at both horizons and what the longer run gained (Welch
+p over the seeds), and with ``--against`` the gaps to V at both horizons: a curve that has
+flattened gains little from more steps, and gaps that hold across horizons are not an
+artefact of the horizon. Reads files only (no torch, no training; scipy for the p-values).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+from scipy.stats import ttest_ind
 
 
 def curve(run: Path) -> list[tuple[int, float]]:
@@ -43,11 +49,16 @@ def flatness(points: list[tuple[int, float]]) -> dict[str, float]:
     }
 
 
+def _finished(run: Path) -> bool:
+    final = run / "final.json"
+    return final.exists() and json.loads(final.read_text()).get("status") == "done"
+
+
 def variant_runs(root: Path) -> dict[str, list[Path]]:
-    """{variant: its seed runs with metrics} under ``root/runs``."""
+    """{variant: its finished seed runs} under ``root/runs`` (a grid still running: the runs so far)."""
     out = {}
     for vdir in sorted(p for p in (root / "runs").iterdir() if p.is_dir()):
-        runs = sorted(r for r in vdir.glob("seed*") if (r / "metrics.jsonl").exists())
+        runs = sorted(r for r in vdir.glob("seed*") if _finished(r))
         if runs:
             out[vdir.name.replace("__", "/")] = runs
     return out
@@ -77,6 +88,46 @@ def gap_table(root: Path, against: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def finals(root: Path) -> dict[str, list[float]]:
+    """{variant: the final validation loss of each seed run}."""
+    return {v: [curve(r)[-1][1] for r in rs] for v, rs in variant_runs(root).items()}
+
+
+def welch(a: list[float], b: list[float]) -> str:
+    """Welch's t-test p-value of two seed samples ("-" with fewer than two each)."""
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    return f"{float(ttest_ind(a, b, equal_var=False).pvalue):.2g}"
+
+
+def horizon_table(root: Path, shorter: Path, against: str | None) -> str:
+    """The final losses of the variants present at both horizons, the gain of the longer runs,
+    and (``against``) every variant's gap to ``against`` at both horizons, with Welch p."""
+    long_, short = finals(root), finals(shorter)
+    steps = {r: curve(next(iter(variant_runs(r).values()))[0])[-1][0] for r in (root, shorter)}
+    both = [v for v in long_ if v in short]
+    rows = [
+        f"| variant | final, {steps[shorter]} steps | final, {steps[root]} steps | gain of the longer run | p |",
+        "|---|---|---|---|---|",
+    ]
+    for v in both:
+        a, b = statistics.fmean(short[v]), statistics.fmean(long_[v])
+        rows.append(
+            f"| {v} | {a:.4f} (n {len(short[v])}) | {b:.4f} (n {len(long_[v])}) | {a - b:+.4f} | "
+            f"{welch(short[v], long_[v])} |"
+        )
+    if against is None or against not in both:
+        return "\n".join(rows) + "\n"
+    rows += ["", f"| variant minus {against} | at {steps[shorter]} steps | p | at {steps[root]} steps | p |"]
+    rows.append("|---|---|---|---|---|")
+    for v in both:
+        if v != against:
+            gaps = [statistics.fmean(f[v]) - statistics.fmean(f[against]) for f in (short, long_)]
+            ps = [welch(f[v], f[against]) for f in (short, long_)]
+            rows.append(f"| {v} | {gaps[0]:+.4f} | {ps[0]} | {gaps[1]:+.4f} | {ps[1]} |")
+    return "\n".join(rows) + "\n"
+
+
 def table(root: Path) -> str:
     rows = [
         "| variant | seeds | steps | final val loss | drop over the last 25% of steps | drop over the last interval |",
@@ -96,11 +147,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path, help="a reproduce output directory (holds runs/<variant>/seed*)")
     ap.add_argument("--against", help="also tabulate every variant's gap to this one along the run")
+    ap.add_argument("--shorter", type=Path, help="the same grid at a shorter horizon: the gain of the longer runs")
     ap.add_argument("--out", type=Path, help="also write the table here (refuses to overwrite)")
     args = ap.parse_args()
     text = table(args.root)
     if args.against:
         text += "\n" + gap_table(args.root, args.against)
+    if args.shorter is not None:
+        text += "\n" + horizon_table(args.root, args.shorter, args.against)
     print(text, end="")
     if args.out is not None:
         if args.out.exists():
