@@ -545,7 +545,7 @@ def test_schur_by_conjugate_gradients_equals_the_dense_solve(ncol):
 
 
 def test_balance_tolerance_follows_the_dtype():
-    """float32 weights are balanced to 1e-2 of float32's epsilon (float64 ones to 1e-15): the
+    """float32 weights are balanced to float32's epsilon (float64 ones to 1e-15): the
     factors agree with the float64 balancing to float32 rounding."""
     g = torch.Generator().manual_seed(5)
     W = torch.randn(30, 10, generator=g, dtype=torch.float64) * torch.rand(30, 1, generator=g, dtype=torch.float64)

@@ -927,14 +927,17 @@ def balance(w: Tensor, iters: int = 500, tol: float | None = None) -> tuple[Tens
     on its rows, one on its columns; docs/ddc.md "Overlapping gauges"): ``r`` [m], ``c`` [n]
     > 0 such that ``w / (r c^T)`` has unit RMS in every row and every column (Sinkhorn on
     ``w**2``, float64, matrix-vector products, until ``log c`` moves by less than ``tol``;
-    default ``1e-15`` for float64 ``w``, ``1e-2`` of the machine epsilon for lower precision).
+    default ``1e-15`` for float64 ``w``, the machine epsilon for lower precision: the linear
+    convergence leaves a fraction of the last move, below the rounding of the result; measured
+    on the tiny Qwen3's up projections, 5-6 iterations instead of 7 at ``1e-2`` eps, the same
+    1.6e-7 error against the float64 fixed point).
     ``r c^T`` is unique for a matrix without zero rows/columns whose square has total support
     (e.g. every entry nonzero), hence equivariant: ``balance(diag(s) w diag(1/t))`` gives
     ``diag(s) r c^T diag(1/t)``. Returns ``r`` and ``c`` with equal geometric means."""
     w2 = (w * w).to(torch.float64)
     m, n = w2.shape[-2:]
     if tol is None:
-        tol = 1e-15 if w.dtype == torch.float64 else 1e-2 * torch.finfo(w.dtype).eps
+        tol = 1e-15 if w.dtype == torch.float64 else torch.finfo(w.dtype).eps
     c2 = w2.new_ones(w2.shape[:-2] + (n,))  # squared factors
     for _ in range(iters):
         r2 = _mv(w2, c2.reciprocal()).div_(n)
