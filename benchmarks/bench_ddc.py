@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,12 +98,23 @@ def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
     return res
 
 
+def _commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), for the results file."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     lines = [
         "# DDC optimizer step time",
         "",
-        f"`python benchmarks/bench_ddc.py {results['args']}` on {m['platform']}, torch {m['torch']}, "
+        f"`python benchmarks/bench_ddc.py {results['args']}` at commit {results.get('commit', 'unknown')} on "
+        f"{m['platform']}, torch {m['torch']}, "
         f"{m['threads']} threads, fp32; {results['when']}. Load average before {m['load_before']}, after "
         f"{m['load_after']} (a shared machine: the interleaving spreads the load over every variant alike). "
         "Median over interleaved steps on fixed synthetic gradients; ratio = DDC / its base rule "
@@ -159,6 +171,7 @@ def main(argv=None) -> int:
             models.append(bench_model(arch, size, variants, reps, print))
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
         "args": " ".join(argv if argv is not None else sys.argv[1:]),
         "variants": variants,
         "models": models,
