@@ -52,16 +52,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------
 
 
-def torch_adamw(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
+def torch_adamw(model: nn.Module, options: dict) -> torch.optim.Optimizer:
     """The ``adamw`` preset as documented (README "Presets"): lr 3e-3, betas (0.9, 0.95),
-    eps 1e-8, weight decay 0.1 on 2-D and higher weights, 0 on vectors. Written out here, not
-    read from equiopt, so that a drift of the preset fails the parity check."""
+    eps 1e-8, weight decay 0.1 on 2-D and higher weights, 0 on vectors; torch's fused kernel
+    unless the row sets ``foreach`` (then torch's multi-tensor or per-tensor AdamW). Written
+    out here, not read from equiopt, so that a drift of the preset fails the parity check."""
     params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
+    foreach = options.get("foreach")
+    fused = options.get("fused", foreach is None)
+    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=foreach, fused=fused or None)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Config:
     preset: str
     options: dict = field(default_factory=dict)
     #: builds a torch optimizer that must match this row bit for bit (or None)
-    torch_reference: Callable[[nn.Module, bool | None], torch.optim.Optimizer] | None = None
+    torch_reference: Callable[[nn.Module, dict], torch.optim.Optimizer] | None = None
 
     @property
     def uses_matrix_maps(self) -> bool:
@@ -81,8 +84,10 @@ class Config:
 
 
 CONFIGS = [
-    Config("adamw", "adamw", torch_reference=torch_adamw),
+    Config("adamw", "adamw", torch_reference=torch_adamw),  # AdamW(fused=True)
+    Config("adamw-foreach", "adamw", {"foreach": True}, torch_reference=torch_adamw),
     Config("adamw-loop", "adamw", {"foreach": False}, torch_reference=torch_adamw),
+    Config("adamw-unfused", "adamw", {"fused": False}, torch_reference=torch_adamw),  # torch's default kernels
     Config("muon", "muon"),
     Config("muon-loop", "muon", {"foreach": False}),
     Config("paper", "paper"),
@@ -231,13 +236,21 @@ def test_matches_torch_optimizer_bitwise(cfg):
     model = make_model()
     ref = copy.deepcopy(model)
     opt = build(cfg, model)
-    torch_opt = cfg.torch_reference(ref, cfg.options.get("foreach"))
+    torch_opt = cfg.torch_reference(ref, cfg.options)
     for s in range(4):
         set_grads(model, s)
         set_grads(ref, s)
         opt.step()
         torch_opt.step()
     assert_same_params(model, ref)
+
+
+@pytest.mark.parametrize("options", [{"fused": True, "foreach": True}, {"fused": "yes"}])
+def test_fused_option_is_validated(options):
+    """``fused`` is None / True / False and not True with ``foreach=True`` (two kernels asked
+    for at once): refused at build time, naming the role and both options."""
+    with pytest.raises(ValueError, match=r"role '\w+': fused must be None .* got fused="):
+        equiopt.build(make_model(), preset="adamw", **options)
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,12 +315,12 @@ def test_lr_scheduler_sets_every_group_and_the_step_uses_it(cfg, sched):
 
 @pytest.mark.parametrize("cfg", ROWS)
 def test_foreach_equals_per_parameter_loop_bitwise(cfg):
-    foreach = cfg.options.get("foreach")
-    other = False if foreach is not False else None  # the opposite setting (None = default kernels)
+    """Multi-tensor kernels (``foreach=True``) == the per-parameter loop (``False``), bitwise
+    (the default fused AdamW is another kernel: its parity is the torch-reference row)."""
     model = make_model()
     twin = copy.deepcopy(model)
-    opt, twin_opt = build(cfg, model), build(cfg, twin, foreach=other)
-    assert {g["foreach"] for g in twin_opt.param_groups} == {other}
+    opt, twin_opt = build(cfg, model, foreach=True), build(cfg, twin, foreach=False)
+    assert {g["foreach"] for g in twin_opt.param_groups} == {False}
     run(model, opt, range(3))
     run(twin, twin_opt, range(3))
     assert_same_params(model, twin)

@@ -12,7 +12,8 @@ hyperparameters, see :mod:`equiopt.presets`, and in the map functions of
 
 Vectors (and any role set to ``"adamw"``) take torch's own AdamW step (the functional
 ``torch.optim.adam.adam`` with decoupled weight decay), so the ``adamw`` preset equals
-``torch.optim.AdamW`` exactly.
+``torch.optim.AdamW`` exactly: ``AdamW(fused=True)`` by default, torch's multi-tensor or
+per-tensor AdamW with ``foreach=True`` / ``False``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-
     polar_dtype,
     reference_update,
     use_foreach,
+    use_fused_adamw,
 )
 from .layouts import MATRIX, Layout
 from .presets import DEFAULTS
@@ -267,12 +269,15 @@ class EquiOptimizer(torch.optim.Optimizer):
             by_dtype[compute_dtype(p, group)].append(p)
         beta1, beta2 = group["betas"]
         for cdt, ps in by_dtype.items():
+            fused = use_fused_adamw(group, ps)
             for p in ps:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
+                if fused and state["step"].device != p.device:  # the fused kernel reads it where it runs
+                    state["step"] = state["step"].to(p.device)
             # params in another dtype than their state (bf16/fp16) step on fp32 copies
             work = [p if p.dtype == cdt else p.to(cdt) for p in ps]
             grads: list[torch.Tensor] = []
@@ -286,7 +291,7 @@ class EquiOptimizer(torch.optim.Optimizer):
                 [self.state[p]["exp_avg_sq"] for p in ps],
                 [],
                 [self.state[p]["step"] for p in ps],
-                foreach=group["foreach"],
+                foreach=None if fused else group["foreach"],
                 amsgrad=False,
                 has_complex=False,
                 beta1=beta1,
@@ -297,7 +302,7 @@ class EquiOptimizer(torch.optim.Optimizer):
                 maximize=False,
                 capturable=False,
                 differentiable=False,
-                fused=None,
+                fused=fused or None,
                 grad_scale=None,
                 found_inf=None,
                 decoupled_weight_decay=True,

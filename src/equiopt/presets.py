@@ -51,6 +51,7 @@ DEFAULTS: dict = {
     "betas": (0.9, 0.95),  # AdamW
     "adam_eps": 1e-8,  # AdamW
     "foreach": None,  # AdamW: torch's foreach (multi-tensor) kernels; None = torch's default
+    "fused": None,  # AdamW: torch's fused kernel; None = on unless foreach is set (functional.use_fused_adamw)
     "on_nonfinite": "raise",  # "raise" | "skip" (skip the parameter's step and count it)
     "batched": True,  # matrix maps: shape-stacked fast path (False: the per-parameter reference path)
     "compile": False,  # matrix maps: torch.compile the fast path's kernels (opt-in)
@@ -181,6 +182,11 @@ def _validate(role: str, spec: Mapping) -> None:
     if spec["center"] not in (None, True, False):
         raise ValueError(
             f"{where}: center must be None (follow the block's group), True or False, got {spec['center']!r}"
+        )
+    if spec["fused"] not in (None, True, False) or (spec["fused"] and spec["foreach"]):
+        raise ValueError(
+            f"{where}: fused must be None (fused AdamW unless foreach is set), True or False, and not True "
+            f"with foreach=True; got fused={spec['fused']!r}, foreach={spec['foreach']!r}"
         )
     if spec["on_nonfinite"] not in ("raise", "skip"):
         raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
