@@ -11,8 +11,7 @@ times the ``step()`` of
   torch.optim.Muon rejects: it takes 2-D parameters only);
 * ``adamw``, ``muon``, ``paper``  equiopt presets (fast path, AdamW groups with foreach);
 * ``muon_ref``, ``paper_ref``  the same presets on the simple reference path
-  (``batched=False``), to show what the fast path buys;
-* ``paper_compile`` (``--compile``)  the opt-in torch.compile path.
+  (``batched=False``), to show what the fast path buys.
 
 on fixed synthetic gradients (only the optimizer is timed), interleaved round-robin so that
 the load of a shared machine hits every variant alike; it reports the median and spread, the
@@ -121,11 +120,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=20.0,
         help="seconds of timed steps per variant and model at most (slow variants get fewer repeats, >= 1)",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time the opt-in torch.compile path (paper preset, first family's tiny model)",
     )
     parser.add_argument(
         "--fwd-batch",
@@ -452,33 +446,12 @@ def _estimate_torch_muon(model, plan, note: str, log, device: torch.device = CPU
     )
 
 
-def _equiopt(model, preset: str, batched: bool = True, compile: bool = False):
+def _equiopt(model, preset: str, batched: bool = True):
     from equiopt import build, fastpath
 
     opt = build(model, preset=preset, foreach=True)
-    fastpath.configure(opt, batched=batched, compile=compile)
+    fastpath.configure(opt, batched=batched)
     return opt
-
-
-def _compiled_vs_eager(opt) -> float:
-    """max |compiled - eager| / max |eager| over the matrix groups' updates (current grads)."""
-    from equiopt import fastpath
-
-    worst = 0.0
-    o = fastpath.options_of(opt)
-    for group in opt.param_groups:
-        if group["map"] == "adamw":
-            continue
-        params = group["params"]
-        xs = [p.grad.float() for p in params]
-        fastpath.configure(opt, compile=False)
-        eager = fastpath.fast_updates(opt, group, params, xs)
-        fastpath.configure(opt, compile=True)
-        comp = fastpath.fast_updates(opt, group, params, xs)
-        for a, b in zip(eager, comp):
-            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp(min=1e-30)))
-    fastpath.configure(opt, compile=o.compile)
-    return worst
 
 
 def _state_bytes(opt) -> int:
@@ -716,22 +689,18 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
             opts[v] = _equiopt(model, v)
         elif v in ("muon_ref", "paper_ref"):
             opts[v] = _equiopt(model, v[:-4], batched=False)
-        elif v == "paper_compile":
-            opts[v] = _equiopt(model, "paper", compile=True)
         else:
-            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}, paper_compile")
+            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
         if v not in costs:
             costs[v] = step_cost(opts[v])
 
-    # warm-up (state allocation; compile) and a first timing to size the repeats
+    # warm-up (state allocation) and a first timing to size the repeats
     first = {}
     for v, opt in list(opts.items()):
         if v == "torch_muon" and estimate_muon:
             continue
-        warm = _timed(opt.step, device)
+        _timed(opt.step, device)
         first[v] = _timed(opt.step, device)
-        if v == "paper_compile":
-            res["compile_warmup_s"] = warm
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
     n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
     samples = {v: [] for v in first}
@@ -743,8 +712,6 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     if estimate_muon:
         samples["torch_muon"], notes["torch_muon"] = _estimate_torch_muon(model, plan, notes["torch_muon"], log, device)
 
-    if "paper_compile" in opts:
-        res["compile_max_rel_diff"] = _compiled_vs_eager(opts["paper_compile"])
     # the machine's rates again, right after this model's steps (a shared machine's load
     # drifts): the roofline uses the best of the run-start and these measurements
     now = machine_rates(quick, device)
@@ -780,7 +747,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
         }
         if v in notes:
             entry["note"] = notes[v]
-        if v in ("muon", "paper", "muon_ref", "paper_ref", "paper_compile"):
+        if v in ("muon", "paper", "muon_ref", "paper_ref"):
             entry["maps"] = costs[v]["rows"]
         if not quick and v not in ("torch_muon",) and size != "medium" and device.type == "cpu":
             mat, other = _profile_split(opt.step)
@@ -812,7 +779,6 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     if args.quick:
         archs, sizes = archs[:1], ["micro"]
         variants = [v for v in variants if v != "torch_muon"]
-    compile_first = args.compile and "paper_compile" not in variants
     for a in archs:
         if a not in ARCHS:
             raise ValueError(f"unknown arch {a!r}; valid: {', '.join(ARCHS)}")
@@ -849,8 +815,6 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     for size in sizes:
         for arch in archs:
             vs = variants if size != "medium" else [v for v in args.medium_variants.split(",") if v]
-            if compile_first and size != "medium" and arch == archs[0]:
-                vs = vs + ["paper_compile"]  # one model: inductor compiles for ~1 min on 2 cores
             results["models"].append(_bench_model(arch, size, vs, args, rates, log, device))
     results["machine"]["load_after"] = _load()
     results["wall_s"] = time.perf_counter() - t0
@@ -940,16 +904,6 @@ def _targets(results: dict) -> list[str]:
             f"{_f(ach and ach / 1e9, '{:.1f}')}{_f(ach and 100 * ach / peak, ' ({:.0f}%)')} |"
         )
     out += [""] + _verdicts(results)
-    comp = [(r, r["variants"]["paper_compile"]) for r in results["models"] if "paper_compile" in r["variants"]]
-    for r, c in comp:
-        p = r["variants"]["paper"]
-        out += [
-            "",
-            f"torch.compile (opt-in, {r['arch']}/{r['size']}, paper): median {_ms(c['median_s'])} ms vs eager "
-            f"{_ms(p['median_s'])} ms (x{p['median_s'] / c['median_s']:.2f} speed-up; best {_ms(c['min_s'])} vs "
-            f"{_ms(p['min_s'])}); compile warm-up {r.get('compile_warmup_s', 0):.0f} s; max relative difference "
-            f"compiled vs eager {r.get('compile_max_rel_diff', float('nan')):.1e}.",
-        ]
     out.append("")
     return out
 

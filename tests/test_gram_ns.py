@@ -142,12 +142,3 @@ def test_optimizer_step_with_gram_ns_route(preset):
         for a, b in zip(updates["gram_ns", pid], updates["iterative", pid]):
             scale = float(b.abs().max())
             assert float((a - b).abs().max()) <= 1e-4 * scale
-
-
-def test_compiled_kernel_equals_eager():
-    """The opt-in torch.compile path of the Gram kernel (dynamo with the "aot_eager" backend)."""
-    x = _spectrum(3, 16, 48, 1e-2, seed=9).float()
-    eager = fastpath.iterative_polar(x, "polar_express", None, alpha=1.0, gram_ns=True)
-    with fastpath._backend("aot_eager"):
-        compiled = fastpath.iterative_polar(x, "polar_express", None, alpha=1.0, gram_ns=True, compiled=True)
-    assert _rel(compiled, eager) < 1e-5

@@ -41,21 +41,22 @@ every route here is tested equal to that path (``tests/test_fastpath.py``):
   three; the row norms read the momentum views directly; the iterate is written contiguous
   in the wide orientation by the normalization and the last step writes the result in the
   input's orientation.
-* **compile** (opt-in) -- the per-shape kernels can be wrapped in ``torch.compile``.
+* no ``torch.compile``: an opt-in compiled path of the per-shape kernels measured x0.98 of
+  the eager step (qwen3/tiny ``paper``, ``results/bench.md`` of 2026-11-22), so it was removed
+  (issue #16: machinery stays only with a measured gain).
 * no thread pool: small eigvalsh batches used to be split over Python threads; on this CPU
   (MKL) any LAPACK call from another thread left later eigvalsh calls in the process 3-10x
   slower, and the OLMoE tiny `muon` step ran 1.4x faster without the pool
   (``results/eigvalsh_pool.md``), so it was removed.
 
-Options: per param_group keys ``"batched"`` (default True: this module; False: the
-reference path) and ``"compile"`` (default False) when the group has them; the
-optimizer-level :class:`FastPathOptions` set with :func:`configure` (explicit settings win).
+Options: the param_group key ``"batched"`` (default True: this module; False: the reference
+path) when the group has it; the optimizer-level :class:`FastPathOptions` set with
+:func:`configure` (explicit settings win).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,17 +98,12 @@ class FastPathOptions:
         :func:`choose_polar_route`), "iterative", "gram" (float64 eigh) or "gram_ns"
         (the iterations on the small Gram matrix, :func:`_gram_iterate`) for Polar
         Express / Newton-Schulz.
-    compile: run the per-shape kernels through ``torch.compile`` (opt-in).
-    compile_backend: the ``torch.compile`` backend ("inductor"; "aot_eager" traces without
-        code generation, used by the tests).
     """
 
     batched: bool = True
     stack: bool = True
     stack_bytes: int = 1 << 20
     polar_route: str = "auto"
-    compile: bool = False
-    compile_backend: str = "inductor"
 
     def __post_init__(self):
         if self.polar_route not in POLAR_ROUTES:
@@ -119,7 +115,7 @@ DEFAULT_OPTIONS = FastPathOptions()
 
 def configure(opt, **options) -> FastPathOptions:
     """Set fast-path options of optimizer ``opt`` (its ``context``, see :class:`FastPathOptions`).
-    Options set here win over the param_groups' ``batched``/``compile`` keys (a programmatic
+    Options set here win over the param_groups' ``batched`` key (a programmatic
     override, e.g. for benchmarks and tests)."""
     ctx = opt.context
     ctx.fastpath_options = dataclasses.replace(ctx.fastpath_options, **options)
@@ -128,14 +124,14 @@ def configure(opt, **options) -> FastPathOptions:
 
 
 def options_of(opt, group=None) -> FastPathOptions:
-    """Effective options for ``group``: defaults, then the group's ``batched``/``compile``
-    keys when it carries them, then what :func:`configure` set explicitly. ``opt``: an
+    """Effective options for ``group``: defaults, then the group's ``batched`` key when it
+    carries it, then what :func:`configure` set explicitly. ``opt``: an
     optimizer or its :class:`~equiopt.execution.UpdateContext`."""
     ctx = getattr(opt, "context", opt)
     o = ctx.fastpath_options
     if group is not None:
         forced = ctx.fastpath_forced
-        over = {k: bool(group[k]) for k in ("batched", "compile") if k in group and k not in forced}
+        over = {k: bool(group[k]) for k in ("batched",) if k in group and k not in forced}
         if over:
             o = dataclasses.replace(o, **over)
     return o
@@ -196,7 +192,6 @@ def iterative_polar(
     scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     inplace: bool = False,
-    compiled: bool = False,
     gram_ns: bool = False,
 ) -> Tensor:
     """``scale * ||X||_*^alpha * P(X)`` (``alpha=None``: no nuclear factor) by the iterations
@@ -241,8 +236,7 @@ def iterative_polar(
         Y = Y * factor if factor is not None else Y
         return Y.mT.contiguous() if flip else Y
     f = None if factor is None else factor.to(cdt)
-    kernel = "gram_iterate" if gram_ns else "iterate"
-    Y = (_compiled_kernel(kernel) if compiled else _KERNELS[kernel])(Y, A, coeffs, f, flip)
+    Y = (_gram_iterate if gram_ns else _iterate)(Y, A, coeffs, f, flip)
     return Y.to(out_dtype)
 
 
@@ -431,9 +425,7 @@ def choose_polar_route(
 # ----------------------------------------------------------------------------------------
 
 
-def _polar_batch(
-    X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool, compiled: bool = False
-) -> Tensor:
+def _polar_batch(X: Tensor, method: str, steps, cdt, alpha, scale: float, route: str, fresh: bool) -> Tensor:
     """scale * [||X||_*^alpha] * polar_method(X) on [N, m, n]; any orientation."""
     N, m, n = X.shape
     if X.numel() == 0:
@@ -457,7 +449,7 @@ def _polar_batch(
         return spectral_polar(X, method, steps, alpha=alpha, scale=scale)
     gram_ns = which == "gram_ns"
     return iterative_polar(
-        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, compiled=compiled, gram_ns=gram_ns
+        X, method, steps, alpha=alpha, scale=scale, compute_dtype=cdt, inplace=fresh, gram_ns=gram_ns
     )
 
 
@@ -469,12 +461,6 @@ def _row_norm(X: Tensor, eps: float) -> Tensor:
     return X / (torch.linalg.vector_norm(X, dim=-1, keepdim=True) + eps)
 
 
-def _centered_row_norm(X: Tensor, eps: float) -> Tensor:
-    Y = X - X.mean(dim=-2, keepdim=True)
-    Y = Y / (torch.linalg.vector_norm(Y, dim=-1, keepdim=True) + eps)
-    return Y - Y.mean(dim=-2, keepdim=True)
-
-
 def _centered_row_norm_(X: Tensor, eps: float) -> Tensor:
     """C(rn(C(X))) on one buffer: X - mean is the one fresh tensor."""
     Y = X - X.mean(dim=-2, keepdim=True)
@@ -482,19 +468,18 @@ def _centered_row_norm_(X: Tensor, eps: float) -> Tensor:
     return Y.sub_(Y.mean(dim=-2, keepdim=True))
 
 
-def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool, compiled: bool = False) -> Tensor:
+def map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool) -> Tensor:
     """The group's map (times ``scale``) on a batch ``X [N, m, n]`` in the map's orientation;
     centered as ``C(map(C(X)))`` where the group asks for it (:func:`maps.needs_centering`)."""
     if maps.needs_centering(group["map"], group.get("center")):
         X = maps.center_rows(X)
-        return maps.center_rows(_map_batch(group, X, kwargs, scale, route, True, compiled))
-    return _map_batch(group, X, kwargs, scale, route, fresh, compiled)
+        return maps.center_rows(_map_batch(group, X, kwargs, scale, route, True))
+    return _map_batch(group, X, kwargs, scale, route, fresh)
 
 
-def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool, compiled: bool = False) -> Tensor:
+def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: bool) -> Tensor:
     """The group's map (in its own orientation, column-aware already applied) times ``scale``
-    on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten.
-    ``compiled``: the row-norm kernels and the polynomial iterations run through torch.compile."""
+    on a batch ``X`` [N, m, n]. ``fresh``: X is a private buffer that may be overwritten."""
     name = group["map"]
     eps = kwargs.get("eps", maps.EPS)
     if name in ("polar", "scaled_polar"):
@@ -508,18 +493,13 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
             scale,
             route,
             fresh,
-            compiled,
         )
     if name == "hybrid":
         order = kwargs.get("order", "row_then_polar")
         method = kwargs.get("method", maps.DEFAULT_POLAR_METHOD)
         if order == "row_then_polar":
-            if not X.numel():
-                R = X.clone()
-            elif compiled:
-                R = _compiled_kernel("row_norm")(X, eps)
-            else:  # in place on a private stacked buffer, else one out-of-place pass (no clone)
-                R = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
+            # in place on a private stacked buffer, else one out-of-place pass (no clone)
+            R = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
             return _polar_batch(
                 R,
                 method,
@@ -529,22 +509,17 @@ def _map_batch(group, X: Tensor, kwargs: dict, scale: float, route: str, fresh: 
                 scale,
                 route,
                 True,
-                compiled,
             )
         if order == "polar_then_row":
-            P = _polar_batch(
-                X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh, compiled
-            )
+            P = _polar_batch(X, method, kwargs.get("steps"), kwargs.get("compute_dtype"), None, 1.0, route, fresh)
             P = maps.row_norm(P, eps)
             return P * scale if scale != 1.0 else P
         return maps.hybrid(X, **kwargs)  # raises on the unknown order
     if name in ("row_norm", "centered_row_norm") and X.numel():
-        if compiled:
-            Y = _compiled_kernel(name)(X, eps)
-        elif name == "row_norm":
-            Y = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
-        else:
+        if name == "centered_row_norm":
             Y = _centered_row_norm_(X, eps)
+        else:  # in place on a private buffer, else out of place
+            Y = _row_norm_(X, eps) if fresh else _row_norm(X, eps)
         return Y.mul_(scale) if scale != 1.0 else Y
     out = maps.get_map(name)(X, **kwargs)
     return out * scale if scale != 1.0 else out
@@ -648,53 +623,10 @@ def fast_updates(ctx, group, params: list[Tensor], momenta: list[Tensor]) -> lis
             X, fresh = views[0], False
         else:
             X, fresh = torch.cat(views, dim=0), True
-        with _backend(o.compile_backend if o.compile else None):
-            U = map_batch(group, X, kwargs, scale, o.polar_route, fresh, o.compile)
+        U = map_batch(group, X, kwargs, scale, o.polar_route, fresh)
         sizes = [v.shape[0] for v in views]
         for i, u in zip(idx, U.split(sizes, dim=0) if len(views) > 1 else (U,)):
             if group["column_aware"]:
                 u = u.mT
             out[i] = ctx.layout(group, params[i]).from_logical(u, params[i].shape)
     return out  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------------------
-# opt-in torch.compile
-# ----------------------------------------------------------------------------------------
-
-_COMPILED: dict = {}
-_KERNELS: dict[str, Callable[..., Tensor]] = {
-    "iterate": _iterate,
-    "gram_iterate": _gram_iterate,
-    "row_norm": _row_norm,
-    "centered_row_norm": _centered_row_norm,
-}
-_BACKEND = ["inductor"]
-
-
-class _backend:
-    """Select the torch.compile backend of the kernels compiled inside the block."""
-
-    def __init__(self, name: str | None):
-        self.name = name
-
-    def __enter__(self):
-        self.prev = _BACKEND[0]
-        if self.name:
-            _BACKEND[0] = self.name
-
-    def __exit__(self, *exc):
-        _BACKEND[0] = self.prev
-
-
-def _compiled_kernel(name: str):
-    """torch.compile of one kernel (matrix products stay library calls; the elementwise work
-    around them is fused). Compiled once per process and backend."""
-    key = (name, _BACKEND[0])
-    fn = _COMPILED.get(key)
-    if fn is None:
-        # dynamic=None: static first, then dynamic sizes after a recompile (batch sizes vary
-        # with the buckets; dynamic=False would hit the recompile limit and fall back to eager)
-        fn = torch.compile(_KERNELS[name], dynamic=None, backend=_BACKEND[0])
-        _COMPILED[key] = fn
-    return fn

@@ -54,7 +54,6 @@ DEFAULTS: dict = {
     "fused": None,  # AdamW: torch's fused kernel; None = on unless foreach is set (functional.use_fused_adamw)
     "on_nonfinite": "raise",  # "raise" | "skip" (skip the parameter's step and count it)
     "batched": True,  # matrix maps: shape-stacked fast path (False: the per-parameter reference path)
-    "compile": False,  # matrix maps: torch.compile the fast path's kernels (opt-in)
 }
 
 # group key -> keyword of the map function, per map (from the maps' registry)
