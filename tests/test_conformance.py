@@ -253,6 +253,35 @@ def test_fused_option_is_validated(options):
         equiopt.build(make_model(), preset="adamw", **options)
 
 
+def test_fused_adamw_is_not_used_across_memory_layouts():
+    """torch's fused AdamW walks raw memory: a parameter stored transposed with a contiguous
+    gradient gets wrong elements from it (shown here, so this test can fail). The default
+    ``fused=None`` then steps that group with torch's other kernels: equal to
+    ``AdamW(foreach=False)`` bit for bit."""
+    from equiopt.functional import same_dense_layout
+
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))  # contiguous
+    out = {}
+    for name in ("equiopt", "torch_loop", "torch_fused"):
+        p = nn.Parameter(base.clone().t())  # [4, 6], strides (1, 4)
+        p.grad = grad.clone()
+        if name == "equiopt":
+            opt = equiopt.EquiOptimizer([p], map="adamw", lr=0.1)
+        else:
+            opt = torch.optim.AdamW(
+                [p], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False, fused=name == "torch_fused"
+            )
+        opt.step()
+        out[name] = p.detach().clone()
+    assert not torch.equal(out["torch_fused"], out["torch_loop"])  # the hazard is real
+    assert torch.equal(out["equiopt"], out["torch_loop"])
+    t = torch.zeros(3, 4)
+    assert same_dense_layout(t, torch.ones(3, 4)) and same_dense_layout(t.t(), torch.ones(3, 4).t())
+    assert not same_dense_layout(t.t(), torch.ones(4, 3))  # another order
+    assert not same_dense_layout(torch.zeros(3, 6)[:, :4], torch.zeros(3, 6)[:, :4])  # gaps
+
+
 # ----------------------------------------------------------------------------------------
 # state_dict, schedulers, foreach
 # ----------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from . import fastpath
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
-from .functional import muon_scale
+from .functional import muon_scale, same_dense_layout
 from .layouts import MATRIX, Layout
 from .maps import hybrid
 from .planner import Plan, unwrap
@@ -1288,12 +1288,9 @@ def _col_sums(M: Tensor, G: Tensor, center: bool) -> tuple[Tensor, Tensor, Tenso
 
 
 def _fusable(*ts: Tensor) -> bool:
-    """Whether torch's fused Adam kernel may take ``ts`` together: it walks raw memory, so
-    every tensor must be dense (no gaps) with the same strides (checked: it silently mixes
-    elements of row slices of a stack)."""
-    t0 = ts[0]
-    same = all(t.dtype == t0.dtype and t.shape == t0.shape and t.stride() == t0.stride() for t in ts)
-    return same and t0.dtype in _FULL and (t0.is_contiguous() or t0.mT.is_contiguous())
+    """Whether torch's fused Adam kernel may take ``ts`` together (float32/64, one dense
+    layout: :func:`~equiopt.functional.same_dense_layout`)."""
+    return ts[0].dtype in _FULL and same_dense_layout(*ts)
 
 
 def _fused_adam_direction(x: Tensor, m: Tensor, v: Tensor, step: Tensor, group: dict) -> Tensor:
@@ -2198,9 +2195,14 @@ class DDCOptimizer(torch.optim.Optimizer):
         """The fast path's AdamW over plain float32/64 tensors: torch's fused AdamW kernel per
         (device, dtype), the step of ``torch.optim.AdamW(fused=True)`` bit for bit (one pass per
         tensor, no temporaries; measured faster than the multi-tensor calls it replaced,
-        results/ddc_bench); other tensors (bf16 / fp16, FSDP2 shards) per tensor
-        (:meth:`_adam_step`)."""
-        plain = [p for p in params if p.dtype in _FULL and not _is_dtensor(p)]
+        results/ddc_bench); other tensors (bf16 / fp16, FSDP2 shards, a gradient or state in
+        another memory layout than its parameter) per tensor (:meth:`_adam_step`)."""
+        plain = [
+            p
+            for p in params
+            if not _is_dtensor(p)
+            and _fusable(p, cast(Tensor, p.grad), *(self._adam_state(p)[k] for k in ("exp_avg", "exp_avg_sq")))
+        ]
         for p in params:
             if not any(p is q for q in plain):
                 self._adam_step(p, group, chunked=True)

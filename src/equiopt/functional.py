@@ -37,6 +37,7 @@ __all__ = [
     "reference_update",
     "use_foreach",
     "use_fused_adamw",
+    "same_dense_layout",
 ]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -104,12 +105,29 @@ def use_foreach(group: Mapping, params: list[torch.Tensor]) -> bool:
     return group["foreach"] is not False and not any(isinstance(p, DTensor) for p in params)
 
 
+def same_dense_layout(*ts: torch.Tensor) -> bool:
+    """Whether ``ts`` share dtype, shape and strides and are dense (no gaps between elements,
+    any dimension order): the condition for torch's fused Adam kernels, which walk raw memory
+    (checked on the CPU: a parameter whose gradient has other strides, or a row slice of a
+    stack, gets silently wrong elements)."""
+    t0 = ts[0]
+    if any(t.dtype != t0.dtype or t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
+        return False
+    expected = 1
+    for d in sorted(range(t0.ndim), key=t0.stride):
+        if t0.shape[d] != 1 and t0.stride(d) != expected:
+            return False
+        expected *= t0.shape[d]
+    return True
+
+
 def use_fused_adamw(group: Mapping, params: list[torch.Tensor]) -> bool:
     """torch's fused AdamW kernel for an ``adamw`` group: as ``fused`` says when set; by
     default (``None``) unless the group sets ``foreach`` or a parameter is a DTensor or not on
     the CPU / a CUDA device. One kernel per tensor: on the 2-core CPU of results/ddc_bench
     3-5x faster than the multi-tensor kernels, which make a pass per operation (and torch's
-    own default on the CPU is the per-tensor loop)."""
+    own default on the CPU is the per-tensor loop). The caller also checks each tensor's
+    layout against its gradient's and state's (:func:`same_dense_layout`)."""
     if group["fused"] is not None:
         return bool(group["fused"])
     return group["foreach"] is None and all(

@@ -35,6 +35,7 @@ from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-
     muon_scale,
     polar_dtype,
     reference_update,
+    same_dense_layout,
     use_foreach,
     use_fused_adamw,
 )
@@ -269,21 +270,25 @@ class EquiOptimizer(torch.optim.Optimizer):
             by_dtype[compute_dtype(p, group)].append(p)
         beta1, beta2 = group["betas"]
         for cdt, ps in by_dtype.items():
-            fused = use_fused_adamw(group, ps)
             for p in ps:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
-                if fused and state["step"].device != p.device:  # the fused kernel reads it where it runs
-                    state["step"] = state["step"].to(p.device)
             # params in another dtype than their state (bf16/fp16) step on fp32 copies
             work = [p if p.dtype == cdt else p.to(cdt) for p in ps]
             grads: list[torch.Tensor] = []
             for p in ps:
                 assert p.grad is not None  # step() passes the parameters that have a gradient
                 grads.append(p.grad if p.grad.dtype == cdt else p.grad.to(cdt))
+            fused = use_fused_adamw(group, ps) and all(
+                same_dense_layout(w, g, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])
+                for p, w, g in zip(ps, work, grads)
+            )
+            for p in ps if fused else ():
+                if self.state[p]["step"].device != p.device:  # the fused kernel reads it where it runs
+                    self.state[p]["step"] = self.state[p]["step"].to(p.device)
             _torch_adam(
                 work,
                 grads,
