@@ -286,8 +286,8 @@ class EquiOptimizer(torch.optim.Optimizer):
                 same_dense_layout(w, g, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])
                 for p, w, g in zip(ps, work, grads)
             )
-            for p in ps if fused else ():
-                if self.state[p]["step"].device != p.device:  # the fused kernel reads it where it runs
+            if fused:  # the fused kernel reads the step counts where it runs
+                for p in ps:
                     self.state[p]["step"] = self.state[p]["step"].to(p.device)
             _torch_adam(
                 work,
