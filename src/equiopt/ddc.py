@@ -2210,9 +2210,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         for bucket in _buckets(plain, lambda p: (p.device, p.dtype)):
             states = [self._adam_state(p) for p in bucket]
-            grads = [cast(Tensor, p.grad) for p in bucket]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("DDCOptimizer does not support sparse gradients")
+            grads = [cast(Tensor, p.grad) for p in bucket]  # dense (_fusable): sparse ones raise in _adam_step
             steps = [st["step"] for st in states]
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(

@@ -111,6 +111,8 @@ def same_dense_layout(*ts: torch.Tensor) -> bool:
     (checked on the CPU: a parameter whose gradient has other strides, or a row slice of a
     stack, gets silently wrong elements)."""
     t0 = ts[0]
+    if any(t.layout != torch.strided for t in ts):  # sparse: no strides, no fused kernel
+        return False
     if any(t.dtype != t0.dtype or t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
         return False
     expected = 1
