@@ -74,7 +74,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from . import fastpath
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
-from .functional import muon_scale, same_dense_layout
+from .functional import muon_scale, same_dense_layout, torch_adamw
 from .layouts import MATRIX, Layout
 from .maps import hybrid
 from .planner import Plan, unwrap
@@ -2206,28 +2206,9 @@ class DDCOptimizer(torch.optim.Optimizer):
         for p in params:
             if not any(p is q for q in plain):
                 self._adam_step(p, group, chunked=True)
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
         for bucket in _buckets(plain, lambda p: (p.device, p.dtype)):
-            states = [self._adam_state(p) for p in bucket]
             grads = [cast(Tensor, p.grad) for p in bucket]  # dense (_fusable): sparse ones raise in _adam_step
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(
-                bucket,
-                grads,
-                [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states],
-                [],
-                [t.to(bucket[0].device) for t in steps],  # the kernel reads the counts where it runs
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=wd,
-                eps=eps,
-                amsgrad=False,
-                maximize=False,
-            )
+            torch_adamw(bucket, grads, [self._adam_state(p) for p in bucket], group, fused=True)
 
     def _muon_direction(
         self,

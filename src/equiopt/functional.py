@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from torch.optim.adam import adam as _torch_adam
 
 from . import maps
 from .presets import MAP_OPTIONS
@@ -134,6 +135,53 @@ def use_fused_adamw(group: Mapping, params: list[torch.Tensor]) -> bool:
         return bool(group["fused"])
     return group["foreach"] is None and all(
         p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params
+    )
+
+
+def torch_adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    group: Mapping,
+    *,
+    fused: bool,
+    foreach: bool | None = None,
+    eps_key: str = "eps",
+) -> None:
+    """One step of ``torch.optim.AdamW`` on ``params`` with ``grads`` and each parameter's state
+    (``exp_avg``, ``exp_avg_sq``, ``step``), through torch's own functional ``adam``, so the
+    arithmetic is torch's bit for bit: the fused kernel when ``fused`` (the caller checked
+    :func:`same_dense_layout`; a step count is moved, in the state, to its parameter's device,
+    where the kernel reads and increments it, as ``AdamW(fused=True)`` keeps it), else the
+    multi-tensor (``foreach``) or per-tensor loop. ``group`` gives ``lr``, ``betas``,
+    ``weight_decay`` and the epsilon under ``eps_key`` (the presets' AdamW roles: ``adam_eps``)."""
+    if fused:
+        for p, st in zip(params, states):
+            if st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
+    beta1, beta2 = group["betas"]
+    _torch_adam(
+        params,
+        grads,
+        [st["exp_avg"] for st in states],
+        [st["exp_avg_sq"] for st in states],
+        [],
+        [st["step"] for st in states],
+        foreach=None if fused else foreach,
+        amsgrad=False,
+        has_complex=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group[eps_key],
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=fused or None,
+        grad_scale=None,
+        found_inf=None,
+        decoupled_weight_decay=True,
     )
 
 

@@ -22,7 +22,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch.optim.adam import adam as _torch_adam
 
 from . import maps, sharding
 from .execution import UpdateContext
@@ -36,6 +35,7 @@ from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-
     polar_dtype,
     reference_update,
     same_dense_layout,
+    torch_adamw,
     use_foreach,
     use_fused_adamw,
 )
@@ -268,7 +268,6 @@ class EquiOptimizer(torch.optim.Optimizer):
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_dtype[compute_dtype(p, group)].append(p)
-        beta1, beta2 = group["betas"]
         for cdt, ps in by_dtype.items():
             for p in ps:
                 state = self.state[p]
@@ -286,31 +285,14 @@ class EquiOptimizer(torch.optim.Optimizer):
                 same_dense_layout(w, g, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])
                 for p, w, g in zip(ps, work, grads)
             )
-            if fused:  # the fused kernel reads the step counts where it runs
-                for p in ps:
-                    self.state[p]["step"] = self.state[p]["step"].to(p.device)
-            _torch_adam(
+            torch_adamw(
                 work,
                 grads,
-                [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps],
-                [],
-                [self.state[p]["step"] for p in ps],
-                foreach=None if fused else group["foreach"],
-                amsgrad=False,
-                has_complex=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["adam_eps"],
-                maximize=False,
-                capturable=False,
-                differentiable=False,
-                fused=fused or None,
-                grad_scale=None,
-                found_inf=None,
-                decoupled_weight_decay=True,
+                [self.state[p] for p in ps],
+                group,
+                fused=fused,
+                foreach=group["foreach"],
+                eps_key="adam_eps",
             )
             for p, w in zip(ps, work):
                 if w is not p:
