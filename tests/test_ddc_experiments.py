@@ -256,10 +256,3 @@ def test_grok_pair_statistics():
     line = X._grok_pair(opts, ra, none, "adamw", "ddc_adam", fisher_exact)
     assert "Mann-Whitney" in line and "Welch" not in line  # no steps to average on one side
     assert "Mann-Whitney" not in X._grok_pair(opts, none, none, "adamw", "ddc_adam", fisher_exact)
-
-
-def test_welch():
-    assert X.welch_p([1.0], [2.0, 3.0]) is None
-    p = X.welch_p([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
-    assert p is not None and p < 0.01
-    assert X.welch_p([1.0, 1.0], [1.0, 1.0]) is None

@@ -11,7 +11,7 @@ while the losses fall. With ``--shorter ROOT2`` (the same grid at a shorter hori
 the steps): per variant the final loss at both horizons and what the longer run gained (Welch
 p over the seeds), and with ``--against`` the gaps to V at both horizons: a curve that has
 flattened gains little from more steps, and gaps that hold across horizons are not an
-artefact of the horizon. Reads files only (no torch, no training; scipy for the p-values).
+artefact of the horizon. Reads files only (no training; the p-values: equiopt.train.stats).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from scipy.stats import ttest_ind
+from equiopt.train.stats import welch_p
 
 
 def curve(run: Path) -> list[tuple[int, float]]:
@@ -94,10 +94,9 @@ def finals(root: Path) -> dict[str, list[float]]:
 
 
 def welch(a: list[float], b: list[float]) -> str:
-    """Welch's t-test p-value of two seed samples ("-" with fewer than two each)."""
-    if len(a) < 2 or len(b) < 2:
-        return "-"
-    return f"{float(ttest_ind(a, b, equal_var=False).pvalue):.2g}"
+    """Welch's t-test p-value of two seed samples, formatted ("-" with fewer than two each)."""
+    p = welch_p(a, b)
+    return "-" if p is None else f"{p:.2g}"
 
 
 def horizon_table(root: Path, shorter: Path, against: str | None) -> str:

@@ -34,6 +34,7 @@ from .config import OPTIMIZERS, TrainConfig, check_grid
 from .loop import Trainer, TrainingDiverged, _open_run, _StopSignals, evaluate, git_revision, make_optimizer
 from .options import csv_list, float_list, option, positive_int
 from .rundir import FINAL, RunDir, write_json, write_text
+from .stats import welch_p
 
 # ----------------------------------------------------------------------------- options
 
@@ -200,21 +201,6 @@ def _read_jsonl(p: Path) -> list[dict]:
             r = json.loads(line)
             by_step[r["step"]] = r  # a resumed run re-logs steps: the last wins
     return [by_step[s] for s in sorted(by_step)]
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    a = [x for x in a if math.isfinite(x)]
-    b = [x for x in b if math.isfinite(x)]
-    if len(a) < 2 or len(b) < 2:
-        return None
-    from scipy.stats import ttest_ind
-
-    if np.std(a) == 0 and np.std(b) == 0:
-        return None if np.mean(a) == np.mean(b) else 0.0
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def _ms(v: list[float]) -> str:

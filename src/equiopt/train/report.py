@@ -13,12 +13,12 @@ import io
 import json
 import math
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .loop import read_metrics
+from .stats import welch_p
 
 REFERENCE = "paper"
 # (column label, path in the final metrics record, MoE only)
@@ -87,18 +87,6 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     return runs
 
 
-def _welch(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 2 or len(b) < 2:
-        return None
-    from scipy import stats  # of the [train] extra; heavy: only for the Welch test
-
-    if np.std(a) == 0 and np.std(b) == 0:
-        return 1.0 if np.mean(a) == np.mean(b) else 0.0
-    with warnings.catch_warnings():  # scipy warns when samples are nearly identical
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
 def summarize(runs: list[dict], reference: str = REFERENCE) -> dict:
     """{arch: {optimizer: {"n", "diverged", "lr_scale", metric: {"mean","std","n","values","p_vs_paper"}}}};
     ``p_vs_paper`` is the Welch p against ``reference`` (the paper stack, or a recipe's baseline variant)."""
@@ -128,7 +116,7 @@ def summarize(runs: list[dict], reference: str = REFERENCE) -> dict:
                 cell[name]["mean"] = float(np.mean(vals))
                 cell[name]["std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
                 cell[name]["p_vs_paper"] = (
-                    None if opt == reference or name not in ref else _welch(ref[name]["values"], vals)
+                    None if opt == reference or name not in ref else welch_p(ref[name]["values"], vals)
                 )
     return out
 
@@ -358,7 +346,7 @@ def contrast_table(summary: dict, contrasts: list[tuple[str, str]]) -> list[str]
                 continue
             if not rows:
                 rows += ["| arch | a | b | a - b (nats) | p (Welch) | n (a, b) |", "|---|---|---|---|---|---|"]
-            p = _welch(ca["values"], cb["values"])
+            p = welch_p(ca["values"], cb["values"])
             rows.append(f"| {arch} | {a} | {b} | {ca['mean'] - cb['mean']:+.4f} | {_fmt_p(p)} | {ca['n']}, {cb['n']} |")
     return rows
 
@@ -382,7 +370,7 @@ def contrast_metrics_table(summary: dict, contrasts: list[tuple[str, str]], metr
             ma, mb = ca.get(m), cb.get(m)
             ok = ma is not None and mb is not None
             cells.append(
-                f"{ma['mean'] - mb['mean']:+.3f} (p {_fmt_p(_welch(ma['values'], mb['values']))})" if ok else "-"
+                f"{ma['mean'] - mb['mean']:+.3f} (p {_fmt_p(welch_p(ma['values'], mb['values']))})" if ok else "-"
             )
         rows.append(f"| {arch} | {a} | {b} | " + " | ".join(cells) + " |")
     return rows
