@@ -1,4 +1,4 @@
-"""``equiopt bench``: the optimizer step of every preset, side by side, at the hardware limit.
+"""``python benchmarks/bench.py``: the optimizer step of every preset, side by side, at the hardware limit.
 
 One process, one run. For each architecture family (Qwen3, Gemma3, OLMoE, gpt-oss; built
 from Hugging Face config classes, random weights, no download) and each size preset
@@ -182,7 +182,7 @@ def readme_table(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"Optimizer step on {m['cpus']} CPU cores ({m['threads']} threads, torch {m['torch']}), median of "
-        f"interleaved steps; `equiopt bench` ({results['when']}; "
+        f"interleaved steps; `python benchmarks/bench.py` ({results['when']}; "
         f"load average {m['load_before'][0] if m['load_before'] else '?'}). "
         "Ratios are to torch.optim.AdamW (foreach) on the same model.",
         "",
@@ -210,7 +210,7 @@ def readme_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="equiopt bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
@@ -791,7 +791,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
     command = _command_line()
     t0 = time.perf_counter()
     load0 = _load()
-    log(f"equiopt bench: torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads, load {load0}")
+    log(f"bench: torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads, load {load0}")
     rates = machine_rates(args.quick, device)
     log(
         f"  machine: fp32 matmul {rates['mm32'] / 1e9:.1f} GFLOP/s, fp64 {rates['mm64'] / 1e9:.1f} GFLOP/s, "
@@ -829,7 +829,7 @@ def run_bench(args: argparse.Namespace, log=None) -> dict:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(out_md).write_text(md)
     log(md)
-    log(f"equiopt bench: {results['wall_s']:.0f} s")
+    log(f"bench: {results['wall_s']:.0f} s")
     return results
 
 
