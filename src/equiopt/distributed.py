@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,9 +304,7 @@ def save_checkpoint(
     rank 0 swaps it in (the previous checkpoint survives a crash during the save). ``path``
     must be on a filesystem every rank sees (one node, or a shared filesystem). Returns ``path``.
     """
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # heavy (pulls the planner stack): only for a save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
