@@ -13,8 +13,9 @@ times the ``step()`` of
 * ``muon_ref``, ``paper_ref``  the same presets on the simple reference path
   (``batched=False``), to show what the fast path buys.
 
-on fixed synthetic gradients (only the optimizer is timed), interleaved round-robin so that
-the load of a shared machine hits every variant alike; it reports the median and spread, the
+on fixed synthetic gradients (only the optimizer is timed), interleaved (one step of each
+variant per round, the order shuffled every round by a seeded RNG) so that the load of a
+shared machine hits every variant alike; it reports the median and spread, the
 ratio to torch AdamW, optimizer-state bytes per parameter, the analytic FLOPs and bytes of
 every map, the roofline time of those FLOPs and bytes against this machine's own measured
 fp32/fp64 matrix-product rates and copy bandwidth, and the forward+backward time of the same
@@ -28,6 +29,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -704,8 +706,10 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
     n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
     samples = {v: [] for v in first}
+    order, rng = list(first), random.Random(0)
     for _ in range(max(n_reps.values(), default=0)):
-        for v in first:
+        rng.shuffle(order)  # no variant always steps after the same one (a position bias)
+        for v in order:
             if len(samples[v]) >= n_reps[v]:
                 continue
             samples[v].append(_timed(opts[v].step, device))

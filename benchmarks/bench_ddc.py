@@ -6,8 +6,10 @@
 
 In one process, on the harness's tiny models and one ~60M model (``benchmarks/bench.py``'s
 ``medium`` shapes; random weights, no download), fp32, 2 threads (``--threads``): fixed synthetic gradients,
-only ``optimizer.step()`` timed, variants interleaved round-robin (one step of each per
-round, so the load of a shared machine hits every variant alike), median over rounds.
+only ``optimizer.step()`` timed, variants interleaved (one step of each per round, in an
+order shuffled every round by a seeded RNG: the load of a shared machine hits every variant
+alike, and no variant always runs after the same one, a position that moved medians by ~10%
+in a fixed order), median over rounds.
 
 * ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
   ``ddc_adam`` (the multi-tensor implementation, torch's default on CUDA);
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -71,8 +74,10 @@ def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
         opts[v].step()  # warm-up (state allocated)
     n = sum(p.numel() for p in models[variants[0]].parameters())
     times = {v: [] for v in variants}
+    order, rng = list(variants), random.Random(0)
     for _ in range(reps):
-        for v in variants:
+        rng.shuffle(order)
+        for v in order:
             t = time.perf_counter()
             opts[v].step()
             times[v].append(time.perf_counter() - t)

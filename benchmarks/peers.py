@@ -1,7 +1,7 @@
 """equiopt's `muon` and `paper` steps against peer Muon implementations, same gradients (issue #16).
 
 For each benchmark model it times the whole optimizer step (median over rounds interleaved
-round-robin across the optimizers in one process, the warm-up step excluded; parameters and
+across the optimizers in one process, each round in a seeded shuffled order, the warm-up step excluded; parameters and
 gradients restored before every step, so every optimizer sees the same numbers) of
 
 * ``equiopt_muon``, ``equiopt_paper``: the presets (fast path, the default route per shape:
@@ -52,6 +52,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -335,7 +336,7 @@ def fixed_grads(model, seed: int = 1) -> list[torch.Tensor]:
 def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device, log, check=()):
     """({variant: step times}, {variant: first-step agreement}). A warm-up step each (state
     allocation; its time sets how many of the ``rounds`` fit in ``budget`` seconds, at least
-    one), then rounds interleaved round-robin with the order rotated every round; parameters
+    one), then rounds interleaved, the order shuffled every round (seeded); parameters
     and gradients restored before every step. Agreement: max over the parameters in ``check``
     of max |delta - delta_ref| / max |delta_ref|, the warm-up (first) step's parameter change
     against equiopt_muon's (the same map gives ~1e-6 in float32, bf16 ~1e-2)."""
@@ -366,8 +367,10 @@ def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device,
     n = {k: max(1, min(rounds, int(budget // max(warm[k], 1e-9)))) for k in names}
     log("    warm-up: " + ", ".join(f"{k} {warm[k] * 1e3:.0f} ms (x{n[k]})" for k in names))
     times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(max(n.values(), default=0)):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
+    order, rng = list(names), random.Random(0)
+    for _ in range(max(n.values(), default=0)):
+        rng.shuffle(order)  # a rotation keeps every variant's predecessor; a shuffle does not
+        for k in order:
             if len(times[k]) < n[k]:
                 times[k].append(one(steppers[k]))
     with torch.no_grad():
