@@ -2358,11 +2358,16 @@ class DDCOptimizer(torch.optim.Optimizer):
 
     def _adam_scaled_dir(self, p: Tensor, x: Tensor, group: dict, local: bool = False) -> tuple[Tensor, float]:
         """Adam's direction of ``x`` as ``(m / (sqrt(v) + eps sqrt(bc2)), sqrt(bc2) / bc1)``: the
-        product is ``m_hat / (sqrt(v_hat) + eps)``, in two passes fewer than :func:`_adam_dir`;
-        ``local``: the state of a DTensor's local shard."""
+        product is ``m_hat / (sqrt(v_hat) + eps)``, in two passes fewer than :func:`_adam_dir`
+        (on the fast path, where the kernel can take the tensors, torch's fused Adam kernel in
+        one: :func:`_fused_adam_direction`, scale 1); ``local``: the state of a DTensor's local
+        shard."""
         state = self._adam_state(p, local=local)
         beta1, beta2 = group["betas"]
-        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"].item()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if self.batched and _fusable(x, m, v):  # the fast path: one fused pass, kappa = 1
+            return _fused_adam_direction(x, m, v, state["step"], group), 1.0
+        step = state["step"].item()
         m.lerp_(x, 1 - beta1)
         v.mul_(beta2).addcmul_(x, x, value=1 - beta2)
         bc2_sqrt = (1 - beta2**step) ** 0.5
