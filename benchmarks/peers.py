@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench import _load, _model_config, _sync  # the step benchmark's models (same folder)
+from bench import ARCHS, _load, _model_config, _sync  # the step benchmark's models (same folder)
 
 import equiopt
 from equiopt import fastpath, maps
@@ -312,6 +312,12 @@ def _peer_optimizer(name: str, muon, rest, has3d: bool, half: bool):
 # ----------------------------------------------------------------------------------------
 # models, gradients, timing
 # ----------------------------------------------------------------------------------------
+
+
+def _known_model(name: str) -> bool:
+    """Whether :func:`build` knows ``name``: ``dense1024`` or ``ARCH/SIZE``."""
+    arch, _, size = name.partition("/")
+    return name == "dense1024" or (arch in ARCHS and size in ("tiny", "medium", "micro"))
 
 
 def build(name: str, device: torch.device):
@@ -742,7 +748,12 @@ def cpu_name() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated ({', '.join(MODELS)}, micro)")
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated: dense1024 or ARCH/SIZE, ARCH one of {', '.join(ARCHS)}, SIZE tiny, medium or "
+        f"micro (micro: smoke tests; default {','.join(MODELS)})",
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 iterations everywhere, as the peers)")
@@ -752,6 +763,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-install", action="store_true", help="do not pip-install missing peers")
     ap.add_argument("--out", default=None, help="results prefix (default results/bench_peers[_cuda])")
     args = ap.parse_args(argv)
+    for name in args.models.split(","):
+        if not _known_model(name):
+            choices = f"dense1024 or ARCH/SIZE ({'/'.join(ARCHS)} x tiny/medium/micro)"
+            ap.error(f"--models: unknown model {name!r}; {choices}")
     device = torch.device(args.device)
     args.thread_list = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     args.variant_list = args.variants.split(",")

@@ -76,3 +76,49 @@ def test_bench_quick_on_cuda(tmp_path):
     assert m["device"] != "cpu" and m["mm16"] > 0 and m["mm_polar"] == m["mm16"]
     v = res["models"][0]["variants"]
     assert v["paper"]["median_s"] > 0 and v["torch_muon"]["median_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------
+# the DDC step benchmark and the peers benchmark: smoke runs of their command lines
+# ----------------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import bench_ddc  # noqa: E402  (benchmarks/bench_ddc.py)
+import peers  # noqa: E402  (benchmarks/peers.py)
+
+
+def test_bench_ddc_smoke(tmp_path):
+    """One tiny model, two interleaved rounds: every variant timed, the DDC ratios to their
+    bases computed from the medians, the report written."""
+    variants = "torch_adamw,torch_adamw_fused,ddc_adam,muon,ddc_muon"
+    argv = ["--sizes", "tiny", "--archs", "qwen3", "--repeats", "2", "--variants", variants, "--out", str(tmp_path)]
+    assert bench_ddc.main(argv) in (0, None)
+    res = json.loads((tmp_path / "bench.json").read_text())
+    (model,) = res["models"]
+    v = model["variants"]
+    assert set(v) == set(variants.split(","))
+    med = {k: x["median_s"] for k, x in v.items()}
+    assert v["ddc_adam"]["ratio_to_base"] == pytest.approx(med["ddc_adam"] / med["torch_adamw"])
+    assert v["ddc_adam"]["ratio_to_fused"] == pytest.approx(med["ddc_adam"] / med["torch_adamw_fused"])
+    assert v["ddc_muon"]["ratio_to_base"] == pytest.approx(med["ddc_muon"] / med["muon"])
+    assert "| qwen3/tiny |" in (tmp_path / "bench.md").read_text()
+
+
+def test_peers_smoke(tmp_path):
+    """The peers benchmark on the micro Qwen3 with the variants that need no peer package: the
+    same map in float32 (equiopt's `muon` and the textbook loop) agrees on the first step to
+    float32 rounding, and the report is written."""
+    out = tmp_path / "peers"
+    argv = ["--models", "qwen3/micro", "--threads", "1", "--rounds", "2", "--budget", "1", "--no-install"]
+    peers.main(argv + ["--variants", "equiopt_muon,textbook_fp32", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    (run,) = res["runs"]
+    assert {"equiopt_muon", "textbook_fp32"} <= set(run["variants"])
+    assert run["variants"]["textbook_fp32"]["first_step_vs_muon"] < 1e-4
+    assert "qwen3/micro" in out.with_suffix(".md").read_text()
+
+
+def test_peers_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        peers.main(["--models", "micro", "--no-install"])
+    assert "--models: unknown model 'micro'" in capsys.readouterr().err
