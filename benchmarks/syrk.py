@@ -25,26 +25,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench import _median_time  # the step benchmark's timer (same folder)
 
 SHAPES = ((2, 512, 1536), (8, 128, 384), (4, 256, 768), (4, 1024, 3072))
 
 
 def median_ms(fn, reps: int = 11) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * _median_time(fn, reps)[0]
 
 
 def _symmetric(upper: torch.Tensor) -> torch.Tensor:
