@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 __all__ = ["add_arguments", "run", "run_bench", "machine_rates", "step_cost", "MEDIUM"]
 
 ARCHS = ("qwen3", "gemma3", "olmoe", "gptoss")
+SIZES = ("tiny", "medium", "micro")  # micro: smoke tests only
 CPU = torch.device("cpu")
 VARIANTS = ("torch_adamw", "torch_muon", "adamw", "muon", "paper", "muon_ref", "paper_ref")
 
@@ -228,6 +229,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shuffled_rounds(names, rounds: int, seed: int = 0):
+    """``rounds`` orders of ``names``, one per round of interleaved steps, each a fresh seeded
+    shuffle: in a fixed (or rotated) order every variant always steps after the same one, a
+    position that moved medians by ~10% (docs/ddc.md, session 10)."""
+    order, rng = list(names), random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        yield list(order)
+
+
 def _timed(fn, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -327,7 +338,7 @@ def _model_config(arch: str, size: str):
                 "layer_types": (cfg.layer_types or [])[-2:] or None,
             }
         )
-    raise ValueError(f"unknown size {size!r}; valid: tiny, medium, micro")
+    raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
 
 
 def _build(arch: str, size: str, device: torch.device = CPU):
@@ -706,9 +717,7 @@ def _bench_model(arch: str, size: str, variants: list[str], args, rates: dict, l
     # every variant gets at least min(3, reps) timed steps; slow ones stop at the budget
     n_reps = {v: max(min(3, reps), min(reps, int(args.budget / max(first[v], 1e-6)))) for v in first}
     samples = {v: [] for v in first}
-    order, rng = list(first), random.Random(0)
-    for _ in range(max(n_reps.values(), default=0)):
-        rng.shuffle(order)  # no variant always steps after the same one (a position bias)
+    for order in shuffled_rounds(first, max(n_reps.values(), default=0)):
         for v in order:
             if len(samples[v]) >= n_reps[v]:
                 continue

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -74,9 +73,7 @@ def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
         opts[v].step()  # warm-up (state allocated)
     n = sum(p.numel() for p in models[variants[0]].parameters())
     times = {v: [] for v in variants}
-    order, rng = list(variants), random.Random(0)
-    for _ in range(reps):
-        rng.shuffle(order)
+    for order in B.shuffled_rounds(variants, reps):
         for v in order:
             t = time.perf_counter()
             opts[v].step()

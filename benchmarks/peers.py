@@ -52,7 +52,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench import ARCHS, _load, _model_config, _sync  # the step benchmark's models (same folder)
+from bench import ARCHS, SIZES, _load, _model_config, _sync, shuffled_rounds  # the step benchmark's (same folder)
 
 import equiopt
 from equiopt import fastpath, maps
@@ -317,7 +316,7 @@ def _peer_optimizer(name: str, muon, rest, has3d: bool, half: bool):
 def _known_model(name: str) -> bool:
     """Whether :func:`build` knows ``name``: ``dense1024`` or ``ARCH/SIZE``."""
     arch, _, size = name.partition("/")
-    return name == "dense1024" or (arch in ARCHS and size in ("tiny", "medium", "micro"))
+    return name == "dense1024" or (arch in ARCHS and size in SIZES)
 
 
 def build(name: str, device: torch.device):
@@ -373,9 +372,7 @@ def time_steps(model, steppers: dict, grads, rounds: int, budget: float, device,
     n = {k: max(1, min(rounds, int(budget // max(warm[k], 1e-9)))) for k in names}
     log("    warm-up: " + ", ".join(f"{k} {warm[k] * 1e3:.0f} ms (x{n[k]})" for k in names))
     times: dict[str, list[float]] = {k: [] for k in names}
-    order, rng = list(names), random.Random(0)
-    for _ in range(max(n.values(), default=0)):
-        rng.shuffle(order)  # a rotation keeps every variant's predecessor; a shuffle does not
+    for order in shuffled_rounds(names, max(n.values(), default=0)):
         for k in order:
             if len(times[k]) < n[k]:
                 times[k].append(one(steppers[k]))
@@ -751,8 +748,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--models",
         default=",".join(MODELS),
-        help=f"comma-separated: dense1024 or ARCH/SIZE, ARCH one of {', '.join(ARCHS)}, SIZE tiny, medium or "
-        f"micro (micro: smoke tests; default {','.join(MODELS)})",
+        help=f"comma-separated: dense1024 or ARCH/SIZE, ARCH one of {', '.join(ARCHS)}, SIZE one of "
+        f"{', '.join(SIZES)} (micro: smoke tests; default {','.join(MODELS)})",
     )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (CPU)")
@@ -765,7 +762,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for name in args.models.split(","):
         if not _known_model(name):
-            choices = f"dense1024 or ARCH/SIZE ({'/'.join(ARCHS)} x tiny/medium/micro)"
+            choices = f"dense1024 or ARCH/SIZE ({'/'.join(ARCHS)} x {'/'.join(SIZES)})"
             ap.error(f"--models: unknown model {name!r}; {choices}")
     device = torch.device(args.device)
     args.thread_list = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]

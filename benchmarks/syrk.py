@@ -30,8 +30,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import scipy
 import torch
-from bench import _median_time  # the step benchmark's timer (same folder)
+from bench import _median_time  # the step benchmark's timer (same folder; puts src on the path)
+from scipy.linalg import blas  # the measurement's dependency (scipy: the train extra)
+
+from equiopt.fastpath import polar_coeffs
 
 SHAPES = ((2, 512, 1536), (8, 128, 384), (4, 256, 768), (4, 1024, 3072))
 
@@ -48,8 +52,6 @@ def gram_syrk(Y: torch.Tensor) -> torch.Tensor:
     """``Y Y^T`` [N, m, m] of ``Y`` [N, m, k] (float32, C-contiguous) by ``ssyrk``: the
     row-major ``Y[i]`` is the column-major ``k x m`` matrix ``Y[i].numpy().T``, whose
     ``a^T a`` (``trans=1``) is ``Y[i] Y[i]^T``."""
-    from scipy.linalg import blas  # the optional measurement's dependency (scipy: the train extra)
-
     out = torch.empty(Y.shape[0], Y.shape[1], Y.shape[1], dtype=Y.dtype)
     for i in range(Y.shape[0]):
         out[i] = torch.from_numpy(blas.ssyrk(1.0, Y[i].numpy().T, trans=1, lower=0))
@@ -58,8 +60,6 @@ def gram_syrk(Y: torch.Tensor) -> torch.Tensor:
 
 def poly_syrk(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
     """``b A + c A^2`` for symmetric ``A`` [N, m, m] by ``ssyrk`` (``A A^T = A^2``)."""
-    from scipy.linalg import blas
-
     out = torch.empty_like(A)
     for i in range(A.shape[0]):
         ci = np.array(A[i].numpy(), order="F")
@@ -94,7 +94,7 @@ def gram_mkl(Y: torch.Tensor, fn) -> torch.Tensor:
             ctypes.c_void_p(out[i].data_ptr()),
             ref(ldc),
         )
-    return torch.tril(out) + torch.tril(out, -1).mT
+    return _symmetric(out.mT)
 
 
 def polar_steps(Y: torch.Tensor, coeffs, route: str, fn=None) -> torch.Tensor:
@@ -114,8 +114,6 @@ def polar_steps(Y: torch.Tensor, coeffs, route: str, fn=None) -> torch.Tensor:
 
 
 def rows(threads: int) -> list[str]:
-    from equiopt.fastpath import polar_coeffs
-
     torch.set_num_threads(threads)
     coeffs, fn = polar_coeffs("polar_express", 5), _mkl_ssyrk()
     routes = ["scipy"] + (["mkl"] if fn is not None else [])
@@ -163,8 +161,6 @@ def main() -> None:
         lines += [ln for ln in res.stdout.splitlines() if ln.startswith("|")]
         print("\n".join(lines[-len(SHAPES) :]), flush=True)
     load1 = os.getloadavg()
-    import scipy
-
     head = [
         "# A half-cost symmetric product beside torch: BLAS syrk through SciPy and libtorch's MKL (issue #16)",
         "",
