@@ -122,3 +122,24 @@ def test_peers_unknown_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         peers.main(["--models", "micro", "--no-install"])
     assert "--models: unknown model 'micro'" in capsys.readouterr().err
+
+
+import row_blocks  # noqa: E402  (benchmarks/row_blocks.py)
+
+
+def test_row_blocks_smoke(tmp_path):
+    """benchmarks/row_blocks.py writes one row per thread count, shape and order, and the
+    row-block sum it times is the column sum (float64 oracle, float32 summation bound)."""
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "rb.md"
+        assert row_blocks.main(["--threads", "1", "2", "--rounds", "2", "--out", str(out)]) == 0
+        rows = [line for line in out.read_text().splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+        assert len(rows) == 2 * len(row_blocks.SHAPES) * 2
+        t = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            err = (row_blocks.row_block_sum(t).double() - t.double().sum(0)).abs()
+            assert (err <= 4096 * torch.finfo(torch.float32).eps * t.double().abs().sum(0)).all()
+    finally:
+        torch.set_num_threads(before)
