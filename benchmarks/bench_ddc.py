@@ -6,10 +6,16 @@
 
 In one process, on the harness's tiny models and one ~60M model (``benchmarks/bench.py``'s
 ``medium`` shapes; random weights, no download), fp32, 2 threads (``--threads``): fixed synthetic gradients,
-only ``optimizer.step()`` timed, variants interleaved (one step of each per round, in an
-order shuffled every round by a seeded RNG: the load of a shared machine hits every variant
-alike, and no variant always runs after the same one, a position that moved medians by ~10%
-in a fixed order), median over rounds.
+only ``optimizer.step()`` timed, median over rounds. Variants are interleaved (one step of
+each per round, in an order shuffled every round by a seeded RNG: the load of a shared machine
+hits every variant alike, and no variant always runs after the same one, a position that moved
+medians by ~10% in a fixed order) within their family (``--interleave family``, the default):
+AdamW foreach / fused / DDC-Adam, then Muon / DDC-Muon, then the two reference paths. With all
+seven in one set (``--interleave all``, the design before session 11) the 15-40 ms Muon and
+reference steps between the Adam steps evict their caches and churn the allocator, and the
+DDC-Adam ratios moved run to run on an idle machine (tiny OLMoE x1.50-1.85, the 59M Qwen3
+x0.94-1.76 in six runs); within the family they repeat to a few hundredths (docs/ddc.md).
+The reference paths' ratios are then across sets (informative only).
 
 * ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
   ``ddc_adam`` (the multi-tensor implementation, torch's default on CUDA);
@@ -48,6 +54,7 @@ import equiopt  # noqa: E402
 from equiopt import ddc  # noqa: E402
 
 VARIANTS = ("torch_adamw", "torch_adamw_fused", "ddc_adam", "ddc_adam_ref", "muon", "ddc_muon", "ddc_muon_ref")
+FAMILIES = (("torch_adamw", "torch_adamw_fused", "ddc_adam"), ("muon", "ddc_muon"), ("ddc_adam_ref", "ddc_muon_ref"))
 BASE_OF = {"ddc_adam": "torch_adamw", "ddc_adam_ref": "torch_adamw", "ddc_muon": "muon", "ddc_muon_ref": "muon"}
 
 
@@ -64,7 +71,15 @@ def make(variant: str, model):
     return opt
 
 
-def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
+def timing_sets(variants: list[str], interleave: str) -> list[list[str]]:
+    """The sets whose steps are interleaved with each other (one after another): every
+    variant together (``all``) or each family of :data:`FAMILIES` (``family``)."""
+    if interleave == "all":
+        return [list(variants)]
+    return [kept for kept in ([v for v in f if v in variants] for f in FAMILIES) if kept]
+
+
+def bench_model(arch: str, size: str, variants, reps: int, log, interleave: str = "family") -> dict:
     models, opts = {}, {}
     for v in variants:  # one model per variant: the steps change the weights
         model, _ = B._build(arch, size)
@@ -72,12 +87,13 @@ def bench_model(arch: str, size: str, variants, reps: int, log) -> dict:
         models[v], opts[v] = model, make(v, model)
         opts[v].step()  # warm-up (state allocated)
     n = sum(p.numel() for p in models[variants[0]].parameters())
-    times = {v: [] for v in variants}
-    for order in B.shuffled_rounds(variants, reps):
-        for v in order:
-            t = time.perf_counter()
-            opts[v].step()
-            times[v].append(time.perf_counter() - t)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for timed in timing_sets(variants, interleave):
+        for order in B.shuffled_rounds(timed, reps):
+            for v in order:
+                t = time.perf_counter()
+                opts[v].step()
+                times[v].append(time.perf_counter() - t)
     res = {"arch": arch, "size": size, "params": n, "variants": {}}
     for v in variants:
         med = statistics.median(times[v])
@@ -119,7 +135,8 @@ def render(results: dict) -> str:
         f"{m['platform']}, torch {m['torch']}, "
         f"{m['threads']} threads, fp32; {results['when']}. Load average before {m['load_before']}, after "
         f"{m['load_after']} (a shared machine: the interleaving spreads the load over every variant alike). "
-        "Median over interleaved steps on fixed synthetic gradients; ratio = DDC / its base rule "
+        f"Median over interleaved steps (interleaved: {results.get('interleave', 'all')}) on fixed synthetic "
+        "gradients; ratio = DDC / its base rule "
         "(ddc_adam: torch.optim.AdamW foreach, then `of fused`: AdamW fused=True; ddc_muon: equiopt's "
         "muon preset). `_ref`: the per-gauge reference path.",
         "",
@@ -159,10 +176,16 @@ def main(argv=None) -> int:
     ap.add_argument("--medium-repeats", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--interleave", choices=("family", "all"), default="family", help="interleave within a family or all variants"
+    )
     ap.add_argument("--out", default=str(HERE.parent / "results" / "ddc_bench"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     load0 = B._load()
     models = []
     sizes = args.sizes.split(",")
@@ -170,12 +193,13 @@ def main(argv=None) -> int:
         archs = args.archs.split(",") if size != "medium" else args.medium_archs.split(",")
         for arch in archs:
             reps = args.medium_repeats if size == "medium" else args.repeats
-            models.append(bench_model(arch, size, variants, reps, print))
+            models.append(bench_model(arch, size, variants, reps, print, args.interleave))
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": _commit(),
         "args": " ".join(argv if argv is not None else sys.argv[1:]),
         "variants": variants,
+        "interleave": args.interleave,
         "models": models,
         "machine": {
             "platform": platform.platform(),

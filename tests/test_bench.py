@@ -104,6 +104,19 @@ def test_bench_ddc_smoke(tmp_path):
     assert "| qwen3/tiny |" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_ddc_timing_sets_and_bad_variant(capsys):
+    """Each family is interleaved on its own (every requested variant in exactly one set, the
+    base beside its DDC lift), or all together; an unknown variant is refused by name."""
+    family = bench_ddc.timing_sets(list(bench_ddc.VARIANTS), "family")
+    assert sorted(v for s in family for v in s) == sorted(bench_ddc.VARIANTS)
+    assert ["torch_adamw", "torch_adamw_fused", "ddc_adam"] in family and ["muon", "ddc_muon"] in family
+    assert bench_ddc.timing_sets(["ddc_adam", "muon"], "family") == [["ddc_adam"], ["muon"]]
+    assert bench_ddc.timing_sets(["ddc_adam", "muon"], "all") == [["ddc_adam", "muon"]]
+    with pytest.raises(SystemExit):
+        bench_ddc.main(["--variants", "torch_adamw,ddc_adamw"])
+    assert "--variants: unknown ddc_adamw" in capsys.readouterr().err
+
+
 def test_peers_smoke(tmp_path):
     """The peers benchmark on the micro Qwen3 with the variants that need no peer package: the
     same map in float32 (equiopt's `muon` and the textbook loop) agrees on the first step to
