@@ -10,12 +10,14 @@ only ``optimizer.step()`` timed, median over rounds. Variants are interleaved (o
 each per round, in an order shuffled every round by a seeded RNG: the load of a shared machine
 hits every variant alike, and no variant always runs after the same one, a position that moved
 medians by ~10% in a fixed order) within their family (``--interleave family``, the default):
-AdamW foreach / fused / DDC-Adam, then Muon / DDC-Muon, then the two reference paths. With all
-seven in one set (``--interleave all``, the design before session 11) the 15-40 ms Muon and
-reference steps between the Adam steps evict their caches and churn the allocator, and the
-DDC-Adam ratios moved run to run on an idle machine (tiny OLMoE x1.50-1.85, the 59M Qwen3
-x0.94-1.76 in six runs); within the family they repeat to a few hundredths (docs/ddc.md).
-The reference paths' ratios are then across sets (informative only).
+AdamW foreach / fused / DDC-Adam, then Muon / DDC-Muon, then the two reference paths, each set
+on models built for it alone: a ratio compares a base and its lift with nothing else between
+their steps or in memory. With all seven in one set (``--interleave all``, the design before
+session 11) the 15-40 ms Muon and reference steps ran between the Adam steps, and on an idle
+machine the DDC-Adam ratios moved run to run (tiny OLMoE x1.50-1.85, the 59M Qwen3 x0.94-1.76
+in six runs); by family, less but still (tiny OLMoE x1.41-1.70, 59M Qwen3 x0.95-1.12 in three
+runs): the rest is the machine (docs/ddc.md, session 11). The reference paths' ratios are
+then across sets (informative only).
 
 * ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
   ``ddc_adam`` (the multi-tensor implementation, torch's default on CUDA);
@@ -79,21 +81,34 @@ def timing_sets(variants: list[str], interleave: str) -> list[list[str]]:
     return [kept for kept in ([v for v in f if v in variants] for f in FAMILIES) if kept]
 
 
-def bench_model(arch: str, size: str, variants, reps: int, log, interleave: str = "family") -> dict:
-    models, opts = {}, {}
-    for v in variants:  # one model per variant: the steps change the weights
+def time_set(arch: str, size: str, timed: list[str], reps: int) -> tuple[dict[str, list[float]], dict[str, float], int]:
+    """Step times of the variants ``timed``, interleaved, each on its own model (the steps
+    change the weights) built for this set only and freed on return (so no other set's
+    models and state sit in memory meanwhile); with each variant's state bytes per parameter
+    and the parameter count."""
+    opts = {}
+    for v in timed:
         model, _ = B._build(arch, size)
         B._set_grads(model)
-        models[v], opts[v] = model, make(v, model)
+        opts[v] = make(v, model)
         opts[v].step()  # warm-up (state allocated)
-    n = sum(p.numel() for p in models[variants[0]].parameters())
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    n = sum(p.numel() for p in model.parameters())
+    times: dict[str, list[float]] = {v: [] for v in timed}
+    for order in B.shuffled_rounds(timed, reps):
+        for v in order:
+            t = time.perf_counter()
+            opts[v].step()
+            times[v].append(time.perf_counter() - t)
+    return times, {v: B._state_bytes(o) / n for v, o in opts.items()}, n
+
+
+def bench_model(arch: str, size: str, variants, reps: int, log, interleave: str = "family") -> dict:
+    times: dict[str, list[float]] = {}
+    state: dict[str, float] = {}
     for timed in timing_sets(variants, interleave):
-        for order in B.shuffled_rounds(timed, reps):
-            for v in order:
-                t = time.perf_counter()
-                opts[v].step()
-                times[v].append(time.perf_counter() - t)
+        t, sb, n = time_set(arch, size, timed, reps)
+        times.update(t)
+        state.update(sb)
     res = {"arch": arch, "size": size, "params": n, "variants": {}}
     for v in variants:
         med = statistics.median(times[v])
@@ -101,7 +116,7 @@ def bench_model(arch: str, size: str, variants, reps: int, log, interleave: str 
             "median_s": med,
             "min_s": min(times[v]),
             "max_s": max(times[v]),
-            "state_bytes_per_param": B._state_bytes(opts[v]) / n,
+            "state_bytes_per_param": state[v],
         }
     for v, b in BASE_OF.items():
         if v in res["variants"] and b in res["variants"]:
