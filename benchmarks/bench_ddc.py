@@ -15,8 +15,8 @@ on models built for it alone: a ratio compares a base and its lift with nothing 
 their steps or in memory. With all seven in one set (``--interleave all``, the design before
 session 11) the 15-40 ms Muon and reference steps ran between the Adam steps, and on an idle
 machine the DDC-Adam ratios moved run to run (tiny OLMoE x1.50-1.85, the 59M Qwen3 x0.94-1.76
-in six runs); by family, less but still (tiny OLMoE x1.41-1.70, 59M Qwen3 x0.95-1.12 in three
-runs): the rest is the machine (docs/ddc.md, session 11). The reference paths' ratios are
+in six runs); by family too (tiny OLMoE x1.41-1.77, 59M Qwen3 x0.95-1.19 in three runs): that
+spread is the machine's (README, DDC cost; docs/ddc.md, session 11). The reference paths' ratios are
 then across sets (informative only).
 
 * ``torch_adamw``: ``torch.optim.AdamW(foreach=True)`` (wd 0.1 on 2-D weights), the base of
