@@ -538,14 +538,60 @@ def test_lr_scheduler_changes_the_step():
 
 def test_build_serves_the_ddc_presets():
     """equiopt.build(model, preset="ddc_adam"|"ddc_muon") returns the DDC optimizer."""
-    import equiopt
-    from equiopt.ddc import DDCOptimizer
-
     for preset, base in (("ddc_adam", "adam"), ("ddc_muon", "muon")):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
         opt = equiopt.build(model, preset=preset)
         assert isinstance(opt, DDCOptimizer) and opt.base == base
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("lr", "x"),
+        ("lr", float("nan")),
+        ("adam_lr", -1e-3),
+        ("weight_decay", -0.1),
+        ("adam_weight_decay", float("inf")),
+        ("eps", True),
+        ("lr_scale", "2"),
+        ("probe_tol", -1.0),
+        ("betas", (0.9,)),
+        ("betas", (0.9, 1.0)),
+        ("momentum", 1.0),
+        ("ns_steps", 0),
+        ("ns_steps", 2.5),
+        ("gauges", "rescale"),
+        ("gauges", ("rescale", "rot")),
+    ],
+)
+def test_bad_hyperparameter_is_an_error_naming_it(option, value):
+    """Every hyperparameter of the DDC presets is checked when the optimizer is built: a bad
+    value is a ValueError that names it (before: ``betas=(0.9,)`` was accepted and failed at
+    the first step, a string ``lr_scale`` was parsed, a bare string ``gauges`` read per letter)."""
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+    with pytest.raises(ValueError, match=f"ddc_optimizer: {option} must be"):
+        equiopt.build(model, preset="ddc_adam", **{option: value})
+
+
+def test_good_hyperparameters_are_kept():
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 16))  # a head: shift
+    opt = equiopt.build(model, preset="ddc_muon", lr=torch.tensor(0.02), betas=[0.8, 0.9], eps=0, gauges=["shift"])
+    lrs = [g["lr"] for g in opt.param_groups if g["rule"] == "muon"]
+    assert lrs and all(lr == pytest.approx(0.02) for lr in lrs)
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 0 for g in opt.param_groups)
+    assert [g.kind for g in opt.gauges] == ["shift"]
+
+
+def test_unknown_preset_names_both_kinds():
+    """A misspelt preset lists the plan presets and the DDC ones; a DDC preset given to a plan
+    says it belongs to equiopt.build."""
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16))
+    also = r"equiopt.build also takes \['ddc_adam', 'ddc_muon'\]"
+    with pytest.raises(ValueError, match=r"unknown preset 'ddc_adamw'.*" + also):
+        equiopt.build(model, preset="ddc_adamw")
+    with pytest.raises(ValueError, match="'ddc_muon' is a preset of equiopt.build"):
+        equiopt.plan(model, "ddc_muon")
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from . import audit, ddc, diagnostics  # equiopt.audit(model, batch) calls audit
 from .layouts import Layout, parse_layout
 from .optimizer import EquiOptimizer, NonFiniteGradientError
 from .planner import Plan, PlanEntry, PlanError, detect_roles, plan
-from .presets import DEFAULTS, PRESETS, ROLES, resolve
+from .presets import DDC_PRESETS, DEFAULTS, PRESETS, ROLES, resolve
 
 __all__ = [
+    "DDC_PRESETS",
     "DEFAULTS",
     "PRESETS",
     "ROLES",
@@ -38,10 +39,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-
-#: presets served by :func:`equiopt.ddc.ddc_optimizer` (gauge-equivariant Adam / Muon)
-DDC_PRESETS = {"ddc_adam": "adam", "ddc_muon": "muon"}
 
 
 def build(model: nn.Module | Plan, preset: str | None = None, **kwargs) -> EquiOptimizer | ddc.DDCOptimizer:

@@ -2546,6 +2546,8 @@ def ddc_optimizer(
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
+    rates = dict(lr=lr, adam_lr=adam_lr, weight_decay=weight_decay, adam_weight_decay=adam_weight_decay)
+    _check_options(dict(rates, eps=eps, probe_tol=probe_tol, lr_scale=lr_scale), betas, momentum, ns_steps, gauges)
     target, the_plan, model = _plan_and_model(model_or_plan, model, example)
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
@@ -2561,6 +2563,38 @@ def ddc_optimizer(
     opt = DDCOptimizer(groups, found, base, names, table)
     opt.lifts, opt.stored_in_out = lifts, set(stored_in_out)
     return opt
+
+
+def _check_options(
+    numbers: Mapping[str, object], betas: object, momentum: object, ns_steps: object, gauges: object
+) -> None:
+    """``ddc_optimizer``'s hyperparameters, each checked by name before anything is built:
+    ``numbers`` (rates, decays, eps, probe tolerance, ``lr_scale``; ``None`` = the default)
+    finite numbers (or one-element tensors) >= 0, ``betas`` two numbers and ``momentum`` one in
+    [0, 1), ``ns_steps`` a positive int, ``gauges`` a collection of known kinds (a bare string
+    would be read letter by letter)."""
+    for name, value in numbers.items():
+        if value is None:
+            continue
+        number = math.nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, Tensor) and value.numel() == 1:
+            number = value.item()
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"ddc_optimizer: {name} must be a finite number >= 0, got {value!r}")
+
+    def unit(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
+
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(unit(b) for b in betas)):
+        raise ValueError(f"ddc_optimizer: betas must be two numbers in [0, 1), got {betas!r}")
+    if not unit(momentum):
+        raise ValueError(f"ddc_optimizer: momentum must be a number in [0, 1), got {momentum!r}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ddc_optimizer: ns_steps must be a positive int, got {ns_steps!r}")
+    if isinstance(gauges, str) or not isinstance(gauges, Collection) or set(gauges) - set(GAUGE_KINDS):
+        raise ValueError(f"ddc_optimizer: gauges must be a collection of {GAUGE_KINDS}, got {gauges!r}")
 
 
 def _plan_and_model(

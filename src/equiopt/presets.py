@@ -106,6 +106,8 @@ _PAPER = {
 }
 
 PRESETS: dict[str, dict[str, dict]] = {"adamw": _ADAMW, "muon": _MUON, "paper": _PAPER}
+#: presets of ``equiopt.build`` served by the Dead-Direction Conditioner (its base rule), not plans
+DDC_PRESETS = {"ddc_adam": "adam", "ddc_muon": "muon"}
 
 
 def _check_keys(where: str, spec: Mapping) -> None:
@@ -141,7 +143,12 @@ def resolve(
         overrides: hyperparameters applied to every role (e.g. ``on_nonfinite="skip"``).
     """
     if preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+        hint = (
+            f"; {preset!r} is a preset of equiopt.build (the Dead-Direction Conditioner), not of a plan"
+            if preset in DDC_PRESETS
+            else f"; equiopt.build also takes {sorted(DDC_PRESETS)}"
+        )
+        raise ValueError(f"preset: unknown preset {preset!r}; valid: {sorted(PRESETS)}{hint}")
     _check_keys("overrides", overrides)
     specs = {role: {**DEFAULTS, **PRESETS[preset][role]} for role in ROLES}
     if "column_aware" not in overrides:
