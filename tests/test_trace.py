@@ -252,6 +252,15 @@ def test_cli_plan_from_config(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert re.search(r"c_attn\.weight\s+32x96\s+attention\s+transposed\+heads12:out", out)
+    # a DDC preset: the gauges each parameter is in, probed on a real (cpu) model; meta is refused
+    assert main(["plan", "--config", str(cfg), "--preset", "ddc_muon", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    up = r"up_proj\.weight\s+48x\d+\s+mlp_in\s+neuron_rescale:model\.layers\.0\.mlp \(rows\); norm_scale"
+    assert re.search(up, out)
+    assert "vo_rotation:model.layers.2.self_attn" in out and "gauges claimed by DDC-Muon" in out
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", str(cfg), "--preset", "ddc_adam"])
+    assert "pass --device cpu" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from . import audit
+from . import audit, ddc
 from .planner import plan as make_plan
-from .presets import PRESETS
+from .presets import DDC_PRESETS, PRESETS
 from .train.config import CompareOptions, RunOptions, SweepOptions, TrainConfig
 from .train.data import DataError
 from .train.ddc_experiments import CollapseOptions, GrokOptions, collapse, grok
@@ -257,7 +257,12 @@ class PlanOptions:
         metavar="KEY=VALUE",
         help="a config field, e.g. --set hidden_size=64 (values parsed as JSON when they can be)",
     )
-    preset: str = option("paper", choices=lambda: list(PRESETS), help="optimizer preset whose maps the table shows")
+    preset: str = option(
+        "paper",
+        choices=lambda: list(PRESETS) + list(DDC_PRESETS),
+        help="optimizer preset whose maps the table shows; ddc_adam / ddc_muon: the gauges DDC claims "
+        "(probed numerically: needs --device cpu)",
+    )
     device: str = option(
         "meta",
         choices=("meta", "cpu"),
@@ -271,6 +276,11 @@ class PlanOptions:
         for item in self.set:
             if "=" not in item:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        if self.preset in DDC_PRESETS and self.device == "meta":
+            raise ValueError(
+                f"--preset {self.preset}: DDC's rescale and norm-channel gauges are probed on the model's "
+                "outputs, which a meta model has none of: pass --device cpu (a small config)"
+            )
 
 
 def _value(text: str):
@@ -309,10 +319,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> int:
-    """Print the plan (role, layout, map per parameter) of a model built from its config, no weights."""
+    """Print the plan (role, layout, map per parameter) of a model built from its config, no weights;
+    for a DDC preset the gauges each parameter is in."""
     opts = from_namespace(PlanOptions, args)
     model = build_from_config(opts)
-    print(make_plan(model, opts.preset).table())
+    if opts.preset in DDC_PRESETS:
+        print(ddc.gauge_table(make_plan(model, "adamw"), model, DDC_PRESETS[opts.preset]))
+    else:
+        print(make_plan(model, opts.preset).table())
     return 0
 
 
