@@ -203,6 +203,21 @@ def test_plan_table_and_lookup():
         plan.role("model.embed.weight")
 
 
+def test_frozen_tensors_are_said_not_skipped_silently():
+    """A frozen parameter is neither planned nor optimized, and the plan's table (and the DDC
+    optimizer's description of the same plan) says so by name; a long list is cut at five."""
+    model = qwen3()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    text = equiopt.plan(model).table()
+    assert "note: 1 frozen tensor(s) (requires_grad=False), not optimized: model.layers.0.mlp.up_proj.weight" in text
+    assert "model.layers.0.mlp.up_proj.weight " not in text.split("note:")[0]
+    assert "not optimized: model.layers.0.mlp.up_proj.weight" in equiopt.ddc.describe(equiopt.build(model, "ddc_adam"))
+    for p in model.model.layers.parameters():
+        p.requires_grad_(False)
+    n = sum(1 for _ in model.model.layers.parameters())
+    assert f"{n} frozen tensor(s)" in str(equiopt.plan(model)) and f"and {n - 5} more" in str(equiopt.plan(model))
+
+
 @pytest.mark.parametrize("softcap,head_map", [(None, "centered_row_norm"), (30.0, "row_norm")])
 def test_plan_downgrades_what_the_audit_finds_broken(softcap, head_map):
     # final-logit soft-capping breaks the LM-head shift symmetry: no centering then

@@ -1374,6 +1374,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         self.names = dict(names or {})
         # (name, shape, role, gauges) per parameter, for describe(); from ddc_optimizer
         self.table_rows = list(table or [])
+        self.plan_notes: list[str] = []  # the plan's notes (frozen tensors, how roles were found): describe()
         for g in self.param_groups:
             for p in g["params"]:
                 if _is_dtensor(p) and not _plain_shards(p):
@@ -2561,7 +2562,7 @@ def ddc_optimizer(
     if target is not None:  # FSDP2: built on the replica, mapped onto the DTensor parameters
         groups, found, names, lifts, stored_in_out = _onto(target, model, groups, found, names, lifts, stored_in_out)
     opt = DDCOptimizer(groups, found, base, names, table)
-    opt.lifts, opt.stored_in_out = lifts, set(stored_in_out)
+    opt.lifts, opt.stored_in_out, opt.plan_notes = lifts, set(stored_in_out), list(the_plan.notes)
     return opt
 
 
@@ -2745,11 +2746,13 @@ def _rule_of(group: dict, in_norm_gauge: bool = False, translated: bool = False)
     return "muon" if group["rule"] == "muon" else "adamw"
 
 
-def _format(rows: list[tuple[str, ...]], footer: str) -> str:
+def _format(rows: list[tuple[str, ...]], footer: str, notes: Collection[str] = ()) -> str:
+    """``rows`` as aligned columns (the first a header), then ``footer`` and the plan's notes."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(footer)
+    lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)
 
 
@@ -2797,7 +2800,7 @@ def describe(opt: DDCOptimizer) -> str:
         + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none")
         + f"; {opt.state_modes()} extra state scalars"
     )
-    return _format(rows, footer)
+    return _format(rows, footer, opt.plan_notes)
 
 
 def gauge_table(
@@ -2814,4 +2817,4 @@ def gauge_table(
         warnings.simplefilter("ignore")
         found = derive_gauges(the_plan, unwrap(model) if model is not None else None, base, kinds, why=why)
     rows = [("name", "shape", "role", "gauges")] + _table_rows(the_plan, model, base, found, why)
-    return _format(rows, f"{len(found)} gauges claimed by DDC-{base.capitalize()}")
+    return _format(rows, f"{len(found)} gauges claimed by DDC-{base.capitalize()}", the_plan.notes)

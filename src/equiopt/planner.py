@@ -758,6 +758,10 @@ def _detect(
     entries: list[PlanEntry] = []
     problems: list[str] = []
     used: set[tuple[str, str]] = set()
+    frozen = [det.names[pid][0] for pid, p in det.params.items() if not p.requires_grad]
+    if frozen:  # not planned, not optimized: said, not silent (a frozen base model: thousands)
+        shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+        notes.append(f"{len(frozen)} frozen tensor(s) (requires_grad=False), not optimized: {shown}")
     for pid, p in det.params.items():
         if not p.requires_grad:
             continue
