@@ -242,6 +242,36 @@ def test_load_state_dict_of_another_preset_is_refused():
         opt.load_state_dict(src.state_dict())
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"betas": (0.9,)}, "betas must be two numbers in"),
+        ({"betas": "ab"}, "betas must be two numbers in"),
+        ({"momentum": "x"}, "momentum must be in"),
+        ({"momentum": float("nan")}, "momentum must be in"),
+        ({"weight_decay": "x"}, "weight_decay must be a finite number"),
+        ({"eps": -1.0}, "eps must be a finite number"),
+        ({"adam_eps": float("inf")}, "adam_eps must be a finite number"),
+        ({"alpha": "x"}, "alpha must be a finite number"),
+        ({"polar_steps": -1}, "polar_steps must be None"),
+        ({"polar_steps": 2.5}, "polar_steps must be None"),
+        ({"nesterov": "yes"}, "nesterov must be True or False"),
+        ({"polar_method": "foo"}, "polar_method must be one of"),
+        ({"compute_dtype": "float17"}, "compute_dtype must be None or one of"),
+        ({"lr": float("nan")}, r"^lr: expected a finite number >= 0"),
+        ({"lr_scale": float("inf")}, r"^lr_scale: expected a finite number >= 0"),
+        ({"lr": {"embedding": -1.0}}, r"lr\['embedding'\]: expected a finite"),
+    ],
+)
+def test_bad_hyperparameter_is_refused_by_name_when_built(kwargs, message):
+    """Every hyperparameter of the map presets is checked when the plan is made: a value
+    that would fail at the first step (betas of one number, a string momentum, an unknown
+    polar method or dtype) or run silently wrong (a negative eps, a nan lr) is a ValueError
+    naming it."""
+    with pytest.raises(ValueError, match=message):
+        equiopt.build(qwen3(), preset="paper", **kwargs)
+
+
 def test_add_param_group_refuses_bad_input_at_once():
     """Issue #12 item 8: unknown hyperparameter, unknown map, 3-D parameter without a layout."""
     opt = equiopt.EquiOptimizer([nn.Parameter(torch.zeros(3, 3))], map="polar")
@@ -251,6 +281,12 @@ def test_add_param_group_refuses_bad_input_at_once():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "map": "polr"})
     with pytest.raises(ValueError, match="needs a 2-D tensor, got shape"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2, 2))], "map": "polar"})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: betas must be two numbers"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "betas": (0.9,)})
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: momentum must be in \[0, 1\)"):
+        equiopt.EquiOptimizer([nn.Parameter(torch.zeros(3, 3))], map="polar", momentum=1.5)
+    assert len(opt.param_groups) == 1  # every refused group was taken back out
+    equiopt.EquiOptimizer([nn.Parameter(torch.zeros(3, 3))], map="polar", lr=torch.tensor(0.01))  # a tensor lr: kept
 
 
 def test_maps_reductions_let_a_row_shard_compute_the_whole_map():

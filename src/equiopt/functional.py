@@ -14,7 +14,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from . import maps
-from .presets import MAP_OPTIONS
+from .presets import DTYPES, MAP_OPTIONS
 
 if TYPE_CHECKING:  # the type checker sees the class; at run time it may be missing (below)
     from torch.distributed.tensor import DTensor
@@ -41,15 +41,13 @@ __all__ = [
     "same_dense_layout",
 ]
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
 
 def _dtype(name: str | None, where: str) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in _DTYPES:
-        raise ValueError(f"{where}: unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def compute_dtype(p: torch.Tensor, group: Mapping) -> torch.dtype:

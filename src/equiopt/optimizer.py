@@ -40,7 +40,7 @@ from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-
     use_fused_adamw,
 )
 from .layouts import MATRIX, Layout
-from .presets import DEFAULTS
+from .presets import DEFAULTS, validate_spec
 
 __all__ = [
     "EquiOptimizer",
@@ -92,16 +92,25 @@ class EquiOptimizer(torch.optim.Optimizer):
         super().__init__(params, {**DEFAULTS, **defaults})
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, refusing what would only fail at ``step()``: unknown
-        hyperparameters, an unknown map, a parameter whose shape does not fit its layout."""
+        """torch's ``add_param_group``, refusing what would only fail at ``step()`` or run wrong:
+        unknown hyperparameters, a value out of its range (:func:`~equiopt.presets.validate_spec`),
+        an unknown map, a parameter whose shape does not fit its layout."""
         gi = len(self.param_groups)
         unknown = set(param_group) - set(DEFAULTS) - {"params", "role"}
         if unknown:
             raise ValueError(
                 f"param_groups[{gi}]: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}"
             )
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        super().add_param_group(param_group)  # fills the defaults and normalizes "params"
+        try:
+            self._check_group(self.param_groups[-1], gi)
+        except ValueError:
+            self.param_groups.pop()  # refused: not half-added
+            raise
+
+    def _check_group(self, group: dict, gi: int) -> None:
+        """:meth:`add_param_group`'s checks of the filled group ``gi``."""
+        validate_spec(group, f"param_groups[{gi}]")
         if group["map"] != "adamw":
             maps.get_map(group["map"])  # raises on an unknown map name
         names = self.context.names

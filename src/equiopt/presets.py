@@ -12,9 +12,13 @@ other scales.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
+import torch
+
 from .maps import MAP_SPECS
+from .polar import POLAR_METHODS
 from .roles import MATRIX_ROLES, ROLE_TABLE, ROLES
 
 __all__ = [
@@ -55,6 +59,9 @@ DEFAULTS: dict = {
     "on_nonfinite": "raise",  # "raise" | "skip" (skip the parameter's step and count it)
     "batched": True,  # matrix maps: shape-stacked fast path (False: the per-parameter reference path)
 }
+
+#: the dtype names ``compute_dtype`` / ``polar_dtype`` take
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 # group key -> keyword of the map function, per map (from the maps' registry)
 MAP_OPTIONS: dict[str, dict[str, str]] = {n: dict(m.options) for n, m in MAP_SPECS.items() if m.fn is not None}
@@ -168,19 +175,22 @@ def resolve(
         if table is None:
             continue
         if not isinstance(table, Mapping):
+            if not _finite(table) or table < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0 or a {{role: value}} dict, got {table!r}")
             table = {role: table for role in ROLES}
         for role, value in table.items():
             _check_role(name, role)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}[{role!r}]: expected a non-negative number, got {value!r}")
+            if not _finite(value) or value < 0:
+                raise ValueError(f"{name}[{role!r}]: expected a finite non-negative number, got {value!r}")
             specs[role]["lr"] = float(value) if name == "lr" else specs[role]["lr"] * float(value)
     for role, spec in specs.items():
-        _validate(role, spec)
+        validate_spec(spec, f"role {role!r}")
     return specs
 
 
-def _validate(role: str, spec: Mapping) -> None:
-    where = f"role {role!r}"
+def validate_spec(spec: Mapping, where: str) -> None:
+    """Every hyperparameter of ``spec`` (all keys of :data:`DEFAULTS`) in its range and type;
+    a ``ValueError`` starting with ``where`` and naming the first bad one."""
     if spec["scale"] not in ("none", "muon"):
         raise ValueError(f"{where}: scale must be 'none' or 'muon', got {spec['scale']!r}")
     if spec["order"] not in ("row_then_polar", "polar_then_row"):
@@ -196,10 +206,32 @@ def _validate(role: str, spec: Mapping) -> None:
         )
     if spec["on_nonfinite"] not in ("raise", "skip"):
         raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
-    if not 0.0 <= spec["momentum"] < 1.0:
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {spec['momentum']}")
-    b1, b2 = spec["betas"]
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"{where}: betas must be in [0, 1), got {spec['betas']}")
-    if spec["weight_decay"] < 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {spec['weight_decay']}")
+    for key in ("lr", "weight_decay", "eps", "adam_eps"):
+        if not _finite(spec[key]) or spec[key] < 0:
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {spec[key]!r}")
+    if not _finite(spec["alpha"]):
+        raise ValueError(f"{where}: alpha must be a finite number, got {spec['alpha']!r}")
+    if not (_finite(spec["momentum"]) and 0.0 <= spec["momentum"] < 1.0):
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {spec['momentum']!r}")
+    betas = spec["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
+    steps = spec["polar_steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"{where}: polar_steps must be None (the method's default) or an int >= 0, got {steps!r}")
+    for key in ("nesterov", "column_aware", "per_head", "batched"):
+        if not isinstance(spec[key], bool):
+            raise ValueError(f"{where}: {key} must be True or False, got {spec[key]!r}")
+    if spec["polar_method"] not in POLAR_METHODS:
+        raise ValueError(f"{where}: polar_method must be one of {POLAR_METHODS}, got {spec['polar_method']!r}")
+    for key in ("compute_dtype", "polar_dtype"):
+        if spec[key] is not None and spec[key] not in DTYPES:
+            raise ValueError(f"{where}: {key} must be None or one of {sorted(DTYPES)}, got {spec[key]!r}")
+
+
+def _finite(x: object) -> bool:
+    """A finite real number (not a bool), or a one-element tensor holding one (torch's
+    optimizers take a tensor ``lr``)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_complex() and bool(torch.isfinite(x))
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
