@@ -512,6 +512,25 @@ def test_state_dict_round_trip_bitwise(base):
     assert any("radial_exp_avg" in s for s in st.values())
 
 
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_load_state_dict_refuses_another_models_state(base):
+    """A checkpoint of another model with the same parameter count per group is refused by
+    name before anything is loaded (torch's load_state_dict takes any shape; the step then
+    failed far from the cause): a moment / momentum of another shape, a radial state with
+    another number of gauge modes."""
+    m, other = relu_lm(d=16), relu_lm(d=12)
+    opt, opt_other = ddc_optimizer(m, base), ddc_optimizer(other, base)
+    _train(other, opt_other, batches(32, 1))
+    with pytest.raises(ValueError, match=r"load_state_dict: .*: saved (exp_avg|momentum_buffer) has shape"):
+        opt.load_state_dict(opt_other.state_dict())
+    _train(m, opt, batches(32, 1))
+    sd = copy.deepcopy(opt.state_dict())
+    i, st = next((i, st) for i, st in sd["state"].items() if "radial_exp_avg" in st)
+    st["radial_exp_avg"] = st["radial_exp_avg"][:-1]
+    with pytest.raises(ValueError, match=r"saved radial_exp_avg has shape \(\d+,\), expected \d+ gauge modes"):
+        ddc_optimizer(copy.deepcopy(m), base).load_state_dict(sd)
+
+
 def test_state_memory_is_adamw_plus_gauge_scalars():
     m = relu_lm()
     opt = ddc_optimizer(m, "adam")

@@ -1332,6 +1332,26 @@ def _chunked(u: _Unit, pr: dict, muon: bool) -> bool:
     return "R" not in pr and len(u.params) == 1 and u.params[0].ndim == 2 and not (muon and not u.vector)
 
 
+def _state_misfit(
+    p: Tensor, key: str, value: object, modes: Mapping[tuple[int, str], int], unit: tuple[int, int] | None
+) -> str | None:
+    """What the shape of a saved state tensor ``key`` of ``p`` should have been, or ``None``
+    when it fits: a radial state one entry per gauge mode (``modes``:
+    :meth:`DDCOptimizer._radial_modes`), the others (moments, momentum) the parameter's shape,
+    its local shard's (DTensor) or that of the unit it leads (``unit``:
+    :meth:`DDCOptimizer._unit_shapes`); scalars (the step) always fit."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return None
+    if "radial_exp_avg" in key:
+        want = modes.get((id(p), key[: key.index("exp_avg")]))
+        if want is None:
+            return "none (the parameter is in no scaling gauge of this optimizer)"
+        return None if value.numel() == want else f"{want} gauge modes"
+    shapes = {tuple(p.shape)} | ({tuple(cast(Any, p).to_local().shape)} if _is_dtensor(p) else set())
+    shapes |= {unit} if unit is not None else set()
+    return None if tuple(value.shape) in shapes else f"the parameter's {tuple(p.shape)}"
+
+
 def _radial_state(state: dict, like: Tensor, prefix: str) -> dict:
     if prefix + "exp_avg" not in state:
         state[prefix + "exp_avg"] = torch.zeros_like(like)
@@ -1433,6 +1453,7 @@ class DDCOptimizer(torch.optim.Optimizer):
                 f"from this optimizer's {self._lift_record() or 'none'} (parameter index -> map options); "
                 "build the optimizer with the rules the checkpoint was trained with"
             )
+        self._check_state_shapes(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "ddc_lifts"})
         self._stacks.clear()
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -1443,6 +1464,49 @@ class DDCOptimizer(torch.optim.Optimizer):
             for k, v in state_dict["state"][i].items():
                 if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
                     self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
+
+    def _check_state_shapes(self, state_dict: dict) -> None:
+        """Refuse a checkpoint whose state does not fit this optimizer's parameters (torch's
+        ``load_state_dict`` takes any shape, and the step then fails far from the cause, or
+        broadcasts). Group and parameter counts that differ are left to torch's own error."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved, self.param_groups)
+        ):
+            return
+        modes, units = self._radial_modes(), self._unit_shapes()
+        for theirs, mine in zip(saved, self.param_groups):
+            for idx, p in zip(theirs["params"], mine["params"]):
+                for key, value in state_dict["state"].get(idx, {}).items():
+                    expected = _state_misfit(p, key, value, modes, units.get(id(p)))
+                    if expected is not None:
+                        raise ValueError(
+                            f"DDCOptimizer.load_state_dict: {self.names.get(p, 'a parameter')}: saved {key} has "
+                            f"shape {tuple(value.shape)}, expected {expected}; the checkpoint is of another model"
+                        )
+
+    def _radial_modes(self) -> dict[tuple[int, str], int]:
+        """``(id(parameter), radial state prefix) -> gauge modes`` of the scaling gauges: the
+        rescale gauge's in-weight and the norm gain hold ``radial_``, each reader ``col_radial_``."""
+        modes: dict[tuple[int, str], int] = {}
+        for g in self.gauges:
+            if isinstance(g, (RescaleGauge, StackedRescaleGauge)):
+                modes[(id(g.in_weight), "radial_")] = g.modes
+            elif isinstance(g, NormGauge):
+                modes[(id(g.gain), "radial_")] = g.modes
+                modes.update(((id(r), "col_radial_"), g.modes) for r in g.readers)
+        return modes
+
+    def _unit_shapes(self) -> dict[int, tuple[int, int]]:
+        """``id(first parameter) -> [m, n]`` of every scaling unit of several parameters side
+        by side (a weight and its in-bias as one more column): its state (Muon's momentum) has
+        the unit's shape, not the parameter's."""
+        scaling: list[Gauge] = [g for g in self.gauges if isinstance(g, (RescaleGauge, NormGauge))]
+        return {
+            id(u.params[0]): (u.params[0].shape[0], sum(q.shape[1] if q.ndim == 2 else 1 for q in u.params))
+            for u in _scale_units(scaling, self._centered)
+            if len(u.params) > 1
+        }
 
     def state_modes(self) -> int:
         """Scalars of DDC state beyond the base rule's: two per rescale mode, two per side
