@@ -531,6 +531,35 @@ def test_load_state_dict_refuses_another_models_state(base):
         ddc_optimizer(copy.deepcopy(m), base).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_nonfinite_gradient_raises_or_skips_the_whole_step(base):
+    """A NaN gradient (or one whose 2-norm overflows float32) raises NonFiniteGradientError
+    naming the parameter, before anything moves (before: the weights silently became NaN);
+    ``on_nonfinite="skip"`` skips the whole step (the gauges couple their members) and counts
+    it, and the count survives a state_dict round trip; a finite step then runs."""
+    m = relu_lm()
+    data = batches(32, 2)
+    for bad in (float("nan"), 1e200):
+        opt = ddc_optimizer(m, base)
+        opt.zero_grad()
+        m.loss(data[0]).backward()
+        m.blocks[0].fc1.weight.grad[0, 0] = bad
+        before = snapshot(m)
+        with pytest.raises(equiopt.NonFiniteGradientError, match=r"blocks\.0\.fc1\.weight"):
+            opt.step()
+        assert rel_err(snapshot(m), before) == 0
+    opt = ddc_optimizer(m, base, on_nonfinite="skip")
+    opt.step()
+    assert rel_err(snapshot(m), before) == 0 and opt.nonfinite_skips == 1
+    restored = ddc_optimizer(m, base, on_nonfinite="skip")
+    restored.load_state_dict(opt.state_dict())
+    assert restored.nonfinite_skips == 1
+    _train(m, restored, data[1:])
+    assert rel_err(snapshot(m), before) > 0 and restored.nonfinite_skips == 1
+    with pytest.raises(ValueError, match="on_nonfinite must be 'raise' or 'skip'"):
+        ddc_optimizer(m, base, on_nonfinite="ignore")
+
+
 def test_state_memory_is_adamw_plus_gauge_scalars():
     m = relu_lm()
     opt = ddc_optimizer(m, "adam")

@@ -72,11 +72,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import distribute_tensor
 
-from . import fastpath
+from . import fastpath, sharding
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
-from .functional import muon_scale, same_dense_layout, torch_adamw
+from .functional import finite_flags, muon_scale, same_dense_layout, torch_adamw
 from .layouts import MATRIX, Layout
 from .maps import hybrid
+from .optimizer import NonFiniteGradientError
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
 from .presets import DEFAULTS, PRESETS
@@ -1385,6 +1386,7 @@ class DDCOptimizer(torch.optim.Optimizer):
             momentum=0.95,
             nesterov=True,
             ns_steps=5,
+            on_nonfinite="raise",
             ddc="none",
             rule="adam",
         )
@@ -1517,12 +1519,47 @@ class DDCOptimizer(torch.optim.Optimizer):
             if g.kind in ("rescale", "norm")
         )
 
+    @property
+    def nonfinite_skips(self) -> int:
+        """Steps skipped for a non-finite gradient (``on_nonfinite="skip"``)."""
+        return max((int(s.get("nonfinite_skips", 0)) for s in self.state.values()), default=0)
+
+    def _gradients_finite(self) -> bool:
+        """Whether the step may run: every gradient finite (one sync; a 2-norm that overflows
+        float32 counts as non-finite, as for :class:`~equiopt.optimizer.EquiOptimizer`). If not,
+        a :class:`~equiopt.optimizer.NonFiniteGradientError` naming the parameters when a group
+        of theirs says ``on_nonfinite="raise"`` (the default); with ``"skip"`` the whole step
+        is skipped, since the gauges couple their members (no partial step), and counted in
+        every parameter's state (:attr:`nonfinite_skips`)."""
+        live = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not live:
+            return True
+        params = [p for p, _ in live]
+        if any(_is_dtensor(p.grad) for p in params):  # FSDP2: every rank decides alike
+            finite = sharding.finite_flags(params)
+        else:
+            finite = finite_flags([p.grad for p in params])
+        if all(finite):
+            return True
+        bad = [(p, g) for (p, g), ok in zip(live, finite) if not ok]
+        if any(g["on_nonfinite"] == "raise" for _, g in bad):
+            names = ", ".join(str(self.names.get(p, tuple(p.shape))) for p, _ in bad)
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN, Inf, or a 2-norm that overflows float32) in {names}; "
+                "pass on_nonfinite='skip' to skip such steps (DDC skips the whole step)"
+            )
+        for p in params:
+            self.state[p]["nonfinite_skips"] = self.state[p].get("nonfinite_skips", 0) + 1
+        return False
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._gradients_finite():
+            return loss
         for group in self.param_groups:
             if group["ddc"] == "rescale":
                 seen: list = []
@@ -2589,6 +2626,7 @@ def ddc_optimizer(
     lr_scale: float = 1.0,
     rules: Mapping[str, str | Mapping] | None = None,
     example: ProbeInput | None = None,
+    on_nonfinite: str = "raise",
 ) -> DDCOptimizer:
     """A :class:`DDCOptimizer` for ``model_or_plan`` (an ``nn.Module``, planned with
     ``equiopt.plan(model, "adamw")``, or a :class:`Plan`; with a plan pass ``model=`` for the
@@ -2608,6 +2646,7 @@ def ddc_optimizer(
     where it would mean nothing or break a gauge (docs/ddc.md "Lifting the paper's maps").
     ``example``: a batch (dict of keyword inputs, or token ids) for the planner's trace and the
     norm-channel probe, as ``equiopt.plan(example=)``; models without a token embedding need it.
+    ``on_nonfinite``: a NaN / Inf gradient raises (``"raise"``) or skips the whole step (``"skip"``).
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
@@ -2617,7 +2656,11 @@ def ddc_optimizer(
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
     lr, adam_lr, wd = _rates(base, lr, adam_lr, weight_decay, lr_scale)
-    common = dict(betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"ddc_optimizer: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    common = dict(
+        betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, on_nonfinite=on_nonfinite
+    )
     parts, names = _partition(the_plan, found, base)
     groups = _param_groups(parts, base, lr, adam_lr, wd, adam_weight_decay, common)
     table = _table_rows(the_plan, model, base, found, why)
