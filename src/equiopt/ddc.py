@@ -2650,14 +2650,12 @@ def ddc_optimizer(
     """
     if base not in ("adam", "muon"):
         raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
-    rates = dict(lr=lr, adam_lr=adam_lr, weight_decay=weight_decay, adam_weight_decay=adam_weight_decay)
-    _check_options(dict(rates, eps=eps, probe_tol=probe_tol, lr_scale=lr_scale), betas, momentum, ns_steps, gauges)
+    rates = dict(lr=lr, adam_lr=adam_lr, weight_decay=weight_decay, adam_weight_decay=adam_weight_decay, eps=eps)
+    _check_options(dict(rates, probe_tol=probe_tol, lr_scale=lr_scale), betas, momentum, ns_steps, gauges, on_nonfinite)
     target, the_plan, model = _plan_and_model(model_or_plan, model, example)
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
     lr, adam_lr, wd = _rates(base, lr, adam_lr, weight_decay, lr_scale)
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"ddc_optimizer: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     common = dict(
         betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, on_nonfinite=on_nonfinite
     )
@@ -2674,13 +2672,15 @@ def ddc_optimizer(
 
 
 def _check_options(
-    numbers: Mapping[str, object], betas: object, momentum: object, ns_steps: object, gauges: object
+    numbers: Mapping[str, object], betas: object, momentum: object, ns_steps: object, gauges: object, on_nonfinite: str
 ) -> None:
     """``ddc_optimizer``'s hyperparameters, each checked by name before anything is built:
     ``numbers`` (rates, decays, eps, probe tolerance, ``lr_scale``; ``None`` = the default)
     finite numbers (or one-element tensors) >= 0, ``betas`` two numbers and ``momentum`` one in
     [0, 1), ``ns_steps`` a positive int, ``gauges`` a collection of known kinds (a bare string
-    would be read letter by letter)."""
+    would be read letter by letter), ``on_nonfinite`` "raise" or "skip"."""
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"ddc_optimizer: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     for name, value in numbers.items():
         if value is None:
             continue
