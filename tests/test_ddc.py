@@ -622,6 +622,27 @@ def test_bad_hyperparameter_is_an_error_naming_it(option, value):
         equiopt.build(model, preset="ddc_adam", **{option: value})
 
 
+def test_add_param_group_refuses_bad_groups_whole():
+    """DDCOptimizer.add_param_group (and so a hand-built DDCOptimizer) checks a group as
+    ddc_optimizer checks its arguments, naming the group; a refused group is not left in."""
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 16))
+    opt = equiopt.build(model, preset="ddc_adam")
+    n = len(opt.param_groups)
+    for bad, message in (
+        ({"betas": (0.9,)}, "betas must be two numbers"),
+        ({"lr": -1.0}, "lr must be a finite number"),
+        ({"rule": "sgd"}, "rule 'adam' or 'muon'"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be"),
+    ):
+        with pytest.raises(ValueError, match=rf"param_groups\[{n}\]: .*{message}"):
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], **bad})
+        assert len(opt.param_groups) == n
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "lr": 1e-3})
+    assert len(opt.param_groups) == n + 1
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: momentum must be"):
+        DDCOptimizer([{"params": [nn.Parameter(torch.zeros(2, 2))], "momentum": 1.0}], [])
+
+
 def test_good_hyperparameters_are_kept():
     model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 16))  # a head: shift
     opt = equiopt.build(model, preset="ddc_muon", lr=torch.tensor(0.02), betas=[0.8, 0.9], eps=0, gauges=["shift"])

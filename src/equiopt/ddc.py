@@ -1444,6 +1444,27 @@ class DDCOptimizer(torch.optim.Optimizer):
         ``rules=`` (checked by :meth:`load_state_dict`)."""
         return {**super().state_dict(), "ddc_lifts": self._lift_record()}
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group`` (also how ``__init__`` takes its groups), refusing a group
+        whose hyperparameters :func:`ddc_optimizer` would refuse, or whose ``ddc`` / ``rule`` is
+        unknown, with the group's index; a refused group is not left half-added."""
+        gi = len(self.param_groups)
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        try:
+            numbers = {k: g[k] for k in ("lr", "weight_decay", "eps")}
+            _check_options(
+                numbers, g["betas"], g["momentum"], g["ns_steps"], (), g["on_nonfinite"], f"param_groups[{gi}]"
+            )
+            if g["ddc"] not in ("rescale", "shift", "none") or g["rule"] not in ("adam", "muon"):
+                raise ValueError(
+                    f"param_groups[{gi}]: ddc must be 'rescale', 'shift' or 'none' and rule 'adam' or 'muon', "
+                    f"got ddc={g['ddc']!r}, rule={g['rule']!r}"
+                )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the state of a bf16/fp16
         parameter stays float32 (torch casts floating state to the parameter's dtype), and a
@@ -2672,15 +2693,21 @@ def ddc_optimizer(
 
 
 def _check_options(
-    numbers: Mapping[str, object], betas: object, momentum: object, ns_steps: object, gauges: object, on_nonfinite: str
+    numbers: Mapping[str, object],
+    betas: object,
+    momentum: object,
+    ns_steps: object,
+    gauges: object,
+    on_nonfinite: object,
+    where: str = "ddc_optimizer",
 ) -> None:
     """``ddc_optimizer``'s hyperparameters, each checked by name before anything is built:
     ``numbers`` (rates, decays, eps, probe tolerance, ``lr_scale``; ``None`` = the default)
     finite numbers (or one-element tensors) >= 0, ``betas`` two numbers and ``momentum`` one in
     [0, 1), ``ns_steps`` a positive int, ``gauges`` a collection of known kinds (a bare string
-    would be read letter by letter), ``on_nonfinite`` "raise" or "skip"."""
+    would be read letter by letter), ``on_nonfinite`` "raise" or "skip"; errors start with ``where``."""
     if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"ddc_optimizer: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     for name, value in numbers.items():
         if value is None:
             continue
@@ -2690,19 +2717,19 @@ def _check_options(
         elif isinstance(value, Tensor) and value.numel() == 1:
             number = value.item()
         if not math.isfinite(number) or number < 0:
-            raise ValueError(f"ddc_optimizer: {name} must be a finite number >= 0, got {value!r}")
+            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
 
     def unit(x: object) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
 
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(unit(b) for b in betas)):
-        raise ValueError(f"ddc_optimizer: betas must be two numbers in [0, 1), got {betas!r}")
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
     if not unit(momentum):
-        raise ValueError(f"ddc_optimizer: momentum must be a number in [0, 1), got {momentum!r}")
+        raise ValueError(f"{where}: momentum must be a number in [0, 1), got {momentum!r}")
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"ddc_optimizer: ns_steps must be a positive int, got {ns_steps!r}")
+        raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
     if isinstance(gauges, str) or not isinstance(gauges, Collection) or set(gauges) - set(GAUGE_KINDS):
-        raise ValueError(f"ddc_optimizer: gauges must be a collection of {GAUGE_KINDS}, got {gauges!r}")
+        raise ValueError(f"{where}: gauges must be a collection of {GAUGE_KINDS}, got {gauges!r}")
 
 
 def _plan_and_model(
