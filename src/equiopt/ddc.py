@@ -74,13 +74,13 @@ from torch.distributed.tensor import distribute_tensor
 
 from . import fastpath, sharding
 from .blocks import AttentionBlock, Block, MLPBlock, MoEBlock, VocabBlock
-from .functional import finite_flags, muon_scale, same_dense_layout, torch_adamw
+from .functional import muon_scale, same_dense_layout, torch_adamw
 from .layouts import MATRIX, Layout
 from .maps import hybrid
 from .optimizer import NonFiniteGradientError
 from .planner import Plan, unwrap
 from .planner import plan as make_plan
-from .presets import DEFAULTS, PRESETS
+from .presets import DEFAULTS, PRESETS, check_common
 from .roles import ROLE_TABLE, ROLES
 
 #: A probe forward's input: token ids, or a batch dict passed to the model as keywords.
@@ -1452,15 +1452,13 @@ class DDCOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         try:
-            numbers = {k: g[k] for k in ("lr", "weight_decay", "eps")}
-            _check_options(
-                numbers, g["betas"], g["momentum"], g["ns_steps"], (), g["on_nonfinite"], f"param_groups[{gi}]"
-            )
             if g["ddc"] not in ("rescale", "shift", "none") or g["rule"] not in ("adam", "muon"):
                 raise ValueError(
                     f"param_groups[{gi}]: ddc must be 'rescale', 'shift' or 'none' and rule 'adam' or 'muon', "
                     f"got ddc={g['ddc']!r}, rule={g['rule']!r}"
                 )
+            numbers = {k: g[k] for k in ("lr", "weight_decay", "eps")}
+            _check_options(g["rule"], numbers, dict(g, gauges=()), f"param_groups[{gi}]")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -1556,10 +1554,7 @@ class DDCOptimizer(torch.optim.Optimizer):
         if not live:
             return True
         params = [p for p, _ in live]
-        if any(_is_dtensor(p.grad) for p in params):  # FSDP2: every rank decides alike
-            finite = sharding.finite_flags(params)
-        else:
-            finite = finite_flags([p.grad for p in params])
+        finite = sharding.gradient_flags(params)  # FSDP2: every rank decides alike
         if all(finite):
             return True
         bad = [(p, g) for (p, g), ok in zip(live, finite) if not ok]
@@ -2669,10 +2664,9 @@ def ddc_optimizer(
     norm-channel probe, as ``equiopt.plan(example=)``; models without a token embedding need it.
     ``on_nonfinite``: a NaN / Inf gradient raises (``"raise"``) or skips the whole step (``"skip"``).
     """
-    if base not in ("adam", "muon"):
-        raise ValueError(f"base must be 'adam' or 'muon', got {base!r}")
     rates = dict(lr=lr, adam_lr=adam_lr, weight_decay=weight_decay, adam_weight_decay=adam_weight_decay, eps=eps)
-    _check_options(dict(rates, probe_tol=probe_tol, lr_scale=lr_scale), betas, momentum, ns_steps, gauges, on_nonfinite)
+    spec = dict(betas=betas, momentum=momentum, ns_steps=ns_steps, gauges=gauges, on_nonfinite=on_nonfinite)
+    _check_options(base, dict(rates, probe_tol=probe_tol, lr_scale=lr_scale), spec)
     target, the_plan, model = _plan_and_model(model_or_plan, model, example)
     why: dict[str, str] = {}
     found = derive_gauges(the_plan, model, base, tuple(gauges), probe_tol, why=why, example=example)
@@ -2692,40 +2686,17 @@ def ddc_optimizer(
     return opt
 
 
-def _check_options(
-    numbers: Mapping[str, object],
-    betas: object,
-    momentum: object,
-    ns_steps: object,
-    gauges: object,
-    on_nonfinite: object,
-    where: str = "ddc_optimizer",
-) -> None:
-    """``ddc_optimizer``'s hyperparameters, each checked by name before anything is built:
-    ``numbers`` (rates, decays, eps, probe tolerance, ``lr_scale``; ``None`` = the default)
-    finite numbers (or one-element tensors) >= 0, ``betas`` two numbers and ``momentum`` one in
-    [0, 1), ``ns_steps`` a positive int, ``gauges`` a collection of known kinds (a bare string
-    would be read letter by letter), ``on_nonfinite`` "raise" or "skip"; errors start with ``where``."""
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    for name, value in numbers.items():
-        if value is None:
-            continue
-        number = math.nan
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, Tensor) and value.numel() == 1:
-            number = value.item()
-        if not math.isfinite(number) or number < 0:
-            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-
-    def unit(x: object) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
-
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(unit(b) for b in betas)):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
-    if not unit(momentum):
-        raise ValueError(f"{where}: momentum must be a number in [0, 1), got {momentum!r}")
+def _check_options(base: str, numbers: Mapping[str, object], spec: Mapping, where: str = "ddc_optimizer") -> None:
+    """``ddc_optimizer``'s arguments (or a group's, ``where`` naming it), each checked by name
+    before anything is built: ``base`` "adam" or "muon"; ``numbers`` (rates, decays, eps, probe
+    tolerance, ``lr_scale``; ``None`` = the default), ``spec``'s ``betas``, ``momentum`` and
+    ``on_nonfinite`` as every equiopt optimizer checks them (:func:`~equiopt.presets.check_common`);
+    ``ns_steps`` a positive int; ``gauges`` a collection of known kinds (a bare string would be
+    read letter by letter)."""
+    if base not in ("adam", "muon"):
+        raise ValueError(f"{where}: base must be 'adam' or 'muon', got {base!r}")
+    check_common(where, numbers, spec)
+    ns_steps, gauges = spec["ns_steps"], spec["gauges"]
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
         raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
     if isinstance(gauges, str) or not isinstance(gauges, Collection) or set(gauges) - set(GAUGE_KINDS):

@@ -26,10 +26,8 @@ import torch
 from . import maps, sharding
 from .execution import UpdateContext
 from .functional import (  # apply_map, map_kwargs, muon_scale, polar_dtype: re-exported for existing callers
-    DTensor,
     apply_map,
     compute_dtype,
-    finite_flags,
     map_kwargs,
     muon_scale,
     polar_dtype,
@@ -211,10 +209,7 @@ class EquiOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self.name_of(p)}: sparse gradients are not supported (use a dense embedding)")
         if not flat:
             return per_group
-        if any(isinstance(p.grad, DTensor) for p in flat):  # FSDP2: every rank skips the same
-            finite = sharding.finite_flags(flat)
-        else:
-            finite = finite_flags([p.grad for p in flat])
+        finite = sharding.gradient_flags(flat)  # FSDP2: every rank skips the same
         if all(finite):
             return per_group
         ok = {id(p) for p, f in zip(flat, finite) if f}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 
@@ -204,18 +205,9 @@ def validate_spec(spec: Mapping, where: str) -> None:
             f"{where}: fused must be None (fused AdamW unless foreach is set), True or False, and not True "
             f"with foreach=True; got fused={spec['fused']!r}, foreach={spec['foreach']!r}"
         )
-    if spec["on_nonfinite"] not in ("raise", "skip"):
-        raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
-    for key in ("lr", "weight_decay", "eps", "adam_eps"):
-        if not _finite(spec[key]) or spec[key] < 0:
-            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {spec[key]!r}")
+    check_common(where, {k: spec[k] for k in ("lr", "weight_decay", "eps", "adam_eps")}, spec)
     if not _finite(spec["alpha"]):
         raise ValueError(f"{where}: alpha must be a finite number, got {spec['alpha']!r}")
-    if not (_finite(spec["momentum"]) and 0.0 <= spec["momentum"] < 1.0):
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {spec['momentum']!r}")
-    betas = spec["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
     steps = spec["polar_steps"]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ValueError(f"{where}: polar_steps must be None (the method's default) or an int >= 0, got {steps!r}")
@@ -227,6 +219,23 @@ def validate_spec(spec: Mapping, where: str) -> None:
     for key in ("compute_dtype", "polar_dtype"):
         if spec[key] is not None and spec[key] not in DTYPES:
             raise ValueError(f"{where}: {key} must be None or one of {sorted(DTYPES)}, got {spec[key]!r}")
+
+
+def check_common(where: str, numbers: Mapping[str, object], spec: Mapping) -> None:
+    """The checks every optimizer of equiopt makes (the presets' ``validate_spec``, DDC's
+    options and groups), a ``ValueError`` starting with ``where``: ``numbers`` (rates, decays,
+    eps; ``None`` = a default) finite and >= 0; ``spec``'s ``on_nonfinite`` "raise" or "skip",
+    ``momentum`` in [0, 1) and ``betas`` two numbers in [0, 1)."""
+    if spec["on_nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"{where}: on_nonfinite must be 'raise' or 'skip', got {spec['on_nonfinite']!r}")
+    for key, value in numbers.items():
+        if value is not None and (not _finite(value) or cast(float, value) < 0):
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {value!r}")
+    if not (_finite(spec["momentum"]) and 0.0 <= spec["momentum"] < 1.0):
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {spec['momentum']!r}")
+    betas = spec["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def _finite(x: object) -> bool:

@@ -77,6 +77,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .execution import LocalExecutor, UpdateContext
+from .functional import finite_flags as functional_finite_flags
 from .functional import muon_scale
 from .layouts import Layout
 from .maps import centered_row_norm, col_norm, needs_centering, row_norm, scale_by_nuclear
@@ -87,6 +88,7 @@ __all__ = [
     "SpreadExecutor",
     "sharded_updates",
     "finite_flags",
+    "gradient_flags",
     "spread_spectral",
     "count_comm",
     "CommStats",
@@ -581,6 +583,16 @@ def finite_flags(params: list) -> list[bool]:
             _all_reduce(sub, mesh.get_group(d), kind="finite_check", op=dist.ReduceOp.MIN)
         flags[idx] = sub
     return [bool(v) for v in flags.tolist()]
+
+
+def gradient_flags(params: list) -> list[bool]:
+    """Per parameter, whether its gradient may be stepped on: :func:`finite_flags`, the same on
+    every rank, when a gradient is a DTensor (FSDP2); else
+    :func:`equiopt.functional.finite_flags` (one sync; a 2-norm that overflows float32 fails
+    too). Both optimizers check with it before a step."""
+    if any(isinstance(p.grad, DTensor) for p in params):
+        return finite_flags(params)
+    return functional_finite_flags([p.grad for p in params])
 
 
 # =========================================================================================
